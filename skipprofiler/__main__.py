@@ -1,0 +1,3 @@
+from skipprofiler._cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The `skipprof` command line: one module per subcommand over the library API."""

@@ -1,0 +1,114 @@
+"""Plan format v1: the data model of a YAML skip plan (see docs/plan-format.md).
+
+Imports only the standard library and yaml: the runtime loads plans in deployment code.
+
+Semantics shared by the runtime, the fitter's simulation and eval (they must agree exactly):
+
+* Decode index d: 0 for the first position processed after the prompt (the first generated token fed back), 1 for
+  the next, ... Prompt positions have no decode index and stay dense when ``apply_to == "decode"``.
+  With ``apply_to == "all"`` every position is eligible and d counts from the first position of the sequence.
+* A position is *eligible* for skipping iff ``d >= warmup_tokens`` and not ``(dense_every > 0 and
+  (d + 1) % dense_every == 0)``.
+* static: an eligible position skips the FFN of every layer in ``skip_layers``; a layer with ``fraction f < 1`` is
+  skipped only at decode indices where ``floor((d + 1) * f) > floor(d * f)`` (an even, deterministic pattern).
+* adaptive (FFN-SkipLLM): per eligible position, walk the layers in order. Layers ``l < cold_start`` and
+  ``l >= L - cold_end`` always run. After a layer l that ran densely with ``l >= cold_start - 1`` and no run taken yet,
+  if ``cos_l > tau[l]`` (cos_l = cos(h, h + FFN contribution), the profiled ``residual`` metric) and
+  ``l + 1 < L - cold_end``, the next ``max_skip`` FFNs (cut at ``L - cold_end``) are skipped. One run per position.
+* skip ratio = skipped FFN calls / (eligible-or-not decode positions after warm-up x num_layers).
+* compensation ``norm_ratio``: a skipped FFN's contribution is replaced by ``(norm_gain[l] - 1) * h`` where h is the
+  stream entering the FFN sub-block and norm_gain[l] the calibrated mean of ||h + contribution|| / ||h||.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+PLAN_VERSION = 1
+MODES = ("static", "adaptive")
+APPLY_TO = ("decode", "all")
+COMPENSATIONS = ("none", "norm_ratio")
+# Keys a plan may override from `defaults`.
+DEFAULT_KEYS = ("apply_to", "warmup_tokens", "dense_every", "compensation")
+
+
+class PlanError(ValueError):
+    """A plan is invalid; `problems` lists every problem found (validation reports all at once)."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+@dataclass
+class SkipPlan:
+    """One plan (the global one or a class's): which FFNs to skip on which positions."""
+
+    mode: str
+    apply_to: str = "decode"
+    warmup_tokens: int = 0
+    dense_every: int = 0  # 0: never force a dense token
+    compensation: str = "none"
+    # static
+    skip_layers: dict[int, float] = field(default_factory=dict)  # layer -> fraction of eligible positions (1.0 = all)
+    # adaptive
+    tau: list[float] | None = None  # one threshold per layer (index = the trigger layer)
+    cold_start: int = 0
+    cold_end: int = 0
+    max_skip: int = 0
+    # calibration facts
+    norm_gain: list[float] | None = None  # per layer; needed by compensation norm_ratio
+    expected_skip_ratio: float | None = None
+    fit: dict[str, Any] = field(default_factory=dict)  # how it was fitted (statistic, target, measured KL, ...)
+
+    def is_empty(self) -> bool:
+        return (self.mode == "static" and not self.skip_layers) or (self.mode == "adaptive" and self.max_skip == 0)
+
+    def eligible(self, d: int) -> bool:
+        if d < self.warmup_tokens:
+            return False
+        return not (self.dense_every > 0 and (d + 1) % self.dense_every == 0)
+
+    def static_layers_at(self, d: int) -> list[int]:
+        """Layers a static plan skips at decode index d (empty when the position is not eligible)."""
+        if not self.eligible(d):
+            return []
+        return [l for l, f in sorted(self.skip_layers.items())
+                if f >= 1.0 or math.floor((d + 1) * f) > math.floor(d * f)]
+
+    def tau_at(self, layer: int) -> float:
+        return self.tau[layer] if self.tau is not None else math.inf
+
+
+@dataclass
+class Router:
+    """Nearest-centroid prompt router: mean hidden state (output of `layer`) over the prompt's tokens."""
+
+    layer: int
+    classes: list[str]
+    centroids: list[list[float]]
+    metric: str = "cosine"
+    heldout_accuracy: float | None = None
+
+
+@dataclass
+class PlanFile:
+    """A whole plan file: one model, a global plan, optional class plans and router."""
+
+    model: dict[str, Any]  # {"name": str, "fingerprint": {...}}
+    global_plan: SkipPlan
+    classes: dict[str, SkipPlan] = field(default_factory=dict)
+    router: Router | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    def select(self, prompt_class: str | None) -> SkipPlan:
+        if prompt_class is None:
+            return self.global_plan
+        if prompt_class not in self.classes:
+            known = ", ".join(sorted(self.classes)) or "none (this plan has only a global plan)"
+            raise PlanError(f"unknown prompt class {prompt_class!r}; the plan's classes: {known}")
+        return self.classes[prompt_class]

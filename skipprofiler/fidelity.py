@@ -257,7 +257,7 @@ def token_windows(tokenizer, docs: Sequence[Document], window: int, per_class: i
     for doc in docs:
         if per_class is not None and kept.get(doc.cls, 0) >= per_class:
             continue
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"][:window]
+        ids = tokenizer(doc.text, add_special_tokens=False, truncation=True, max_length=window)["input_ids"]
         if len(ids) < min_len:
             continue
         kept[doc.cls] = kept.get(doc.cls, 0) + 1

@@ -1,0 +1,239 @@
+"""`skipprof eval`: fidelity and speed of skip plans on held-out data, with baselines, oracle and sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .errors import CLIError
+
+HELP = """Measure what skip plans cost and save on held-out data (default: the bundled held-out split).
+
+Per plan, per class and overall: teacher-forced perplexity dense vs plan, mean per-token KL(dense || plan) and top-1
+agreement on decode positions (prompt prefix dense, then the plan's decode-time rule with warm-up and dense-every);
+greedy continuations with and without the plan; the realized skip ratio; decode tokens/s dense vs plan (interleaved,
+median) against the FLOP-ideal speedup. JSON layout: docs/eval-schema.md.
+
+Examples:
+
+  skipprof eval plans/demo-static-25.yaml
+
+  skipprof eval plans/demo-static-25.yaml plans/demo-adaptive-25.yaml --baselines --profile demo.prof --json eval.json
+
+  skipprof eval path/to/model plan.yaml --data heldout.jsonl --no-speed
+
+  skipprof eval --profile demo.prof --sweep 0.05,0.1,0.15,0.25,0.35 --baselines --json sweep.json
+"""
+
+
+def _is_plan_path(arg: str) -> bool:
+    return arg.lower().endswith((".yaml", ".yml"))
+
+
+def split_model_and_plans(args: list[str]) -> tuple[str | None, list[str]]:
+    """`[MODEL] PLAN...`: the first argument is the model when it is not a .yaml/.yml file."""
+    if args and not _is_plan_path(args[0]):
+        return args[0], args[1:]
+    return None, list(args)
+
+
+def load_model_and_tokenizer(model_arg: str | None, dtype: str):
+    """The shared loader when the profile stage's CLI helpers are installed, else a plain from_pretrained."""
+    try:
+        from . import common  # type: ignore[attr-defined]
+    except ImportError:
+        common = None
+    if common is not None and hasattr(common, "load_model"):
+        loaded = common.load_model(model_arg, dtype=dtype)
+        if isinstance(loaded, tuple):
+            return loaded[0], loaded[1]
+        return loaded, _tokenizer_for(model_arg)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = _model_path(model_arg)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise CLIError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}")
+    return model.eval(), _tokenizer_for(model_arg)
+
+
+def _model_path(model_arg: str | None) -> str:
+    if model_arg is None:
+        from .. import demo
+
+        try:
+            return str(demo.model_path())
+        except FileNotFoundError as e:
+            raise CLIError(str(e))
+    if not Path(model_arg).exists() and (model_arg.startswith((".", "/")) or os.sep in model_arg.rstrip("/")
+                                          and len(model_arg.split("/")) != 2):
+        raise CLIError(f"model path not found: {model_arg}")
+    return model_arg
+
+
+def _tokenizer_for(model_arg: str | None):
+    from transformers import AutoTokenizer
+
+    path = _model_path(model_arg)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}")
+
+
+def load_plans(paths: list[str]) -> list[tuple[str, Any]]:
+    from ..plan import PlanError
+    from ..runtime import load_plan
+
+    plans = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise CLIError(f"plan file not found: {path}")
+        try:
+            plans.append((Path(path).stem, load_plan(path)))
+        except PlanError as e:
+            raise CLIError(f"{path}: invalid plan: {'; '.join(e.problems)}")
+    names = [n for n, _ in plans]
+    if len(set(names)) != len(names):  # same file name in two folders: keep the rows apart
+        plans = [(str(Path(p).with_suffix("")), plan) for p, (_, plan) in zip(paths, plans)]
+    return plans
+
+
+def parse_sweep(text: str) -> list[float]:
+    try:
+        targets = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"--sweep takes comma-separated ratios like 0.05,0.1,0.25; got {text!r}")
+    bad = [t for t in targets if not 0.0 < t < 1.0]
+    if not targets or bad:
+        raise CLIError(f"--sweep targets must be in (0, 1); got {text!r}")
+    return targets
+
+
+def load_profile(path: Path | None):
+    if path is None:
+        return None
+    if not path.is_file():
+        raise CLIError(f"profile not found: {path}")
+    from ..profile import Profile, ProfileError
+
+    try:
+        return Profile.load(path)
+    except ProfileError as e:
+        raise CLIError(f"{path}: {e}")
+
+
+def write_json_atomic(data: dict, path: Path) -> None:
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CLIError(f"cannot write {path}: folder {folder} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise CLIError(f"cannot write {path}: {e.strerror}")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['model']['name']} on {result['data']['spec']}  (dense ppl {result['dense']['ppl']})")
+    for col in ("plan", "skip", "KL", "ppl", "Δppl", "top-1", "greedy", "1st div", "speedup", "ideal"):
+        table.add_column(col, justify="left" if col == "plan" else "right")
+    for row in result["plans"]:
+        fmt = lambda v, f="{:.3f}": "–" if v is None else f.format(v)  # noqa: E731
+        table.add_row(row["name"], fmt(row["skip_ratio"]), fmt(row["kl_mean"], "{:.4f}"), fmt(row["ppl"], "{:.2f}"),
+                      fmt(row["ppl_increase"], "{:+.1%}"), fmt(row["top1_agreement"]),
+                      fmt(row.get("greedy_agreement")), fmt(row.get("first_divergence_mean"), "{:.1f}"),
+                      fmt(row.get("speedup"), "{:.2f}×"), fmt(row.get("ideal_speedup"), "{:.2f}×"))
+    Console(stderr=False).print(table)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval", help=HELP)
+    def eval_cmd(
+        args: Annotated[Optional[list[str]], typer.Argument(metavar="[MODEL] PLAN...",
+                                                             help="model folder/name (default: bundled demo) "
+                                                                  "then one or more plan YAML files")] = None,
+        data: Annotated[Optional[str], typer.Option(help="held-out data file (.jsonl[.gz]/.parquet/.txt; "
+                                                         "labels from a `class` column)")] = None,
+        json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results here (JSON)")] = None,
+        baselines: Annotated[bool, typer.Option(help="add random / contiguous-window / paper-default adaptive / "
+                                                     "LLM-Drop / ShortGPT rows at the first plan's realized ratio")] = False,
+        oracle: Annotated[Optional[bool], typer.Option("--oracle/--no-oracle", help="exhaustive static reference "
+                                                       "(default: with --baselines when the model has <= 16 layers)")] = None,
+        profile: Annotated[Optional[Path], typer.Option(help="profile file: LLM-Drop ranking and --sweep fitting")] = None,
+        sweep: Annotated[Optional[str], typer.Option(help="fit static+adaptive plans at these target ratios from "
+                                                          "--profile and evaluate each, e.g. 0.05,0.1,0.25")] = None,
+        refine: Annotated[bool, typer.Option(help="with --sweep: refine the static sets by measured KL on the "
+                                                  "calibration split")] = True,
+        docs_per_class: Annotated[int, typer.Option(min=1, help="held-out documents per class")] = 16,
+        prompt_len: Annotated[int, typer.Option(min=1, help="dense prompt tokens per document")] = 32,
+        window: Annotated[int, typer.Option(min=4, help="tokens per document (prompt + decode)")] = 128,
+        greedy_prompts: Annotated[int, typer.Option(min=0, help="prompts for greedy agreement")] = 8,
+        greedy_tokens: Annotated[int, typer.Option(min=1, help="greedy tokens per prompt")] = 32,
+        speed: Annotated[bool, typer.Option(help="measure decode tokens/s dense vs plan")] = True,
+        speed_repeats: Annotated[int, typer.Option(min=1, help="timed pairs (median; a warm-up pair is extra)")] = 5,
+        seeds: Annotated[int, typer.Option(min=1, help="random-baseline seeds")] = 3,
+        dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+        threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch default)")] = 0,
+    ) -> None:
+        from .. import evaluate as ev
+        from ..fidelity import FidelityError
+        from ..plan import PlanError
+        from ..refine import RefineError
+
+        model_arg, plan_paths = split_model_and_plans(args or [])
+        if window <= prompt_len + 1:
+            raise CLIError(f"--window ({window}) must exceed --prompt-len ({prompt_len}) + 1 to leave decode positions")
+        targets = parse_sweep(sweep) if sweep else []
+        if not plan_paths and not targets:
+            raise CLIError("give at least one PLAN file (or --sweep with --profile)")
+        if targets and profile is None:
+            raise CLIError("--sweep fits plans from a profile: add --profile PROFILE")
+        if data is not None and not Path(data).exists():
+            raise CLIError(f"data file not found: {data}")
+        plans = load_plans(plan_paths)
+        prof = load_profile(profile)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        model, tokenizer = load_model_and_tokenizer(model_arg, dtype)
+        config = ev.EvalConfig(prompt_len=prompt_len, window=window, docs_per_class=docs_per_class,
+                               greedy_prompts=greedy_prompts, greedy_new_tokens=greedy_tokens, speed=speed,
+                               speed_repeats=speed_repeats, baselines=baselines, random_seeds=seeds, oracle=oracle)
+        log = lambda msg: print(f"[eval] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+        name = model_arg or "bundled demo model"
+        try:
+            if targets:
+                result = ev.run_sweep(model, tokenizer, prof, targets, data, config, extra_plans=plans,
+                                      refine=refine, model_name=name, log=log)
+            else:
+                result = ev.run_eval(model, tokenizer, plans, data, config, profile=prof, model_name=name, log=log)
+        except (ev.EvalError, PlanError, FidelityError, RefineError) as e:
+            raise CLIError(str(e))
+        print_table(result)
+        if json_out is not None:
+            write_json_atomic(result, json_out)
+            print(f"wrote {json_out}", file=sys.stderr)

@@ -1,0 +1,106 @@
+"""`skipprof show`: pretty-print a plan file (and the summary table export-plan prints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import CLIError
+
+HELP = """Pretty-print a YAML skip plan: model, provenance, defaults, each plan's rule and expected skip ratio, router.
+
+Examples:
+
+  skipprof show plans/demo-adaptive-25.yaml
+
+  skipprof show plans/demo-perclass-25.yaml --yaml     # the canonical YAML instead
+"""
+
+
+def describe_layers(plan) -> str:
+    """One line saying which FFNs the plan skips."""
+    if plan.mode == "static":
+        if not plan.skip_layers:
+            return "none (dense)"
+        return ", ".join(str(l) if f >= 1.0 else f"{l} ({f:g})" for l, f in sorted(plan.skip_layers.items()))
+    if plan.max_skip == 0:
+        return "none (max_skip 0)"
+    taus = sorted(set(plan.tau or []))
+    tau = f"tau {taus[0]:g}" if len(taus) == 1 else f"tau {min(taus):g}..{max(taus):g} per layer"
+    L = len(plan.tau or [])
+    return (f"{tau}; runs of {plan.max_skip} in layers {plan.cold_start}..{L - plan.cold_end - 1} "
+            f"(cold: <{plan.cold_start}, >={L - plan.cold_end})")
+
+
+def plan_table(plan_file, title: str | None = None):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for column in ("plan", "mode", "skips", "warm-up", "dense every", "compensation", "expected skip"):
+        table.add_column(column, justify="right" if column in ("warm-up", "dense every", "expected skip") else "left")
+    rows: list[tuple[str, Any]] = [("global", plan_file.global_plan)]
+    rows += [(f"class {name}", plan_file.classes[name]) for name in sorted(plan_file.classes)]
+    for name, plan in rows:
+        ratio = "-" if plan.expected_skip_ratio is None else f"{plan.expected_skip_ratio:.3f}"
+        if plan.fit.get("fallback"):
+            ratio += " (global fallback)"
+        table.add_row(name, plan.mode, describe_layers(plan), str(plan.warmup_tokens), str(plan.dense_every or "-"),
+                      plan.compensation, ratio)
+    return table
+
+
+def print_plan(plan_file, console, source: str) -> None:
+    fp = plan_file.model.get("fingerprint", {})
+    console.print(f"[bold]{source}[/bold]: plan v{plan_file.version} for {plan_file.model.get('name')} "
+                  f"({', '.join(f'{k} {v}' for k, v in fp.items())})")
+    prov = plan_file.provenance
+    if prov:
+        tokens = prov.get("tokens") or {}
+        parts = [f"{k} {prov[k]}" for k in ("tool_version", "created") if k in prov]
+        if isinstance(tokens, dict):
+            parts += [f"{k} tokens {v}" for k, v in tokens.items() if isinstance(v, int)]
+        if prov.get("profile"):
+            parts.insert(0, f"profile {prov['profile']}")
+        console.print("provenance: " + "; ".join(parts))
+    if plan_file.defaults:
+        console.print("defaults: " + ", ".join(f"{k} {v}" for k, v in plan_file.defaults.items()))
+    console.print(plan_table(plan_file))
+    glob = plan_file.global_plan
+    per_class = glob.fit.get("class_skip_ratio") if isinstance(glob.fit, dict) else None
+    if isinstance(per_class, dict) and per_class:
+        console.print("global plan's simulated skip ratio per class: "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in per_class.items()))
+    router = plan_file.router
+    if router is not None:
+        acc = "-" if router.heldout_accuracy is None else f"{router.heldout_accuracy:.1%}"
+        console.print(f"router: nearest centroid ({router.metric}) of the mean hidden state after layer "
+                      f"{router.layer}; classes {', '.join(router.classes)}; held-out accuracy {acc}")
+
+
+def show(plan: Annotated[Path, typer.Argument(help="YAML plan file.", show_default=False)],
+         as_yaml: Annotated[bool, typer.Option("--yaml", help="Print the canonical YAML instead.")] = False) -> None:
+    """Pretty-print a plan file."""
+    from rich.console import Console
+
+    from ..plan import PlanError
+    from ..planio import dump_plan, load_plan
+
+    if not plan.is_file():
+        raise CLIError(f"plan file not found: {plan}")
+    try:
+        plan_file = load_plan(plan)
+    except PlanError as e:
+        from .validate import print_problems
+
+        print_problems(str(plan), e.problems)
+        raise typer.Exit(2)
+    if as_yaml:
+        print(dump_plan(plan_file), end="")
+        return
+    print_plan(plan_file, Console(width=140), str(plan))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("show", help=HELP)(show)

@@ -1,0 +1,91 @@
+"""`skipprof validate`: check a plan file (and optionally its fit to a model), reporting every problem at once."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import CLIError
+
+HELP = """Check a YAML skip plan and report every problem at once, one per line with its path (exit 2 if any).
+
+Checks: YAML syntax, unknown keys, types, ranges (tau in [-1, 1], fractions in (0, 1], ...), layer indices against
+the plan's model, the router against its class plans, the plan version. With --model, also the layer count and the
+model fingerprint (a plan fitted for another model is rejected). The model is built on the meta device from its
+config: no weights are loaded.
+
+Examples:
+
+  skipprof validate plans/demo-static-25.yaml
+
+  skipprof validate my-plan.yaml --model path/to/model
+"""
+
+
+def model_fingerprint_of(model_arg: str | None) -> dict:
+    """Fingerprint of a local model folder (default: the bundled demo model), from its config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..registry import model_fingerprint
+
+    path = model_arg
+    if path is None:
+        from .. import demo
+
+        try:
+            path = str(demo.model_path())
+        except FileNotFoundError as e:
+            raise CLIError(str(e))
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot read a model config from {path}: {str(e).splitlines()[0]}")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as e:
+        raise CLIError(f"{path} is not a causal LM transformers can build: {str(e).splitlines()[0]}")
+    return model_fingerprint(model)
+
+
+def print_problems(source: str, problems: list[str]) -> None:
+    noun = "problem" if len(problems) == 1 else "problems"
+    print(f"error: {source}: {len(problems)} {noun}:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def validate(plan: Annotated[Path, typer.Argument(help="YAML plan file to check.", show_default=False)],
+             model: Annotated[Optional[str], typer.Option(
+                 "--model", "-m", help="Local model folder the plan must fit (layer count and fingerprint).")] = None,
+             ) -> None:
+    """Check a plan file, reporting every problem at once."""
+    from ..plan import PlanError
+    from ..planio import plan_from_dict, read_plan_dict
+
+    try:
+        data, source = read_plan_dict(plan)
+    except PlanError as e:
+        raise CLIError(str(e))
+    fingerprint = model_fingerprint_of(model) if model is not None else None
+    num_layers = fingerprint.get("num_layers") if fingerprint else None
+    try:
+        parsed = plan_from_dict(data, num_layers=num_layers, fingerprint=fingerprint)
+    except PlanError as e:
+        print_problems(source, e.problems)
+        raise typer.Exit(2)
+    kinds = f"global {parsed.global_plan.mode}"
+    if parsed.classes:
+        kinds += f", {len(parsed.classes)} class plans ({', '.join(sorted(parsed.classes))})"
+    if parsed.router is not None:
+        kinds += ", router"
+    against = f" and fits {model}" if model is not None else ""
+    print(f"ok: {source} is a valid plan v{parsed.version} for {parsed.model['name']}{against} ({kinds})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("validate", help=HELP)(validate)

@@ -1,0 +1,337 @@
+"""Decode benchmarks: dense vs plans, interleaved, warm-up excluded, median of >= 5, against the FLOP ideal.
+
+Used by ``benchmarks/decode_speed.py`` and ``skipprof bench decode``. Every arm runs the same hand-written greedy
+decode loop (KV cache, ``logits_to_keep=1``); the arms of one repeat run back to back in rotating order so that drift
+in machine load hits all arms alike.
+
+The FLOP ideal counts multiply-adds (x2) of every matmul a decoder token costs: attention projections, attention over
+the cache, the FFN and the LM head; ideal speedup = dense FLOPs / (dense FLOPs - skipped FFN FLOPs) over the same run
+(prompt included), with the skipped FFN calls counted by the runtime (``handle.stats()``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .plan import PlanFile, SkipPlan
+from .registry import resolve
+from .runtime import apply_plan
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# ~100 M parameters: 12 x 7.1 M (attention 2.4 M + gated FFN 4.7 M) + 2 x 24.6 M embeddings / LM head.
+SYNTHETIC_CONFIGS: dict[str, dict[str, int]] = {
+    "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=12, vocab_size=32000),
+    "llama-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=512),
+}
+
+
+@dataclass
+class Arm:
+    """One contender: a plan (None = dense, no runtime at all) and, for plan files, the prompt class."""
+
+    name: str
+    plan: PlanFile | SkipPlan | None
+    prompt_class: str | None = None
+
+
+@dataclass
+class ArmResult:
+    name: str
+    seconds: list[float] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    dense_flops: float = 0.0
+    plan_flops: float = 0.0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def ideal_speedup(self) -> float:
+        return self.dense_flops / self.plan_flops if self.plan_flops else 1.0
+
+
+@dataclass
+class DecodeBenchmark:
+    """Results of one (model, batch, dtype) setting."""
+
+    label: str
+    batch: int
+    dtype: str
+    new_tokens: int
+    prompt_tokens: int
+    results: list[ArmResult]
+
+    def dense(self) -> ArmResult:
+        return self.results[0]
+
+    def rows(self) -> list[dict[str, Any]]:
+        dense = self.dense()
+        out = []
+        for r in self.results:
+            speedup = dense.median / r.median
+            out.append({
+                "arm": r.name, "batch": self.batch, "dtype": self.dtype,
+                "tok_per_s": self.batch * self.new_tokens / r.median, "median_s": r.median,
+                "skip_ratio": r.stats.get("skip_ratio", 0.0), "speedup": speedup,
+                "ideal_speedup": r.ideal_speedup, "measured_over_ideal": speedup / r.ideal_speedup,
+                "runs": len(r.seconds),
+            })
+        return out
+
+    def table(self) -> str:
+        head = (f"{self.label}  bs={self.batch}  {self.dtype}  prompt={self.prompt_tokens}  new={self.new_tokens}  "
+                f"median of {len(self.dense().seconds)} interleaved runs (warm-up excluded)")
+        lines = [head, f"{'arm':<24}{'skip':>7}{'tok/s':>9}{'speedup':>9}{'ideal':>8}{'meas/ideal':>12}"]
+        for row in self.rows():
+            lines.append(f"{row['arm']:<24}{row['skip_ratio']:>7.1%}{row['tok_per_s']:>9.1f}{row['speedup']:>8.3f}x"
+                         f"{row['ideal_speedup']:>7.3f}x{row['measured_over_ideal']:>12.3f}")
+        return "\n".join(lines)
+
+
+def synthetic_model(name: str = "llama-100m", dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """A random-weight Llama of a known size (for speed only: its outputs are meaningless)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if name not in SYNTHETIC_CONFIGS:
+        raise ValueError(f"unknown synthetic model {name!r}; known: {', '.join(SYNTHETIC_CONFIGS)}")
+    torch.manual_seed(seed)
+    config = LlamaConfig(**SYNTHETIC_CONFIGS[name], max_position_embeddings=4096, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    return model.to(dtype)
+
+
+# ---- FLOPs ----------------------------------------------------------------------------------------------------------
+
+
+def _linear_flops(module: nn.Module) -> int:
+    return sum(2 * m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def token_flops(model: nn.Module) -> dict[str, float]:
+    """Per decoded token: FFN FLOPs per layer, attention projection FLOPs per layer, attention-over-cache FLOPs per
+    layer and cached position, LM-head FLOPs, and the layer count."""
+    arch = resolve(model)
+    site = arch.sites[0]
+    ffn = sum(_linear_flops(m) for m in site.ffn_modules)
+    if ffn == 0:  # fused experts keep raw parameters: count the experts a token actually uses
+        config = model.config
+        per_expert = sum(2 * p[0].numel() for n, p in site.ffn.named_parameters() if "experts" in n)
+        ffn = per_expert * getattr(config, "num_experts_per_tok", 1)
+    attn_proj = _linear_flops(site.layer) - ffn
+    config = model.config
+    heads = getattr(config, "num_attention_heads")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head = model.get_output_embeddings()
+    return {"ffn": float(ffn), "attn_proj": float(attn_proj), "attn_per_position": float(4 * heads * head_dim),
+            "lm_head": float(2 * head.weight.numel()), "layers": float(arch.num_layers)}
+
+
+def run_flops(model: nn.Module, batch: int, prompt_tokens: int, new_tokens: int, skipped_calls: int) -> tuple[float, float]:
+    """(dense FLOPs, plan FLOPs) of one benchmark run: prompt forward (logits for the last position only) + decode."""
+    f = token_flops(model)
+    per_layer = f["ffn"] + f["attn_proj"]
+    attention_prompt = f["attn_per_position"] * prompt_tokens * (prompt_tokens + 1) / 2
+    dense = batch * (prompt_tokens * per_layer * f["layers"] + attention_prompt * f["layers"] + f["lm_head"])
+    for t in range(new_tokens - 1):  # the last token is sampled from the previous forward's logits
+        context = prompt_tokens + t + 1
+        dense += batch * (f["layers"] * (per_layer + f["attn_per_position"] * context) + f["lm_head"])
+    return dense, dense - skipped_calls * f["ffn"]
+
+
+# ---- the timed loop -------------------------------------------------------------------------------------------------
+
+
+def decode_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decode with a KV cache: one prompt forward, then new_tokens - 1 one-token forwards."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    tokens = []
+    with torch.inference_mode():
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for step in range(new_tokens):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            if step + 1 < new_tokens:
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return torch.cat(tokens, 1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark_decode(model: nn.Module, arms: list[Arm], batch: int = 1, prompt_tokens: int = 16,
+                     new_tokens: int = 128, repeats: int = 5, warmup: int = 1, seed: int = 0,
+                     label: str = "model", dtype_name: str = "fp32", log=None) -> DecodeBenchmark:
+    """Time every arm `warmup + repeats` times, interleaved (rotating order); the first `warmup` rounds are dropped."""
+    if repeats < 5:
+        raise ValueError("repeats must be >= 5 (medians of fewer runs are not reported)")
+    if arms[0].plan is not None:
+        arms = [Arm("dense", None)] + arms
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, vocab, (batch, prompt_tokens), generator=g).to(device)
+    results = [ArmResult(a.name) for a in arms]
+    for rnd in range(warmup + repeats):
+        order = list(range(len(arms)))
+        shift = rnd % len(arms)
+        order = order[shift:] + order[:shift]
+        for i in order:
+            arm, result = arms[i], results[i]
+            handle = apply_plan(model, arm.plan, prompt_class=arm.prompt_class) if arm.plan is not None else None
+            try:
+                _sync(device)
+                start = time.perf_counter()
+                decode_once(model, prompt, new_tokens)
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                stats = handle.stats() if handle is not None else {"skipped": 0, "skip_ratio": 0.0}
+            finally:
+                if handle is not None:
+                    handle.remove()
+            if rnd >= warmup:
+                result.seconds.append(elapsed)
+                result.stats = stats
+        if log is not None:
+            log(f"  round {rnd + 1}/{warmup + repeats}" + (" (warm-up)" if rnd < warmup else ""))
+    for r in results:
+        r.dense_flops, r.plan_flops = run_flops(model, batch, prompt_tokens, new_tokens, r.stats.get("skipped", 0))
+    return DecodeBenchmark(label, batch, dtype_name, new_tokens, prompt_tokens, results)
+
+
+# ---- plans for synthetic benchmarks ---------------------------------------------------------------------------------
+
+
+def middle_static_plan(num_layers: int, skip_ratio: float) -> SkipPlan:
+    """A static plan skipping `skip_ratio` of the FFNs, centred in the upper middle (last full layer fractional)."""
+    total = skip_ratio * num_layers
+    full = int(math.floor(total + 1e-9))
+    start = max(1, (num_layers - math.ceil(total)) // 2)
+    layers: dict[int, float] = {start + i: 1.0 for i in range(full)}
+    if total - full > 1e-6:
+        layers[start + full] = round(total - full, 6)
+    return SkipPlan(mode="static", skip_layers=layers, expected_skip_ratio=skip_ratio)
+
+
+def decode_residual_cos(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """[tokens, L] cos(h, h + FFN contribution) on dense greedy decode (the prompt forward is left out)."""
+    arch = resolve(model)
+    rows: list[list[torch.Tensor]] = []
+    contribution: dict[int, torch.Tensor] = {}
+    hooks = []
+    for site in arch.sites:
+        target = site.ffn if site.ffn is not None else site.fc2
+
+        def ffn_out(module, args, out, l=site.index, mult=site.multiplier):
+            out = out[0] if isinstance(out, tuple) else out
+            contribution[l] = (out * mult).float().reshape(-1, out.shape[-1])
+
+        def layer_out(module, args, out, l=site.index):
+            stream = (out[0] if isinstance(out, tuple) else out).float().reshape(contribution[l].shape)
+            if l == 0:
+                rows.append([])
+            rows[-1].append(torch.nn.functional.cosine_similarity(stream - contribution[l], stream, dim=-1))
+
+        hooks += [target.register_forward_hook(ffn_out), site.layer.register_forward_hook(layer_out)]
+    try:
+        decode_once(model, prompt, new_tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat([torch.stack(r, 1) for r in rows[1:]], 0)  # [tokens * batch, L]
+
+
+def simulate_adaptive(cos: torch.Tensor, plan: SkipPlan) -> float:
+    """Skip ratio of an adaptive plan on dense cos rows (ignores the feedback of skipping on later layers)."""
+    L = cos.shape[1]
+    end = L - plan.cold_end
+    skipped = 0
+    for row in cos.tolist():
+        for l in range(max(plan.cold_start - 1, 0), end - 1):
+            if row[l] > plan.tau[l]:
+                skipped += min(plan.max_skip, end - (l + 1))
+                break
+    return skipped / (len(cos) * L)
+
+
+def calibrate_adaptive(model: nn.Module, target: float, cold_start: int = 2, cold_end: int = 2, max_skip: int = 6,
+                       prompt_tokens: int = 16, new_tokens: int = 48, seed: int = 1) -> SkipPlan:
+    """An FFN-SkipLLM plan whose per-layer thresholds are one shared quantile of the dense decode cos, bisected so
+    the simulated skip ratio hits `target` (benchmark plans: speed only, not quality)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    prompt = torch.randint(3, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
+    cos = decode_residual_cos(model, prompt.to(next(model.parameters()).device), new_tokens).cpu()
+    L = cos.shape[1]
+    lo, hi = 0.0, 1.0
+    plan = None
+    for _ in range(30):
+        q = (lo + hi) / 2
+        tau = [float(torch.quantile(cos[:, l], q)) for l in range(L)]
+        plan = SkipPlan(mode="adaptive", tau=tau, cold_start=cold_start, cold_end=cold_end, max_skip=max_skip,
+                        expected_skip_ratio=target)
+        ratio = simulate_adaptive(cos, plan)
+        if abs(ratio - target) < 0.002:
+            break
+        lo, hi = (q, hi) if ratio > target else (lo, q)  # higher quantile -> fewer triggers
+    plan.fit = {"statistic": "shared quantile of dense decode cos", "target": target,
+                "simulated_skip_ratio": simulate_adaptive(cos, plan)}
+    return plan
+
+
+# ---- a whole suite (CLI and benchmarks/decode_speed.py) -------------------------------------------------------------
+
+
+def load_model(spec: str, dtype: torch.dtype) -> tuple[nn.Module, str]:
+    """`synthetic:<name>` (random weights, see SYNTHETIC_CONFIGS) or a Hugging Face checkpoint folder."""
+    if spec.startswith("synthetic:"):
+        name = spec.split(":", 1)[1]
+        return synthetic_model(name, dtype), f"{name} (random weights)"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype).eval()
+    return model, spec
+
+
+def default_arms(model: nn.Module, static_ratio: float | None, adaptive_targets: list[float],
+                 include_empty: bool = True) -> list[Arm]:
+    """Dense, the empty plan, a static plan at `static_ratio`, adaptive plans calibrated to each target."""
+    L = resolve(model).num_layers
+    arms = [Arm("dense", None)]
+    if include_empty:
+        arms.append(Arm("empty plan", SkipPlan(mode="static")))
+    if static_ratio:
+        arms.append(Arm(f"static {static_ratio:.0%}", middle_static_plan(L, static_ratio)))
+    for target in adaptive_targets:
+        arms.append(Arm(f"adaptive {target:.0%}", calibrate_adaptive(model, target)))
+    return arms
+
+
+def run_suite(model_spec: str, batches: list[int], dtypes: list[str], static_ratio: float | None,
+              adaptive_targets: list[float], plan_arms: list[Arm] | None = None, new_tokens: int = 128,
+              prompt_tokens: int = 16, repeats: int = 5, log=print) -> list[DecodeBenchmark]:
+    """Every (dtype, batch) setting: build the model, its arms, time them interleaved, print the table."""
+    suites = []
+    for dtype_name in dtypes:
+        model, label = load_model(model_spec, DTYPES[dtype_name])
+        arms = default_arms(model, static_ratio, adaptive_targets) + list(plan_arms or [])
+        for batch in batches:
+            log(f"[{label} {dtype_name} bs={batch}] {len(arms)} arms x (1 warm-up + {repeats}) runs")
+            result = benchmark_decode(model, arms, batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                                      repeats=repeats, label=label, dtype_name=dtype_name, log=log)
+            log(result.table())
+            suites.append(result)
+    return suites

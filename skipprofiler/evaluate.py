@@ -1,0 +1,562 @@
+"""`skipprof eval`: fidelity and speed of skip plans on held-out data, with baselines, an oracle and sweeps.
+
+Every plan is applied with the runtime (`apply_plan` + `handle.decode_from` for teacher forcing, automatic prompt /
+decode detection for greedy generation and the speed benchmark), so the numbers describe what deployment runs. The
+dense log-probs are computed once and shared by all rows. The JSON layout is documented in docs/eval-schema.md.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+
+from .fidelity import (DenseReference, FidelityError, FidelitySums, compare, compare_greedy, dense_references,
+                       greedy_tokens, load_documents, make_batches, measure_plan, model_forward, pad_id_of,
+                       token_windows)
+from .plan import PlanFile, SkipPlan
+from .refine import SetEvaluator, canonical, middle_layers, oracle_static
+
+EVAL_FORMAT = "skipprof-eval"
+EVAL_FORMAT_VERSION = 1
+
+
+class EvalError(ValueError):
+    """Evaluation cannot produce meaningful numbers (bad input, mismatch, empty data, NaN)."""
+
+
+@dataclass
+class EvalConfig:
+    prompt_len: int = 32  # dense prompt prefix of each held-out window
+    window: int = 128  # tokens per held-out document
+    docs_per_class: int | None = 16
+    batch_size: int = 16
+    greedy_prompts: int = 8  # spread over the classes
+    greedy_new_tokens: int = 32
+    speed: bool = True
+    speed_new_tokens: int = 64
+    speed_repeats: int = 5
+    baselines: bool = False
+    random_seeds: int = 3
+    oracle: bool | None = None  # None: with baselines, when the model has <= oracle_max_layers layers
+    oracle_max_layers: int = 16
+    seed: int = 0
+
+
+@dataclass
+class EvalData:
+    """Held-out windows prepared once: dense references per class and greedy prompts."""
+
+    references: list[DenseReference]
+    classes: list[str]
+    prompts: list[list[int]]
+    prompt_classes: list[str]
+    dense_greedy: list[list[int]] = field(default_factory=list)
+
+    def of_class(self, cls: str) -> list[DenseReference]:
+        return [r for r in self.references if r.batch.classes[0] == cls]
+
+    def tokens(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for ref in self.references:
+            out[ref.batch.classes[0]] = out.get(ref.batch.classes[0], 0) + int(ref.mask.sum())
+        return out
+
+
+def prepare_data(model, tokenizer, data_spec: str | None, config: EvalConfig) -> EvalData:
+    """Tokenize, cut and batch the held-out documents per class; compute the dense references and greedy runs."""
+    try:
+        docs = load_documents(data_spec, split="heldout")
+        tokens, classes = token_windows(tokenizer, docs, config.window, config.docs_per_class,
+                                        config.prompt_len + 2)
+    except FidelityError as e:
+        raise EvalError(f"held-out data: {e}") from None
+    pad = pad_id_of(tokenizer, model)
+    batches, class_names = [], list(dict.fromkeys(classes))
+    for cls in class_names:
+        idx = [i for i, c in enumerate(classes) if c == cls]
+        batches += make_batches([tokens[i] for i in idx], [cls] * len(idx), config.prompt_len, pad, config.batch_size)
+    try:
+        references = dense_references(model, batches)
+    except FidelityError as e:
+        raise EvalError(f"held-out data: {e}") from None
+    prompts, prompt_classes = [], []
+    by_class = {c: [t for t, k in zip(tokens, classes) if k == c] for c in class_names}
+    for i in range(config.greedy_prompts):
+        cls = class_names[i % len(class_names)]
+        pool = by_class[cls]
+        if i // len(class_names) < len(pool):
+            prompts.append(pool[i // len(class_names)][:config.prompt_len])
+            prompt_classes.append(cls)
+    data = EvalData(references, class_names, prompts, prompt_classes)
+    data.dense_greedy = greedy_tokens(model, prompts, config.greedy_new_tokens) if prompts else []
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows
+
+
+def summarize(sums: FidelitySums, classes: Sequence[str], name: str) -> dict[str, Any]:
+    try:
+        overall = sums.summary(None)
+        per_class = {c: _round_all(sums.summary(c)) for c in classes if c in sums.count}
+    except FidelityError as e:
+        raise EvalError(f"{name}: {e}") from None
+    row = _round_all(overall)
+    row["ppl_increase"] = _r(overall["ppl"] / overall["ppl_dense"] - 1.0)
+    row["per_class"] = per_class
+    return row
+
+
+def _r(x: float) -> float:
+    return float(f"{x:.6g}") if isinstance(x, float) else x
+
+
+def _round_all(d: dict) -> dict:
+    return {k: _r(v) for k, v in d.items()}
+
+
+def _plan_layers(plan: SkipPlan) -> Any:
+    if plan.mode == "static":
+        return [[layer, _r(f)] for layer, f in sorted(plan.skip_layers.items())]
+    return {"tau": sorted(set(_r(t) for t in (plan.tau or []))), "cold_start": plan.cold_start,
+            "cold_end": plan.cold_end, "max_skip": plan.max_skip}
+
+
+def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: str, config: EvalConfig,
+                  route_by_class: bool = False, strict: bool = True,
+                  profile_cost: "FlopModel | None" = None, family: str | None = None) -> dict[str, Any]:
+    """One row: teacher-forced fidelity per class, realized skip ratio, greedy agreement, speed."""
+    sums, decode_positions, skipped = FidelitySums(), 0, 0
+    groups = [(c, data.of_class(c)) for c in data.classes] if route_by_class else [(None, data.references)]
+    for cls, refs in groups:
+        try:
+            part, stats = measure_plan(model, refs, plan, prompt_class=cls, strict=strict)
+        except FidelityError as e:
+            raise EvalError(f"{name}: {e}") from None
+        sums.merge(part)
+        decode_positions += int(stats["decode_positions"])
+        skipped += int(stats["skipped"])
+    row = {"name": name, "kind": kind, "family": family or name}
+    row.update(summarize(sums, data.classes, name))
+    num_layers = model_num_layers(model)
+    row["skip_ratio"] = _r(skipped / (decode_positions * num_layers)) if decode_positions else 0.0
+    active = plan.global_plan if isinstance(plan, PlanFile) else plan
+    row["mode"] = active.mode
+    row["layers"] = _plan_layers(active)
+    row["expected_skip_ratio"] = active.expected_skip_ratio
+    if active.fit.get("refined_kl") is not None:
+        row["calibration_refined_kl"] = active.fit["refined_kl"]
+    if data.prompts:
+        row.update(_greedy_row(model, data, plan, route_by_class, strict))
+    flops = profile_cost or FlopModel.of(model)
+    row["ideal_speedup"] = _r(flops.ideal_speedup(row["skip_ratio"], context=config.prompt_len + config.window // 2))
+    if config.speed and data.prompts:
+        row.update(_speed_row(model, data, plan, config, row["ideal_speedup"], route_by_class, strict))
+    else:
+        row["speedup"] = None
+    return row
+
+
+def _greedy_row(model, data: EvalData, plan, route_by_class: bool, strict: bool) -> dict[str, Any]:
+    from .runtime import apply_plan
+
+    produced: list[list[int]] = []
+    n_new = len(data.dense_greedy[0]) if data.dense_greedy else 0
+    for prompt, cls in zip(data.prompts, data.prompt_classes):
+        with apply_plan(model, plan, prompt_class=cls if route_by_class else None, strict=strict):
+            produced += greedy_tokens(model, [prompt], n_new)
+    cmp = compare_greedy(data.dense_greedy, produced)
+    return {"greedy_agreement": _r(cmp.agreement), "first_divergence_mean": _r(cmp.first_divergence_mean),
+            "greedy_identical": _r(cmp.identical), "greedy_new_tokens": n_new, "greedy_prompts": len(produced)}
+
+
+def model_num_layers(model) -> int:
+    from .registry import resolve
+
+    return resolve(model).num_layers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed: decode tokens/s, dense vs plan, interleaved, warm-up excluded, median
+
+
+def _speed_row(model, data: EvalData, plan, config: EvalConfig, ideal: float, route_by_class: bool,
+               strict: bool) -> dict[str, Any]:
+    """Decode tokens/s dense vs plan with the runtime's benchmark (interleaved, warm-up round dropped, median)."""
+    from .bench import Arm, benchmark_decode
+
+    cls = data.prompt_classes[0] if route_by_class else None
+    bench = benchmark_decode(model, [Arm("dense", None), Arm("plan", plan, prompt_class=cls)], batch=1,
+                             prompt_tokens=config.prompt_len, new_tokens=config.speed_new_tokens,
+                             repeats=config.speed_repeats, seed=config.seed)
+    dense_row, plan_row = bench.rows()
+    return {"tokens_per_s": _r(plan_row["tok_per_s"]), "tokens_per_s_dense": _r(dense_row["tok_per_s"]),
+            "speedup": _r(plan_row["speedup"]), "speed_run_skip_ratio": _r(plan_row["skip_ratio"]),
+            "speed_run_ideal_speedup": _r(plan_row["ideal_speedup"]),
+            "speed_over_ideal": _r(plan_row["measured_over_ideal"]),
+            "speed_repeats": config.speed_repeats, "speed_new_tokens": config.speed_new_tokens}
+
+
+@dataclass
+class FlopModel:
+    """Per-decode-token FLOPs, counted by the runtime's benchmark module (`bench.token_flops`): attention projections
+    and attention over the cache per layer, the FFN per layer, and the LM head."""
+
+    flops: dict[str, float]
+
+    @classmethod
+    def of(cls, model) -> "FlopModel":
+        from .bench import token_flops
+
+        return cls(token_flops(model))
+
+    def per_token(self, ffn_layers: float, context: int) -> float:
+        f = self.flops
+        attention = f["layers"] * (f["attn_proj"] + f["attn_per_position"] * context)
+        return attention + ffn_layers * f["ffn"] + f["lm_head"]
+
+    @property
+    def lm_head(self) -> float:
+        return self.flops["lm_head"]
+
+    def ideal_speedup(self, skip_ratio: float, context: int) -> float:
+        layers = self.flops["layers"]
+        return self.per_token(layers, context) / self.per_token(layers * (1.0 - skip_ratio), context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Baselines at the same realized skip ratio
+
+
+def budget_slots(budget: float, order: Sequence[int]) -> tuple[tuple[int, float], ...]:
+    """Take layers in `order`: full layers while the budget lasts, then one fractional layer for the remainder."""
+    full = int(math.floor(budget + 1e-9))
+    rest = round(budget - full, 3)
+    slots = [(layer, 1.0) for layer in order[:full]]
+    if rest >= 0.01 and full < len(order):
+        slots.append((order[full], rest))
+    return canonical(slots)
+
+
+def static_template(reference: SkipPlan) -> SkipPlan:
+    """Eligibility of the baselines: the reference's warm-up and apply_to, every eligible position skipped."""
+    return SkipPlan(mode="static", apply_to=reference.apply_to, warmup_tokens=reference.warmup_tokens,
+                    dense_every=0, compensation="none")
+
+
+def paper_adaptive(num_layers: int, max_skip: int, max_positions: int) -> SkipPlan:
+    """FFN-SkipLLM with the paper's defaults: tau 0.95, 5-of-32 cold layers at each end (scaled to depth, >= 1),
+    every 6th token dense, warm-up max_seq_len // 64."""
+    cold = max(1, round(5 * num_layers / 32))
+    return SkipPlan(mode="adaptive", tau=[0.95] * num_layers, cold_start=cold, cold_end=cold, max_skip=max_skip,
+                    warmup_tokens=max_positions // 64, dense_every=6,
+                    fit={"baseline": "FFN-SkipLLM paper defaults"})
+
+
+def contiguous_window(num_layers: int, budget: float) -> list[int]:
+    """The input-agnostic window: consecutive middle layers, centred between the first and last layer."""
+    middle = middle_layers(num_layers)
+    width = min(len(middle), int(math.ceil(budget - 1e-9)))
+    start = middle[0] + (len(middle) - width) // 2
+    window = list(range(start, start + width))
+    return window + [l for l in middle if l not in window]
+
+
+def block_influence(model, references: Sequence[DenseReference]) -> list[float]:
+    """ShortGPT's Block Influence per decoder layer: mean 1 - cos(layer input, layer output) over prompt tokens."""
+    from .registry import first_tensor, resolve
+
+    layers = resolve(model).layers
+    totals, counts = [0.0] * len(layers), [0] * len(layers)
+    handles = []
+    state: dict[str, torch.Tensor] = {}
+
+    def hook(index):
+        def fn(module, args, kwargs, output):
+            inp = args[0] if args else kwargs["hidden_states"]
+            out = first_tensor(output)
+            mask = state["mask"]
+            cos = torch.nn.functional.cosine_similarity(inp.float(), out.float(), dim=-1)[mask]
+            totals[index] += float((1 - cos).double().sum())
+            counts[index] += int(mask.sum())
+        return fn
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(hook(i), with_kwargs=True))
+    try:
+        forward = model_forward(model)
+        with torch.inference_mode():
+            for ref in references:
+                batch = ref.batch
+                pos = torch.arange(batch.input_ids.shape[1]).unsqueeze(0)
+                state["mask"] = (batch.attention_mask.bool() & (pos < batch.prompt_len)).to(
+                    next(model.parameters()).device)
+                forward(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [t / max(c, 1) for t, c in zip(totals, counts)]
+
+
+class DroppedLayers:
+    """ShortGPT-style whole-layer drop, eval only: the chosen decoder layers return their input (attention and FFN
+    both dropped, on every position, prompt included). Restored on exit."""
+
+    def __init__(self, model, layers: Sequence[int]):
+        from .registry import resolve
+
+        self.layers = [resolve(model).layers[i] for i in layers]
+        self.handles: list = []
+
+    def __enter__(self):
+        def passthrough(module, args, kwargs, output):
+            inp = args[0] if args else kwargs["hidden_states"]
+            if isinstance(output, (tuple, list)):
+                return type(output)((inp,) + tuple(output[1:]))
+            return inp
+
+        self.handles = [layer.register_forward_hook(passthrough, with_kwargs=True) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def evaluate_layer_drop(model, data: EvalData, layers: Sequence[int], name: str, config: EvalConfig) -> dict[str, Any]:
+    sums = FidelitySums()
+    forward = model_forward(model)
+    with DroppedLayers(model, layers), torch.inference_mode():
+        for ref in data.references:
+            try:
+                compare(ref, forward(ref.batch), sums)
+            except FidelityError as e:
+                raise EvalError(f"{name}: {e}") from None
+        produced = greedy_tokens(model, data.prompts, len(data.dense_greedy[0])) if data.prompts else []
+    num_layers = model_num_layers(model)
+    row = {"name": name, "kind": "baseline", "family": "ShortGPT layer drop", "mode": "layer_drop",
+           "layers": sorted(layers)}
+    row.update(summarize(sums, data.classes, name))
+    row["skip_ratio"] = _r(len(layers) / num_layers)
+    row["expected_skip_ratio"] = None
+    if produced:
+        cmp = compare_greedy(data.dense_greedy, produced)
+        row.update({"greedy_agreement": _r(cmp.agreement), "first_divergence_mean": _r(cmp.first_divergence_mean),
+                    "greedy_identical": _r(cmp.identical)})
+    flops = FlopModel.of(model)
+    context = config.prompt_len + config.window // 2
+    dense = flops.per_token(num_layers, context)
+    kept = num_layers - len(layers)
+    remaining = flops.lm_head + kept / num_layers * (dense - flops.lm_head)  # attention and FFN both dropped
+    row["ideal_speedup"] = _r(dense / remaining)
+    row["speedup"] = None
+    row["note"] = "ShortGPT-style: whole decoder layers dropped (attention too, on prompt and decode positions)"
+    return row
+
+
+def layer_ranking_from_profile(profile, num_layers: int) -> list[int]:
+    """LLM-Drop ranking: layers by mean `residual` cosine, most redundant first (decode regime when profiled)."""
+    regime = "decode" if profile.tokens("decode") > 0 else "prompt"
+    means = profile.layer_stats("residual", regime)["mean"]
+    if len(means) != num_layers:
+        raise EvalError(f"the profile has {len(means)} layers but the model has {num_layers}")
+    return sorted(range(num_layers), key=lambda l: -float(means[l]))
+
+
+def baseline_rows(model, data: EvalData, reference: SkipPlan, realized: float, config: EvalConfig,
+                  profile=None, label: str = "") -> list[dict[str, Any]]:
+    """Baselines at the reference plan's realized skip ratio (see docs/eval-schema.md for each definition)."""
+    num_layers = model_num_layers(model)
+    budget = realized * num_layers
+    template = static_template(reference)
+    suffix = f" @{realized:.3f}" if label else ""
+    rows = []
+
+    def static_row(name: str, order: Sequence[int], note: str, family: str) -> dict[str, Any]:
+        plan = replace(template, skip_layers=dict(budget_slots(budget, order)))
+        row = evaluate_plan(model, data, plan, name + suffix, "baseline", config, family=family)
+        row["note"] = note
+        return row
+
+    middle = middle_layers(num_layers)
+    seeds = []
+    for seed in range(config.random_seeds):
+        order = list(middle)
+        random.Random(config.seed + seed).shuffle(order)
+        seeds.append(static_row(f"random seed {config.seed + seed}", order, "random static FFN set", "random FFN"))
+    rows.append(_average_rows(seeds, f"random FFN (mean of {len(seeds)} seeds){suffix}"))
+    rows.append(static_row("contiguous window", contiguous_window(num_layers, budget),
+                           "input-agnostic contiguous window of middle FFNs (paper's baseline)", "contiguous window"))
+    if profile is not None:
+        rows.append(static_row("LLM-Drop top-by-cosine", layer_ranking_from_profile(profile, num_layers),
+                               "LLM-Drop-style static MLP drop: top-N layers by mean residual cosine",
+                               "LLM-Drop top-by-cosine"))
+    rows.append(_paper_adaptive_row(model, data, realized, config, suffix))
+    drop_count = max(1, round(budget))
+    influence = block_influence(model, data.references)
+    order = sorted(range(num_layers), key=lambda l: influence[l])[:drop_count]
+    row = evaluate_layer_drop(model, data, order, f"ShortGPT layer drop ({drop_count} layers){suffix}", config)
+    row["block_influence"] = [_r(x) for x in influence]
+    rows.append(row)
+    return rows
+
+
+def _paper_adaptive_row(model, data: EvalData, realized: float, config: EvalConfig, suffix: str) -> dict[str, Any]:
+    """The paper's rule has no ratio knob but the window k: pick the k whose realized ratio is closest."""
+    num_layers = model_num_layers(model)
+    max_pos = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    probe = [data.of_class(c)[0] for c in data.classes]
+    cold = max(1, round(5 * num_layers / 32))
+    best_k, best_gap = 1, math.inf
+    for k in range(1, max(1, num_layers - 2 * cold) + 1):
+        _, stats = measure_plan(model, probe, paper_adaptive(num_layers, k, max_pos))
+        gap = abs(stats["skip_ratio"] - realized)
+        if gap < best_gap:
+            best_k, best_gap = k, gap
+    plan = paper_adaptive(num_layers, best_k, max_pos)
+    row = evaluate_plan(model, data, plan, f"FFN-SkipLLM paper defaults (k={best_k}){suffix}", "baseline", config,
+                        family="FFN-SkipLLM paper defaults")
+    row["note"] = (f"tau 0.95, cold {plan.cold_start}+{plan.cold_end} layers, dense every 6th token, warm-up "
+                   f"{plan.warmup_tokens}; k chosen for the closest realized ratio")
+    return row
+
+
+def _average_rows(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    out = dict(rows[0])
+    out["name"] = name
+    for key, value in rows[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("greedy_new_tokens",
+                                                                                         "greedy_prompts"):
+            vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+            out[key] = _r(sum(vals) / len(vals))
+    out["per_class"] = {c: {k: _r(sum(r["per_class"][c][k] for r in rows) / len(rows)) for k in v}
+                        for c, v in rows[0]["per_class"].items()}
+    out["layers"] = [r["layers"] for r in rows]
+    out["seeds"] = [{"name": r["name"], "kl_mean": r["kl_mean"], "layers": r["layers"]} for r in rows]
+    out["note"] = "random static FFN sets among the middle layers, metrics averaged over seeds"
+    return out
+
+
+def oracle_row(model, data: EvalData, reference: SkipPlan, realized: float, config: EvalConfig,
+               suffix: str = "") -> dict[str, Any]:
+    """Exhaustive static reference on the held-out windows: the set of the same size with the lowest KL."""
+    num_layers = model_num_layers(model)
+    if reference.mode == "static":
+        fractions = [f for _, f in sorted(reference.skip_layers.items())]
+        template = replace(reference, fit={})
+    else:
+        fractions = [f for _, f in budget_slots(realized * num_layers, middle_layers(num_layers))]
+        template = static_template(reference)
+    evaluator = SetEvaluator(model, data.references, template)
+    result = oracle_static(model, data.references, template, fractions, evaluator=evaluator)
+    plan = replace(template, mode="static", skip_layers=dict(result.slots))
+    row = evaluate_plan(model, data, plan, f"oracle static (exhaustive, {result.evaluations} sets){suffix}",
+                        "oracle", config, family="oracle static")
+    row["note"] = ("reference, not deployable: searched on the held-out windows themselves over the middle layers")
+    row["oracle_sets"] = result.evaluations
+    row["oracle_top5"] = [{"layers": [l for l, _ in s], "kl_mean": _r(kl)} for s, kl in result.ranking[:5]]
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole run
+
+
+def check_plan_fits(model, plan: PlanFile | SkipPlan, name: str) -> None:
+    """Plan/model mismatch as a one-line error (fingerprint via the runtime's strict check; layer range here)."""
+    num_layers = model_num_layers(model)
+    plans = [plan.global_plan, *plan.classes.values()] if isinstance(plan, PlanFile) else [plan]
+    for p in plans:
+        bad = [l for l in p.skip_layers if not 0 <= l < num_layers]
+        if bad:
+            raise EvalError(f"{name}: skips layers {bad} but the model has {num_layers} layers")
+        if p.tau is not None and len(p.tau) != num_layers:
+            raise EvalError(f"{name}: tau has {len(p.tau)} entries but the model has {num_layers} layers")
+    if isinstance(plan, PlanFile):
+        from .registry import model_fingerprint
+
+        want = plan.model.get("fingerprint") or {}
+        have = model_fingerprint(model)
+        diff = [k for k in ("model_type", "num_layers", "hidden_size", "vocab_size", "config_hash")
+                if k in want and want[k] != have.get(k)]
+        if diff:
+            detail = ", ".join(f"{k}: plan {want[k]!r} vs model {have.get(k)!r}" for k in diff)
+            raise EvalError(f"{name} was fitted for another model ({detail})")
+
+
+def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]], data_spec: str | None = None,
+             config: EvalConfig | None = None, profile=None, model_name: str = "", data_name: str = "",
+             log=None) -> dict[str, Any]:
+    """Evaluate named plans (plus baselines / oracle at the first plan's realized ratio) and return the JSON dict."""
+    config = config or EvalConfig()
+    log = log or (lambda msg: None)
+    if not plans:
+        raise EvalError("no plan to evaluate")
+    for name, plan in plans:
+        check_plan_fits(model, plan, name)
+    model.eval()
+    data = prepare_data(model, tokenizer, data_spec, config)
+    log(f"held-out: {sum(data.tokens().values())} measured decode positions over {len(data.classes)} classes")
+    flops = FlopModel.of(model)
+    rows = []
+    for name, plan in plans:
+        log(f"evaluating {name}")
+        rows.append(evaluate_plan(model, data, plan, name, "plan", config, profile_cost=flops))
+        if isinstance(plan, PlanFile) and plan.classes and set(data.classes) <= set(plan.classes):
+            log(f"evaluating {name} with class plans (routed by true label)")
+            rows.append(evaluate_plan(model, data, plan, f"{name} [class plans, routed by label]", "plan", config,
+                                      route_by_class=True, profile_cost=flops))
+    if config.baselines or config.oracle:
+        first = plans[0][1]
+        reference = first.global_plan if isinstance(first, PlanFile) else first
+        realized = rows[0]["skip_ratio"]
+        if realized <= 0:
+            raise EvalError(f"{plans[0][0]} skipped nothing on the held-out data; baselines need a ratio > 0")
+        if config.baselines:
+            log(f"baselines at realized skip ratio {realized:.3f}")
+            rows += baseline_rows(model, data, reference, realized, config, profile)
+        want_oracle = config.oracle if config.oracle is not None else model_num_layers(model) <= config.oracle_max_layers
+        if want_oracle:
+            log("oracle: exhaustive static search on the held-out windows")
+            rows.append(oracle_row(model, data, reference, realized, config))
+    return build_result(model, data, rows, config, data_spec, model_name, data_name)
+
+
+def dense_row(data: EvalData) -> dict[str, Any]:
+    sums = FidelitySums()
+    for ref in data.references:
+        for cls in dict.fromkeys(ref.row_class):
+            sel = torch.tensor([c == cls for c in ref.row_class])
+            nll = -ref.log_probs[sel].gather(1, ref.targets[sel][:, None]).double().sum()
+            sums.add(cls, int(sel.sum()), 0.0, float(nll), float(nll), float(sel.sum()))
+    return {"ppl": _r(sums.summary(None)["ppl_dense"]),
+            "per_class": {c: {"ppl": _r(sums.summary(c)["ppl_dense"]), "tokens": sums.count[c]} for c in sums.count}}
+
+
+def build_result(model, data: EvalData, rows, config: EvalConfig, data_spec, model_name, data_name) -> dict:
+    from . import __version__
+    from .registry import model_fingerprint
+
+    for row in rows:
+        for key in ("kl_mean", "ppl", "ppl_dense", "top1_agreement", "skip_ratio"):
+            value = row.get(key)
+            if value is None or not math.isfinite(value):
+                raise EvalError(f"{row['name']}: {key} is not a finite number ({value})")
+    return {
+        "format": EVAL_FORMAT, "format_version": EVAL_FORMAT_VERSION, "tool_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"name": model_name, "fingerprint": model_fingerprint(model)},
+        "data": {"spec": data_spec or "bundled held-out split", "name": data_name, "classes": data.classes,
+                 "tokens": data.tokens(), "documents": sum(r.batch.input_ids.shape[0] for r in data.references),
+                 "prompt_len": config.prompt_len, "window": config.window},
+        "config": {k: v for k, v in vars(config).items()},
+        "dense": dense_row(data),
+        "plans": rows,
+    }

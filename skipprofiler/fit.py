@@ -1,0 +1,543 @@
+"""Fit skip plans from a profile: static layer sets, adaptive FFN-SkipLLM thresholds, per-class plans, a prompt router.
+
+Everything here works on a `Profile` (contract in docs/DESIGN.md) and returns plan.py objects; the CLI
+(`skipprof export-plan`) and docs/plan-format.md describe the choices. Summary:
+
+* Regime: decode statistics when the profile has generated tokens, else prompt statistics.
+* Skip ratio: skipped FFN calls / (decode positions after warm-up x layers), as defined in plan.py. Forced-dense
+  positions (`dense_every`) stay in the denominator, so every fit aims at ``target / eligible_share`` on eligible
+  positions; the eligible share is counted over `horizon` decode positions after warm-up.
+* Cold layers: layer 0 and the last layer always, plus the neighbouring layers at either edge that are saturated
+  (cos > tau) on fewer than `cold_floor` of tokens. Static fits use tau = the (1 - R) quantile of all (token, layer)
+  cosines, i.e. "a call among the R most saturated"; adaptive fits use the fitted tau (iterated to a fixed point).
+* Static: rank the non-cold layers by their mean `residual` cosine, take whole layers and one fractional layer until
+  the expected ratio equals R (the fraction solved with scipy's brentq on the exact plan.py pattern).
+* Adaptive: simulate the plan.py rule on the profile's per-token reservoir (vectorised, float32 comparisons like the
+  runtime); brentq on tau (one tau, or per-layer quantile level q) for each run length k; keep the k whose skipped
+  calls have the highest mean cosine (the runs that remove the least work-doing FFNs).
+* Pooled (global) fits weight each class's reservoir rows by that class's token count, so a class is represented by
+  its share of the calibration tokens, not by its reservoir size.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.optimize import brentq
+
+from .plan import PlanFile, Router, SkipPlan
+
+log = logging.getLogger("skipprofiler")
+
+DEFAULT_HORIZON = 4096  # decode positions after warm-up over which static patterns and dense_every are counted
+RATIO_TOLERANCE = 0.01  # |expected - target| the fit must reach (the issue's bar)
+ROUND = 6  # decimals kept for fitted floats (YAML stays short and byte-stable)
+
+
+class FitError(ValueError):
+    """A plan cannot be fitted as asked (unattainable target, empty profile, ...); the message says what to change."""
+
+
+@dataclass
+class FitSettings:
+    """Everything that shapes a fit besides the profile. None = the mode's default (see `resolve`)."""
+
+    target: float
+    mode: str = "static"
+    apply_to: str = "decode"
+    warmup_tokens: int | None = None
+    dense_every: int | None = None
+    compensation: str = "none"
+    max_skip: int | None = None  # adaptive run length k; None: search 1..L-2
+    tau_mode: str = "global"  # adaptive: "global" (one tau) or "per-layer" (each layer's quantile at one level q)
+    cold_floor: float = 0.05
+    min_class_tokens: int = 256
+    horizon: int = DEFAULT_HORIZON
+    seed: int = 0
+
+    def resolve(self, max_positions: int | None) -> FitSettings:
+        """Fill mode defaults: adaptive like the paper (dense_every 6, warm-up max_positions // 64), static 0 / 0."""
+        if not 0.0 < self.target < 1.0:
+            raise FitError(f"--target-skip must be in (0, 1), got {self.target}")
+        out = copy.copy(self)
+        if out.dense_every is None:
+            out.dense_every = 6 if self.mode == "adaptive" else 0
+        if out.warmup_tokens is None:
+            out.warmup_tokens = (max_positions or 0) // 64 if self.mode == "adaptive" else 0
+        if out.dense_every == 1:
+            raise FitError("--dense-every 1 makes every token dense; use 0 (never) or >= 2")
+        return out
+
+
+@dataclass
+class FitResult:
+    plan_file: PlanFile
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def fitting_regime(profile) -> str:
+    return "decode" if profile.tokens("decode") > 0 else "prompt"
+
+
+def eligible_positions(warmup_tokens: int, dense_every: int, horizon: int = DEFAULT_HORIZON) -> np.ndarray:
+    """Decode indices d in [warm-up, warm-up + horizon) and whether each is eligible (plan.py's rule)."""
+    d = np.arange(warmup_tokens, warmup_tokens + horizon, dtype=np.int64)
+    eligible = np.ones_like(d, dtype=bool) if dense_every <= 0 else (d + 1) % dense_every != 0
+    return d, eligible
+
+
+def eligible_share(warmup_tokens: int, dense_every: int, horizon: int = DEFAULT_HORIZON) -> float:
+    _, eligible = eligible_positions(warmup_tokens, dense_every, horizon)
+    return float(eligible.mean())
+
+
+def _fraction_hits(d: np.ndarray, eligible: np.ndarray, fraction: float) -> int:
+    """Eligible positions where a layer with this fraction is skipped: floor((d+1) f) > floor(d f), as plan.py."""
+    if fraction >= 1.0:
+        return int(eligible.sum())
+    hit = np.floor((d + 1) * fraction) > np.floor(d * fraction)
+    return int((hit & eligible).sum())
+
+
+def static_skip_ratio(plan: SkipPlan, num_layers: int, horizon: int = DEFAULT_HORIZON) -> float:
+    """Exact skip ratio of a static plan over `horizon` decode positions after warm-up."""
+    d, eligible = eligible_positions(plan.warmup_tokens, plan.dense_every, horizon)
+    skipped = sum(_fraction_hits(d, eligible, f) for f in plan.skip_layers.values())
+    return skipped / (horizon * num_layers)
+
+
+def cold_edges(saturated_share: Sequence[float], floor: float) -> tuple[int, int]:
+    """(cold_start, cold_end): layer 0 and the last layer, plus edge layers saturated on fewer than `floor` of tokens."""
+    n = len(saturated_share)
+    start = 1
+    while start < n - 1 and saturated_share[start] < floor:
+        start += 1
+    end = 1
+    while n - 1 - end >= start and saturated_share[n - 1 - end] < floor:
+        end += 1
+    return start, end
+
+
+@dataclass
+class TokenRows:
+    """Per-token `residual` cosines [N, L] with weights (pooled classes weighted by their token counts)."""
+
+    rows: np.ndarray
+    weights: np.ndarray
+    tokens: int
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.rows.shape[1])
+
+    def mean(self, values: np.ndarray) -> float:
+        return float(np.average(values, weights=self.weights)) if len(values) else 0.0
+
+
+def token_rows(profile, regime: str, cls: str | None) -> TokenRows:
+    classes = [cls] if cls is not None else list(profile.classes)
+    parts, weights, total = [], [], 0
+    for name in classes:
+        rows = np.asarray(profile.tokens_reservoir(regime, name), dtype=np.float32)
+        tokens = int(profile.tokens(regime, name))
+        if len(rows) == 0 or tokens == 0:
+            continue
+        parts.append(rows)
+        weights.append(np.full(len(rows), tokens / len(rows)))
+        total += tokens
+    if not parts:
+        return TokenRows(np.zeros((0, profile.num_layers), np.float32), np.zeros(0), 0)
+    return TokenRows(np.concatenate(parts), np.concatenate(weights), total)
+
+
+def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    order = np.argsort(values, kind="stable")
+    v, w = values[order], weights[order]
+    cum = np.cumsum(w) - 0.5 * w
+    return float(np.interp(q * w.sum(), cum, v))
+
+
+def _round(x: float) -> float:
+    return round(float(x), ROUND)
+
+
+def _settings_plan(settings: FitSettings, mode: str) -> SkipPlan:
+    return SkipPlan(mode=mode, apply_to=settings.apply_to, warmup_tokens=int(settings.warmup_tokens),
+                    dense_every=int(settings.dense_every), compensation=settings.compensation)
+
+
+def _norm_gain(profile, regime: str, cls: str | None) -> list[float]:
+    gain = np.asarray(profile.layer_stats("stream_gain", regime, cls)["mean"], dtype=np.float64)
+    if not np.all(np.isfinite(gain)) or np.any(gain <= 0):
+        raise FitError("the profile's stream_gain means are missing or non-finite; cannot use compensation norm_ratio")
+    return [_round(g) for g in gain]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Static
+
+
+def fit_static(profile, settings: FitSettings, cls: str | None = None) -> SkipPlan:
+    """Most saturated non-cold layers (by mean residual cos) plus one fractional layer, so the ratio equals R."""
+    regime = fitting_regime(profile)
+    L = profile.num_layers
+    mean_cos = np.asarray(profile.layer_stats("residual", regime, cls)["mean"], dtype=np.float64)
+    data = token_rows(profile, regime, cls)
+    if data.tokens == 0 or not np.all(np.isfinite(mean_cos)):
+        raise FitError(f"no {regime} tokens for {_who(cls)} in the profile")
+    tau_ref = weighted_quantile(data.rows.ravel(), np.repeat(data.weights, L), 1.0 - settings.target)
+    share = [data.mean((data.rows[:, l] > np.float32(tau_ref)).astype(np.float64)) for l in range(L)]
+    cold_start, cold_end = cold_edges(share, settings.cold_floor)
+    candidates = sorted(range(cold_start, L - cold_end), key=lambda l: (-mean_cos[l], l))
+
+    plan = _settings_plan(settings, "static")
+    d, eligible = eligible_positions(plan.warmup_tokens, plan.dense_every, settings.horizon)
+    full_share = eligible.sum() / (settings.horizon * L)  # ratio added by one whole layer
+    whole = min(int(settings.target / full_share), len(candidates))
+    plan.skip_layers = {l: 1.0 for l in candidates[:whole]}
+    remainder = settings.target - whole * full_share
+    if remainder > 0.5 / (settings.horizon * L) and whole < len(candidates):
+        fraction = _solve_fraction(d, eligible, remainder * settings.horizon * L)
+        if fraction > 0:
+            plan.skip_layers[candidates[whole]] = fraction
+    ratio = static_skip_ratio(plan, L, settings.horizon)
+    if abs(ratio - settings.target) > RATIO_TOLERANCE:
+        most = len(candidates) * full_share
+        raise FitError(f"target skip {settings.target:g} is out of reach for {_who(cls)}: {len(candidates)} non-cold "
+                       f"layers of {L} give at most {most:.3f} (cold layers 0..{cold_start - 1} and "
+                       f"{L - cold_end}..{L - 1}); lower --target-skip or --cold-floor")
+    plan.expected_skip_ratio = _round(ratio)
+    plan.fit = {
+        "method": "static-rank",
+        "statistic": f"mean residual cos ({regime} tokens)",
+        "target_skip": settings.target,
+        "regime": regime,
+        "tokens": data.tokens,
+        "cold_layers": list(range(cold_start)) + list(range(L - cold_end, L)),
+        "saturation_tau": _round(tau_ref),
+        "layer_mean_cos": [_round(m) for m in mean_cos],
+        "horizon": settings.horizon,
+    }
+    if settings.compensation == "norm_ratio":
+        plan.norm_gain = _norm_gain(profile, regime, cls)
+    return plan
+
+
+def _solve_fraction(d: np.ndarray, eligible: np.ndarray, wanted_hits: float) -> float:
+    """Fraction f in (0, 1] whose skip pattern hits `wanted_hits` eligible positions (dense_every can alias with it)."""
+    total = int(eligible.sum())
+    if wanted_hits >= total:
+        return 1.0
+    g = lambda f: _fraction_hits(d, eligible, f) - wanted_hits  # noqa: E731 -- monotone step function of f
+    if g(1.0) <= 0:
+        return 1.0
+    f = brentq(g, 1e-9, 1.0, xtol=1e-7)
+    # a short decimal keeps the YAML readable; take the neighbour that hits the count best
+    near = [x for x in (round(f, 4) - 1e-4, round(f, 4), round(f, 4) + 1e-4) if 0.0 < x <= 1.0]
+    return round(min(near, key=lambda x: (abs(g(x)), x)), 4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Adaptive (FFN-SkipLLM)
+
+
+def simulate_adaptive(rows: np.ndarray, tau: np.ndarray, cold_start: int, cold_end: int,
+                      max_skip: int) -> tuple[np.ndarray, np.ndarray]:
+    """plan.py's adaptive rule on dense per-token cosines [N, L]: (skipped FFNs per row, first skipped layer or -1).
+
+    The rows come from dense forwards, so a layer after a skipped run is judged on its dense cosine; the runtime sees
+    the stream without the skipped FFNs (the profile cannot know those values) -- eval measures the realised ratio.
+    """
+    n, L = rows.shape
+    end = L - cold_end
+    lo = max(cold_start - 1, 0)
+    hi = end - 1  # trigger layers l with l + 1 < end
+    if max_skip <= 0 or hi <= lo or n == 0:
+        return np.zeros(n, np.int64), np.full(n, -1, np.int64)
+    fires = rows[:, lo:hi] > np.asarray(tau, dtype=np.float32)[lo:hi]
+    any_fire = fires.any(axis=1)
+    first = np.argmax(fires, axis=1) + lo + 1
+    skipped = np.where(any_fire, np.minimum(max_skip, end - first), 0)
+    return skipped.astype(np.int64), np.where(any_fire, first, -1)
+
+
+def skipped_mean_cos(rows: np.ndarray, weights: np.ndarray, skipped: np.ndarray, first: np.ndarray) -> float:
+    """Weighted mean residual cos of the (token, layer) calls the rule skips."""
+    if skipped.sum() == 0:
+        return -math.inf
+    cum = np.concatenate([np.zeros((len(rows), 1)), np.cumsum(rows, axis=1, dtype=np.float64)], axis=1)
+    idx = np.arange(len(rows))
+    start = np.maximum(first, 0)
+    sums = np.where(skipped > 0, cum[idx, start + skipped] - cum[idx, start], 0.0)
+    return float((sums * weights).sum() / (skipped * weights).sum())
+
+
+@dataclass
+class AdaptiveCandidate:
+    tau: np.ndarray
+    cold_start: int
+    cold_end: int
+    max_skip: int
+    ratio: float
+    score: float
+    level: float  # global tau, or quantile level q in per-layer mode
+
+
+def _tau_vector(data: TokenRows, level: float, tau_mode: str) -> np.ndarray:
+    if tau_mode == "global":
+        return np.full(data.num_layers, level)
+    return np.array([weighted_quantile(data.rows[:, l], data.weights, level) for l in range(data.num_layers)])
+
+
+def _fit_level(data: TokenRows, share: float, target: float, cold: tuple[int, int], k: int,
+               tau_mode: str) -> tuple[float, np.ndarray, float] | None:
+    """Solve ratio(level) = target with brentq (ratio falls as tau or q rises); None when unattainable."""
+
+    def ratio_at(level: float) -> tuple[float, np.ndarray]:
+        tau = np.round(np.clip(_tau_vector(data, level, tau_mode), -1.0, 1.0), ROUND)
+        skipped, _ = simulate_adaptive(data.rows, tau, cold[0], cold[1], k)
+        return share * data.mean(skipped) / data.num_layers, tau
+
+    lo, hi = (-1.0, 1.0) if tau_mode == "global" else (0.0, 1.0)
+    most = ratio_at(lo)[0]
+    if most < target - RATIO_TOLERANCE:
+        return None
+    if most <= target:
+        level = lo
+    else:
+        level = brentq(lambda x: ratio_at(x)[0] - target, lo, hi, xtol=1e-7)
+    # brentq lands on a step of a step function: take the closest of the neighbouring rounded levels
+    near = {round(level + dx, ROUND) for dx in (-2e-6, -1e-6, 0.0, 1e-6, 2e-6)}
+    ratio, tau, level = min(((*ratio_at(x), x) for x in near if lo <= x <= hi),
+                            key=lambda t: abs(t[0] - target))
+    return ratio, tau, level
+
+
+def _saturation(data: TokenRows, tau: np.ndarray) -> list[float]:
+    return [data.mean((data.rows[:, l] > np.float32(tau[l])).astype(np.float64)) for l in range(data.num_layers)]
+
+
+def _fit_adaptive_k(data: TokenRows, share: float, settings: FitSettings, k: int) -> AdaptiveCandidate | None:
+    """Fit tau for one run length k; cold layers iterated to a fixed point with the fitted tau."""
+    cold = (1, 1)
+    seen: set[tuple[int, int]] = set()
+    for _ in range(8):
+        seen.add(cold)
+        solved = _fit_level(data, share, settings.target, cold, k, settings.tau_mode)
+        if solved is None:
+            return None
+        ratio, tau, level = solved
+        new_cold = cold_edges(_saturation(data, tau), settings.cold_floor)
+        if new_cold == cold or new_cold in seen:
+            break
+        cold = new_cold
+    skipped, first = simulate_adaptive(data.rows, tau, cold[0], cold[1], k)
+    score = skipped_mean_cos(data.rows, data.weights, skipped, first)
+    return AdaptiveCandidate(tau, cold[0], cold[1], k, ratio, score, level)
+
+
+def fit_adaptive(profile, settings: FitSettings, cls: str | None = None) -> SkipPlan:
+    regime = fitting_regime(profile)
+    data = token_rows(profile, regime, cls)
+    L = profile.num_layers
+    if data.tokens == 0:
+        raise FitError(f"no {regime} tokens for {_who(cls)} in the profile")
+    plan = _settings_plan(settings, "adaptive")
+    share = eligible_share(plan.warmup_tokens, plan.dense_every, settings.horizon)
+    ks = [settings.max_skip] if settings.max_skip is not None else list(range(1, max(L - 1, 1)))
+    candidates = [c for k in ks if (c := _fit_adaptive_k(data, share, settings, k)) is not None
+                  and abs(c.ratio - settings.target) <= RATIO_TOLERANCE]
+    if not candidates:
+        raise FitError(f"target skip {settings.target:g} is out of reach for {_who(cls)} with an adaptive plan "
+                       f"(max_skip {ks if len(ks) > 1 else ks[0]}, dense_every {plan.dense_every}: eligible share "
+                       f"{share:.3f}); lower --target-skip, --dense-every 0 or --cold-floor")
+    best = max(candidates, key=lambda c: (c.score, -c.max_skip))
+    plan.tau = [float(t) for t in best.tau]
+    plan.cold_start, plan.cold_end, plan.max_skip = best.cold_start, best.cold_end, best.max_skip
+    plan.expected_skip_ratio = _round(best.ratio)
+    plan.fit = {
+        "method": "adaptive-simulated",
+        "target_skip": settings.target,
+        "regime": regime,
+        "tokens": data.tokens,
+        "reservoir_rows": int(len(data.rows)),
+        "tau_mode": settings.tau_mode,
+        "eligible_share": _round(share),
+        "skipped_mean_cos": _round(best.score),
+        "k_search": [[c.max_skip, _round(c.ratio), _round(c.score)] for c in candidates],  # k, ratio, score
+        "horizon": settings.horizon,
+    }
+    if settings.tau_mode == "per-layer":
+        plan.fit["quantile_level"] = _round(best.level)
+    if settings.compensation == "norm_ratio":
+        plan.norm_gain = _norm_gain(profile, regime, cls)
+    return plan
+
+
+def adaptive_ratio_on(profile, plan: SkipPlan, cls: str | None, horizon: int = DEFAULT_HORIZON) -> float | None:
+    """Simulated skip ratio of an adaptive plan on one class's (or the pooled) reservoir."""
+    data = token_rows(profile, fitting_regime(profile), cls)
+    if data.tokens == 0:
+        return None
+    skipped, _ = simulate_adaptive(data.rows, np.asarray(plan.tau), plan.cold_start, plan.cold_end, plan.max_skip)
+    share = eligible_share(plan.warmup_tokens, plan.dense_every, horizon)
+    return share * data.mean(skipped) / data.num_layers
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Router
+
+
+def fit_router(profile, seed: int = 0, train_share: float = 0.7) -> tuple[Router | None, str | None]:
+    """Nearest-centroid (cosine) router over per-document mean hidden states; (router, or None and the reason)."""
+    features = np.asarray(getattr(profile, "doc_features", np.zeros((0, 0, 0))), dtype=np.float64)
+    doc_len = np.asarray(getattr(profile, "doc_len", np.zeros(0)), dtype=np.int64)
+    classes = list(profile.classes)
+    if len(classes) < 2 or features.ndim != 3 or features.shape[0] != len(classes) or features.shape[2] == 0:
+        return None, "the profile has no per-document features for two or more classes"
+    short = [c for c, n in zip(classes, doc_len) if n < 2]
+    if short:
+        return None, f"classes {short} have fewer than 2 documents in the profile"
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c, n in enumerate(doc_len):
+        order = rng.permutation(int(n))
+        cut = min(max(1, int(round(train_share * n))), int(n) - 1)
+        train.append(_unit(features[c, order[:cut]]))
+        test.append(_unit(features[c, order[cut:]]))
+    centroids = np.stack([_unit(t.mean(axis=0)) for t in train])
+    hits = sum(int((np.argmax(t @ centroids.T, axis=1) == c).sum()) for c, t in enumerate(test))
+    accuracy = hits / sum(len(t) for t in test)
+    final = np.stack([_unit(_unit(features[c, :n]).mean(axis=0)) for c, n in enumerate(doc_len)])
+    router = Router(layer=int(profile.router_layer), classes=classes,
+                    centroids=[[_round(x) for x in vec] for vec in final], metric="cosine",
+                    heldout_accuracy=_round(accuracy))
+    return router, None
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Whole plan files
+
+
+def fit_plan(profile, settings: FitSettings, cls: str | None = None) -> SkipPlan:
+    if settings.mode == "static":
+        return fit_static(profile, settings, cls)
+    if settings.mode == "adaptive":
+        return fit_adaptive(profile, settings, cls)
+    raise FitError(f"unknown mode {settings.mode!r} (expected static or adaptive)")
+
+
+def fit_plan_file(profile, settings: FitSettings, per_class: bool = False, classes: Sequence[str] | None = None,
+                  profile_ref: dict[str, Any] | None = None, max_positions: int | None = None) -> FitResult:
+    """The global plan, plus class plans (and a router when the profile allows) with `per_class`.
+
+    `classes` restricts the class plans (names must exist in the profile); `profile_ref` ({path, sha256}) goes into
+    provenance.
+    """
+    warnings: list[str] = []
+    settings = settings.resolve(max_positions)
+    if settings.mode == "adaptive" and settings.warmup_tokens == 0 and not max_positions:
+        warnings.append("the model's max positions are unknown: adaptive warm-up set to 0 tokens "
+                        "(pass --warmup-tokens to choose)")
+    regime = fitting_regime(profile)
+    if regime == "prompt":
+        warnings.append("the profile has no decode tokens (profile with --generate N for decode statistics): "
+                        "fitting on prompt tokens")
+    global_plan = fit_plan(profile, settings)
+    known = list(profile.classes)
+    wanted = list(classes) if classes else (known if per_class else [])
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise FitError(f"unknown class {unknown[0]!r}; the profile's classes: {', '.join(known) or 'none'}")
+    class_plans = {name: _fit_class(profile, settings, name, global_plan, warnings) for name in wanted}
+    if settings.mode == "adaptive" and known:
+        global_plan.fit["class_skip_ratio"] = {
+            name: _round(r) for name in known if (r := adaptive_ratio_on(profile, global_plan, name)) is not None}
+    router = None
+    if per_class and not classes:
+        router, why_not = fit_router(profile, seed=settings.seed)
+        if why_not:
+            warnings.append(f"no router: {why_not}")
+    header = profile.header or {}
+    model = header.get("model") or {}
+    plan_file = PlanFile(
+        model={"name": str(model.get("name") or "unknown"), "fingerprint": dict(model.get("fingerprint") or {})},
+        global_plan=global_plan,
+        classes=class_plans,
+        router=router,
+        defaults={"apply_to": settings.apply_to, "warmup_tokens": settings.warmup_tokens,
+                  "dense_every": settings.dense_every, "compensation": settings.compensation},
+        provenance=_provenance(profile, profile_ref or {}),
+    )
+    return FitResult(plan_file, warnings)
+
+
+def _fit_class(profile, settings: FitSettings, name: str, global_plan: SkipPlan, warnings: list[str]) -> SkipPlan:
+    regime = fitting_regime(profile)
+    tokens = int(profile.tokens(regime, name))
+    reason = None
+    if tokens < settings.min_class_tokens:
+        reason = f"{tokens} {regime} tokens < --min-class-tokens {settings.min_class_tokens}"
+    else:
+        try:
+            return fit_plan(profile, settings, name)
+        except FitError as e:
+            reason = str(e)
+    warnings.append(f"class {name!r} falls back to the global plan: {reason}")
+    plan = copy.deepcopy(global_plan)
+    plan.fit = {"fallback": "global", "reason": reason, "tokens": tokens}
+    return plan
+
+
+def _provenance(profile, profile_ref: dict[str, Any]) -> dict[str, Any]:
+    from . import __version__
+
+    header = profile.header or {}
+    tokens = {regime: int(profile.tokens(regime)) for regime in ("prompt", "decode")}
+    tokens["by_class"] = {name: {regime: int(profile.tokens(regime, name)) for regime in ("prompt", "decode")}
+                          for name in profile.classes}
+    out: dict[str, Any] = {}
+    if profile_ref.get("path"):
+        out["profile"] = str(profile_ref["path"])
+    if profile_ref.get("sha256"):
+        out["profile_sha256"] = str(profile_ref["sha256"])
+    out["corpus"] = _plain(header.get("corpus", []))
+    out["tokens"] = tokens
+    out["tool_version"] = __version__
+    out["created"] = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    if header.get("partial"):
+        out["partial_profile"] = True
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """JSON-like copy (numpy scalars to Python, tuples to lists, non-finite floats to strings)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _who(cls: str | None) -> str:
+    return "the pooled classes" if cls is None else f"class {cls!r}"

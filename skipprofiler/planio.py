@@ -1,0 +1,585 @@
+"""Plan files v1 on disk: canonical YAML load/dump, validation that reports every problem, the JSON schema.
+
+The format is documented in docs/plan-format.md; `skipprofiler/schema/plan-v1.json` describes the same shape for
+editors and other tools. This module imports only the standard library and yaml (the runtime loads plans with it).
+
+Canonical YAML (what `dump_plan` writes): fixed key order, plan keys that equal the file's `defaults` left out, a
+single `tau` written as one number, floats in Python's shortest round-trip repr, lists of scalars in flow style, free-form
+mappings (`fit`, extra `provenance` keys) sorted by key. `dump_plan(load_plan(text)) == text` for every canonical text;
+comments and non-canonical spelling are not preserved.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .plan import APPLY_TO, COMPENSATIONS, DEFAULT_KEYS, MODES, PLAN_VERSION, PlanError, PlanFile, Router, SkipPlan
+
+__all__ = ["load_plan", "dump_plan", "save_plan", "validate_plan_dict", "plan_to_dict", "plan_from_dict",
+           "schema_path", "fingerprint_problems", "PlanError"]
+
+BUILTIN_DEFAULTS: dict[str, Any] = {"apply_to": "decode", "warmup_tokens": 0, "dense_every": 0, "compensation": "none"}
+TOP_KEYS = ("version", "model", "provenance", "defaults", "global", "classes", "router")
+MODEL_KEYS = ("name", "fingerprint")
+FINGERPRINT_KEYS = ("model_type", "num_layers", "hidden_size", "vocab_size", "config_hash")
+PROVENANCE_ORDER = ("profile", "profile_sha256", "corpus", "tokens", "tool_version", "created")
+STATIC_KEYS = ("skip_layers",)
+ADAPTIVE_KEYS = ("tau", "cold_start", "cold_end", "max_skip")
+PLAN_KEYS = ("mode",) + DEFAULT_KEYS + STATIC_KEYS + ADAPTIVE_KEYS + ("norm_gain", "expected_skip_ratio", "fit")
+ROUTER_KEYS = ("layer", "metric", "heldout_accuracy", "classes", "centroids")
+ROUTER_METRICS = ("cosine",)
+
+
+def schema_path() -> Path:
+    """The JSON Schema of plan files v1 (shape only; layer counts and cross-references are checked by validation)."""
+    return Path(__file__).resolve().parent / "schema" / "plan-v1.json"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation: walk the raw mapping, collect every problem with its path
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"boolean {v!r}"
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, str):
+        return f"string {v!r}"
+    return f"{type(v).__name__} {v!r}"
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+class _Checker:
+    """Collects problems; each check appends `path: what is wrong, got X` and returns whether the value is usable."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.problems.append(f"{path or 'plan'}: {message}")
+
+    def mapping(self, path: str, value: Any, allowed: tuple[str, ...] | None, required: tuple[str, ...] = ()) -> bool:
+        if not isinstance(value, dict):
+            self.add(path, f"must be a mapping, got {_kind(value)}")
+            return False
+        for key in value:
+            if not isinstance(key, str):
+                self.add(path, f"keys must be strings, got {_kind(key)}")
+            elif allowed is not None and key not in allowed:
+                self.add(_join(path, key), f"unknown key (allowed here: {', '.join(allowed)})")
+        for key in required:
+            if key not in value:
+                self.add(_join(path, key), "is required")
+        return True
+
+    def integer(self, path: str, value: Any, lo: int | None = None, hi: int | None = None) -> bool:
+        if not _is_int(value):
+            self.add(path, f"must be an integer, got {_kind(value)}")
+            return False
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            self.add(path, f"must be in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}], "
+                           f"got {value}")
+            return False
+        return True
+
+    def number(self, path: str, value: Any, lo: float | None = None, hi: float | None = None,
+               lo_open: bool = False) -> bool:
+        if not _is_number(value):
+            self.add(path, f"must be a finite number, got {_kind(value)}")
+            return False
+        below = lo is not None and (value <= lo if lo_open else value < lo)
+        if below or (hi is not None and value > hi):
+            bracket = "(" if lo_open else "["
+            self.add(path, f"must be in {bracket}{lo if lo is not None else '-inf'}, "
+                           f"{hi if hi is not None else 'inf'}], got {value}")
+            return False
+        return True
+
+    def choice(self, path: str, value: Any, options: tuple[str, ...]) -> bool:
+        if value not in options or not isinstance(value, str):
+            self.add(path, f"must be one of {', '.join(options)}, got {_kind(value)}")
+            return False
+        return True
+
+    def string(self, path: str, value: Any) -> bool:
+        if not isinstance(value, str) or not value:
+            self.add(path, f"must be a non-empty string, got {_kind(value)}")
+            return False
+        return True
+
+    def plain_data(self, path: str, value: Any) -> None:
+        """Free-form values (fit, provenance) must be JSON-like so they dump and reload identically."""
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    self.add(path, f"keys must be strings, got {_kind(k)}")
+                else:
+                    self.plain_data(_join(path, k), v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                self.plain_data(f"{path}[{i}]", v)
+        elif isinstance(value, float) and not math.isfinite(value):
+            self.add(path, f"must be a finite number, got {value}")
+        elif value is not None and not isinstance(value, (str, int, float, bool)):
+            self.add(path, f"must be a string, number, boolean, list or mapping, got {_kind(value)}")
+
+
+def validate_plan_dict(d: Any, num_layers: int | None = None, fingerprint: dict | None = None) -> list[str]:
+    """Every problem in a raw plan mapping (as loaded from YAML), each prefixed with its path; empty when valid.
+
+    `num_layers` / `fingerprint` describe the model the plan will be used with (e.g. `skipprof validate --model`):
+    layer indices are checked against it and the plan's fingerprint must match it.
+    """
+    check = _Checker()
+    if not check.mapping("", d, TOP_KEYS, required=("version", "model", "global")):
+        return check.problems
+    if "version" in d and check.integer("version", d["version"]) and d["version"] != PLAN_VERSION:
+        check.add("version", f"unsupported plan version {d['version']} (this skipprofiler reads version {PLAN_VERSION})")
+        return check.problems  # a future format: the rest would only produce noise
+    plan_layers = _check_model(check, d.get("model"))
+    layers = num_layers if num_layers is not None else plan_layers
+    if fingerprint is not None and isinstance(d.get("model"), dict):
+        check.problems += fingerprint_problems(d["model"].get("fingerprint"), fingerprint)
+    if "provenance" in d and check.mapping("provenance", d["provenance"], None):
+        check.plain_data("provenance", d["provenance"])
+    defaults = dict(BUILTIN_DEFAULTS)
+    if "defaults" in d and check.mapping("defaults", d["defaults"], DEFAULT_KEYS):
+        _check_overrides(check, "defaults", d["defaults"])
+        defaults.update({k: v for k, v in d["defaults"].items() if k in DEFAULT_KEYS})
+    if "global" in d:
+        _check_plan(check, "global", d["global"], layers, defaults)
+    class_names: list[str] = []
+    if "classes" in d and check.mapping("classes", d["classes"], None):
+        for name, plan in d["classes"].items():
+            if isinstance(name, str):
+                class_names.append(name)
+                _check_plan(check, f"classes.{name}", plan, layers, defaults)
+    if "router" in d and d["router"] is not None:
+        hidden = (d["model"].get("fingerprint") or {}).get("hidden_size") if isinstance(d.get("model"), dict) else None
+        _check_router(check, d["router"], layers, class_names, hidden if _is_int(hidden) else None)
+    return check.problems
+
+
+def fingerprint_problems(plan_fp: Any, model_fp: dict) -> list[str]:
+    """Mismatches between a plan's fingerprint and a model's (keys both sides know); one problem per key."""
+    if not isinstance(plan_fp, dict):
+        return []
+    return [f"model.fingerprint.{k}: plan was fitted for {plan_fp[k]!r}, the model has {model_fp[k]!r} "
+            f"(fingerprint mismatch: this plan is for another model)"
+            for k in FINGERPRINT_KEYS if k in plan_fp and model_fp.get(k) is not None and plan_fp[k] != model_fp[k]]
+
+
+def _check_model(check: _Checker, model: Any) -> int | None:
+    """Check `model`; return the plan's layer count (needed to check layer indices) when it is usable."""
+    if model is None or not check.mapping("model", model, MODEL_KEYS, required=MODEL_KEYS):
+        return None
+    if "name" in model:
+        check.string("model.name", model["name"])
+    fp = model.get("fingerprint")
+    if fp is None or not check.mapping("model.fingerprint", fp, FINGERPRINT_KEYS, required=("num_layers",)):
+        return None
+    layers = fp.get("num_layers")
+    ok = "num_layers" in fp and check.integer("model.fingerprint.num_layers", layers, lo=1)
+    for key in ("hidden_size", "vocab_size"):
+        if fp.get(key) is not None:
+            check.integer(f"model.fingerprint.{key}", fp[key], lo=1)
+    for key in ("model_type", "config_hash"):
+        if fp.get(key) is not None:
+            check.string(f"model.fingerprint.{key}", fp[key])
+    return layers if ok else None
+
+
+def _check_overrides(check: _Checker, path: str, d: dict) -> None:
+    if "apply_to" in d:
+        check.choice(f"{path}.apply_to", d["apply_to"], APPLY_TO)
+    if "warmup_tokens" in d:
+        check.integer(f"{path}.warmup_tokens", d["warmup_tokens"], lo=0)
+    if "dense_every" in d:
+        check.integer(f"{path}.dense_every", d["dense_every"], lo=0)
+        if d["dense_every"] == 1:
+            check.add(f"{path}.dense_every", "1 would make every token dense (use 0 for never, or >= 2)")
+    if "compensation" in d:
+        check.choice(f"{path}.compensation", d["compensation"], COMPENSATIONS)
+
+
+def _check_layer(check: _Checker, path: str, value: Any, layers: int | None) -> bool:
+    if not check.integer(path, value, lo=0):
+        return False
+    if layers is not None and value >= layers:
+        check.add(path, f"layer {value} is beyond the model's {layers} layers (0..{layers - 1})")
+        return False
+    return True
+
+
+def _check_plan(check: _Checker, path: str, plan: Any, layers: int | None, defaults: dict) -> None:
+    if not check.mapping(path, plan, PLAN_KEYS, required=("mode",)):
+        return
+    _check_overrides(check, path, plan)
+    mode = plan.get("mode")
+    if "mode" in plan and not check.choice(f"{path}.mode", mode, MODES):
+        mode = None
+    if mode == "static":
+        for key in ADAPTIVE_KEYS:
+            if key in plan:
+                check.add(f"{path}.{key}", "only applies to adaptive plans (this plan is static)")
+        _check_skip_layers(check, f"{path}.skip_layers", plan.get("skip_layers", []), layers)
+    elif mode == "adaptive":
+        for key in STATIC_KEYS:
+            if key in plan:
+                check.add(f"{path}.{key}", "only applies to static plans (this plan is adaptive)")
+        _check_adaptive(check, path, plan, layers)
+    compensation = plan.get("compensation", defaults.get("compensation"))
+    if "norm_gain" in plan:
+        _check_per_layer(check, f"{path}.norm_gain", plan["norm_gain"], layers, lo=0.0, lo_open=True, hi=None,
+                         allow_scalar=False)
+    elif compensation == "norm_ratio":
+        check.add(f"{path}.norm_gain", "is required with compensation: norm_ratio (one gain per layer)")
+    if "expected_skip_ratio" in plan:
+        check.number(f"{path}.expected_skip_ratio", plan["expected_skip_ratio"], lo=0.0, hi=1.0)
+    if "fit" in plan and check.mapping(f"{path}.fit", plan["fit"], None):
+        check.plain_data(f"{path}.fit", plan["fit"])
+
+
+def _check_skip_layers(check: _Checker, path: str, entries: Any, layers: int | None) -> None:
+    if not isinstance(entries, list):
+        check.add(path, f"must be a list of layers (int or {{layer, fraction}}), got {_kind(entries)}")
+        return
+    seen: set[int] = set()
+    for i, entry in enumerate(entries):
+        item = f"{path}[{i}]"
+        if isinstance(entry, dict):
+            if not check.mapping(item, entry, ("layer", "fraction"), required=("layer", "fraction")):
+                continue
+            layer = entry.get("layer")
+            if "fraction" in entry:
+                check.number(f"{item}.fraction", entry["fraction"], lo=0.0, hi=1.0, lo_open=True)
+            ok = "layer" in entry and _check_layer(check, f"{item}.layer", layer, layers)
+        else:
+            layer = entry
+            ok = _check_layer(check, item, layer, layers)
+        if ok:
+            if layer in seen:
+                check.add(item, f"layer {layer} is listed twice")
+            seen.add(layer)
+
+
+def _check_per_layer(check: _Checker, path: str, value: Any, layers: int | None, lo: float, hi: float | None,
+                     lo_open: bool = False, allow_scalar: bool = True) -> None:
+    if allow_scalar and not isinstance(value, list):
+        check.number(path, value, lo=lo, hi=hi, lo_open=lo_open)
+        return
+    if not isinstance(value, list):
+        check.add(path, f"must be a list with one number per layer, got {_kind(value)}")
+        return
+    if layers is not None and len(value) != layers:
+        check.add(path, f"must have one entry per layer ({layers}), got {len(value)}")
+    for i, v in enumerate(value):
+        check.number(f"{path}[{i}]", v, lo=lo, hi=hi, lo_open=lo_open)
+
+
+def _check_adaptive(check: _Checker, path: str, plan: dict, layers: int | None) -> None:
+    for key in ADAPTIVE_KEYS:
+        if key not in plan:
+            check.add(f"{path}.{key}", "is required for adaptive plans")
+    if "tau" in plan:
+        _check_per_layer(check, f"{path}.tau", plan["tau"], layers, lo=-1.0, hi=1.0)
+    ok_start = "cold_start" in plan and check.integer(f"{path}.cold_start", plan["cold_start"], lo=0)
+    ok_end = "cold_end" in plan and check.integer(f"{path}.cold_end", plan["cold_end"], lo=0)
+    if "max_skip" in plan:
+        check.integer(f"{path}.max_skip", plan["max_skip"], lo=0, hi=layers)
+    if ok_start and ok_end and layers is not None and plan["cold_start"] + plan["cold_end"] > layers:
+        check.add(f"{path}.cold_start", f"cold_start {plan['cold_start']} + cold_end {plan['cold_end']} exceed the "
+                                        f"model's {layers} layers")
+
+
+def _check_router(check: _Checker, router: Any, layers: int | None, class_names: list[str],
+                  hidden: int | None) -> None:
+    if not check.mapping("router", router, ROUTER_KEYS, required=("layer", "classes", "centroids")):
+        return
+    if "layer" in router:
+        _check_layer(check, "router.layer", router["layer"], layers)
+    if "metric" in router:
+        check.choice("router.metric", router["metric"], ROUTER_METRICS)
+    if router.get("heldout_accuracy") is not None:
+        check.number("router.heldout_accuracy", router["heldout_accuracy"], lo=0.0, hi=1.0)
+    names = router.get("classes")
+    if "classes" in router:
+        if not isinstance(names, list) or not names:
+            check.add("router.classes", f"must be a non-empty list of class names, got {_kind(names)}")
+            names = None
+        else:
+            for i, name in enumerate(names):
+                if check.string(f"router.classes[{i}]", name) and name not in class_names:
+                    check.add(f"router.classes[{i}]", f"class {name!r} has no plan under `classes` "
+                                                      f"(known: {', '.join(class_names) or 'none'})")
+            if len(set(map(str, names))) != len(names):
+                check.add("router.classes", "lists a class twice")
+    if "centroids" in router:
+        _check_centroids(check, router["centroids"], names, hidden)
+
+
+def _check_centroids(check: _Checker, centroids: Any, names: list | None, hidden: int | None) -> None:
+    if not isinstance(centroids, list):
+        check.add("router.centroids", f"must be a list of vectors (one per router class), got {_kind(centroids)}")
+        return
+    if names is not None and len(centroids) != len(names):
+        check.add("router.centroids", f"has {len(centroids)} vectors for {len(names)} classes")
+    dims = set()
+    for i, vec in enumerate(centroids):
+        if not isinstance(vec, list) or not vec:
+            check.add(f"router.centroids[{i}]", f"must be a non-empty list of numbers, got {_kind(vec)}")
+            continue
+        dims.add(len(vec))
+        bad = [j for j, x in enumerate(vec) if not _is_number(x)]
+        if bad:
+            check.add(f"router.centroids[{i}][{bad[0]}]", f"must be a finite number, got {_kind(vec[bad[0]])}")
+    if len(dims) > 1:
+        check.add("router.centroids", f"vectors have different lengths {sorted(dims)}")
+    elif dims and hidden is not None and dims != {hidden}:
+        check.add("router.centroids", f"vectors have length {dims.pop()}, the model's hidden size is {hidden}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# dict <-> data model
+
+
+def plan_from_dict(d: Any, num_layers: int | None = None, fingerprint: dict | None = None) -> PlanFile:
+    """Validate a raw mapping and build the PlanFile; raises PlanError listing every problem."""
+    problems = validate_plan_dict(d, num_layers, fingerprint)
+    if problems:
+        raise PlanError(problems)
+    layers = d["model"]["fingerprint"]["num_layers"]
+    defaults = {k: d.get("defaults", {})[k] for k in DEFAULT_KEYS if k in d.get("defaults", {})}
+    effective = {**BUILTIN_DEFAULTS, **defaults}
+    router = None
+    if d.get("router") is not None:
+        r = d["router"]
+        router = Router(layer=r["layer"], classes=list(r["classes"]),
+                        centroids=[[float(x) for x in vec] for vec in r["centroids"]],
+                        metric=r.get("metric", "cosine"),
+                        heldout_accuracy=None if r.get("heldout_accuracy") is None else float(r["heldout_accuracy"]))
+    return PlanFile(
+        model={"name": d["model"]["name"],
+               "fingerprint": {k: d["model"]["fingerprint"][k] for k in FINGERPRINT_KEYS
+                               if k in d["model"]["fingerprint"]}},
+        global_plan=_skip_plan_from_dict(d["global"], effective, layers),
+        classes={name: _skip_plan_from_dict(p, effective, layers) for name, p in (d.get("classes") or {}).items()},
+        router=router,
+        defaults=defaults,
+        provenance=dict(d.get("provenance") or {}),
+        version=d["version"],
+    )
+
+
+def _skip_plan_from_dict(p: dict, defaults: dict, layers: int) -> SkipPlan:
+    settings = {k: p.get(k, defaults[k]) for k in DEFAULT_KEYS}
+    plan = SkipPlan(mode=p["mode"], **settings)
+    if plan.mode == "static":
+        for entry in p.get("skip_layers", []):
+            if isinstance(entry, dict):
+                plan.skip_layers[entry["layer"]] = float(entry["fraction"])
+            else:
+                plan.skip_layers[entry] = 1.0
+    else:
+        tau = p["tau"]
+        plan.tau = [float(t) for t in tau] if isinstance(tau, list) else [float(tau)] * layers
+        plan.cold_start, plan.cold_end, plan.max_skip = p["cold_start"], p["cold_end"], p["max_skip"]
+    if "norm_gain" in p:
+        plan.norm_gain = [float(g) for g in p["norm_gain"]]
+    if "expected_skip_ratio" in p:
+        plan.expected_skip_ratio = float(p["expected_skip_ratio"])
+    plan.fit = dict(p.get("fit") or {})
+    return plan
+
+
+def plan_to_dict(plan: PlanFile) -> dict:
+    """The canonical mapping of a PlanFile (key order as written by `dump_plan`)."""
+    out: dict[str, Any] = {"version": plan.version}
+    fp = plan.model.get("fingerprint") or {}
+    out["model"] = {"name": plan.model.get("name"), "fingerprint": {k: fp[k] for k in FINGERPRINT_KEYS if k in fp}}
+    if plan.provenance:
+        known = [k for k in PROVENANCE_ORDER if k in plan.provenance]
+        extra = sorted(k for k in plan.provenance if k not in PROVENANCE_ORDER)
+        out["provenance"] = {k: _sorted_data(plan.provenance[k]) for k in known + extra}
+    defaults = {k: plan.defaults[k] for k in DEFAULT_KEYS if k in plan.defaults}
+    if defaults:
+        out["defaults"] = defaults
+    effective = {**BUILTIN_DEFAULTS, **defaults}
+    out["global"] = _skip_plan_to_dict(plan.global_plan, effective)
+    if plan.classes:
+        out["classes"] = {name: _skip_plan_to_dict(plan.classes[name], effective) for name in sorted(plan.classes)}
+    if plan.router is not None:
+        r = plan.router
+        router: dict[str, Any] = {"layer": r.layer, "metric": r.metric}
+        if r.heldout_accuracy is not None:
+            router["heldout_accuracy"] = float(r.heldout_accuracy)
+        router["classes"] = list(r.classes)
+        router["centroids"] = [[float(x) for x in vec] for vec in r.centroids]
+        out["router"] = router
+    return out
+
+
+def _skip_plan_to_dict(plan: SkipPlan, defaults: dict) -> dict:
+    out: dict[str, Any] = {"mode": plan.mode}
+    for key in DEFAULT_KEYS:
+        value = getattr(plan, key)
+        if value != defaults[key]:
+            out[key] = value
+    if plan.mode == "static":
+        out["skip_layers"] = [int(l) if f >= 1.0 else {"layer": int(l), "fraction": float(f)}
+                              for l, f in sorted(plan.skip_layers.items())]
+    else:
+        tau = [float(t) for t in (plan.tau or [])]
+        out["tau"] = tau[0] if tau and all(t == tau[0] for t in tau) else tau
+        out["cold_start"], out["cold_end"], out["max_skip"] = plan.cold_start, plan.cold_end, plan.max_skip
+    if plan.norm_gain is not None:
+        out["norm_gain"] = [float(g) for g in plan.norm_gain]
+    if plan.expected_skip_ratio is not None:
+        out["expected_skip_ratio"] = float(plan.expected_skip_ratio)
+    if plan.fit:
+        out["fit"] = _sorted_data(plan.fit)
+    return out
+
+
+def _sorted_data(value: Any) -> Any:
+    """Free-form data in canonical form: mappings sorted by key, tuples as lists, numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _sorted_data(value[k]) for k in sorted(value, key=str)}
+    if isinstance(value, (list, tuple)):
+        return [_sorted_data(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalar
+        return value.item()
+    return value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# YAML
+
+
+class _CanonicalDumper(yaml.SafeDumper):
+    """Mappings in insertion order, lists of scalars (and skip_layers entries) in flow style, the rest in block style."""
+
+
+def _is_flat(value: Any) -> bool:
+    return not isinstance(value, (list, dict)) or (isinstance(value, dict) and all(_is_flat(v) and not isinstance(v, dict)
+                                                                                    for v in value.values()))
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=all(_is_flat(v) for v in data))
+
+
+def _represent_dict(dumper: yaml.SafeDumper, data: dict) -> yaml.Node:
+    return dumper.represent_mapping("tag:yaml.org,2002:map", data.items(), flow_style=False)
+
+
+_CanonicalDumper.add_representer(list, _represent_list)
+_CanonicalDumper.add_representer(dict, _represent_dict)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # unhashable key: let the base constructor report it
+            duplicate = False
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+
+
+def dump_plan(plan: PlanFile) -> str:
+    """Canonical YAML text of a plan (validated first: a plan that could not be loaded back is never written)."""
+    d = plan_to_dict(plan)
+    problems = validate_plan_dict(d)
+    if problems:
+        raise PlanError(problems)
+    return yaml.dump(d, Dumper=_CanonicalDumper, sort_keys=False, allow_unicode=True, width=120, indent=2)
+
+
+def _yaml_error_line(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"malformed YAML: {where}{what}"
+
+
+def read_plan_dict(path_or_text: str | Path) -> tuple[Any, str]:
+    """Parse YAML from a path (Path, or a one-line str naming a file) or from YAML text; returns (data, source)."""
+    text, source = _read_text(path_or_text)
+    try:
+        return yaml.load(text, Loader=_StrictLoader), source
+    except yaml.YAMLError as e:
+        raise PlanError(f"{source}: {_yaml_error_line(e)}") from None
+
+
+def _read_text(path_or_text: str | Path) -> tuple[str, str]:
+    looks_like_path = isinstance(path_or_text, Path) or ("\n" not in path_or_text and (
+        path_or_text.endswith((".yaml", ".yml")) or os.path.exists(path_or_text)))
+    if not looks_like_path:
+        return str(path_or_text), "<text>"
+    path = Path(path_or_text)
+    if not path.is_file():
+        raise PlanError(f"plan file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlanError(f"cannot read plan file {path}: {e}") from None
+
+
+def load_plan(path_or_text: str | Path, num_layers: int | None = None, fingerprint: dict | None = None) -> PlanFile:
+    """Load and validate a plan (file path or YAML text); raises PlanError listing every problem."""
+    data, _ = read_plan_dict(path_or_text)
+    return plan_from_dict(data, num_layers, fingerprint)
+
+
+def save_plan(plan: PlanFile, path: str | Path) -> Path:
+    """Write the canonical YAML atomically (temp file in the same folder + os.replace)."""
+    return atomic_write_text(Path(path), dump_plan(plan))
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

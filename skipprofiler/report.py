@@ -1,0 +1,200 @@
+"""`skipprof report`: PNG figures from a profile and (optionally) an eval JSON.
+
+Figures:
+* `cosine_by_layer.png` — per-layer distribution of the FFN-SkipLLM cosine cos(h, h + FFN) per class (one heatmap per
+  class: layer on x, cosine on y, share of tokens as colour; the median as a line), from the profile's histograms.
+* `quality_vs_skip.png` — KL(dense || plan) and held-out perplexity vs realized skip ratio, one series per family
+  (fitted plans, each baseline, the oracle), from the eval JSON.
+* `speedup_vs_skip.png` — measured decode speedup and the FLOP-ideal speedup vs realized skip ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Fixed colours and markers per family so every figure and every run reads the same way.
+FAMILY_STYLE = {
+    "fitted static": ("tab:blue", "o", "-"),
+    "fitted static (refined)": ("tab:blue", "o", "-"),
+    "fitted static (unrefined)": ("tab:cyan", "o", ":"),
+    "fitted adaptive": ("tab:green", "s", "-"),
+    "fitted per-class (routed by label)": ("tab:olive", "P", "-"),
+    "oracle static": ("black", "*", "--"),
+    "random FFN": ("tab:red", "x", ":"),
+    "contiguous window": ("tab:orange", "^", ":"),
+    "FFN-SkipLLM paper defaults": ("tab:purple", "D", ":"),
+    "LLM-Drop top-by-cosine": ("tab:brown", "v", ":"),
+    "ShortGPT layer drop": ("tab:gray", "<", ":"),
+}
+
+
+class ReportError(ValueError):
+    """The inputs cannot be drawn (missing data, wrong file)."""
+
+
+def _atomic_savefig(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _rebinned(hist_row: np.ndarray, edges: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Fold a fine histogram (underflow, bins, overflow) onto a coarse grid by bin centre; shares of tokens."""
+    counts = hist_row[1:-1].astype(float)
+    centres = (edges[:-1] + edges[1:]) / 2
+    coarse, _ = np.histogram(np.clip(centres, grid[0], grid[-1] - 1e-12), bins=grid, weights=counts)
+    coarse[0] += hist_row[0]
+    coarse[-1] += hist_row[-1]
+    total = coarse.sum()
+    return coarse / total if total > 0 else coarse
+
+
+def cosine_figure(profile, out: Path, title: str) -> Path:
+    plt = _plt()
+    regime = "decode" if profile.tokens("decode") > 0 else "prompt"
+    r = profile.regimes.index(regime) if hasattr(profile, "regimes") else (1 if regime == "decode" else 0)
+    edges = np.asarray(profile.edges["residual"], dtype=float)
+    hist = np.asarray(profile.hist["residual"])
+    p10 = profile.layer_stats("residual", regime)["p10"]
+    low = float(np.floor(min(np.nanmin(p10), 0.95) * 20) / 20)
+    low = max(low - 0.05, -1.0)
+    grid = np.linspace(low, 1.0, 61)
+    classes = list(profile.classes)
+    cols = min(2, len(classes))
+    rows = (len(classes) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.6 * rows), squeeze=False, sharey=True)
+    num_layers = profile.num_layers
+    image = None
+    for i, cls in enumerate(classes):
+        ax = axes[i // cols][i % cols]
+        shares = np.stack([_rebinned(hist[r, l, i], edges, grid) for l in range(num_layers)], axis=1)
+        image = ax.imshow(shares, origin="lower", aspect="auto", cmap="viridis",
+                          extent=(-0.5, num_layers - 0.5, grid[0], grid[-1]), vmin=0, vmax=max(shares.max(), 1e-9))
+        median = profile.layer_stats("residual", regime, cls=cls)["p50"]
+        ax.plot(range(num_layers), median, color="white", marker=".", lw=1.2, label="median")
+        ax.axhline(0.95, color="tab:red", lw=0.8, ls="--", label="τ = 0.95 (paper)")
+        ax.set_title(f"{cls}  ({profile.tokens(regime, cls):,} {regime} tokens)", fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_xticks(range(num_layers))
+        if i % cols == 0:
+            ax.set_ylabel("cos(h, h + FFN(h))")
+        ax.legend(loc="lower right", fontsize=7)
+    for j in range(len(classes), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="share of tokens in bin")
+    fig.suptitle(title + f"\nper-layer FFN saturation cosine by class ({regime} regime)", fontsize=11)
+    path = out / "cosine_by_layer.png"
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def families(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in result.get("plans", []):
+        grouped[row.get("family") or row["name"]].append(row)
+    for rows in grouped.values():
+        rows.sort(key=lambda r: r["skip_ratio"])
+    return grouped
+
+
+def _style(family: str, index: int):
+    if family in FAMILY_STYLE:
+        return FAMILY_STYLE[family]
+    palette = ["tab:pink", "tab:cyan", "tab:olive", "navy", "teal", "gold"]
+    return palette[index % len(palette)], "o", "-"
+
+
+def _series(ax, grouped, key: str, log: bool = False) -> None:
+    for i, (family, rows) in enumerate(grouped.items()):
+        points = [(r["skip_ratio"], r[key]) for r in rows if r.get(key) is not None]
+        if not points:
+            continue
+        color, marker, ls = _style(family, i)
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker=marker, ls=ls if len(xs) > 1 else "none", color=color, label=family, ms=7)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("realized FFN skip ratio (decode tokens)")
+    ax.grid(alpha=0.3)
+
+
+def quality_figure(result: dict[str, Any], out: Path, title: str) -> Path:
+    plt = _plt()
+    grouped = families(result)
+    fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(13, 4.8))
+    _series(ax_kl, grouped, "kl_mean", log=True)
+    ax_kl.set_ylabel("mean KL(dense ‖ plan) per token (log)")
+    ax_kl.set_title("teacher-forced KL on held-out decode positions", fontsize=10)
+    _series(ax_ppl, grouped, "ppl")
+    ax_ppl.axhline(result["dense"]["ppl"], color="black", lw=0.8, ls="--", label="dense")
+    ax_ppl.set_ylabel("held-out perplexity")
+    ax_ppl.set_title("perplexity (decode positions)", fontsize=10)
+    handles, labels = ax_ppl.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle(title + "\nquality vs skip ratio", fontsize=11)
+    fig.tight_layout()
+    path = out / "quality_vs_skip.png"
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def speed_figure(result: dict[str, Any], out: Path, title: str) -> Path:
+    plt = _plt()
+    grouped = families(result)
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    _series(ax, grouped, "speedup")
+    ideal = sorted({(r["skip_ratio"], r["ideal_speedup"]) for rows in grouped.values() for r in rows
+                    if r.get("mode") != "layer_drop" and r.get("ideal_speedup") is not None})
+    if ideal:
+        ax.plot(*zip(*ideal), color="black", ls="--", lw=1, label="FLOP-ideal (FFN skip)")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_ylabel("decode speedup vs dense (median, interleaved)")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    ax.set_title(title + "\nmeasured decode speedup vs skip ratio", fontsize=11)
+    path = out / "speedup_vs_skip.png"
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def make_report(profile, result: dict[str, Any] | None, out: Path, title: str | None = None) -> list[Path]:
+    """Write every figure the inputs allow into `out`; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if title is None:
+        model = (profile.header.get("model") or {}).get("name") if profile is not None else None
+        model = model or (result or {}).get("model", {}).get("name") or "model"
+        corpus = (result or {}).get("data", {}).get("spec") or "calibration corpus"
+        title = f"{model} — {corpus}"
+    paths = []
+    if profile is not None:
+        paths.append(cosine_figure(profile, out, title))
+    if result is not None:
+        if not result.get("plans"):
+            raise ReportError("the eval JSON has no plan rows")
+        paths.append(quality_figure(result, out, title))
+        if any(r.get("speedup") is not None for r in result["plans"]):
+            paths.append(speed_figure(result, out, title))
+    return paths

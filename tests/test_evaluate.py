@@ -1,0 +1,144 @@
+"""`evaluate.run_eval` on a tiny Llama with the real runtime: rows, baselines, oracle, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from skipprofiler.evaluate import (DroppedLayers, EvalConfig, EvalError, FlopModel, budget_slots, contiguous_window,
+                                   paper_adaptive, run_eval)
+from skipprofiler.plan import PlanFile, SkipPlan
+from skipprofiler.registry import model_fingerprint
+from tiny_models import tiny_model
+
+WORDS = ("the river ran past the old mill while the miller slept and the wheel turned slowly in the dark water "
+         "def main(): return sum(x for x in range(10)) if ready else None  # count the items ").split()
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer with ids < 128 (tiny models here use vocab_size=128)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1}
+    vocab.update({chr(c): c - 30 for c in range(32, 127)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+
+
+def write_corpus(path: Path, docs_per_class: int = 3, words: int = 40) -> Path:
+    rows = []
+    for c, cls in enumerate(("prose", "code")):
+        for d in range(docs_per_class):
+            text = " ".join(WORDS[(c * 17 + d * 5 + i) % len(WORDS)] for i in range(words))[:max(4 * words, 4)]
+            rows.append({"text": text, "class": cls, "source": "test"})
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_layers=6, vocab_size=128)
+    data = write_corpus(tmp_path_factory.mktemp("data") / "heldout.jsonl.gz")
+    return model, char_tokenizer(), str(data)
+
+
+def _config(**kw) -> EvalConfig:
+    base = dict(prompt_len=8, window=40, docs_per_class=3, greedy_prompts=2, greedy_new_tokens=6, speed=False)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def test_plan_rows_have_the_documented_keys_and_exact_realized_ratio(setup):
+    model, tok, data = setup
+    plans = [("static", SkipPlan(mode="static", skip_layers={2: 1.0, 3: 0.5})),
+             ("empty", SkipPlan(mode="static"))]
+    result = run_eval(model, tok, plans, data, _config(speed=True, speed_repeats=1, speed_new_tokens=4))
+    static, empty = result["plans"]
+    for key in ("skip_ratio", "ppl", "ppl_dense", "kl_mean", "top1_agreement", "greedy_agreement", "speedup",
+                "ideal_speedup", "per_class", "first_divergence_mean"):
+        assert key in static, key
+    assert static["skip_ratio"] == pytest.approx(1.5 / 6, abs=0.02)  # fraction 0.5 alternates positions
+    assert static["kl_mean"] > 0 and static["ideal_speedup"] > 1
+    assert empty["kl_mean"] == 0 and empty["skip_ratio"] == 0 and empty["greedy_agreement"] == 1.0
+    assert static["ppl_dense"] == empty["ppl_dense"] == result["dense"]["ppl"]
+    assert set(static["per_class"]) == {"prose", "code"}
+    json.dumps(result, allow_nan=False)
+
+
+def test_class_plans_are_routed_by_label(setup):
+    model, tok, data = setup
+    fp = model_fingerprint(model)
+    plan = PlanFile(model={"name": "tiny", "fingerprint": fp}, global_plan=SkipPlan(mode="static", skip_layers={2: 1.0}),
+                    classes={"prose": SkipPlan(mode="static"), "code": SkipPlan(mode="static", skip_layers={2: 1.0})})
+    result = run_eval(model, tok, [("pc", plan)], data, _config())
+    glob, routed = result["plans"]
+    assert routed["name"].startswith("pc [class plans")
+    assert routed["per_class"]["prose"]["kl_mean"] == 0.0  # the prose plan skips nothing
+    assert routed["per_class"]["code"]["kl_mean"] == pytest.approx(glob["per_class"]["code"]["kl_mean"])
+
+
+def test_baselines_and_oracle_at_the_same_ratio(setup):
+    model, tok, data = setup
+    plans = [("static", SkipPlan(mode="static", skip_layers={2: 1.0, 3: 1.0}))]
+    result = run_eval(model, tok, plans, data, _config(baselines=True, random_seeds=2))
+    rows = {r["family"]: r for r in result["plans"]}
+    assert {"random FFN", "contiguous window", "FFN-SkipLLM paper defaults", "ShortGPT layer drop",
+            "oracle static"} <= set(rows)
+    for family in ("random FFN", "contiguous window", "oracle static"):
+        assert rows[family]["skip_ratio"] == pytest.approx(2 / 6, abs=1e-6), family
+    assert rows["oracle static"]["kl_mean"] <= rows["static"]["kl_mean"] + 1e-9
+    assert rows["oracle static"]["kl_mean"] <= rows["contiguous window"]["kl_mean"] + 1e-9
+    assert len(rows["random FFN"]["seeds"]) == 2
+    assert "attention" in rows["ShortGPT layer drop"]["note"]
+
+
+def test_dropped_layers_pass_input_through_and_restore(setup):
+    model = setup[0]
+    ids = torch.randint(2, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids).logits
+        with DroppedLayers(model, range(6)):  # every layer dropped: logits come from the embeddings alone
+            all_dropped = model(ids).logits
+        after = model(ids).logits
+        direct = model.lm_head(model.model.norm(model.model.embed_tokens(ids)))
+    assert torch.equal(before, after)
+    assert torch.allclose(all_dropped, direct, atol=1e-5)
+
+
+def test_mismatched_plan_empty_data_and_nan_are_errors(setup, tmp_path):
+    model, tok, data = setup
+    with pytest.raises(EvalError, match="6 layers"):
+        run_eval(model, tok, [("p", SkipPlan(mode="static", skip_layers={9: 1.0}))], data, _config())
+    other = PlanFile(model={"name": "x", "fingerprint": dict(model_fingerprint(model), hidden_size=4096)},
+                     global_plan=SkipPlan(mode="static", skip_layers={1: 1.0}))
+    with pytest.raises(EvalError, match="another model"):
+        run_eval(model, tok, [("p", other)], data, _config())
+    short = write_corpus(tmp_path / "short.jsonl.gz", words=1)
+    with pytest.raises(EvalError, match="held-out data"):
+        run_eval(model, tok, [("p", SkipPlan(mode="static", skip_layers={1: 1.0}))], str(short), _config())
+    broken = tiny_model("llama", num_layers=6, vocab_size=128)
+    with torch.no_grad():
+        broken.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.raises(EvalError, match="non-finite"):
+        run_eval(broken, tok, [("p", SkipPlan(mode="static", skip_layers={2: 1.0}))], data, _config())
+
+
+def test_budget_window_and_flop_helpers():
+    assert budget_slots(2.5, [4, 1, 7]) == ((1, 1.0), (4, 1.0), (7, 0.5))
+    assert budget_slots(3.0, [4, 1, 7, 2]) == ((1, 1.0), (4, 1.0), (7, 1.0))
+    assert contiguous_window(12, 3.0)[:3] == [4, 5, 6]
+    plan = paper_adaptive(32, 4, 4096)
+    assert (plan.cold_start, plan.cold_end, plan.warmup_tokens, plan.dense_every) == (5, 5, 64, 6)
+    flops = FlopModel.of(tiny_model("llama", num_layers=4))
+    assert flops.ideal_speedup(0.0, 16) == 1.0
+    assert 1.0 < flops.ideal_speedup(0.25, 16) < flops.ideal_speedup(0.5, 16)
+    assert not math.isnan(flops.ideal_speedup(1.0, 16))

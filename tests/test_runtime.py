@@ -1,0 +1,587 @@
+"""Runtime (`skipprofiler.apply_plan`): exactness against references, decode tracking, adaptive rule, classes, errors.
+
+References are independent of the runtime: static skipping is compared with a model whose skipped FFNs have their
+output weights zeroed on decode forwards (swapped in by a pre-hook that applies the plan's rule from plan.py), and
+the adaptive rule with a hook-based re-implementation that reads h from the pre-FFN norm's input.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from tiny_models import tiny_model
+from transformers import DynamicCache
+
+from skipprofiler.plan import PlanError, PlanFile, Router, SkipPlan
+from skipprofiler.registry import model_fingerprint, resolve
+from skipprofiler.runtime import apply_plan
+
+OUTPUT_PROJECTIONS = {"down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2"}
+
+
+# ---- references -----------------------------------------------------------------------------------------------------
+
+
+def output_weights(model, layer: int) -> list[torch.nn.Parameter]:
+    """Every output-projection parameter of one FFN (fused MoE experts included): zeroing them zeroes the FFN."""
+    site = resolve(model).sites[layer]
+    params = {id(getattr(m, n)): getattr(m, n) for m, n in site.ffn_weights() if getattr(m, n) is not None}
+    if site.ffn is not None:
+        for name, p in site.ffn.named_parameters():
+            if set(name.split(".")) & OUTPUT_PROJECTIONS:
+                params[id(p)] = p
+    return list(params.values())
+
+
+class ZeroedReference:
+    """The plan's effect done the slow, obvious way: zero the skipped FFNs' output weights on decode forwards.
+
+    A model pre-hook reads the cache length, derives the decode index d (d = past - prompt length), asks
+    `plan.static_layers_at(d)` which layers skip, and swaps their output weights for zeros for that forward.
+    Valid for bs 1 or batches whose rows share d (left padding / generate).
+    """
+
+    def __init__(self, model, plan: SkipPlan):
+        self.model, self.plan = model, plan
+        self.dense = {l: [p.detach().clone() for p in output_weights(model, l)] for l in plan.skip_layers}
+        self.prompt = None
+        self.handle = model.register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def _pre(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:
+            self.prompt = ids.shape[1]
+            skip = []
+        else:
+            assert ids.shape[1] == 1, "reference handles one new token per forward"
+            skip = self.plan.static_layers_at(past - self.prompt)
+        with torch.no_grad():
+            for l, saved in self.dense.items():
+                for p, dense in zip(output_weights(self.model, l), saved):
+                    p.copy_(torch.zeros_like(dense) if l in skip else dense)
+
+    def remove(self):
+        self.handle.remove()
+        with torch.no_grad():
+            for l, saved in self.dense.items():
+                for p, dense in zip(output_weights(self.model, l), saved):
+                    p.copy_(dense)
+
+
+def greedy_loop(model, ids, steps, mask=None):
+    """Hand-written decode loop with a KV cache; returns the per-step logits [steps, B, V] and the tokens."""
+    cache = DynamicCache()
+    logits, tokens = [], []
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        for _ in range(steps):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits), torch.cat(tokens, 1)
+
+
+def generate(model, ids, steps, mask=None, **kw):
+    kw.setdefault("do_sample", False)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
+                             max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.logits)  # raw logits (scores carry -inf from min_new_tokens)
+
+
+def left_padded(batch=3, length=7, vocab=90, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(batch):
+        mask[b, : b * 2] = 0  # row b has b*2 left pads
+        ids[b, : b * 2] = 0
+    return ids, mask
+
+
+def untouched(model) -> bool:
+    """No hook, instance forward or extra_repr left behind anywhere in the model."""
+    for module in model.modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return False
+        if "forward" in module.__dict__ or "extra_repr" in module.__dict__:
+            return False
+    return "_skipprof_handle" not in model.__dict__
+
+
+def static(layers, **kw) -> SkipPlan:
+    return SkipPlan(mode="static", skip_layers={l: 1.0 for l in layers} if isinstance(layers, list) else layers, **kw)
+
+
+def plan_file(model, global_plan, classes=None, router=None) -> PlanFile:
+    return PlanFile(model={"name": "tiny", "fingerprint": model_fingerprint(model)}, global_plan=global_plan,
+                    classes=classes or {}, router=router)
+
+
+# ---- static plans ---------------------------------------------------------------------------------------------------
+
+
+def test_static_hand_loop_matches_zeroed_reference_with_warmup_dense_every_and_fractions():
+    model = tiny_model("llama", num_layers=6)
+    plan = static({1: 1.0, 2: 0.5, 4: 1.0}, warmup_tokens=2, dense_every=3)
+    ids = torch.randint(2, 90, (1, 5))
+    ref = ZeroedReference(model, plan)
+    ref_logits, ref_tokens = greedy_loop(model, ids, 12)
+    ref.remove()
+    with apply_plan(model, plan) as handle:
+        logits, tokens = greedy_loop(model, ids, 12)
+        stats = handle.stats()
+    assert torch.equal(tokens, ref_tokens)
+    assert (logits - ref_logits).abs().max().item() == 0.0
+    # 12 decode forwards (d = 0..11), warm-up 2 -> 10 counted; skipped = sum of |static_layers_at(d)|
+    expected = sum(len(plan.static_layers_at(d)) for d in range(12))
+    assert stats == {"decode_positions": 10, "skipped": expected, "num_layers": 6, "skip_ratio": expected / 60}
+    assert expected > 0
+
+
+def test_static_generate_greedy_batch_left_padding_matches_reference():
+    model = tiny_model("llama", num_layers=4)
+    plan = static([1, 2], warmup_tokens=1)
+    ids, mask = left_padded()
+    ref = ZeroedReference(model, plan)
+    ref_seq, ref_scores = generate(model, ids, 6, mask)
+    ref.remove()
+    dense_seq, _ = generate(model, ids, 6, mask)
+    with apply_plan(model, plan) as handle:
+        seq, scores = generate(model, ids, 6, mask)
+        stats = handle.stats()
+    assert torch.equal(seq, ref_seq)
+    assert (scores - ref_scores).abs().max().item() == 0.0
+    assert not torch.equal(seq, dense_seq) or (scores - generate(model, ids, 6, mask)[1]).abs().max() > 0
+    # generate feeds 5 decode forwards for 6 new tokens; 3 rows; warm-up 1 -> 4 counted per row
+    assert stats["decode_positions"] == 12 and stats["skipped"] == 24
+
+
+def test_static_generate_sampling_matches_reference():
+    model = tiny_model("llama", num_layers=4)
+    plan = static([2])
+    ids = torch.randint(2, 90, (2, 4))
+    ref = ZeroedReference(model, plan)
+    torch.manual_seed(7)
+    ref_seq, _ = generate(model, ids, 8, do_sample=True, top_k=0, temperature=1.0)
+    ref.remove()
+    with apply_plan(model, plan):
+        torch.manual_seed(7)
+        seq, _ = generate(model, ids, 8, do_sample=True, top_k=0, temperature=1.0)
+    assert torch.equal(seq, ref_seq)
+
+
+def test_apply_to_all_equals_zeroed_weights_everywhere():
+    model = tiny_model("llama", num_layers=4)
+    ids = torch.randint(2, 90, (2, 6))
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in output_weights(zeroed, 1) + output_weights(zeroed, 3):
+            p.zero_()
+        expected = zeroed(input_ids=ids).logits
+    with apply_plan(model, static([1, 3], apply_to="all")), torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert (got - expected).abs().max().item() == 0.0
+
+
+def test_remove_restores_dense_logits_bit_exactly_and_leaves_nothing_behind():
+    model = tiny_model("llama", num_layers=4)
+    ids = torch.randint(2, 90, (2, 5))
+    keys = list(model.state_dict())
+    dense_logits, dense_tokens = greedy_loop(model, ids, 5)
+    handle = apply_plan(model, static([1, 2]))
+    skipped_logits, _ = greedy_loop(model, ids, 5)
+    handle.remove()
+    handle.remove()  # idempotent
+    logits, tokens = greedy_loop(model, ids, 5)
+    assert (skipped_logits - dense_logits).abs().max() > 0
+    assert torch.equal(logits, dense_logits) and torch.equal(tokens, dense_tokens)
+    assert list(model.state_dict()) == keys
+    assert untouched(model)
+
+
+def test_empty_plan_changes_nothing():
+    model = tiny_model("llama", num_layers=4)
+    ids, mask = left_padded()
+    dense = generate(model, ids, 5, mask)
+    with apply_plan(model, static([])) as handle:
+        got = generate(model, ids, 5, mask)
+        assert "skipprof" not in repr(model)
+    assert torch.equal(got[0], dense[0]) and torch.equal(got[1], dense[1])
+    assert handle.stats()["skipped"] == 0 and handle.stats()["decode_positions"] == 12
+
+
+def test_skipped_ffns_are_not_executed():
+    """Count the rows each FFN's output projection processes: a skipped FFN must not run at all on decode."""
+    model = tiny_model("llama", num_layers=4)
+    rows = {l: 0 for l in range(4)}
+
+    def counter(layer):
+        def hook(module, args, out):
+            rows[layer] += args[0].shape[:-1].numel()
+        return hook
+
+    hooks = [resolve(model).sites[l].ffn.down_proj.register_forward_hook(counter(l)) for l in range(4)]
+    ids = torch.randint(2, 90, (2, 5))
+    with apply_plan(model, static([1, 3], warmup_tokens=2)):
+        greedy_loop(model, ids, 6)
+    for h in hooks:
+        h.remove()
+    prompt, decode = 2 * 5, 2 * 6
+    assert rows[0] == rows[2] == prompt + decode
+    assert rows[1] == rows[3] == prompt + 2 * 2  # prompt and the two warm-up tokens only
+
+
+def test_mixed_rows_run_the_ffn_on_kept_rows_only():
+    """decode_from with per-row starts: rows at different decode indices; only kept positions reach the FFN."""
+    model = tiny_model("llama", num_layers=4)
+    seen = []
+    hook = resolve(model).sites[2].ffn.down_proj.register_forward_hook(
+        lambda m, a, o: seen.append(a[0].shape[:-1].numel()))
+    ids = torch.randint(2, 90, (2, 8))
+    plan = static([2])
+    with apply_plan(model, plan) as handle, handle.decode_from(torch.tensor([3, 6])), torch.no_grad():
+        got = model(input_ids=ids).logits
+        stats = handle.stats()
+    hook.remove()
+    assert seen == [3 + 6]  # positions before each row's start
+    assert stats["decode_positions"] == 5 + 2 and stats["skipped"] == 7
+    # reference: zero the FFN output at positions >= start per row (forward hook: exact, saves nothing)
+    starts = torch.tensor([3, 6])
+    keep = (torch.arange(8)[None, :] < starts[:, None]).float()[..., None]
+    ref_hook = resolve(model).sites[2].ffn.register_forward_hook(lambda m, a, o: o * keep)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    ref_hook.remove()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_print_model_shows_planned_ffns():
+    model = tiny_model("llama", num_layers=4)
+    with apply_plan(model, static({2: 1.0, 3: 0.5})):
+        text = repr(model)
+        assert "skipprof: layer 2: static skip on decode" in text
+        assert "skipprof: layer 3: static skip 0.5 of positions on decode" in text
+        assert "layer 1:" not in text
+    assert "skipprof" not in repr(model)
+
+
+@pytest.mark.slow
+def test_compile_when_applied_before_compiling():
+    model = tiny_model("llama", num_layers=4)
+    ids = torch.randint(2, 90, (1, 5))
+    plan = static([1, 2], warmup_tokens=1)
+    with apply_plan(model, plan):
+        eager_logits, eager_tokens = greedy_loop(model, ids, 5)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")
+        logits, tokens = greedy_loop(compiled, ids, 5)
+    torch._dynamo.reset()
+    assert torch.equal(tokens, eager_tokens)
+    assert (logits - eager_logits).abs().max().item() == 0.0
+
+
+# ---- adaptive plans -------------------------------------------------------------------------------------------------
+
+
+class AdaptiveReference:
+    """FFN-SkipLLM for bs 1, one token per decode forward, written from the rule in plan.py with plain hooks.
+
+    h is read as the input of the pre-FFN norm, h + c as the layer output; a skipped FFN's output is replaced by zeros
+    by a forward hook (exact, saves nothing).
+    """
+
+    def __init__(self, model, plan: SkipPlan):
+        self.plan, self.arch = plan, resolve(model)
+        self.L = self.arch.num_layers
+        self.hooks, self.h = [], {}
+        self.prompt, self.decode, self.skipped = None, None, 0
+        self.hooks.append(model.register_forward_pre_hook(self._start, with_kwargs=True))
+        for site in self.arch.sites:
+            l = site.index
+            self.hooks.append(site.layer.post_attention_layernorm.register_forward_pre_hook(self._read_h(l)))
+            self.hooks.append(site.ffn.register_forward_hook(self._ffn(l)))
+            self.hooks.append(site.layer.register_forward_hook(self._layer(l)))
+
+    def _start(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:
+            self.prompt = kwargs["input_ids"].shape[1]
+        d = past - self.prompt
+        self.decode = d if past > 0 and self.plan.eligible(d) else None
+        self.remaining, self.used = 0, False
+
+    def _read_h(self, l):
+        def hook(module, args):
+            self.h[l] = args[0].detach().clone()
+        return hook
+
+    def _ffn(self, l):
+        def hook(module, args, out):
+            if self.decode is not None and self.remaining > 0:
+                self.remaining -= 1
+                self.skipped += 1
+                return torch.zeros_like(out)
+            return None
+        return hook
+
+    def _layer(self, l):
+        def hook(module, args, out):
+            p = self.plan
+            end = self.L - p.cold_end
+            if self.decode is None or self.used or l < p.cold_start - 1 or l + 1 >= end:
+                return
+            if self.remaining == 0:  # the layer ran densely (a run in progress has remaining > 0)
+                stream = out[0] if isinstance(out, tuple) else out
+                cos = torch.nn.functional.cosine_similarity(self.h[l].float(), stream.float(), dim=-1).item()
+                if cos > p.tau[l]:
+                    self.remaining, self.used = min(p.max_skip, end - (l + 1)), True
+        return hook
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def quantile_tau_any(model, ids, steps, q=0.5) -> list[float]:
+    """Thresholds from any architecture's dense decode cos (h = stream_out - FFN contribution, read by hooks)."""
+    arch, values, hooks = resolve(model), {}, []
+    for site in arch.sites:
+        target = site.post_norm if site.post_norm is not None else (site.fc2 if site.ffn is None else site.ffn)
+
+        def ffn_out(module, args, out, site=site):
+            c = out[0] if isinstance(out, tuple) else out
+            if site.contribution == "residual_inside":
+                c = c - args[1]
+            values.setdefault(site.index, []).append([(c * site.multiplier).reshape(-1, c.shape[-1]).clone()])
+
+        def layer_out(module, args, out, l=site.index):
+            stream = (out[0] if isinstance(out, tuple) else out).reshape(values[l][-1][0].shape)
+            values[l][-1] = torch.nn.functional.cosine_similarity(stream - values[l][-1][0], stream, dim=-1)
+
+        hooks += [target.register_forward_hook(ffn_out), site.layer.register_forward_hook(layer_out)]
+    greedy_loop(model, ids, steps)
+    for h in hooks:
+        h.remove()
+    return [float(torch.cat(values[l][1:]).quantile(q)) for l in sorted(values)]
+
+
+def decode_cos(model, ids, steps):
+    """Per layer, the cos(h, h + c) values seen on dense decode (to place thresholds that trigger sometimes)."""
+    arch, values = resolve(model), {}
+    hooks = []
+    for site in arch.sites:
+        def pre(module, args, l=site.index):
+            values.setdefault(l, []).append(args[0].clone())
+        def post(module, args, out, l=site.index):
+            values[l][-1] = torch.nn.functional.cosine_similarity(values[l][-1], out, dim=-1).flatten()
+        hooks += [site.layer.post_attention_layernorm.register_forward_pre_hook(pre),
+                  site.layer.register_forward_hook(post)]
+    greedy_loop(model, ids, steps)
+    for h in hooks:
+        h.remove()
+    return {l: torch.cat(v[1:]) for l, v in values.items()}  # drop the prompt forward
+
+
+def quantile_tau(model, ids, steps, q=0.5) -> list[float]:
+    cos = decode_cos(model, ids, steps)
+    return [float(cos[l].quantile(q)) for l in sorted(cos)]
+
+
+def test_adaptive_matches_reference_rule_bs1():
+    model = tiny_model("llama", num_layers=8)
+    ids = torch.randint(2, 90, (1, 6))
+    plan = SkipPlan(mode="adaptive", tau=quantile_tau(model, ids, 16), cold_start=2, cold_end=1, max_skip=2,
+                    warmup_tokens=2, dense_every=5)
+    ref = AdaptiveReference(model, plan)
+    ref_logits, ref_tokens = greedy_loop(model, ids, 16)
+    ref.remove()
+    assert ref.skipped > 0
+    for host in (True, False):
+        with apply_plan(model, plan, host_state=host) as handle:
+            logits, tokens = greedy_loop(model, ids, 16)
+            stats = handle.stats()
+        assert torch.equal(tokens, ref_tokens)
+        assert (logits - ref_logits).abs().max().item() == 0.0
+        assert stats["skipped"] == ref.skipped and stats["decode_positions"] == 14
+
+
+def test_adaptive_per_sequence_host_and_device_state_agree():
+    model = tiny_model("llama", num_layers=8)
+    ids, mask = left_padded(batch=4, length=8)
+    plan = SkipPlan(mode="adaptive", tau=quantile_tau(model, ids[:1], 12, q=0.9), cold_start=1, cold_end=1, max_skip=3)
+    results = {}
+    for host in (True, False):
+        with apply_plan(model, plan, host_state=host) as handle:
+            seq, scores = generate(model, ids, 10, mask)
+            results[host] = seq, scores, handle.stats()
+    assert torch.equal(results[True][0], results[False][0])
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=1e-5)
+    assert results[True][2] == results[False][2]
+    assert 0 < results[True][2]["skip_ratio"] < 3 / 8  # some positions triggered, not all
+    # per sequence: each row alone takes the same decisions as inside the batch (its skips do not depend on others)
+    per_row = 0
+    for b in range(4):
+        real = mask[b].bool()
+        with apply_plan(model, plan) as handle:
+            generate(model, ids[b:b + 1, real], 10)
+            per_row += handle.stats()["skipped"]
+    assert per_row == results[True][2]["skipped"]
+
+
+def test_adaptive_teacher_forced_decode_from_matches_host_device():
+    model = tiny_model("llama", num_layers=6)
+    ids = torch.randint(2, 90, (3, 10))
+    plan = SkipPlan(mode="adaptive", tau=quantile_tau(model, ids[:1, :4], 8), cold_start=1, cold_end=1, max_skip=2)
+    out = {}
+    for host in (True, False):
+        with apply_plan(model, plan, host_state=host) as handle, handle.decode_from(torch.tensor([2, 4, 6])):
+            with torch.no_grad():
+                out[host] = model(input_ids=ids).logits, handle.stats()
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=1e-5)
+    assert out[True][1] == out[False][1] and out[True][1]["decode_positions"] == 8 + 6 + 4
+
+
+# ---- classes, router, compensation ----------------------------------------------------------------------------------
+
+
+def test_prompt_class_selects_plan_and_unknown_class_lists_classes():
+    model = tiny_model("llama", num_layers=4)
+    pf = plan_file(model, static([1]), classes={"code": static([2]), "fiction": static([3])})
+    with apply_plan(model, pf, prompt_class="code") as handle:
+        assert handle.plan.skip_layers == {2: 1.0} and handle.chosen_classes == ["code"]
+    with apply_plan(model, pf) as handle:
+        assert handle.plan.skip_layers == {1: 1.0} and handle.chosen_classes is None
+    with pytest.raises(PlanError, match="unknown prompt class 'poetry'.*code, fiction"):
+        apply_plan(model, pf, prompt_class="poetry")
+    assert untouched(model)
+
+
+def pooled(model, ids, layer):
+    out = {}
+    hook = resolve(model).sites[layer].layer.register_forward_hook(lambda m, a, o: out.setdefault("h", o))
+    with torch.no_grad():
+        model(input_ids=ids)
+    hook.remove()
+    h = out["h"][0] if isinstance(out["h"], tuple) else out["h"]
+    return h.float().mean(1)
+
+
+def test_auto_routes_each_row_to_its_class_plan():
+    model = tiny_model("llama", num_layers=4)
+    a, b = torch.randint(2, 40, (1, 6)), torch.randint(50, 90, (1, 6))
+    router = Router(layer=1, classes=["code", "fiction"],
+                    centroids=[pooled(model, a, 1)[0].tolist(), pooled(model, b, 1)[0].tolist()])
+    pf = plan_file(model, static([]), classes={"code": static([2]), "fiction": static([3])}, router=router)
+    batch = torch.cat([a, b, a])
+    with apply_plan(model, pf, prompt_class="auto") as handle:
+        logits, tokens = greedy_loop(model, batch, 5)
+        assert handle.chosen_classes == ["code", "fiction", "code"]
+        assert handle.chosen_class == "code" and handle.plan.skip_layers == {2: 1.0}
+    for row, cls in ((0, "code"), (1, "fiction")):
+        with apply_plan(model, pf, prompt_class=cls):
+            row_logits, row_tokens = greedy_loop(model, batch[row:row + 1], 5)
+        assert torch.equal(tokens[row:row + 1], row_tokens)
+        torch.testing.assert_close(logits[:, row:row + 1], row_logits, rtol=0, atol=1e-5)
+    # teacher forcing: the router sees only the prompt part (before start) via an early-exit pre-pass
+    full = torch.cat([batch, tokens], 1)
+    with apply_plan(model, pf, prompt_class="auto") as handle, handle.decode_from(6), torch.no_grad():
+        model(input_ids=full)
+        assert handle.chosen_classes == ["code", "fiction", "code"]
+
+
+def test_auto_without_router_is_an_error():
+    model = tiny_model("llama", num_layers=4)
+    with pytest.raises(PlanError, match="router"):
+        apply_plan(model, plan_file(model, static([1]), classes={"code": static([2])}), prompt_class="auto")
+
+
+def test_norm_ratio_compensation_matches_hook_reference():
+    model = tiny_model("llama", num_layers=4)
+    gain = [1.0, 1.25, 0.9, 1.1]
+    plan = static([1, 2], compensation="norm_ratio", norm_gain=gain, apply_to="all")
+    ids = torch.randint(2, 90, (2, 5))
+    arch, h, hooks = resolve(model), {}, []
+    for l in (1, 2):
+        hooks.append(arch.sites[l].layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda m, a, l=l: h.__setitem__(l, a[0])))
+        hooks.append(arch.sites[l].ffn.register_forward_hook(lambda m, a, o, l=l: h[l] * (gain[l] - 1.0)))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    for hk in hooks:
+        hk.remove()
+    with apply_plan(model, plan), torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert (got - expected).abs().max().item() == 0.0
+    with apply_plan(model, static([1, 2], apply_to="all")), torch.no_grad():
+        assert (model(input_ids=ids).logits - got).abs().max() > 0  # compensation changed something
+
+
+def test_norm_ratio_unsupported_residual_form_is_a_clear_error():
+    model = tiny_model("gemma2", num_layers=4)
+    with pytest.raises(PlanError, match="norm_ratio is not supported for gemma2"):
+        apply_plan(model, static([1], compensation="norm_ratio", norm_gain=[1.0] * 4))
+    assert untouched(model)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------------
+
+
+def test_fingerprint_mismatch_is_an_error_unless_not_strict():
+    model = tiny_model("llama", num_layers=4)
+    other = tiny_model("llama", num_layers=4, intermediate_size=64)
+    pf = plan_file(other, static([1]))
+    with pytest.raises(PlanError, match="fitted for another model.*strict=False"):
+        apply_plan(model, pf)
+    assert untouched(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = apply_plan(model, pf, strict=False)
+    assert any("another model" in str(w.message) for w in caught)
+    handle.remove()
+
+
+def test_second_plan_without_removing_first_is_an_error():
+    model = tiny_model("llama", num_layers=4)
+    handle = apply_plan(model, static([1]))
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_plan(model, static([2]))
+    handle.remove()
+    apply_plan(model, static([2])).remove()
+    assert untouched(model)
+
+
+@pytest.mark.parametrize("plan, message", [
+    (static([1, 7]), r"layers \[7\] but the model has 4 layers"),
+    (SkipPlan(mode="adaptive", tau=[0.9] * 3, max_skip=1), "one tau per layer"),
+    (static([1], compensation="norm_ratio"), "norm_gain"),
+])
+def test_plan_not_fitting_the_model_is_rejected_before_touching_it(plan, message):
+    model = tiny_model("llama", num_layers=4)
+    ids = torch.randint(2, 90, (1, 4))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    with pytest.raises(PlanError, match=message):
+        apply_plan(model, plan)
+    assert untouched(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_yaml_path_is_loaded_through_planio(tmp_path):
+    planio = pytest.importorskip("skipprofiler.planio")
+    model = tiny_model("llama", num_layers=4)
+    path = tmp_path / "plan.yaml"
+    planio.save_plan(plan_file(model, static([2])), path)
+    with apply_plan(model, path) as handle:
+        assert handle.plan.skip_layers == {2: 1.0}

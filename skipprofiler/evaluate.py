@@ -522,7 +522,8 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
         if config.baselines:
             log(f"baselines at realized skip ratio {realized:.3f}")
             rows += baseline_rows(model, data, reference, realized, config, profile)
-        want_oracle = config.oracle if config.oracle is not None else model_num_layers(model) <= config.oracle_max_layers
+        small = model_num_layers(model) <= config.oracle_max_layers
+        want_oracle = config.oracle if config.oracle is not None else small
         if want_oracle:
             log("oracle: exhaustive static search on the held-out windows")
             rows.append(oracle_row(model, data, reference, realized, config))
@@ -560,3 +561,101 @@ def build_result(model, data: EvalData, rows, config: EvalConfig, data_spec, mod
         "dense": dense_row(data),
         "plans": rows,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweep: fit and evaluate several targets from one profile
+
+
+def fit_sweep_plans(profile, target: float, max_positions: int | None, per_class: bool) -> dict[str, PlanFile]:
+    """Static and adaptive plan files fitted at `target` with the plan stage's defaults."""
+    from .fit import FitError, FitSettings, fit_plan_file
+
+    plans = {}
+    for mode in ("static", "adaptive"):
+        try:
+            plans[mode] = fit_plan_file(profile, FitSettings(target=target, mode=mode), per_class=per_class,
+                                        max_positions=max_positions).plan_file
+        except FitError as e:
+            raise EvalError(f"fitting {mode} at {target}: {e}") from None
+    return plans
+
+
+def run_sweep(model, tokenizer, profile, targets: Sequence[float], data_spec: str | None = None,
+              config: EvalConfig | None = None, extra_plans: Sequence[tuple[str, PlanFile | SkipPlan]] = (),
+              refine: bool = True, per_class: bool = False, calibration_spec: str | None = None,
+              oracle_max_sets: int = 150, oracle_targets: Sequence[float] | None = None, model_name: str = "",
+              log=None) -> dict[str, Any]:
+    """For each target: fitted static (+ KL-refined) and adaptive plans, baselines at the static plan's realized
+    ratio, and the exhaustive oracle where it is affordable; rows carry `target`."""
+    from .refine import RefineError, calibration_references, refine_static
+
+    config = config or EvalConfig()
+    log = log or (lambda msg: None)
+    model.eval()
+    data = prepare_data(model, tokenizer, data_spec, config)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    calibration = None
+    if refine:
+        log("calibration references for --refine")
+        calibration = calibration_references(model, tokenizer, calibration_spec, prompt_len=config.prompt_len,
+                                             window=config.window)
+    rows = [evaluate_plan(model, data, plan, name, "plan", config) for name, plan in extra_plans]
+    num_layers = model_num_layers(model)
+    for target in targets:
+        log(f"target {target:.2f}: fitting")
+        fitted = fit_sweep_plans(profile, target, max_positions, per_class)
+        static = fitted["static"]
+        tag = f"@{target:.2f}"
+        static_name = "fitted static (unrefined)" if refine else "fitted static"
+        target_rows = [evaluate_plan(model, data, static, f"{static_name} {tag}", "plan", config,
+                                     family=static_name)]
+        reference_plan, reference_row = static.global_plan, target_rows[0]
+        if refine:
+            log(f"target {target:.2f}: refining the static set by measured KL")
+            try:
+                refined = refine_static(model, tokenizer, static.global_plan, calibration_spec,
+                                        references=calibration)
+            except RefineError as e:
+                raise EvalError(f"refining at {target}: {e}") from None
+            target_rows.append(evaluate_plan(model, data, refined, f"fitted static (refined) {tag}", "plan", config,
+                                             family="fitted static (refined)"))
+            reference_plan, reference_row = refined, target_rows[-1]
+        log(f"target {target:.2f}: adaptive")
+        target_rows.append(evaluate_plan(model, data, fitted["adaptive"], f"fitted adaptive {tag}", "plan", config,
+                                         family="fitted adaptive"))
+        if per_class:
+            for mode, plan in fitted.items():
+                if plan.classes and set(data.classes) <= set(plan.classes):
+                    target_rows.append(evaluate_plan(
+                        model, data, plan, f"fitted {mode} per-class (routed by label) {tag}", "plan", config,
+                        route_by_class=True, family=f"fitted {mode} per-class (routed by label)"))
+        realized = reference_row["skip_ratio"]
+        if config.baselines and realized > 0:
+            log(f"target {target:.2f}: baselines at realized ratio {realized:.3f}")
+            target_rows += baseline_rows(model, data, reference_plan, realized, config, profile, label=tag)
+        want_oracle = config.oracle if config.oracle is not None else num_layers <= config.oracle_max_layers
+        if oracle_targets is not None and not any(abs(target - t) < 1e-9 for t in oracle_targets):
+            want_oracle = False
+        if want_oracle and realized > 0:
+            fractions = [f for _, f in sorted(reference_plan.skip_layers.items())]
+            sets = _oracle_set_count(len(middle_layers(num_layers)), fractions)
+            if sets <= oracle_max_sets:
+                log(f"target {target:.2f}: oracle over {sets} sets")
+                target_rows.append(oracle_row(model, data, reference_plan, realized, config, suffix=f" {tag}"))
+            else:
+                log(f"target {target:.2f}: oracle skipped ({sets} sets > {oracle_max_sets})")
+        for row in target_rows:
+            row["target"] = target
+        rows += target_rows
+    result = build_result(model, data, rows, config, data_spec, model_name, "")
+    result["sweep"] = {"targets": list(targets), "refine": refine, "per_class": per_class,
+                       "profile": (profile.header or {}).get("corpus")}
+    return result
+
+
+def _oracle_set_count(candidates: int, fractions: Sequence[float]) -> int:
+    k = len(fractions)
+    partial = sum(1 for f in fractions if f < 1.0)
+    per_combo = math.perm(k, partial) // math.factorial(partial) if partial else 1
+    return math.comb(candidates, k) * per_combo if k <= candidates else 0

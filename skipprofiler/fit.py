@@ -143,6 +143,16 @@ class TokenRows:
     def mean(self, values: np.ndarray) -> float:
         return float(np.average(values, weights=self.weights)) if len(values) else 0.0
 
+    def layer_quantiles(self, q: float) -> np.ndarray:
+        """Weighted q-quantile of each layer's cosine (sorted columns cached: brentq calls this many times)."""
+        if not hasattr(self, "_sorted"):
+            order = np.argsort(self.rows, axis=0, kind="stable")
+            w = self.weights[order]
+            self._sorted = (np.take_along_axis(self.rows, order, axis=0), np.cumsum(w, axis=0) - 0.5 * w)
+        values, cum = self._sorted
+        total = self.weights.sum()
+        return np.array([np.interp(q * total, cum[:, l], values[:, l]) for l in range(self.num_layers)])
+
 
 def token_rows(profile, regime: str, cls: str | None) -> TokenRows:
     classes = [cls] if cls is not None else list(profile.classes)
@@ -189,6 +199,7 @@ def _norm_gain(profile, regime: str, cls: str | None) -> list[float]:
 
 def fit_static(profile, settings: FitSettings, cls: str | None = None) -> SkipPlan:
     """Most saturated non-cold layers (by mean residual cos) plus one fractional layer, so the ratio equals R."""
+    settings = settings.resolve(max_positions=None)  # no-op for resolved settings
     regime = fitting_regime(profile)
     L = profile.num_layers
     mean_cos = np.asarray(profile.layer_stats("residual", regime, cls)["mean"], dtype=np.float64)
@@ -296,7 +307,7 @@ class AdaptiveCandidate:
 def _tau_vector(data: TokenRows, level: float, tau_mode: str) -> np.ndarray:
     if tau_mode == "global":
         return np.full(data.num_layers, level)
-    return np.array([weighted_quantile(data.rows[:, l], data.weights, level) for l in range(data.num_layers)])
+    return data.layer_quantiles(level)
 
 
 def _fit_level(data: TokenRows, share: float, target: float, cold: tuple[int, int], k: int,
@@ -347,6 +358,8 @@ def _fit_adaptive_k(data: TokenRows, share: float, settings: FitSettings, k: int
 
 
 def fit_adaptive(profile, settings: FitSettings, cls: str | None = None) -> SkipPlan:
+    """FFN-SkipLLM's rule with tau (and k) fitted so the simulated ratio on the reservoir equals R."""
+    settings = settings.resolve(max_positions=None)  # no-op for resolved settings
     regime = fitting_regime(profile)
     data = token_rows(profile, regime, cls)
     L = profile.num_layers

@@ -139,7 +139,8 @@ def calibration_references(model, tokenizer, data_spec: str | None, *, split: st
     return dense_references(model, batches)
 
 
-def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None, *, candidates: Sequence[int] | None = None,
+def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None, *,
+                  candidates: Sequence[int] | None = None,
                   prompt_len: int = 32, window: int = 128, docs_per_class: int | None = 8, max_rounds: int = 20,
                   greedy_start: bool = True, references: Sequence[DenseReference] | None = None) -> SkipPlan:
     """Return `plan` with its static skip set refined by measured KL to the dense model on calibration tokens.

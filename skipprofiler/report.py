@@ -14,7 +14,7 @@ import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -72,7 +72,9 @@ def _rebinned(hist_row: np.ndarray, edges: np.ndarray, grid: np.ndarray) -> np.n
 def cosine_figure(profile, out: Path, title: str) -> Path:
     plt = _plt()
     regime = "decode" if profile.tokens("decode") > 0 else "prompt"
-    r = profile.regimes.index(regime) if hasattr(profile, "regimes") else (1 if regime == "decode" else 0)
+    from .profile import REGIMES
+
+    r = REGIMES.index(regime)  # histogram axis 0 follows profile.REGIMES
     edges = np.asarray(profile.edges["residual"], dtype=float)
     hist = np.asarray(profile.hist["residual"])
     p10 = profile.layer_stats("residual", regime)["p10"]
@@ -198,3 +200,101 @@ def make_report(profile, result: dict[str, Any] | None, out: Path, title: str | 
         if any(r.get("speedup") is not None for r in result["plans"]):
             paths.append(speed_figure(result, out, title))
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markdown tables (docs/results.md)
+
+
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def plan_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| plan | realized skip | KL(dense‖plan) | ppl (Δ vs dense) | top-1 agree | greedy agree | "
+             "1st divergence | speedup | FLOP-ideal |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {_fmt(r['skip_ratio'], '.3f')} | {_fmt(r['kl_mean'], '.4f')} | "
+                     f"{_fmt(r['ppl'], '.2f')} ({_fmt(r['ppl_increase'], '+.1%')}) | {_fmt(r['top1_agreement'], '.3f')} | "
+                     f"{_fmt(r.get('greedy_agreement'), '.3f')} | {_fmt(r.get('first_divergence_mean'), '.1f')} | "
+                     f"{_fmt(r.get('speedup'), '.3f')}× | {_fmt(r.get('ideal_speedup'), '.3f')}× |")
+    return lines
+
+
+def _by_family(rows: list[dict[str, Any]], family: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r.get("family") == family), None)
+
+
+def checks(result: dict[str, Any], target: float = 0.25) -> list[str]:
+    """The issue's bars at `target`, computed from the rows (each line says met / not met with the numbers)."""
+    rows = [r for r in result["plans"] if r.get("target") is not None and abs(r["target"] - target) < 1e-9]
+    if not rows:
+        return [f"- no sweep rows at target {target}"]
+    get = lambda fam: _by_family(rows, fam)  # noqa: E731
+    static = get("fitted static (refined)") or get("fitted static")
+    lines = []
+
+    def bar(text: str, ok: bool) -> None:
+        lines.append(f"- {'✅ met' if ok else '❌ not met'}: {text}")
+
+    oracle, llm, rnd = get("oracle static"), get("LLM-Drop top-by-cosine"), get("random FFN")
+    adaptive, paper = get("fitted adaptive"), get("FFN-SkipLLM paper defaults")
+    if static and oracle:
+        ratio = static["kl_mean"] / oracle["kl_mean"]
+        bar(f"refined static KL {static['kl_mean']:.4f} = {ratio:.2f}× the oracle's {oracle['kl_mean']:.4f} "
+            f"(bar ≤ 1.15×)", ratio <= 1.15)
+    if static and llm:
+        bar(f"refined static KL {static['kl_mean']:.4f} below LLM-Drop top-by-cosine {llm['kl_mean']:.4f}",
+            static["kl_mean"] < llm["kl_mean"])
+    if static and rnd:
+        bar(f"refined static KL {static['kl_mean']:.4f} far below random {rnd['kl_mean']:.4f} "
+            f"({rnd['kl_mean'] / max(static['kl_mean'], 1e-12):.1f}×)", static["kl_mean"] * 2 <= rnd["kl_mean"])
+    if adaptive and oracle:
+        bar(f"fitted adaptive KL {adaptive['kl_mean']:.4f} (realized {adaptive['skip_ratio']:.3f}) below the static "
+            f"oracle {oracle['kl_mean']:.4f} (realized {oracle['skip_ratio']:.3f})", adaptive["kl_mean"] < oracle["kl_mean"])
+    if adaptive and paper:
+        bar(f"fitted adaptive KL {adaptive['kl_mean']:.4f} (realized {adaptive['skip_ratio']:.3f}) below the paper-"
+            f"default rule {paper['kl_mean']:.4f} (realized {paper['skip_ratio']:.3f})",
+            adaptive["kl_mean"] < paper["kl_mean"])
+    for mode in ("static", "adaptive"):
+        routed, glob = get(f"fitted {mode} per-class (routed by label)"), get(f"fitted {mode}")
+        if mode == "static":
+            glob = get("fitted static (unrefined)") or glob
+        if routed and glob:
+            wins = [c for c in routed["per_class"] if routed["per_class"][c]["kl_mean"] < glob["per_class"][c]["kl_mean"]]
+            detail = ", ".join(f"{c} {routed['per_class'][c]['kl_mean']:.4f} vs {glob['per_class'][c]['kl_mean']:.4f}"
+                               for c in routed["per_class"])
+            bar(f"per-class {mode} plans beat the global {mode} plan on their own class's KL in "
+                f"{len(wins)}/{len(routed['per_class'])} classes ({detail})", len(wins) == len(routed["per_class"]))
+    if static:
+        lines.append(f"- held-out perplexity increase of the refined static plan: {static['ppl_increase']:+.1%} "
+                     f"({static['ppl_dense']:.2f} → {static['ppl']:.2f})")
+    return lines
+
+
+def results_markdown(result: dict[str, Any], figures: Sequence[str], command: str) -> str:
+    data = result["data"]
+    per_class_ppl = ", ".join(f"{c} {v['ppl']:.1f}" for c, v in result["dense"]["per_class"].items())
+    out = ["# Results on the bundled demo model", "",
+           f"Regenerate everything on this page with `{command}` (numbers below are from {result['created']}, "
+           f"skipprofiler {result['tool_version']}).", "",
+           f"Model: {result['model']['name']} ({result['model']['fingerprint'].get('num_layers')} layers). "
+           f"Held-out data: {data['spec']}, {data['documents']} documents, windows of {data['window']} tokens with a "
+           f"dense prompt of {data['prompt_len']}; {sum(data['tokens'].values())} measured decode positions. "
+           f"Dense held-out perplexity {result['dense']['ppl']:.2f} "
+           f"({per_class_ppl}).", "",
+           "## Bars (target 25 %)", ""]
+    out += checks(result)
+    out += ["", "Definitions of every column and baseline: [eval-schema.md](eval-schema.md).", ""]
+    targets = sorted({r["target"] for r in result["plans"] if r.get("target") is not None})
+    for target in targets:
+        out += [f"## Target {target:.0%}", ""]
+        out += plan_table([r for r in result["plans"] if r.get("target") == target])
+        out.append("")
+    others = [r for r in result["plans"] if r.get("target") is None]
+    if others:
+        out += ["## Other plans", ""] + plan_table(others) + [""]
+    if figures:
+        out += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures] + [""]
+    return "\n".join(out)

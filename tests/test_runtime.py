@@ -276,18 +276,35 @@ def test_print_model_shows_planned_ffns():
 
 
 @pytest.mark.slow
-def test_compile_when_applied_before_compiling():
+@pytest.mark.parametrize("mode", ["static", "adaptive"])
+def test_compile_when_applied_before_compiling(mode):
     model = tiny_model("llama", num_layers=4)
-    ids = torch.randint(2, 90, (1, 5))
-    plan = static([1, 2], warmup_tokens=1)
-    with apply_plan(model, plan):
+    ids = torch.randint(2, 90, (2, 5))
+    plan = static([1, 2], warmup_tokens=1) if mode == "static" else SkipPlan(
+        mode="adaptive", tau=quantile_tau(model, ids[:1], 8), cold_start=1, cold_end=1, max_skip=2)
+    with apply_plan(model, plan) as handle:
         eager_logits, eager_tokens = greedy_loop(model, ids, 5)
+        eager_stats = handle.stats()
+        handle.reset_stats()
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="eager")
+        compiled = torch.compile(model, backend="eager")  # dynamo tracing (what decides correctness), no codegen
         logits, tokens = greedy_loop(compiled, ids, 5)
+        assert handle.stats() == eager_stats and eager_stats["skipped"] > 0
     torch._dynamo.reset()
     assert torch.equal(tokens, eager_tokens)
     assert (logits - eager_logits).abs().max().item() == 0.0
+
+
+def test_static_decode_compiles_to_one_graph_without_breaks():
+    model = tiny_model("llama", num_layers=4)
+    ids = torch.randint(2, 90, (1, 5))
+    with apply_plan(model, static([1, 2])):
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            explained = torch._dynamo.explain(model)(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+    torch._dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
 
 
 # ---- adaptive plans -------------------------------------------------------------------------------------------------
@@ -585,3 +602,39 @@ def test_yaml_path_is_loaded_through_planio(tmp_path):
     planio.save_plan(plan_file(model, static([2])), path)
     with apply_plan(model, path) as handle:
         assert handle.plan.skip_layers == {2: 1.0}
+
+
+# ---- benchmark library ----------------------------------------------------------------------------------------------
+
+
+def test_flop_count_matches_hand_count_and_ideal_speedup():
+    from skipprofiler.bench import run_flops, synthetic_model, token_flops
+
+    model = synthetic_model("llama-tiny")  # hidden 64, intermediate 128, 6 layers, 4 heads, vocab 512
+    f = token_flops(model)
+    assert f["ffn"] == 2 * 3 * 64 * 128 and f["attn_proj"] == 2 * 4 * 64 * 64
+    assert f["lm_head"] == 2 * 64 * 512 and f["attn_per_position"] == 4 * 64 and f["layers"] == 6
+    dense, plan = run_flops(model, batch=2, prompt_tokens=3, new_tokens=3, skipped_calls=5)
+    per_layer = f["ffn"] + f["attn_proj"]
+    prompt = 2 * (3 * 6 * per_layer + 6 * f["attn_per_position"] * 6 + f["lm_head"])
+    decode = sum(2 * (6 * (per_layer + f["attn_per_position"] * ctx) + f["lm_head"]) for ctx in (4, 5))
+    assert dense == pytest.approx(prompt + decode) and dense - plan == 5 * f["ffn"]
+
+
+def test_benchmark_interleaves_arms_and_reports_medians():
+    from skipprofiler.bench import Arm, benchmark_decode, middle_static_plan, synthetic_model
+
+    model = synthetic_model("llama-tiny")
+    plan = middle_static_plan(6, 0.25)
+    assert sum(plan.skip_layers.values()) == pytest.approx(1.5)
+    result = benchmark_decode(model, [Arm("static", plan)], batch=2, prompt_tokens=4, new_tokens=4, repeats=5)
+    dense, arm = result.results
+    assert dense.name == "dense" and len(dense.seconds) == len(arm.seconds) == 5
+    assert arm.stats["skip_ratio"] == pytest.approx(sum(len(plan.static_layers_at(d)) for d in range(3)) / 18)
+    assert arm.ideal_speedup > 1.0
+    rows = result.rows()
+    assert rows[1]["speedup"] == pytest.approx(dense.median / arm.median)
+    assert rows[1]["measured_over_ideal"] == pytest.approx(rows[1]["speedup"] / arm.ideal_speedup)
+    assert "meas/ideal" in result.table()
+    with pytest.raises(ValueError, match="repeats must be >= 5"):
+        benchmark_decode(model, [Arm("static", plan)], repeats=3)

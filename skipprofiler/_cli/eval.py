@@ -13,23 +13,19 @@ import typer
 
 from .errors import CLIError
 
-HELP = """Measure what skip plans cost and save on held-out data (default: the bundled held-out split).
-
-Per plan, per class and overall: teacher-forced perplexity dense vs plan, mean per-token KL(dense || plan) and top-1
-agreement on decode positions (prompt prefix dense, then the plan's decode-time rule with warm-up and dense-every);
-greedy continuations with and without the plan; the realized skip ratio; decode tokens/s dense vs plan (interleaved,
-median) against the FLOP-ideal speedup. JSON layout: docs/eval-schema.md.
-
-Examples:
-
-  skipprof eval plans/demo-static-25.yaml
-
-  skipprof eval plans/demo-static-25.yaml plans/demo-adaptive-25.yaml --baselines --profile demo.prof --json eval.json
-
-  skipprof eval path/to/model plan.yaml --data heldout.jsonl --no-speed
-
-  skipprof eval --profile demo.prof --sweep 0.05,0.1,0.15,0.25,0.35 --baselines --json sweep.json
-"""
+HELP = (
+    "Measure what skip plans cost and save on held-out data (default: the bundled held-out split).\n\n"
+    "Per plan, per class and overall: teacher-forced perplexity dense vs plan, mean per-token KL(dense || plan) and "
+    "top-1 agreement on decode positions (prompt prefix dense, then the plan's decode-time rule with warm-up and "
+    "dense-every); greedy continuations with and without the plan; the realized skip ratio; decode tokens/s dense vs "
+    "plan (interleaved, median) against the FLOP-ideal speedup. JSON layout: docs/eval-schema.md.\n\n"
+    "Examples:\n\n"
+    "  skipprof eval plans/demo-static-25.yaml\n\n"
+    "  skipprof eval plans/demo-static-25.yaml plans/demo-adaptive-25.yaml --baselines --profile demo.prof "
+    "--json eval.json\n\n"
+    "  skipprof eval path/to/model plan.yaml --data heldout.jsonl --no-speed\n\n"
+    "  skipprof eval --profile demo.prof --sweep 0.05,0.1,0.15,0.25,0.35 --baselines --json sweep.json\n"
+)
 
 
 def _is_plan_path(arg: str) -> bool:
@@ -55,8 +51,10 @@ def load_model_and_tokenizer(model_arg: str | None, dtype: str):
             return loaded[0], loaded[1]
         return loaded, _tokenizer_for(model_arg)
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()
     path = _model_path(model_arg)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
@@ -135,6 +133,10 @@ def load_profile(path: Path | None):
 
 
 def write_json_atomic(data: dict, path: Path) -> None:
+    write_text_atomic(json.dumps(data, indent=1, allow_nan=False) + "\n", path)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -145,8 +147,7 @@ def write_json_atomic(data: dict, path: Path) -> None:
         raise CLIError(f"cannot write {path}: {e.strerror}")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-            f.write("\n")
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -166,7 +167,7 @@ def print_table(result: dict) -> None:
                       fmt(row["ppl_increase"], "{:+.1%}"), fmt(row["top1_agreement"]),
                       fmt(row.get("greedy_agreement")), fmt(row.get("first_divergence_mean"), "{:.1f}"),
                       fmt(row.get("speedup"), "{:.2f}×"), fmt(row.get("ideal_speedup"), "{:.2f}×"))
-    Console(stderr=False).print(table)
+    Console(width=max(160, Console().width)).print(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -178,23 +179,32 @@ def register(app: typer.Typer) -> None:
         data: Annotated[Optional[str], typer.Option(help="held-out data file (.jsonl[.gz]/.parquet/.txt; "
                                                          "labels from a `class` column)")] = None,
         json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results here (JSON)")] = None,
-        baselines: Annotated[bool, typer.Option(help="add random / contiguous-window / paper-default adaptive / "
-                                                     "LLM-Drop / ShortGPT rows at the first plan's realized ratio")] = False,
-        oracle: Annotated[Optional[bool], typer.Option("--oracle/--no-oracle", help="exhaustive static reference "
-                                                       "(default: with --baselines when the model has <= 16 layers)")] = None,
-        profile: Annotated[Optional[Path], typer.Option(help="profile file: LLM-Drop ranking and --sweep fitting")] = None,
+        baselines: Annotated[bool, typer.Option(
+            help="add random / contiguous-window / paper-default adaptive / LLM-Drop / ShortGPT rows at the first "
+                 "plan's realized ratio")] = False,
+        oracle: Annotated[Optional[bool], typer.Option(
+            "--oracle/--no-oracle",
+            help="exhaustive static reference (default: with --baselines when the model has <= 16 layers)")] = None,
+        profile: Annotated[Optional[Path], typer.Option(
+            help="profile file: LLM-Drop ranking and --sweep fitting")] = None,
         sweep: Annotated[Optional[str], typer.Option(help="fit static+adaptive plans at these target ratios from "
                                                           "--profile and evaluate each, e.g. 0.05,0.1,0.25")] = None,
         refine: Annotated[bool, typer.Option(help="with --sweep: refine the static sets by measured KL on the "
                                                   "calibration split")] = True,
+        per_class: Annotated[bool, typer.Option(help="with --sweep: also fit class plans and evaluate them routed "
+                                                     "by each document's label")] = False,
         docs_per_class: Annotated[int, typer.Option(min=1, help="held-out documents per class")] = 16,
         prompt_len: Annotated[int, typer.Option(min=1, help="dense prompt tokens per document")] = 32,
         window: Annotated[int, typer.Option(min=4, help="tokens per document (prompt + decode)")] = 128,
         greedy_prompts: Annotated[int, typer.Option(min=0, help="prompts for greedy agreement")] = 8,
         greedy_tokens: Annotated[int, typer.Option(min=1, help="greedy tokens per prompt")] = 32,
         speed: Annotated[bool, typer.Option(help="measure decode tokens/s dense vs plan")] = True,
-        speed_repeats: Annotated[int, typer.Option(min=1, help="timed pairs (median; a warm-up pair is extra)")] = 5,
+        speed_repeats: Annotated[int, typer.Option(
+            min=5, help="timed rounds (median of >= 5; a warm-up round is extra)")] = 5,
+        speed_tokens: Annotated[int, typer.Option(min=2, help="decoded tokens per timed run")] = 64,
         seeds: Annotated[int, typer.Option(min=1, help="random-baseline seeds")] = 3,
+        oracle_at: Annotated[Optional[str], typer.Option(help="with --sweep: run the oracle only at these targets "
+                                                              "(default: every target needing <= 150 sets)")] = None,
         dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
         threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch default)")] = 0,
     ) -> None:
@@ -222,13 +232,15 @@ def register(app: typer.Typer) -> None:
         model, tokenizer = load_model_and_tokenizer(model_arg, dtype)
         config = ev.EvalConfig(prompt_len=prompt_len, window=window, docs_per_class=docs_per_class,
                                greedy_prompts=greedy_prompts, greedy_new_tokens=greedy_tokens, speed=speed,
-                               speed_repeats=speed_repeats, baselines=baselines, random_seeds=seeds, oracle=oracle)
+                               speed_repeats=speed_repeats, speed_new_tokens=speed_tokens, baselines=baselines,
+                               random_seeds=seeds, oracle=oracle)
         log = lambda msg: print(f"[eval] {msg}", file=sys.stderr, flush=True)  # noqa: E731
         name = model_arg or "bundled demo model"
         try:
             if targets:
                 result = ev.run_sweep(model, tokenizer, prof, targets, data, config, extra_plans=plans,
-                                      refine=refine, model_name=name, log=log)
+                                      refine=refine, per_class=per_class, model_name=name, log=log,
+                                      oracle_targets=parse_sweep(oracle_at) if oracle_at else None)
             else:
                 result = ev.run_eval(model, tokenizer, plans, data, config, profile=prof, model_name=name, log=log)
         except (ev.EvalError, PlanError, FidelityError, RefineError) as e:

@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # Subcommand modules: each defines `register(app)`. Listed here so `skipprof --help` shows the pipeline in order.
-_SUBCOMMANDS = ("profile", "inspect", "merge", "export_plan", "validate", "show", "eval", "report", "bench")
+_SUBCOMMANDS = ("demo", "profile", "inspect", "merge", "export_plan", "validate", "show", "eval", "report", "bench")
 
 
 def _register_all() -> None:
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _register_all()
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False: typer returns (not raises) the code of a `typer.Exit`
+        rc = app(args=argv, standalone_mode=False)
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             print("error: aborted", file=sys.stderr)
             sys.exit(130)
         raise
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

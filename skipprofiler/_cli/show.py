@@ -9,14 +9,13 @@ import typer
 
 from .errors import CLIError
 
-HELP = """Pretty-print a YAML skip plan: model, provenance, defaults, each plan's rule and expected skip ratio, router.
-
-Examples:
-
-  skipprof show plans/demo-adaptive-25.yaml
-
-  skipprof show plans/demo-perclass-25.yaml --yaml     # the canonical YAML instead
-"""
+HELP = (
+    "Pretty-print a YAML skip plan: model, provenance, defaults, each plan's rule and expected skip ratio, "
+    "router.\n\n"
+    "Examples:\n\n"
+    "  skipprof show plans/demo-adaptive-25.yaml\n\n"
+    "  skipprof show plans/demo-perclass-25.yaml --yaml     # the canonical YAML instead\n"
+)
 
 
 def describe_layers(plan) -> str:
@@ -28,10 +27,9 @@ def describe_layers(plan) -> str:
     if plan.max_skip == 0:
         return "none (max_skip 0)"
     taus = sorted(set(plan.tau or []))
-    tau = f"tau {taus[0]:g}" if len(taus) == 1 else f"tau {min(taus):g}..{max(taus):g} per layer"
+    tau = f"tau {taus[0]:.4g}" if len(taus) == 1 else f"tau {min(taus):.4g}..{max(taus):.4g}"
     L = len(plan.tau or [])
-    return (f"{tau}; runs of {plan.max_skip} in layers {plan.cold_start}..{L - plan.cold_end - 1} "
-            f"(cold: <{plan.cold_start}, >={L - plan.cold_end})")
+    return f"{tau}, k {plan.max_skip}, layers {plan.cold_start}..{L - plan.cold_end - 1}"
 
 
 def plan_table(plan_file, title: str | None = None):
@@ -79,23 +77,25 @@ def print_plan(plan_file, console, source: str) -> None:
                       f"{router.layer}; classes {', '.join(router.classes)}; held-out accuracy {acc}")
 
 
-def show(plan: Annotated[Path, typer.Argument(help="YAML plan file.", show_default=False)],
+def show(plan: Annotated[Path, typer.Argument(help="YAML plan file.", show_default=False, metavar="PLAN")],
          as_yaml: Annotated[bool, typer.Option("--yaml", help="Print the canonical YAML instead.")] = False) -> None:
     """Pretty-print a plan file."""
     from rich.console import Console
 
     from ..plan import PlanError
-    from ..planio import dump_plan, load_plan
+    from ..planio import dump_plan, plan_from_dict, read_plan_dict
 
-    if not plan.is_file():
-        raise CLIError(f"plan file not found: {plan}")
     try:
-        plan_file = load_plan(plan)
+        data, _ = read_plan_dict(plan)
+    except PlanError as e:
+        raise CLIError(str(e))
+    try:
+        plan_file = plan_from_dict(data)
     except PlanError as e:
         from .validate import print_problems
 
         print_problems(str(plan), e.problems)
-        raise typer.Exit(2)
+        raise SystemExit(2)  # problems already printed; main() drops typer.Exit codes in non-standalone mode
     if as_yaml:
         print(dump_plan(plan_file), end="")
         return

@@ -10,19 +10,16 @@ import typer
 
 from .errors import CLIError
 
-HELP = """Check a YAML skip plan and report every problem at once, one per line with its path (exit 2 if any).
-
-Checks: YAML syntax, unknown keys, types, ranges (tau in [-1, 1], fractions in (0, 1], ...), layer indices against
-the plan's model, the router against its class plans, the plan version. With --model, also the layer count and the
-model fingerprint (a plan fitted for another model is rejected). The model is built on the meta device from its
-config: no weights are loaded.
-
-Examples:
-
-  skipprof validate plans/demo-static-25.yaml
-
-  skipprof validate my-plan.yaml --model path/to/model
-"""
+HELP = (
+    "Check a YAML skip plan and report every problem at once, one per line with its path (exit 2 if any).\n\n"
+    "Checks: YAML syntax, unknown keys, types, ranges (tau in [-1, 1], fractions in (0, 1], ...), layer "
+    "indices against the plan's model, the router against its class plans, the plan version. With --model, "
+    "also the layer count and the model fingerprint (a plan fitted for another model is rejected). The model "
+    "is built on the meta device from its config: no weights are loaded.\n\n"
+    "Examples:\n\n"
+    "  skipprof validate plans/demo-static-25.yaml\n\n"
+    "  skipprof validate my-plan.yaml --model path/to/model\n"
+)
 
 
 def model_fingerprint_of(model_arg: str | None) -> dict:
@@ -59,7 +56,7 @@ def print_problems(source: str, problems: list[str]) -> None:
         print(f"  {problem}", file=sys.stderr)
 
 
-def validate(plan: Annotated[Path, typer.Argument(help="YAML plan file to check.", show_default=False)],
+def validate(plan: Annotated[Path, typer.Argument(help="YAML plan file to check.", show_default=False, metavar="PLAN")],
              model: Annotated[Optional[str], typer.Option(
                  "--model", "-m", help="Local model folder the plan must fit (layer count and fingerprint).")] = None,
              ) -> None:
@@ -77,7 +74,7 @@ def validate(plan: Annotated[Path, typer.Argument(help="YAML plan file to check.
         parsed = plan_from_dict(data, num_layers=num_layers, fingerprint=fingerprint)
     except PlanError as e:
         print_problems(source, e.problems)
-        raise typer.Exit(2)
+        raise SystemExit(2)  # problems already printed; main() drops typer.Exit codes in non-standalone mode
     kinds = f"global {parsed.global_plan.mode}"
     if parsed.classes:
         kinds += f", {len(parsed.classes)} class plans ({', '.join(sorted(parsed.classes))})"

@@ -1,0 +1,149 @@
+"""`skipprof bench decode`: decode tokens/s dense vs skip plans, interleaved, median, against the FLOP ideal."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import CLIError
+
+HELP = """Time greedy decoding (KV cache, hand-written loop) dense vs skip plans.
+
+Arms run interleaved in rotating order, the first round is a warm-up and is dropped, and each arm's median of
+--repeats (>= 5) runs is reported with its tokens/s, measured speedup over dense, the FLOP-ideal speedup for that
+plan on that model (attention, FFN and LM-head FLOPs; skipped FFN calls counted by the runtime) and their ratio.
+
+With plan files, the arms are dense + each plan. Without, they are dense, the empty plan, a static plan at --static
+and adaptive plans calibrated on the model to each --adaptive target (speed only: the thresholds are not fitted for
+quality).
+
+Examples:
+
+  skipprof bench decode plans/demo-static-25.yaml plans/demo-adaptive-25.yaml
+
+  skipprof bench decode --model synthetic:llama-100m --batch 1 --batch 8 --dtype fp32 --dtype bf16
+
+  skipprof bench decode --model synthetic:llama-tiny --new-tokens 16 --json bench.json
+"""
+
+
+def _parse_targets(text: str) -> list[float]:
+    try:
+        targets = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise CLIError(f"--adaptive must be comma-separated skip ratios like 0.05,0.25; got {text!r}")
+    if any(not 0 < t < 1 for t in targets):
+        raise CLIError(f"--adaptive skip ratios must lie in (0, 1); got {text!r}")
+    return targets
+
+
+def _model_spec(model: str | None) -> str:
+    if model is None:
+        from .. import demo
+
+        try:
+            return str(demo.model_path())
+        except FileNotFoundError as e:
+            raise CLIError(str(e))
+    if model.startswith("synthetic:"):
+        from ..bench import SYNTHETIC_CONFIGS
+
+        name = model.split(":", 1)[1]
+        if name not in SYNTHETIC_CONFIGS:
+            raise CLIError(f"unknown synthetic model {name!r}; known: {', '.join(SYNTHETIC_CONFIGS)}")
+        return model
+    if not (Path(model) / "config.json").is_file():
+        raise CLIError(f"--model {model}: no config.json there; pass a checkpoint folder or synthetic:llama-100m")
+    return model
+
+
+def _plan_arms(plans: list[Path], prompt_class: str | None):
+    from ..bench import Arm
+    from ..plan import PlanError
+    from ..runtime import load_plan
+
+    arms = []
+    for path in plans:
+        if not path.is_file():
+            raise CLIError(f"plan file not found: {path}")
+        try:
+            arms.append(Arm(path.stem, load_plan(path), prompt_class))
+        except PlanError as e:
+            raise CLIError(f"{path}: {e}")
+    return arms
+
+
+def _check_arms(model_spec: str, dtype: str, arms) -> None:
+    """Apply each plan once before timing anything, so a plan for another model fails fast with one line."""
+    from ..bench import DTYPES, load_model
+    from ..plan import PlanError
+    from ..registry import UnsupportedArchitecture
+    from ..runtime import apply_plan
+
+    model, _ = load_model(model_spec, DTYPES[dtype])
+    for arm in arms:
+        try:
+            apply_plan(model, arm.plan, prompt_class=arm.prompt_class).remove()
+        except (PlanError, UnsupportedArchitecture) as e:
+            raise CLIError(f"plan {arm.name}: {e}")
+
+
+def register(app: typer.Typer) -> None:
+    bench_app = typer.Typer(help="Benchmarks: decode speed of skip plans.", no_args_is_help=True)
+    app.add_typer(bench_app, name="bench")
+
+    @bench_app.command("decode", help=HELP)
+    def decode(
+        plans: Annotated[Optional[list[Path]], typer.Argument(help="plan YAML files (default: synthetic arms)")] = None,
+        model: Annotated[Optional[str], typer.Option(help="checkpoint folder or synthetic:llama-100m / "
+                                                          "synthetic:llama-tiny (default: the demo model)")] = None,
+        batch: Annotated[Optional[list[int]], typer.Option(help="batch size; repeatable (default 1)")] = None,
+        dtype: Annotated[Optional[list[str]], typer.Option(help="fp32 or bf16; repeatable (default fp32)")] = None,
+        static: Annotated[float, typer.Option(help="skip ratio of the synthetic static arm (0: none)")] = 0.29,
+        adaptive: Annotated[str, typer.Option(help="adaptive skip targets, comma-separated ('' for none)")]
+        = "0.05,0.10,0.25,0.35",
+        prompt_class: Annotated[Optional[str], typer.Option("--class", help="prompt class for plan files "
+                                                                            "(a class name or auto)")] = None,
+        new_tokens: Annotated[int, typer.Option(help="tokens generated per run")] = 128,
+        prompt_tokens: Annotated[int, typer.Option(help="random prompt length")] = 16,
+        repeats: Annotated[int, typer.Option(help="timed runs per arm (>= 5), after one warm-up round")] = 5,
+        threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's choice)")] = None,
+        json_out: Annotated[Optional[Path], typer.Option("--json", help="write the result rows here")] = None,
+    ) -> None:
+        if repeats < 5:
+            raise CLIError(f"--repeats must be at least 5 (got {repeats}): medians of fewer runs are not reported")
+        if new_tokens < 2 or prompt_tokens < 1:
+            raise CLIError("--new-tokens must be >= 2 and --prompt-tokens >= 1")
+        batches = batch or [1]
+        if any(b < 1 for b in batches):
+            raise CLIError(f"--batch must be >= 1; got {batches}")
+        dtypes = dtype or ["fp32"]
+        bad = [d for d in dtypes if d not in ("fp32", "bf16")]
+        if bad:
+            raise CLIError(f"unknown --dtype {bad[0]!r}; use fp32 or bf16")
+        spec = _model_spec(model)
+        plan_arms = _plan_arms(plans or [], prompt_class)
+        targets = _parse_targets(adaptive) if not plan_arms else []
+        import torch
+
+        from ..bench import run_suite
+
+        if threads:
+            torch.set_num_threads(threads)
+        if plan_arms:
+            _check_arms(spec, dtypes[0], plan_arms)
+        suites = run_suite(spec, batches, dtypes, None if plan_arms else (static or None), targets,
+                           plan_arms=plan_arms, new_tokens=new_tokens, prompt_tokens=prompt_tokens,
+                           repeats=repeats, include_defaults=not plan_arms, log=lambda m: typer.echo(m, err=True))
+        for suite in suites:
+            typer.echo(suite.table())
+        if json_out is not None:
+            rows = [row for suite in suites for row in suite.rows()]
+            tmp = json_out.with_name(json_out.name + ".tmp")
+            tmp.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
+            os.replace(tmp, json_out)
+            typer.echo(f"wrote {json_out}", err=True)

@@ -1,0 +1,226 @@
+"""`skipprof export-plan`: fit a YAML skip plan from a profile at a target skip ratio."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import CLIError
+
+HELP = (
+    "Fit a skip plan from a profile so that R of decode-token FFN calls are skipped, and write it as YAML.\n\n"
+    "static: the non-cold layers with the highest mean residual cosine (decode tokens when profiled), plus one "
+    "layer skipped on a fraction of tokens, so the ratio hits R exactly. adaptive: FFN-SkipLLM's rule (skip "
+    "the next k FFNs once the previous layer's cosine exceeds tau), tau and k fitted by simulating the rule on "
+    "the profile's per-token samples. Cold layers come from the data. --per-class adds one plan per corpus "
+    "class and a prompt router. The rule, the statistics and every key of the file: docs/plan-format.md.\n\n"
+    "Examples:\n\n"
+    "  skipprof export-plan demo.prof --target-skip 0.25 --out plans/demo-static-25.yaml\n\n"
+    "  skipprof export-plan demo.prof --target-skip 0.25 --mode adaptive --out plans/demo-adaptive-25.yaml\n\n"
+    "  skipprof export-plan demo.prof --target-skip 0.25 --per-class --out plans/demo-perclass-25.yaml\n\n"
+    "  skipprof export-plan demo.prof --target-skip 0.2 --refine --out plans/demo-static-20-refined.yaml\n"
+)
+
+
+def _load_profile(path: Path):
+    from ..profile import Profile, ProfileError
+
+    if not path.exists():
+        raise CLIError(f"profile not found: {path} (create one with `skipprof profile --out {path}`)")
+    try:
+        profile = Profile.load(path)
+    except ProfileError as e:
+        raise CLIError(f"cannot read profile {path}: {e}")
+    if profile.header.get("partial"):
+        print(f"warning: {path} is a partial profile (the profiling run stopped early); fitting from the tokens it "
+              "has", file=sys.stderr)
+    return profile
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _max_positions(profile, model_arg: str | None) -> int | None:
+    """The model's max positions (adaptive warm-up default): profile header, else the model config."""
+    model = profile.header.get("model") or {}
+    for key in ("max_position_embeddings", "max_positions"):
+        if isinstance(model.get(key), int):
+            return model[key]
+    candidates = [model_arg] if model_arg else []
+    candidates += [model.get(k) for k in ("path", "name") if isinstance(model.get(k), str)]
+    for candidate in candidates:
+        config_file = Path(candidate) / "config.json" if candidate else None
+        if config_file is not None and config_file.is_file():
+            import json
+
+            try:
+                config = json.loads(config_file.read_text())
+            except (OSError, ValueError):
+                continue
+            value = config.get("max_position_embeddings") or config.get("n_positions")
+            if isinstance(value, int):
+                return value
+    return None
+
+
+def _check_writable(out: Path) -> None:
+    folder = out.parent if str(out.parent) else Path(".")
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a directory; give a file name such as {out / 'plan.yaml'}")
+    if not folder.is_dir():
+        raise CLIError(f"cannot write {out}: folder {folder} does not exist")
+    import os
+
+    if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise CLIError(f"cannot write {out}: permission denied")
+
+
+def _refine(plan_file, model_arg: str | None, data: str | None) -> None:
+    """Refine the global static plan's layer set by measured KL (skipprofiler.refine), recorded in its `fit`."""
+    if plan_file.global_plan.mode != "static":
+        raise CLIError("--refine works on static plans; drop --refine or use --mode static")
+    try:
+        from ..refine import RefineError, refine_static
+    except ImportError:
+        raise CLIError("--refine needs skipprofiler.refine, which is not available in this installation")
+    from .validate import model_fingerprint_of
+
+    fingerprint = model_fingerprint_of(model_arg)
+    from ..planio import fingerprint_problems
+
+    mismatch = fingerprint_problems(plan_file.model.get("fingerprint"), fingerprint)
+    if mismatch:
+        raise CLIError(f"--model does not match the profile's model: {mismatch[0]}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_arg
+    if path is None:
+        from .. import demo
+
+        path = str(demo.model_path())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot load {path} for --refine: {str(e).splitlines()[0]}")
+    try:
+        plan_file.global_plan = refine_static(model, tokenizer, plan_file.global_plan, data)
+    except (RefineError, ValueError) as e:
+        raise CLIError(f"--refine failed: {e}")
+
+
+def export_plan(
+    profile: Annotated[Path, typer.Argument(help="Profile file written by `skipprof profile`.", show_default=False, metavar="PROFILE")],
+    target_skip: Annotated[float, typer.Option("--target-skip", "-r", help="Fraction of decode-token FFN calls to "
+                                                 "skip, in (0, 1).", show_default=False)],
+    mode: Annotated[str, typer.Option(help="static (fixed layers) or adaptive (FFN-SkipLLM threshold rule).")] = "static",
+    per_class: Annotated[bool, typer.Option("--per-class", help="Add a plan per corpus class and a prompt router.")] = False,
+    classes: Annotated[Optional[list[str]], typer.Option("--class", help="Fit plans for these classes only "
+                                                          "(repeatable; no router).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the YAML plan ('-' for stdout).")] = Path("plan.yaml"),
+    warmup_tokens: Annotated[Optional[int], typer.Option(help="Generated tokens decoded densely first. Default: "
+                                                           "adaptive max_positions // 64, static 0.")] = None,
+    dense_every: Annotated[Optional[int], typer.Option(help="Every n-th generated token fully dense (0: never). "
+                                                         "Default: adaptive 6, static 0.")] = None,
+    apply_to: Annotated[str, typer.Option(help="decode (prompt stays dense) or all.")] = "decode",
+    compensation: Annotated[str, typer.Option(help="none, or norm_ratio (scale the skipped FFN's input by the "
+                                                   "calibrated mean norm gain, as AdaSkip).")] = "none",
+    max_skip: Annotated[Optional[int], typer.Option(help="Adaptive run length k. Default: searched (the k whose "
+                                                    "skipped calls have the highest mean cosine).")] = None,
+    tau: Annotated[str, typer.Option(help="Adaptive thresholds: global (one tau) or per-layer (one quantile level "
+                                          "of each layer's cosine).")] = "global",
+    cold_floor: Annotated[float, typer.Option(help="Edge layers saturated on fewer than this share of tokens are "
+                                                   "cold (never skipped).")] = 0.05,
+    min_class_tokens: Annotated[int, typer.Option(help="Classes with fewer profiled tokens fall back to the "
+                                                       "global plan.")] = 256,
+    refine: Annotated[bool, typer.Option("--refine", help="Static: refine the layer set by measured KL on "
+                                                          "calibration data (loads the model).")] = False,
+    model: Annotated[Optional[str], typer.Option(help="Model folder for --refine (default: the bundled demo).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="--data spec for --refine (default: bundled calibration).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the router's 70/30 document split.")] = 0,
+) -> None:
+    """Fit a skip plan from a profile at a target skip ratio."""
+    from ..fit import FitError, FitSettings, fit_plan_file
+    from ..plan import PlanError
+    from ..planio import dump_plan, save_plan
+
+    _check_options(target_skip, mode, apply_to, compensation, tau, warmup_tokens, dense_every, max_skip, cold_floor)
+    if str(out) != "-":
+        _check_writable(out)
+    prof = _load_profile(profile)
+    settings = FitSettings(target=target_skip, mode=mode, apply_to=apply_to, warmup_tokens=warmup_tokens,
+                           dense_every=dense_every, compensation=compensation, max_skip=max_skip, tau_mode=tau,
+                           cold_floor=cold_floor, min_class_tokens=min_class_tokens, seed=seed)
+    try:
+        result = fit_plan_file(prof, settings, per_class=per_class, classes=classes,
+                               profile_ref={"path": str(profile), "sha256": _sha256(profile)},
+                               max_positions=_max_positions(prof, model))
+    except FitError as e:
+        raise CLIError(str(e))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if refine:
+        _refine(result.plan_file, model, data)
+    try:
+        if str(out) == "-":
+            sys.stdout.write(dump_plan(result.plan_file))
+            return
+        save_plan(result.plan_file, out)
+    except PlanError as e:
+        raise CLIError(f"the fitted plan is invalid (a bug): {e}")
+    except OSError as e:
+        raise CLIError(f"cannot write {out}: {e.strerror or e}")
+    _print_summary(result.plan_file, out)
+
+
+def _check_options(target: float, mode: str, apply_to: str, compensation: str, tau: str, warmup: int | None,
+                   dense_every: int | None, max_skip: int | None, cold_floor: float) -> None:
+    if not 0.0 < target < 1.0:
+        raise CLIError(f"--target-skip must be in (0, 1), got {target:g}")
+    for name, value, options in (("--mode", mode, ("static", "adaptive")), ("--apply-to", apply_to, ("decode", "all")),
+                                 ("--compensation", compensation, ("none", "norm_ratio")),
+                                 ("--tau", tau, ("global", "per-layer"))):
+        if value not in options:
+            raise CLIError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+    for name, value in (("--warmup-tokens", warmup), ("--dense-every", dense_every)):
+        if value is not None and value < 0:
+            raise CLIError(f"{name} must be >= 0, got {value}")
+    if dense_every == 1:
+        raise CLIError("--dense-every 1 makes every token dense; use 0 (never) or >= 2")
+    if max_skip is not None and max_skip < 1:
+        raise CLIError(f"--max-skip must be >= 1, got {max_skip}")
+    if max_skip is not None and mode != "adaptive":
+        raise CLIError("--max-skip applies to --mode adaptive only")
+    if not 0.0 <= cold_floor < 1.0:
+        raise CLIError(f"--cold-floor must be in [0, 1), got {cold_floor:g}")
+
+
+def _print_summary(plan_file, out: Path) -> None:
+    from rich.console import Console
+
+    from .show import plan_table
+
+    console = Console(width=140)
+    console.print(plan_table(plan_file, title=f"wrote {out}"))
+    per_class = plan_file.global_plan.fit.get("class_skip_ratio")
+    if per_class:
+        console.print("global plan's simulated skip ratio per class: "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in per_class.items()))
+    if plan_file.router is not None:
+        acc = plan_file.router.heldout_accuracy
+        console.print(f"router: layer {plan_file.router.layer}, held-out accuracy "
+                      f"{'-' if acc is None else f'{acc:.1%}'} (70/30 document split)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export-plan", help=HELP)(export_plan)

@@ -1,0 +1,85 @@
+"""`skipprof eval` / `skipprof report` end to end on a tiny saved model, and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from skipprofiler._cli.main import main
+from skipprofiler.plan import PlanFile, SkipPlan
+from skipprofiler.planio import save_plan
+from skipprofiler.registry import model_fingerprint
+from test_evaluate import char_tokenizer, write_corpus
+from tiny_models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = tiny_model("llama", num_layers=6, vocab_size=128)
+    model.save_pretrained(root / "model")
+    char_tokenizer().save_pretrained(root / "model")
+    fp = model_fingerprint(model)
+    save_plan(PlanFile(model={"name": "tiny", "fingerprint": fp},
+                       global_plan=SkipPlan(mode="static", skip_layers={2: 1.0, 3: 1.0})), root / "static.yaml")
+    save_plan(PlanFile(model={"name": "tiny", "fingerprint": dict(fp, hidden_size=999)},
+                       global_plan=SkipPlan(mode="static", skip_layers={2: 1.0})), root / "other.yaml")
+    data = write_corpus(root / "heldout.jsonl.gz")
+    return root, data
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+SMALL = ["--prompt-len", "8", "--window", "40", "--docs-per-class", "3", "--greedy-prompts", "2", "--greedy-tokens", "4"]
+
+
+@pytest.mark.slow
+def test_eval_writes_json_with_the_documented_keys(saved, tmp_path, capsys):
+    root, data = saved
+    out = tmp_path / "eval.json"
+    code = _run(["eval", str(root / "model"), str(root / "static.yaml"), "--data", str(data), "--json", str(out),
+                 "--no-speed", "--baselines", "--seeds", "2", *SMALL])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["format"] == "skipprof-eval"
+    first = result["plans"][0]
+    for key in ("skip_ratio", "ppl", "ppl_dense", "kl_mean", "top1_agreement", "greedy_agreement", "speedup",
+                "ideal_speedup"):
+        assert key in first
+    assert first["skip_ratio"] == pytest.approx(2 / 6)
+    assert any(r["family"] == "oracle static" for r in result["plans"])
+    assert "static" in capsys.readouterr().out  # the table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "{root}/model", "{root}/other.yaml", "--data", "{data}"], "another model"),
+    (["eval", "{root}/model", "{root}/missing.yaml"], "plan file not found"),
+    (["eval", "{root}/model", "{root}/static.yaml", "--data", "{root}/nope.jsonl"], "data file not found"),
+    (["eval", "{root}/model"], "at least one PLAN"),
+    (["eval", "{root}/static.yaml", "--sweep", "0.1,2"], "(0, 1)"),
+    (["eval", "{root}/static.yaml", "--sweep", "0.1"], "--profile"),
+    (["eval", "{root}/nothing-here", "{root}/static.yaml"], "model path not found"),
+    (["report", "{root}/missing.prof", "--out", "{root}/fig"], "not found"),
+])
+def test_bad_input_is_one_line_error(saved, capsys, argv, message):
+    root, data = saved
+    code = _run([a.format(root=root, data=data) for a in argv])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_empty_heldout_is_an_error(saved, tmp_path, capsys):
+    root, _ = saved
+    short = write_corpus(tmp_path / "short.jsonl.gz", words=1)
+    code = _run(["eval", str(root / "model"), str(root / "static.yaml"), "--data", str(short), "--no-speed", *SMALL])
+    err = capsys.readouterr().err
+    assert code != 0 and "held-out data" in err and "Traceback" not in err

@@ -1,0 +1,235 @@
+"""Fitting: static and adaptive plans hit the target ratio, cold layers come from the data, the simulation equals
+plan.py's rule, per-class fallback, the router."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from skipprofiler.fit import (FitError, FitSettings, fit_adaptive, fit_plan_file, fit_router, fit_static,
+                              simulate_adaptive, static_skip_ratio)
+from skipprofiler.plan import SkipPlan
+from skipprofiler.planio import dump_plan, load_plan
+
+profile_module = pytest.importorskip("skipprofiler.profile")
+Profile = profile_module.Profile
+
+METRICS = ("residual", "ffn_io", "norm_ratio", "stream_gain")
+BASE_CURVE = (0.80, 0.86, 0.90, 0.93, 0.95, 0.96, 0.97, 0.975, 0.97, 0.96, 0.94, 0.75)
+
+
+def synthetic_profile(class_curves: dict[str, tuple[float, ...]], tokens: dict[str, int] | None = None,
+                      regimes: tuple[str, ...] = ("prompt", "decode"), spread: float = 0.02, reservoir: int = 1500,
+                      hidden: int = 8, docs: int = 20, seed: int = 0) -> Profile:
+    """A Profile whose per-token residual cosines are Normal(curve[l], spread) per class (clipped below 1)."""
+    rng = np.random.default_rng(seed)
+    classes = list(class_curves)
+    L = len(next(iter(class_curves.values())))
+    R, C, K = 2, len(classes), reservoir
+    edges = {m: np.linspace(0.0, 2.0, 401) if m in ("norm_ratio", "stream_gain") else np.linspace(-1.0, 1.0, 2001)
+             for m in METRICS}
+    hist = {m: np.zeros((R, L, C, len(edges[m]) + 1), np.int64) for m in METRICS}
+    mean = {m: np.zeros((R, L, C)) for m in METRICS}
+    m2 = {m: np.zeros((R, L, C)) for m in METRICS}
+    nonfinite = {m: np.zeros((R, L, C), np.int64) for m in METRICS}
+    count = np.zeros((R, L, C), np.int64)
+    res = np.zeros((R, C, K, L), np.float32)
+    res_gain = np.zeros((R, C, K, L), np.float32)
+    res_len = np.zeros((R, C), np.int64)
+    for r, regime in enumerate(("prompt", "decode")):
+        if regime not in regimes:
+            continue
+        for c, name in enumerate(classes):
+            n = (tokens or {}).get(name, K)
+            cos = np.clip(np.asarray(class_curves[name]) + spread * rng.standard_normal((n, L)), -1, 0.99995)
+            gain = 1.0 + 0.1 * rng.random((n, L))
+            values = {"residual": cos, "ffn_io": cos * 0.5, "norm_ratio": gain - 0.9, "stream_gain": gain}
+            for m, v in values.items():
+                idx = np.searchsorted(edges[m], v, side="right")  # 0 = underflow, len(edges) = overflow
+                for l in range(L):
+                    hist[m][r, l, c] = np.bincount(idx[:, l], minlength=len(edges[m]) + 1)
+                mean[m][r, :, c] = v.mean(axis=0)
+                m2[m][r, :, c] = ((v - v.mean(axis=0)) ** 2).sum(axis=0)
+            count[r, :, c] = n
+            keep = min(n, K)
+            res[r, c, :keep] = cos[:keep]
+            res_gain[r, c, :keep] = gain[:keep]
+            res_len[r, c] = keep
+    centers = rng.standard_normal((C, hidden)) * 3
+    features = (centers[:, None, :] + rng.standard_normal((C, docs, hidden))).astype(np.float32)
+    header = {"format": "skipprof-profile", "format_version": 1,
+              "model": {"name": "synthetic", "fingerprint": {"model_type": "llama", "num_layers": L,
+                                                             "hidden_size": hidden, "vocab_size": 96,
+                                                             "config_hash": "feedbeef"},
+                        "max_position_embeddings": 512},
+              "corpus": [{"spec": "synthetic", "sha256": "0" * 64}], "partial": False,
+              "reservoir_size": K, "seed": seed}
+    return Profile(header=header, classes=classes, edges=edges, hist=hist, count=count, mean=mean, m2=m2,
+                   nonfinite=nonfinite, reservoir=res, reservoir_gain=res_gain, reservoir_len=res_len,
+                   reservoir_keys=rng.random((R, C, K)), router_layer=L // 2, doc_features=features,
+                   doc_len=np.full(C, docs, np.int64), doc_keys=rng.random((C, docs)))
+
+
+@pytest.fixture(scope="module")
+def two_class_profile() -> Profile:
+    code = tuple(min(0.99, c + (0.03 if 2 <= l <= 5 else -0.03)) if l < 11 else c for l, c in enumerate(BASE_CURVE))
+    return synthetic_profile({"fiction": BASE_CURVE, "code": code})
+
+
+@pytest.mark.parametrize("target", [0.1, 0.25, 0.35])
+@pytest.mark.parametrize("dense_every,warmup", [(0, 0), (6, 8)])
+def test_static_hits_target_and_takes_most_saturated_layers(two_class_profile, target, dense_every, warmup):
+    plan = fit_static(two_class_profile, FitSettings(target, dense_every=dense_every, warmup_tokens=warmup),
+                      cls="fiction")
+    assert abs(plan.expected_skip_ratio - target) <= 0.01
+    assert plan.expected_skip_ratio == pytest.approx(static_skip_ratio(plan, 12), abs=1e-6)
+    whole = [l for l, f in plan.skip_layers.items() if f == 1.0]
+    ranking = sorted(range(1, 11), key=lambda l: -BASE_CURVE[l])
+    assert sorted(whole) == sorted(ranking[:len(whole)])  # the most saturated layers first
+    assert 0 not in plan.skip_layers and 11 not in plan.skip_layers  # cold
+    assert (plan.warmup_tokens, plan.dense_every) == (warmup, dense_every)
+
+
+def test_static_ratio_counts_exactly_what_plan_py_skips():
+    plan = SkipPlan("static", warmup_tokens=5, dense_every=6, skip_layers={2: 1.0, 4: 0.5, 7: 0.37})
+    horizon = 600
+    skipped = sum(len(plan.static_layers_at(d)) for d in range(5, 5 + horizon))
+    assert static_skip_ratio(plan, 10, horizon) == skipped / (horizon * 10)
+
+
+def _reference_rule(row, tau, cold_start, cold_end, max_skip) -> int:
+    """plan.py's adaptive rule, written as the per-layer walk its docstring describes."""
+    L = len(row)
+    skipped, run_left, run_taken = 0, 0, False
+    for l in range(L):
+        if l < cold_start or l >= L - cold_end:
+            ran = True
+        elif run_left > 0:
+            skipped, run_left, ran = skipped + 1, run_left - 1, False
+        else:
+            ran = True
+        if ran and l >= cold_start - 1 and not run_taken and row[l] > np.float32(tau[l]) and l + 1 < L - cold_end:
+            run_left, run_taken = max_skip, True
+    return skipped
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(2, 9).flatmap(lambda L: st.tuples(
+    st.lists(st.lists(st.floats(-1, 1, width=32), min_size=L, max_size=L), min_size=1, max_size=6),
+    st.lists(st.floats(-1, 1), min_size=L, max_size=L), st.integers(0, L), st.integers(0, L), st.integers(0, L))))
+def test_simulation_equals_the_rule(case):
+    rows, tau, cold_start, cold_end, max_skip = case
+    L = len(tau)
+    cold_end = min(cold_end, L - cold_start)
+    rows = np.asarray(rows, np.float32)
+    skipped, _ = simulate_adaptive(rows, np.asarray(tau), cold_start, cold_end, max_skip)
+    assert skipped.tolist() == [_reference_rule(r, tau, cold_start, cold_end, max_skip) for r in rows]
+
+
+@pytest.mark.parametrize("target", [0.1, 0.25, 0.35])
+@pytest.mark.parametrize("tau_mode", ["global", "per-layer"])
+def test_adaptive_hits_target(two_class_profile, target, tau_mode):
+    settings_ = FitSettings(target, mode="adaptive", tau_mode=tau_mode).resolve(512)
+    plan = fit_adaptive(two_class_profile, settings_)
+    assert abs(plan.expected_skip_ratio - target) <= 0.01
+    assert (plan.dense_every, plan.warmup_tokens) == (6, 8)  # paper defaults: every 6th dense, 512 // 64
+    assert all(-1.0 <= t <= 1.0 for t in plan.tau) and len(plan.tau) == 12
+    assert plan.cold_end >= 1 and plan.cold_start >= 1 and plan.max_skip >= 1
+    assert plan.fit["k_search"] and plan.fit["eligible_share"] == pytest.approx(5 / 6, abs=1e-3)
+
+
+def test_cold_layers_follow_the_data():
+    # layers 0-3 never saturated here; in the second profile layer 1-3 are saturated too
+    cold_first = (0.5, 0.55, 0.6, 0.62, 0.97, 0.975, 0.98, 0.975, 0.97, 0.96, 0.6)
+    hot_first = (0.5, 0.97, 0.975, 0.97) + cold_first[4:]
+    plan_a = fit_adaptive(synthetic_profile({"x": cold_first}), FitSettings(0.2, mode="adaptive", dense_every=0,
+                                                                              warmup_tokens=0))
+    plan_b = fit_adaptive(synthetic_profile({"x": hot_first}), FitSettings(0.2, mode="adaptive", dense_every=0,
+                                                                             warmup_tokens=0))
+    assert plan_a.cold_start == 4 and plan_a.cold_end == 1
+    assert plan_b.cold_start < 4
+    static_a = fit_static(synthetic_profile({"x": cold_first}), FitSettings(0.2))
+    assert min(static_a.skip_layers) >= 4 and set(static_a.fit["cold_layers"]) >= {0, 1, 2, 3, 10}
+
+
+def test_unreachable_target_is_a_clear_error():
+    profile = synthetic_profile({"x": (0.5, 0.97, 0.97, 0.5)})
+    with pytest.raises(FitError, match="out of reach"):
+        fit_static(profile, FitSettings(0.9))
+    with pytest.raises(FitError, match="out of reach"):
+        fit_adaptive(profile, FitSettings(0.9, mode="adaptive", dense_every=0, warmup_tokens=0))
+    with pytest.raises(FitError, match=r"\(0, 1\)"):
+        FitSettings(1.5).resolve(None)
+
+
+def test_per_class_plans_fallback_and_router(two_class_profile):
+    result = fit_plan_file(two_class_profile, FitSettings(0.25), per_class=True)
+    plan_file = result.plan_file
+    assert set(plan_file.classes) == {"fiction", "code"}
+    assert plan_file.classes["fiction"].skip_layers != plan_file.classes["code"].skip_layers
+    assert all(abs(p.expected_skip_ratio - 0.25) <= 0.01 for p in plan_file.classes.values())
+    assert plan_file.router is not None and plan_file.router.heldout_accuracy == 1.0
+    assert plan_file.router.layer == 6 and len(plan_file.router.centroids[0]) == 8
+    assert load_plan(dump_plan(plan_file)) == plan_file  # the fitted file is valid and round-trips
+    assert plan_file.provenance["tokens"]["decode"] == 3000
+
+    sparse = synthetic_profile({"fiction": BASE_CURVE, "code": BASE_CURVE}, tokens={"code": 40})
+    result = fit_plan_file(sparse, FitSettings(0.25, mode="adaptive"), per_class=True, max_positions=512)
+    assert result.plan_file.classes["code"].fit["fallback"] == "global"
+    assert any("class 'code' falls back to the global plan" in w for w in result.warnings)
+    assert result.plan_file.classes["code"].tau == result.plan_file.global_plan.tau
+    with pytest.raises(FitError, match="unknown class 'poetry'"):
+        fit_plan_file(sparse, FitSettings(0.25), classes=["poetry"])
+
+
+def test_pooled_fit_weights_classes_by_tokens():
+    # the same reservoir size per class, but "b" has 9x the tokens: the pooled static ranking must follow "b"
+    a = (0.5, 0.97, 0.96, 0.90, 0.90, 0.5)
+    b = (0.5, 0.90, 0.90, 0.96, 0.97, 0.5)
+    profile = synthetic_profile({"a": a, "b": b}, tokens={"a": 1000, "b": 9000}, reservoir=1000)
+    plan = fit_adaptive(profile, FitSettings(0.15, mode="adaptive", dense_every=0, warmup_tokens=0, max_skip=1))
+    by_class = fit_plan_file(profile, FitSettings(0.15, mode="adaptive", dense_every=0, warmup_tokens=0,
+                                                  max_skip=1)).plan_file.global_plan.fit["class_skip_ratio"]
+    weighted = (1000 * by_class["a"] + 9000 * by_class["b"]) / 10000
+    assert weighted == pytest.approx(plan.expected_skip_ratio, abs=1e-4)
+
+
+def test_router_needs_documents_and_norm_gain_comes_from_stream_gain(two_class_profile):
+    one_doc = synthetic_profile({"a": BASE_CURVE, "b": BASE_CURVE}, docs=1)
+    router, why = fit_router(one_doc)
+    assert router is None and "fewer than 2 documents" in why
+    plan = fit_static(two_class_profile, FitSettings(0.25, compensation="norm_ratio"))
+    expected = two_class_profile.layer_stats("stream_gain", "decode")["mean"]
+    assert plan.norm_gain == pytest.approx(list(expected), abs=1e-6)
+    assert all(1.0 <= g <= 1.1 for g in plan.norm_gain)
+
+
+def test_prompt_only_profile_fits_on_prompt_tokens():
+    profile = synthetic_profile({"x": BASE_CURVE}, regimes=("prompt",))
+    result = fit_plan_file(profile, FitSettings(0.2))
+    assert result.plan_file.global_plan.fit["regime"] == "prompt"
+    assert any("no decode tokens" in w for w in result.warnings)
+
+
+@pytest.mark.slow
+def test_fitted_static_plan_matches_the_runtime_count():
+    """The expected ratio is what apply_plan really skips (teacher-forced decode positions on a tiny model)."""
+    import torch
+    from tiny_models import tiny_model
+
+    from skipprofiler.runtime import apply_plan
+
+    model = tiny_model("llama", num_layers=4)
+    plan = SkipPlan("static", warmup_tokens=2, dense_every=3, skip_layers={1: 1.0, 2: 0.4})
+    prompt, decode = 4, 2 + 60
+    ids = torch.randint(2, 96, (1, prompt + decode))
+    with apply_plan(model, plan) as handle, handle.decode_from(prompt), torch.no_grad():
+        model(ids)
+        stats = handle.stats()
+    assert stats["decode_positions"] == 60
+    assert stats["skip_ratio"] == pytest.approx(static_skip_ratio(plan, 4, horizon=60), abs=1e-12)
+    assert math.isclose(static_skip_ratio(plan, 4, horizon=60) * 60 * 4, stats["skipped"])

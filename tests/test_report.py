@@ -1,0 +1,59 @@
+"""Figures and the results Markdown from eval JSON (and a profile's histograms)."""
+
+from __future__ import annotations
+
+import pytest
+
+from skipprofiler.report import checks, make_report, results_markdown
+
+
+def _row(name, family, ratio, kl, ppl, speed=None, target=0.25, per_class=None, mode="static"):
+    return {"name": name, "family": family, "skip_ratio": ratio, "kl_mean": kl, "ppl": ppl, "ppl_dense": 10.0,
+            "ppl_increase": ppl / 10.0 - 1, "top1_agreement": 0.9, "greedy_agreement": 0.8,
+            "first_divergence_mean": 5.0, "speedup": speed, "ideal_speedup": 1 + ratio / 2, "target": target,
+            "mode": mode, "per_class": per_class or {"a": {"kl_mean": kl}, "b": {"kl_mean": kl}}}
+
+
+def _result():
+    rows = []
+    for t in (0.1, 0.25):
+        rows += [_row(f"static @{t}", "fitted static (refined)", t, 0.01 * t, 10.5, 1.05, t),
+                 _row(f"adaptive @{t}", "fitted adaptive", t + 0.01, 0.008 * t, 10.4, 1.02, t, mode="adaptive"),
+                 _row(f"random @{t}", "random FFN", t, 0.05 * t, 12.0, 1.04, t),
+                 _row(f"oracle @{t}", "oracle static", t, 0.009 * t, 10.45, 1.05, t),
+                 _row(f"LLM-Drop @{t}", "LLM-Drop top-by-cosine", t, 0.02 * t, 11.0, 1.05, t),
+                 _row(f"paper @{t}", "FFN-SkipLLM paper defaults", t - 0.02, 0.012 * t, 10.8, 1.0, t, mode="adaptive"),
+                 _row(f"drop @{t}", "ShortGPT layer drop", t, 0.1 * t, 15.0, None, t, mode="layer_drop")]
+    rows.append(_row("pc", "fitted adaptive per-class (routed by label)", 0.26, 0.0019, 10.3, None, 0.25,
+                     {"a": {"kl_mean": 0.001}, "b": {"kl_mean": 0.003}}, mode="adaptive"))
+    return {"format": "skipprof-eval", "created": "now", "tool_version": "0.1.0",
+            "model": {"name": "tiny", "fingerprint": {"num_layers": 12}},
+            "data": {"spec": "held-out", "documents": 8, "window": 64, "prompt_len": 16, "tokens": {"a": 100, "b": 90}},
+            "dense": {"ppl": 10.0, "per_class": {"a": {"ppl": 9.0}, "b": {"ppl": 11.0}}}, "plans": rows}
+
+
+def test_eval_figures_are_written(tmp_path):
+    from PIL import Image
+
+    paths = make_report(None, _result(), tmp_path, title="tiny — test")
+    assert [p.name for p in paths] == ["quality_vs_skip.png", "speedup_vs_skip.png"]
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.size[0] > 600 and im.size[1] > 300
+
+
+def test_checks_report_each_bar_with_numbers():
+    lines = checks(_result())
+    text = "\n".join(lines)
+    assert "✅ met: refined static KL 0.0025 = 1.11× the oracle's 0.0022" in text
+    assert "✅ met: refined static KL 0.0025 below LLM-Drop" in text
+    assert "✅ met: fitted adaptive KL 0.0020" in text and "below the static oracle" in text
+    # per-class: class b (0.003) does not beat the global adaptive plan (0.002) -> not met, with the numbers
+    assert "❌ not met: per-class adaptive plans beat the global adaptive plan on their own class's KL in 1/2" in text
+
+
+def test_markdown_has_tables_per_target_and_figures():
+    text = results_markdown(_result(), ["results/quality_vs_skip.png"], "scripts/make_results.sh")
+    assert "## Target 10%" in text and "## Target 25%" in text
+    assert "![quality_vs_skip](results/quality_vs_skip.png)" in text
+    assert "`scripts/make_results.sh`" in text

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be >= 5")
     targets = [float(t) for t in args.adaptive.split(",") if t.strip()]
     suites = run_suite(args.model, args.batch or [1, 8], args.dtype or ["fp32", "bf16"], args.static or None,
-                       targets, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats)
+                       targets, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
+                       log=lambda message: print(message, flush=True))
     if args.json:
         rows = [row for suite in suites for row in suite.rows()]
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")

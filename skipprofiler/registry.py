@@ -147,9 +147,10 @@ class FFNSite:
             leaf = name.rsplit(".", 1)[-1]
             if leaf in _OUTPUT_PROJECTIONS:
                 out += [(mod, p) for p, _ in mod.named_parameters(recurse=False)]
-        if not out:  # fused experts keep parameters directly on the experts module
-            out = [(mod, p) for name, mod in self.ffn.named_modules() for p, _ in mod.named_parameters(recurse=False)
-                   if p in _OUTPUT_PROJECTIONS]
+        # Fused experts keep their output projection as a parameter of the experts module (e.g. `experts.down_proj`),
+        # also next to a shared expert's `down_proj` Linear (qwen2_moe): collect both kinds.
+        out += [(mod, p) for name, mod in self.ffn.named_modules() for p, _ in mod.named_parameters(recurse=False)
+                if p in _OUTPUT_PROJECTIONS]
         return out
 
 

@@ -59,52 +59,57 @@ def _plt():
 
 
 def _rebinned(hist_row: np.ndarray, edges: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Fold a fine histogram (underflow, bins, overflow) onto a coarse grid by bin centre; shares of tokens."""
+    """Fold a fine cosine histogram (underflow, bins, overflow) onto a grid of 1 - cos by bin centre; token shares."""
     counts = hist_row[1:-1].astype(float)
-    centres = (edges[:-1] + edges[1:]) / 2
-    coarse, _ = np.histogram(np.clip(centres, grid[0], grid[-1] - 1e-12), bins=grid, weights=counts)
-    coarse[0] += hist_row[0]
-    coarse[-1] += hist_row[-1]
+    gap = 1.0 - (edges[:-1] + edges[1:]) / 2
+    coarse, _ = np.histogram(np.clip(gap, grid[0], grid[-1] * (1 - 1e-9)), bins=grid, weights=counts)
+    coarse[-1] += hist_row[0]  # underflow: cos below the first edge, the largest gaps
+    coarse[0] += hist_row[-1]
     total = coarse.sum()
     return coarse / total if total > 0 else coarse
 
 
+GAP_FLOOR = 1e-5  # 1 - cos below this is drawn in the first row
+
+
 def cosine_figure(profile, out: Path, title: str) -> Path:
+    """Heatmap per class: layer on x, 1 - cos on a log axis (saturated FFNs sit near the bottom), share as colour."""
     plt = _plt()
-    regime = "decode" if profile.tokens("decode") > 0 else "prompt"
     from .profile import REGIMES
 
+    regime = "decode" if profile.tokens("decode") > 0 else "prompt"
     r = REGIMES.index(regime)  # histogram axis 0 follows profile.REGIMES
     edges = np.asarray(profile.edges["residual"], dtype=float)
     hist = np.asarray(profile.hist["residual"])
-    p10 = profile.layer_stats("residual", regime)["p10"]
-    low = float(np.floor(min(np.nanmin(p10), 0.95) * 20) / 20)
-    low = max(low - 0.05, -1.0)
-    grid = np.linspace(low, 1.0, 61)
+    grid = np.logspace(np.log10(GAP_FLOOR), np.log10(2.0), 49)
     classes = list(profile.classes)
     cols = min(2, len(classes))
     rows = (len(classes) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.6 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.8 * rows), squeeze=False, sharey=True,
+                             layout="constrained")
     num_layers = profile.num_layers
-    image = None
+    x_edges = np.arange(num_layers + 1) - 0.5
+    mesh = None
     for i, cls in enumerate(classes):
         ax = axes[i // cols][i % cols]
         shares = np.stack([_rebinned(hist[r, l, i], edges, grid) for l in range(num_layers)], axis=1)
-        image = ax.imshow(shares, origin="lower", aspect="auto", cmap="viridis",
-                          extent=(-0.5, num_layers - 0.5, grid[0], grid[-1]), vmin=0, vmax=max(shares.max(), 1e-9))
-        median = profile.layer_stats("residual", regime, cls=cls)["p50"]
-        ax.plot(range(num_layers), median, color="white", marker=".", lw=1.2, label="median")
-        ax.axhline(0.95, color="tab:red", lw=0.8, ls="--", label="τ = 0.95 (paper)")
+        mesh = ax.pcolormesh(x_edges, grid, shares, cmap="viridis", vmin=0, vmax=max(float(shares.max()), 1e-9))
+        median = 1.0 - np.asarray(profile.layer_stats("residual", regime, cls=cls)["p50"], dtype=float)
+        ax.plot(range(num_layers), np.clip(median, GAP_FLOOR, 2.0), color="white", marker=".", lw=1.2,
+                label="median")
+        ax.axhline(0.05, color="tab:red", lw=1.0, ls="--", label="τ = 0.95 (paper)")
+        ax.set_yscale("log")
+        ax.set_ylim(grid[0], grid[-1])
         ax.set_title(f"{cls}  ({profile.tokens(regime, cls):,} {regime} tokens)", fontsize=10)
         ax.set_xlabel("layer")
         ax.set_xticks(range(num_layers))
         if i % cols == 0:
-            ax.set_ylabel("cos(h, h + FFN(h))")
-        ax.legend(loc="lower right", fontsize=7)
+            ax.set_ylabel("1 − cos(h, h + FFN)  (log; lower = more saturated)")
+        ax.legend(loc="upper right", fontsize=7)
     for j in range(len(classes), rows * cols):
         axes[j // cols][j % cols].axis("off")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="share of tokens in bin")
-    fig.suptitle(title + f"\nper-layer FFN saturation cosine by class ({regime} regime)", fontsize=11)
+    fig.colorbar(mesh, ax=axes, shrink=0.8, label="share of the layer's tokens")
+    fig.suptitle(title + f"\nper-layer FFN saturation by class ({regime} regime)", fontsize=11)
     path = out / "cosine_by_layer.png"
     _atomic_savefig(fig, path)
     plt.close(fig)

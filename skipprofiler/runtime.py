@@ -327,6 +327,7 @@ class SkipHandle:
         self._stats_host = [0, 0]  # decode positions, skipped FFN calls
         self._stats_device: list[torch.Tensor] = []
         self._skip_layers = self._plannable_layers()
+        self._static_cache: dict[tuple[int, int], tuple[int, ...]] = {}
         self._removed = False
 
     # ---- public API ------------------------------------------------------------------------------------------------
@@ -526,6 +527,7 @@ class SkipHandle:
             if decision is None:
                 return fc1_forward(x)
             pending["rows"] = x.shape[0]
+            _check_rows(x.shape[0], step, layer)
             if decision is _ALL:
                 return x.new_empty((x.shape[0], 0))
             if decision.kept is None:  # masked compute
@@ -581,6 +583,7 @@ class SkipHandle:
         step = self._step
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        _check_rows(flat.shape[0], step, site.index)
         filler = self._filler(site, step, flat.shape[0], flat.shape[-1], flat.dtype, flat.device)
         if decision is _ALL:
             out = filler
@@ -599,6 +602,7 @@ class SkipHandle:
         step = self._step
         scale = step.gain_scale[site.index] if step.gain_scale else None
         res_flat = residual.reshape(-1, residual.shape[-1])
+        _check_rows(res_flat.shape[0], step, site.index)
         kept_value = res_flat * (scale + 1.0) if scale is not None else res_flat.clone()
         if decision is _ALL:
             out = kept_value
@@ -814,7 +818,7 @@ class SkipHandle:
             return  # no decode positions at all
         L = self.arch.num_layers
         counted: list[bool] = []
-        static_rows: list[list[int]] = []  # per position: layers skipped statically
+        static_rows: list[tuple[int, ...]] = []  # per position: layers skipped statically
         adaptive_rows: list[_RowPlan | None] = []
         for b, rp in enumerate(plans):
             d0 = first_d[b]
@@ -823,7 +827,7 @@ class SkipHandle:
                 decode = d is not None and d >= 0
                 counted.append(decode and d >= rp.plan.warmup_tokens)
                 eligible = decode and not rp.plan.is_empty() and rp.plan.eligible(d)
-                static_rows.append(_static_layers(rp.plan, d) if eligible and rp.plan.mode == "static" else [])
+                static_rows.append(self._static_layers(rp, d) if eligible and rp.plan.mode == "static" else ())
                 adaptive_rows.append(rp if eligible and rp.plan.mode == "adaptive" else None)
         self._count(step, counted, static_rows)
         any_static = any(static_rows)
@@ -842,13 +846,22 @@ class SkipHandle:
             step.cos_layers = frozenset(step.adaptive.trigger_layers())
         self._plan_compensation(step, plans)
 
+    def _static_layers(self, rp: _RowPlan, d: int) -> tuple[int, ...]:
+        key = (rp.index, d)
+        layers = self._static_cache.get(key)
+        if layers is None:
+            if len(self._static_cache) > 65536:  # long sequences: keep the memo bounded
+                self._static_cache.clear()
+            layers = self._static_cache[key] = tuple(int(l) for l in rp.plan.static_layers_at(d))
+        return layers
+
     def _row_plan_list(self, batch: int) -> list[_RowPlan]:
         if self._prompt_class == "auto":
             classes = self._row_classes if self._row_classes and len(self._row_classes) == batch else [None] * batch
             return [self._row_plans[id(self._plans.get(c, self._plans[None]))] for c in classes]
         return [self._row_plans[id(self.plan)]] * batch
 
-    def _count(self, step: _Step, counted: list[bool], static_rows: list[list[int]]) -> None:
+    def _count(self, step: _Step, counted: list[bool], static_rows: list[tuple[int, ...]]) -> None:
         skipped = [len(rows) for rows in static_rows]
         if step.real is None:
             step.counted = sum(counted)
@@ -881,8 +894,11 @@ class SkipHandle:
 # Helpers
 
 
-def _static_layers(plan: SkipPlan, d: int) -> list[int]:
-    return [int(l) for l in plan.static_layers_at(d)]
+def _check_rows(rows: int, step: _Step, layer: int) -> None:
+    if rows != step.positions:
+        raise RuntimeError(f"skipprofiler: the FFN of layer {layer} got {rows} positions but the model forward has "
+                           f"{step.batch} x {step.seq}; this architecture reorders tokens before its FFN, which the "
+                           "runtime does not support")
 
 
 def _decision_from_flags(flags: list[bool] | None, device: torch.device) -> Any:

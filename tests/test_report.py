@@ -57,3 +57,32 @@ def test_markdown_has_tables_per_target_and_figures():
     assert "## Target 10%" in text and "## Target 25%" in text
     assert "![quality_vs_skip](results/quality_vs_skip.png)" in text
     assert "`scripts/make_results.sh`" in text
+
+
+def _tiny_profile():
+    import torch
+
+    from skipprofiler.profile import Batch, ProfileSettings, profile_model
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", num_layers=4)
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randint(2, 96, (4, 16), generator=g), torch.ones(4, 16, dtype=torch.long),
+                  torch.tensor([0, 0, 1, 1]), 2)
+    return profile_model(model, [batch], ProfileSettings(generate=4), class_names=["prose", "code"])
+
+
+def test_cosine_figure_from_a_real_profile(tmp_path):
+    from PIL import Image
+
+    paths = make_report(_tiny_profile(), None, tmp_path, title="tiny llama — random tokens")
+    assert [p.name for p in paths] == ["cosine_by_layer.png"]
+    with Image.open(paths[0]) as im:
+        assert im.size[0] > 600 and im.size[1] > 300
+
+
+def test_report_rejects_an_eval_without_rows(tmp_path):
+    from skipprofiler.report import ReportError
+
+    with pytest.raises(ReportError, match="no plan rows"):
+        make_report(None, dict(_result(), plans=[]), tmp_path)

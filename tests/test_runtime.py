@@ -638,3 +638,29 @@ def test_benchmark_interleaves_arms_and_reports_medians():
     assert "meas/ideal" in result.table()
     with pytest.raises(ValueError, match="repeats must be >= 5"):
         benchmark_decode(model, [Arm("static", plan)], repeats=3)
+
+
+def test_cli_bench_decode_writes_rows_and_rejects_bad_input(tmp_path, capsys):
+    import json
+
+    from skipprofiler._cli.main import main
+
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "decode", "--model", "synthetic:llama-tiny", "--new-tokens", "3", "--prompt-tokens", "2",
+              "--adaptive", "", "--static", "0.3", "--json", str(out)])
+    assert exit_info.value.code in (0, None)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["arm"] for r in rows] == ["dense", "empty plan", "static 30%"]
+    assert rows[2]["ideal_speedup"] > 1 and rows[2]["runs"] == 5
+    for argv, message in ((["--repeats", "3"], "--repeats must be at least 5"),
+                          (["--model", str(tmp_path)], "no config.json there"),
+                          (["--model", "synthetic:llama-tiny", "--adaptive", "0.2,x"], "comma-separated"),
+                          (["--model", "synthetic:llama-tiny", "--dtype", "int4"], "unknown --dtype"),
+                          (["--model", "synthetic:llama-tiny", str(tmp_path / "missing.yaml")], "plan file not found")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(["bench", "decode", *argv])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -25,12 +25,14 @@ def imported_modules(statement: str) -> set[str]:
     "import skipprofiler.runtime",
     "import skipprofiler; skipprofiler.apply_plan; skipprofiler.load_plan",
 ])
+@pytest.mark.slow
 def test_runtime_import_stays_light(statement):
     names = imported_modules(statement)
     assert "torch" in names  # the parser really saw the import tree
     assert not names & set(HEAVY), sorted(names & set(HEAVY))
 
 
+@pytest.mark.slow
 def test_loading_a_plan_stays_light():
     """load_plan (YAML) pulls planio and yaml only."""
     pytest.importorskip("skipprofiler.planio")

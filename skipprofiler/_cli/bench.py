@@ -11,24 +11,19 @@ import typer
 
 from .errors import CLIError
 
-HELP = """Time greedy decoding (KV cache, hand-written loop) dense vs skip plans.
-
-Arms run interleaved in rotating order, the first round is a warm-up and is dropped, and each arm's median of
---repeats (>= 5) runs is reported with its tokens/s, measured speedup over dense, the FLOP-ideal speedup for that
-plan on that model (attention, FFN and LM-head FLOPs; skipped FFN calls counted by the runtime) and their ratio.
-
-With plan files, the arms are dense + each plan. Without, they are dense, the empty plan, a static plan at --static
-and adaptive plans calibrated on the model to each --adaptive target (speed only: the thresholds are not fitted for
-quality).
-
-Examples:
-
-  skipprof bench decode plans/demo-static-25.yaml plans/demo-adaptive-25.yaml
-
-  skipprof bench decode --model synthetic:llama-100m --batch 1 --batch 8 --dtype fp32 --dtype bf16
-
-  skipprof bench decode --model synthetic:llama-tiny --new-tokens 16 --json bench.json
-"""
+HELP = (
+    "Time greedy decoding (KV cache, hand-written loop) dense vs skip plans.\n\n"
+    "Arms run interleaved in rotating order; the first round is a warm-up and is dropped; each arm reports the "
+    "median of --repeats (>= 5) runs: tokens/s, measured speedup over dense, the FLOP-ideal speedup for that plan on "
+    "that model (attention, FFN and LM-head FLOPs; skipped FFN calls counted by the runtime) and their ratio.\n\n"
+    "With plan files the arms are dense + each plan. Without, they are dense, the empty plan, a static plan at "
+    "--static and adaptive plans calibrated on the model to each --adaptive target (speed only: those thresholds "
+    "are not fitted for quality).\n\n"
+    "Examples:\n\n"
+    "  skipprof bench decode plans/demo-static-25.yaml plans/demo-adaptive-25.yaml\n\n"
+    "  skipprof bench decode --model synthetic:llama-100m --batch 1 --batch 8 --dtype fp32 --dtype bf16\n\n"
+    "  skipprof bench decode --model synthetic:llama-tiny --new-tokens 16 --json bench.json"
+)
 
 
 def _parse_targets(text: str) -> list[float]:

@@ -40,54 +40,10 @@ def split_model_and_plans(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def load_model_and_tokenizer(model_arg: str | None, dtype: str):
-    """The shared loader when the profile stage's CLI helpers are installed, else a plain from_pretrained."""
-    try:
-        from . import common  # type: ignore[attr-defined]
-    except ImportError:
-        common = None
-    if common is not None and hasattr(common, "load_model"):
-        loaded = common.load_model(model_arg, dtype=dtype)
-        if isinstance(loaded, tuple):
-            return loaded[0], loaded[1]
-        return loaded, _tokenizer_for(model_arg)
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
+    """The shared loader (one-line errors for missing paths, non-causal models, unknown architectures)."""
+    from .common import load_model
 
-    transformers.utils.logging.disable_progress_bar()
-    path = _model_path(model_arg)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise CLIError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except (OSError, ValueError) as e:
-        raise CLIError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0]}")
-    return model.eval(), _tokenizer_for(model_arg)
-
-
-def _model_path(model_arg: str | None) -> str:
-    if model_arg is None:
-        from .. import demo
-
-        try:
-            return str(demo.model_path())
-        except FileNotFoundError as e:
-            raise CLIError(str(e))
-    if not Path(model_arg).exists() and (model_arg.startswith((".", "/")) or os.sep in model_arg.rstrip("/")
-                                          and len(model_arg.split("/")) != 2):
-        raise CLIError(f"model path not found: {model_arg}")
-    return model_arg
-
-
-def _tokenizer_for(model_arg: str | None):
-    from transformers import AutoTokenizer
-
-    path = _model_path(model_arg)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise CLIError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}")
+    return load_model(model_arg, dtype=dtype, device="cpu")
 
 
 def load_plans(paths: list[str]) -> list[tuple[str, Any]]:

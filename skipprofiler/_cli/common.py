@@ -1,0 +1,128 @@
+"""Shared CLI helpers: model/tokenizer loading with one-line errors, --device/--dtype parsing, output checks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import CLIError
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+          "fp16": "float16"}
+
+
+def parse_dtype(name: str):
+    import torch
+
+    canonical = DTYPES.get(str(name).lower())
+    if canonical is None:
+        raise CLIError(f"unknown --dtype {name!r}; use float32, bfloat16 or float16")
+    return getattr(torch, canonical)
+
+
+def parse_device(name: str | None):
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
+    import torch
+
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def model_location(model_arg: str | None) -> str:
+    """The local folder (or hub id) to load: the bundled demo model when none is given."""
+    if model_arg is None:
+        from .. import demo
+
+        try:
+            return str(demo.model_path())
+        except FileNotFoundError as e:
+            raise CLIError(str(e)) from None
+    path = Path(model_arg).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"model path {model_arg} is a file; pass the checkpoint folder (with config.json)")
+        if not (path / "config.json").is_file():
+            raise CLIError(f"{model_arg} is not a model checkpoint: no config.json in it")
+        return str(path)
+    looks_like_hub_id = model_arg.count("/") <= 1 and not model_arg.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise CLIError(f"model path not found: {model_arg}")
+    return model_arg
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def load_model(model_arg: str | None, dtype: str = "float32", device: str | None = "cpu",
+               need_tokenizer: bool = True) -> tuple[Any, Any]:
+    """(model in eval mode on `device`, tokenizer). Every failure is a CLIError with one actionable line."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..registry import UnsupportedArchitecture, resolve
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    location = model_location(model_arg)
+    torch_dtype = parse_dtype(dtype)
+    target = parse_device(device)
+    local = Path(location).is_dir()
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as e:
+        if not local:
+            raise CLIError(f"model not found: {location} is not a local folder and the hub cannot provide it "
+                           f"({_first_line(e)})") from None
+        raise CLIError(f"cannot read the config of {location}: {_first_line(e)}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "does not recognize" in str(e):
+            raise CLIError(f"{location} is not a causal LM (model_type {getattr(config, 'model_type', '?')!r}); "
+                           "skipprof needs a decoder-only model loadable with AutoModelForCausalLM") from None
+        raise CLIError(f"cannot load {location}: {_first_line(e)}") from None
+    except (OSError, RuntimeError, KeyError) as e:
+        raise CLIError(f"cannot load {location}: {_first_line(e)}") from None
+    try:
+        resolve(model)
+    except UnsupportedArchitecture as e:
+        raise CLIError(_first_line(e)) from None
+    model.to(target).eval()
+    tokenizer = None
+    if need_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location)
+        except (OSError, ValueError, TypeError) as e:
+            raise CLIError(f"no usable tokenizer in {location}: {_first_line(e)}") from None
+    return model, tokenizer
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work when `out` cannot be written (missing folder, a directory, no permission)."""
+    if out.is_dir():
+        raise CLIError(f"cannot write {out}: it is a directory; give a file name")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise CLIError(f"cannot write {out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise CLIError(f"cannot write {out}: permission denied")
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,230 @@
+"""Data-parallel profiling: batch sharding, exact reduction, and real 2-process gloo launches under torchrun.
+
+Run as a script, this file is the torchrun worker of the launch tests (`python -m torch.distributed.run ...
+tests/test_distributed.py MODEL_DIR OUT [--fail-rank R]`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from skipprofiler.distributed import (DistributedError, combine_rank_profiles, rank_gpu_group, rank_seed,
+                                      reduce_profile, shard)
+from skipprofiler.profile import METRICS, Batch, Profile, ProfileSettings, profile_model
+
+SETTINGS = ProfileSettings(generate=2, reservoir_size=24, doc_reservoir_size=3, seed=5)
+CLASSES = ["fiction", "code", "docs"]
+
+
+def corpus_batches(num_batches: int = 5) -> list[Batch]:
+    """A fixed little corpus: right-padded batches of varied lengths and classes (classes appear late too)."""
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for j in range(num_batches):
+        lengths = torch.randint(3, 12, (3,), generator=g)
+        width = int(lengths.max())
+        ids = torch.randint(2, 90, (3, width), generator=g)
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        classes = torch.randint(0, 2 if j < 2 else 3, (3,), generator=g)
+        out.append(Batch(ids * mask, mask, classes, 2 if j < 2 else 3))
+    return out
+
+
+def assert_same_statistics(a: Profile, b: Profile) -> None:
+    assert a.classes == b.classes
+    assert np.array_equal(a.count, b.count) and np.array_equal(a.token_count, b.token_count)
+    for m in METRICS:
+        assert np.array_equal(a.hist[m], b.hist[m]), m
+        assert np.array_equal(a.nonfinite[m], b.nonfinite[m]), m
+        np.testing.assert_allclose(a.mean[m], b.mean[m], rtol=1e-12, atol=1e-15, err_msg=m)
+        np.testing.assert_allclose(a.m2[m], b.m2[m], rtol=1e-10, atol=1e-15, err_msg=m)
+
+
+def assert_reservoir_full(p: Profile, size: int) -> None:
+    """The merged reservoir has the requested capacity and holds min(capacity, finite tokens) rows per class."""
+    assert p.reservoir.shape[2] == size and p.header["reservoir_size"] == size
+    for r in range(2):
+        for c in range(p.num_classes):
+            assert p.reservoir_len[r, c] == min(size, p.count[r, 0, c])
+            valid = p.reservoir_keys[r, c, :p.reservoir_len[r, c]]
+            assert np.all(np.isfinite(valid)) and np.all(np.diff(valid) <= 0)
+
+
+# ------------------------------------------------------------------------------------------------ in-process
+
+
+def test_shard_deals_items_round_robin_and_the_union_is_the_whole():
+    items = list(range(11))
+    shards = [list(shard(items, r, 3)) for r in range(3)]
+    assert shards == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    assert sorted(sum(shards, [])) == items
+    with pytest.raises(ValueError, match="outside"):
+        list(shard(items, 3, 3))
+
+
+def test_shard_runs_the_failure_check_before_each_kept_item():
+    seen: list[int] = []
+
+    def check():
+        if len(seen) == 2:
+            raise DistributedError("rank 1 failed: boom")
+
+    with pytest.raises(DistributedError, match="boom"):
+        for item in shard(range(10), 0, 2, before_each=check):
+            seen.append(item)
+    assert seen == [0, 2]
+
+
+def test_rank_seeds_keep_rank_0_and_differ_across_ranks():
+    seeds = [rank_seed(7, r) for r in range(8)]
+    assert seeds[0] == 7 and len(set(seeds)) == 8 and all(0 <= s < 2**63 for s in seeds)
+    assert seeds == [rank_seed(7, r) for r in range(8)]  # deterministic
+
+
+def test_combined_rank_profiles_equal_the_single_process_profile():
+    """The reduction logic alone: shards profiled in this process, combined as rank 0 would."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    batches = corpus_batches()
+    whole = profile_model(model, batches, SETTINGS, class_names=CLASSES)
+    world = 3
+    ranks = [profile_model(model, shard(batches, r, world), ProfileSettings(
+        generate=2, reservoir_size=24, doc_reservoir_size=3, seed=rank_seed(SETTINGS.seed, r)),
+        class_names=CLASSES) for r in range(world)]
+    merged = combine_rank_profiles(ranks, world, "gloo")
+    assert_same_statistics(merged, whole)
+    assert_reservoir_full(merged, 24)
+    assert merged.header["distributed"]["world_size"] == 3
+    assert sum(t["prompt"] for t in merged.header["distributed"]["rank_tokens"]) == whole.tokens("prompt")
+    assert merged.header["corpus"] == whole.header["corpus"] and merged.header["seed"] == SETTINGS.seed
+    assert merged.doc_len.sum() == whole.doc_len.sum()
+
+
+def test_a_rank_without_batches_does_not_shrink_the_document_sample():
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    batches = corpus_batches(2)
+    ranks = [profile_model(model, shard(batches, r, 3), SETTINGS, class_names=CLASSES) for r in range(3)]
+    assert ranks[2].tokens("prompt") == 0
+    merged = combine_rank_profiles(ranks, 3, "gloo")
+    whole = profile_model(model, batches, SETTINGS, class_names=CLASSES)
+    assert_same_statistics(merged, whole)
+    assert merged.doc_features.shape == whole.doc_features.shape
+
+
+def test_single_process_reduction_passes_the_profile_through_or_raises_the_error():
+    from tiny_models import tiny_model
+
+    profile = profile_model(tiny_model("llama", num_layers=2), corpus_batches(1), SETTINGS, class_names=CLASSES)
+    assert reduce_profile(None, profile) is profile
+    with pytest.raises(DistributedError, match="went wrong"):
+        reduce_profile(None, None, error="went wrong")
+
+
+def test_rank_gpu_groups_split_a_node_into_contiguous_blocks():
+    assert [rank_gpu_group(r, 2, 8) for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert rank_gpu_group(2, 3, 8) == [4, 5]
+    with pytest.raises(DistributedError, match="at least one"):
+        rank_gpu_group(0, 4, 2)
+
+
+# ------------------------------------------------------------------------------------------------ torchrun
+
+
+def _torchrun(model_dir: Path, out: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "--monitor-interval=0.2", __file__, str(model_dir), str(out), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_model(tmp_path_factory) -> Path:
+    from tiny_models import tiny_model
+
+    folder = tmp_path_factory.mktemp("model") / "tiny-llama"
+    tiny_model("llama").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_a_single_process_run(saved_tiny_model, tmp_path):
+    from skipprofiler.distributed import load_model
+
+    out = tmp_path / "dist.prof"
+    result = _torchrun(saved_tiny_model, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    distributed = Profile.load(out)
+    single = profile_model(load_model(saved_tiny_model), corpus_batches(), SETTINGS, class_names=CLASSES)
+    assert_same_statistics(distributed, single)
+    assert_reservoir_full(distributed, SETTINGS.reservoir_size)
+    info = distributed.header["distributed"]
+    assert info["world_size"] == 2 and info["backend"] == "gloo" and not distributed.partial
+    assert [t["prompt"] for t in info["rank_tokens"]] == [
+        sum(int(b.attention_mask.sum()) for b in shard(corpus_batches(), r, 2)) for r in range(2)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist.prof"]  # no temp files left
+
+
+@pytest.mark.slow
+def test_a_rank_failing_mid_run_fails_the_launch_and_writes_nothing(saved_tiny_model, tmp_path):
+    out = tmp_path / "dist.prof"
+    result = _torchrun(saved_tiny_model, out, "--fail-rank", "1")
+    assert result.returncode != 0
+    assert "rank 1 failed: RuntimeError: injected failure in batch 3" in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------ the worker
+
+
+class _FailingBatches:
+    """The corpus, raising on this rank's second batch (global batch 3 on rank 1), after one good batch."""
+
+    def __init__(self, batches: list[Batch], fail: bool):
+        self.batches, self.fail = batches, fail
+
+    def __iter__(self):
+        for j, batch in enumerate(self.batches):
+            if self.fail and j == 3:
+                raise RuntimeError(f"injected failure in batch {j}")
+            yield batch
+
+
+def _worker(argv: list[str]) -> int:
+    """One torchrun rank: profile its shard of `corpus_batches()` with the saved tiny model; rank 0 writes OUT."""
+    import argparse
+
+    from skipprofiler.distributed import init_from_env, load_model, profile_distributed, rank_device, report_error
+
+    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("out")
+    parser.add_argument("--fail-rank", type=int, default=-1)
+    args = parser.parse_args(argv)
+    try:
+        ctx = init_from_env("cpu", timeout_s=120)
+        with ctx:
+            model = load_model(args.model_dir).to(rank_device(ctx, "cpu"))
+            batches = _FailingBatches(corpus_batches(), fail=ctx.rank == args.fail_rank)
+            merged = profile_distributed(model, batches, ctx, SETTINGS, class_names=CLASSES)
+            if merged is not None:
+                merged.save(args.out)
+    except DistributedError as e:
+        report_error(str(e))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))

@@ -138,7 +138,7 @@ def init_from_env(device: str | None = "auto", timeout_s: float = DEFAULT_TIMEOU
     if kind == "cuda":
         if torch.cuda.device_count() == 0:
             raise DistributedError("--device cuda was asked for but no GPU is visible to this rank")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(rank_gpu_group(local_rank, local_world, torch.cuda.device_count())[0])
     backend = choose_backend(kind)
     timeout = _dt.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
@@ -170,7 +170,8 @@ def _default_store() -> Any:
 
 
 def rank_device(ctx: DistContext | None, device: str | None = "auto") -> torch.device:
-    """The device this rank profiles on: its own GPU (LOCAL_RANK) on GPUs, else the CPU."""
+    """The device this rank profiles on: the first GPU of its block of the node's GPUs (GPU LOCAL_RANK when there is
+    one rank per GPU), else the CPU."""
     kind = _device_kind(device)
     if kind != "cuda":
         return torch.device(device if device not in (None, "auto") else "cpu")
@@ -180,7 +181,7 @@ def rank_device(ctx: DistContext | None, device: str | None = "auto") -> torch.d
     if explicit is not None and explicit.index is not None and ctx.world_size > 1:
         raise DistributedError(f"--device {device} names one GPU, but {ctx.world_size} ranks would share it; "
                                "pass --device cuda and each rank takes GPU LOCAL_RANK")
-    return torch.device("cuda", ctx.local_rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cuda", rank_gpu_group(ctx.local_rank, ctx.local_world_size, torch.cuda.device_count())[0])
 
 
 # -------------------------------------------------------------------------------------------------------------------

@@ -592,6 +592,8 @@ def run_sweep(model, tokenizer, profile, targets: Sequence[float], data_spec: st
 
     config = config or EvalConfig()
     log = log or (lambda msg: None)
+    for name, plan in extra_plans:
+        check_plan_fits(model, plan, name)
     model.eval()
     data = prepare_data(model, tokenizer, data_spec, config)
     max_positions = getattr(model.config, "max_position_embeddings", None)

@@ -214,35 +214,37 @@ class Document:
 
 
 def load_documents(spec: str | None, split: str = "heldout") -> list[Document]:
-    """Documents of a `--data` spec: a .jsonl/.jsonl.gz/.json/.parquet/.txt file (None: the bundled demo split).
-
-    Labels come from a `class` column when present, else every document is class `default`. Uses the profile stage's
-    corpus reader when it is installed, so eval and profile read specs the same way.
+    """Documents of a `--data` spec, parsed exactly as `skipprof profile` parses it (corpus.parse_spec): a file,
+    folder or glob (jsonl/json/txt/parquet/csv, gz ok) or a hub name, with an optional `CLASS=` prefix; None: the
+    bundled demo split. Labels: the prefix, else a `class` column, else `default`.
     """
-    from pathlib import Path
+    from .corpus import CorpusError, parse_spec
 
     if spec is None:
         from . import demo
 
         spec = str(demo.corpus_path(split))
-    path = Path(spec)
-    if not path.exists():
-        raise FidelityError(f"data file not found: {spec}")
-    name = path.name.lower()
-    kind = ("json" if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")) else
-            "parquet" if name.endswith(".parquet") else "text" if name.endswith((".txt", ".txt.gz")) else None)
-    if kind is None:
-        raise FidelityError(f"unsupported data file {spec!r}: use .jsonl[.gz], .json, .parquet or .txt")
+    try:
+        parsed = parse_spec(spec)
+    except CorpusError as e:
+        raise FidelityError(str(e)) from None
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        rows = datasets.load_dataset(kind, data_files=str(path), split="train")
+        if parsed.kind == "files":
+            rows = datasets.load_dataset(parsed.builder, data_files=parsed.files, split="train")
+        else:
+            rows = datasets.load_dataset(parsed.builder, parsed.config, split=parsed.split)
     except Exception as e:  # datasets raises many types for unreadable files
-        raise FidelityError(f"cannot read {spec}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FidelityError(f"cannot read {spec}: {first[:200]}") from None
     if "text" not in rows.column_names:
         raise FidelityError(f"{spec} has no 'text' column (columns: {', '.join(rows.column_names)})")
-    classes = rows["class"] if "class" in rows.column_names else ["default"] * len(rows)
+    if parsed.label is not None:
+        classes = [parsed.label] * len(rows)
+    else:
+        classes = rows["class"] if "class" in rows.column_names else ["default"] * len(rows)
     docs = [Document(t, str(c)) for t, c in zip(rows["text"], classes) if isinstance(t, str) and t.strip()]
     if not docs:
         raise FidelityError(f"no non-empty documents in {spec}")

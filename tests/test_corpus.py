@@ -17,11 +17,11 @@ def word_tokenizer(vocab_size: int = 96, chat: bool = False):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"w{i}": i for i in range(1, vocab_size)}
-    vocab["[UNK]"] = 0
+    vocab = {f"w{i}": i for i in range(2, vocab_size)}
+    vocab.update({"[UNK]": 0, "[EOS]": 1})  # special tokens must not be substrings of words
     raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[UNK]", eos_token="w1")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[UNK]", eos_token="[EOS]")
     if chat:
         tok.chat_template = "{% for m in messages %}w2 {{ m['content'] }} w3 {% endfor %}"
     return tok

@@ -184,6 +184,59 @@ def test_a_rank_failing_mid_run_fails_the_launch_and_writes_nothing(saved_tiny_m
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def cli_is_distributed() -> bool:
+    """True once `skipprof profile` routes through skipprofiler.distributed (its --shard/--device-map options)."""
+    import inspect
+
+    try:
+        from skipprofiler._cli.profile import profile
+    except ImportError:
+        return False
+    return {"shard", "device_map"} <= set(inspect.signature(profile).parameters)
+
+
+def write_word_corpus(folder: Path) -> tuple[Path, Path]:
+    """A tiny model with a word-level tokenizer ('w5 w9' -> [5, 9]) and a 3-class jsonl.gz corpus."""
+    import gzip
+    import json
+
+    from test_corpus import word_tokenizer
+    from tiny_models import tiny_model
+
+    model_dir = folder / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    data = folder / "data.jsonl.gz"
+    with gzip.open(data, "wt") as f:
+        for i in range(18):
+            words = " ".join(f"w{(i * 7 + j) % 90 + 4}" for j in range(5 + (i * 7) % 30))
+            f.write(json.dumps({"text": words, "class": "abc"[i % 3]}) + "\n")
+    return model_dir, data
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cli_is_distributed(), reason="`skipprof profile` is not wired to skipprofiler.distributed")
+def test_torchrun_skipprof_profile_equals_the_single_process_command(tmp_path, capsys):
+    from skipprofiler._cli.main import main
+
+    model_dir, data = write_word_corpus(tmp_path)
+    common = ["--data", data, "--batch-size", "4", "--generate", "2", "--reservoir", "16", "--json"]
+    try:
+        main(["profile", str(model_dir), "--out", str(tmp_path / "single.prof"), *map(str, common)])
+    except SystemExit as e:
+        assert e.code in (0, None), capsys.readouterr().err
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "skipprofiler", "profile", str(model_dir), "--out", str(tmp_path / "dist.prof"),
+                             *map(str, common)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single, distributed = Profile.load(tmp_path / "single.prof"), Profile.load(tmp_path / "dist.prof")
+    assert_same_statistics(distributed, single)
+    assert_reservoir_full(distributed, 16)
+    assert distributed.header["distributed"]["world_size"] == 2
+    assert distributed.header["corpus"] == single.header["corpus"]  # every rank read the whole corpus
+
+
 # ------------------------------------------------------------------------------------------------ the worker
 
 

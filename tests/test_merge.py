@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_distributed import cli_is_distributed
 from tiny_models import tiny_model
 
 from skipprofiler._cli.main import main
@@ -136,3 +137,24 @@ def test_bad_input_gets_one_line_and_no_output(halves, tmp_path, capsys, argv, m
 def test_merge_help_shows_examples(capsys):
     code, out, _ = run(["merge", "--help"], capsys)
     assert code == 0 and "skipprof merge shard-0.prof" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cli_is_distributed(), reason="`skipprof profile` has no --shard yet")
+def test_array_job_shards_merge_to_the_whole_corpus_profile(tmp_path, capsys):
+    """`skipprof profile --shard I/N` for each I, then `skipprof merge`, equals one `skipprof profile` run."""
+    from test_distributed import assert_same_statistics, write_word_corpus
+
+    model_dir, data = write_word_corpus(tmp_path)
+    common = [model_dir, "--data", data, "--batch-size", "4", "--generate", "2", "--reservoir", "16", "--json"]
+    assert run(["profile", *common, "--out", tmp_path / "whole.prof"], capsys)[0] == 0
+    for index in range(3):
+        code, _, err = run(["profile", *common, "--shard", f"{index}/3", "--out", tmp_path / f"part{index}.prof"],
+                           capsys)
+        assert code == 0, err
+    parts = [tmp_path / f"part{index}.prof" for index in range(3)]
+    code, _, err = run(["merge", *parts, "--out", tmp_path / "merged.prof"], capsys)
+    assert code == 0, err
+    merged, whole = Profile.load(tmp_path / "merged.prof"), Profile.load(tmp_path / "whole.prof")
+    assert_same_statistics(merged, whole)
+    assert [Profile.load(p).header["shard"]["index"] for p in parts] == [0, 1, 2]

@@ -664,3 +664,28 @@ def test_cli_bench_decode_writes_rows_and_rejects_bad_input(tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_bench_decode_with_plan_files(tmp_path, capsys):
+    planio = pytest.importorskip("skipprofiler.planio")
+    import json
+
+    from skipprofiler._cli.main import main
+    from skipprofiler.bench import synthetic_model
+
+    tiny = synthetic_model("llama-tiny")
+    good, foreign = tmp_path / "good.yaml", tmp_path / "foreign.yaml"
+    planio.save_plan(plan_file(tiny, static([2, 3])), good)
+    planio.save_plan(plan_file(tiny_model("llama", num_layers=4), static([2])), foreign)
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "decode", str(good), "--model", "synthetic:llama-tiny", "--new-tokens", "3",
+              "--prompt-tokens", "2", "--json", str(out)])
+    assert exit_info.value.code in (0, None)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["arm"] for r in rows] == ["dense", "good"] and rows[1]["skip_ratio"] == pytest.approx(2 / 6)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "decode", str(foreign), "--model", "synthetic:llama-tiny"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "fitted for another model" in err and "Traceback" not in err

@@ -307,6 +307,7 @@ def combine_rank_profiles(profiles: Sequence[Profile], world_size: int, backend:
     merged = merge_profiles(with_tokens) if len(with_tokens) > 1 else _copy_profile(with_tokens[0])
     header = dict(merged.header)
     header.pop("merged_from", None)
+    header["partial"] = any(p.partial for p in profiles)
     header["corpus"] = list(profiles[0].header.get("corpus") or [])
     header["seed"] = profiles[0].header.get("seed")
     header["distributed"] = {

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from skipprofiler.distributed import (DistributedError, combine_rank_profiles, rank_gpu_group, rank_seed,
-                                      reduce_profile, shard)
+from skipprofiler.distributed import (DistributedError, combine_rank_profiles, init_from_env, parse_shard,
+                                      rank_device, rank_gpu_group, rank_seed, reduce_profile, shard, shard_batches)
 from skipprofiler.profile import METRICS, Batch, Profile, ProfileSettings, profile_model
 
 SETTINGS = ProfileSettings(generate=2, reservoir_size=24, doc_reservoir_size=3, seed=5)
@@ -130,6 +130,71 @@ def test_single_process_reduction_passes_the_profile_through_or_raises_the_error
         reduce_profile(None, None, error="went wrong")
 
 
+def test_shard_specs_parse_and_bad_ones_are_refused():
+    assert parse_shard("2/8") == (2, 8) and parse_shard("0/1") == (0, 1)
+    assert list(shard_batches(range(7), (1, 3))) == [1, 4] and shard_batches([5], None) == [5]
+    for bad in ("8/8", "-1/4", "1/0", "a/b", "3", "1/2/3"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_single_process_environment_needs_no_process_group(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert init_from_env("cpu") is None and rank_device(None, "cpu") == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_from_env("cpu") is None
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}, "outside WORLD_SIZE"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not set"),
+    ({"WORLD_SIZE": "2"}, "RANK is not set"),
+    ({"WORLD_SIZE": "two"}, "not an integer"),
+])
+def test_a_broken_launch_environment_is_a_one_line_error(monkeypatch, env, message):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(DistributedError, match=message):
+        init_from_env("cpu")
+
+
+@pytest.fixture
+def gloo_world_of_one(tmp_path):
+    """A real gloo process group of one rank, for the collectives' own logic."""
+    import torch.distributed as dist
+
+    from skipprofiler.distributed import DistContext, _default_store
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, backend="gloo",
+                      store=_default_store())
+    yield ctx
+    ctx.close()
+
+
+def test_status_exchange_fails_every_rank_when_one_reports_an_error(gloo_world_of_one):
+    from skipprofiler.distributed import exchange_status, gather_profiles
+
+    exchange_status(gloo_world_of_one, None)
+    with pytest.raises(DistributedError, match="profiling failed on rank 0: out of memory"):
+        exchange_status(gloo_world_of_one, "out of memory")
+    assert gather_profiles(gloo_world_of_one, "a profile") == ["a profile"]
+
+
+def test_a_published_failure_stops_the_other_ranks_at_their_next_batch(gloo_world_of_one):
+    from skipprofiler.distributed import peer_failure, publish_failure, raise_if_peer_failed
+
+    assert gloo_world_of_one.store is not None and peer_failure(gloo_world_of_one) is None
+    raise_if_peer_failed(gloo_world_of_one)
+    publish_failure(gloo_world_of_one, "rank 3 failed: RuntimeError: CUDA out of memory")
+    assert peer_failure(gloo_world_of_one) == "rank 3 failed: RuntimeError: CUDA out of memory"
+    with pytest.raises(DistributedError, match="rank 0 stopped: rank 3 failed"):
+        list(shard(range(4), 0, 2, before_each=lambda: raise_if_peer_failed(gloo_world_of_one)))
+
+
 def test_rank_gpu_groups_split_a_node_into_contiguous_blocks():
     assert [rank_gpu_group(r, 2, 8) for r in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert rank_gpu_group(2, 3, 8) == [4, 5]
@@ -200,12 +265,18 @@ def write_word_corpus(folder: Path) -> tuple[Path, Path]:
     import gzip
     import json
 
-    from test_corpus import word_tokenizer
     from tiny_models import tiny_model
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     model_dir = folder / "tiny-llama"
     tiny_model("llama").save_pretrained(model_dir)
-    word_tokenizer().save_pretrained(model_dir)
+    vocab = {f"w{i}": i for i in range(96)}
+    vocab["[UNK]"] = 0
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[UNK]",
+                            eos_token="w1").save_pretrained(model_dir)
     data = folder / "data.jsonl.gz"
     with gzip.open(data, "wt") as f:
         for i in range(18):

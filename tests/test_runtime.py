@@ -640,6 +640,7 @@ def test_benchmark_interleaves_arms_and_reports_medians():
         benchmark_decode(model, [Arm("static", plan)], repeats=3)
 
 
+@pytest.mark.slow
 def test_cli_bench_decode_writes_rows_and_rejects_bad_input(tmp_path, capsys):
     import json
 
@@ -666,6 +667,7 @@ def test_cli_bench_decode_writes_rows_and_rejects_bad_input(tmp_path, capsys):
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_bench_decode_with_plan_files(tmp_path, capsys):
     planio = pytest.importorskip("skipprofiler.planio")
     import json

@@ -15,7 +15,7 @@ import signal
 import tempfile
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -520,7 +520,7 @@ class ProfileRecorder:
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to stop after the current batch; a second one interrupts at once."""
+    """First Ctrl-C asks the loop to stop after the current batch; a second one raises KeyboardInterrupt."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -578,34 +578,31 @@ def profile_model(model: torch.nn.Module, batches: Iterable[Batch], settings: Pr
     partial = False
     model_was_training = model.training
     model.eval()
+    # A first Ctrl-C stops after the current batch (partial profile); a second one aborts and writes nothing.
     with FFNCapture(model, recorder.on_layer, resolved) as capture, torch.inference_mode(), \
             _graceful_sigint() as stop:
-        try:
-            for batch in batches:
-                recorder.ensure_classes(batch.num_classes)
-                ids = batch.input_ids.to(device)
-                mask = batch.attention_mask.to(device)
-                recorder.token_mask = mask.bool()
-                recorder.pool_documents = True
-                model(input_ids=ids, attention_mask=mask, **forward_kwargs)
-                progress.prompt_tokens += recorder.commit("prompt", batch.class_ids)
-                recorder.pool_documents = False
-                if settings.generate > 0:
-                    progress.decode_tokens += _profile_decode(model, capture, recorder, ids, mask, batch.class_ids,
-                                                              settings.generate, eos_token_ids, pad_token_id,
-                                                              pass_positions, stop)
-                progress.batches += 1
-                if on_batch is not None:
-                    on_batch(progress)
-                if stop.requested:
-                    partial = True
-                    break
-        except KeyboardInterrupt:  # a second Ctrl-C, or no signal handler (not the main thread)
-            partial = True
-            recorder._stash = [None] * recorder.num_layers
+        for batch in batches:
+            recorder.ensure_classes(batch.num_classes)
+            ids = batch.input_ids.to(device)
+            mask = batch.attention_mask.to(device)
+            recorder.token_mask = mask.bool()
+            recorder.pool_documents = True
+            model(input_ids=ids, attention_mask=mask, **forward_kwargs)
+            progress.prompt_tokens += recorder.commit("prompt", batch.class_ids)
+            recorder.pool_documents = False
+            if settings.generate > 0:
+                progress.decode_tokens += _profile_decode(model, capture, recorder, ids, mask, batch.class_ids,
+                                                          settings.generate, eos_token_ids, pad_token_id,
+                                                          pass_positions, stop)
+            progress.batches += 1
+            if on_batch is not None:
+                on_batch(progress)
+            if stop.requested:
+                partial = True
+                break
     if model_was_training:
         model.train()
-    names = class_names() if callable(class_names) else list(class_names or [])
+    names = list(class_names() if callable(class_names) else (class_names or []))
     names += [f"class{i}" for i in range(len(names), recorder.stats["prompt"].num_classes)]
     full_header = _base_header(model, device, settings)
     full_header.update(header or {})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import itertools
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -44,7 +44,7 @@ def _progress(console, max_tokens: int, generate: int):
     return Progress(TextColumn("[bold]profiling[/bold]"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("prompt tokens"), TextColumn("{task.fields[decode]}"),
                     TextColumn("[cyan]{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
+                    console=console, transient=True)
 
 
 def profile(
@@ -110,6 +110,11 @@ def profile(
     header = {"corpus": corpus.provenance(), "corpus_settings": corpus.settings()}
     eos = getattr(tokenizer, "eos_token_id", None)
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    batches = corpus.batches()
+    try:
+        first = next(batches)  # an empty corpus fails here, before any progress output
+    except CorpusError as e:
+        raise CLIError(str(e)) from None
     start = time.perf_counter()
     with _progress(console, max_tokens, generate) as bar:
         task = bar.add_task("profile", total=max_tokens, decode="", rate="")
@@ -121,7 +126,7 @@ def profile(
             bar.update(task, completed=progress.prompt_tokens, decode=decode, rate=f"{rate:,.0f} tok/s")
 
         try:
-            result = profile_model(loaded_model, corpus.batches(), settings, class_names=lambda: corpus.classes,
+            result = profile_model(loaded_model, itertools.chain([first], batches), settings, class_names=lambda: corpus.classes,
                                    on_batch=on_batch, eos_token_ids=eos_ids, pad_token_id=corpus.pad_token_id)
         except CorpusError as e:
             raise CLIError(str(e)) from None

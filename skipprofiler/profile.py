@@ -419,9 +419,9 @@ def _metrics_of(t: LayerTensors) -> torch.Tensor:
     contribution = t.contribution.float()
     h = out - contribution
     norm_h, norm_out = torch.linalg.vector_norm(h, dim=-1), torch.linalg.vector_norm(out, dim=-1)
-    residual = (h * out).sum(-1) / (norm_h * norm_out)
+    residual = torch.linalg.vecdot(h, out) / (norm_h * norm_out)
     x, y = t.ffn_input.float(), t.ffn_output.float()
-    ffn_io = (x * y).sum(-1) / (torch.linalg.vector_norm(x, dim=-1) * torch.linalg.vector_norm(y, dim=-1))
+    ffn_io = torch.linalg.vecdot(x, y) / (torch.linalg.vector_norm(x, dim=-1) * torch.linalg.vector_norm(y, dim=-1))
     norm_ratio = torch.linalg.vector_norm(contribution, dim=-1) / norm_h
     return torch.stack([residual, ffn_io, norm_ratio, norm_out / norm_h])
 

@@ -154,8 +154,8 @@ class FFNSite:
         return out
 
 
-_OUTPUT_PROJECTIONS = {"down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2", "embed_out", "proj_out",
-                       "shared_expert_gate"}
+# Output projections by name; a gate such as qwen2_moe's `shared_expert_gate` is not one (sigmoid(0) = 0.5).
+_OUTPUT_PROJECTIONS = {"down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2", "proj_out"}
 
 
 @dataclass

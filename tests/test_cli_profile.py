@@ -91,6 +91,7 @@ def _bad_inputs(root: Path, tmp: Path) -> list[tuple[list, str]]:
     ]
 
 
+@pytest.mark.slow  # loads a model per case
 def test_bad_input_is_one_line_and_writes_nothing(workspace, tmp_path, capsys):
     out = tmp_path / "never.prof"
     for args, expected in _bad_inputs(workspace, tmp_path):

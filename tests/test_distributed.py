@@ -210,7 +210,7 @@ def _torchrun(model_dir: Path, out: Path, *extra: str, nproc: int = 2) -> subpro
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--monitor-interval=0.2", __file__, str(model_dir), str(out), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -271,8 +271,7 @@ def write_word_corpus(folder: Path) -> tuple[Path, Path]:
 
     model_dir = folder / "tiny-llama"
     tiny_model("llama").save_pretrained(model_dir)
-    vocab = {f"w{i}": i for i in range(96)}
-    vocab["[UNK]"] = 0
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 96)}}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[UNK]",
@@ -299,7 +298,7 @@ def test_torchrun_skipprof_profile_equals_the_single_process_command(tmp_path, c
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                              "-m", "skipprofiler", "profile", str(model_dir), "--out", str(tmp_path / "dist.prof"),
-                             *map(str, common)], env=env, capture_output=True, text=True, timeout=300)
+                             *map(str, common)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     single, distributed = Profile.load(tmp_path / "single.prof"), Profile.load(tmp_path / "dist.prof")
     assert_same_statistics(distributed, single)

@@ -298,8 +298,10 @@ def merge_profiles(profiles: Sequence[Profile]) -> Profile:
         classes += [c for c in p.classes if c not in classes]
     R, L, C = len(REGIMES), first.num_layers, len(classes)
     K = min(p.reservoir.shape[2] for p in profiles)
-    D = min(p.doc_features.shape[1] for p in profiles)
-    H = max(p.doc_features.shape[2] for p in profiles)
+    # Profiles that recorded no documents (e.g. a rank that saw no batch) must not shrink the document sample.
+    with_docs = [p for p in profiles if p.doc_len.sum() > 0] or profiles
+    D = min(p.doc_features.shape[1] for p in with_docs)
+    H = max(p.doc_features.shape[2] for p in with_docs)
     metrics = list(first.hist)
     hist = {m: np.zeros((R, L, C, len(first.edges[m]) + 1), np.int64) for m in metrics}
     nonfinite = {m: np.zeros((R, L, C), np.int64) for m in metrics}
@@ -450,10 +452,11 @@ class ProfileRecorder:
         self.token_mask: torch.Tensor | None = None  # [B, S] bool, set before each forward
 
     def on_layer(self, t: LayerTensors) -> None:
-        self._stash[t.index] = _metrics_of(t)
+        self._stash[t.index] = _metrics_of(t)  # computed on the layer's own device (device maps)
         if self.pool_documents and t.index == self.router_layer:
-            mask = self.token_mask.unsqueeze(-1).to(torch.float32)
-            self._doc_mean = (t.stream_out.float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+            mask = self.token_mask.to(t.stream_out.device).unsqueeze(-1).to(torch.float32)
+            pooled = (t.stream_out.float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+            self._doc_mean = pooled.to(self.device)
 
     def ensure_classes(self, num_classes: int) -> None:
         for regime in REGIMES:
@@ -469,7 +472,7 @@ class ProfileRecorder:
             missing = [i for i, s in enumerate(stash) if s is None]
             raise RuntimeError(f"the capture hooks saw no FFN in layers {missing[:5]}: the model's forward "
                                "did not run them (is another skip plan applied?)")
-        values = torch.stack(stash)  # [L, 4, B, S]
+        values = torch.stack([s.to(self.device) for s in stash])  # [L, 4, B, S]; 4 floats/token cross devices
         mask = self.token_mask
         token_classes = class_ids.to(self.device)[:, None].expand(mask.shape)[mask]
         picked = values[:, :, mask]  # [L, 4, N]
@@ -554,10 +557,11 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    """Where inputs go: the first parameter that holds weights (accelerate leaves offloaded ones on `meta`)."""
+    for parameter in model.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
 
 
 def profile_model(model: torch.nn.Module, batches: Iterable[Batch], settings: ProfileSettings | None = None,

@@ -69,8 +69,12 @@ def _first_line(error: BaseException) -> str:
 
 
 def load_model(model_arg: str | None, dtype: str = "float32", device: str | None = "cpu",
-               need_tokenizer: bool = True) -> tuple[Any, Any]:
-    """(model in eval mode on `device`, tokenizer). Every failure is a CLIError with one actionable line."""
+               need_tokenizer: bool = True, device_map: str | dict | None = None,
+               offload_folder: Path | None = None, dist_ctx: Any = None) -> tuple[Any, Any]:
+    """(model in eval mode on `device`, tokenizer). Every failure is a CLIError with one actionable line.
+
+    With `device_map` (see distributed.parse_device_map) accelerate spreads the model over devices and `device`
+    is not used."""
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -91,7 +95,12 @@ def load_model(model_arg: str | None, dtype: str = "float32", device: str | None
                            f"({_first_line(e)})") from None
         raise CLIError(f"cannot read the config of {location}: {_first_line(e)}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+        if device_map is not None:
+            from ..distributed import load_model as load_dispatched
+
+            model = load_dispatched(location, device_map, torch_dtype, ctx=dist_ctx, offload_folder=offload_folder)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "does not recognize" in str(e):
             raise CLIError(f"{location} is not a causal LM (model_type {getattr(config, 'model_type', '?')!r}); "
@@ -103,7 +112,9 @@ def load_model(model_arg: str | None, dtype: str = "float32", device: str | None
         resolve(model)
     except UnsupportedArchitecture as e:
         raise CLIError(_first_line(e)) from None
-    model.to(target).eval()
+    if device_map is None:
+        model.to(target)
+    model.eval()
     tokenizer = None
     if need_tokenizer:
         try:

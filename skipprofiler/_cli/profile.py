@@ -23,7 +23,11 @@ HELP = (
     "  skipprof profile                                         # demo model, bundled corpus -> profile.prof\n\n"
     "  skipprof profile --generate 32 --out demo.prof           # also profile 32 greedy decode tokens per prompt\n\n"
     "  skipprof profile ./my-llama --data fiction=books/*.txt --data code=src.jsonl.gz --max-tokens 500000\n\n"
-    "  skipprof profile ./my-llama --data chats.jsonl --text-column messages --class-column topic --json\n"
+    "  skipprof profile ./my-llama --data chats.jsonl --text-column messages --class-column topic --json\n\n"
+    "  torchrun --nproc-per-node 4 -m skipprofiler profile ./my-llama --out big.prof   # data parallel\n\n"
+    "  skipprof profile ./my-70b --device-map auto --dtype bfloat16   # one model over all GPUs\n\n"
+    "  skipprof profile ./my-llama --shard 3/8 --out part-3.prof      # array job; then `skipprof merge`\n\n"
+    "Scaling out (several GPUs, nodes, array jobs): docs/scaling.md.\n"
 )
 
 
@@ -71,12 +75,22 @@ def profile(
     seed: Annotated[int, typer.Option(help="Seed of the sampling keys.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout instead of the table.")
                        ] = False,
+    device_map: Annotated[Optional[str], typer.Option(
+        help="Spread the model over several devices with accelerate: auto, balanced, balanced_low_0, sequential, "
+             "a JSON object {module: device} or a .json file. Overrides --device.", show_default=False)] = None,
+    offload_folder: Annotated[Optional[Path], typer.Option(
+        help="Folder for weights a --device-map puts on \"disk\".", show_default=False)] = None,
+    shard: Annotated[Optional[str], typer.Option(
+        help="I/N: profile only batch j with j % N == I (array jobs; combine the N files with `skipprof "
+             "merge`).", show_default=False)] = None,
 ) -> None:
     """Profile FFN saturation of a model on a corpus."""
     from rich.console import Console
 
     from ..corpus import Corpus, CorpusError
-    from ..profile import ProfileSettings, profile_model
+    from ..distributed import (DistributedError, init_from_env, parse_device_map, parse_shard, profile_distributed,
+                               rank_device, shard_batches)
+    from ..profile import ProfileSettings
     from .common import check_writable, load_model, parse_device, parse_dtype, print_json
     from .inspect import default_regime, print_table, summary
 
@@ -84,6 +98,15 @@ def profile(
     parse_dtype(dtype)
     parse_device(device)
     check_writable(out)
+    try:
+        parsed_map = parse_device_map(device_map)
+        shard_of = parse_shard(shard) if shard is not None else None
+        ctx = init_from_env(device)  # None unless launched by torchrun with several ranks
+    except (ValueError, DistributedError) as e:
+        raise CLIError(str(e)) from None
+    if ctx is not None and shard_of is not None:
+        raise CLIError("under torchrun the ranks already split the corpus: drop --shard")
+    device = str(rank_device(ctx, device))
     if not data:
         from .. import demo
 
@@ -95,13 +118,14 @@ def profile(
             parse_spec(spec)  # a missing data path fails before the model is loaded
     except CorpusError as e:
         raise CLIError(str(e)) from None
-    loaded_model, tokenizer = load_model(model, dtype=dtype, device=device)
+    loaded_model, tokenizer = load_model(model, dtype=dtype, device=device, device_map=parsed_map,
+                                         offload_folder=offload_folder, dist_ctx=ctx)
     try:
         corpus = Corpus(list(data), tokenizer, text_column=text_column, class_column=class_column,
                         max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size).open()
     except CorpusError as e:
         raise CLIError(str(e)) from None
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=ctx is not None and not ctx.is_main)
     settings = ProfileSettings(generate=generate, reservoir_size=reservoir, doc_reservoir_size=doc_samples,
                                seed=seed)
     from .common import model_location
@@ -126,15 +150,22 @@ def profile(
             bar.update(task, completed=progress.prompt_tokens, decode=decode, rate=f"{rate:,.0f} tok/s")
 
         try:
-            result = profile_model(loaded_model, itertools.chain([first], batches), settings, class_names=lambda: corpus.classes,
-                                   on_batch=on_batch, eos_token_ids=eos_ids, pad_token_id=corpus.pad_token_id)
+            result = profile_distributed(loaded_model, shard_batches(itertools.chain([first], batches), shard_of), ctx,
+                                     settings, class_names=lambda: corpus.classes, on_batch=on_batch,
+                                     eos_token_ids=eos_ids, pad_token_id=corpus.pad_token_id)
         except CorpusError as e:
             raise CLIError(str(e)) from None
+        except DistributedError as e:
+            raise CLIError(str(e), exit_code=1) from None
+        if result is None:
+            return  # not rank 0: rank 0 writes the merged profile
         bar.update(task, total=max(corpus.tokens, 1), completed=corpus.tokens)
     elapsed = time.perf_counter() - start
     result.header["model"].update(name=model or "skipprofiler-demo", path=location)
     result.header["corpus"] = corpus.provenance()
     result.header["elapsed_s"] = round(elapsed, 3)
+    if shard_of is not None:
+        result.header["shard"] = {"index": shard_of[0], "count": shard_of[1]}
     if result.tokens("prompt") == 0:
         raise CLIError("no tokens were profiled (interrupted before the first batch); nothing written")
     try:

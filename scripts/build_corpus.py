@@ -147,7 +147,10 @@ def split_documents(docs: list[str], n_cal: int, n_held: int, max_train: int, se
     random.Random(seed).shuffle(order)
     cal = [docs[i] for i in order[:n_cal]]
     held = [docs[i] for i in order[n_cal : n_cal + n_held]]
-    train = [docs[i] for i in order[n_cal + n_held :][:max_train]]
+    # Sources repeat some passages verbatim (e.g. a docstring in two modules): a training document identical to a
+    # calibration or held-out one would leak it, so such duplicates are dropped from train.
+    evaluation = set(cal) | set(held)
+    train = [docs[i] for i in order[n_cal + n_held :] if docs[i] not in evaluation][:max_train]
     return train, cal, held
 
 

@@ -193,11 +193,16 @@ def make_report(profile, result: dict[str, Any] | None, out: Path, title: str | 
     if title is None:
         model = (profile.header.get("model") or {}).get("name") if profile is not None else None
         model = model or (result or {}).get("model", {}).get("name") or "model"
-        corpus = (result or {}).get("data", {}).get("spec") or "calibration corpus"
+        corpus = (result or {}).get("data", {}).get("spec") or "held-out data"
         title = f"{model} — {corpus}"
+        # The cosine figure shows the profile, so it names the profile's own (calibration) corpus.
+        specs = [Path(str(c.get("spec", "?"))).name for c in (profile.header.get("corpus") or [])] if profile else []
+        profile_title = f"{model} — profile of {', '.join(specs) or 'calibration corpus'}"
+    else:
+        profile_title = title
     paths = []
     if profile is not None:
-        paths.append(cosine_figure(profile, out, title))
+        paths.append(cosine_figure(profile, out, profile_title))
     if result is not None:
         if not result.get("plans"):
             raise ReportError("the eval JSON has no plan rows")

@@ -196,8 +196,7 @@ def test_end_to_end_profile_then_export_then_apply(tmp_path, capsys):
 
     model = tiny_model("llama", num_layers=4)
     model.save_pretrained(tmp_path / "m")
-    vocab = {f"w{i}": i for i in range(96)}
-    vocab["[UNK]"] = 0
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 96)}}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[UNK]",

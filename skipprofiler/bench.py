@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compat import cache_kwargs
 from .plan import PlanFile, SkipPlan
 from .registry import resolve
 from .runtime import apply_plan
@@ -159,12 +160,12 @@ def decode_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torc
     cache = DynamicCache()
     tokens = []
     with torch.inference_mode():
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         for step in range(new_tokens):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(nxt)
             if step + 1 < new_tokens:
-                out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     return torch.cat(tokens, 1)
 
 

@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ._compat import cache_kwargs, cache_out
+
 
 class FidelityError(ValueError):
     """A fidelity measurement is impossible or meaningless (no decode positions, non-finite logits)."""
@@ -176,14 +178,14 @@ def greedy_tokens(model, prompts: Sequence[Sequence[int]], n_new: int) -> list[l
         for prompt in prompts:
             ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
             out = model(input_ids=ids, use_cache=True)
-            past, new = out.past_key_values, []
+            past, new = cache_out(out), []
             nxt = logits_of(out)[:, -1].argmax(-1, keepdim=True)
             for _ in range(n_new):
                 new.append(int(nxt))
                 if len(new) == n_new:
                     break
-                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(input_ids=nxt, **cache_kwargs(model, past), use_cache=True)
+                past = cache_out(out)
                 nxt = logits_of(out)[:, -1].argmax(-1, keepdim=True)
             outs.append(new)
     return outs

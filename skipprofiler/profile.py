@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ._compat import cache_kwargs, cache_out
 from .capture import FFNCapture, LayerTensors
 from .histograms import (MetricAccumulator, PriorityReservoir, binning_spec, chan_merge, default_edges,
                          hist_prob_above, hist_quantile, merge_reservoir)
@@ -634,7 +635,7 @@ def _profile_decode(model: torch.nn.Module, capture: FFNCapture, recorder: Profi
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
     finally:
         capture.enabled = True
-    cache = out.past_key_values
+    cache = cache_out(out)
     next_token = out.logits[:, -1].argmax(-1)
     active = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     last_position = positions[:, -1]
@@ -649,8 +650,8 @@ def _profile_decode(model: torch.nn.Module, capture: FFNCapture, recorder: Profi
         feed = torch.where(active, next_token, torch.full_like(next_token, pad_token_id))[:, None]
         recorder.token_mask = active[:, None]
         kwargs = {"position_ids": last_position[:, None]} if pass_positions else {}
-        out = model(input_ids=feed, attention_mask=mask, past_key_values=cache, use_cache=True, **kwargs)
-        cache = out.past_key_values
+        out = model(input_ids=feed, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True, **kwargs)
+        cache = cache_out(out)
         counted += recorder.commit("decode", class_ids)
         next_token = out.logits[:, -1].argmax(-1)
     return counted

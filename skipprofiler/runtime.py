@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ._compat import cache_in, without_cache
 from .plan import PlanError, PlanFile, SkipPlan
 from .registry import (POST_NORM_OUTPUT, RESIDUAL_INSIDE, FFNSite, ResolvedArch, UnsupportedArchitecture,
                        first_tensor, model_fingerprint, resolve)
@@ -721,7 +722,7 @@ class SkipHandle:
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
             mask = None  # custom 4-D masks: treat every position as real
         batch, seq = ref.shape[0], ref.shape[1]
-        past = _cache_length(kwargs.get("past_key_values"))
+        past = _cache_length(cache_in(kwargs))
         step = _Step(batch, seq, ref.device)
         self._step = step
         if self._decode_start is None and past == 0:
@@ -752,7 +753,7 @@ class SkipHandle:
             return
         step.routing = True
         try:
-            routed_kwargs = dict(kwargs, past_key_values=None, use_cache=False)
+            routed_kwargs = without_cache(kwargs)
             with torch.no_grad():
                 module(*args, **routed_kwargs)
         except _RoutingDone:

@@ -15,6 +15,7 @@ import torch
 from tiny_models import tiny_model
 from transformers import DynamicCache
 
+from skipprofiler._compat import cache_in, cache_kwargs
 from skipprofiler.plan import PlanError, PlanFile, Router, SkipPlan
 from skipprofiler.registry import model_fingerprint, resolve
 from skipprofiler.runtime import apply_plan
@@ -52,7 +53,7 @@ class ZeroedReference:
 
     def _pre(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             self.prompt = ids.shape[1]
@@ -78,13 +79,13 @@ def greedy_loop(model, ids, steps, mask=None):
     cache = DynamicCache()
     logits, tokens = [], []
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True)
         for _ in range(steps):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(nxt)
             if mask is not None:
                 mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = model(input_ids=nxt, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True)
             logits.append(out.logits[:, -1])
     return torch.stack(logits), torch.cat(tokens, 1)
 
@@ -220,6 +221,19 @@ def test_empty_plan_changes_nothing():
     assert handle.stats()["skipped"] == 0 and handle.stats()["decode_positions"] == 12
 
 
+
+def test_hand_loop_with_the_deprecated_cache_name_is_detected():
+    """Transformers 5.24 renamed `past_key_values` to `cache`; loops still using the old name must still skip."""
+    model = tiny_model("llama", num_layers=4)
+    ids = torch.randint(2, 90, (1, 5))
+    cache = DynamicCache()
+    with apply_plan(model, static([1, 2])) as handle, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for _ in range(3):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    assert handle.stats() == {"decode_positions": 3, "skipped": 6, "num_layers": 4, "skip_ratio": 0.5}
+
 def test_skipped_ffns_are_not_executed():
     """Count the rows each FFN's output projection processes: a skipped FFN must not run at all on decode."""
     model = tiny_model("llama", num_layers=4)
@@ -301,8 +315,8 @@ def test_static_decode_compiles_to_one_graph_without_breaks():
     with apply_plan(model, static([1, 2])):
         cache = DynamicCache()
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
-            explained = torch._dynamo.explain(model)(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+            model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
+            explained = torch._dynamo.explain(model)(input_ids=ids[:, :1], **cache_kwargs(model, cache), use_cache=True)
     torch._dynamo.reset()
     assert explained.graph_count == 1 and explained.graph_break_count == 0
 
@@ -330,7 +344,7 @@ class AdaptiveReference:
             self.hooks.append(site.layer.register_forward_hook(self._layer(l)))
 
     def _start(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             self.prompt = kwargs["input_ids"].shape[1]

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from test_runtime import ZeroedReference, generate, greedy_loop, quantile_tau_any, static, untouched
 from tiny_models import MODEL_TYPES, tiny_model
 
+from skipprofiler._compat import cache_kwargs
 from skipprofiler.plan import SkipPlan
 from skipprofiler.registry import resolve
 from skipprofiler.runtime import apply_plan
@@ -55,11 +56,11 @@ def decode_param_uses(model, ids, steps, params) -> int:
     """Uses of `params` during `steps` decode forwards (the prompt forward runs outside the counter)."""
     cache = DynamicCache()
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
         with ParamUses(params) as counter:
             for _ in range(steps):
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                out = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True)
     return counter.uses
 
 

@@ -7,6 +7,7 @@ dense log-probs are computed once and shared by all rows. The JSON layout is doc
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -588,7 +589,7 @@ def run_sweep(model, tokenizer, profile, targets: Sequence[float], data_spec: st
               log=None) -> dict[str, Any]:
     """For each target: fitted static (+ KL-refined) and adaptive plans, baselines at the static plan's realized
     ratio, and the exhaustive oracle where it is affordable; rows carry `target`."""
-    from .refine import RefineError, calibration_references, refine_static
+    from .refine import RefineError, calibration_references, refine_plan_file, refine_static
 
     config = config or EvalConfig()
     log = log or (lambda msg: None)
@@ -633,6 +634,19 @@ def run_sweep(model, tokenizer, profile, targets: Sequence[float], data_spec: st
                     target_rows.append(evaluate_plan(
                         model, data, plan, f"fitted {mode} per-class (routed by label) {tag}", "plan", config,
                         route_by_class=True, family=f"fitted {mode} per-class (routed by label)"))
+            if refine and static.classes and set(data.classes) <= set(static.classes):
+                log(f"target {target:.2f}: refining each class's static set on its own calibration windows")
+                per_class_refined = copy.deepcopy(static)
+                per_class_refined.global_plan = refined
+                try:
+                    for warning in refine_plan_file(model, tokenizer, per_class_refined, calibration_spec,
+                                                    references=calibration, greedy_start=False, refine_global=False):
+                        log(f"warning: {warning}")
+                except RefineError as e:
+                    raise EvalError(f"refining class plans at {target}: {e}") from None
+                family = "fitted static per-class (refined, routed by label)"
+                target_rows.append(evaluate_plan(model, data, per_class_refined, f"{family} {tag}", "plan", config,
+                                                 route_by_class=True, family=family))
         realized = reference_row["skip_ratio"]
         if config.baselines and realized > 0:
             log(f"target {target:.2f}: baselines at realized ratio {realized:.3f}")

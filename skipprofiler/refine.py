@@ -170,6 +170,36 @@ def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None
     return replace(plan, skip_layers=dict(best), fit=fit)
 
 
+
+def references_of_class(references: Sequence[DenseReference], cls: str) -> list[DenseReference]:
+    """The calibration batches whose measured positions all belong to `cls` (calibration batches are per class)."""
+    return [r for r in references if r.row_class and set(r.row_class) == {cls}]
+
+
+def refine_plan_file(model, tokenizer, plan_file, data_spec: str | None = None, *,
+                     references: Sequence[DenseReference] | None = None, greedy_start: bool = True,
+                     docs_per_class: int | None = 8, refine_global: bool = True) -> list[str]:
+    """Refine the global static plan on all calibration windows and each static class plan on its own class's
+    windows only (a class plan should be best for its class, not for the mix). Returns warnings for class plans left
+    as fitted because the calibration data has no windows of that class."""
+    if references is None:
+        references = calibration_references(model, tokenizer, data_spec, docs_per_class=docs_per_class)
+    if refine_global:
+        plan_file.global_plan = refine_static(model, tokenizer, plan_file.global_plan, data_spec,
+                                              references=references, greedy_start=greedy_start)
+    warnings = []
+    for name, plan in sorted(plan_file.classes.items()):
+        if plan.mode != "static" or not plan.skip_layers:
+            continue
+        own = references_of_class(references, name)
+        if not own:
+            warnings.append(f"class {name!r}: no calibration windows of this class, its plan is not refined")
+            continue
+        refined = refine_static(model, tokenizer, plan, data_spec, references=own, greedy_start=greedy_start)
+        refined.fit["refine"]["data"]["class"] = name
+        plan_file.classes[name] = refined
+    return warnings
+
 @dataclass
 class OracleResult:
     slots: Slots

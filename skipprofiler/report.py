@@ -24,7 +24,9 @@ FAMILY_STYLE = {
     "fitted static (refined)": ("tab:blue", "o", "-"),
     "fitted static (unrefined)": ("tab:cyan", "o", ":"),
     "fitted adaptive": ("tab:green", "s", "-"),
-    "fitted per-class (routed by label)": ("tab:olive", "P", "-"),
+    "fitted static per-class (routed by label)": ("tab:olive", "P", ":"),
+    "fitted static per-class (refined, routed by label)": ("tab:olive", "P", "-"),
+    "fitted adaptive per-class (routed by label)": ("lime", "X", "-"),
     "oracle static": ("black", "*", "--"),
     "random FFN": ("tab:red", "x", ":"),
     "contiguous window": ("tab:orange", "^", ":"),
@@ -267,15 +269,17 @@ def checks(result: dict[str, Any], target: float = 0.25) -> list[str]:
         bar(f"fitted adaptive KL {adaptive['kl_mean']:.4f} (realized {adaptive['skip_ratio']:.3f}) below the paper-"
             f"default rule {paper['kl_mean']:.4f} (realized {paper['skip_ratio']:.3f})",
             adaptive["kl_mean"] < paper["kl_mean"])
-    for mode in ("static", "adaptive"):
-        routed, glob = get(f"fitted {mode} per-class (routed by label)"), get(f"fitted {mode}")
-        if mode == "static":
-            glob = get("fitted static (unrefined)") or glob
+    # (per-class family, the global family it is compared with, label)
+    pairs = (("fitted static per-class (routed by label)", "fitted static (unrefined)", "static (cosine-fitted)"),
+             ("fitted static per-class (refined, routed by label)", "fitted static (refined)", "static (refined)"),
+             ("fitted adaptive per-class (routed by label)", "fitted adaptive", "adaptive"))
+    for routed_family, global_family, label in pairs:
+        routed, glob = get(routed_family), get(global_family) or (get("fitted static") if "static" in label else None)
         if routed and glob:
             wins = [c for c in routed["per_class"] if routed["per_class"][c]["kl_mean"] < glob["per_class"][c]["kl_mean"]]
             detail = ", ".join(f"{c} {routed['per_class'][c]['kl_mean']:.4f} vs {glob['per_class'][c]['kl_mean']:.4f}"
                                for c in routed["per_class"])
-            bar(f"per-class {mode} plans beat the global {mode} plan on their own class's KL in "
+            bar(f"per-class {label} plans beat the global {label} plan on their own class's KL in "
                 f"{len(wins)}/{len(routed['per_class'])} classes ({detail})", len(wins) == len(routed["per_class"]))
     if static:
         lines.append(f"- held-out perplexity increase of the refined static plan: {static['ppl_increase']:+.1%} "

@@ -87,3 +87,30 @@ def test_refine_rejects_adaptive_plans_and_out_of_range_layers():
         refine_static(model, None, SkipPlan(mode="static", skip_layers={7: 1.0}), references=[])
     with pytest.raises(RefineError, match="nothing to refine"):
         refine_static(model, None, SkipPlan(mode="static"), references=_references(model))
+
+
+def test_refine_plan_file_refines_each_class_on_its_own_windows():
+    from skipprofiler.plan import PlanFile
+    from skipprofiler.refine import references_of_class, refine_plan_file
+
+    model = _model_with_heavy_layer(heavy=2)
+    g = torch.Generator().manual_seed(3)
+    tokens = [torch.randint(2, 96, (20,), generator=g).tolist() for _ in range(6)]
+    classes = ["a"] * 3 + ["b"] * 3
+    refs = []
+    for cls in ("a", "b"):  # calibration batches are per class, as calibration_references builds them
+        idx = [i for i, c in enumerate(classes) if c == cls]
+        refs += dense_references(model, make_batches([tokens[i] for i in idx], [cls] * 3, 6, 0, 8))
+    start = {2: 1.0, 3: 1.0}
+    plan_file = PlanFile(model={"name": "tiny"}, global_plan=SkipPlan(mode="static", skip_layers=dict(start)),
+                         classes={c: SkipPlan(mode="static", skip_layers=dict(start)) for c in ("a", "b", "c")})
+    warnings = refine_plan_file(model, None, plan_file, references=refs)
+    assert warnings == ["class 'c': no calibration windows of this class, its plan is not refined"]
+    assert plan_file.classes["c"].skip_layers == start and "refined_kl" not in plan_file.classes["c"].fit
+    for name, own in (("a", references_of_class(refs, "a")), ("b", references_of_class(refs, "b"))):
+        plan = plan_file.classes[name]
+        assert 2 not in plan.skip_layers and plan.fit["refine"]["data"]["class"] == name
+        sums, _ = measure_plan(model, own, plan)  # the recorded KL is measured on this class's windows only
+        assert sums.total_kl_mean() == pytest.approx(plan.fit["refined_kl"], rel=1e-4)
+    sums, _ = measure_plan(model, refs, plan_file.global_plan)
+    assert sums.total_kl_mean() == pytest.approx(plan_file.global_plan.fit["refined_kl"], rel=1e-4)

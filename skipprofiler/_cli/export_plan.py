@@ -85,11 +85,12 @@ def _check_writable(out: Path) -> None:
 
 
 def _refine(plan_file, model_arg: str | None, data: str | None) -> None:
-    """Refine the global static plan's layer set by measured KL (skipprofiler.refine), recorded in its `fit`."""
+    """Refine the static layer sets by measured KL (skipprofiler.refine), recorded in each plan's `fit`: the global
+    plan on all calibration windows, each class plan on its own class's windows."""
     if plan_file.global_plan.mode != "static":
         raise CLIError("--refine works on static plans; drop --refine or use --mode static")
     try:
-        from ..refine import RefineError, refine_static
+        from ..refine import RefineError, refine_plan_file
     except ImportError:
         raise CLIError("--refine needs skipprofiler.refine, which is not available in this installation")
     from .validate import model_fingerprint_of
@@ -114,9 +115,11 @@ def _refine(plan_file, model_arg: str | None, data: str | None) -> None:
     except (OSError, ValueError) as e:
         raise CLIError(f"cannot load {path} for --refine: {str(e).splitlines()[0]}")
     try:
-        plan_file.global_plan = refine_static(model, tokenizer, plan_file.global_plan, data)
+        warnings = refine_plan_file(model, tokenizer, plan_file, data)
     except (RefineError, ValueError) as e:
         raise CLIError(f"--refine failed: {e}")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def export_plan(

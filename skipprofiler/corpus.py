@@ -30,6 +30,21 @@ class CorpusError(ValueError):
     """Bad corpus input; the message is one actionable line."""
 
 
+def portable_path(path: str) -> str:
+    """A path as provenance records it: files shipped inside this package as ``skipprofiler/...`` and files under
+    the working folder relative to it, so that checked-in profiles and plans carry no machine-specific prefix."""
+    text = str(path)
+    try:
+        resolved = Path(text).resolve()
+    except (OSError, ValueError):
+        return text
+    package = Path(__file__).resolve().parent
+    for root, prefix in ((package, "skipprofiler"), (Path.cwd().resolve(), "")):
+        if resolved.is_relative_to(root):
+            rel = resolved.relative_to(root).as_posix()
+            return f"{prefix}/{rel}" if prefix else rel
+    return text
+
 @dataclass
 class DataSpec:
     """One parsed `--data` value."""
@@ -333,11 +348,13 @@ class Corpus:
         """One entry per spec: what was asked, what was read, and a sha256 over the texts used."""
         out = []
         for i, spec in enumerate(self.specs):
-            entry: dict[str, Any] = {"spec": spec.raw, "kind": spec.kind, "label": spec.label,
+            raw = portable_path(spec.raw) if spec.kind == "files" else spec.raw
+            entry: dict[str, Any] = {"spec": raw, "kind": spec.kind, "label": spec.label,
                                      "documents": self._spec_docs[i], "tokens": self._spec_tokens[i],
                                      "sha256": self._hashes[i].hexdigest()}
             if spec.kind == "files":
-                entry["files"] = spec.files if len(spec.files) <= 20 else spec.files[:20] + ["..."]
+                files = [portable_path(f) for f in spec.files]
+                entry["files"] = files if len(files) <= 20 else files[:20] + ["..."]
             else:
                 entry.update(name=spec.builder, config=spec.config, split=spec.split)
             if self._columns:

@@ -178,3 +178,15 @@ def test_hub_name_fails_with_one_line_offline(monkeypatch):
     with pytest.raises(CorpusError, match="cannot load hub dataset 'no-such-org/no-such-set'") as info:
         _corpus(["no-such-org/no-such-set"]).open()
     assert "\n" not in str(info.value)
+
+
+def test_provenance_paths_carry_no_machine_prefix(tmp_path, monkeypatch):
+    from skipprofiler import demo
+    from skipprofiler.corpus import portable_path
+
+    assert portable_path(str(demo.corpus_path("calibration"))) == "skipprofiler/demo/corpus/calibration.jsonl.gz"
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(str(tmp_path / "data" / "a.jsonl")) == "data/a.jsonl"
+    outside = str(Path("/") / "srv" / "corpus.jsonl")
+    assert portable_path(outside) == outside  # elsewhere: kept as given

@@ -134,18 +134,25 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
                   profile_cost: "FlopModel | None" = None, family: str | None = None) -> dict[str, Any]:
     """One row: teacher-forced fidelity per class, realized skip ratio, greedy agreement, speed."""
     sums, decode_positions, skipped = FidelitySums(), 0, 0
-    groups = [(c, data.of_class(c)) for c in data.classes] if route_by_class else [(None, data.references)]
-    for cls, refs in groups:
+    num_layers = model_num_layers(model)
+    class_skip: dict[str, float] = {}
+    # Measured one class at a time (batches are per class) so each class's realized skip ratio is known: per-class
+    # and global plans can only be compared fairly on a class at the skip ratio each realizes there.
+    for cls in data.classes:
         try:
-            part, stats = measure_plan(model, refs, plan, prompt_class=cls, strict=strict)
+            part, stats = measure_plan(model, data.of_class(cls), plan, prompt_class=cls if route_by_class else None,
+                                       strict=strict)
         except FidelityError as e:
             raise EvalError(f"{name}: {e}") from None
         sums.merge(part)
         decode_positions += int(stats["decode_positions"])
         skipped += int(stats["skipped"])
+        if stats["decode_positions"]:
+            class_skip[cls] = _r(stats["skipped"] / (stats["decode_positions"] * num_layers))
     row = {"name": name, "kind": kind, "family": family or name}
     row.update(summarize(sums, data.classes, name))
-    num_layers = model_num_layers(model)
+    for cls, ratio in class_skip.items():
+        row["per_class"][cls]["skip_ratio"] = ratio
     row["skip_ratio"] = _r(skipped / (decode_positions * num_layers)) if decode_positions else 0.0
     active = plan.global_plan if isinstance(plan, PlanFile) else plan
     row["mode"] = active.mode

@@ -98,8 +98,9 @@ def greedy_add(evaluate: SetEvaluator, fractions: Sequence[float], candidates: S
 
 
 def refine_slots(evaluate: SetEvaluator, slots: Slots, candidates: Sequence[int], max_rounds: int = 20,
-                 greedy_start: bool = True) -> tuple[Slots, dict]:
-    """Swap descent from the given set and (optionally) from a greedy-add set; keep the lower measured KL."""
+                 greedy_start: bool = True, extra_starts: dict[str, Slots] | None = None) -> tuple[Slots, dict]:
+    """Swap descent from the given set, (optionally) from a greedy-add set and from each of `extra_starts` (named
+    sets with the same slot fractions, e.g. the global plan's set when refining a class plan); keep the lowest KL."""
     if not slots:
         raise RefineError("the plan skips no layer: nothing to refine")
     candidates = sorted(set(candidates) | {layer for layer, _ in slots})
@@ -114,6 +115,16 @@ def refine_slots(evaluate: SetEvaluator, slots: Slots, candidates: Sequence[int]
         alt, alt_rounds = swap_descent(evaluate, seed, candidates, max_rounds)
         starts["greedy_add"] = {"layers": [layer for layer, _ in seed], "kl": _r(evaluate(seed)),
                                 "refined_kl": _r(evaluate(alt)), "swaps": alt_rounds}
+        if evaluate(alt) < evaluate(best):
+            best = alt
+    for name, start in (extra_starts or {}).items():
+        start = canonical(start)
+        if sorted(f for _, f in start) != sorted(f for _, f in canonical(slots)):
+            continue  # a different slot shape would change the skip ratio
+        candidates = sorted(set(candidates) | {layer for layer, _ in start})
+        alt, alt_rounds = swap_descent(evaluate, start, candidates, max_rounds)
+        starts[name] = {"layers": [layer for layer, _ in start], "kl": _r(evaluate(start)),
+                        "refined_kl": _r(evaluate(alt)), "swaps": alt_rounds}
         if evaluate(alt) < evaluate(best):
             best = alt
     info = {"initial_kl": _r(initial_kl), "refined_kl": _r(evaluate(best)), "evaluations": evaluate.evaluations,
@@ -142,7 +153,8 @@ def calibration_references(model, tokenizer, data_spec: str | None, *, split: st
 def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None, *,
                   candidates: Sequence[int] | None = None,
                   prompt_len: int = 32, window: int = 128, docs_per_class: int | None = 8, max_rounds: int = 20,
-                  greedy_start: bool = True, references: Sequence[DenseReference] | None = None) -> SkipPlan:
+                  greedy_start: bool = True, references: Sequence[DenseReference] | None = None,
+                  extra_starts: dict[str, Slots] | None = None) -> SkipPlan:
     """Return `plan` with its static skip set refined by measured KL to the dense model on calibration tokens.
 
     The fractions (hence the expected skip ratio) are kept; `fit.refined_kl` records the measured mean KL of the
@@ -161,7 +173,8 @@ def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None
                                             docs_per_class=docs_per_class)
     evaluate = SetEvaluator(model, references, plan)
     cands = list(candidates) if candidates is not None else middle_layers(num_layers)
-    best, info = refine_slots(evaluate, canonical(plan.skip_layers.items()), cands, max_rounds, greedy_start)
+    best, info = refine_slots(evaluate, canonical(plan.skip_layers.items()), cands, max_rounds, greedy_start,
+                              extra_starts)
     info["data"] = {"spec": data_spec or "bundled calibration split", "prompt_len": prompt_len, "window": window,
                     "docs_per_class": docs_per_class, "tokens": sum(int(r.mask.sum()) for r in references)}
     fit = dict(plan.fit)
@@ -180,8 +193,9 @@ def refine_plan_file(model, tokenizer, plan_file, data_spec: str | None = None, 
                      references: Sequence[DenseReference] | None = None, greedy_start: bool = True,
                      docs_per_class: int | None = 8, refine_global: bool = True) -> list[str]:
     """Refine the global static plan on all calibration windows and each static class plan on its own class's
-    windows only (a class plan should be best for its class, not for the mix). Returns warnings for class plans left
-    as fitted because the calibration data has no windows of that class."""
+    windows only (a class plan should be best for its class, not for the mix). Each class search also starts from
+    the global plan's set, so a class plan is never worse than the global one on its own calibration windows.
+    Returns warnings for class plans left as fitted because the calibration data has no windows of that class."""
     if references is None:
         references = calibration_references(model, tokenizer, data_spec, docs_per_class=docs_per_class)
     if refine_global:
@@ -195,7 +209,10 @@ def refine_plan_file(model, tokenizer, plan_file, data_spec: str | None = None, 
         if not own:
             warnings.append(f"class {name!r}: no calibration windows of this class, its plan is not refined")
             continue
-        refined = refine_static(model, tokenizer, plan, data_spec, references=own, greedy_start=greedy_start)
+        global_start = ({"global_plan": canonical(plan_file.global_plan.skip_layers.items())}
+                        if plan_file.global_plan.mode == "static" and plan_file.global_plan.skip_layers else None)
+        refined = refine_static(model, tokenizer, plan, data_spec, references=own, greedy_start=greedy_start,
+                                extra_starts=global_start)
         refined.fit["refine"]["data"]["class"] = name
         plan_file.classes[name] = refined
     return warnings

@@ -238,6 +238,12 @@ def _by_family(rows: list[dict[str, Any]], family: str) -> dict[str, Any] | None
     return next((r for r in rows if r.get("family") == family), None)
 
 
+def _kl_at(row: dict[str, Any], cls: str) -> str:
+    entry = row["per_class"][cls]
+    ratio = entry.get("skip_ratio")
+    return f"{entry['kl_mean']:.4f}" + (f" @{ratio:.3f}" if ratio is not None else "")
+
+
 def checks(result: dict[str, Any], target: float = 0.25) -> list[str]:
     """The issue's bars at `target`, computed from the rows (each line says met / not met with the numbers)."""
     rows = [r for r in result["plans"] if r.get("target") is not None and abs(r["target"] - target) < 1e-9]
@@ -257,7 +263,8 @@ def checks(result: dict[str, Any], target: float = 0.25) -> list[str]:
         bar(f"refined static KL {static['kl_mean']:.4f} = {ratio:.2f}× the oracle's {oracle['kl_mean']:.4f} "
             f"(bar ≤ 1.15×)", ratio <= 1.15)
     if static and llm:
-        bar(f"refined static KL {static['kl_mean']:.4f} below LLM-Drop top-by-cosine {llm['kl_mean']:.4f}",
+        same = " (the same layer set: top-by-cosine already picks it here)" if static.get("layers") == llm.get("layers") is not None else ""
+        bar(f"refined static KL {static['kl_mean']:.4f} below LLM-Drop top-by-cosine {llm['kl_mean']:.4f}{same}",
             static["kl_mean"] < llm["kl_mean"])
     if static and rnd:
         bar(f"refined static KL {static['kl_mean']:.4f} far below random {rnd['kl_mean']:.4f} "
@@ -277,10 +284,10 @@ def checks(result: dict[str, Any], target: float = 0.25) -> list[str]:
         routed, glob = get(routed_family), get(global_family) or (get("fitted static") if "static" in label else None)
         if routed and glob:
             wins = [c for c in routed["per_class"] if routed["per_class"][c]["kl_mean"] < glob["per_class"][c]["kl_mean"]]
-            detail = ", ".join(f"{c} {routed['per_class'][c]['kl_mean']:.4f} vs {glob['per_class'][c]['kl_mean']:.4f}"
-                               for c in routed["per_class"])
+            detail = ", ".join(f"{c} {_kl_at(routed, c)} vs {_kl_at(glob, c)}" for c in routed["per_class"])
             bar(f"per-class {label} plans beat the global {label} plan on their own class's KL in "
-                f"{len(wins)}/{len(routed['per_class'])} classes ({detail})", len(wins) == len(routed["per_class"]))
+                f"{len(wins)}/{len(routed['per_class'])} classes (class: per-class vs global KL @ realized skip on "
+                f"that class; {detail})", len(wins) == len(routed["per_class"]))
     if static:
         lines.append(f"- held-out perplexity increase of the refined static plan: {static['ppl_increase']:+.1%} "
                      f"({static['ppl_dense']:.2f} → {static['ppl']:.2f})")

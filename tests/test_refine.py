@@ -112,5 +112,8 @@ def test_refine_plan_file_refines_each_class_on_its_own_windows():
         assert 2 not in plan.skip_layers and plan.fit["refine"]["data"]["class"] == name
         sums, _ = measure_plan(model, own, plan)  # the recorded KL is measured on this class's windows only
         assert sums.total_kl_mean() == pytest.approx(plan.fit["refined_kl"], rel=1e-4)
+        assert "global_plan" in plan.fit["refine"]["starts"]  # the global set is one of the search's starts
+        global_on_own, _ = measure_plan(model, own, plan_file.global_plan)
+        assert plan.fit["refined_kl"] <= global_on_own.total_kl_mean() * (1 + 1e-5)  # recorded to 6 digits
     sums, _ = measure_plan(model, refs, plan_file.global_plan)
     assert sums.total_kl_mean() == pytest.approx(plan_file.global_plan.fit["refined_kl"], rel=1e-4)

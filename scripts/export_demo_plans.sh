@@ -3,12 +3,14 @@
 #
 #   scripts/export_demo_plans.sh [PROFILE] [OUT_DIR]
 #
-# PROFILE defaults to runs/demo-calibration.prof; make it first with `skipprof profile` (default model and data are
-# the bundled demo; profile generated tokens too so the plans use decode statistics). Writes static and adaptive
-# plans at 10/25/35 % and per-class plans (with router) at 25 %, then validates each one.
+# PROFILE defaults to runs/results/demo-calibration.prof, the profile scripts/make_results.sh writes (or make one with
+# `skipprof profile --generate 32 --max-tokens 120000 --out PROFILE`: the default model and data are the bundled demo;
+# generated tokens are profiled too so the plans use decode statistics). Writes static plans (KL-refined on the
+# bundled calibration split) and adaptive plans at 10/25/35 %, per-class plans (with router) at 25 %, then validates
+# each one against the bundled model.
 set -euo pipefail
 
-profile="${1:-runs/demo-calibration.prof}"
+profile="${1:-runs/results/demo-calibration.prof}"
 out_dir="${2:-plans}"
 if [[ ! -f "$profile" ]]; then
   echo "error: profile not found: $profile (create it with: skipprof profile --out $profile)" >&2
@@ -18,14 +20,14 @@ mkdir -p "$out_dir"
 
 for pct in 10 25 35; do
   target="0.${pct}"
-  for mode in static adaptive; do
-    skipprof export-plan "$profile" --target-skip "$target" --mode "$mode" --out "$out_dir/demo-$mode-$pct.yaml"
-  done
+  skipprof export-plan "$profile" --target-skip "$target" --mode static --refine --out "$out_dir/demo-static-$pct.yaml"
+  skipprof export-plan "$profile" --target-skip "$target" --mode adaptive --out "$out_dir/demo-adaptive-$pct.yaml"
 done
-skipprof export-plan "$profile" --target-skip 0.25 --mode static --per-class --out "$out_dir/demo-perclass-25.yaml"
+skipprof export-plan "$profile" --target-skip 0.25 --mode static --per-class --refine \
+  --out "$out_dir/demo-perclass-25.yaml"
 skipprof export-plan "$profile" --target-skip 0.25 --mode adaptive --per-class \
   --out "$out_dir/demo-perclass-adaptive-25.yaml"
 
 for plan in "$out_dir"/demo-*.yaml; do
-  skipprof validate "$plan"
+  skipprof validate "$plan" --model "$(python -c 'from skipprofiler import demo; print(demo.model_path())')"
 done

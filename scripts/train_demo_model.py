@@ -16,7 +16,6 @@ import argparse
 import gzip
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -38,7 +37,14 @@ def load_split(name: str) -> list[dict]:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skipprofiler._cli.main import main
+from cli_runner import run
 from skipprofiler.planio import load_plan
 
 GOOD_PLAN = """\
@@ -32,14 +32,6 @@ classes:
 """
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def write(tmp_path: Path, text: str, name: str = "plan.yaml") -> Path:

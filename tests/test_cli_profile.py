@@ -8,21 +8,13 @@ import signal
 from pathlib import Path
 
 import pytest
+from cli_runner import run
 from test_corpus import word_tokenizer, words, write_jsonl
 from tiny_models import tiny_model
 
-from skipprofiler._cli.main import main
 from skipprofiler.profile import Profile
 
 
-def run(argv: list, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +37,7 @@ def test_profile_writes_a_profile_and_prints_the_table(workspace, tmp_path, caps
     assert profile.classes == ["a", "b"] and profile.tokens("prompt") == sum(12 + i for i in range(10))
     assert profile.tokens("decode") == 30
     assert profile.header["corpus"][0]["documents"] == 10 and len(profile.header["corpus"][0]["sha256"]) == 64
+    assert set(profile.header["corpus_settings"]) == {"max_tokens", "seq_len", "batch_size", "sort_window"}
     assert profile.header["model"]["path"] == str(workspace / "m")
     assert "residual cos(h, h + FFN) per layer, decode tokens" in stdout and f"wrote {out}" in stdout
     for name in ("all", "a", "b", "p10", "p50", "p90"):

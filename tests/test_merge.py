@@ -7,23 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runner import run
 from test_distributed import cli_is_distributed
 from tiny_models import tiny_model
 
-from skipprofiler._cli.main import main
 from skipprofiler.profile import METRICS, Batch, Profile, ProfileSettings, profile_model
 
 SETTINGS = ProfileSettings(generate=2, reservoir_size=20, doc_reservoir_size=4, seed=1)
 
 
-def run(argv: list, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def batches(seed: int, n: int, classes: tuple[int, ...]) -> list[Batch]:

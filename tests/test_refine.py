@@ -117,3 +117,28 @@ def test_refine_plan_file_refines_each_class_on_its_own_windows():
         assert plan.fit["refined_kl"] <= global_on_own.total_kl_mean() * (1 + 1e-5)  # recorded to 6 digits
     sums, _ = measure_plan(model, refs, plan_file.global_plan)
     assert sums.total_kl_mean() == pytest.approx(plan_file.global_plan.fit["refined_kl"], rel=1e-4)
+
+
+def test_a_class_keeps_the_global_set_unless_its_own_set_is_clearly_better():
+    from skipprofiler.plan import PlanFile
+    from skipprofiler.refine import refine_plan_file
+
+    model = _model_with_heavy_layer(heavy=2)
+    g = torch.Generator().manual_seed(4)
+    tokens = [torch.randint(2, 96, (20,), generator=g).tolist() for _ in range(3)]
+    refs = dense_references(model, make_batches(tokens, ["a"] * 3, 6, 0, 8))
+    start = {2: 1.0, 3: 1.0}
+
+    def refined(min_class_gain: float) -> PlanFile:
+        plan_file = PlanFile(model={"name": "tiny"}, global_plan=SkipPlan(mode="static", skip_layers=dict(start)),
+                             classes={"a": SkipPlan(mode="static", skip_layers=dict(start))})
+        refine_plan_file(model, None, plan_file, references=refs, refine_global=False,
+                         min_class_gain=min_class_gain)
+        return plan_file
+
+    own = refined(0.0).classes["a"]  # any gain counts: the class search leaves the heavy layer
+    assert 2 not in own.skip_layers and "kept_global_set" not in own.fit["refine"]
+    assert own.fit["refined_kl"] < own.fit["refine"]["global_plan_kl"]
+    kept = refined(1.0).classes["a"]  # demand a gain no set can reach (zero KL): the global set stays
+    assert kept.skip_layers == start and kept.fit["refine"]["kept_global_set"]
+    assert kept.fit["refined_kl"] == kept.fit["refine"]["global_plan_kl"]

@@ -25,7 +25,7 @@ def test_static_plan_equals_zeroed_reference_and_remove_restores(model_type):
     ref_logits, ref_tokens = greedy_loop(model, ids, 8)
     ref_seq, _ = generate(model, ids, 8)
     ref.remove()
-    with apply_plan(model, plan) as handle:
+    with apply_plan(model, plan):
         logits, tokens = greedy_loop(model, ids, 8)
         seq, _ = generate(model, ids, 8)
         assert "skipprof: layer 1: static skip on decode" in repr(model)

@@ -75,7 +75,6 @@ def load_model(model_arg: str | None, dtype: str = "float32", device: str | None
 
     With `device_map` (see distributed.parse_device_map) accelerate spreads the model over devices and `device`
     is not used."""
-    import torch
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -137,3 +136,25 @@ def check_writable(out: Path) -> None:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def load_profile(path: Path, allow_partial: bool = True):
+    """Read a profile file for a subcommand: one actionable line when it is missing, a folder, corrupt or partial."""
+    import sys
+
+    from ..profile import Profile, ProfileError
+
+    if path.is_dir():
+        raise CLIError(f"{path} is a folder; give a profile file (e.g. {path}/*.prof)")
+    if not path.exists():
+        raise CLIError(f"profile not found: {path} (create one with `skipprof profile --out {path}`)")
+    try:
+        profile = Profile.load(path)
+    except ProfileError as e:
+        raise CLIError(f"cannot read profile {path}: {e}") from None
+    if profile.header.get("partial"):
+        if not allow_partial:
+            raise CLIError(f"{path} is a partial profile (the profiling run stopped early)")
+        print(f"warning: {path} is a partial profile (the profiling run stopped early); using the tokens it has",
+              file=sys.stderr)
+    return profile

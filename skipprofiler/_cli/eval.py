@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from .common import load_profile
 from .errors import CLIError
 
 HELP = (
@@ -73,19 +74,6 @@ def parse_sweep(text: str) -> list[float]:
     if not targets or bad:
         raise CLIError(f"--sweep targets must be in (0, 1); got {text!r}")
     return targets
-
-
-def load_profile(path: Path | None):
-    if path is None:
-        return None
-    if not path.is_file():
-        raise CLIError(f"profile not found: {path}")
-    from ..profile import Profile, ProfileError
-
-    try:
-        return Profile.load(path)
-    except ProfileError as e:
-        raise CLIError(f"{path}: {e}")
 
 
 def write_json_atomic(data: dict, path: Path) -> None:
@@ -180,7 +168,7 @@ def register(app: typer.Typer) -> None:
         if data is not None and not Path(data).exists():
             raise CLIError(f"data file not found: {data}")
         plans = load_plans(plan_paths)
-        prof = load_profile(profile)
+        prof = load_profile(profile) if profile is not None else None
         if threads:
             import torch
 

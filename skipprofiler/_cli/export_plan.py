@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .common import load_profile
 from .errors import CLIError
 
 HELP = (
@@ -24,21 +25,6 @@ HELP = (
     "  skipprof export-plan demo.prof --target-skip 0.25 --per-class --out plans/demo-perclass-25.yaml\n\n"
     "  skipprof export-plan demo.prof --target-skip 0.2 --refine --out plans/demo-static-20-refined.yaml\n"
 )
-
-
-def _load_profile(path: Path):
-    from ..profile import Profile, ProfileError
-
-    if not path.exists():
-        raise CLIError(f"profile not found: {path} (create one with `skipprof profile --out {path}`)")
-    try:
-        profile = Profile.load(path)
-    except ProfileError as e:
-        raise CLIError(f"cannot read profile {path}: {e}")
-    if profile.header.get("partial"):
-        print(f"warning: {path} is a partial profile (the profiling run stopped early); fitting from the tokens it "
-              "has", file=sys.stderr)
-    return profile
 
 
 def _sha256(path: Path) -> str:
@@ -160,7 +146,7 @@ def export_plan(
     _check_options(target_skip, mode, apply_to, compensation, tau, warmup_tokens, dense_every, max_skip, cold_floor)
     if str(out) != "-":
         _check_writable(out)
-    prof = _load_profile(profile)
+    prof = load_profile(profile)
     settings = FitSettings(target=target_skip, mode=mode, apply_to=apply_to, warmup_tokens=warmup_tokens,
                            dense_every=dense_every, compensation=compensation, max_skip=max_skip, tau_mode=tau,
                            cold_floor=cold_floor, min_class_tokens=min_class_tokens, seed=seed)

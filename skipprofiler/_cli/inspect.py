@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from .common import load_profile
 from .errors import CLIError
 
 HELP = (
@@ -82,17 +83,6 @@ def print_table(console, data: dict[str, Any]) -> None:
                           _cell(row["mean"]), _cell(row["p10"]), _cell(row["p50"]), _cell(row["p90"]),
                           _cell(row["p_above_0.95"], 3), end_section=row["layer"] == len(rows) - 1)
     console.print(table)
-
-
-def load_profile(path: Path):
-    from ..profile import Profile, ProfileError
-
-    if not path.exists():
-        raise CLIError(f"profile not found: {path} (create one with `skipprof profile --out {path}`)")
-    try:
-        return Profile.load(path)
-    except ProfileError as e:
-        raise CLIError(f"cannot read profile {path}: {e}") from None
 
 
 def inspect(

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from .common import load_profile
 from .errors import CLIError
 
 HELP = (
@@ -25,19 +26,6 @@ HELP = (
 )
 
 _INDEX_MESSAGE = re.compile(r"^profile (\d+) ")
-
-
-def _load(path: Path):
-    from ..profile import Profile, ProfileError
-
-    if path.is_dir():
-        raise CLIError(f"{path} is a folder; give profile files (e.g. {path}/*.prof)")
-    if not path.exists():
-        raise CLIError(f"profile not found: {path}")
-    try:
-        return Profile.load(path)
-    except ProfileError as e:
-        raise CLIError(f"cannot read profile {path}: {e}")
 
 
 def _check_out(out: Path, inputs: list[Path], force: bool) -> None:
@@ -95,7 +83,7 @@ def merge(profiles: Annotated[list[Path], typer.Argument(
     if len(profiles) < 2:
         raise CLIError(f"give at least two profiles to merge (got {len(profiles)})")
     _check_out(out, profiles, force)
-    loaded = [_load(p) for p in profiles]
+    loaded = [load_profile(p) for p in profiles]
     _refuse_duplicates(profiles, loaded)
     try:
         merged = merge_profiles(loaded)

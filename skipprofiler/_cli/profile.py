@@ -42,8 +42,14 @@ def _check_options(seq_len: int, batch_size: int, max_tokens: int, generate: int
 
 
 def _progress(console, max_tokens: int, generate: int):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]profiling[/bold]"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("prompt tokens"), TextColumn("{task.fields[decode]}"),
@@ -88,10 +94,23 @@ def profile(
     from rich.console import Console
 
     from ..corpus import Corpus, CorpusError
-    from ..distributed import (DistributedError, init_from_env, parse_device_map, parse_shard, profile_distributed,
-                               rank_device, shard_batches)
+    from ..distributed import (
+        DistributedError,
+        init_from_env,
+        parse_device_map,
+        parse_shard,
+        profile_distributed,
+        rank_device,
+        shard_batches,
+    )
     from ..profile import ProfileSettings
-    from .common import check_writable, load_model, parse_device, parse_dtype, print_json
+    from .common import (
+        check_writable,
+        load_model,
+        parse_device,
+        parse_dtype,
+        print_json,
+    )
     from .inspect import default_regime, print_table, summary
 
     _check_options(seq_len, batch_size, max_tokens, generate, reservoir, doc_samples)
@@ -131,7 +150,6 @@ def profile(
     from .common import model_location
 
     location = model_location(model)
-    header = {"corpus": corpus.provenance(), "corpus_settings": corpus.settings()}
     eos = getattr(tokenizer, "eos_token_id", None)
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     batches = corpus.batches()
@@ -163,6 +181,7 @@ def profile(
     elapsed = time.perf_counter() - start
     result.header["model"].update(name=model or "skipprofiler-demo", path=location)
     result.header["corpus"] = corpus.provenance()
+    result.header["corpus_settings"] = corpus.settings()
     result.header["elapsed_s"] = round(elapsed, 3)
     if shard_of is not None:
         result.header["shard"] = {"index": shard_of[0], "count": shard_of[1]}

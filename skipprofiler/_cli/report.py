@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
             "scripts/make_results.sh",
     ) -> None:
         from ..report import ReportError, make_report
-        from .eval import load_profile
+        from .common import load_profile
 
         result = load_eval_json(eval_json) if eval_json is not None else None
         prof = load_profile(profile)

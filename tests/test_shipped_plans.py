@@ -1,0 +1,66 @@
+"""The plans checked into `plans/`: valid for the bundled demo model, canonical, portable, and they realize the skip
+ratio they promise on held-out text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from skipprofiler import demo
+from skipprofiler.fidelity import (dense_references, load_documents, make_batches, measure_plan, pad_id_of,
+                                   token_windows)
+from skipprofiler.planio import dump_plan, load_plan
+from skipprofiler.registry import model_fingerprint
+
+PLANS = sorted((Path(__file__).resolve().parent.parent / "plans").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(demo.model_path(), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(demo.model_path())
+
+
+@pytest.fixture(scope="module")
+def heldout_references(demo_model):
+    model, tokenizer = demo_model
+    docs = load_documents(None, split="heldout")
+    tokens, classes = token_windows(tokenizer, docs, 128, 6, 34)
+    batches = []
+    for cls in dict.fromkeys(classes):
+        idx = [i for i, c in enumerate(classes) if c == cls]
+        batches += make_batches([tokens[i] for i in idx], [cls] * len(idx), 32, pad_id_of(tokenizer, model), 16)
+    return dense_references(model, batches)
+
+
+def test_the_repo_ships_static_adaptive_and_per_class_plans():
+    names = {p.stem for p in PLANS}
+    assert {f"demo-{mode}-{pct}" for mode in ("static", "adaptive") for pct in (10, 25, 35)} <= names
+    assert {"demo-perclass-25", "demo-perclass-adaptive-25"} <= names
+
+
+@pytest.mark.parametrize("path", PLANS, ids=lambda p: p.stem)
+def test_shipped_plan_validates_against_the_bundled_model_and_is_canonical(path, demo_model):
+    model, _ = demo_model
+    text = path.read_text()
+    plan = load_plan(text, num_layers=model.config.num_hidden_layers, fingerprint=model_fingerprint(model))
+    assert dump_plan(plan) == text  # checked in canonical form: a re-export diffs only where the plan changed
+    corpus = plan.provenance.get("corpus") or []
+    recorded = [entry.get("spec", "") for entry in corpus] + [f for entry in corpus for f in entry.get("files", [])]
+    assert recorded and not any(Path(p).is_absolute() for p in recorded), recorded  # no machine-specific paths
+    if plan.classes:
+        assert set(plan.classes) == set(demo.CLASSES) and plan.router is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PLANS, ids=lambda p: p.stem)
+def test_shipped_plan_realizes_its_expected_skip_ratio_on_heldout_text(path, demo_model, heldout_references):
+    model, _ = demo_model
+    plan = load_plan(path)
+    _, stats = measure_plan(model, heldout_references, plan)
+    assert stats["decode_positions"] > 1000
+    assert stats["skip_ratio"] == pytest.approx(plan.global_plan.expected_skip_ratio, abs=0.03)

@@ -169,6 +169,13 @@ def decode_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torc
     return torch.cat(tokens, 1)
 
 
+def benchmark_prompt(model: nn.Module, batch: int, prompt_tokens: int, seed: int = 0) -> torch.Tensor:
+    """The seeded random prompt every arm decodes from (and adaptive benchmark plans are calibrated on)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, prompt_tokens), generator=g).to(next(model.parameters()).device)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -183,9 +190,7 @@ def benchmark_decode(model: nn.Module, arms: list[Arm], batch: int = 1, prompt_t
     if arms[0].plan is not None:
         arms = [Arm("dense", None)] + arms
     device = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(3, vocab, (batch, prompt_tokens), generator=g).to(device)
+    prompt = benchmark_prompt(model, batch, prompt_tokens, seed)
     results = [ArmResult(a.name) for a in arms]
     for rnd in range(warmup + repeats):
         order = list(range(len(arms)))
@@ -262,13 +267,12 @@ def measured_skip_ratio(model: nn.Module, plan: SkipPlan, prompt: torch.Tensor, 
         return handle.stats()["skip_ratio"]
 
 
-def calibrate_adaptive(model: nn.Module, target: float, cold_start: int = 2, cold_end: int = 2, max_skip: int = 6,
-                       prompt_tokens: int = 16, new_tokens: int = 32, seed: int = 1, steps: int = 8) -> SkipPlan:
+def calibrate_adaptive(model: nn.Module, target: float, prompt: torch.Tensor, new_tokens: int, cold_start: int = 2,
+                       cold_end: int = 2, max_skip: int = 6, steps: int = 10) -> SkipPlan:
     """An FFN-SkipLLM plan whose per-layer thresholds are one shared quantile of the dense decode cos, bisected on
-    the skip ratio the runtime really reaches on a calibration prompt (benchmark plans: speed only, not quality)."""
-    vocab = model.get_output_embeddings().weight.shape[0]
-    device = next(model.parameters()).device
-    prompt = torch.randint(3, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
+    the skip ratio the runtime really reaches on `prompt` over `new_tokens` (benchmark plans: speed only, not
+    quality). Calibrate on the run that is timed: the rule's skip ratio depends on the prompt and the decode length
+    (random-weight models drift into repetition), so a plan calibrated on another run lands far from its target."""
     cos = decode_residual_cos(model, prompt, new_tokens).cpu()
     L = cos.shape[1]
     lo, hi = 0.0, 1.0
@@ -304,16 +308,19 @@ def load_model(spec: str, dtype: torch.dtype) -> tuple[nn.Module, str]:
 
 
 def default_arms(model: nn.Module, static_ratio: float | None, adaptive_targets: list[float],
-                 include_empty: bool = True) -> list[Arm]:
-    """Dense, the empty plan, a static plan at `static_ratio`, adaptive plans calibrated to each target."""
+                 include_empty: bool = True, batch: int = 1, prompt_tokens: int = 16, new_tokens: int = 128,
+                 seed: int = 0) -> list[Arm]:
+    """Dense, the empty plan, a static plan at `static_ratio`, adaptive plans calibrated to each target on the
+    benchmark's own prompt and decode length."""
     L = resolve(model).num_layers
+    prompt = benchmark_prompt(model, batch, prompt_tokens, seed)
     arms = [Arm("dense", None)]
     if include_empty:
         arms.append(Arm("empty plan", SkipPlan(mode="static")))
     if static_ratio:
         arms.append(Arm(f"static {static_ratio:.0%}", middle_static_plan(L, static_ratio)))
     for target in adaptive_targets:
-        arms.append(Arm(f"adaptive {target:.0%}", calibrate_adaptive(model, target)))
+        arms.append(Arm(f"adaptive {target:.0%}", calibrate_adaptive(model, target, prompt, new_tokens)))
     return arms
 
 
@@ -325,9 +332,10 @@ def run_suite(model_spec: str, batches: list[int], dtypes: list[str], static_rat
     suites = []
     for dtype_name in dtypes:
         model, label = load_model(model_spec, DTYPES[dtype_name])
-        arms = default_arms(model, static_ratio, adaptive_targets, include_empty=include_defaults)
-        arms += list(plan_arms or [])
         for batch in batches:
+            arms = default_arms(model, static_ratio, adaptive_targets, include_empty=include_defaults, batch=batch,
+                                prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+            arms += list(plan_arms or [])
             log(f"[{label} {dtype_name} bs={batch}] {len(arms)} arms x (1 warm-up + {repeats}) runs")
             result = benchmark_decode(model, arms, batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                                       repeats=repeats, label=label, dtype_name=dtype_name, log=log)

@@ -28,7 +28,7 @@ skipprof profile "${MODEL_ARG[@]}" --generate 32 --max-tokens "$PROFILE_TOKENS" 
 
 skipprof eval "${MODEL_ARG[@]}" --profile "$WORK/demo-calibration.prof" \
   --sweep "$TARGETS" --per-class --baselines --oracle-at 0.25 \
-  --docs-per-class "$DOCS" --greedy-prompts 8 --greedy-tokens 32 --speed-tokens 32 --seeds 3 \
+  --docs-per-class "$DOCS" --greedy-prompts 8 --greedy-tokens 32 --speed-tokens 64 --seeds 3 \
   --threads "$THREADS" --json "$OUT/eval.json"
 
 skipprof report "$WORK/demo-calibration.prof" "$OUT/eval.json" --out "$OUT" --markdown docs/results.md \

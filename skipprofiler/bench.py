@@ -268,26 +268,42 @@ def measured_skip_ratio(model: nn.Module, plan: SkipPlan, prompt: torch.Tensor, 
 
 
 def calibrate_adaptive(model: nn.Module, target: float, prompt: torch.Tensor, new_tokens: int, cold_start: int = 2,
-                       cold_end: int = 2, max_skip: int = 6, steps: int = 10) -> SkipPlan:
+                       cold_end: int = 2, max_skip: int | None = None, steps: int = 8,
+                       cos: torch.Tensor | None = None) -> SkipPlan:
     """An FFN-SkipLLM plan whose per-layer thresholds are one shared quantile of the dense decode cos, bisected on
     the skip ratio the runtime really reaches on `prompt` over `new_tokens` (benchmark plans: speed only, not
     quality). Calibrate on the run that is timed: the rule's skip ratio depends on the prompt and the decode length
-    (random-weight models drift into repetition), so a plan calibrated on another run lands far from its target."""
-    cos = decode_residual_cos(model, prompt, new_tokens).cpu()
+    (random-weight models drift into repetition), so a plan calibrated on another run lands far from its target.
+
+    A token that triggers skips a whole run of k FFNs, so the reachable ratios are multiples of k / L times the
+    share of tokens that trigger; when decoded tokens look alike that share jumps from 0 to most tokens at once.
+    Without `max_skip`, k is the run length that needs ~75 % of tokens to trigger, or the next one when that misses
+    the target by more than 0.01; the closest measured plan wins (`cos`: the dense decode cos, reusable).
+    """
+    cos = (cos if cos is not None else decode_residual_cos(model, prompt, new_tokens)).cpu()
     L = cos.shape[1]
-    lo, hi = 0.0, 1.0
+    longest = max(1, L - cold_start - cold_end - 1)
+    if max_skip is not None:
+        lengths = [max_skip]
+    else:
+        first = min(longest, max(1, math.ceil(target * L / 0.75)))
+        lengths = [k for k in (first, first + 1) if k <= longest]
     best: tuple[float, SkipPlan] | None = None
-    for _ in range(steps):
-        q = (lo + hi) / 2
-        tau = [float(torch.quantile(cos[:, l], q)) for l in range(L)]
-        plan = SkipPlan(mode="adaptive", tau=tau, cold_start=cold_start, cold_end=cold_end, max_skip=max_skip,
-                        expected_skip_ratio=target)
-        ratio = measured_skip_ratio(model, plan, prompt, new_tokens)
-        if best is None or abs(ratio - target) < abs(best[0] - target):
-            best = (ratio, plan)
-        if abs(ratio - target) < 0.01:
+    for k in lengths:
+        lo, hi = 0.0, 1.0
+        for _ in range(steps):
+            q = (lo + hi) / 2
+            tau = [float(torch.quantile(cos[:, l], q)) for l in range(L)]
+            plan = SkipPlan(mode="adaptive", tau=tau, cold_start=cold_start, cold_end=cold_end, max_skip=k,
+                            expected_skip_ratio=target)
+            ratio = measured_skip_ratio(model, plan, prompt, new_tokens)
+            if best is None or abs(ratio - target) < abs(best[0] - target):
+                best = (ratio, plan)
+            if abs(ratio - target) < 0.01:
+                break
+            lo, hi = (q, hi) if ratio > target else (lo, q)  # a higher quantile triggers less often
+        if abs(best[0] - target) < 0.01:
             break
-        lo, hi = (q, hi) if ratio > target else (lo, q)  # a higher quantile triggers less often
     ratio, plan = best
     plan.fit = {"statistic": "shared quantile of dense decode cos", "target": target, "calibration_skip_ratio": ratio}
     return plan
@@ -319,8 +335,9 @@ def default_arms(model: nn.Module, static_ratio: float | None, adaptive_targets:
         arms.append(Arm("empty plan", SkipPlan(mode="static")))
     if static_ratio:
         arms.append(Arm(f"static {static_ratio:.0%}", middle_static_plan(L, static_ratio)))
+    cos = decode_residual_cos(model, prompt, new_tokens) if adaptive_targets else None
     for target in adaptive_targets:
-        arms.append(Arm(f"adaptive {target:.0%}", calibrate_adaptive(model, target, prompt, new_tokens)))
+        arms.append(Arm(f"adaptive {target:.0%}", calibrate_adaptive(model, target, prompt, new_tokens, cos=cos)))
     return arms
 
 

@@ -138,8 +138,9 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def load_profile(path: Path, allow_partial: bool = True):
-    """Read a profile file for a subcommand: one actionable line when it is missing, a folder, corrupt or partial."""
+def load_profile(path: Path, partial_note: str | None = None):
+    """Read a profile file for a subcommand: one actionable line when it is missing, a folder or corrupt. A partial
+    profile (an interrupted run) is accepted; with `partial_note` a warning says what the command does with it."""
     import sys
 
     from ..profile import Profile, ProfileError
@@ -152,9 +153,7 @@ def load_profile(path: Path, allow_partial: bool = True):
         profile = Profile.load(path)
     except ProfileError as e:
         raise CLIError(f"cannot read profile {path}: {e}") from None
-    if profile.header.get("partial"):
-        if not allow_partial:
-            raise CLIError(f"{path} is a partial profile (the profiling run stopped early)")
-        print(f"warning: {path} is a partial profile (the profiling run stopped early); using the tokens it has",
+    if partial_note and profile.header.get("partial"):
+        print(f"warning: {path} is a partial profile (the profiling run stopped early); {partial_note}",
               file=sys.stderr)
     return profile

@@ -168,7 +168,7 @@ def register(app: typer.Typer) -> None:
         if data is not None and not Path(data).exists():
             raise CLIError(f"data file not found: {data}")
         plans = load_plans(plan_paths)
-        prof = load_profile(profile) if profile is not None else None
+        prof = load_profile(profile, partial_note="fitting the sweep from the tokens it has") if profile else None
         if threads:
             import torch
 

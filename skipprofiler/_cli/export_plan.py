@@ -146,7 +146,7 @@ def export_plan(
     _check_options(target_skip, mode, apply_to, compensation, tau, warmup_tokens, dense_every, max_skip, cold_floor)
     if str(out) != "-":
         _check_writable(out)
-    prof = load_profile(profile)
+    prof = load_profile(profile, partial_note="fitting from the tokens it has")
     settings = FitSettings(target=target_skip, mode=mode, apply_to=apply_to, warmup_tokens=warmup_tokens,
                            dense_every=dense_every, compensation=compensation, max_skip=max_skip, tau_mode=tau,
                            cold_floor=cold_floor, min_class_tokens=min_class_tokens, seed=seed)

@@ -588,7 +588,7 @@ class SkipHandle:
         filler = self._filler(site, step, flat.shape[0], flat.shape[-1], flat.dtype, flat.device)
         if decision is _ALL:
             out = filler
-        elif decision.kept is None:  # accelerator: masked compute, no host sync
+        elif decision.kept is None:  # masked compute: accelerators (no host sync) and small CPU batches
             y = first_tensor(original(x, *args, **kwargs)).reshape(flat.shape[0], -1)
             out = torch.where(decision.skip[:, None], filler, y)
         else:
@@ -902,6 +902,9 @@ def _check_rows(rows: int, step: _Step, layer: int) -> None:
                            "runtime does not support")
 
 
+_GATHER_MIN_POSITIONS = 64  # from this many positions in a forward, running only the kept rows pays off
+
+
 def _decision_from_flags(flags: list[bool] | None, device: torch.device) -> Any:
     if flags is None:
         return None
@@ -910,8 +913,14 @@ def _decision_from_flags(flags: list[bool] | None, device: torch.device) -> Any:
         return None
     if n == len(flags):
         return _ALL
+    skip = torch.tensor(flags, device=device)
+    if len(flags) < _GATHER_MIN_POSITIONS and 4 * (len(flags) - n) > len(flags):
+        # A few decode rows are weight-bandwidth bound: a matmul over 3 or 7 of 8 rows costs as much as over all 8
+        # (or more: measured on 2 CPU cores, 100 M Llama FFN), so gathering the running rows would only add work.
+        # Run every row and mask; gather only when it pays (many positions, or at most a quarter of rows running).
+        return _Mixed(None, skip)
     kept = torch.tensor([i for i, f in enumerate(flags) if not f], dtype=torch.long, device=device)
-    return _Mixed(kept, torch.tensor(flags, device=device))
+    return _Mixed(kept, skip)
 
 
 def _cache_length(cache: Any) -> int:

@@ -255,23 +255,29 @@ def test_skipped_ffns_are_not_executed():
     assert rows[1] == rows[3] == prompt + 2 * 2  # prompt and the two warm-up tokens only
 
 
-def test_mixed_rows_run_the_ffn_on_kept_rows_only():
-    """decode_from with per-row starts: rows at different decode indices; only kept positions reach the FFN."""
+@pytest.mark.parametrize("length, starts, ffn_rows", [
+    (40, [10, 30], 10 + 30),  # 80 positions: only the kept ones reach the FFN
+    (8, [3, 6], 16),  # 16 positions, 9 running: a small batch runs every row and masks (a gather would not pay)
+    (8, [1, 2], 3),  # 16 positions, 3 running (at most a quarter): gathered
+])
+def test_mixed_rows_run_the_ffn_on_kept_rows_only_when_it_pays(length, starts, ffn_rows):
+    """decode_from with per-row starts: rows at different decode indices, exact either way."""
     model = tiny_model("llama", num_layers=4)
     seen = []
     hook = resolve(model).sites[2].ffn.down_proj.register_forward_hook(
         lambda m, a, o: seen.append(a[0].shape[:-1].numel()))
-    ids = torch.randint(2, 90, (2, 8))
+    ids = torch.randint(2, 90, (2, length))
     plan = static([2])
-    with apply_plan(model, plan) as handle, handle.decode_from(torch.tensor([3, 6])), torch.no_grad():
+    starts = torch.tensor(starts)
+    with apply_plan(model, plan) as handle, handle.decode_from(starts), torch.no_grad():
         got = model(input_ids=ids).logits
         stats = handle.stats()
     hook.remove()
-    assert seen == [3 + 6]  # positions before each row's start
-    assert stats["decode_positions"] == 5 + 2 and stats["skipped"] == 7
+    assert seen == [ffn_rows]
+    decode = int((length - starts).sum())
+    assert stats["decode_positions"] == decode and stats["skipped"] == decode
     # reference: zero the FFN output at positions >= start per row (forward hook: exact, saves nothing)
-    starts = torch.tensor([3, 6])
-    keep = (torch.arange(8)[None, :] < starts[:, None]).float()[..., None]
+    keep = (torch.arange(length)[None, :] < starts[:, None]).float()[..., None]
     ref_hook = resolve(model).sites[2].ffn.register_forward_hook(lambda m, a, o: o * keep)
     with torch.no_grad():
         expected = model(input_ids=ids).logits

@@ -205,6 +205,9 @@ def refine_plan_file(model, tokenizer, plan_file, data_spec: str | None = None, 
         plan_file.global_plan = refine_static(model, tokenizer, plan_file.global_plan, data_spec,
                                               references=references, greedy_start=greedy_start)
     warnings = []
+    global_plan = plan_file.global_plan
+    global_start = ({"global_plan": canonical(global_plan.skip_layers.items())}
+                    if global_plan.mode == "static" and global_plan.skip_layers else None)
     for name, plan in sorted(plan_file.classes.items()):
         if plan.mode != "static" or not plan.skip_layers:
             continue
@@ -212,8 +215,6 @@ def refine_plan_file(model, tokenizer, plan_file, data_spec: str | None = None, 
         if not own:
             warnings.append(f"class {name!r}: no calibration windows of this class, its plan is not refined")
             continue
-        global_start = ({"global_plan": canonical(plan_file.global_plan.skip_layers.items())}
-                        if plan_file.global_plan.mode == "static" and plan_file.global_plan.skip_layers else None)
         refined = refine_static(model, tokenizer, plan, data_spec, references=own, greedy_start=greedy_start,
                                 extra_starts=global_start)
         refined.fit["refine"]["data"]["class"] = name

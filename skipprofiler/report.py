@@ -263,7 +263,8 @@ def checks(result: dict[str, Any], target: float = 0.25) -> list[str]:
         bar(f"refined static KL {static['kl_mean']:.4f} = {ratio:.2f}× the oracle's {oracle['kl_mean']:.4f} "
             f"(bar ≤ 1.15×)", ratio <= 1.15)
     if static and llm:
-        same = " (the same layer set: top-by-cosine already picks it here)" if static.get("layers") == llm.get("layers") is not None else ""
+        same_set = static.get("layers") is not None and static.get("layers") == llm.get("layers")
+        same = " (the same layer set: top-by-cosine already picks it here)" if same_set else ""
         bar(f"refined static KL {static['kl_mean']:.4f} below LLM-Drop top-by-cosine {llm['kl_mean']:.4f}{same}",
             static["kl_mean"] < llm["kl_mean"])
     if static and rnd:

@@ -915,9 +915,9 @@ def _decision_from_flags(flags: list[bool] | None, device: torch.device) -> Any:
         return _ALL
     skip = torch.tensor(flags, device=device)
     if len(flags) < _GATHER_MIN_POSITIONS and 4 * (len(flags) - n) > len(flags):
-        # A few decode rows are weight-bandwidth bound: a matmul over 3 or 7 of 8 rows costs as much as over all 8
-        # (or more: measured on 2 CPU cores, 100 M Llama FFN), so gathering the running rows would only add work.
-        # Run every row and mask; gather only when it pays (many positions, or at most a quarter of rows running).
+        # A few decode rows are weight-bandwidth bound: an FFN over 2-7 of 8 rows costs about as much as over all 8
+        # (benchmarks/ffn_partial_rows.py), so gathering the running rows saves nothing. Run every row and mask;
+        # gather only when it pays (many positions, or at most a quarter of the rows running).
         return _Mixed(None, skip)
     kept = torch.tensor([i for i, f in enumerate(flags) if not f], dtype=torch.long, device=device)
     return _Mixed(kept, skip)

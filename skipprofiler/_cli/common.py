@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +142,6 @@ def print_json(data: Any) -> None:
 def load_profile(path: Path, partial_note: str | None = None):
     """Read a profile file for a subcommand: one actionable line when it is missing, a folder or corrupt. A partial
     profile (an interrupted run) is accepted; with `partial_note` a warning says what the command does with it."""
-    import sys
-
     from ..profile import Profile, ProfileError
 
     if path.is_dir():

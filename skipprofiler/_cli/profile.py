@@ -42,14 +42,8 @@ def _check_options(seq_len: int, batch_size: int, max_tokens: int, generate: int
 
 
 def _progress(console, max_tokens: int, generate: int):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     return Progress(TextColumn("[bold]profiling[/bold]"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("prompt tokens"), TextColumn("{task.fields[decode]}"),
@@ -94,23 +88,10 @@ def profile(
     from rich.console import Console
 
     from ..corpus import Corpus, CorpusError
-    from ..distributed import (
-        DistributedError,
-        init_from_env,
-        parse_device_map,
-        parse_shard,
-        profile_distributed,
-        rank_device,
-        shard_batches,
-    )
+    from ..distributed import (DistributedError, init_from_env, parse_device_map, parse_shard, profile_distributed,
+                               rank_device, shard_batches)
     from ..profile import ProfileSettings
-    from .common import (
-        check_writable,
-        load_model,
-        parse_device,
-        parse_dtype,
-        print_json,
-    )
+    from .common import check_writable, load_model, parse_device, parse_dtype, print_json
     from .inspect import default_regime, print_table, summary
 
     _check_options(seq_len, batch_size, max_tokens, generate, reservoir, doc_samples)

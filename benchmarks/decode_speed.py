@@ -1,6 +1,7 @@
 """Decode speed: dense vs skip plans, interleaved, median of >= 5, with the FLOP-ideal speedup and their ratio.
 
     python benchmarks/decode_speed.py                        # ~100 M-param random Llama, bs 1 and 8, fp32 and bf16
+    python benchmarks/decode_speed.py --batch 8 --dtype fp32 # adaptive arms per_sequence and shared at bs 8
     python benchmarks/decode_speed.py --batch 1 --dtype fp32 --new-tokens 32 --model synthetic:llama-tiny   # quick
 
 Same engine as `skipprof bench decode` (skipprofiler/bench.py); results also go to --json if given.
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--batch-decision", action="append", choices=["per_sequence", "shared"],
+                        help="adaptive arms at batch > 1 (repeatable; default both)")
     parser.add_argument("--json", type=Path, default=None, help="write every row as JSON here")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = [float(t) for t in args.adaptive.split(",") if t.strip()]
     suites = run_suite(args.model, args.batch or [1, 8], args.dtype or ["fp32", "bf16"], args.static or None,
                        targets, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
+                       batch_decisions=tuple(dict.fromkeys(args.batch_decision or ["per_sequence", "shared"])),
                        log=lambda message: print(message, flush=True))
     if args.json:
         rows = [row for suite in suites for row in suite.rows()]

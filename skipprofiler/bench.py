@@ -43,6 +43,7 @@ class Arm:
     name: str
     plan: PlanFile | SkipPlan | None
     prompt_class: str | None = None
+    batch_decision: str = "per_sequence"  # apply_plan(batch_decision=...) for adaptive plans
 
 
 @dataclass
@@ -198,7 +199,8 @@ def benchmark_decode(model: nn.Module, arms: list[Arm], batch: int = 1, prompt_t
         order = order[shift:] + order[:shift]
         for i in order:
             arm, result = arms[i], results[i]
-            handle = apply_plan(model, arm.plan, prompt_class=arm.prompt_class) if arm.plan is not None else None
+            handle = (apply_plan(model, arm.plan, prompt_class=arm.prompt_class, batch_decision=arm.batch_decision)
+                      if arm.plan is not None else None)
             try:
                 _sync(device)
                 start = time.perf_counter()
@@ -261,15 +263,16 @@ def decode_residual_cos(model: nn.Module, prompt: torch.Tensor, new_tokens: int)
     return torch.cat([torch.stack(r, 1) for r in rows[1:]], 0)  # [tokens * batch, L]
 
 
-def measured_skip_ratio(model: nn.Module, plan: SkipPlan, prompt: torch.Tensor, new_tokens: int) -> float:
-    with apply_plan(model, plan) as handle:
+def measured_skip_ratio(model: nn.Module, plan: SkipPlan, prompt: torch.Tensor, new_tokens: int,
+                        batch_decision: str = "per_sequence") -> float:
+    with apply_plan(model, plan, batch_decision=batch_decision) as handle:
         decode_once(model, prompt, new_tokens)
         return handle.stats()["skip_ratio"]
 
 
 def calibrate_adaptive(model: nn.Module, target: float, prompt: torch.Tensor, new_tokens: int, cold_start: int = 2,
                        cold_end: int = 2, max_skip: int | None = None, steps: int = 8,
-                       cos: torch.Tensor | None = None) -> SkipPlan:
+                       cos: torch.Tensor | None = None, batch_decision: str = "per_sequence") -> SkipPlan:
     """An FFN-SkipLLM plan whose per-layer thresholds are one shared quantile of the dense decode cos, bisected on
     the skip ratio the runtime really reaches on `prompt` over `new_tokens` (benchmark plans: speed only, not
     quality). Calibrate on the run that is timed: the rule's skip ratio depends on the prompt and the decode length
@@ -279,6 +282,7 @@ def calibrate_adaptive(model: nn.Module, target: float, prompt: torch.Tensor, ne
     share of tokens that trigger; when decoded tokens look alike that share jumps from 0 to most tokens at once.
     Without `max_skip`, k is the run length that needs ~75 % of tokens to trigger, or the next one when that misses
     the target by more than 0.01; the closest measured plan wins (`cos`: the dense decode cos, reusable).
+    The ratio is measured with `batch_decision` (rows deciding together fire less often than alone).
     """
     cos = (cos if cos is not None else decode_residual_cos(model, prompt, new_tokens)).cpu()
     L = cos.shape[1]
@@ -296,7 +300,7 @@ def calibrate_adaptive(model: nn.Module, target: float, prompt: torch.Tensor, ne
             tau = [float(torch.quantile(cos[:, l], q)) for l in range(L)]
             plan = SkipPlan(mode="adaptive", tau=tau, cold_start=cold_start, cold_end=cold_end, max_skip=k,
                             expected_skip_ratio=target)
-            ratio = measured_skip_ratio(model, plan, prompt, new_tokens)
+            ratio = measured_skip_ratio(model, plan, prompt, new_tokens, batch_decision)
             if best is None or abs(ratio - target) < abs(best[0] - target):
                 best = (ratio, plan)
             if abs(ratio - target) < 0.01:
@@ -325,9 +329,10 @@ def load_model(spec: str, dtype: torch.dtype) -> tuple[nn.Module, str]:
 
 def default_arms(model: nn.Module, static_ratio: float | None, adaptive_targets: list[float],
                  include_empty: bool = True, batch: int = 1, prompt_tokens: int = 16, new_tokens: int = 128,
-                 seed: int = 0) -> list[Arm]:
+                 seed: int = 0, batch_decisions: tuple[str, ...] = ("per_sequence",)) -> list[Arm]:
     """Dense, the empty plan, a static plan at `static_ratio`, adaptive plans calibrated to each target on the
-    benchmark's own prompt and decode length."""
+    benchmark's own prompt and decode length, once per batch decision (one row decides alone: bs 1 runs only the
+    first)."""
     L = resolve(model).num_layers
     prompt = benchmark_prompt(model, batch, prompt_tokens, seed)
     arms = [Arm("dense", None)]
@@ -336,23 +341,27 @@ def default_arms(model: nn.Module, static_ratio: float | None, adaptive_targets:
     if static_ratio:
         arms.append(Arm(f"static {static_ratio:.0%}", middle_static_plan(L, static_ratio)))
     cos = decode_residual_cos(model, prompt, new_tokens) if adaptive_targets else None
-    for target in adaptive_targets:
-        arms.append(Arm(f"adaptive {target:.0%}", calibrate_adaptive(model, target, prompt, new_tokens, cos=cos)))
+    decisions = batch_decisions if batch > 1 else batch_decisions[:1]
+    for decision in decisions:
+        suffix = "" if decision == "per_sequence" else f" {decision}"
+        for target in adaptive_targets:
+            plan = calibrate_adaptive(model, target, prompt, new_tokens, cos=cos, batch_decision=decision)
+            arms.append(Arm(f"adaptive {target:.0%}{suffix}", plan, batch_decision=decision))
     return arms
 
 
 def run_suite(model_spec: str, batches: list[int], dtypes: list[str], static_ratio: float | None,
               adaptive_targets: list[float], plan_arms: list[Arm] | None = None, new_tokens: int = 128,
               prompt_tokens: int = 16, repeats: int = 5, include_defaults: bool = True,
-              log=print) -> list[DecodeBenchmark]:
+              batch_decisions: tuple[str, ...] = ("per_sequence",), log=print) -> list[DecodeBenchmark]:
     """Every (dtype, batch) setting: build the model, its arms, time them interleaved, log the table."""
     suites = []
     for dtype_name in dtypes:
         model, label = load_model(model_spec, DTYPES[dtype_name])
         for batch in batches:
             arms = default_arms(model, static_ratio, adaptive_targets, include_empty=include_defaults, batch=batch,
-                                prompt_tokens=prompt_tokens, new_tokens=new_tokens)
-            arms += list(plan_arms or [])
+                                prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_decisions=batch_decisions)
+            arms += [a for a in plan_arms or [] if batch > 1 or a.batch_decision == batch_decisions[0]]
             log(f"[{label} {dtype_name} bs={batch}] {len(arms)} arms x (1 warm-up + {repeats}) runs")
             result = benchmark_decode(model, arms, batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                                       repeats=repeats, label=label, dtype_name=dtype_name, log=log)

@@ -18,7 +18,8 @@ How it works (rule semantics: the docstring of `skipprofiler.plan`):
   Static decisions depend only on these host-known indices, so they cost no device synchronisation.
 * Adaptive plans evaluate FFN-SkipLLM per position: after each dense layer in the trigger range,
   cos(h, h + contribution) with ``h = stream_out - contribution`` (the registry's decomposition). On CPU the state
-  lives on the host (reading a CPU tensor is free); elsewhere it stays on the device as tensors.
+  lives on the host (reading a CPU tensor is free); elsewhere it stays on the device as tensors. With
+  ``batch_decision="shared"`` the rows of a batch fire together (column by column), so whole FFN calls are saved.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ _PRE_FFN_NORMS = ("post_attention_layernorm", "ln_2", "final_layer_norm")
 _COMPENSABLE_FORMS = ("sequential", RESIDUAL_INSIDE)
 _HANDLE_ATTR = "_skipprof_handle"
 _ALL = "skip-all"  # layer decision: every position of this forward skips
+BATCH_DECISIONS = ("per_sequence", "shared")  # apply_plan(batch_decision=...): how adaptive rows of a batch decide
 
 
 def load_plan(path_or_text: str | Path) -> PlanFile:
@@ -186,15 +188,22 @@ class _RowPlan:
 
 
 class _HostAdaptive:
-    """FFN-SkipLLM state per flattened position, kept in Python (CPU models: reading a CPU tensor costs nothing)."""
+    """FFN-SkipLLM state per flattened position, kept in Python (CPU models: reading a CPU tensor costs nothing).
 
-    def __init__(self, row_plans: list[_RowPlan | None]):
+    shared: the rows of a batch decide together, column by column (positions ``b * seq + s`` with the same ``s``):
+    a column's open positions start their runs at the first layer where every real one among them passes its own
+    threshold (see `apply_plan`'s ``batch_decision``).
+    """
+
+    def __init__(self, row_plans: list[_RowPlan | None], seq: int = 1, shared: bool = False,
+                 real: list[bool] | None = None):
         self.row_plans = row_plans  # per position: its adaptive plan, or None (not eligible / not adaptive)
         n = len(row_plans)
         self.remaining = [0] * n
         self.used = [rp is None for rp in row_plans]
         self.run_len = [0] * n
         self.open = sum(1 for u in self.used if not u)  # positions that may still trigger
+        self.seq, self.shared, self.real = seq, shared, real
 
     def skip_now(self) -> list[bool] | None:
         if not any(self.remaining):
@@ -212,13 +221,24 @@ class _HostAdaptive:
 
     def update(self, layer: int, cos: torch.Tensor) -> None:
         values = cos.tolist()
-        for p, rp in enumerate(self.row_plans):
-            if rp is None or self.used[p] or not rp.trigger_lo <= layer <= rp.trigger_hi:
-                continue
-            if values[p] > rp.plan.tau[layer]:
-                length = min(rp.plan.max_skip, rp.end - (layer + 1))
-                self.remaining[p], self.run_len[p], self.used[p] = length, length, True
-                self.open -= 1
+        candidates = [p for p, rp in enumerate(self.row_plans)
+                      if rp is not None and not self.used[p] and rp.trigger_lo <= layer <= rp.trigger_hi]
+        if not self.shared:
+            fired = [p for p in candidates if values[p] > self.row_plans[p].plan.tau[layer]]
+        else:
+            columns: dict[int, list[int]] = {}
+            for p in candidates:
+                columns.setdefault(p % self.seq, []).append(p)
+            fired = []
+            for members in columns.values():
+                voters = [p for p in members if self.real is None or self.real[p]]  # padding follows, never votes
+                if voters and all(values[p] > self.row_plans[p].plan.tau[layer] for p in voters):
+                    fired += members
+        for p in fired:
+            rp = self.row_plans[p]
+            length = min(rp.plan.max_skip, rp.end - (layer + 1))
+            self.remaining[p], self.run_len[p], self.used[p] = length, length, True
+            self.open -= 1
 
     def skipped_per_position(self) -> list[int]:
         return self.run_len
@@ -227,8 +247,11 @@ class _HostAdaptive:
 class _DeviceAdaptive:
     """The same state as device tensors: no host synchronisation per layer (accelerators)."""
 
-    def __init__(self, row_plans: list[_RowPlan | None], num_layers: int, device: torch.device):
+    def __init__(self, row_plans: list[_RowPlan | None], num_layers: int, device: torch.device, seq: int = 1,
+                 shared: bool = False, real: torch.Tensor | None = None):
         n = len(row_plans)
+        self.seq, self.shared = seq, shared
+        self.real = real if real is not None else torch.ones(n, dtype=torch.bool, device=device)
         tau = [[math.inf] * n for _ in range(num_layers)]
         run = [[0] * n for _ in range(num_layers)]
         self.trigger_layers_set: set[int] = set()
@@ -260,7 +283,15 @@ class _DeviceAdaptive:
         return self.trigger_layers_set
 
     def update(self, layer: int, cos: torch.Tensor) -> None:
-        trigger = (cos > self.tau[layer]) & ~self.used
+        tau = self.tau[layer]
+        passed = cos > tau
+        if self.shared:  # a column fires when every open real position in it passes (as _HostAdaptive)
+            open_ = ~self.used & torch.isfinite(tau)
+            voters = open_ & self.real
+            columns = (passed | ~voters).view(-1, self.seq).all(0) & voters.view(-1, self.seq).any(0)
+            trigger = open_ & columns.repeat(len(cos) // self.seq)
+        else:
+            trigger = passed & ~self.used
         length = torch.where(trigger, self.run[layer], 0)
         self.remaining = torch.where(trigger, length, self.remaining)
         self.run_len = self.run_len + length
@@ -309,13 +340,15 @@ class SkipHandle:
     """An applied plan. ``remove()`` (or leaving the ``with`` block) restores the model bit-exactly."""
 
     def __init__(self, model: nn.Module, arch: ResolvedArch, plans: dict[str | None, SkipPlan],
-                 plan_file: PlanFile | None, prompt_class: str | None, host_state: bool | None = None):
+                 plan_file: PlanFile | None, prompt_class: str | None, host_state: bool | None = None,
+                 batch_decision: str = "per_sequence"):
         self.model = model
         self.arch = arch
         self._plans = plans
         self._plan_file = plan_file
         self._prompt_class = prompt_class
         self._host_state = host_state  # None: host state on CPU, device state elsewhere
+        self._batch_decision = batch_decision  # adaptive plans: "per_sequence" or "shared" (see apply_plan)
         self._row_plans: dict[int, _RowPlan] = {}
         for name, plan in plans.items():
             self._row_plans[id(plan)] = self._row_plan(plan, len(self._row_plans))
@@ -397,8 +430,9 @@ class SkipHandle:
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else "applied"
+        batch = f", batch_decision={self._batch_decision}" if self.plan.mode == "adaptive" else ""
         return (f"SkipHandle({state}, {self.arch.model_type}, class={self._prompt_class!r}, "
-                f"mode={self.plan.mode}, layers={sorted(self._skip_layers)})")
+                f"mode={self.plan.mode}{batch}, layers={sorted(self._skip_layers)})")
 
     # ---- installation ----------------------------------------------------------------------------------------------
 
@@ -487,7 +521,8 @@ class SkipHandle:
             else:
                 if not plan.cold_start <= layer < self.arch.num_layers - plan.cold_end:
                     continue
-                what = f"adaptive skip (tau, runs of {plan.max_skip})"
+                shared = ", decided per batch" if self._batch_decision == "shared" else ""
+                what = f"adaptive skip (tau, runs of {plan.max_skip}{shared})"
             comp = ", norm_ratio compensation" if plan.compensation == "norm_ratio" else ""
             label = "" if name is None else f" [{name}]"
             parts.append(f"{what} {where}{comp}{label}")
@@ -843,7 +878,12 @@ class SkipHandle:
                 step.static[layer] = flags if any(flags) else None
         if any_adaptive:
             host = self._host_state if self._host_state is not None else step.device.type == "cpu"
-            step.adaptive = _HostAdaptive(adaptive_rows) if host else _DeviceAdaptive(adaptive_rows, L, step.device)
+            shared = self._batch_decision == "shared"
+            if host:
+                real = step.real.tolist() if shared and step.real is not None else None
+                step.adaptive = _HostAdaptive(adaptive_rows, seq, shared, real)
+            else:
+                step.adaptive = _DeviceAdaptive(adaptive_rows, L, step.device, seq, shared, step.real)
             step.cos_layers = frozenset(step.adaptive.trigger_layers())
         self._plan_compensation(step, plans)
 
@@ -956,7 +996,8 @@ def _real_weights(mask: torch.Tensor | None, batch: int, seq: int, device: torch
 
 
 def apply_plan(model: nn.Module, plan: PlanFile | SkipPlan | str | Path, prompt_class: str | None = None,
-               strict: bool = True, *, host_state: bool | None = None) -> SkipHandle:
+               strict: bool = True, *, host_state: bool | None = None,
+               batch_decision: str = "per_sequence") -> SkipHandle:
     """Make `model` skip FFNs as `plan` says; returns a handle (context manager) whose ``remove()`` restores it.
 
     plan: a PlanFile, a bare SkipPlan (applied as is, no fingerprint check), or a YAML path / text.
@@ -964,8 +1005,16 @@ def apply_plan(model: nn.Module, plan: PlanFile | SkipPlan | str | Path, prompt_
         plan's router (the choice is on ``handle.chosen_classes``).
     strict: a plan fitted for another model is an error; False applies it with a warning.
     host_state: keep adaptive state on the host (default: on CPU models) or on the device (no per-layer sync).
+    batch_decision: how adaptive plans treat the rows of a batch. "per_sequence" (default): every row follows the
+        FFN-SkipLLM rule on its own. "shared": the rows decoding the same step decide together -- their runs start
+        at the first layer where every real row's cos passes its threshold, so all rows skip the same FFNs. Each row
+        skips only after a layer where its own cos passed; rows that would have fired earlier wait for the others.
+        Use it for batched decoding where the FFN over part of a batch costs as much as over all of it (small
+        batches on CPU: benchmarks/ffn_partial_rows.py): per-sequence runs that do not coincide there save nothing.
     Every check runs before any module is touched: on error the model is unchanged.
     """
+    if batch_decision not in BATCH_DECISIONS:
+        raise ValueError(f"batch_decision must be one of {', '.join(BATCH_DECISIONS)}, got {batch_decision!r}")
     if isinstance(plan, (str, Path)):
         plan = load_plan(plan)
     existing = model.__dict__.get(_HANDLE_ATTR)
@@ -986,7 +1035,7 @@ def apply_plan(model: nn.Module, plan: PlanFile | SkipPlan | str | Path, prompt_
         raise TypeError(f"apply_plan expects a PlanFile, SkipPlan, or a YAML path; got {type(plan).__name__}")
     if problems:
         raise PlanError(problems)
-    handle = SkipHandle(model, arch, plans, plan_file, prompt_class, host_state)
+    handle = SkipHandle(model, arch, plans, plan_file, prompt_class, host_state, batch_decision)
     try:
         handle._install()
     except BaseException:

@@ -7,17 +7,31 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from skipprofiler.bench import benchmark_prompt, calibrate_adaptive, measured_skip_ratio
+from skipprofiler.bench import benchmark_prompt, calibrate_adaptive, default_arms, measured_skip_ratio
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_adaptive_benchmark_plans_are_calibrated_on_the_timed_run(batch):
+def small_llama():
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=12,
-                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=256)).eval()
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=12,
+                                        num_attention_heads=4, num_key_value_heads=4, vocab_size=256)).eval()
+
+
+@pytest.mark.parametrize("batch, decision", [(1, "per_sequence"), (3, "per_sequence"), (3, "shared")])
+def test_adaptive_benchmark_plans_are_calibrated_on_the_timed_run(batch, decision):
+    model = small_llama()
     prompt = benchmark_prompt(model, batch, prompt_tokens=8)
     for target in (0.1, 0.25):
-        plan = calibrate_adaptive(model, target, prompt, new_tokens=24)
-        realized = measured_skip_ratio(model, plan, prompt, new_tokens=24)
+        plan = calibrate_adaptive(model, target, prompt, new_tokens=24, batch_decision=decision)
+        realized = measured_skip_ratio(model, plan, prompt, new_tokens=24, batch_decision=decision)
         assert realized == pytest.approx(plan.fit["calibration_skip_ratio"])  # the timed run is the calibration run
         assert realized == pytest.approx(target, abs=0.03)
+
+
+def test_default_arms_add_shared_adaptive_arms_only_above_batch_one():
+    model = small_llama()
+    decisions = ("per_sequence", "shared")
+    names = [a.name for a in default_arms(model, None, [0.25], batch=1, new_tokens=8, batch_decisions=decisions)]
+    assert names == ["dense", "empty plan", "adaptive 25%"]
+    arms = default_arms(model, None, [0.25], batch=2, new_tokens=8, batch_decisions=decisions)
+    assert [(a.name, a.batch_decision) for a in arms[2:]] == [("adaptive 25%", "per_sequence"),
+                                                               ("adaptive 25% shared", "shared")]

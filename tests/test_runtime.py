@@ -331,7 +331,8 @@ def test_static_decode_compiles_to_one_graph_without_breaks():
 
 
 class AdaptiveReference:
-    """FFN-SkipLLM for bs 1, one token per decode forward, written from the rule in plan.py with plain hooks.
+    """FFN-SkipLLM for bs 1, one token per decode forward, written from the rule in plan.py with plain hooks; or for a
+    batch deciding together (batch_decision="shared", every decode row real): a run starts when every row passes.
 
     h is read as the input of the pre-FFN norm, h + c as the layer output; a skipped FFN's output is replaced by zeros
     by a forward hook (exact, saves nothing).
@@ -367,7 +368,7 @@ class AdaptiveReference:
         def hook(module, args, out):
             if self.decode is not None and self.remaining > 0:
                 self.remaining -= 1
-                self.skipped += 1
+                self.skipped += out.shape[0]
                 return torch.zeros_like(out)
             return None
         return hook
@@ -380,8 +381,8 @@ class AdaptiveReference:
                 return
             if self.remaining == 0:  # the layer ran densely (a run in progress has remaining > 0)
                 stream = out[0] if isinstance(out, tuple) else out
-                cos = torch.nn.functional.cosine_similarity(self.h[l].float(), stream.float(), dim=-1).item()
-                if cos > p.tau[l]:
+                cos = torch.nn.functional.cosine_similarity(self.h[l].float(), stream.float(), dim=-1)
+                if bool((cos > p.tau[l]).all()):
                     self.remaining, self.used = min(p.max_skip, end - (l + 1)), True
         return hook
 
@@ -474,6 +475,60 @@ def test_adaptive_per_sequence_host_and_device_state_agree():
             generate(model, ids[b:b + 1, real], 10)
             per_row += handle.stats()["skipped"]
     assert per_row == results[True][2]["skipped"]
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_adaptive_shared_batch_decision_matches_reference_rule(batch):
+    model = tiny_model("llama", num_layers=8)
+    ids, mask = left_padded(batch=batch, length=8)
+    plan = SkipPlan(mode="adaptive", tau=quantile_tau(model, ids[:1], 12, q=0.3), cold_start=1, cold_end=1,
+                    max_skip=3, warmup_tokens=1, dense_every=4)
+    ref = AdaptiveReference(model, plan)
+    ref_logits, ref_tokens = greedy_loop(model, ids, 12, mask)
+    ref.remove()
+    assert ref.skipped > 0
+    for host in (True, False):
+        with apply_plan(model, plan, host_state=host, batch_decision="shared") as handle:
+            logits, tokens = greedy_loop(model, ids, 12, mask)
+            stats = handle.stats()
+        assert torch.equal(tokens, ref_tokens)
+        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-6 if host else 1e-5)
+        assert stats["skipped"] == ref.skipped
+    if batch == 1:  # one row: deciding together is deciding alone
+        with apply_plan(model, plan) as handle:
+            logits, tokens = greedy_loop(model, ids, 12, mask)
+        assert torch.equal(tokens, ref_tokens) and torch.equal(logits, ref_logits)
+
+
+def test_adaptive_shared_padding_never_votes_and_columns_decide_apart():
+    model = tiny_model("llama", num_layers=6)
+    ids = torch.randint(2, 90, (2, 10), generator=torch.Generator().manual_seed(1))
+    plan = SkipPlan(mode="adaptive", tau=quantile_tau(model, ids[:1, :4], 8, q=0.5), cold_start=1, cold_end=1,
+                    max_skip=2)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # row 1 is right-padded over the whole decode region: it follows row 0, never votes
+    out = {}
+    for host in (True, False):
+        with apply_plan(model, plan, host_state=host, batch_decision="shared") as handle, handle.decode_from(4):
+            with torch.no_grad():
+                out[host] = model(input_ids=ids, attention_mask=mask).logits[0], handle.stats()
+    with apply_plan(model, plan) as handle, handle.decode_from(4):  # row 0 alone, per sequence
+        with torch.no_grad():
+            alone = model(input_ids=ids[:1]).logits[0], handle.stats()
+    assert alone[1]["skipped"] > 0
+    for host in (True, False):
+        torch.testing.assert_close(out[host][0], alone[0], rtol=0, atol=1e-5)
+        assert out[host][1] == alone[1]  # padding is not counted either
+
+
+def test_batch_decision_is_validated_before_touching_the_model():
+    model = tiny_model("llama", num_layers=4)
+    with pytest.raises(ValueError, match="batch_decision must be one of per_sequence, shared"):
+        apply_plan(model, SkipPlan(mode="static", skip_layers={1: 1.0}), batch_decision="batch")
+    assert untouched(model)
+    plan = SkipPlan(mode="adaptive", tau=[0.5] * 4, cold_start=1, cold_end=1, max_skip=1)
+    with apply_plan(model, plan, batch_decision="shared") as handle:
+        assert "decided per batch" in str(model) and "batch_decision=shared" in repr(handle)
 
 
 def test_adaptive_teacher_forced_decode_from_matches_host_device():
@@ -678,6 +733,7 @@ def test_cli_bench_decode_writes_rows_and_rejects_bad_input(tmp_path, capsys):
                           (["--model", str(tmp_path)], "no config.json there"),
                           (["--model", "synthetic:llama-tiny", "--adaptive", "0.2,x"], "comma-separated"),
                           (["--model", "synthetic:llama-tiny", "--dtype", "int4"], "unknown --dtype"),
+                          (["--model", "synthetic:llama-tiny", "--batch-decision", "vote"], "unknown --batch-decision"),
                           (["--model", "synthetic:llama-tiny", str(tmp_path / "missing.yaml")], "plan file not found")):
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:

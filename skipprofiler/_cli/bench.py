@@ -19,6 +19,8 @@ HELP = (
     "With plan files the arms are dense + each plan. Without, they are dense, the empty plan, a static plan at "
     "--static and adaptive plans calibrated on the model to each --adaptive target (speed only: those thresholds "
     "are not fitted for quality).\n\n"
+    "At batch > 1, adaptive arms run once per --batch-decision: per_sequence (each row follows the rule alone) and "
+    "shared (the rows of a step fire together, so whole FFN calls are saved); see apply_plan.\n\n"
     "Examples:\n\n"
     "  skipprof bench decode plans/demo-static-25.yaml plans/demo-adaptive-25.yaml\n\n"
     "  skipprof bench decode --model synthetic:llama-100m --batch 1 --batch 8 --dtype fp32 --dtype bf16\n\n"
@@ -56,7 +58,8 @@ def _model_spec(model: str | None) -> str:
     return model
 
 
-def _plan_arms(plans: list[Path], prompt_class: str | None):
+def _plan_arms(plans: list[Path], prompt_class: str | None, decisions: list[str]):
+    """One arm per plan file, and per batch decision for plans with an adaptive part."""
     from ..bench import Arm
     from ..plan import PlanError
     from ..runtime import load_plan
@@ -66,10 +69,24 @@ def _plan_arms(plans: list[Path], prompt_class: str | None):
         if not path.is_file():
             raise CLIError(f"plan file not found: {path}")
         try:
-            arms.append(Arm(path.stem, load_plan(path), prompt_class))
+            plan_file = load_plan(path)
         except PlanError as e:
             raise CLIError(f"{path}: {e}")
+        adaptive = any(p.mode == "adaptive" for p in [plan_file.global_plan, *plan_file.classes.values()])
+        for decision in decisions if adaptive else decisions[:1]:
+            suffix = "" if decision == "per_sequence" else f" {decision}"
+            arms.append(Arm(path.stem + suffix, plan_file, prompt_class, batch_decision=decision))
     return arms
+
+
+def _batch_decisions(values: list[str] | None) -> list[str]:
+    from ..runtime import BATCH_DECISIONS
+
+    decisions = list(dict.fromkeys(values or BATCH_DECISIONS))
+    bad = [d for d in decisions if d not in BATCH_DECISIONS]
+    if bad:
+        raise CLIError(f"unknown --batch-decision {bad[0]!r}; use {' or '.join(BATCH_DECISIONS)}")
+    return decisions
 
 
 def _check_arms(model_spec: str, dtype: str, arms) -> None:
@@ -106,6 +123,8 @@ def register(app: typer.Typer) -> None:
         new_tokens: Annotated[int, typer.Option(help="tokens generated per run")] = 128,
         prompt_tokens: Annotated[int, typer.Option(help="random prompt length")] = 16,
         repeats: Annotated[int, typer.Option(help="timed runs per arm (>= 5), after one warm-up round")] = 5,
+        batch_decision: Annotated[Optional[list[str]], typer.Option(
+            help="adaptive arms at batch > 1: per_sequence and/or shared; repeatable (default both)")] = None,
         threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's choice)")] = None,
         json_out: Annotated[Optional[Path], typer.Option("--json", help="write the result rows here")] = None,
     ) -> None:
@@ -121,7 +140,8 @@ def register(app: typer.Typer) -> None:
         if bad:
             raise CLIError(f"unknown --dtype {bad[0]!r}; use fp32 or bf16")
         spec = _model_spec(model)
-        plan_arms = _plan_arms(plans or [], prompt_class)
+        decisions = _batch_decisions(batch_decision)
+        plan_arms = _plan_arms(plans or [], prompt_class, decisions)
         targets = _parse_targets(adaptive) if not plan_arms else []
         import torch
 
@@ -133,7 +153,8 @@ def register(app: typer.Typer) -> None:
             _check_arms(spec, dtypes[0], plan_arms)
         suites = run_suite(spec, batches, dtypes, None if plan_arms else (static or None), targets,
                            plan_arms=plan_arms, new_tokens=new_tokens, prompt_tokens=prompt_tokens,
-                           repeats=repeats, include_defaults=not plan_arms, log=lambda m: typer.echo(m, err=True))
+                           repeats=repeats, include_defaults=not plan_arms, batch_decisions=tuple(decisions),
+                           log=lambda m: typer.echo(m, err=True))
         for suite in suites:
             typer.echo(suite.table())
         if json_out is not None:

@@ -36,6 +36,7 @@ class EvalConfig:
     window: int = 128  # tokens per held-out document
     docs_per_class: int | None = 16
     batch_size: int = 16
+    batch_decision: str = "per_sequence"  # adaptive plans: rows of a teacher-forced batch decide alone or together
     greedy_prompts: int = 8  # spread over the classes
     greedy_new_tokens: int = 32
     speed: bool = True
@@ -141,7 +142,7 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
     for cls in data.classes:
         try:
             part, stats = measure_plan(model, data.of_class(cls), plan, prompt_class=cls if route_by_class else None,
-                                       strict=strict)
+                                       strict=strict, batch_decision=config.batch_decision)
         except FidelityError as e:
             raise EvalError(f"{name}: {e}") from None
         sums.merge(part)

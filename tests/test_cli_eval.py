@@ -63,6 +63,7 @@ def test_eval_writes_json_with_the_documented_keys(saved, tmp_path, capsys):
     (["eval", "{root}/model", "{root}/missing.yaml"], "plan file not found"),
     (["eval", "{root}/model", "{root}/static.yaml", "--data", "{root}/nope.jsonl"], "data file not found"),
     (["eval", "{root}/model"], "at least one PLAN"),
+    (["eval", "{root}/model", "{root}/static.yaml", "--batch-decision", "vote"], "unknown --batch-decision"),
     (["eval", "{root}/static.yaml", "--sweep", "0.1,2"], "(0, 1)"),
     (["eval", "{root}/static.yaml", "--sweep", "0.1"], "--profile"),
     (["eval", "{root}/nothing-here", "{root}/static.yaml"], "model path not found"),

@@ -74,6 +74,18 @@ def test_plan_rows_have_the_documented_keys_and_exact_realized_ratio(setup):
     json.dumps(result, allow_nan=False)
 
 
+def test_batch_decision_reaches_the_teacher_forced_measurement(setup):
+    model, tok, data = setup
+    # thresholds inside this model's cos range (0.98-1.0), so rows pass at different layers and sharing moves runs
+    plan = SkipPlan(mode="adaptive", tau=[0.99, 0.98, 0.97, 0.96, 0.95, 0.95], cold_start=1, cold_end=1, max_skip=2)
+    results = {d: run_eval(model, tok, [("a", plan)], data, _config(greedy_prompts=0, batch_decision=d))
+               for d in ("per_sequence", "shared")}
+    per_seq, shared = (results[d]["plans"][0] for d in ("per_sequence", "shared"))
+    assert results["shared"]["config"]["batch_decision"] == "shared"
+    assert per_seq["skip_ratio"] > 0 and shared["skip_ratio"] > 0
+    assert (per_seq["skip_ratio"], per_seq["kl_mean"]) != (shared["skip_ratio"], shared["kl_mean"])
+
+
 def test_class_plans_are_routed_by_label(setup):
     model, tok, data = setup
     fp = model_fingerprint(model)

@@ -151,12 +151,21 @@ def register(app: typer.Typer) -> None:
                                                               "(default: every target needing <= 150 sets)")] = None,
         dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
         threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch default)")] = 0,
+        batch_decision: Annotated[str, typer.Option(
+            help="adaptive plans' fidelity: per_sequence (each document decides alone) or shared (the --batch-size "
+                 "documents of a batch fire together, as rows decoding in one batch with apply_plan(batch_decision="
+                 "'shared'))")] = "per_sequence",
+        batch_size: Annotated[int, typer.Option(min=1, help="documents per teacher-forced batch")] = 16,
     ) -> None:
         from .. import evaluate as ev
         from ..fidelity import FidelityError
         from ..plan import PlanError
         from ..refine import RefineError
 
+        from ..runtime import BATCH_DECISIONS
+
+        if batch_decision not in BATCH_DECISIONS:
+            raise CLIError(f"unknown --batch-decision {batch_decision!r}; use {' or '.join(BATCH_DECISIONS)}")
         model_arg, plan_paths = split_model_and_plans(args or [])
         if window <= prompt_len + 1:
             raise CLIError(f"--window ({window}) must exceed --prompt-len ({prompt_len}) + 1 to leave decode positions")
@@ -177,7 +186,8 @@ def register(app: typer.Typer) -> None:
         config = ev.EvalConfig(prompt_len=prompt_len, window=window, docs_per_class=docs_per_class,
                                greedy_prompts=greedy_prompts, greedy_new_tokens=greedy_tokens, speed=speed,
                                speed_repeats=speed_repeats, speed_new_tokens=speed_tokens, baselines=baselines,
-                               random_seeds=seeds, oracle=oracle)
+                               random_seeds=seeds, oracle=oracle, batch_size=batch_size,
+                               batch_decision=batch_decision)
         log = lambda msg: print(f"[eval] {msg}", file=sys.stderr, flush=True)  # noqa: E731
         name = model_arg or "bundled demo model"
         try:

@@ -43,7 +43,7 @@ class Arm:
     name: str
     plan: PlanFile | SkipPlan | None
     prompt_class: str | None = None
-    batch_decision: str = "per_sequence"  # apply_plan(batch_decision=...) for adaptive plans
+    batch_decision: str | None = None  # apply_plan(batch_decision=...) for adaptive plans (None: the plan's own)
 
 
 @dataclass
@@ -361,7 +361,7 @@ def run_suite(model_spec: str, batches: list[int], dtypes: list[str], static_rat
         for batch in batches:
             arms = default_arms(model, static_ratio, adaptive_targets, include_empty=include_defaults, batch=batch,
                                 prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_decisions=batch_decisions)
-            arms += [a for a in plan_arms or [] if batch > 1 or a.batch_decision == batch_decisions[0]]
+            arms += [a for a in plan_arms or [] if batch > 1 or a.batch_decision in (None, batch_decisions[0])]
             log(f"[{label} {dtype_name} bs={batch}] {len(arms)} arms x (1 warm-up + {repeats}) runs")
             result = benchmark_decode(model, arms, batch=batch, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                                       repeats=repeats, label=label, dtype_name=dtype_name, log=log)

@@ -36,7 +36,7 @@ class EvalConfig:
     window: int = 128  # tokens per held-out document
     docs_per_class: int | None = 16
     batch_size: int = 16
-    batch_decision: str = "per_sequence"  # adaptive plans: rows of a teacher-forced batch decide alone or together
+    batch_decision: str | None = None  # adaptive plans: rows of a batch decide alone or together (None: the plan's)
     greedy_prompts: int = 8  # spread over the classes
     greedy_new_tokens: int = 32
     speed: bool = True

@@ -298,12 +298,12 @@ def dense_references(model, batches: Sequence[TokenBatch]) -> list[DenseReferenc
 
 
 def measure_plan(model, references: Sequence[DenseReference], plan, prompt_class: str | None = None,
-                 strict: bool = True, batch_decision: str = "per_sequence") -> tuple[FidelitySums, dict]:
+                 strict: bool = True, batch_decision: str | None = None) -> tuple[FidelitySums, dict]:
     """Teacher-forced fidelity of `plan` applied with the runtime exactly as in generation.
 
     The prompt prefix runs densely and positions >= prompt_len are decode positions (`handle.decode_from`), so
     warm-up, dense-every, fractional layers and the adaptive trigger behave as they do when generating.
-    With ``batch_decision="shared"`` the rows of each batch decide together, position by position, as rows
+    With ``batch_decision="shared"`` (or a plan saying so) the rows of each batch decide together, position by position, as rows
     decoding in one batch would. Returns the per-class sums and the runtime's realized-skip statistics.
     """
     from .runtime import apply_plan

@@ -17,6 +17,9 @@ Everything here works on a `Profile` (contract in docs/DESIGN.md) and returns pl
   calls have the highest mean cosine (the runs that remove the least work-doing FFNs).
 * Pooled (global) fits weight each class's reservoir rows by that class's token count, so a class is represented by
   its share of the calibration tokens, not by its reservoir size.
+* Adaptive plans for batched decoding (`batch_decision: shared`): B rows fire together at the first layer where all
+  pass, i.e. where the elementwise minimum of their cosines passes. The reservoir is resampled (by weight, seeded)
+  into groups of B and each group becomes one row of minima; the rule is simulated on those rows.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ log = logging.getLogger("skipprofiler")
 DEFAULT_HORIZON = 4096  # decode positions after warm-up over which static patterns and dense_every are counted
 RATIO_TOLERANCE = 0.01  # |expected - target| the fit must reach (the issue's bar)
 ROUND = 6  # decimals kept for fitted floats (YAML stays short and byte-stable)
+DEFAULT_SHARED_BATCH = 8  # batch size assumed for shared-decision plans whose fit record does not say
 
 
 class FitError(ValueError):
@@ -60,6 +64,8 @@ class FitSettings:
     min_class_tokens: int = 256
     horizon: int = DEFAULT_HORIZON
     seed: int = 0
+    batch_decision: str = "per_sequence"  # adaptive: "shared" fits for rows of a batch firing together
+    batch_size: int = DEFAULT_SHARED_BATCH  # with shared: the serving batch size the fit assumes
 
     def resolve(self, max_positions: int | None) -> FitSettings:
         """Fill mode defaults: adaptive like the paper (dense_every 6, warm-up max_positions // 64), static 0 / 0."""
@@ -152,6 +158,16 @@ class TokenRows:
         values, cum = self._sorted
         total = self.weights.sum()
         return np.array([np.interp(q * total, cum[:, l], values[:, l]) for l in range(self.num_layers)])
+
+    def batched(self, batch: int, seed: int = 0) -> TokenRows:
+        """Rows of a `batch`-row decode step deciding together: per layer the minimum cosine of `batch` rows drawn
+        by weight (a batch fires at a layer iff every row passes there). As many groups as rows (at least 2048)."""
+        if batch <= 1 or len(self.rows) == 0:
+            return self
+        groups = max(len(self.rows), 2048)
+        rng = np.random.default_rng(seed)
+        idx = rng.choice(len(self.rows), size=(groups, batch), p=self.weights / self.weights.sum())
+        return TokenRows(self.rows[idx].min(axis=1), np.ones(groups), self.tokens)
 
 
 def token_rows(profile, regime: str, cls: str | None) -> TokenRows:
@@ -365,7 +381,11 @@ def fit_adaptive(profile, settings: FitSettings, cls: str | None = None) -> Skip
     L = profile.num_layers
     if data.tokens == 0:
         raise FitError(f"no {regime} tokens for {_who(cls)} in the profile")
+    shared = settings.batch_decision == "shared"
+    if shared:
+        data = data.batched(settings.batch_size, settings.seed)
     plan = _settings_plan(settings, "adaptive")
+    plan.batch_decision = settings.batch_decision
     share = eligible_share(plan.warmup_tokens, plan.dense_every, settings.horizon)
     ks = [settings.max_skip] if settings.max_skip is not None else list(range(1, max(L - 1, 1)))
     candidates = [c for k in ks if (c := _fit_adaptive_k(data, share, settings, k)) is not None
@@ -390,6 +410,8 @@ def fit_adaptive(profile, settings: FitSettings, cls: str | None = None) -> Skip
         "k_search": [[c.max_skip, _round(c.ratio), _round(c.score)] for c in candidates],  # k, ratio, score
         "horizon": settings.horizon,
     }
+    if shared:
+        plan.fit["batch_size"] = settings.batch_size
     if settings.tau_mode == "per-layer":
         plan.fit["quantile_level"] = _round(best.level)
     if settings.compensation == "norm_ratio":
@@ -402,6 +424,8 @@ def adaptive_ratio_on(profile, plan: SkipPlan, cls: str | None, horizon: int = D
     data = token_rows(profile, fitting_regime(profile), cls)
     if data.tokens == 0:
         return None
+    if plan.batch_decision == "shared":
+        data = data.batched(int(plan.fit.get("batch_size", DEFAULT_SHARED_BATCH)))
     skipped, _ = simulate_adaptive(data.rows, np.asarray(plan.tau), plan.cold_start, plan.cold_end, plan.max_skip)
     share = eligible_share(plan.warmup_tokens, plan.dense_every, horizon)
     return share * data.mean(skipped) / data.num_layers

@@ -28,6 +28,7 @@ from typing import Any
 
 PLAN_VERSION = 1
 MODES = ("static", "adaptive")
+BATCH_DECISIONS = ("per_sequence", "shared")  # adaptive: rows of a batch decide alone, or fire together
 APPLY_TO = ("decode", "all")
 COMPENSATIONS = ("none", "norm_ratio")
 # Keys a plan may override from `defaults`.
@@ -58,6 +59,7 @@ class SkipPlan:
     cold_start: int = 0
     cold_end: int = 0
     max_skip: int = 0
+    batch_decision: str = "per_sequence"  # the runtime's default for this plan (apply_plan(batch_decision=...))
     # calibration facts
     norm_gain: list[float] | None = None  # per layer; needed by compensation norm_ratio
     expected_skip_ratio: float | None = None

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from .plan import APPLY_TO, COMPENSATIONS, DEFAULT_KEYS, MODES, PLAN_VERSION, PlanError, PlanFile, Router, SkipPlan
+from .plan import (APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, MODES, PLAN_VERSION, PlanError, PlanFile,
+                   Router, SkipPlan)
 
 __all__ = ["load_plan", "dump_plan", "save_plan", "validate_plan_dict", "plan_to_dict", "plan_from_dict",
            "schema_path", "fingerprint_problems", "PlanError"]
@@ -31,7 +32,9 @@ FINGERPRINT_KEYS = ("model_type", "num_layers", "hidden_size", "vocab_size", "co
 PROVENANCE_ORDER = ("profile", "profile_sha256", "corpus", "tokens", "tool_version", "created")
 STATIC_KEYS = ("skip_layers",)
 ADAPTIVE_KEYS = ("tau", "cold_start", "cold_end", "max_skip")
-PLAN_KEYS = ("mode",) + DEFAULT_KEYS + STATIC_KEYS + ADAPTIVE_KEYS + ("norm_gain", "expected_skip_ratio", "fit")
+ADAPTIVE_OPTIONAL_KEYS = ("batch_decision",)
+PLAN_KEYS = (("mode",) + DEFAULT_KEYS + STATIC_KEYS + ADAPTIVE_KEYS + ADAPTIVE_OPTIONAL_KEYS
+             + ("norm_gain", "expected_skip_ratio", "fit"))
 ROUTER_KEYS = ("layer", "metric", "heldout_accuracy", "classes", "centroids")
 ROUTER_METRICS = ("cosine",)
 
@@ -241,7 +244,7 @@ def _check_plan(check: _Checker, path: str, plan: Any, layers: int | None, defau
     if "mode" in plan and not check.choice(f"{path}.mode", mode, MODES):
         mode = None
     if mode == "static":
-        for key in ADAPTIVE_KEYS:
+        for key in ADAPTIVE_KEYS + ADAPTIVE_OPTIONAL_KEYS:
             if key in plan:
                 check.add(f"{path}.{key}", "only applies to adaptive plans (this plan is static)")
         _check_skip_layers(check, f"{path}.skip_layers", plan.get("skip_layers", []), layers)
@@ -309,6 +312,8 @@ def _check_adaptive(check: _Checker, path: str, plan: dict, layers: int | None) 
     ok_end = "cold_end" in plan and check.integer(f"{path}.cold_end", plan["cold_end"], lo=0)
     if "max_skip" in plan:
         check.integer(f"{path}.max_skip", plan["max_skip"], lo=0, hi=layers)
+    if "batch_decision" in plan:
+        check.choice(f"{path}.batch_decision", plan["batch_decision"], BATCH_DECISIONS)
     if ok_start and ok_end and layers is not None and plan["cold_start"] + plan["cold_end"] > layers:
         check.add(f"{path}.cold_start", f"cold_start {plan['cold_start']} + cold_end {plan['cold_end']} exceed the "
                                         f"model's {layers} layers")
@@ -406,6 +411,7 @@ def _skip_plan_from_dict(p: dict, defaults: dict, layers: int) -> SkipPlan:
         tau = p["tau"]
         plan.tau = [float(t) for t in tau] if isinstance(tau, list) else [float(tau)] * layers
         plan.cold_start, plan.cold_end, plan.max_skip = p["cold_start"], p["cold_end"], p["max_skip"]
+        plan.batch_decision = p.get("batch_decision", "per_sequence")
     if "norm_gain" in p:
         plan.norm_gain = [float(g) for g in p["norm_gain"]]
     if "expected_skip_ratio" in p:
@@ -454,6 +460,8 @@ def _skip_plan_to_dict(plan: SkipPlan, defaults: dict) -> dict:
         tau = [float(t) for t in (plan.tau or [])]
         out["tau"] = tau[0] if tau and all(t == tau[0] for t in tau) else tau
         out["cold_start"], out["cold_end"], out["max_skip"] = plan.cold_start, plan.cold_end, plan.max_skip
+        if plan.batch_decision != "per_sequence":
+            out["batch_decision"] = plan.batch_decision
     if plan.norm_gain is not None:
         out["norm_gain"] = [float(g) for g in plan.norm_gain]
     if plan.expected_skip_ratio is not None:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ._compat import cache_in, without_cache
-from .plan import PlanError, PlanFile, SkipPlan
+from .plan import BATCH_DECISIONS, PlanError, PlanFile, SkipPlan
 from .registry import (POST_NORM_OUTPUT, RESIDUAL_INSIDE, FFNSite, ResolvedArch, UnsupportedArchitecture,
                        first_tensor, model_fingerprint, resolve)
 
@@ -47,7 +47,6 @@ _PRE_FFN_NORMS = ("post_attention_layernorm", "ln_2", "final_layer_norm")
 _COMPENSABLE_FORMS = ("sequential", RESIDUAL_INSIDE)
 _HANDLE_ATTR = "_skipprof_handle"
 _ALL = "skip-all"  # layer decision: every position of this forward skips
-BATCH_DECISIONS = ("per_sequence", "shared")  # apply_plan(batch_decision=...): how adaptive rows of a batch decide
 
 
 def load_plan(path_or_text: str | Path) -> PlanFile:
@@ -997,7 +996,7 @@ def _real_weights(mask: torch.Tensor | None, batch: int, seq: int, device: torch
 
 def apply_plan(model: nn.Module, plan: PlanFile | SkipPlan | str | Path, prompt_class: str | None = None,
                strict: bool = True, *, host_state: bool | None = None,
-               batch_decision: str = "per_sequence") -> SkipHandle:
+               batch_decision: str | None = None) -> SkipHandle:
     """Make `model` skip FFNs as `plan` says; returns a handle (context manager) whose ``remove()`` restores it.
 
     plan: a PlanFile, a bare SkipPlan (applied as is, no fingerprint check), or a YAML path / text.
@@ -1005,15 +1004,15 @@ def apply_plan(model: nn.Module, plan: PlanFile | SkipPlan | str | Path, prompt_
         plan's router (the choice is on ``handle.chosen_classes``).
     strict: a plan fitted for another model is an error; False applies it with a warning.
     host_state: keep adaptive state on the host (default: on CPU models) or on the device (no per-layer sync).
-    batch_decision: how adaptive plans treat the rows of a batch. "per_sequence" (default): every row follows the
-        FFN-SkipLLM rule on its own. "shared": the rows decoding the same step decide together -- their runs start
+    batch_decision: how adaptive plans treat the rows of a batch (None: the plan's ``batch_decision``, by default
+        per_sequence). "per_sequence": every row follows the FFN-SkipLLM rule on its own. "shared": the rows decoding the same step decide together -- their runs start
         at the first layer where every real row's cos passes its threshold, so all rows skip the same FFNs. Each row
         skips only after a layer where its own cos passed; rows that would have fired earlier wait for the others.
         Use it for batched decoding where the FFN over part of a batch costs as much as over all of it (small
         batches on CPU: benchmarks/ffn_partial_rows.py): per-sequence runs that do not coincide there save nothing.
     Every check runs before any module is touched: on error the model is unchanged.
     """
-    if batch_decision not in BATCH_DECISIONS:
+    if batch_decision is not None and batch_decision not in BATCH_DECISIONS:
         raise ValueError(f"batch_decision must be one of {', '.join(BATCH_DECISIONS)}, got {batch_decision!r}")
     if isinstance(plan, (str, Path)):
         plan = load_plan(plan)
@@ -1033,8 +1032,13 @@ def apply_plan(model: nn.Module, plan: PlanFile | SkipPlan | str | Path, prompt_
         plan_file = plan
     else:
         raise TypeError(f"apply_plan expects a PlanFile, SkipPlan, or a YAML path; got {type(plan).__name__}")
+    decisions = {p.batch_decision for p in plans.values() if p.mode == "adaptive" and not p.is_empty()}
+    if batch_decision is None and len(decisions) > 1:
+        problems.append(f"the selected plans disagree on batch_decision ({', '.join(sorted(decisions))}); "
+                        "pass batch_decision= to apply_plan to choose")
     if problems:
         raise PlanError(problems)
+    batch_decision = batch_decision or (decisions.pop() if decisions else "per_sequence")
     handle = SkipHandle(model, arch, plans, plan_file, prompt_class, host_state, batch_decision)
     try:
         handle._install()

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skipprofiler.fit import (FitError, FitSettings, fit_adaptive, fit_plan_file, fit_router, fit_static,
-                              simulate_adaptive, static_skip_ratio)
+from skipprofiler.fit import (FitError, FitSettings, adaptive_ratio_on, fit_adaptive, fit_plan_file, fit_router,
+                              fit_static, simulate_adaptive, static_skip_ratio)
 from skipprofiler.plan import SkipPlan
 from skipprofiler.planio import dump_plan, load_plan
 
@@ -101,8 +101,10 @@ def test_static_ratio_counts_exactly_what_plan_py_skips():
     assert static_skip_ratio(plan, 10, horizon) == skipped / (horizon * 10)
 
 
-def _reference_rule(row, tau, cold_start, cold_end, max_skip) -> int:
-    """plan.py's adaptive rule, written as the per-layer walk its docstring describes."""
+def _reference_rule(row, tau, cold_start, cold_end, max_skip, group=None) -> int:
+    """plan.py's adaptive rule, written as the per-layer walk its docstring describes; with `group` (rows deciding
+    together, batch_decision shared) a run starts only where every row of the group passes."""
+    group = [row] if group is None else group
     L = len(row)
     skipped, run_left, run_taken = 0, 0, False
     for l in range(L):
@@ -112,7 +114,8 @@ def _reference_rule(row, tau, cold_start, cold_end, max_skip) -> int:
             skipped, run_left, ran = skipped + 1, run_left - 1, False
         else:
             ran = True
-        if ran and l >= cold_start - 1 and not run_taken and row[l] > np.float32(tau[l]) and l + 1 < L - cold_end:
+        passes = all(r[l] > np.float32(tau[l]) for r in group)
+        if ran and l >= cold_start - 1 and not run_taken and passes and l + 1 < L - cold_end:
             run_left, run_taken = max_skip, True
     return skipped
 
@@ -128,6 +131,30 @@ def test_simulation_equals_the_rule(case):
     rows = np.asarray(rows, np.float32)
     skipped, _ = simulate_adaptive(rows, np.asarray(tau), cold_start, cold_end, max_skip)
     assert skipped.tolist() == [_reference_rule(r, tau, cold_start, cold_end, max_skip) for r in rows]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 9).flatmap(lambda L: st.tuples(
+    st.lists(st.lists(st.floats(-1, 1, width=32), min_size=L, max_size=L), min_size=1, max_size=5),
+    st.lists(st.floats(-1, 1), min_size=L, max_size=L), st.integers(0, L), st.integers(0, L), st.integers(0, L))))
+def test_a_shared_group_is_simulated_as_its_minimum_row(case):
+    group, tau, cold_start, cold_end, max_skip = case
+    cold_end = min(cold_end, len(tau) - cold_start)
+    group = np.asarray(group, np.float32)
+    skipped, _ = simulate_adaptive(group.min(axis=0)[None], np.asarray(tau), cold_start, cold_end, max_skip)
+    assert skipped[0] == _reference_rule(group[0], tau, cold_start, cold_end, max_skip, group=list(group))
+
+
+def test_shared_fit_hits_the_target_for_its_batch_size(two_class_profile):
+    settings_ = FitSettings(0.25, mode="adaptive", batch_decision="shared", batch_size=4).resolve(512)
+    plan = fit_adaptive(two_class_profile, settings_)
+    assert abs(plan.expected_skip_ratio - 0.25) <= 0.01
+    assert plan.batch_decision == "shared" and plan.fit["batch_size"] == 4
+    assert adaptive_ratio_on(two_class_profile, plan, None) == pytest.approx(plan.expected_skip_ratio, abs=1e-6)
+    alone = SkipPlan(**{**vars(plan), "batch_decision": "per_sequence"})
+    assert adaptive_ratio_on(two_class_profile, alone, None) > 0.25 + 0.01  # lower tau: rows alone fire more often
+    per_sequence = fit_adaptive(two_class_profile, FitSettings(0.25, mode="adaptive").resolve(512))
+    assert per_sequence.batch_decision == "per_sequence" and "batch_size" not in per_sequence.fit
 
 
 @pytest.mark.parametrize("target", [0.1, 0.25, 0.35])

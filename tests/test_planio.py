@@ -45,6 +45,7 @@ def skip_plans(draw, num_layers: int, compensation: str | None = None) -> SkipPl
         plan.cold_start = draw(st.integers(0, num_layers // 2))
         plan.cold_end = draw(st.integers(0, num_layers - plan.cold_start))
         plan.max_skip = draw(st.integers(0, num_layers))
+        plan.batch_decision = draw(st.sampled_from(["per_sequence", "shared"]))
     if plan.compensation == "norm_ratio" or draw(st.booleans()):
         plan.norm_gain = draw(st.lists(st.floats(0.01, 10.0), min_size=num_layers, max_size=num_layers))
     if draw(st.booleans()):
@@ -172,6 +173,22 @@ def test_every_problem_is_reported_at_once_with_its_path():
     assert "global.max_skip: must be in [0, 4], got 9" in problems
     assert "classes.code.skip_layers[1].layer: layer 7 is beyond the model's 4 layers (0..3)" in problems
     assert len(problems) == 4
+
+
+def test_batch_decision_is_adaptive_only_and_written_only_when_shared():
+    adaptive = {"mode": "adaptive", "tau": 0.9, "cold_start": 1, "cold_end": 1, "max_skip": 2}
+    raw = {**_minimal(), "global": {**adaptive, "batch_decision": "shared"},
+           "classes": {"a": {**adaptive, "batch_decision": "together"},
+                       "b": {"mode": "static", "skip_layers": [1], "batch_decision": "shared"}}}
+    problems = validate_plan_dict(raw)
+    assert problems == ["classes.a.batch_decision: must be one of per_sequence, shared, got string 'together'",
+                        "classes.b.batch_decision: only applies to adaptive plans (this plan is static)"]
+    del raw["classes"]
+    assert not schema_errors(raw)
+    text = dump_plan(plan_from_dict(raw))
+    assert load_plan(text).global_plan.batch_decision == "shared" and "batch_decision: shared" in text
+    per_sequence = dump_plan(plan_from_dict({**raw, "global": adaptive}))
+    assert "batch_decision" not in per_sequence and load_plan(per_sequence).global_plan.batch_decision == "per_sequence"
 
 
 def test_model_checks_layers_and_fingerprint():

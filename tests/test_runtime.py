@@ -521,6 +521,26 @@ def test_adaptive_shared_padding_never_votes_and_columns_decide_apart():
         assert out[host][1] == alone[1]  # padding is not counted either
 
 
+def test_plan_batch_decision_is_the_default_and_apply_plan_overrides_it():
+    model = tiny_model("llama", num_layers=6)
+    ids, mask = left_padded(batch=3, length=6)
+    plan = SkipPlan(mode="adaptive", tau=quantile_tau(model, ids[:1], 8, q=0.3), cold_start=1, cold_end=1, max_skip=2)
+    shared_plan = SkipPlan(**{**vars(plan), "batch_decision": "shared"})
+    counts = {}
+    for name, p, override in (("alone", plan, None), ("shared", plan, "shared"), ("plan", shared_plan, None),
+                              ("override", shared_plan, "per_sequence")):
+        with apply_plan(model, p, batch_decision=override) as handle:
+            greedy_loop(model, ids, 8, mask)
+            counts[name] = handle.stats()["skipped"]
+    assert counts["plan"] == counts["shared"] != counts["alone"] == counts["override"]
+    router = Router(layer=0, classes=["code"], centroids=[[1.0] * model.config.hidden_size])
+    routed = plan_file(model, plan, classes={"code": shared_plan}, router=router)  # global per sequence, class shared
+    with pytest.raises(PlanError, match="disagree on batch_decision"):
+        apply_plan(model, routed, prompt_class="auto")
+    assert untouched(model)
+    apply_plan(model, routed, prompt_class="auto", batch_decision="shared").remove()
+
+
 def test_batch_decision_is_validated_before_touching_the_model():
     model = tiny_model("llama", num_layers=4)
     with pytest.raises(ValueError, match="batch_decision must be one of per_sequence, shared"):

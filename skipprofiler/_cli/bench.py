@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .common import parse_batch_decisions
 from .errors import CLIError
 
 HELP = (
@@ -59,7 +60,7 @@ def _model_spec(model: str | None) -> str:
 
 
 def _plan_arms(plans: list[Path], prompt_class: str | None, decisions: list[str]):
-    """One arm per plan file, and per batch decision for plans with an adaptive part."""
+    """One arm per plan file (its own batch decision), or per given batch decision for plans with an adaptive part."""
     from ..bench import Arm
     from ..plan import PlanError
     from ..runtime import load_plan
@@ -73,20 +74,12 @@ def _plan_arms(plans: list[Path], prompt_class: str | None, decisions: list[str]
         except PlanError as e:
             raise CLIError(f"{path}: {e}")
         adaptive = any(p.mode == "adaptive" for p in [plan_file.global_plan, *plan_file.classes.values()])
-        for decision in decisions if adaptive else decisions[:1]:
-            suffix = "" if decision == "per_sequence" else f" {decision}"
-            arms.append(Arm(path.stem + suffix, plan_file, prompt_class, batch_decision=decision))
+        if not (adaptive and decisions):
+            arms.append(Arm(path.stem, plan_file, prompt_class))
+            continue
+        for decision in decisions:
+            arms.append(Arm(f"{path.stem} {decision}", plan_file, prompt_class, batch_decision=decision))
     return arms
-
-
-def _batch_decisions(values: list[str] | None) -> list[str]:
-    from ..runtime import BATCH_DECISIONS
-
-    decisions = list(dict.fromkeys(values or BATCH_DECISIONS))
-    bad = [d for d in decisions if d not in BATCH_DECISIONS]
-    if bad:
-        raise CLIError(f"unknown --batch-decision {bad[0]!r}; use {' or '.join(BATCH_DECISIONS)}")
-    return decisions
 
 
 def _check_arms(model_spec: str, dtype: str, arms) -> None:
@@ -124,7 +117,8 @@ def register(app: typer.Typer) -> None:
         prompt_tokens: Annotated[int, typer.Option(help="random prompt length")] = 16,
         repeats: Annotated[int, typer.Option(help="timed runs per arm (>= 5), after one warm-up round")] = 5,
         batch_decision: Annotated[Optional[list[str]], typer.Option(
-            help="adaptive arms at batch > 1: per_sequence and/or shared; repeatable (default both)")] = None,
+            help="adaptive arms at batch > 1: per_sequence and/or shared; repeatable (default: both for the "
+                 "synthetic arms, each plan file's own)")] = None,
         threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's choice)")] = None,
         json_out: Annotated[Optional[Path], typer.Option("--json", help="write the result rows here")] = None,
     ) -> None:
@@ -140,7 +134,7 @@ def register(app: typer.Typer) -> None:
         if bad:
             raise CLIError(f"unknown --dtype {bad[0]!r}; use fp32 or bf16")
         spec = _model_spec(model)
-        decisions = _batch_decisions(batch_decision)
+        decisions = parse_batch_decisions(batch_decision)
         plan_arms = _plan_arms(plans or [], prompt_class, decisions)
         targets = _parse_targets(adaptive) if not plan_arms else []
         import torch
@@ -153,7 +147,8 @@ def register(app: typer.Typer) -> None:
             _check_arms(spec, dtypes[0], plan_arms)
         suites = run_suite(spec, batches, dtypes, None if plan_arms else (static or None), targets,
                            plan_arms=plan_arms, new_tokens=new_tokens, prompt_tokens=prompt_tokens,
-                           repeats=repeats, include_defaults=not plan_arms, batch_decisions=tuple(decisions),
+                           repeats=repeats, include_defaults=not plan_arms,
+                           batch_decisions=tuple(decisions or ("per_sequence", "shared")),
                            log=lambda m: typer.echo(m, err=True))
         for suite in suites:
             typer.echo(suite.table())

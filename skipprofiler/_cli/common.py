@@ -23,6 +23,17 @@ def parse_dtype(name: str):
     return getattr(torch, canonical)
 
 
+def parse_batch_decisions(values: list[str] | None) -> list[str]:
+    """--batch-decision values (repeatable), deduplicated, each per_sequence or shared."""
+    from ..plan import BATCH_DECISIONS
+
+    decisions = list(dict.fromkeys(values or []))
+    bad = [d for d in decisions if d not in BATCH_DECISIONS]
+    if bad:
+        raise CLIError(f"unknown --batch-decision {bad[0]!r}; use {' or '.join(BATCH_DECISIONS)}")
+    return decisions
+
+
 def parse_device(name: str | None):
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
     import torch

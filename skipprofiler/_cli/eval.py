@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .common import load_profile
+from .common import load_profile, parse_batch_decisions
 from .errors import CLIError
 
 HELP = (
@@ -151,10 +151,10 @@ def register(app: typer.Typer) -> None:
                                                               "(default: every target needing <= 150 sets)")] = None,
         dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
         threads: Annotated[int, typer.Option(min=0, help="torch CPU threads (0: torch default)")] = 0,
-        batch_decision: Annotated[str, typer.Option(
+        batch_decision: Annotated[Optional[str], typer.Option(
             help="adaptive plans' fidelity: per_sequence (each document decides alone) or shared (the --batch-size "
                  "documents of a batch fire together, as rows decoding in one batch with apply_plan(batch_decision="
-                 "'shared'))")] = "per_sequence",
+                 "'shared')); default: each plan's own")] = None,
         batch_size: Annotated[int, typer.Option(min=1, help="documents per teacher-forced batch")] = 16,
     ) -> None:
         from .. import evaluate as ev
@@ -162,10 +162,7 @@ def register(app: typer.Typer) -> None:
         from ..plan import PlanError
         from ..refine import RefineError
 
-        from ..runtime import BATCH_DECISIONS
-
-        if batch_decision not in BATCH_DECISIONS:
-            raise CLIError(f"unknown --batch-decision {batch_decision!r}; use {' or '.join(BATCH_DECISIONS)}")
+        parse_batch_decisions([batch_decision] if batch_decision else None)
         model_arg, plan_paths = split_model_and_plans(args or [])
         if window <= prompt_len + 1:
             raise CLIError(f"--window ({window}) must exceed --prompt-len ({prompt_len}) + 1 to leave decode positions")

@@ -23,6 +23,8 @@ HELP = (
     "  skipprof export-plan demo.prof --target-skip 0.25 --out plans/demo-static-25.yaml\n\n"
     "  skipprof export-plan demo.prof --target-skip 0.25 --mode adaptive --out plans/demo-adaptive-25.yaml\n\n"
     "  skipprof export-plan demo.prof --target-skip 0.25 --per-class --out plans/demo-perclass-25.yaml\n\n"
+    "  skipprof export-plan demo.prof --target-skip 0.25 --mode adaptive --batch-decision shared --batch-size 8 "
+    "--out plans/demo-adaptive-25-batch8.yaml\n\n"
     "  skipprof export-plan demo.prof --target-skip 0.2 --refine --out plans/demo-static-20-refined.yaml\n"
 )
 
@@ -136,7 +138,13 @@ def export_plan(
                                                           "calibration data (loads the model).")] = False,
     model: Annotated[Optional[str], typer.Option(help="Model folder for --refine (default: the bundled demo).")] = None,
     data: Annotated[Optional[str], typer.Option(help="--data spec for --refine (default: bundled calibration).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the router's 70/30 document split.")] = 0,
+    batch_decision: Annotated[str, typer.Option(help="Adaptive: per_sequence (each row decides alone) or shared (the "
+                                                     "rows of a batch fire together; fitted for --batch-size rows).")]
+    = "per_sequence",
+    batch_size: Annotated[int, typer.Option(min=1, help="With --batch-decision shared: the serving batch size the "
+                                                        "thresholds are fitted for.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the router's 70/30 document split and the shared-batch "
+                                           "resampling.")] = 0,
 ) -> None:
     """Fit a skip plan from a profile at a target skip ratio."""
     from ..fit import FitError, FitSettings, fit_plan_file
@@ -144,12 +152,18 @@ def export_plan(
     from ..planio import dump_plan, save_plan
 
     _check_options(target_skip, mode, apply_to, compensation, tau, warmup_tokens, dense_every, max_skip, cold_floor)
+    if batch_decision not in ("per_sequence", "shared"):
+        raise CLIError(f"--batch-decision must be one of per_sequence, shared, got {batch_decision!r}")
+    if batch_decision == "shared" and mode != "adaptive":
+        raise CLIError("--batch-decision shared applies to --mode adaptive only (static plans skip the same layers "
+                       "in every row already)")
     if str(out) != "-":
         _check_writable(out)
     prof = load_profile(profile, partial_note="fitting from the tokens it has")
     settings = FitSettings(target=target_skip, mode=mode, apply_to=apply_to, warmup_tokens=warmup_tokens,
                            dense_every=dense_every, compensation=compensation, max_skip=max_skip, tau_mode=tau,
-                           cold_floor=cold_floor, min_class_tokens=min_class_tokens, seed=seed)
+                           cold_floor=cold_floor, min_class_tokens=min_class_tokens, seed=seed,
+                           batch_decision=batch_decision, batch_size=batch_size)
     try:
         result = fit_plan_file(prof, settings, per_class=per_class, classes=classes,
                                profile_ref={"path": str(profile), "sha256": _sha256(profile)},

@@ -6,7 +6,8 @@
 # PROFILE defaults to runs/results/demo-calibration.prof, the profile scripts/make_results.sh writes (or make one with
 # `skipprof profile --generate 32 --max-tokens 120000 --out PROFILE`: the default model and data are the bundled demo;
 # generated tokens are profiled too so the plans use decode statistics). Writes static plans (KL-refined on the
-# bundled calibration split) and adaptive plans at 10/25/35 %, per-class plans (with router) at 25 %, then validates
+# bundled calibration split) and adaptive plans at 10/25/35 % (per sequence, and shared for batches of 8), per-class
+# plans (with router) at 25 %, then validates
 # each one against the bundled model.
 set -euo pipefail
 
@@ -22,6 +23,8 @@ for pct in 10 25 35; do
   target="0.${pct}"
   skipprof export-plan "$profile" --target-skip "$target" --mode static --refine --out "$out_dir/demo-static-$pct.yaml"
   skipprof export-plan "$profile" --target-skip "$target" --mode adaptive --out "$out_dir/demo-adaptive-$pct.yaml"
+  skipprof export-plan "$profile" --target-skip "$target" --mode adaptive --batch-decision shared --batch-size 8 \
+    --out "$out_dir/demo-adaptive-$pct-batch8.yaml"
 done
 skipprof export-plan "$profile" --target-skip 0.25 --mode static --per-class --refine \
   --out "$out_dir/demo-perclass-25.yaml"

@@ -29,11 +29,11 @@ def demo_model():
 def heldout_references(demo_model):
     model, tokenizer = demo_model
     docs = load_documents(None, split="heldout")
-    tokens, classes = token_windows(tokenizer, docs, 128, 6, 34)
-    batches = []
+    tokens, classes = token_windows(tokenizer, docs, 128, 8, 34)
+    batches = []  # one batch of 8 documents per class: the batch size the shared-decision plans are fitted for
     for cls in dict.fromkeys(classes):
         idx = [i for i, c in enumerate(classes) if c == cls]
-        batches += make_batches([tokens[i] for i in idx], [cls] * len(idx), 32, pad_id_of(tokenizer, model), 16)
+        batches += make_batches([tokens[i] for i in idx], [cls] * len(idx), 32, pad_id_of(tokenizer, model), 8)
     return dense_references(model, batches)
 
 
@@ -41,6 +41,7 @@ def test_the_repo_ships_static_adaptive_and_per_class_plans():
     names = {p.stem for p in PLANS}
     assert {f"demo-{mode}-{pct}" for mode in ("static", "adaptive") for pct in (10, 25, 35)} <= names
     assert {"demo-perclass-25", "demo-perclass-adaptive-25"} <= names
+    assert {f"demo-adaptive-{pct}-batch8" for pct in (10, 25, 35)} <= names
 
 
 @pytest.mark.parametrize("path", PLANS, ids=lambda p: p.stem)
@@ -61,6 +62,8 @@ def test_shipped_plan_validates_against_the_bundled_model_and_is_canonical(path,
 def test_shipped_plan_realizes_its_expected_skip_ratio_on_heldout_text(path, demo_model, heldout_references):
     model, _ = demo_model
     plan = load_plan(path)
-    _, stats = measure_plan(model, heldout_references, plan)
+    if plan.global_plan.batch_decision == "shared":
+        assert plan.global_plan.fit["batch_size"] == 8
+    _, stats = measure_plan(model, heldout_references, plan)  # shared plans: the 8 rows of a batch decide together
     assert stats["decode_positions"] > 1000
     assert stats["skip_ratio"] == pytest.approx(plan.global_plan.expected_skip_ratio, abs=0.03)

@@ -1005,9 +1005,10 @@ def apply_plan(model: nn.Module, plan: PlanFile | SkipPlan | str | Path, prompt_
     strict: a plan fitted for another model is an error; False applies it with a warning.
     host_state: keep adaptive state on the host (default: on CPU models) or on the device (no per-layer sync).
     batch_decision: how adaptive plans treat the rows of a batch (None: the plan's ``batch_decision``, by default
-        per_sequence). "per_sequence": every row follows the FFN-SkipLLM rule on its own. "shared": the rows decoding the same step decide together -- their runs start
-        at the first layer where every real row's cos passes its threshold, so all rows skip the same FFNs. Each row
-        skips only after a layer where its own cos passed; rows that would have fired earlier wait for the others.
+        per_sequence). "per_sequence": every row follows the FFN-SkipLLM rule on its own. "shared": the rows
+        decoding the same step decide together -- their runs start at the first layer where every real row's cos
+        passes its threshold, so all rows skip the same FFNs. Each row skips only after a layer where its own cos
+        passed; rows that would have fired earlier wait for the others.
         Use it for batched decoding where the FFN over part of a batch costs as much as over all of it (small
         batches on CPU: benchmarks/ffn_partial_rows.py): per-sequence runs that do not coincide there save nothing.
     Every check runs before any module is touched: on error the model is unchanged.

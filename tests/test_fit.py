@@ -120,10 +120,14 @@ def _reference_rule(row, tau, cold_start, cold_end, max_skip, group=None) -> int
     return skipped
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(2, 9).flatmap(lambda L: st.tuples(
+# (rows [1..6, L] of float32 cosines, tau [L], cold_start, cold_end, max_skip) for L in 2..9
+ADAPTIVE_CASES = st.integers(2, 9).flatmap(lambda L: st.tuples(
     st.lists(st.lists(st.floats(-1, 1, width=32), min_size=L, max_size=L), min_size=1, max_size=6),
-    st.lists(st.floats(-1, 1), min_size=L, max_size=L), st.integers(0, L), st.integers(0, L), st.integers(0, L))))
+    st.lists(st.floats(-1, 1), min_size=L, max_size=L), st.integers(0, L), st.integers(0, L), st.integers(0, L)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(ADAPTIVE_CASES)
 def test_simulation_equals_the_rule(case):
     rows, tau, cold_start, cold_end, max_skip = case
     L = len(tau)
@@ -134,9 +138,7 @@ def test_simulation_equals_the_rule(case):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(2, 9).flatmap(lambda L: st.tuples(
-    st.lists(st.lists(st.floats(-1, 1, width=32), min_size=L, max_size=L), min_size=1, max_size=5),
-    st.lists(st.floats(-1, 1), min_size=L, max_size=L), st.integers(0, L), st.integers(0, L), st.integers(0, L))))
+@given(ADAPTIVE_CASES)
 def test_a_shared_group_is_simulated_as_its_minimum_row(case):
     group, tau, cold_start, cold_end, max_skip = case
     cold_end = min(cold_end, len(tau) - cold_start)

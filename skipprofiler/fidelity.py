@@ -303,8 +303,8 @@ def measure_plan(model, references: Sequence[DenseReference], plan, prompt_class
 
     The prompt prefix runs densely and positions >= prompt_len are decode positions (`handle.decode_from`), so
     warm-up, dense-every, fractional layers and the adaptive trigger behave as they do when generating.
-    With ``batch_decision="shared"`` (or a plan saying so) the rows of each batch decide together, position by position, as rows
-    decoding in one batch would. Returns the per-class sums and the runtime's realized-skip statistics.
+    With ``batch_decision="shared"`` (or a plan saying so) the rows of each batch decide together, position by
+    position, as rows decoding in one batch would. Returns the per-class sums and the runtime's realized-skip statistics.
     """
     from .runtime import apply_plan
 

@@ -263,6 +263,7 @@ class _DeviceAdaptive:
                 self.trigger_layers_set.add(layer)
         self.first_skip_layer = min(self.trigger_layers_set, default=num_layers) + 1
         self.tau = torch.tensor(tau, dtype=torch.float32).to(device, non_blocking=True)
+        self.can_trigger = torch.isfinite(self.tau)  # [layer, position]: in that position's trigger range
         self.run = torch.tensor(run, dtype=torch.long).to(device, non_blocking=True)
         self.remaining = torch.zeros(n, dtype=torch.long, device=device)
         self.used = torch.zeros(n, dtype=torch.bool, device=device)
@@ -285,7 +286,7 @@ class _DeviceAdaptive:
         tau = self.tau[layer]
         passed = cos > tau
         if self.shared:  # a column fires when every open real position in it passes (as _HostAdaptive)
-            open_ = ~self.used & torch.isfinite(tau)
+            open_ = ~self.used & self.can_trigger[layer]
             voters = open_ & self.real
             columns = (passed | ~voters).view(-1, self.seq).all(0) & voters.view(-1, self.seq).any(0)
             trigger = open_ & columns.repeat(len(cos) // self.seq)

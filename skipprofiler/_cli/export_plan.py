@@ -151,12 +151,8 @@ def export_plan(
     from ..plan import PlanError
     from ..planio import dump_plan, save_plan
 
-    _check_options(target_skip, mode, apply_to, compensation, tau, warmup_tokens, dense_every, max_skip, cold_floor)
-    if batch_decision not in ("per_sequence", "shared"):
-        raise CLIError(f"--batch-decision must be one of per_sequence, shared, got {batch_decision!r}")
-    if batch_decision == "shared" and mode != "adaptive":
-        raise CLIError("--batch-decision shared applies to --mode adaptive only (static plans skip the same layers "
-                       "in every row already)")
+    _check_options(target_skip, mode, apply_to, compensation, tau, warmup_tokens, dense_every, max_skip, cold_floor,
+                   batch_decision)
     if str(out) != "-":
         _check_writable(out)
     prof = load_profile(profile, partial_note="fitting from the tokens it has")
@@ -187,14 +183,20 @@ def export_plan(
 
 
 def _check_options(target: float, mode: str, apply_to: str, compensation: str, tau: str, warmup: int | None,
-                   dense_every: int | None, max_skip: int | None, cold_floor: float) -> None:
+                   dense_every: int | None, max_skip: int | None, cold_floor: float, batch_decision: str) -> None:
+    from ..plan import BATCH_DECISIONS
+
     if not 0.0 < target < 1.0:
         raise CLIError(f"--target-skip must be in (0, 1), got {target:g}")
     for name, value, options in (("--mode", mode, ("static", "adaptive")), ("--apply-to", apply_to, ("decode", "all")),
                                  ("--compensation", compensation, ("none", "norm_ratio")),
-                                 ("--tau", tau, ("global", "per-layer"))):
+                                 ("--tau", tau, ("global", "per-layer")),
+                                 ("--batch-decision", batch_decision, BATCH_DECISIONS)):
         if value not in options:
             raise CLIError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+    if batch_decision == "shared" and mode != "adaptive":
+        raise CLIError("--batch-decision shared applies to --mode adaptive only (static plans skip the same layers "
+                       "in every row already)")
     for name, value in (("--warmup-tokens", warmup), ("--dense-every", dense_every)):
         if value is not None and value < 0:
             raise CLIError(f"{name} must be >= 0, got {value}")

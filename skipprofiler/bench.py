@@ -317,14 +317,14 @@ def calibrate_adaptive(model: nn.Module, target: float, prompt: torch.Tensor, ne
 
 
 def load_model(spec: str, dtype: torch.dtype) -> tuple[nn.Module, str]:
-    """`synthetic:<name>` (random weights, see SYNTHETIC_CONFIGS) or a Hugging Face checkpoint folder."""
+    """`synthetic:<name>` (random weights, see SYNTHETIC_CONFIGS), a Hugging Face checkpoint folder or a .gguf file."""
     if spec.startswith("synthetic:"):
         name = spec.split(":", 1)[1]
         return synthetic_model(name, dtype), f"{name} (random weights)"
-    from transformers import AutoModelForCausalLM
+    from .models import load_causal_lm, model_source
 
-    model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype).eval()
-    return model, spec
+    source = model_source(spec)
+    return load_causal_lm(source, dtype=dtype), source.display
 
 
 def default_arms(model: nn.Module, static_ratio: float | None, adaptive_targets: list[float],

@@ -29,12 +29,15 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .profile import Batch, Profile, ProfileError, ProfileSettings, ProgressEvent, merge_profiles, profile_model
+
+if TYPE_CHECKING:
+    from .models import ModelSource
 
 # Ranks wait this long for each other in a collective. Generous by default: the final status exchange waits for the
 # slowest rank to finish its shard. Fast failure comes from torchrun tearing the group down and the store flag.
@@ -445,7 +448,7 @@ def rank_gpu_group(local_rank: int, local_world_size: int, gpu_count: int) -> li
     return list(range(local_rank * per_rank, (local_rank + 1) * per_rank))
 
 
-def load_model(path: str | os.PathLike, device_map: str | dict[str, Any] | None = None,
+def load_model(source: "ModelSource | str | os.PathLike", device_map: str | dict[str, Any] | None = None,
                dtype: torch.dtype | str | None = None, ctx: DistContext | None = None,
                offload_folder: str | os.PathLike | None = None, **kwargs: Any) -> torch.nn.Module:
     """Load a causal LM, spread over devices by accelerate when `device_map` is given.
@@ -455,7 +458,7 @@ def load_model(path: str | os.PathLike, device_map: str | dict[str, Any] | None 
     The capture hooks then run on each layer's own device; only 4 floats per token and layer travel to the device
     where the histograms are kept.
     """
-    from transformers import AutoModelForCausalLM
+    from .models import ModelSource, load_causal_lm
 
     load_kwargs: dict[str, Any] = dict(kwargs)
     if dtype is not None:
@@ -469,9 +472,9 @@ def load_model(path: str | os.PathLike, device_map: str | dict[str, Any] | None 
             if offload_folder is None:
                 raise ValueError("--device-map puts modules on 'disk': give an offload folder")
             load_kwargs["offload_folder"] = str(offload_folder)
-    model = AutoModelForCausalLM.from_pretrained(str(path), **load_kwargs)
-    model.eval()
-    return model
+    if not isinstance(source, ModelSource):
+        source = ModelSource(str(source))
+    return load_causal_lm(source, **load_kwargs)
 
 
 def hooked_devices(model: torch.nn.Module) -> set[str]:

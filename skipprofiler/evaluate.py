@@ -19,7 +19,7 @@ import torch
 from .fidelity import (DenseReference, FidelityError, FidelitySums, compare, compare_greedy, dense_references,
                        greedy_tokens, load_documents, make_batches, measure_plan, model_forward, pad_id_of,
                        token_windows)
-from .plan import PlanFile, SkipPlan
+from .plan import PlanFile, SkipPlan, generation_warnings
 from .refine import SetEvaluator, canonical, middle_layers, oracle_static
 
 EVAL_FORMAT = "skipprof-eval"
@@ -32,8 +32,8 @@ class EvalError(ValueError):
 
 @dataclass
 class EvalConfig:
-    prompt_len: int = 32  # dense prompt prefix of each held-out window
-    window: int = 128  # tokens per held-out document
+    prompt_len: int = 64  # dense prompt prefix of each held-out window
+    gen_len: int = 256  # decode positions per window after the prompt: the generation length plans are judged at
     docs_per_class: int | None = 16
     batch_size: int = 16
     batch_decision: str | None = None  # adaptive plans: rows of a batch decide alone or together (None: the plan's)
@@ -46,7 +46,18 @@ class EvalConfig:
     random_seeds: int = 3
     oracle: bool | None = None  # None: with baselines, when the model has <= oracle_max_layers layers
     oracle_max_layers: int = 16
+    search_reference: bool | None = None  # None: with baselines, when the oracle is too large (> oracle_max_layers)
+    search_docs_per_class: int = 4  # held-out documents per class the search reference is searched on
+    search_gen_len: int = 128  # decode positions of those documents during the search (all of them are measured)
     seed: int = 0
+    qa: bool = False  # knowledge retention: short factual answers, plan vs dense (skipprofiler.qa)
+    qa_file: str | None = None  # None: the bundled question set
+    qa_new_tokens: int = 16
+
+    @property
+    def window(self) -> int:
+        """Tokens per held-out document: the prompt plus the generation."""
+        return self.prompt_len + self.gen_len
 
 
 @dataclass
@@ -58,6 +69,9 @@ class EvalData:
     prompts: list[list[int]]
     prompt_classes: list[str]
     dense_greedy: list[list[int]] = field(default_factory=list)
+    qa: "QAData | None" = None
+    windows: list[tuple[list[int], str]] = field(default_factory=list)  # (tokens, class) of every held-out document
+    pad_id: int = 0
 
     def of_class(self, cls: str) -> list[DenseReference]:
         return [r for r in self.references if r.batch.classes[0] == cls]
@@ -73,10 +87,11 @@ def prepare_data(model, tokenizer, data_spec: str | None, config: EvalConfig) ->
     """Tokenize, cut and batch the held-out documents per class; compute the dense references and greedy runs."""
     try:
         docs = load_documents(data_spec, split="heldout")
-        tokens, classes = token_windows(tokenizer, docs, config.window, config.docs_per_class,
-                                        config.prompt_len + 2)
+        # Whole windows only: every row is measured at the stated generation length, none at a shorter one.
+        tokens, classes = token_windows(tokenizer, docs, config.window, config.docs_per_class, config.window)
     except FidelityError as e:
-        raise EvalError(f"held-out data: {e}") from None
+        raise EvalError(f"held-out data: {e} (--prompt-len {config.prompt_len} + --gen-len {config.gen_len}; "
+                        "lower --gen-len for shorter documents)") from None
     pad = pad_id_of(tokenizer, model)
     batches, class_names = [], list(dict.fromkeys(classes))
     for cls in class_names:
@@ -94,9 +109,54 @@ def prepare_data(model, tokenizer, data_spec: str | None, config: EvalConfig) ->
         if i // len(class_names) < len(pool):
             prompts.append(pool[i // len(class_names)][:config.prompt_len])
             prompt_classes.append(cls)
-    data = EvalData(references, class_names, prompts, prompt_classes)
+    data = EvalData(references, class_names, prompts, prompt_classes, windows=list(zip(tokens, classes)), pad_id=pad)
     data.dense_greedy = greedy_tokens(model, prompts, config.greedy_new_tokens) if prompts else []
     return data
+
+
+@dataclass
+class QAData:
+    """The QA questions, their prompts and the dense model's answers (scored once)."""
+
+    questions: list
+    prompts: list[list[int]]
+    dense: Any  # qa.QAScore
+    tokenizer: Any
+    new_tokens: int
+
+
+def prepare_qa(model, tokenizer, config: EvalConfig, log=None) -> QAData:
+    from .qa import QAError, build_prompts, generate_answers, load_questions, score
+
+    try:
+        questions = load_questions(config.qa_file)
+    except QAError as e:
+        raise EvalError(f"QA questions: {e}") from None
+    prompts = build_prompts(tokenizer, questions)
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=config.qa_new_tokens,
+                               batch_size=config.batch_size, progress=_qa_progress(log, "dense"))
+    return QAData(questions, prompts, score(questions, answers), tokenizer, config.qa_new_tokens)
+
+
+def _qa_progress(log, name: str):
+    if log is None:
+        return None
+    return lambda done, total: log(f"QA {name}: {done}/{total} questions") if done == total else None
+
+
+def qa_fields(model, data: EvalData, config: EvalConfig, context) -> dict[str, Any]:
+    """QA accuracy and retention of one row, generated inside `context` (a plan applied, or layers dropped)."""
+    from .qa import generate_answers, retention, score
+
+    qa = data.qa
+    with context:
+        answers = generate_answers(model, qa.tokenizer, qa.prompts, max_new_tokens=qa.new_tokens,
+                                   batch_size=config.batch_size)
+    result = score(qa.questions, answers)
+    kept = retention(result, qa.dense)
+    return {"qa_accuracy": _r(kept["accuracy"]), "qa_retention": _r(kept["retention"]),
+            "qa_retention_on_dense_correct": _r(kept["retention_on_dense_correct"]),
+            "qa_per_class": {c: _r(a) for c, a in result.per_class.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,6 +195,7 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
                   profile_cost: "FlopModel | None" = None, family: str | None = None) -> dict[str, Any]:
     """One row: teacher-forced fidelity per class, realized skip ratio, greedy agreement, speed."""
     sums, decode_positions, skipped = FidelitySums(), 0, 0
+    generated = sum(int((ref.batch.lengths - ref.batch.prompt_len).clamp(min=0).sum()) for ref in data.references)
     num_layers = model_num_layers(model)
     class_skip: dict[str, float] = {}
     # Measured one class at a time (batches are per class) so each class's realized skip ratio is known: per-class
@@ -155,7 +216,13 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
     for cls, ratio in class_skip.items():
         row["per_class"][cls]["skip_ratio"] = ratio
     row["skip_ratio"] = _r(skipped / (decode_positions * num_layers)) if decode_positions else 0.0
+    # What the generation saves: skipped FFN calls over every generated position, warm-up included.
+    row["saved_share"] = _r(skipped / (generated * num_layers)) if generated else 0.0
+    row["gen_len"] = config.gen_len
     active = plan.global_plan if isinstance(plan, PlanFile) else plan
+    row["warmup_tokens"] = active.warmup_tokens
+    row["fitted_gen_len"] = active.fit.get("gen_len") if active.fit else None
+    row["warnings"] = generation_warnings(active, config.gen_len, row["saved_share"])
     row["mode"] = active.mode
     row["layers"] = _plan_layers(active)
     row["expected_skip_ratio"] = active.expected_skip_ratio
@@ -163,8 +230,17 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
         row["calibration_refined_kl"] = active.fit["refined_kl"]
     if data.prompts:
         row.update(_greedy_row(model, data, plan, route_by_class, strict))
+    if data.qa is not None:
+        from .runtime import apply_plan
+
+        routed = isinstance(plan, PlanFile) and route_by_class
+        if routed and plan.router is None:
+            row["qa_note"] = "class plans need a router to answer QA questions; not measured"
+        else:
+            row.update(qa_fields(model, data, config, apply_plan(model, plan, prompt_class="auto" if routed else None,
+                                                                 strict=strict)))
     flops = profile_cost or FlopModel.of(model)
-    row["ideal_speedup"] = _r(flops.ideal_speedup(row["skip_ratio"], context=config.prompt_len + config.window // 2))
+    row["ideal_speedup"] = _r(flops.ideal_speedup(row["saved_share"], context=config.prompt_len + config.gen_len // 2))
     if config.speed and data.prompts:
         row.update(_speed_row(model, data, plan, config, row["ideal_speedup"], route_by_class, strict))
     else:
@@ -259,12 +335,12 @@ def static_template(reference: SkipPlan) -> SkipPlan:
                     dense_every=0, compensation="none")
 
 
-def paper_adaptive(num_layers: int, max_skip: int, max_positions: int) -> SkipPlan:
+def paper_adaptive(num_layers: int, max_skip: int, max_seq_len: int) -> SkipPlan:
     """FFN-SkipLLM with the paper's defaults: tau 0.95, 5-of-32 cold layers at each end (scaled to depth, >= 1),
-    every 6th token dense, warm-up max_seq_len // 64."""
+    every 6th token dense, warm-up max_seq_len // 64 (max_seq_len: the length being generated, prompt included)."""
     cold = max(1, round(5 * num_layers / 32))
     return SkipPlan(mode="adaptive", tau=[0.95] * num_layers, cold_start=cold, cold_end=cold, max_skip=max_skip,
-                    warmup_tokens=max_positions // 64, dense_every=6,
+                    warmup_tokens=max_seq_len // 64, dense_every=6,
                     fit={"baseline": "FFN-SkipLLM paper defaults"})
 
 
@@ -354,18 +430,23 @@ def evaluate_layer_drop(model, data: EvalData, layers: Sequence[int], name: str,
            "layers": sorted(layers)}
     row.update(summarize(sums, data.classes, name))
     row["skip_ratio"] = _r(len(layers) / num_layers)
+    row["saved_share"] = row["skip_ratio"]
+    row["gen_len"] = config.gen_len
+    row["warnings"] = []
     row["expected_skip_ratio"] = None
     if produced:
         cmp = compare_greedy(data.dense_greedy, produced)
         row.update({"greedy_agreement": _r(cmp.agreement), "first_divergence_mean": _r(cmp.first_divergence_mean),
                     "greedy_identical": _r(cmp.identical)})
     flops = FlopModel.of(model)
-    context = config.prompt_len + config.window // 2
+    context = config.prompt_len + config.gen_len // 2
     dense = flops.per_token(num_layers, context)
     kept = num_layers - len(layers)
     remaining = flops.lm_head + kept / num_layers * (dense - flops.lm_head)  # attention and FFN both dropped
     row["ideal_speedup"] = _r(dense / remaining)
     row["speedup"] = None
+    if data.qa is not None:
+        row.update(qa_fields(model, data, config, DroppedLayers(model, layers)))
     row["note"] = "ShortGPT-style: whole decoder layers dropped (attention too, on prompt and decode positions)"
     return row
 
@@ -420,7 +501,7 @@ def baseline_rows(model, data: EvalData, reference: SkipPlan, realized: float, c
 def _paper_adaptive_row(model, data: EvalData, realized: float, config: EvalConfig, suffix: str) -> dict[str, Any]:
     """The paper's rule has no ratio knob but the window k: pick the k whose realized ratio is closest."""
     num_layers = model_num_layers(model)
-    max_pos = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    max_pos = config.window
     probe = [data.of_class(c)[0] for c in data.classes]
     cold = max(1, round(5 * num_layers / 32))
     best_k, best_gap = 1, math.inf
@@ -447,6 +528,9 @@ def _average_rows(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
             out[key] = _r(sum(vals) / len(vals))
     out["per_class"] = {c: {k: _r(sum(r["per_class"][c][k] for r in rows) / len(rows)) for k in v}
                         for c, v in rows[0]["per_class"].items()}
+    if "qa_per_class" in rows[0]:
+        out["qa_per_class"] = {c: _r(sum(r["qa_per_class"][c] for r in rows) / len(rows))
+                               for c in rows[0]["qa_per_class"]}
     out["layers"] = [r["layers"] for r in rows]
     out["seeds"] = [{"name": r["name"], "kl_mean": r["kl_mean"], "layers": r["layers"]} for r in rows]
     out["note"] = "random static FFN sets among the middle layers, metrics averaged over seeds"
@@ -471,6 +555,44 @@ def oracle_row(model, data: EvalData, reference: SkipPlan, realized: float, conf
     row["note"] = ("reference, not deployable: searched on the held-out windows themselves over the middle layers")
     row["oracle_sets"] = result.evaluations
     row["oracle_top5"] = [{"layers": [l for l, _ in s], "kl_mean": _r(kl)} for s, kl in result.ranking[:5]]
+    return row
+
+
+def search_reference_row(model, data: EvalData, reference: SkipPlan, realized: float, config: EvalConfig,
+                         suffix: str = "", log=None) -> dict[str, Any]:
+    """Where exhaustive search does not fit: greedy add + swap descent by measured KL on held-out windows (the first
+    `search_docs_per_class` documents of each class, cut to `search_gen_len` decode positions), every swap tried.
+    The set found is then measured like every other row, on all held-out windows."""
+    from .refine import refine_slots
+
+    num_layers = model_num_layers(model)
+    if reference.mode == "static":
+        slots = canonical(reference.skip_layers.items())
+        template = replace(reference, fit={})
+    else:
+        slots = budget_slots(realized * num_layers, middle_layers(num_layers))
+        template = static_template(reference)
+    kept: dict[str, int] = {}
+    windows, classes = [], []
+    for tokens, cls in data.windows:
+        if kept.get(cls, 0) < config.search_docs_per_class:
+            kept[cls] = kept.get(cls, 0) + 1
+            windows.append(tokens[:config.prompt_len + config.search_gen_len])
+            classes.append(cls)
+    batches = make_batches(windows, classes, config.prompt_len, data.pad_id, config.batch_size)
+    evaluator = SetEvaluator(model, dense_references(model, batches), template)
+    started = time.perf_counter()
+    best, info = refine_slots(evaluator, slots, middle_layers(num_layers), greedy_start=True, shortlist=None)
+    plan = replace(template, mode="static", skip_layers=dict(best))
+    row = evaluate_plan(model, data, plan, f"search reference (greedy + swap on held-out){suffix}", "reference",
+                        config, family="search reference")
+    row["note"] = ("reference, not deployable: greedy add + full swap descent by measured KL on "
+                   f"{len(windows)} held-out windows of {config.prompt_len}+{config.search_gen_len} tokens")
+    row["search"] = {"evaluations": info["evaluations"], "layer_forwards": info["layer_forwards"],
+                     "seconds": _r(time.perf_counter() - started), "search_kl": info["refined_kl"],
+                     "starts": info["starts"]}
+    if log:
+        log(f"search reference: {info['evaluations']} sets in {row['search']['seconds']:.0f} s")
     return row
 
 
@@ -513,6 +635,8 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
     model.eval()
     data = prepare_data(model, tokenizer, data_spec, config)
     log(f"held-out: {sum(data.tokens().values())} measured decode positions over {len(data.classes)} classes")
+    if config.qa:
+        data.qa = prepare_qa(model, tokenizer, config, log)
     flops = FlopModel.of(model)
     rows = []
     for name, plan in plans:
@@ -522,7 +646,7 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
             log(f"evaluating {name} with class plans (routed by true label)")
             rows.append(evaluate_plan(model, data, plan, f"{name} [class plans, routed by label]", "plan", config,
                                       route_by_class=True, profile_cost=flops))
-    if config.baselines or config.oracle:
+    if config.baselines or config.oracle or config.search_reference:
         first = plans[0][1]
         reference = first.global_plan if isinstance(first, PlanFile) else first
         realized = rows[0]["skip_ratio"]
@@ -536,6 +660,10 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
         if want_oracle:
             log("oracle: exhaustive static search on the held-out windows")
             rows.append(oracle_row(model, data, reference, realized, config))
+        want_search = config.search_reference if config.search_reference is not None else not want_oracle
+        if (want_search and config.baselines) or config.search_reference:
+            log("search reference: greedy add + swap by measured KL on held-out windows")
+            rows.append(search_reference_row(model, data, reference, realized, config, log=log))
     return build_result(model, data, rows, config, data_spec, model_name, data_name)
 
 
@@ -565,9 +693,9 @@ def build_result(model, data: EvalData, rows, config: EvalConfig, data_spec, mod
         "model": {"name": model_name, "fingerprint": model_fingerprint(model)},
         "data": {"spec": data_spec or "bundled held-out split", "name": data_name, "classes": data.classes,
                  "tokens": data.tokens(), "documents": sum(r.batch.input_ids.shape[0] for r in data.references),
-                 "prompt_len": config.prompt_len, "window": config.window},
+                 "prompt_len": config.prompt_len, "gen_len": config.gen_len, "window": config.window},
         "config": {k: v for k, v in vars(config).items()},
-        "dense": dense_row(data),
+        "dense": dense_row(data) | ({"qa": data.qa.dense.to_dict()} if data.qa is not None else {}),
         "plans": rows,
     }
 
@@ -576,15 +704,15 @@ def build_result(model, data: EvalData, rows, config: EvalConfig, data_spec, mod
 # Sweep: fit and evaluate several targets from one profile
 
 
-def fit_sweep_plans(profile, target: float, max_positions: int | None, per_class: bool) -> dict[str, PlanFile]:
+def fit_sweep_plans(profile, target: float, gen_len: int, per_class: bool) -> dict[str, PlanFile]:
     """Static and adaptive plan files fitted at `target` with the plan stage's defaults."""
     from .fit import FitError, FitSettings, fit_plan_file
 
     plans = {}
     for mode in ("static", "adaptive"):
         try:
-            plans[mode] = fit_plan_file(profile, FitSettings(target=target, mode=mode), per_class=per_class,
-                                        max_positions=max_positions).plan_file
+            plans[mode] = fit_plan_file(profile, FitSettings(target=target, mode=mode, gen_len=gen_len),
+                                        per_class=per_class).plan_file
         except FitError as e:
             raise EvalError(f"fitting {mode} at {target}: {e}") from None
     return plans
@@ -605,7 +733,8 @@ def run_sweep(model, tokenizer, profile, targets: Sequence[float], data_spec: st
         check_plan_fits(model, plan, name)
     model.eval()
     data = prepare_data(model, tokenizer, data_spec, config)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if config.qa:
+        data.qa = prepare_qa(model, tokenizer, config, log)
     calibration = None
     if refine:
         log("calibration references for --refine")
@@ -615,7 +744,7 @@ def run_sweep(model, tokenizer, profile, targets: Sequence[float], data_spec: st
     num_layers = model_num_layers(model)
     for target in targets:
         log(f"target {target:.2f}: fitting")
-        fitted = fit_sweep_plans(profile, target, max_positions, per_class)
+        fitted = fit_sweep_plans(profile, target, config.gen_len, per_class)
         static = fitted["static"]
         tag = f"@{target:.2f}"
         static_name = "fitted static (unrefined)" if refine else "fitted static"

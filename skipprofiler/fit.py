@@ -39,6 +39,7 @@ from .plan import PlanFile, Router, SkipPlan
 log = logging.getLogger("skipprofiler")
 
 DEFAULT_HORIZON = 4096  # decode positions after warm-up over which static patterns and dense_every are counted
+DEFAULT_GEN_LEN = 256  # generated tokens per request a plan is fitted for (warm-up and ratio are counted over these)
 RATIO_TOLERANCE = 0.01  # |expected - target| the fit must reach (the issue's bar)
 ROUND = 6  # decimals kept for fitted floats (YAML stays short and byte-stable)
 DEFAULT_SHARED_BATCH = 8  # batch size assumed for shared-decision plans whose fit record does not say
@@ -52,7 +53,7 @@ class FitError(ValueError):
 class FitSettings:
     """Everything that shapes a fit besides the profile. None = the mode's default (see `resolve`)."""
 
-    target: float
+    target: float | None  # skip ratio to reach; None for budget fits (refine.fit_budget_plan chooses the ratio)
     mode: str = "static"
     apply_to: str = "decode"
     warmup_tokens: int | None = None
@@ -62,22 +63,31 @@ class FitSettings:
     tau_mode: str = "global"  # adaptive: "global" (one tau) or "per-layer" (each layer's quantile at one level q)
     cold_floor: float = 0.05
     min_class_tokens: int = 256
-    horizon: int = DEFAULT_HORIZON
+    gen_len: int = DEFAULT_GEN_LEN  # the generation length the plan is for
+    horizon: int | None = None  # decode positions after warm-up the ratio is counted over; None: gen_len - warm-up
     seed: int = 0
     batch_decision: str = "per_sequence"  # adaptive: "shared" fits for rows of a batch firing together
     batch_size: int = DEFAULT_SHARED_BATCH  # with shared: the serving batch size the fit assumes
 
-    def resolve(self, max_positions: int | None) -> FitSettings:
-        """Fill mode defaults: adaptive like the paper (dense_every 6, warm-up max_positions // 64), static 0 / 0."""
-        if not 0.0 < self.target < 1.0:
+    def resolve(self) -> FitSettings:
+        """Fill mode defaults: adaptive like the paper (dense_every 6, warm-up = generation length // 64, the paper's
+        max_seq_len // 64), static 0 / 0; the ratio is counted over the generated positions after the warm-up."""
+        if self.target is not None and not 0.0 < self.target < 1.0:
             raise FitError(f"--target-skip must be in (0, 1), got {self.target}")
+        if self.gen_len < 1:
+            raise FitError(f"--gen-len must be >= 1, got {self.gen_len}")
         out = copy.copy(self)
         if out.dense_every is None:
             out.dense_every = 6 if self.mode == "adaptive" else 0
         if out.warmup_tokens is None:
-            out.warmup_tokens = (max_positions or 0) // 64 if self.mode == "adaptive" else 0
+            out.warmup_tokens = self.gen_len // 64 if self.mode == "adaptive" else 0
         if out.dense_every == 1:
             raise FitError("--dense-every 1 makes every token dense; use 0 (never) or >= 2")
+        if out.warmup_tokens >= out.gen_len:
+            raise FitError(f"warm-up of {out.warmup_tokens} tokens covers the whole generation length "
+                           f"({out.gen_len}): nothing would be skipped; lower --warmup-tokens or raise --gen-len")
+        if out.horizon is None:
+            out.horizon = out.gen_len - out.warmup_tokens
         return out
 
 
@@ -215,7 +225,7 @@ def _norm_gain(profile, regime: str, cls: str | None) -> list[float]:
 
 def fit_static(profile, settings: FitSettings, cls: str | None = None) -> SkipPlan:
     """Most saturated non-cold layers (by mean residual cos) plus one fractional layer, so the ratio equals R."""
-    settings = settings.resolve(max_positions=None)  # no-op for resolved settings
+    settings = settings.resolve()  # no-op for resolved settings
     regime = fitting_regime(profile)
     L = profile.num_layers
     mean_cos = np.asarray(profile.layer_stats("residual", regime, cls)["mean"], dtype=np.float64)
@@ -253,6 +263,7 @@ def fit_static(profile, settings: FitSettings, cls: str | None = None) -> SkipPl
         "cold_layers": list(range(cold_start)) + list(range(L - cold_end, L)),
         "saturation_tau": _round(tau_ref),
         "layer_mean_cos": [_round(m) for m in mean_cos],
+        "gen_len": settings.gen_len,
         "horizon": settings.horizon,
     }
     if settings.compensation == "norm_ratio":
@@ -375,7 +386,7 @@ def _fit_adaptive_k(data: TokenRows, share: float, settings: FitSettings, k: int
 
 def fit_adaptive(profile, settings: FitSettings, cls: str | None = None) -> SkipPlan:
     """FFN-SkipLLM's rule with tau (and k) fitted so the simulated ratio on the reservoir equals R."""
-    settings = settings.resolve(max_positions=None)  # no-op for resolved settings
+    settings = settings.resolve()  # no-op for resolved settings
     regime = fitting_regime(profile)
     data = token_rows(profile, regime, cls)
     L = profile.num_layers
@@ -408,6 +419,7 @@ def fit_adaptive(profile, settings: FitSettings, cls: str | None = None) -> Skip
         "eligible_share": _round(share),
         "skipped_mean_cos": _round(best.score),
         "k_search": [[c.max_skip, _round(c.ratio), _round(c.score)] for c in candidates],  # k, ratio, score
+        "gen_len": settings.gen_len,
         "horizon": settings.horizon,
     }
     if shared:
@@ -419,8 +431,10 @@ def fit_adaptive(profile, settings: FitSettings, cls: str | None = None) -> Skip
     return plan
 
 
-def adaptive_ratio_on(profile, plan: SkipPlan, cls: str | None, horizon: int = DEFAULT_HORIZON) -> float | None:
-    """Simulated skip ratio of an adaptive plan on one class's (or the pooled) reservoir."""
+def adaptive_ratio_on(profile, plan: SkipPlan, cls: str | None, horizon: int | None = None) -> float | None:
+    """Simulated skip ratio of an adaptive plan on one class's (or the pooled) reservoir, over `horizon` positions
+    after the warm-up (default: the horizon the plan was fitted for)."""
+    horizon = horizon or int(plan.fit.get("horizon") or DEFAULT_HORIZON)
     data = token_rows(profile, fitting_regime(profile), cls)
     if data.tokens == 0:
         return None
@@ -479,17 +493,14 @@ def fit_plan(profile, settings: FitSettings, cls: str | None = None) -> SkipPlan
 
 
 def fit_plan_file(profile, settings: FitSettings, per_class: bool = False, classes: Sequence[str] | None = None,
-                  profile_ref: dict[str, Any] | None = None, max_positions: int | None = None) -> FitResult:
+                  profile_ref: dict[str, Any] | None = None) -> FitResult:
     """The global plan, plus class plans (and a router when the profile allows) with `per_class`.
 
     `classes` restricts the class plans (names must exist in the profile); `profile_ref` ({path, sha256}) goes into
     provenance.
     """
     warnings: list[str] = []
-    settings = settings.resolve(max_positions)
-    if settings.mode == "adaptive" and settings.warmup_tokens == 0 and not max_positions:
-        warnings.append("the model's max positions are unknown: adaptive warm-up set to 0 tokens "
-                        "(pass --warmup-tokens to choose)")
+    settings = settings.resolve()
     regime = fitting_regime(profile)
     if regime == "prompt":
         warnings.append("the profile has no decode tokens (profile with --generate N for decode statistics): "
@@ -509,18 +520,22 @@ def fit_plan_file(profile, settings: FitSettings, per_class: bool = False, class
         router, why_not = fit_router(profile, seed=settings.seed)
         if why_not:
             warnings.append(f"no router: {why_not}")
-    header = profile.header or {}
-    model = header.get("model") or {}
-    plan_file = PlanFile(
+    return FitResult(assemble_plan_file(profile, settings, global_plan, class_plans, router, profile_ref), warnings)
+
+
+def assemble_plan_file(profile, settings: FitSettings, global_plan: SkipPlan, class_plans: dict[str, SkipPlan] | None = None,
+                       router: Router | None = None, profile_ref: dict[str, Any] | None = None) -> PlanFile:
+    """A plan file for the profile's model: its name and fingerprint, the settings' defaults, provenance."""
+    model = (profile.header or {}).get("model") or {}
+    return PlanFile(
         model={"name": str(model.get("name") or "unknown"), "fingerprint": dict(model.get("fingerprint") or {})},
         global_plan=global_plan,
-        classes=class_plans,
+        classes=dict(class_plans or {}),
         router=router,
         defaults={"apply_to": settings.apply_to, "warmup_tokens": settings.warmup_tokens,
                   "dense_every": settings.dense_every, "compensation": settings.compensation},
         provenance=_provenance(profile, profile_ref or {}),
     )
-    return FitResult(plan_file, warnings)
 
 
 def _fit_class(profile, settings: FitSettings, name: str, global_plan: SkipPlan, warnings: list[str]) -> SkipPlan:

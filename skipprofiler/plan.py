@@ -34,6 +34,26 @@ COMPENSATIONS = ("none", "norm_ratio")
 # Keys a plan may override from `defaults`.
 DEFAULT_KEYS = ("apply_to", "warmup_tokens", "dense_every", "compensation")
 
+# A plan whose warm-up covers at least this share of the evaluated generation length is flagged: its rows describe
+# the few positions after the warm-up, and a deployment generating that many tokens saves little.
+WARMUP_WARN_SHARE = 0.5
+
+
+def generation_warnings(plan: SkipPlan, gen_len: int, saved_share: float | None = None) -> list[str]:
+    """Why a row may look better than the plan will be: the warm-up covers most of the generation, nothing was
+    skipped, or the plan was fitted for another generation length."""
+    warnings = []
+    if plan.warmup_tokens >= WARMUP_WARN_SHARE * gen_len:
+        covered = min(plan.warmup_tokens, gen_len)
+        warnings.append(f"warm-up of {plan.warmup_tokens} tokens covers {covered} of the {gen_len} generated "
+                        "positions evaluated")
+    fitted_for = plan.fit.get("gen_len") if plan.fit else None
+    if fitted_for and fitted_for != gen_len:
+        warnings.append(f"fitted for {fitted_for} generated tokens, evaluated at {gen_len}")
+    if saved_share is not None and saved_share == 0 and not plan.is_empty():
+        warnings.append("skipped nothing: this row is the dense model, not a lossless plan")
+    return warnings
+
 
 class PlanError(ValueError):
     """A plan is invalid; `problems` lists every problem found (validation reports all at once)."""

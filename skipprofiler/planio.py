@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .atomic import write_text_atomic
 from .plan import (APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, MODES, PLAN_VERSION, PlanError, PlanFile,
                    Router, SkipPlan)
 
@@ -575,19 +575,5 @@ def load_plan(path_or_text: str | Path, num_layers: int | None = None, fingerpri
 
 
 def save_plan(plan: PlanFile, path: str | Path) -> Path:
-    """Write the canonical YAML atomically (temp file in the same folder + os.replace)."""
-    return atomic_write_text(Path(path), dump_plan(plan))
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write the canonical YAML atomically (a reader never sees half a plan), mode 0666 & ~umask."""
+    return write_text_atomic(path, dump_plan(plan))

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import signal
-import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from ._compat import cache_kwargs, cache_out
+from .atomic import atomic_path
 from .capture import FFNCapture, LayerTensors
 from .histograms import (MetricAccumulator, PriorityReservoir, binning_spec, chan_merge, default_edges,
                          hist_prob_above, hist_quantile, merge_reservoir)
@@ -192,14 +192,8 @@ class Profile:
         header = dict(self.header, format=FORMAT, format_version=FORMAT_VERSION, classes=list(self.classes),
                       router_layer=int(self.router_layer), metrics=list(self.hist))
         metadata = {"skipprof": json.dumps(_jsonable(header), sort_keys=True)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(self.tensors(), tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(self.tensors(), str(tmp), metadata=metadata)
         return path
 
     @classmethod

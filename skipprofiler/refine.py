@@ -11,6 +11,7 @@ fraction, so the expected skip ratio (sum of fractions / L x eligible share) nev
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from .fidelity import (DenseReference, FidelityError, dense_references, load_doc
 from .plan import SkipPlan
 
 Slots = tuple[tuple[int, float], ...]
+DEFAULT_SHORTLIST = 6  # swap candidates per slot after a greedy pass: the layers it measured cheapest to skip
 
 
 class RefineError(ValueError):
@@ -29,31 +31,163 @@ class RefineError(ValueError):
 
 @dataclass
 class SetEvaluator:
-    """Measured KL of static skip sets on fixed calibration references (memoised: a set is measured once)."""
+    """Measured KL of static skip sets on fixed calibration references (memoised: a set is measured once).
+
+    Prefix reuse: a static set changes nothing before its first skipped layer, and two sets agree on every layer
+    before the first layer where their slots differ. The evaluator keeps the per-layer stream of `anchor` sets (the
+    dense model always; the search's current set via `set_anchor`), and measures a new set by starting its forward
+    at the first layer where it differs from the closest anchor, from that anchor's stream. The KL is the same as a
+    full forward (checked by the tests); the cost falls with the share of layers skipped over.
+    """
 
     model: object
     references: Sequence[DenseReference]
     template: SkipPlan  # eligibility settings (apply_to, warm-up, dense-every, compensation) shared by every set
     cache: dict[Slots, float] = field(default_factory=dict)
     on_measure: Callable[[Slots, float], None] | None = None
+    reuse_prefix: bool = True
+    layers_run: int = 0  # decoder layers run over all references (the search's cost, in layer forwards)
+    ppl_ratio: dict[Slots, float] = field(default_factory=dict)  # perplexity with the set / dense perplexity
+    _anchors: dict[Slots, list[list]] = field(default_factory=dict)  # set -> per reference, per layer input stream
 
     def __call__(self, slots: Slots) -> float:
         key = canonical(slots)
         if key not in self.cache:
-            plan = replace(self.template, mode="static", skip_layers=dict(key), tau=None, max_skip=0,
-                           fit=dict(self.template.fit))
-            sums, _ = measure_plan(self.model, self.references, plan)
-            kl = sums.total_kl_mean()
-            if not math.isfinite(kl):
-                raise FidelityError(f"non-finite KL for skip set {list(key)}")
-            self.cache[key] = kl
+            self.cache[key] = self._measure(key, record=False)
             if self.on_measure:
-                self.on_measure(key, kl)
+                self.on_measure(key, self.cache[key])
         return self.cache[key]
+
+    def set_anchor(self, slots: Slots) -> None:
+        """Keep `slots`' per-layer stream (replacing the previous non-dense anchor) so sets near it start late."""
+        key = canonical(slots)
+        if not self.reuse_prefix or key in self._anchors:
+            return
+        for old in [a for a in self._anchors if a]:
+            del self._anchors[old]
+        kl = self._measure(key, record=True)
+        self.cache.setdefault(key, kl)
 
     @property
     def evaluations(self) -> int:
         return len(self.cache)
+
+    def _plan(self, key: Slots) -> SkipPlan:
+        return replace(self.template, mode="static", skip_layers=dict(key), tau=None, max_skip=0,
+                       fit=dict(self.template.fit))
+
+    def _measure(self, key: Slots, record: bool) -> float:
+        from .fidelity import FidelitySums, compare, model_forward
+        from .registry import resolve
+        from .runtime import apply_plan
+
+        import torch
+
+        layers = resolve(self.model).layers
+        if self.reuse_prefix and () not in self._anchors and key:
+            self._anchors[()] = self._record_dense(layers)
+        base, start = self._closest_anchor(key, len(layers)) if self.reuse_prefix else (None, 0)
+        states = [[] for _ in self.references] if record else None
+        forward = model_forward(self.model)
+        sums = FidelitySums()
+        with apply_plan(self.model, self._plan(key)) as handle, torch.inference_mode():
+            for i, ref in enumerate(self.references):
+                stream = None if base is None else self._anchors[base][i]
+                if record:
+                    states[i].extend(stream[:start] if stream is not None else [])
+                with handle.decode_from(ref.batch.prompt_len), _start_at(layers, start, stream), \
+                        _record_inputs(layers[start:], states[i] if record else None):
+                    logits = forward(ref.batch)
+                compare(ref, logits, sums)
+        self.layers_run += (len(layers) - start) * len(self.references)
+        if record:
+            self._anchors[key] = states
+        total = sums.summary(None)
+        self.ppl_ratio[key] = total["ppl"] / total["ppl_dense"]
+        kl = sums.total_kl_mean()
+        if not math.isfinite(kl):
+            raise FidelityError(f"non-finite KL for skip set {list(key)}")
+        return kl
+
+    def _record_dense(self, layers) -> list[list]:
+        from .fidelity import model_forward
+
+        import torch
+
+        forward = model_forward(self.model)
+        states = [[] for _ in self.references]
+        returns: list[bool] = []
+        probe = layers[0].register_forward_hook(lambda m, a, out: returns.append(isinstance(out, torch.Tensor)))
+        try:
+            with torch.inference_mode():
+                for i, ref in enumerate(self.references):
+                    with _record_inputs(layers, states[i]):
+                        forward(ref.batch)
+        finally:
+            probe.remove()
+        self.layers_run += len(layers) * len(self.references)
+        if not all(returns):  # layers returning tuples: the hand-off cannot stand in for them, run every layer
+            self.reuse_prefix = False
+        return states
+
+    def _closest_anchor(self, key: Slots, num_layers: int) -> tuple[Slots | None, int]:
+        """(anchor, first layer to run): the anchor sharing the longest prefix of layers with `key`."""
+        best: tuple[Slots | None, int] = (None, 0)
+        for anchor in self._anchors:
+            differ = set(key) ^ set(anchor)
+            start = min((layer for layer, _ in differ), default=num_layers)
+            start = min(start, num_layers - 1)  # always run the last layer: the logits come from a forward
+            if start > best[1]:
+                best = (anchor, start)
+        return best
+
+
+@contextlib.contextmanager
+def _record_inputs(layers, into: list | None):
+    """Append each decoder layer's input stream (a detached copy) to `into`, in layer order."""
+    if into is None:
+        yield
+        return
+    from .registry import first_tensor
+
+    def grab(module, args, kwargs):
+        into.append(first_tensor(args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _start_at(layers, start: int, stream: list | None):
+    """Run the forward from layer `start` on: earlier layers pass their input through, and the one before `start`
+    returns the recorded input of `start` (transformers 5 decoder layers return the hidden states tensor)."""
+    if stream is None or start == 0:
+        yield
+        return
+
+    def passthrough(hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def handoff(hidden_states, *args, **kwargs):
+        return stream[start]
+
+    patched = list(layers[:start])
+    saved = [layer.__dict__.get("forward") for layer in patched]  # an instance forward (e.g. accelerate's) stays
+    for layer in patched[:-1]:
+        layer.forward = passthrough
+    patched[-1].forward = handoff
+    try:
+        yield
+    finally:
+        for layer, forward in zip(patched, saved):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def canonical(slots: Sequence[tuple[int, float]]) -> Slots:
@@ -65,16 +199,22 @@ def middle_layers(num_layers: int) -> list[int]:
     return list(range(1, num_layers - 1)) if num_layers > 2 else list(range(num_layers))
 
 
-def swap_descent(evaluate: SetEvaluator, slots: Slots, candidates: Sequence[int], max_rounds: int) -> tuple[Slots, int]:
-    """Best-improvement swaps (one slot -> one unused candidate) until no swap lowers the KL. Returns (set, rounds)."""
+def swap_descent(evaluate: SetEvaluator, slots: Slots, candidates: Sequence[int], max_rounds: int,
+                 shortlist: int | None = None, cost_hint: dict[int, float] | None = None) -> tuple[Slots, int]:
+    """Best-improvement swaps (one slot -> one unused candidate) until no swap lowers the KL. Returns (set, rounds).
+
+    With `shortlist`, each slot is only tried against the `shortlist` unused candidates that `cost_hint` (a layer's
+    measured cost, lower = cheaper to skip) ranks cheapest, which bounds a round to slots x shortlist sets."""
     current, best_kl, rounds = canonical(slots), evaluate(slots), 0
     while rounds < max_rounds:
+        evaluate.set_anchor(current)
         used = {layer for layer, _ in current}
+        unused = [c for c in candidates if c not in used]
+        if shortlist is not None and cost_hint:
+            unused = sorted(unused, key=lambda c: cost_hint.get(c, math.inf))[:shortlist]
         best_move = None
         for i, (_, fraction) in enumerate(current):
-            for cand in candidates:
-                if cand in used:
-                    continue
+            for cand in unused:
                 trial = canonical(current[:i] + ((cand, fraction),) + current[i + 1:])
                 kl = evaluate(trial)
                 if kl < best_kl * (1 - 1e-9):
@@ -85,49 +225,148 @@ def swap_descent(evaluate: SetEvaluator, slots: Slots, candidates: Sequence[int]
     return current, rounds
 
 
-def greedy_add(evaluate: SetEvaluator, fractions: Sequence[float], candidates: Sequence[int]) -> Slots:
-    """SLEB-style: add full slots first, each time the candidate whose addition costs the least measured KL."""
+@dataclass
+class LazyGreedy:
+    """SLEB-style greedy growth of a skip set: each step adds the candidate whose addition costs the least measured
+    KL.
+
+    Lazy (CELF): a candidate's added cost measured at an earlier step is kept as its estimate; only the candidate
+    with the lowest estimate is re-measured, and it is taken when its fresh cost still beats every other estimate.
+    Skipping costs grow as the set grows (interactions add up), so an old estimate is a lower bound and the lazy
+    choice is the greedy choice; where they do not grow the result is still a measured, locally good set.
+    `costs` holds each layer's latest added cost (the shortlist hint for `swap_descent`)."""
+
+    evaluate: SetEvaluator
+    candidates: Sequence[int]
+    lazy: bool = True
     chosen: Slots = ()
-    for fraction in sorted(fractions, reverse=True):
-        used = {layer for layer, _ in chosen}
-        options = [canonical(chosen + ((c, fraction),)) for c in candidates if c not in used]
+    costs: dict[int, float] = field(default_factory=dict)
+
+    def step(self, fraction: float = 1.0) -> Slots:
+        """The set with one more slot of `fraction` (the greedy choice); `chosen` becomes that set."""
+        used = {layer for layer, _ in self.chosen}
+        options = [c for c in self.candidates if c not in used]
         if not options:
             raise RefineError("more skip slots than candidate layers")
-        chosen = min(options, key=evaluate)
-    return chosen
+        base_kl = self.evaluate(self.chosen) if self.chosen else 0.0
+        self.evaluate.set_anchor(self.chosen)
+        fresh: set[int] = set()
+
+        def added_cost(c: int) -> float:
+            fresh.add(c)
+            self.costs[c] = self.evaluate(canonical(self.chosen + ((c, fraction),))) - base_kl
+            return self.costs[c]
+
+        if not self.lazy or not self.costs:
+            best = min(options, key=added_cost)
+        else:
+            while True:
+                best = min(options, key=lambda c: self.costs.get(c, -math.inf))
+                if best in fresh:
+                    break
+                added_cost(best)
+        self.chosen = canonical(self.chosen + ((best, fraction),))
+        return self.chosen
+
+
+def greedy_add(evaluate: SetEvaluator, fractions: Sequence[float], candidates: Sequence[int],
+               lazy: bool = True, costs: dict[int, float] | None = None) -> Slots:
+    """Greedy set with these slot fractions (full slots first); `costs` receives the layers' latest added costs."""
+    greedy = LazyGreedy(evaluate, candidates, lazy, costs=costs if costs is not None else {})
+    for fraction in sorted(fractions, reverse=True):
+        greedy.step(fraction)
+    return greedy.chosen
+
+
+@dataclass
+class Budget:
+    """A quality budget on calibration windows: mean KL(dense || plan) and/or relative perplexity increase."""
+
+    max_kl: float | None = None
+    max_ppl_increase: float | None = None
+
+    def allows(self, kl: float, ppl_ratio: float) -> bool:
+        return ((self.max_kl is None or kl <= self.max_kl)
+                and (self.max_ppl_increase is None or ppl_ratio - 1.0 <= self.max_ppl_increase))
+
+    def describe(self) -> dict[str, float]:
+        return {k: v for k, v in (("max_kl", self.max_kl), ("max_ppl_increase", self.max_ppl_increase))
+                if v is not None}
+
+
+BUDGET_FRACTIONS = (0.75, 0.5, 0.25)  # partial last slots tried when the next whole layer breaks the budget
+
+
+def fit_to_budget(evaluate: SetEvaluator, candidates: Sequence[int], budget: Budget) -> tuple[Slots, dict]:
+    """The largest static set the budget allows: lazy-greedy whole layers while the measured cost stays within the
+    budget, then the next layer at the largest of `BUDGET_FRACTIONS` that still fits. Returns (set, record) with the
+    greedy path (each prefix's measured KL and perplexity increase)."""
+    greedy = LazyGreedy(evaluate, list(candidates))
+    path: list[dict] = []
+    chosen: Slots = ()
+    while len(chosen) < len(candidates):
+        trial = greedy.step(1.0)
+        kl, ratio = evaluate(trial), evaluate.ppl_ratio[trial]
+        path.append({"layers": [layer for layer, _ in trial], "kl": _r(kl), "ppl_increase": _r(ratio - 1.0)})
+        if not budget.allows(kl, ratio):
+            break
+        chosen = trial
+    if len(chosen) < len(candidates) and path:
+        evaluate.set_anchor(chosen)
+        taken = {layer for layer, _ in chosen}
+        nxt = next(layer for layer in path[-1]["layers"] if layer not in taken)  # the layer that broke the budget
+        for fraction in BUDGET_FRACTIONS:
+            trial = canonical(chosen + ((nxt, fraction),))
+            kl, ratio = evaluate(trial), evaluate.ppl_ratio[trial]
+            if budget.allows(kl, ratio):
+                chosen = trial
+                path.append({"layers": [[l, f] for l, f in trial], "kl": _r(kl), "ppl_increase": _r(ratio - 1.0)})
+                break
+    if not chosen:
+        raise RefineError(f"no FFN can be skipped within the budget {budget.describe()}: skipping the cheapest layer "
+                          f"alone measures KL {path[0]['kl']}, perplexity {path[0]['ppl_increase']:+.1%}")
+    record = {"budget": budget.describe(), "kl": _r(evaluate(chosen)),
+              "ppl_increase": _r(evaluate.ppl_ratio[canonical(chosen)] - 1.0), "path": path,
+              "evaluations": evaluate.evaluations, "layer_forwards": evaluate.layers_run}
+    return chosen, record
 
 
 def refine_slots(evaluate: SetEvaluator, slots: Slots, candidates: Sequence[int], max_rounds: int = 20,
-                 greedy_start: bool = True, extra_starts: dict[str, Slots] | None = None) -> tuple[Slots, dict]:
-    """Swap descent from the given set, (optionally) from a greedy-add set and from each of `extra_starts` (named
-    sets with the same slot fractions, e.g. the global plan's set when refining a class plan); keep the lowest KL."""
+                 greedy_start: bool = True, extra_starts: dict[str, Slots] | None = None,
+                 shortlist: int | None = DEFAULT_SHORTLIST) -> tuple[Slots, dict]:
+    """Lazy greedy add (optional), then swap descent from the greedy set, from the given set and from each of
+    `extra_starts` (named sets with the same slot fractions, e.g. the global plan's set when refining a class plan);
+    keep the lowest KL. Swaps try the `shortlist` layers the greedy pass measured cheapest (all with None)."""
     if not slots:
         raise RefineError("the plan skips no layer: nothing to refine")
     candidates = sorted(set(candidates) | {layer for layer, _ in slots})
     if len(candidates) < len(slots):
         raise RefineError(f"{len(slots)} skip slots but only {len(candidates)} candidate layers")
-    initial_kl = evaluate(slots)
-    best, rounds = swap_descent(evaluate, slots, candidates, max_rounds)
-    starts = {"plan": {"layers": [layer for layer, _ in canonical(slots)], "kl": _r(initial_kl),
-                       "refined_kl": _r(evaluate(best)), "swaps": rounds}}
-    if greedy_start:
-        seed = greedy_add(evaluate, [f for _, f in slots], candidates)
-        alt, alt_rounds = swap_descent(evaluate, seed, candidates, max_rounds)
-        starts["greedy_add"] = {"layers": [layer for layer, _ in seed], "kl": _r(evaluate(seed)),
-                                "refined_kl": _r(evaluate(alt)), "swaps": alt_rounds}
-        if evaluate(alt) < evaluate(best):
+    fractions = [f for _, f in slots]
+    costs: dict[int, float] = {}
+    starts: dict[str, dict] = {}
+    best: Slots | None = None
+
+    def descend(name: str, start: Slots) -> None:
+        nonlocal best
+        alt, rounds = swap_descent(evaluate, start, candidates, max_rounds, shortlist if costs else None, costs)
+        starts[name] = {"layers": [layer for layer, _ in canonical(start)], "kl": _r(evaluate(start)),
+                        "refined_kl": _r(evaluate(alt)), "swaps": rounds}
+        if best is None or evaluate(alt) < evaluate(best):
             best = alt
+
+    initial_kl = evaluate(slots)
+    if greedy_start:
+        descend("greedy_add", greedy_add(evaluate, fractions, candidates, costs=costs))
+    descend("plan", canonical(slots))
     for name, start in (extra_starts or {}).items():
         start = canonical(start)
-        if sorted(f for _, f in start) != sorted(f for _, f in canonical(slots)):
+        if sorted(f for _, f in start) != sorted(fractions):
             continue  # a different slot shape would change the skip ratio
         candidates = sorted(set(candidates) | {layer for layer, _ in start})
-        alt, alt_rounds = swap_descent(evaluate, start, candidates, max_rounds)
-        starts[name] = {"layers": [layer for layer, _ in start], "kl": _r(evaluate(start)),
-                        "refined_kl": _r(evaluate(alt)), "swaps": alt_rounds}
-        if evaluate(alt) < evaluate(best):
-            best = alt
+        descend(name, start)
     info = {"initial_kl": _r(initial_kl), "refined_kl": _r(evaluate(best)), "evaluations": evaluate.evaluations,
+            "layer_forwards": evaluate.layers_run, "shortlist": shortlist if costs else None,
             "candidates": candidates, "starts": starts}
     return best, info
 
@@ -182,6 +421,33 @@ def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None
     fit["refine"] = info
     return replace(plan, skip_layers=dict(best), fit=fit)
 
+
+
+def fit_budget_plan(model, tokenizer, template: SkipPlan, budget: Budget, data_spec: str | None = None, *,
+                    references: Sequence[DenseReference] | None = None, candidates: Sequence[int] | None = None,
+                    prompt_len: int = 32, window: int = 128, docs_per_class: int | None = 8,
+                    gen_len: int | None = None) -> SkipPlan:
+    """A static plan with the most FFN skips whose measured cost on calibration windows stays within `budget`
+    (`fit_to_budget`); `template` gives the eligibility settings. The plan records the budget, the measured cost and
+    the greedy path in `fit`, and its expected skip ratio."""
+    from .fit import DEFAULT_HORIZON, static_skip_ratio
+    from .registry import resolve
+
+    num_layers = resolve(model).num_layers
+    if references is None:
+        references = calibration_references(model, tokenizer, data_spec, prompt_len=prompt_len, window=window,
+                                            docs_per_class=docs_per_class)
+    evaluate = SetEvaluator(model, references, replace(template, mode="static", skip_layers={}))
+    cands = list(candidates) if candidates is not None else middle_layers(num_layers)
+    slots, record = fit_to_budget(evaluate, cands, budget)
+    horizon = max(1, (gen_len or DEFAULT_HORIZON) - template.warmup_tokens)
+    plan = replace(template, mode="static", skip_layers=dict(slots), tau=None, max_skip=0)
+    plan.expected_skip_ratio = _r(static_skip_ratio(plan, num_layers, horizon))
+    record["data"] = {"spec": data_spec or "bundled calibration split", "prompt_len": prompt_len, "window": window,
+                      "docs_per_class": docs_per_class, "tokens": sum(int(r.mask.sum()) for r in references)}
+    plan.fit = {"method": "budget-greedy", **({"gen_len": gen_len} if gen_len else {}), "horizon": horizon,
+                "refined_kl": record["kl"], "budget_fit": record}
+    return plan
 
 
 def references_of_class(references: Sequence[DenseReference], cls: str) -> list[DenseReference]:

@@ -255,12 +255,14 @@ def model_fingerprint(model: nn.Module) -> dict:
     """What a plan/profile is valid for: model_type, sizes and a hash of the architecture-defining config."""
     config = getattr(model, "config", None)
     cfg = config.to_dict() if hasattr(config, "to_dict") else {}
-    # Keys that do not change the computation (names, paths, dtype, generation/tokenizer ids) stay out of the hash.
+    # Keys that do not change the computation (names, paths, dtype, generation/tokenizer ids) stay out of the hash;
+    # so does a GGUF file's quantization record: its weights are dequantized, the same as the folder they were saved to.
     ignore = {"_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
               "_commit_hash", "use_cache", "output_hidden_states", "output_attentions", "return_dict", "pad_token_id",
               "bos_token_id", "eos_token_id", "_attn_implementation", "_attn_implementation_internal",
               "_experts_implementation", "attn_implementation", "tie_word_embeddings_internal", "id2label", "label2id",
-              "problem_type", "tokenizer_class", "task_specific_params", "generation_config"}
+              "problem_type", "tokenizer_class", "task_specific_params", "generation_config",
+              "quantization_config"}
     stable = {k: v for k, v in sorted(cfg.items()) if k not in ignore and not k.startswith("_")}
     digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
     resolved_layers = None

@@ -10,13 +10,13 @@ Figures:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from .atomic import atomic_path
 
 # Fixed colours and markers per family so every figure and every run reads the same way.
 FAMILY_STYLE = {
@@ -41,14 +41,8 @@ class ReportError(ValueError):
 
 
 def _atomic_savefig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _plt():

@@ -37,7 +37,7 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
-SMALL = ["--prompt-len", "8", "--window", "40", "--docs-per-class", "3", "--greedy-prompts", "2", "--greedy-tokens", "4"]
+SMALL = ["--prompt-len", "8", "--gen-len", "32", "--docs-per-class", "3", "--greedy-prompts", "2", "--greedy-tokens", "4"]
 
 
 @pytest.mark.slow

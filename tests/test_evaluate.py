@@ -52,7 +52,7 @@ def setup(tmp_path_factory):
 
 
 def _config(**kw) -> EvalConfig:
-    base = dict(prompt_len=8, window=40, docs_per_class=3, greedy_prompts=2, greedy_new_tokens=6, speed=False)
+    base = dict(prompt_len=8, gen_len=32, docs_per_class=3, greedy_prompts=2, greedy_new_tokens=6, speed=False)
     base.update(kw)
     return EvalConfig(**base)
 

@@ -86,7 +86,7 @@ def test_static_hits_target_and_takes_most_saturated_layers(two_class_profile, t
     plan = fit_static(two_class_profile, FitSettings(target, dense_every=dense_every, warmup_tokens=warmup),
                       cls="fiction")
     assert abs(plan.expected_skip_ratio - target) <= 0.01
-    assert plan.expected_skip_ratio == pytest.approx(static_skip_ratio(plan, 12), abs=1e-6)
+    assert plan.expected_skip_ratio == pytest.approx(static_skip_ratio(plan, 12, plan.fit["horizon"]), abs=1e-6)
     whole = [l for l, f in plan.skip_layers.items() if f == 1.0]
     ranking = sorted(range(1, 11), key=lambda l: -BASE_CURVE[l])
     assert sorted(whole) == sorted(ranking[:len(whole)])  # the most saturated layers first
@@ -148,24 +148,25 @@ def test_a_shared_group_is_simulated_as_its_minimum_row(case):
 
 
 def test_shared_fit_hits_the_target_for_its_batch_size(two_class_profile):
-    settings_ = FitSettings(0.25, mode="adaptive", batch_decision="shared", batch_size=4).resolve(512)
+    settings_ = FitSettings(0.25, mode="adaptive", batch_decision="shared", batch_size=4).resolve()
     plan = fit_adaptive(two_class_profile, settings_)
     assert abs(plan.expected_skip_ratio - 0.25) <= 0.01
     assert plan.batch_decision == "shared" and plan.fit["batch_size"] == 4
     assert adaptive_ratio_on(two_class_profile, plan, None) == pytest.approx(plan.expected_skip_ratio, abs=1e-6)
     alone = SkipPlan(**{**vars(plan), "batch_decision": "per_sequence"})
     assert adaptive_ratio_on(two_class_profile, alone, None) > 0.25 + 0.01  # lower tau: rows alone fire more often
-    per_sequence = fit_adaptive(two_class_profile, FitSettings(0.25, mode="adaptive").resolve(512))
+    per_sequence = fit_adaptive(two_class_profile, FitSettings(0.25, mode="adaptive").resolve())
     assert per_sequence.batch_decision == "per_sequence" and "batch_size" not in per_sequence.fit
 
 
 @pytest.mark.parametrize("target", [0.1, 0.25, 0.35])
 @pytest.mark.parametrize("tau_mode", ["global", "per-layer"])
 def test_adaptive_hits_target(two_class_profile, target, tau_mode):
-    settings_ = FitSettings(target, mode="adaptive", tau_mode=tau_mode).resolve(512)
+    settings_ = FitSettings(target, mode="adaptive", tau_mode=tau_mode).resolve()
     plan = fit_adaptive(two_class_profile, settings_)
     assert abs(plan.expected_skip_ratio - target) <= 0.01
-    assert (plan.dense_every, plan.warmup_tokens) == (6, 8)  # paper defaults: every 6th dense, 512 // 64
+    assert (plan.dense_every, plan.warmup_tokens) == (6, 4)  # paper defaults: every 6th dense, gen_len 256 // 64
+    assert plan.fit["gen_len"] == 256 and plan.fit["horizon"] == 256 - 4
     assert all(-1.0 <= t <= 1.0 for t in plan.tau) and len(plan.tau) == 12
     assert plan.cold_end >= 1 and plan.cold_start >= 1 and plan.max_skip >= 1
     assert plan.fit["k_search"] and plan.fit["eligible_share"] == pytest.approx(5 / 6, abs=1e-3)
@@ -192,7 +193,7 @@ def test_unreachable_target_is_a_clear_error():
     with pytest.raises(FitError, match="out of reach"):
         fit_adaptive(profile, FitSettings(0.9, mode="adaptive", dense_every=0, warmup_tokens=0))
     with pytest.raises(FitError, match=r"\(0, 1\)"):
-        FitSettings(1.5).resolve(None)
+        FitSettings(1.5).resolve()
 
 
 def test_per_class_plans_fallback_and_router(two_class_profile):
@@ -207,7 +208,7 @@ def test_per_class_plans_fallback_and_router(two_class_profile):
     assert plan_file.provenance["tokens"]["decode"] == 3000
 
     sparse = synthetic_profile({"fiction": BASE_CURVE, "code": BASE_CURVE}, tokens={"code": 40})
-    result = fit_plan_file(sparse, FitSettings(0.25, mode="adaptive"), per_class=True, max_positions=512)
+    result = fit_plan_file(sparse, FitSettings(0.25, mode="adaptive"), per_class=True)
     assert result.plan_file.classes["code"].fit["fallback"] == "global"
     assert any("class 'code' falls back to the global plan" in w for w in result.warnings)
     assert result.plan_file.classes["code"].tau == result.plan_file.global_plan.tau
@@ -262,3 +263,12 @@ def test_fitted_static_plan_matches_the_runtime_count():
     assert stats["decode_positions"] == 60
     assert stats["skip_ratio"] == pytest.approx(static_skip_ratio(plan, 4, horizon=60), abs=1e-12)
     assert math.isclose(static_skip_ratio(plan, 4, horizon=60) * 60 * 4, stats["skipped"])
+
+
+def test_gen_len_sets_warmup_horizon_and_refuses_a_warmup_covering_it(two_class_profile):
+    plan = fit_adaptive(two_class_profile, FitSettings(0.25, mode="adaptive", gen_len=640).resolve())
+    assert plan.warmup_tokens == 10 and plan.fit["gen_len"] == 640 and plan.fit["horizon"] == 630
+    static = fit_static(two_class_profile, FitSettings(0.25, gen_len=100, dense_every=6))
+    assert static.fit["horizon"] == 100 and static.warmup_tokens == 0
+    with pytest.raises(FitError, match="covers the whole generation length"):
+        FitSettings(0.25, mode="adaptive", gen_len=64, warmup_tokens=64).resolve()

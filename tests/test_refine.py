@@ -142,3 +142,57 @@ def test_a_class_keeps_the_global_set_unless_its_own_set_is_clearly_better():
     kept = refined(1.0).classes["a"]  # demand a gain no set can reach (zero KL): the global set stays
     assert kept.skip_layers == start and kept.fit["refine"]["kept_global_set"]
     assert kept.fit["refined_kl"] == kept.fit["refine"]["global_plan_kl"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma2"])
+def test_prefix_reuse_measures_exactly_what_a_full_forward_measures(model_type):
+    model = tiny_model(model_type, num_layers=6)
+    refs = _references(model)
+    reuse = SetEvaluator(model, refs, SkipPlan(mode="static"))
+    full = SetEvaluator(model, refs, SkipPlan(mode="static"), reuse_prefix=False)
+    anchor = ((2, 1.0), (3, 0.5))
+    sets = [((4, 1.0),), anchor, ((1, 1.0), (4, 1.0))]
+    reuse.set_anchor(anchor)
+    sets += [anchor + ((4, 1.0),), ((2, 1.0), (4, 0.5)), ((3, 0.5), (4, 1.0))]  # near the anchor: start late
+    for slots in sets:
+        assert reuse(slots) == full(slots), slots
+        assert reuse.ppl_ratio[canonical(slots)] == full.ppl_ratio[canonical(slots)]
+    assert reuse.layers_run < full.layers_run  # and it ran fewer decoder layers
+    assert all(not layer.__dict__.get("forward") for layer in model.model.layers) if model_type != "gpt2" else True
+
+
+def test_lazy_greedy_finds_the_same_set_as_plain_greedy_and_measures_fewer():
+    from skipprofiler.refine import greedy_add
+
+    model = _model_with_heavy_layer(heavy=3, num_layers=8)
+    refs = _references(model)
+    lazy = SetEvaluator(model, refs, SkipPlan(mode="static"))
+    plain = SetEvaluator(model, refs, SkipPlan(mode="static"))
+    fractions = [1.0, 1.0, 1.0, 0.5]
+    lazy_set = greedy_add(lazy, fractions, middle_layers(8), lazy=True)
+    plain_set = greedy_add(plain, fractions, middle_layers(8), lazy=False)
+    assert 3 not in {layer for layer, _ in lazy_set}
+    assert lazy(lazy_set) <= plain(plain_set) * 1.05
+    assert lazy.evaluations < plain.evaluations
+
+
+def test_budget_fit_takes_the_largest_greedy_prefix_within_the_budget():
+    from skipprofiler.refine import Budget, fit_budget_plan
+
+    model = _model_with_heavy_layer(heavy=2, num_layers=8)
+    refs = _references(model)
+    template = SkipPlan(mode="static")
+    heavy_kl = SetEvaluator(model, refs, template)(((2, 1.0),))
+    plan = fit_budget_plan(model, None, template, Budget(max_kl=heavy_kl / 2), references=refs, gen_len=64)
+    record = plan.fit["budget_fit"]
+    assert record["kl"] <= heavy_kl / 2 and record["budget"] == {"max_kl": heavy_kl / 2}
+    assert plan.skip_layers.get(2, 0.0) < 1.0 and len(plan.skip_layers) >= 2 and plan.fit["gen_len"] == 64
+    whole = [step for step in record["path"] if all(isinstance(l, int) for l in step["layers"])]
+    assert [len(step["layers"]) for step in whole] == list(range(1, len(whole) + 1))  # one layer per greedy step
+    assert whole[-1]["kl"] > heavy_kl / 2  # the walk stopped at the first set over the budget
+    # the recorded cost is what measuring the plan gives
+    sums, _ = measure_plan(model, refs, plan)
+    assert sums.total_kl_mean() == pytest.approx(record["kl"], rel=1e-5)
+    assert plan.expected_skip_ratio == pytest.approx(sum(plan.skip_layers.values()) / 8, abs=1e-6)
+    with pytest.raises(RefineError, match="within the budget"):
+        fit_budget_plan(model, None, template, Budget(max_kl=1e-12), references=refs)

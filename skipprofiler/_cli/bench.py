@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from ..atomic import write_text_atomic
 from .common import parse_batch_decisions
 from .errors import CLIError
 
@@ -40,23 +40,17 @@ def _parse_targets(text: str) -> list[float]:
 
 
 def _model_spec(model: str | None) -> str:
-    if model is None:
-        from .. import demo
-
-        try:
-            return str(demo.model_path())
-        except FileNotFoundError as e:
-            raise CLIError(str(e))
-    if model.startswith("synthetic:"):
+    """`synthetic:<name>` as is; anything else (None = the bundled demo) resolved like every other command's model."""
+    if model is not None and model.startswith("synthetic:"):
         from ..bench import SYNTHETIC_CONFIGS
 
         name = model.split(":", 1)[1]
         if name not in SYNTHETIC_CONFIGS:
             raise CLIError(f"unknown synthetic model {name!r}; known: {', '.join(SYNTHETIC_CONFIGS)}")
         return model
-    if not (Path(model) / "config.json").is_file():
-        raise CLIError(f"--model {model}: no config.json there; pass a checkpoint folder or synthetic:llama-100m")
-    return model
+    from .common import model_location
+
+    return model_location(model)
 
 
 def _plan_arms(plans: list[Path], prompt_class: str | None, decisions: list[str]):
@@ -154,7 +148,5 @@ def register(app: typer.Typer) -> None:
             typer.echo(suite.table())
         if json_out is not None:
             rows = [row for suite in suites for row in suite.rows()]
-            tmp = json_out.with_name(json_out.name + ".tmp")
-            tmp.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
-            os.replace(tmp, json_out)
+            write_text_atomic(json_out, json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
             typer.echo(f"wrote {json_out}", err=True)

@@ -54,26 +54,20 @@ def parse_device(name: str | None):
     return device
 
 
-def model_location(model_arg: str | None) -> str:
-    """The local folder (or hub id) to load: the bundled demo model when none is given."""
-    if model_arg is None:
-        from .. import demo
+def model_source(model_arg: str | None):
+    """What to load (skipprofiler.models.ModelSource): the bundled demo model when none is given, a checkpoint
+    folder, a .gguf file or a hub id."""
+    from ..models import ModelSourceError, model_source as resolve_source
 
-        try:
-            return str(demo.model_path())
-        except FileNotFoundError as e:
-            raise CLIError(str(e)) from None
-    path = Path(model_arg).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CLIError(f"model path {model_arg} is a file; pass the checkpoint folder (with config.json)")
-        if not (path / "config.json").is_file():
-            raise CLIError(f"{model_arg} is not a model checkpoint: no config.json in it")
-        return str(path)
-    looks_like_hub_id = model_arg.count("/") <= 1 and not model_arg.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise CLIError(f"model path not found: {model_arg}")
-    return model_arg
+    try:
+        return resolve_source(model_arg)
+    except ModelSourceError as e:
+        raise CLIError(str(e)) from None
+
+
+def model_location(model_arg: str | None) -> str:
+    """The model as a user would name it (the folder, the .gguf file or the hub id)."""
+    return model_source(model_arg).display
 
 
 def _first_line(error: BaseException) -> str:
@@ -88,18 +82,19 @@ def load_model(model_arg: str | None, dtype: str = "float32", device: str | None
     With `device_map` (see distributed.parse_device_map) accelerate spreads the model over devices and `device`
     is not used."""
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ..models import load_causal_lm, load_config, load_tokenizer
     from ..registry import UnsupportedArchitecture, resolve
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    location = model_location(model_arg)
+    source = model_source(model_arg)
+    location = source.display
     torch_dtype = parse_dtype(dtype)
     target = parse_device(device)
-    local = Path(location).is_dir()
+    local = Path(source.location).is_dir()
     try:
-        config = AutoConfig.from_pretrained(location)
+        config = load_config(source)
     except (OSError, ValueError) as e:
         if not local:
             raise CLIError(f"model not found: {location} is not a local folder and the hub cannot provide it "
@@ -109,9 +104,9 @@ def load_model(model_arg: str | None, dtype: str = "float32", device: str | None
         if device_map is not None:
             from ..distributed import load_model as load_dispatched
 
-            model = load_dispatched(location, device_map, torch_dtype, ctx=dist_ctx, offload_folder=offload_folder)
+            model = load_dispatched(source, device_map, torch_dtype, ctx=dist_ctx, offload_folder=offload_folder)
         else:
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+            model = load_causal_lm(source, dtype=torch_dtype)
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "does not recognize" in str(e):
             raise CLIError(f"{location} is not a causal LM (model_type {getattr(config, 'model_type', '?')!r}); "
@@ -129,7 +124,7 @@ def load_model(model_arg: str | None, dtype: str = "float32", device: str | None
     tokenizer = None
     if need_tokenizer:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(location)
+            tokenizer = load_tokenizer(source)
         except (OSError, ValueError, TypeError) as e:
             raise CLIError(f"no usable tokenizer in {location}: {_first_line(e)}") from None
     return model, tokenizer

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -85,33 +83,56 @@ def write_text_atomic(text: str, path: Path) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise CLIError(f"cannot write {path}: folder {folder} does not exist")
+    from ..atomic import write_text_atomic as write  # the one atomic writer (mode 0666 & ~umask, not mkstemp's 0600)
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        write(path, text)
     except OSError as e:
         raise CLIError(f"cannot write {path}: {e.strerror}")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+COLUMNS = (
+    ("skip", "realized skip ratio: skipped FFN calls / (decode positions after the warm-up x layers)"),
+    ("saved", "skipped FFN calls / (every generated position x layers), warm-up included: what the generation saves"),
+    ("KL", "mean per-token KL(dense || plan) on decode positions, teacher-forced"),
+    ("ppl", "teacher-forced perplexity on decode positions; Δppl relative to dense"),
+    ("top-1", "share of decode positions where plan and dense predict the same next token"),
+    ("greedy", "share of greedy continuation tokens identical to dense; 1st div: mean position of the first difference"),
+    ("speedup", "decode tokens/s plan / dense (interleaved, median); ideal: the FLOP-count speedup of 'saved'"),
+    ("QA", "short-answer accuracy on the QA set; kept: QA accuracy / dense QA accuracy (with --qa)"),
+)
 
 
 def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{result['model']['name']} on {result['data']['spec']}  (dense ppl {result['dense']['ppl']})")
-    for col in ("plan", "skip", "KL", "ppl", "Δppl", "top-1", "greedy", "1st div", "speedup", "ideal"):
+    data = result["data"]
+    dense_qa = result["dense"].get("qa")
+    qa_title = f"; dense QA {dense_qa['accuracy']:.3f}" if dense_qa else ""
+    table = Table(title=f"{result['model']['name']} on {data['spec']}  (dense ppl {result['dense']['ppl']}{qa_title}; "
+                        f"{data['prompt_len']}-token prompts, {data['gen_len']} generated positions per document)")
+    columns = ["plan", "skip", "saved", "KL", "ppl", "Δppl", "top-1", "greedy", "1st div", "speedup", "ideal"]
+    columns += ["QA", "kept"] if dense_qa else []
+    for col in columns:
         table.add_column(col, justify="left" if col == "plan" else "right")
     for row in result["plans"]:
         fmt = lambda v, f="{:.3f}": "–" if v is None else f.format(v)  # noqa: E731
-        table.add_row(row["name"], fmt(row["skip_ratio"]), fmt(row["kl_mean"], "{:.4f}"), fmt(row["ppl"], "{:.2f}"),
-                      fmt(row["ppl_increase"], "{:+.1%}"), fmt(row["top1_agreement"]),
+        name = row["name"] + (" [!]" if row.get("warnings") else "")
+        table.add_row(name, fmt(row["skip_ratio"]), fmt(row.get("saved_share")), fmt(row["kl_mean"], "{:.4f}"),
+                      fmt(row["ppl"], "{:.2f}"), fmt(row["ppl_increase"], "{:+.1%}"), fmt(row["top1_agreement"]),
                       fmt(row.get("greedy_agreement")), fmt(row.get("first_divergence_mean"), "{:.1f}"),
-                      fmt(row.get("speedup"), "{:.2f}×"), fmt(row.get("ideal_speedup"), "{:.2f}×"))
-    Console(width=max(160, Console().width)).print(table)
+                      fmt(row.get("speedup"), "{:.2f}×"), fmt(row.get("ideal_speedup"), "{:.2f}×"),
+                      *((fmt(row.get("qa_accuracy")), fmt(row.get("qa_retention"), "{:.1%}")) if dense_qa else ()))
+    console = Console(width=max(160, Console().width))
+    console.print(table)
+    for name, meaning in COLUMNS:
+        if name == "QA" and not dense_qa:
+            continue
+        console.print(f"  [bold]{name}[/bold]: {meaning}", highlight=False)
+    for row in result["plans"]:
+        for warning in row.get("warnings") or []:
+            print(f"warning: {row['name']}: {warning}", file=sys.stderr)
 
 
 def register(app: typer.Typer) -> None:
@@ -129,6 +150,10 @@ def register(app: typer.Typer) -> None:
         oracle: Annotated[Optional[bool], typer.Option(
             "--oracle/--no-oracle",
             help="exhaustive static reference (default: with --baselines when the model has <= 16 layers)")] = None,
+        search_reference: Annotated[Optional[bool], typer.Option(
+            "--search-reference/--no-search-reference",
+            help="greedy + swap static reference searched by measured KL on held-out windows (default: with "
+                 "--baselines when the exhaustive oracle is too large)")] = None,
         profile: Annotated[Optional[Path], typer.Option(
             help="profile file: LLM-Drop ranking and --sweep fitting")] = None,
         sweep: Annotated[Optional[str], typer.Option(help="fit static+adaptive plans at these target ratios from "
@@ -138,8 +163,9 @@ def register(app: typer.Typer) -> None:
         per_class: Annotated[bool, typer.Option(help="with --sweep: also fit class plans and evaluate them routed "
                                                      "by each document's label")] = False,
         docs_per_class: Annotated[int, typer.Option(min=1, help="held-out documents per class")] = 16,
-        prompt_len: Annotated[int, typer.Option(min=1, help="dense prompt tokens per document")] = 32,
-        window: Annotated[int, typer.Option(min=4, help="tokens per document (prompt + decode)")] = 128,
+        prompt_len: Annotated[int, typer.Option(min=1, help="dense prompt tokens per document")] = 64,
+        gen_len: Annotated[int, typer.Option(min=2, help="decode positions per document after the prompt: the "
+                                                         "generation length the plans are judged at")] = 256,
         greedy_prompts: Annotated[int, typer.Option(min=0, help="prompts for greedy agreement")] = 8,
         greedy_tokens: Annotated[int, typer.Option(min=1, help="greedy tokens per prompt")] = 32,
         speed: Annotated[bool, typer.Option(help="measure decode tokens/s dense vs plan")] = True,
@@ -156,6 +182,12 @@ def register(app: typer.Typer) -> None:
                  "documents of a batch fire together, as rows decoding in one batch with apply_plan(batch_decision="
                  "'shared')); default: each plan's own")] = None,
         batch_size: Annotated[int, typer.Option(min=1, help="documents per teacher-forced batch")] = 16,
+        qa: Annotated[bool, typer.Option(
+            "--qa", help="knowledge retention: greedy short answers to factual questions with each plan and "
+                         "baseline; accuracy and retention (plan accuracy / dense accuracy)")] = False,
+        qa_file: Annotated[Optional[Path], typer.Option(
+            help="QA questions (.jsonl: id, class, question, answers); default: the bundled set "
+                 "(docs/qa-set.md)")] = None,
     ) -> None:
         from .. import evaluate as ev
         from ..fidelity import FidelityError
@@ -164,8 +196,6 @@ def register(app: typer.Typer) -> None:
 
         parse_batch_decisions([batch_decision] if batch_decision else None)
         model_arg, plan_paths = split_model_and_plans(args or [])
-        if window <= prompt_len + 1:
-            raise CLIError(f"--window ({window}) must exceed --prompt-len ({prompt_len}) + 1 to leave decode positions")
         targets = parse_sweep(sweep) if sweep else []
         if not plan_paths and not targets:
             raise CLIError("give at least one PLAN file (or --sweep with --profile)")
@@ -173,6 +203,8 @@ def register(app: typer.Typer) -> None:
             raise CLIError("--sweep fits plans from a profile: add --profile PROFILE")
         if data is not None and not Path(data).exists():
             raise CLIError(f"data file not found: {data}")
+        if qa_file is not None and not qa_file.is_file():
+            raise CLIError(f"QA file not found: {qa_file}")
         plans = load_plans(plan_paths)
         prof = load_profile(profile, partial_note="fitting the sweep from the tokens it has") if profile else None
         if threads:
@@ -180,11 +212,12 @@ def register(app: typer.Typer) -> None:
 
             torch.set_num_threads(threads)
         model, tokenizer = load_model_and_tokenizer(model_arg, dtype)
-        config = ev.EvalConfig(prompt_len=prompt_len, window=window, docs_per_class=docs_per_class,
+        config = ev.EvalConfig(prompt_len=prompt_len, gen_len=gen_len, docs_per_class=docs_per_class,
                                greedy_prompts=greedy_prompts, greedy_new_tokens=greedy_tokens, speed=speed,
                                speed_repeats=speed_repeats, speed_new_tokens=speed_tokens, baselines=baselines,
-                               random_seeds=seeds, oracle=oracle, batch_size=batch_size,
-                               batch_decision=batch_decision)
+                               random_seeds=seeds, oracle=oracle, search_reference=search_reference,
+                               batch_size=batch_size, batch_decision=batch_decision, qa=qa or qa_file is not None,
+                               qa_file=str(qa_file) if qa_file else None)
         log = lambda msg: print(f"[eval] {msg}", file=sys.stderr, flush=True)  # noqa: E731
         name = model_arg or "bundled demo model"
         try:

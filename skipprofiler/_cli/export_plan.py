@@ -13,7 +13,8 @@ from .common import load_profile
 from .errors import CLIError
 
 HELP = (
-    "Fit a skip plan from a profile so that R of decode-token FFN calls are skipped, and write it as YAML.\n\n"
+    "Fit a skip plan from a profile so that R of decode-token FFN calls are skipped (or, with a quality budget, as "
+    "many as the measured cost allows), and write it as YAML.\n\n"
     "static: the non-cold layers with the highest mean residual cosine (decode tokens when profiled), plus one "
     "layer skipped on a fraction of tokens, so the ratio hits R exactly. adaptive: FFN-SkipLLM's rule (skip "
     "the next k FFNs once the previous layer's cosine exceeds tau), tau and k fitted by simulating the rule on "
@@ -25,7 +26,8 @@ HELP = (
     "  skipprof export-plan demo.prof --target-skip 0.25 --per-class --out plans/demo-perclass-25.yaml\n\n"
     "  skipprof export-plan demo.prof --target-skip 0.25 --mode adaptive --batch-decision shared --batch-size 8 "
     "--out plans/demo-adaptive-25-batch8.yaml\n\n"
-    "  skipprof export-plan demo.prof --target-skip 0.2 --refine --out plans/demo-static-20-refined.yaml\n"
+    "  skipprof export-plan demo.prof --target-skip 0.2 --refine --out plans/demo-static-20-refined.yaml\n\n"
+    "  skipprof export-plan smollm2.prof --max-ppl-increase 0.10 --out plans/smollm2-budget-10.yaml\n"
 )
 
 
@@ -37,27 +39,27 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _max_positions(profile, model_arg: str | None) -> int | None:
-    """The model's max positions (adaptive warm-up default): profile header, else the model config."""
+def _profiled_model(profile) -> str | None:
+    """The model the profile was recorded on, when it can still be found here (None: the bundled demo model)."""
     model = profile.header.get("model") or {}
-    for key in ("max_position_embeddings", "max_positions"):
-        if isinstance(model.get(key), int):
-            return model[key]
-    candidates = [model_arg] if model_arg else []
-    candidates += [model.get(k) for k in ("path", "name") if isinstance(model.get(k), str)]
-    for candidate in candidates:
-        config_file = Path(candidate) / "config.json" if candidate else None
-        if config_file is not None and config_file.is_file():
-            import json
+    path = model.get("path")
+    if not isinstance(path, str) or not path:
+        return None
+    from ..models import ModelSourceError, model_source
 
-            try:
-                config = json.loads(config_file.read_text())
-            except (OSError, ValueError):
-                continue
-            value = config.get("max_position_embeddings") or config.get("n_positions")
-            if isinstance(value, int):
-                return value
-    return None
+    try:
+        from .. import demo
+
+        if Path(path).resolve() == Path(demo.model_path()).resolve():
+            return None
+    except (FileNotFoundError, OSError):
+        pass
+    try:
+        model_source(path)
+    except ModelSourceError:
+        raise CLIError(f"--refine needs the profiled model, recorded as {path}, which is not found here: "
+                       "pass --model") from None
+    return path
 
 
 def _check_writable(out: Path) -> None:
@@ -88,20 +90,10 @@ def _refine(plan_file, model_arg: str | None, data: str | None) -> None:
 
     mismatch = fingerprint_problems(plan_file.model.get("fingerprint"), fingerprint)
     if mismatch:
-        raise CLIError(f"--model does not match the profile's model: {mismatch[0]}")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        raise CLIError(f"{model_arg or 'the bundled demo model'} is not the profile's model: {mismatch[0]}")
+    from .common import load_model
 
-    path = model_arg
-    if path is None:
-        from .. import demo
-
-        path = str(demo.model_path())
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise CLIError(f"cannot load {path} for --refine: {str(e).splitlines()[0]}")
+    model, tokenizer = load_model(model_arg, dtype="float32", device="cpu")
     try:
         warnings = refine_plan_file(model, tokenizer, plan_file, data)
     except (RefineError, ValueError) as e:
@@ -112,15 +104,25 @@ def _refine(plan_file, model_arg: str | None, data: str | None) -> None:
 
 def export_plan(
     profile: Annotated[Path, typer.Argument(help="Profile file written by `skipprof profile`.", show_default=False, metavar="PROFILE")],
-    target_skip: Annotated[float, typer.Option("--target-skip", "-r", help="Fraction of decode-token FFN calls to "
-                                                 "skip, in (0, 1).", show_default=False)],
+    target_skip: Annotated[Optional[float], typer.Option("--target-skip", "-r", help="Fraction of decode-token FFN "
+                                                           "calls to skip, in (0, 1).", show_default=False)] = None,
+    max_ppl_increase: Annotated[Optional[float], typer.Option(
+        help="Quality budget instead of a ratio (static): skip as many FFNs as keep the measured perplexity increase "
+             "on calibration windows within this share, e.g. 0.10 for +10 %. Loads the model.",
+        show_default=False)] = None,
+    max_kl: Annotated[Optional[float], typer.Option(
+        help="Quality budget instead of a ratio (static): keep the measured mean KL(dense || plan) on calibration "
+             "windows within this value. Combines with --max-ppl-increase. Loads the model.",
+        show_default=False)] = None,
     mode: Annotated[str, typer.Option(help="static (fixed layers) or adaptive (FFN-SkipLLM threshold rule).")] = "static",
     per_class: Annotated[bool, typer.Option("--per-class", help="Add a plan per corpus class and a prompt router.")] = False,
     classes: Annotated[Optional[list[str]], typer.Option("--class", help="Fit plans for these classes only "
                                                           "(repeatable; no router).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the YAML plan ('-' for stdout).")] = Path("plan.yaml"),
+    gen_len: Annotated[int, typer.Option(min=1, help="Generated tokens per request the plan is for: the warm-up "
+                                                     "default and the skip ratio are counted over them.")] = 256,
     warmup_tokens: Annotated[Optional[int], typer.Option(help="Generated tokens decoded densely first. Default: "
-                                                           "adaptive max_positions // 64, static 0.")] = None,
+                                                           "adaptive --gen-len // 64 (the paper's rule), static 0.")] = None,
     dense_every: Annotated[Optional[int], typer.Option(help="Every n-th generated token fully dense (0: never). "
                                                          "Default: adaptive 6, static 0.")] = None,
     apply_to: Annotated[str, typer.Option(help="decode (prompt stays dense) or all.")] = "decode",
@@ -136,7 +138,8 @@ def export_plan(
                                                        "global plan.")] = 256,
     refine: Annotated[bool, typer.Option("--refine", help="Static: refine the layer set by measured KL on "
                                                           "calibration data (loads the model).")] = False,
-    model: Annotated[Optional[str], typer.Option(help="Model folder for --refine (default: the bundled demo).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model folder or .gguf file for --refine (default: the model "
+                                                      "the profile was recorded on).")] = None,
     data: Annotated[Optional[str], typer.Option(help="--data spec for --refine (default: bundled calibration).")] = None,
     batch_decision: Annotated[str, typer.Option(help="Adaptive: per_sequence (each row decides alone) or shared (the "
                                                      "rows of a batch fire together; fitted for --batch-size rows).")]
@@ -146,47 +149,120 @@ def export_plan(
     seed: Annotated[int, typer.Option(help="Seed of the router's 70/30 document split and the shared-batch "
                                            "resampling.")] = 0,
 ) -> None:
-    """Fit a skip plan from a profile at a target skip ratio."""
+    """Fit a skip plan from a profile at a target skip ratio or within a quality budget."""
     from ..fit import FitError, FitSettings, fit_plan_file
-    from ..plan import PlanError
-    from ..planio import dump_plan, save_plan
 
-    _check_options(target_skip, mode, apply_to, compensation, tau, warmup_tokens, dense_every, max_skip, cold_floor,
-                   batch_decision)
+    budget = _budget(target_skip, max_ppl_increase, max_kl, mode, per_class, classes)
+    _check_options(target_skip, mode, apply_to, compensation, tau, warmup_tokens,
+                   dense_every, max_skip, cold_floor, batch_decision)
     if str(out) != "-":
         _check_writable(out)
     prof = load_profile(profile, partial_note="fitting from the tokens it has")
     settings = FitSettings(target=target_skip, mode=mode, apply_to=apply_to, warmup_tokens=warmup_tokens,
                            dense_every=dense_every, compensation=compensation, max_skip=max_skip, tau_mode=tau,
                            cold_floor=cold_floor, min_class_tokens=min_class_tokens, seed=seed,
-                           batch_decision=batch_decision, batch_size=batch_size)
+                           batch_decision=batch_decision, batch_size=batch_size, gen_len=gen_len)
+    profile_ref = {"path": str(profile), "sha256": _sha256(profile)}
+    if budget is not None:
+        _fit_budget(prof, settings, budget, profile_ref, model, data, out)
+        return
     try:
-        result = fit_plan_file(prof, settings, per_class=per_class, classes=classes,
-                               profile_ref={"path": str(profile), "sha256": _sha256(profile)},
-                               max_positions=_max_positions(prof, model))
+        result = fit_plan_file(prof, settings, per_class=per_class, classes=classes, profile_ref=profile_ref)
     except FitError as e:
         raise CLIError(str(e))
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if refine:
-        _refine(result.plan_file, model, data)
+        _refine(result.plan_file, _measuring_model(prof, model), data)
+    _write(result.plan_file, out)
+
+
+def _measuring_model(profile, model_arg: str | None) -> str | None:
+    """--model, else the model the profile was recorded on (said on stderr)."""
+    if model_arg is not None:
+        return model_arg
+    model_arg = _profiled_model(profile)
+    print(f"measuring on the profiled model: {model_arg or 'the bundled demo model'}", file=sys.stderr)
+    return model_arg
+
+
+def _write(plan_file, out: Path) -> None:
+    from ..plan import PlanError
+    from ..planio import dump_plan, save_plan
+
     try:
         if str(out) == "-":
-            sys.stdout.write(dump_plan(result.plan_file))
+            sys.stdout.write(dump_plan(plan_file))
             return
-        save_plan(result.plan_file, out)
+        save_plan(plan_file, out)
     except PlanError as e:
         raise CLIError(f"the fitted plan is invalid (a bug): {e}")
     except OSError as e:
         raise CLIError(f"cannot write {out}: {e.strerror or e}")
-    _print_summary(result.plan_file, out)
+    _print_summary(plan_file, out)
 
 
-def _check_options(target: float, mode: str, apply_to: str, compensation: str, tau: str, warmup: int | None,
+def _budget(target_skip: float | None, max_ppl_increase: float | None, max_kl: float | None, mode: str,
+            per_class: bool, classes: list[str] | None):
+    """The quality budget (None when a --target-skip ratio is asked for); exactly one of the two kinds."""
+    from ..refine import Budget
+
+    if max_ppl_increase is None and max_kl is None:
+        if target_skip is None:
+            raise CLIError("give --target-skip R, or a quality budget: --max-ppl-increase P and/or --max-kl X")
+        return None
+    if target_skip is not None:
+        raise CLIError("--target-skip and a quality budget (--max-ppl-increase/--max-kl) exclude each other")
+    for name, value in (("--max-ppl-increase", max_ppl_increase), ("--max-kl", max_kl)):
+        if value is not None and not value > 0:
+            raise CLIError(f"{name} must be > 0, got {value:g}")
+    if mode != "static":
+        raise CLIError("a quality budget fits static plans; drop --mode adaptive")
+    if per_class or classes:
+        raise CLIError("a quality budget fits the global plan only; drop --per-class/--class")
+    return Budget(max_kl=max_kl, max_ppl_increase=max_ppl_increase)
+
+
+def _fit_budget(profile, settings, budget, profile_ref: dict, model_arg: str | None, data: str | None,
+                out: Path) -> None:
+    from ..fit import FitError, assemble_plan_file
+    from ..plan import SkipPlan
+    from ..refine import RefineError, fit_budget_plan
+    from .common import load_model
+
+    try:
+        settings = settings.resolve()
+    except FitError as e:
+        raise CLIError(str(e))
+    model, tokenizer = load_model(_measuring_model(profile, model_arg), dtype="float32", device="cpu")
+    _check_fingerprint(profile, model)
+    template = SkipPlan(mode="static", apply_to=settings.apply_to, warmup_tokens=settings.warmup_tokens,
+                        dense_every=settings.dense_every, compensation=settings.compensation)
+    try:
+        plan = fit_budget_plan(model, tokenizer, template, budget, data, gen_len=settings.gen_len)
+    except RefineError as e:
+        raise CLIError(str(e))
+    _write(assemble_plan_file(profile, settings, plan, profile_ref=profile_ref), out)
+    record = plan.fit["budget_fit"]
+    print(f"budget {record['budget']}: {len(plan.skip_layers)} layers, expected skip {plan.expected_skip_ratio:.3f}; "
+          f"measured on calibration windows: KL {record['kl']:.4f}, perplexity {record['ppl_increase']:+.1%}",
+          file=sys.stderr)
+
+
+def _check_fingerprint(profile, model) -> None:
+    from ..planio import fingerprint_problems
+    from ..registry import model_fingerprint
+
+    mismatch = fingerprint_problems((profile.header.get("model") or {}).get("fingerprint"), model_fingerprint(model))
+    if mismatch:
+        raise CLIError(f"the model is not the profile's model: {mismatch[0]}")
+
+
+def _check_options(target: float | None, mode: str, apply_to: str, compensation: str, tau: str, warmup: int | None,
                    dense_every: int | None, max_skip: int | None, cold_floor: float, batch_decision: str) -> None:
     from ..plan import BATCH_DECISIONS
 
-    if not 0.0 < target < 1.0:
+    if target is not None and not 0.0 < target < 1.0:
         raise CLIError(f"--target-skip must be in (0, 1), got {target:g}")
     for name, value, options in (("--mode", mode, ("static", "adaptive")), ("--apply-to", apply_to, ("decode", "all")),
                                  ("--compensation", compensation, ("none", "norm_ratio")),

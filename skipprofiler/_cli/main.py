@@ -4,19 +4,60 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from .errors import CLIError
 
+try:
+    # typer >= 0.2x runs on its own vendored copy of click, whose exceptions are not the installed `click`'s (which
+    # need not even be installed): usage errors must be matched against the copy that raises them.
+    from typer._click.exceptions import ClickException
+except ImportError:  # older typer runs on the installed click
+    from click.exceptions import ClickException
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # Turned into a CLIError before typer/click see it: they would exit 130 silently or 1 with "Aborted!".
+            raise CLIError("interrupted", exit_code=130) from None
+
+
 app = typer.Typer(
     name="skipprof",
+    cls=_Group,
     help="Profile FFN saturation in a causal LM, fit YAML skip plans, and measure what they cost and save.\n\n"
     "With no model or data given, every command uses the bundled demo model and corpus (offline).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("skipprofiler")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from skipprofiler import __version__ as v
+        typer.echo(f"skipprof {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
 
 # Subcommand modules: each defines `register(app)`. Listed here so `skipprof --help` shows the pipeline in order.
 _SUBCOMMANDS = ("demo", "profile", "inspect", "merge", "export_plan", "validate", "show", "eval", "report", "bench")
@@ -37,30 +78,22 @@ def _register_all() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _register_all()
     try:
-        # standalone_mode=False: typer returns (not raises) the code of a `typer.Exit`
+        _register_all()
+        # standalone_mode=False: errors come back here, so every one gets the same short form and exit code
+        # (typer's standalone mode would draw usage errors as rich panels); `typer.Exit` codes are returned.
         rc = app(args=argv, standalone_mode=False)
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except ClickException as e:  # usage errors: click's "Usage: ... Try '... --help' ... Error: ...", exit 2
+        e.show()
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C outside a command, or at a prompt
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            print("error: aborted", file=sys.stderr)
-            sys.exit(130)
-        raise
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

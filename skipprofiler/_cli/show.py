@@ -36,17 +36,47 @@ def plan_table(plan_file, title: str | None = None):
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", show_lines=False)
-    for column in ("plan", "mode", "skips", "warm-up", "dense every", "compensation", "expected skip"):
-        table.add_column(column, justify="right" if column in ("warm-up", "dense every", "expected skip") else "left")
+    numeric = ("gen len", "warm-up", "dense every", "expected skip")
+    for column in ("plan", "mode", "skips", "batch", "gen len", "warm-up", "dense every", "compensation",
+                   "expected skip"):
+        table.add_column(column, justify="right" if column in numeric else "left")
     rows: list[tuple[str, Any]] = [("global", plan_file.global_plan)]
     rows += [(f"class {name}", plan_file.classes[name]) for name in sorted(plan_file.classes)]
     for name, plan in rows:
         ratio = "-" if plan.expected_skip_ratio is None else f"{plan.expected_skip_ratio:.3f}"
         if plan.fit.get("fallback"):
             ratio += " (global fallback)"
-        table.add_row(name, plan.mode, describe_layers(plan), str(plan.warmup_tokens), str(plan.dense_every or "-"),
-                      plan.compensation, ratio)
+        table.add_row(name, plan.mode, describe_layers(plan), _batch(plan), str(plan.fit.get("gen_len") or "-"),
+                      str(plan.warmup_tokens), str(plan.dense_every or "-"), plan.compensation, ratio)
     return table
+
+
+def _batch(plan) -> str:
+    """How the rows of a batch decide: alone, or together as fitted for a batch size (adaptive plans only)."""
+    if plan.mode != "adaptive":
+        return "-"
+    if plan.batch_decision == "shared":
+        size = plan.fit.get("batch_size")
+        return f"shared (fitted for {size})" if size else "shared"
+    return "per sequence"
+
+
+def warmup_warnings(plan_file) -> list[str]:
+    """Plans whose warm-up covers most of the generation they were fitted for (or, without a recorded generation
+    length, a warm-up long enough to cover a typical short answer)."""
+    from ..plan import WARMUP_WARN_SHARE
+
+    out = []
+    plans = [("global", plan_file.global_plan)] + [(f"class {n}", p) for n, p in sorted(plan_file.classes.items())]
+    for name, plan in plans:
+        gen_len = plan.fit.get("gen_len")
+        if gen_len and plan.warmup_tokens >= WARMUP_WARN_SHARE * gen_len:
+            out.append(f"{name}: warm-up of {plan.warmup_tokens} tokens covers most of the {gen_len}-token "
+                       "generation it was fitted for; it skips little")
+        elif not gen_len and plan.warmup_tokens >= 64:
+            out.append(f"{name}: no generation length recorded and a {plan.warmup_tokens}-token warm-up: requests "
+                       f"generating fewer tokens skip nothing (refit with export-plan --gen-len N)")
+    return out
 
 
 def print_plan(plan_file, console, source: str) -> None:
@@ -70,6 +100,8 @@ def print_plan(plan_file, console, source: str) -> None:
     if isinstance(per_class, dict) and per_class:
         console.print("global plan's simulated skip ratio per class: "
                       + ", ".join(f"{k} {v:.3f}" for k, v in per_class.items()))
+    for warning in warmup_warnings(plan_file):
+        console.print(f"[yellow]warning[/yellow]: {warning}", highlight=False)
     router = plan_file.router
     if router is not None:
         acc = "-" if router.heldout_accuracy is None else f"{router.heldout_accuracy:.1%}"

@@ -23,29 +23,24 @@ HELP = (
 
 
 def model_fingerprint_of(model_arg: str | None) -> dict:
-    """Fingerprint of a local model folder (default: the bundled demo model), from its config alone."""
+    """Fingerprint of a model folder or .gguf file (default: the bundled demo model), from its config alone."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from ..models import load_config
     from ..registry import model_fingerprint
+    from .common import model_source
 
-    path = model_arg
-    if path is None:
-        from .. import demo
-
-        try:
-            path = str(demo.model_path())
-        except FileNotFoundError as e:
-            raise CLIError(str(e))
+    source = model_source(model_arg)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = load_config(source)
     except (OSError, ValueError) as e:
-        raise CLIError(f"cannot read a model config from {path}: {str(e).splitlines()[0]}")
+        raise CLIError(f"cannot read a model config from {source.display}: {str(e).splitlines()[0]}")
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError) as e:
-        raise CLIError(f"{path} is not a causal LM transformers can build: {str(e).splitlines()[0]}")
+        raise CLIError(f"{source.display} is not a causal LM transformers can build: {str(e).splitlines()[0]}")
     return model_fingerprint(model)
 
 

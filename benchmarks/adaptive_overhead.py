@@ -66,7 +66,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from skipprofiler.bench import DTYPES, benchmark_prompt, decode_once, synthetic_model
+    from skipprofiler.bench import DTYPES, benchmark_prompt, synthetic_model
+    from skipprofiler.greedy import greedy_decode
     from skipprofiler.plan import SkipPlan
     from skipprofiler.runtime import apply_plan
 
@@ -75,14 +76,14 @@ def main() -> None:
         L = model.config.num_hidden_layers
         never = SkipPlan(mode="adaptive", tau=[2.0] * L, cold_start=2, cold_end=2, max_skip=4)
         prompt = benchmark_prompt(model, args.batch, 16)
-        decode_once(model, prompt, 8)  # warm-up
+        greedy_decode(model, prompt, 8)  # warm-up
         steps, per_hook = [], defaultdict(list)
         with apply_plan(model, never):
             time_hooks(model, totals := defaultdict(int))
             for _ in range(args.repeats):
                 totals.clear()
                 start = time.perf_counter()
-                decode_once(model, prompt, args.new_tokens)
+                greedy_decode(model, prompt, args.new_tokens)
                 steps.append((time.perf_counter() - start) / args.new_tokens * 1e3)
                 for label, ns in totals.items():
                     per_hook[label].append(ns / args.new_tokens / 1e3)

@@ -61,7 +61,7 @@ def load_model(args: argparse.Namespace):
 
 
 def make_batches(model, count: int, batch_size: int, seq_len: int):
-    from skipprofiler.profile import Batch
+    from skipprofiler.corpus import Batch
 
     g = torch.Generator().manual_seed(1)
     out = []

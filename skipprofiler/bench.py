@@ -1,8 +1,8 @@
 """Decode benchmarks: dense vs plans, interleaved, warm-up excluded, median of >= 5, against the FLOP ideal.
 
-Used by ``benchmarks/decode_speed.py`` and ``skipprof bench decode``. Every arm runs the same hand-written greedy
-decode loop (KV cache, ``logits_to_keep=1``); the arms of one repeat run back to back in rotating order so that drift
-in machine load hits all arms alike.
+Used by ``benchmarks/decode_speed.py`` and ``skipprof bench decode``. Every arm runs the same greedy decode loop
+(``greedy.greedy_decode``: KV cache, ``logits_to_keep=1``); the arms of one repeat run back to back in rotating order
+so that drift in machine load hits all arms alike.
 
 The FLOP ideal counts multiply-adds (x2) of every matmul a decoder token costs: attention projections, attention over
 the cache, the FFN and the LM head; ideal speedup = dense FLOPs / (dense FLOPs - skipped FFN FLOPs) over the same run
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._compat import cache_kwargs
+from .greedy import greedy_decode
 from .plan import PlanFile, SkipPlan
 from .registry import resolve
 from .runtime import apply_plan
@@ -154,22 +154,6 @@ def run_flops(model: nn.Module, batch: int, prompt_tokens: int, new_tokens: int,
 # ---- the timed loop -------------------------------------------------------------------------------------------------
 
 
-def decode_once(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy decode with a KV cache: one prompt forward, then new_tokens - 1 one-token forwards."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    tokens = []
-    with torch.inference_mode():
-        out = model(input_ids=prompt, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-        for step in range(new_tokens):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(nxt)
-            if step + 1 < new_tokens:
-                out = model(input_ids=nxt, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-    return torch.cat(tokens, 1)
-
-
 def benchmark_prompt(model: nn.Module, batch: int, prompt_tokens: int, seed: int = 0) -> torch.Tensor:
     """The seeded random prompt every arm decodes from (and adaptive benchmark plans are calibrated on)."""
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -204,7 +188,7 @@ def benchmark_decode(model: nn.Module, arms: list[Arm], batch: int = 1, prompt_t
             try:
                 _sync(device)
                 start = time.perf_counter()
-                decode_once(model, prompt, new_tokens)
+                greedy_decode(model, prompt, new_tokens)
                 _sync(device)
                 elapsed = time.perf_counter() - start
                 stats = handle.stats() if handle is not None else {"skipped": 0, "skip_ratio": 0.0}
@@ -256,7 +240,7 @@ def decode_residual_cos(model: nn.Module, prompt: torch.Tensor, new_tokens: int)
 
         hooks += [target.register_forward_hook(ffn_out), site.layer.register_forward_hook(layer_out)]
     try:
-        decode_once(model, prompt, new_tokens)
+        greedy_decode(model, prompt, new_tokens)
     finally:
         for h in hooks:
             h.remove()
@@ -266,7 +250,7 @@ def decode_residual_cos(model: nn.Module, prompt: torch.Tensor, new_tokens: int)
 def measured_skip_ratio(model: nn.Module, plan: SkipPlan, prompt: torch.Tensor, new_tokens: int,
                         batch_decision: str = "per_sequence") -> float:
     with apply_plan(model, plan, batch_decision=batch_decision) as handle:
-        decode_once(model, prompt, new_tokens)
+        greedy_decode(model, prompt, new_tokens)
         return handle.stats()["skip_ratio"]
 
 

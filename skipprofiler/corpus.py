@@ -3,6 +3,7 @@
 A spec is ``[CLASS=]SOURCE`` where SOURCE is a local file, glob or folder (jsonl/json/txt/parquet/csv, optionally
 .gz) or a hub dataset ``name[:config][@split]``. Documents are read lazily; sources are interleaved round-robin so a
 token budget covers every source; batches are sorted by length inside a bounded window (little padding, flat memory).
+`load_documents` reads one spec's documents the same way for eval and `--refine` (held-out data).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-
-from .profile import Batch
 
 DEFAULT_CLASS = "default"
 AUTO_CLASS_COLUMN = "class"
@@ -123,10 +122,110 @@ def _open_stream(spec: DataSpec):
 
 
 @dataclass
+class Batch:
+    """Labelled token ids: right-padded [B, S] with a 0/1 mask; `class_ids` index the corpus's class list."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    class_ids: torch.Tensor  # [B] int64
+    num_classes: int  # classes known when this batch was made (the list only grows)
+
+
+@dataclass
 class Document:
+    """One non-empty document and its class label. A chat document read without a tokenizer keeps its `messages`
+    (and an empty `text`) until `render` applies a tokenizer's chat template."""
+
     text: str
     cls: str
-    source: int  # index of the spec it came from
+    source: int = 0  # index of the spec it came from
+    messages: list | None = None
+
+    def render(self, tokenizer: Any) -> str:
+        """The text to tokenize: `text`, or `messages` rendered with the tokenizer's chat template."""
+        return self.text if self.messages is None else render_chat(tokenizer, self.messages)
+
+
+def render_chat(tokenizer: Any, messages: list) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as e:
+        raise CorpusError(f"cannot render chat messages with the tokenizer's chat template: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def pick_columns(spec: DataSpec, columns: list[str], text_column: str | None = None,
+                 class_column: str | None = None) -> tuple[str, str | None, bool]:
+    """(text column, class column or None, is chat) for a source with these columns. Text: `text_column`, else
+    `text`, else chat `messages`; class: the spec's CLASS= label, else `class_column`, else a `class` column."""
+    if not columns:
+        return ("text", None, False)  # empty source: nothing will be read from it
+    found = ", ".join(columns)
+    if text_column is not None:
+        if text_column not in columns:
+            raise CorpusError(f"text column {text_column!r} not in {spec.raw} (columns found: {found})")
+        text, chat = text_column, text_column == "messages"
+    elif "text" in columns:
+        text, chat = "text", False
+    elif "messages" in columns:
+        text, chat = "messages", True
+    else:
+        raise CorpusError(f"no text column in {spec.raw}: pass --text-column (columns found: {found})")
+    class_col = None
+    if spec.label is None:
+        if class_column is not None:
+            if class_column not in columns:
+                raise CorpusError(f"class column {class_column!r} not in {spec.raw} (columns found: {found})")
+            class_col = class_column
+        elif AUTO_CLASS_COLUMN in columns:
+            class_col = AUTO_CLASS_COLUMN
+    return text, class_col, chat
+
+
+class Source:
+    """One opened `--data` source: its record stream and the columns it is read by (checked when it is opened)."""
+
+    def __init__(self, spec: DataSpec, index: int = 0, text_column: str | None = None,
+                 class_column: str | None = None):
+        self.spec, self.index = spec, index
+        self.stream = _open_stream(spec)
+        first = self._peek()
+        self.columns = pick_columns(spec, list(first) if first is not None else [], text_column, class_column)
+
+    def _peek(self) -> dict | None:
+        try:
+            return next(iter(self.stream))
+        except StopIteration:
+            return None
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CorpusError(f"cannot read {self.spec.raw}: {first[:200]}") from None
+
+    def document(self, record: dict, tokenizer: Any = None) -> Document | None:
+        """One record as a Document (None when its text is empty); chat messages are rendered with the tokenizer's
+        chat template, or kept for `Document.render` when no tokenizer is given."""
+        text_col, class_col, chat = self.columns
+        value = record.get(text_col)
+        label = self.spec.label or (str(record.get(class_col)) if class_col and record.get(class_col) is not None
+                                    else DEFAULT_CLASS)
+        if chat and isinstance(value, list):
+            if not value:
+                return None  # an empty conversation is an empty document
+            if tokenizer is None:
+                return Document("", label, self.index, messages=value)
+            text = render_chat(tokenizer, value)
+        else:
+            text = value if isinstance(value, str) else ("" if value is None else str(value))
+        return Document(text, label, self.index) if text.strip() else None
+
+
+def load_documents(spec: str, tokenizer: Any = None, *, text_column: str | None = None,
+                   class_column: str | None = None) -> list[Document]:
+    """Every non-empty document of one `--data` spec, in order, read as `Corpus` (`skipprof profile`) reads a source:
+    the same text / class columns, labels and chat-template rendering (deferred to `Document.render` when no
+    tokenizer is given)."""
+    source = Source(parse_spec(spec), 0, text_column, class_column)
+    return [doc for record in source.stream if (doc := source.document(record, tokenizer)) is not None]
 
 
 def _interleave_classes(documents: Iterator[Document], lookahead: int) -> Iterator[Document]:
@@ -193,75 +292,23 @@ class Corpus:
         self._hashes = [hashlib.sha256() for _ in self.specs]
         self._spec_docs = [0] * len(self.specs)
         self._spec_tokens = [0] * len(self.specs)
-        self._streams: list[Any] | None = None
-        self._columns: list[tuple[str, str | None, bool]] = []
+        self._sources: list[Source] | None = None
 
     # ------------------------------------------------------------------ checks
     def open(self) -> "Corpus":
         """Open every source and check its columns (fails fast, before any profiling)."""
-        if self._streams is not None:
-            return self
-        self._streams = []
-        for spec in self.specs:
-            stream = _open_stream(spec)
-            first = self._peek(stream, spec)
-            self._columns.append(self._pick_columns(spec, list(first) if first is not None else []))
-            self._streams.append(stream)
+        if self._sources is None:
+            self._sources = [Source(spec, i, self.text_column, self.class_column) for i, spec in enumerate(self.specs)]
         return self
 
-    def _peek(self, stream: Any, spec: DataSpec) -> dict | None:
-        try:
-            return next(iter(stream))
-        except StopIteration:
-            return None
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CorpusError(f"cannot read {spec.raw}: {first[:200]}") from None
-
-    def _pick_columns(self, spec: DataSpec, columns: list[str]) -> tuple[str, str | None, bool]:
-        """(text column, class column or None, is chat) for one source."""
-        if not columns:
-            return ("text", None, False)  # empty source: nothing will be read from it
-        found = ", ".join(columns)
-        if self.text_column is not None:
-            if self.text_column not in columns:
-                raise CorpusError(f"text column {self.text_column!r} not in {spec.raw} (columns found: {found})")
-            text, chat = self.text_column, self.text_column == "messages"
-        elif "text" in columns:
-            text, chat = "text", False
-        elif "messages" in columns:
-            text, chat = "messages", True
-        else:
-            raise CorpusError(f"no text column in {spec.raw}: pass --text-column (columns found: {found})")
-        class_col = None
-        if spec.label is None:
-            if self.class_column is not None:
-                if self.class_column not in columns:
-                    raise CorpusError(f"class column {self.class_column!r} not in {spec.raw} (columns found: "
-                                      f"{found})")
-                class_col = self.class_column
-            elif AUTO_CLASS_COLUMN in columns:
-                class_col = AUTO_CLASS_COLUMN
-        return text, class_col, chat
-
     # ------------------------------------------------------------------ reading
-    def _text_of(self, record: dict, column: str, chat: bool) -> str:
-        value = record.get(column)
-        if chat and isinstance(value, list):
-            try:
-                return self.tokenizer.apply_chat_template(value, tokenize=False)
-            except Exception as e:
-                raise CorpusError(f"cannot render chat messages with the tokenizer's chat template: "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        return value if isinstance(value, str) else ("" if value is None else str(value))
-
     def iter_documents(self) -> Iterator[Document]:
         """Non-empty documents, round-robin over classes (bounded look-ahead) and over sources."""
         return _interleave_classes(self._source_documents(), self.class_lookahead)
 
     def _source_documents(self) -> Iterator[Document]:
         self.open()
-        iterators = [iter(s) for s in self._streams]
+        iterators = [iter(s.stream) for s in self._sources]
         active = list(range(len(iterators)))
         while active:
             for index in list(active):
@@ -270,14 +317,9 @@ class Corpus:
                 except StopIteration:
                     active.remove(index)
                     continue
-                text_col, class_col, chat = self._columns[index]
-                text = self._text_of(record, text_col, chat)
-                if not text.strip():
-                    continue
-                spec = self.specs[index]
-                label = spec.label or (str(record.get(class_col)) if class_col and record.get(class_col) is not None
-                                       else DEFAULT_CLASS)
-                yield Document(text, label, index)
+                doc = self._sources[index].document(record, self.tokenizer)
+                if doc is not None:
+                    yield doc
 
     def _class_id(self, name: str) -> int:
         if name not in self.classes:
@@ -357,8 +399,8 @@ class Corpus:
                 entry["files"] = files if len(files) <= 20 else files[:20] + ["..."]
             else:
                 entry.update(name=spec.builder, config=spec.config, split=spec.split)
-            if self._columns:
-                entry["text_column"], entry["class_column"] = self._columns[i][0], self._columns[i][1]
+            if self._sources:
+                entry["text_column"], entry["class_column"] = self._sources[i].columns[:2]
             out.append(entry)
         return out
 

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .profile import Batch, Profile, ProfileError, ProfileSettings, ProgressEvent, merge_profiles, profile_model
+from .corpus import Batch
+from .profile import Profile, ProfileError, ProfileSettings, ProgressEvent, merge_profiles, profile_model
 
 if TYPE_CHECKING:
     from .models import ModelSource

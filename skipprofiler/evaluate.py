@@ -116,42 +116,49 @@ def prepare_data(model, tokenizer, data_spec: str | None, config: EvalConfig) ->
 
 @dataclass
 class QAData:
-    """The QA questions, their prompts and the dense model's answers (scored once)."""
+    """The QA questions, their prompts, the dense prompt passes (reused by every plan) and the dense score."""
 
     questions: list
     prompts: list[list[int]]
+    prefills: list  # qa.Prefill per batch
     dense: Any  # qa.QAScore
     tokenizer: Any
     new_tokens: int
 
 
 def prepare_qa(model, tokenizer, config: EvalConfig, log=None) -> QAData:
-    from .qa import QAError, build_prompts, generate_answers, load_questions, score
+    from .qa import QAError, build_prompts, decode_prefilled, load_questions, prefill, score
 
     try:
         questions = load_questions(config.qa_file)
     except QAError as e:
         raise EvalError(f"QA questions: {e}") from None
     prompts = build_prompts(tokenizer, questions)
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens=config.qa_new_tokens,
-                               batch_size=config.batch_size, progress=_qa_progress(log, "dense"))
-    return QAData(questions, prompts, score(questions, answers), tokenizer, config.qa_new_tokens)
+    started = time.perf_counter()
+    prefills = prefill(model, tokenizer, prompts, batch_size=config.batch_size)
+    answers = decode_prefilled(model, tokenizer, prefills, len(prompts), max_new_tokens=config.qa_new_tokens)
+    if log:
+        log(f"QA: {len(questions)} questions, dense pass {time.perf_counter() - started:.0f} s")
+    return QAData(questions, prompts, prefills, score(questions, answers), tokenizer, config.qa_new_tokens)
 
 
-def _qa_progress(log, name: str):
-    if log is None:
-        return None
-    return lambda done, total: log(f"QA {name}: {done}/{total} questions") if done == total else None
-
-
-def qa_fields(model, data: EvalData, config: EvalConfig, context) -> dict[str, Any]:
-    """QA accuracy and retention of one row, generated inside `context` (a plan applied, or layers dropped)."""
-    from .qa import generate_answers, retention, score
+def qa_fields(model, data: EvalData, config: EvalConfig, plan=None, route_by_class: bool = False,
+              strict: bool = True, dropped_layers: Sequence[int] | None = None) -> dict[str, Any]:
+    """QA accuracy and retention of one row. A plan continues from the shared dense prompt passes (it skips
+    generated tokens only); routed class plans and dropped layers change the prompt pass, so they run it again."""
+    from .qa import decode_prefilled, generate_answers, retention, score
+    from .runtime import apply_plan
 
     qa = data.qa
-    with context:
-        answers = generate_answers(model, qa.tokenizer, qa.prompts, max_new_tokens=qa.new_tokens,
-                                   batch_size=config.batch_size)
+    if dropped_layers is not None:
+        with DroppedLayers(model, dropped_layers):
+            answers = generate_answers(model, qa.tokenizer, qa.prompts, qa.new_tokens, config.batch_size)
+    elif route_by_class:
+        with apply_plan(model, plan, prompt_class="auto", strict=strict):
+            answers = generate_answers(model, qa.tokenizer, qa.prompts, qa.new_tokens, config.batch_size)
+    else:
+        with apply_plan(model, plan, strict=strict) as handle:
+            answers = decode_prefilled(model, qa.tokenizer, qa.prefills, len(qa.prompts), qa.new_tokens, handle)
     result = score(qa.questions, answers)
     kept = retention(result, qa.dense)
     return {"qa_accuracy": _r(kept["accuracy"]), "qa_retention": _r(kept["retention"]),
@@ -231,14 +238,11 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
     if data.prompts:
         row.update(_greedy_row(model, data, plan, route_by_class, strict))
     if data.qa is not None:
-        from .runtime import apply_plan
-
         routed = isinstance(plan, PlanFile) and route_by_class
         if routed and plan.router is None:
             row["qa_note"] = "class plans need a router to answer QA questions; not measured"
         else:
-            row.update(qa_fields(model, data, config, apply_plan(model, plan, prompt_class="auto" if routed else None,
-                                                                 strict=strict)))
+            row.update(qa_fields(model, data, config, plan, route_by_class=routed, strict=strict))
     flops = profile_cost or FlopModel.of(model)
     row["ideal_speedup"] = _r(flops.ideal_speedup(row["saved_share"], context=config.prompt_len + config.gen_len // 2))
     if config.speed and data.prompts:
@@ -446,7 +450,7 @@ def evaluate_layer_drop(model, data: EvalData, layers: Sequence[int], name: str,
     row["ideal_speedup"] = _r(dense / remaining)
     row["speedup"] = None
     if data.qa is not None:
-        row.update(qa_fields(model, data, config, DroppedLayers(model, layers)))
+        row.update(qa_fields(model, data, config, dropped_layers=layers))
     row["note"] = "ShortGPT-style: whole decoder layers dropped (attention too, on prompt and decode positions)"
     return row
 

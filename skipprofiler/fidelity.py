@@ -5,8 +5,9 @@ Teacher-forced protocol (the one eval and `--refine` share): every document is c
 position p predict token p + 1, so the measured positions are `prompt_len <= p <= len - 2`. The dense log-probs are
 computed once per batch (`DenseReference`) and reused for every plan compared against them.
 
-Everything here is plain torch math on logits; applying a plan is the caller's business (evaluate.py / refine.py use
-`apply_plan` + `handle.decode_from`, so the numbers describe exactly what deployment runs).
+Plans are measured as deployment runs them: `measure_plan` applies one with `apply_plan` + `handle.decode_from`, and
+greedy continuations come from `greedy.greedy_decode` under whatever plan the caller applied. Held-out documents are
+read by `corpus.load_documents`, exactly as `skipprof profile` reads its corpus.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._compat import cache_kwargs, cache_out
+from .corpus import Document
+from .greedy import greedy_decode, logits_of
 
 
 class FidelityError(ValueError):
@@ -76,10 +78,6 @@ class DenseReference:
     log_probs: torch.Tensor  # [N, V] float32, rows in mask order
     targets: torch.Tensor  # [N] long, the next tokens
     row_class: list[str]  # [N] class of each measured position
-
-
-def logits_of(output) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output[0]
 
 
 def dense_reference(forward: Callable[[TokenBatch], torch.Tensor], batch: TokenBatch) -> DenseReference:
@@ -173,22 +171,8 @@ class GreedyComparison:
 def greedy_tokens(model, prompts: Sequence[Sequence[int]], n_new: int) -> list[list[int]]:
     """Greedy continuation of each prompt (batch size 1, KV cache, no EOS stop so lengths are comparable)."""
     device = next(model.parameters()).device
-    outs = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-            out = model(input_ids=ids, use_cache=True)
-            past, new = cache_out(out), []
-            nxt = logits_of(out)[:, -1].argmax(-1, keepdim=True)
-            for _ in range(n_new):
-                new.append(int(nxt))
-                if len(new) == n_new:
-                    break
-                out = model(input_ids=nxt, **cache_kwargs(model, past), use_cache=True)
-                past = cache_out(out)
-                nxt = logits_of(out)[:, -1].argmax(-1, keepdim=True)
-            outs.append(new)
-    return outs
+    return [greedy_decode(model, torch.tensor([list(prompt)], dtype=torch.long, device=device), n_new)[0].tolist()
+            for prompt in prompts]
 
 
 def compare_greedy(dense: Iterable[Sequence[int]], plan: Iterable[Sequence[int]]) -> GreedyComparison:
@@ -209,45 +193,23 @@ def compare_greedy(dense: Iterable[Sequence[int]], plan: Iterable[Sequence[int]]
 # Documents -> token windows -> dense references, and measuring a plan on them
 
 
-@dataclass
-class Document:
-    text: str
-    cls: str
-
-
-def load_documents(spec: str | None, split: str = "heldout") -> list[Document]:
-    """Documents of a `--data` spec, parsed exactly as `skipprof profile` parses it (corpus.parse_spec): a file,
+def load_documents(spec: str | None, split: str = "heldout", *, text_column: str | None = None,
+                   class_column: str | None = None) -> list[Document]:
+    """Documents of a `--data` spec, read exactly as `skipprof profile` reads them (`corpus.load_documents`): a file,
     folder or glob (jsonl/json/txt/parquet/csv, gz ok) or a hub name, with an optional `CLASS=` prefix; None: the
-    bundled demo split. Labels: the prefix, else a `class` column, else `default`.
+    bundled demo split. Text: `text_column`, else `text`, else chat `messages` (rendered by `token_windows`);
+    labels: the prefix, else `class_column`, else a `class` column, else `default`.
     """
-    from .corpus import CorpusError, parse_spec
+    from .corpus import CorpusError, load_documents as read_documents
 
     if spec is None:
         from . import demo
 
         spec = str(demo.corpus_path(split))
     try:
-        parsed = parse_spec(spec)
+        docs = read_documents(spec, text_column=text_column, class_column=class_column)
     except CorpusError as e:
         raise FidelityError(str(e)) from None
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        if parsed.kind == "files":
-            rows = datasets.load_dataset(parsed.builder, data_files=parsed.files, split="train")
-        else:
-            rows = datasets.load_dataset(parsed.builder, parsed.config, split=parsed.split)
-    except Exception as e:  # datasets raises many types for unreadable files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FidelityError(f"cannot read {spec}: {first[:200]}") from None
-    if "text" not in rows.column_names:
-        raise FidelityError(f"{spec} has no 'text' column (columns: {', '.join(rows.column_names)})")
-    if parsed.label is not None:
-        classes = [parsed.label] * len(rows)
-    else:
-        classes = rows["class"] if "class" in rows.column_names else ["default"] * len(rows)
-    docs = [Document(t, str(c)) for t, c in zip(rows["text"], classes) if isinstance(t, str) and t.strip()]
     if not docs:
         raise FidelityError(f"no non-empty documents in {spec}")
     return docs
@@ -261,7 +223,8 @@ def token_windows(tokenizer, docs: Sequence[Document], window: int, per_class: i
     for doc in docs:
         if per_class is not None and kept.get(doc.cls, 0) >= per_class:
             continue
-        ids = tokenizer(doc.text, add_special_tokens=False, truncation=True, max_length=window)["input_ids"]
+        ids = tokenizer(doc.render(tokenizer), add_special_tokens=False, truncation=True,
+                        max_length=window)["input_ids"]
         if len(ids) < min_len:
             continue
         kept[doc.cls] = kept.get(doc.cls, 0) + 1

@@ -34,13 +34,14 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.optimize import brentq
 
+from ._jsonable import jsonable
 from .plan import PlanFile, Router, SkipPlan
 
 log = logging.getLogger("skipprofiler")
 
 DEFAULT_HORIZON = 4096  # decode positions after warm-up over which static patterns and dense_every are counted
 DEFAULT_GEN_LEN = 256  # generated tokens per request a plan is fitted for (warm-up and ratio are counted over these)
-RATIO_TOLERANCE = 0.01  # |expected - target| the fit must reach (the issue's bar)
+RATIO_TOLERANCE = 0.01  # largest |expected - target| a fit accepts; beyond it the target is out of reach
 ROUND = 6  # decimals kept for fitted floats (YAML stays short and byte-stable)
 DEFAULT_SHARED_BATCH = 8  # batch size assumed for shared-decision plans whose fit record does not say
 
@@ -567,28 +568,13 @@ def _provenance(profile, profile_ref: dict[str, Any]) -> dict[str, Any]:
         out["profile"] = str(profile_ref["path"])
     if profile_ref.get("sha256"):
         out["profile_sha256"] = str(profile_ref["sha256"])
-    out["corpus"] = _plain(header.get("corpus", []))
+    out["corpus"] = jsonable(header.get("corpus", []))
     out["tokens"] = tokens
     out["tool_version"] = __version__
     out["created"] = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     if header.get("partial"):
         out["partial_profile"] = True
     return out
-
-
-def _plain(value: Any) -> Any:
-    """JSON-like copy (numpy scalars to Python, tuples to lists, non-finite floats to strings)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
 
 
 def _who(cls: str | None) -> str:

@@ -21,9 +21,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ._compat import cache_kwargs, cache_out
+from ._jsonable import jsonable
 from .atomic import atomic_path
 from .capture import FFNCapture, LayerTensors
+from .corpus import Batch
+from .greedy import accepts, greedy_step
 from .histograms import (MetricAccumulator, PriorityReservoir, binning_spec, chan_merge, default_edges,
                          hist_prob_above, hist_quantile, merge_reservoir)
 from .registry import model_fingerprint, resolve
@@ -191,7 +193,7 @@ class Profile:
         path = Path(path)
         header = dict(self.header, format=FORMAT, format_version=FORMAT_VERSION, classes=list(self.classes),
                       router_layer=int(self.router_layer), metrics=list(self.hist))
-        metadata = {"skipprof": json.dumps(_jsonable(header), sort_keys=True)}
+        metadata = {"skipprof": json.dumps(jsonable(header), sort_keys=True)}
         with atomic_path(path) as tmp:
             save_file(self.tensors(), str(tmp), metadata=metadata)
         return path
@@ -259,22 +261,6 @@ def check_shapes(p: Profile) -> None:
             raise ValueError(f"{name} has shape {tensors[name].shape}, expected {shape}")
     if p.doc_features.shape[:1] != (C,) or p.doc_keys.shape != p.doc_features.shape[:2]:
         raise ValueError(f"doc_features {p.doc_features.shape} / doc_keys {p.doc_keys.shape} do not match {C} classes")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, Path):
-        return str(value)
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -382,16 +368,6 @@ def _now() -> str:
 
 # -------------------------------------------------------------------------------------------------------------------
 # Profiling a model
-
-
-@dataclass
-class Batch:
-    """Labelled token ids: right-padded [B, S] with a 0/1 mask; `class_ids` index the corpus's class list."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    class_ids: torch.Tensor  # [B] int64
-    num_classes: int  # classes known when this batch was made (the list only grows)
 
 
 @dataclass
@@ -542,15 +518,6 @@ def _graceful_sigint() -> Iterator[_StopFlag]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _model_device(model: torch.nn.Module) -> torch.device:
     """Where inputs go: the first parameter that holds weights (accelerate leaves offloaded ones on `meta`)."""
     for parameter in model.parameters():
@@ -570,9 +537,9 @@ def profile_model(model: torch.nn.Module, batches: Iterable[Batch], settings: Pr
     device = _model_device(model)
     recorder = ProfileRecorder(resolved.num_layers, device, settings)
     forward_kwargs = {"use_cache": False}
-    if _accepts(model, "logits_to_keep"):
+    if accepts(model, "logits_to_keep"):
         forward_kwargs["logits_to_keep"] = 1  # the prompt pass needs no logits: skip most of the LM head
-    pass_positions = _accepts(model, "position_ids")
+    pass_positions = accepts(model, "position_ids")
     progress = ProgressEvent(0, 0, 0)
     partial = False
     model_was_training = model.training
@@ -613,7 +580,9 @@ def profile_model(model: torch.nn.Module, batches: Iterable[Batch], settings: Pr
 def _profile_decode(model: torch.nn.Module, capture: FFNCapture, recorder: ProfileRecorder, ids: torch.Tensor,
                     mask: torch.Tensor, class_ids: torch.Tensor, new_tokens: int, eos_token_ids: Sequence[int],
                     pad_token_id: int, pass_positions: bool, stop: _StopFlag) -> int:
-    """Greedy decoding with the KV cache from left-padded prompts; only real generated tokens are recorded."""
+    """Greedy decoding with the KV cache from left-padded prompts; only real generated tokens are recorded.
+
+    Not `greedy.greedy_decode`: rows are padded, stop at EOS and are recorded step by step; only the step is shared."""
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions",
                                                                                       None)
     lengths = mask.sum(1)
@@ -626,11 +595,9 @@ def _profile_decode(model: torch.nn.Module, capture: FFNCapture, recorder: Profi
     capture.enabled = False  # the prompt was already profiled by the teacher-forced pass
     try:
         kwargs = {"position_ids": positions} if pass_positions else {}
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+        next_token, cache = greedy_step(model, ids, None, attention_mask=mask, **kwargs)
     finally:
         capture.enabled = True
-    cache = cache_out(out)
-    next_token = out.logits[:, -1].argmax(-1)
     active = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     last_position = positions[:, -1]
     counted = 0
@@ -644,10 +611,8 @@ def _profile_decode(model: torch.nn.Module, capture: FFNCapture, recorder: Profi
         feed = torch.where(active, next_token, torch.full_like(next_token, pad_token_id))[:, None]
         recorder.token_mask = active[:, None]
         kwargs = {"position_ids": last_position[:, None]} if pass_positions else {}
-        out = model(input_ids=feed, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True, **kwargs)
-        cache = cache_out(out)
+        next_token, cache = greedy_step(model, feed, cache, attention_mask=mask, **kwargs)
         counted += recorder.commit("decode", class_ids)
-        next_token = out.logits[:, -1].argmax(-1)
     return counted
 
 
@@ -699,4 +664,4 @@ def package_versions() -> dict[str, str]:
 
 
 __all__ = ["METRICS", "REGIMES", "Profile", "ProfileError", "merge_profiles", "profile_model", "ProfileSettings",
-           "Batch", "ProgressEvent", "package_versions"]
+           "ProgressEvent", "package_versions"]

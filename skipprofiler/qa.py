@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["QAError", "Question", "QAScore", "load_questions", "normalize_answer", "is_correct", "build_prompts",
-           "generate_answers", "score", "retention", "DEFAULT_PATH", "FRAME_WORDS", "SYSTEM_PROMPT",
+           "generate_answers", "Prefill", "prefill", "decode_prefilled", "score", "retention", "DEFAULT_PATH", "FRAME_WORDS", "SYSTEM_PROMPT",
            "FEW_SHOT_EXAMPLES"]
 
 DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "qa.jsonl"
@@ -221,13 +221,8 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], max_new
     answers: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            n = len(prompts[i])
-            input_ids[row, width - n:] = torch.tensor(list(prompts[i]), dtype=torch.long)
-            attention_mask[row, width - n:] = 1
+        input_ids, attention_mask = _left_padded([prompts[i] for i in idx], pad_id)
+        width = input_ids.shape[1]
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, pad_token_id=pad_id, eos_token_id=eos_id)
@@ -236,6 +231,95 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], max_new
         if progress is not None:
             progress(min(start + batch_size, len(order)), len(order))
     return answers
+
+
+@dataclass
+class Prefill:
+    """One left-padded batch of prompts run through the dense model once: its KV cache and first answer token.
+
+    Skip plans act on generated tokens only, so every plan's answers start from the same dense prompt pass;
+    `decode_prefilled` continues from a copy of it instead of running the prompts again for every plan."""
+
+    rows: list[int]  # prompt indices, in batch order
+    attention_mask: torch.Tensor  # [B, W]
+    cache: object
+    first: torch.Tensor  # [B, 1] greedy token after the prompt
+
+
+@torch.no_grad()
+def prefill(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int = 16) -> list[Prefill]:
+    """Dense prompt passes for `decode_prefilled`, batched as `generate_answers` batches them."""
+    from transformers import DynamicCache
+
+    from ._compat import cache_kwargs
+
+    pad_id = _pad_id(tokenizer, model)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        input_ids, attention_mask = _left_padded([prompts[i] for i in idx], pad_id)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        cache = DynamicCache()
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                       use_cache=True, **cache_kwargs(model, cache)).logits
+        out.append(Prefill(idx, attention_mask, cache, logits[:, -1].argmax(-1, keepdim=True)))
+    return out
+
+
+@torch.no_grad()
+def decode_prefilled(model, tokenizer, prefills: Sequence[Prefill], num_prompts: int, max_new_tokens: int = 16,
+                     handle=None) -> list[str]:
+    """Greedy answers continuing each `Prefill` (copied, so every call starts from the same prompt pass), in prompt
+    order. With a skip-plan `handle` (apply_plan's), generated positions are decode positions from index 0, exactly
+    as in `generate`; the answers equal `generate_answers`' (tests/test_qa.py)."""
+    import contextlib
+    import copy
+
+    from ._compat import cache_kwargs
+
+    eos_id = model.generation_config.eos_token_id
+    eos_ids = set(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id if eos_id is not None
+                                                                     else tokenizer.eos_token_id])
+    answers = [""] * num_prompts
+    for batch in prefills:
+        cache, mask, nxt = copy.deepcopy(batch.cache), batch.attention_mask, batch.first
+        width = mask.shape[1]
+        tokens = [nxt]
+        done = torch.tensor([int(t) in eos_ids for t in nxt[:, 0]], device=nxt.device)
+        scope = handle.decode_from(width) if handle is not None else contextlib.nullcontext()
+        with scope:
+            for _ in range(max_new_tokens - 1):
+                if bool(done.all()):
+                    break
+                mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+                logits = model(input_ids=nxt, attention_mask=mask, position_ids=_positions(mask)[:, -1:],
+                               use_cache=True, **cache_kwargs(model, cache)).logits
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(nxt)
+                done |= torch.tensor([int(t) in eos_ids for t in nxt[:, 0]], device=nxt.device)
+        generated = torch.cat(tokens, dim=1).tolist()
+        for row, i in enumerate(batch.rows):
+            ids = generated[row]
+            cut = next((k for k, t in enumerate(ids) if t in eos_ids), len(ids))
+            answers[i] = tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+    return answers
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        attention_mask[row, width - len(p):] = 1
+    return input_ids, attention_mask
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows, as `generate` computes them (padding gets 1; it is masked anyway)."""
+    return (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
 
 def score(questions: Sequence[Question], generated: Sequence[str]) -> QAScore:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -22,7 +24,12 @@ from .fidelity import (DenseReference, FidelityError, dense_references, load_doc
 from .plan import SkipPlan
 
 Slots = tuple[tuple[int, float], ...]
-DEFAULT_SHORTLIST = 6  # swap candidates per slot after a greedy pass: the layers it measured cheapest to skip
+log = logging.getLogger("skipprofiler")
+DEFAULT_SHORTLIST = 4  # swap candidates per slot after a greedy pass: the layers it measured cheapest to skip
+# Calibration windows of a search: 4 documents per class, 32-token prompt + 64 decode positions. A search measures
+# a hundred sets or more, so each measurement must be cheap; the KL of a set on these windows ranks sets as the
+# held-out text does (docs/results.md reports the held-out cost of what it picks).
+SEARCH_PROMPT_LEN, SEARCH_WINDOW, SEARCH_DOCS_PER_CLASS = 32, 96, 4
 
 
 class RefineError(ValueError):
@@ -49,6 +56,7 @@ class SetEvaluator:
     layers_run: int = 0  # decoder layers run over all references (the search's cost, in layer forwards)
     ppl_ratio: dict[Slots, float] = field(default_factory=dict)  # perplexity with the set / dense perplexity
     _anchors: dict[Slots, list[list]] = field(default_factory=dict)  # set -> per reference, per layer input stream
+    _started: float = field(default_factory=time.perf_counter)
 
     def __call__(self, slots: Slots) -> float:
         key = canonical(slots)
@@ -56,6 +64,9 @@ class SetEvaluator:
             self.cache[key] = self._measure(key, record=False)
             if self.on_measure:
                 self.on_measure(key, self.cache[key])
+            log.info("set %d: layers %s KL %.4f ppl %+.1f%% (%.0f s)", len(self.cache),
+                     " ".join(f"{l}" if f == 1.0 else f"{l}x{f:g}" for l, f in key), self.cache[key],
+                     100 * (self.ppl_ratio[key] - 1.0), time.perf_counter() - self._started)
         return self.cache[key]
 
     def set_anchor(self, slots: Slots) -> None:
@@ -77,7 +88,7 @@ class SetEvaluator:
                        fit=dict(self.template.fit))
 
     def _measure(self, key: Slots, record: bool) -> float:
-        from .fidelity import FidelitySums, compare, model_forward
+        from .fidelity import FidelitySums
         from .registry import resolve
         from .runtime import apply_plan
 
@@ -88,7 +99,6 @@ class SetEvaluator:
             self._anchors[()] = self._record_dense(layers)
         base, start = self._closest_anchor(key, len(layers)) if self.reuse_prefix else (None, 0)
         states = [[] for _ in self.references] if record else None
-        forward = model_forward(self.model)
         sums = FidelitySums()
         with apply_plan(self.model, self._plan(key)) as handle, torch.inference_mode():
             for i, ref in enumerate(self.references):
@@ -97,8 +107,7 @@ class SetEvaluator:
                     states[i].extend(stream[:start] if stream is not None else [])
                 with handle.decode_from(ref.batch.prompt_len), _start_at(layers, start, stream), \
                         _record_inputs(layers[start:], states[i] if record else None):
-                    logits = forward(ref.batch)
-                compare(ref, logits, sums)
+                    measured_logits(self.model, ref, compare_into=sums)
         self.layers_run += (len(layers) - start) * len(self.references)
         if record:
             self._anchors[key] = states
@@ -140,6 +149,29 @@ class SetEvaluator:
             if start > best[1]:
                 best = (anchor, start)
         return best
+
+
+def measured_logits(model, reference: DenseReference, compare_into) -> None:
+    """Forward one reference batch and add its fidelity to `compare_into`, computing the LM head only on the
+    positions that are measured (the decode part of the window) when the model's forward takes `logits_to_keep`:
+    with a 49k vocabulary the head is a large share of a small model's work."""
+    import inspect
+
+    import torch
+
+    from .fidelity import compare, logits_of, model_forward
+
+    batch = reference.batch
+    width = batch.input_ids.shape[1]
+    keeps = "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    if not keeps or batch.prompt_len >= width - 1:
+        compare(reference, model_forward(model)(batch), compare_into)
+        return
+    device = next(model.parameters()).device
+    kept = torch.arange(batch.prompt_len, width - 1)  # every measured position p has prompt_len <= p <= width - 2
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                use_cache=False, logits_to_keep=kept.to(device))
+    compare(replace(reference, mask=reference.mask[:, kept]), logits_of(out).cpu(), compare_into)
 
 
 @contextlib.contextmanager
@@ -356,9 +388,13 @@ def refine_slots(evaluate: SetEvaluator, slots: Slots, candidates: Sequence[int]
             best = alt
 
     initial_kl = evaluate(slots)
-    if greedy_start:
+    if greedy_start:  # the greedy set, not the profile-ranked one: a second descent would double the cost
         descend("greedy_add", greedy_add(evaluate, fractions, candidates, costs=costs))
-    descend("plan", canonical(slots))
+        starts["plan"] = {"layers": [layer for layer, _ in canonical(slots)], "kl": _r(initial_kl)}
+        if initial_kl < evaluate(best):
+            best = canonical(slots)
+    else:
+        descend("plan", canonical(slots))
     for name, start in (extra_starts or {}).items():
         start = canonical(start)
         if sorted(f for _, f in start) != sorted(fractions):
@@ -376,7 +412,8 @@ def _r(x: float) -> float:
 
 
 def calibration_references(model, tokenizer, data_spec: str | None, *, split: str = "calibration",
-                           prompt_len: int = 32, window: int = 128, docs_per_class: int | None = 8,
+                           prompt_len: int = SEARCH_PROMPT_LEN, window: int = SEARCH_WINDOW,
+                           docs_per_class: int | None = SEARCH_DOCS_PER_CLASS,
                            batch_size: int = 16) -> list[DenseReference]:
     """Dense references on a data spec (default: the bundled calibration split), batched per class."""
     docs = load_documents(data_spec, split=split)
@@ -391,7 +428,8 @@ def calibration_references(model, tokenizer, data_spec: str | None, *, split: st
 
 def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None, *,
                   candidates: Sequence[int] | None = None,
-                  prompt_len: int = 32, window: int = 128, docs_per_class: int | None = 8, max_rounds: int = 20,
+                  prompt_len: int = SEARCH_PROMPT_LEN, window: int = SEARCH_WINDOW,
+                  docs_per_class: int | None = SEARCH_DOCS_PER_CLASS, max_rounds: int = 20,
                   greedy_start: bool = True, references: Sequence[DenseReference] | None = None,
                   extra_starts: dict[str, Slots] | None = None) -> SkipPlan:
     """Return `plan` with its static skip set refined by measured KL to the dense model on calibration tokens.
@@ -425,8 +463,8 @@ def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None
 
 def fit_budget_plan(model, tokenizer, template: SkipPlan, budget: Budget, data_spec: str | None = None, *,
                     references: Sequence[DenseReference] | None = None, candidates: Sequence[int] | None = None,
-                    prompt_len: int = 32, window: int = 128, docs_per_class: int | None = 8,
-                    gen_len: int | None = None) -> SkipPlan:
+                    prompt_len: int = SEARCH_PROMPT_LEN, window: int = SEARCH_WINDOW,
+                    docs_per_class: int | None = SEARCH_DOCS_PER_CLASS, gen_len: int | None = None) -> SkipPlan:
     """A static plan with the most FFN skips whose measured cost on calibration windows stays within `budget`
     (`fit_to_budget`); `template` gives the eligibility settings. The plan records the budget, the measured cost and
     the greedy path in `fit`, and its expected skip ratio."""
@@ -450,6 +488,63 @@ def fit_budget_plan(model, tokenizer, template: SkipPlan, budget: Budget, data_s
     return plan
 
 
+ADAPTIVE_RUN_LENGTHS = (1, 2, 3, 4, 6, 8)  # k values measured by fit_adaptive_by_cost
+ADAPTIVE_DENSE_EVERY = (0, 6)  # never, and the paper's every 6th token
+RATIO_SLACK = 0.025  # a candidate counts as "at the target" when its realized ratio is this close
+
+
+def fit_adaptive_by_cost(model, profile, settings, references: Sequence[DenseReference], *,
+                         run_lengths: Sequence[int] = ADAPTIVE_RUN_LENGTHS,
+                         dense_every: Sequence[int] = ADAPTIVE_DENSE_EVERY, cls: str | None = None) -> SkipPlan:
+    """An adaptive plan chosen by measured cost: for every run length k and dense-every in the grid, tau is fitted
+    to the target on the profile (fit.fit_adaptive's simulation), then the plan is applied with the runtime on the
+    calibration windows; among the candidates whose realized ratio there is within RATIO_SLACK of the target, the
+    lowest mean KL wins (else the closest ratio). `fit.measured` records every candidate's ratio and KL."""
+    from .fit import FitError, fit_adaptive
+
+    tried = []
+    for every in dense_every:
+        for k in run_lengths:
+            try:
+                plan = fit_adaptive(profile, replace(settings, max_skip=k, dense_every=every, horizon=None).resolve(),
+                                    cls)
+            except FitError:
+                continue
+            sums, stats = measure_plan(model, references, plan)
+            tried.append((plan, stats["skip_ratio"], sums.total_kl_mean(), sums.summary(None)))
+            log.info("adaptive k %d dense-every %d: realized %.3f KL %.4f", k, every, stats["skip_ratio"], tried[-1][2])
+    if not tried:
+        raise RefineError(f"no adaptive plan reaches {settings.target:g} for any run length in {list(run_lengths)}")
+    at_target = [t for t in tried if abs(t[1] - settings.target) <= RATIO_SLACK]
+    plan, ratio, kl, summary = (min(at_target, key=lambda t: t[2]) if at_target
+                                else min(tried, key=lambda t: abs(t[1] - settings.target)))
+    plan.fit["measured"] = {
+        "kl": _r(kl), "ppl_increase": _r(summary["ppl"] / summary["ppl_dense"] - 1.0),
+        "calibration_skip_ratio": _r(ratio), "chosen_from": "at target" if at_target else "closest ratio",
+        "candidates": [[t[0].max_skip, t[0].dense_every, _r(t[1]), _r(t[2])] for t in tried],  # k, every, ratio, KL
+        "tokens": sum(int(r.mask.sum()) for r in references)}
+    return plan
+
+
+def compare_with_static(model, adaptive: SkipPlan, references: Sequence[DenseReference]) -> dict:
+    """The refined static plan at the adaptive plan's realized calibration ratio, measured on the same windows:
+    what an adaptive plan has to beat (FFN-SkipLLM's rule is only worth its per-token work when it wins)."""
+    from .registry import resolve
+
+    num_layers = resolve(model).num_layers
+    ratio = adaptive.fit["measured"]["calibration_skip_ratio"]
+    budget = ratio * num_layers
+    full = int(math.floor(budget + 1e-9))
+    fractions = [1.0] * full + ([round(budget - full, 3)] if budget - full >= 0.01 else [])
+    template = SkipPlan(mode="static")
+    evaluate = SetEvaluator(model, references, template)
+    slots = greedy_add(evaluate, fractions, middle_layers(num_layers))
+    best, info = refine_slots(evaluate, slots, middle_layers(num_layers), greedy_start=False)
+    return {"skip_ratio": _r(sum(fractions) / num_layers), "layers": [[l, f] for l, f in best],
+            "kl": _r(evaluate(best)), "adaptive_kl": adaptive.fit["measured"]["kl"],
+            "static_wins": bool(evaluate(best) < adaptive.fit["measured"]["kl"])}
+
+
 def references_of_class(references: Sequence[DenseReference], cls: str) -> list[DenseReference]:
     """The calibration batches whose measured positions all belong to `cls` (calibration batches are per class)."""
     return [r for r in references if r.row_class and set(r.row_class) == {cls}]
@@ -457,7 +552,7 @@ def references_of_class(references: Sequence[DenseReference], cls: str) -> list[
 
 def refine_plan_file(model, tokenizer, plan_file, data_spec: str | None = None, *,
                      references: Sequence[DenseReference] | None = None, greedy_start: bool = True,
-                     docs_per_class: int | None = 8, refine_global: bool = True,
+                     docs_per_class: int | None = SEARCH_DOCS_PER_CLASS, refine_global: bool = True,
                      min_class_gain: float = 0.02) -> list[str]:
     """Refine the global static plan on all calibration windows and each static class plan on its own class's
     windows only (a class plan should be best for its class, not for the mix). Each class search also starts from

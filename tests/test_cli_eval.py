@@ -84,3 +84,29 @@ def test_empty_heldout_is_an_error(saved, tmp_path, capsys):
     code = _run(["eval", str(root / "model"), str(root / "static.yaml"), "--data", str(short), "--no-speed", *SMALL])
     err = capsys.readouterr().err
     assert code != 0 and "held-out data" in err and "Traceback" not in err
+
+
+def test_eval_reports_generation_length_qa_retention_and_flags_a_warmup_covering_it(saved, tmp_path, capsys):
+    root, data = saved
+    fp = model_fingerprint(tiny_model("llama", num_layers=6, vocab_size=128))
+    long_warmup = SkipPlan(mode="static", skip_layers={2: 1.0}, warmup_tokens=40, fit={"gen_len": 256})
+    save_plan(PlanFile(model={"name": "tiny", "fingerprint": fp}, global_plan=long_warmup), tmp_path / "late.yaml")
+    questions = tmp_path / "qa.jsonl"
+    questions.write_text("".join(json.dumps({"id": f"q{i}", "class": "x", "question": f"What is {i} plus 1?",
+                                             "answers": [str(i + 1)]}) + "\n" for i in range(5)))
+    out = tmp_path / "eval.json"
+    code = _run(["eval", str(root / "model"), str(root / "static.yaml"), str(tmp_path / "late.yaml"), "--data",
+                 str(data), "--json", str(out), "--no-speed", "--qa-file", str(questions), *SMALL])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(out.read_text())
+    assert result["data"]["gen_len"] == 32 and result["dense"]["qa"]["n_questions"] == 5
+    static, late = result["plans"]
+    assert static["gen_len"] == 32 and static["saved_share"] == pytest.approx(2 / 6) and not static["warnings"]
+    assert 0.0 <= static["qa_accuracy"] <= 1.0 and "qa_retention" in static
+    # warm-up 40 >= the 32 evaluated positions: nothing skipped, and the row says so instead of looking lossless
+    assert late["skip_ratio"] == 0 and late["saved_share"] == 0 and late["kl_mean"] == 0
+    assert any("covers 32 of the 32" in w for w in late["warnings"])
+    assert any("fitted for 256 generated tokens, evaluated at 32" in w for w in late["warnings"])
+    assert any("skipped nothing" in w for w in late["warnings"])
+    assert "warning: late: " in captured.err and "saved" in captured.out

@@ -190,3 +190,23 @@ def test_provenance_paths_carry_no_machine_prefix(tmp_path, monkeypatch):
     assert portable_path(str(tmp_path / "data" / "a.jsonl")) == "data/a.jsonl"
     outside = str(Path("/") / "srv" / "corpus.jsonl")
     assert portable_path(outside) == outside  # elsewhere: kept as given
+
+
+def test_load_documents_reads_a_spec_as_the_corpus_does(tmp_path):
+    from skipprofiler.corpus import load_documents
+
+    chats = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": "w10 w11"}], "topic": "qa"},
+        {"messages": [], "topic": "qa"},  # empty: dropped, as the corpus drops it
+        {"messages": [{"role": "user", "content": "w12"}], "topic": "help"}])
+    tok = word_tokenizer(chat=True)
+    docs = load_documents(str(chats), tok, class_column="topic")
+    assert [(d.text, d.cls) for d in docs] == [("w2 w10 w11 w3 ", "qa"), ("w2 w12 w3 ", "help")]
+    corpus = _corpus([chats], chat=True, class_column="topic")
+    assert [(d.text, d.cls) for d in corpus.iter_documents()] == [(d.text, d.cls) for d in docs]
+    later = load_documents(f"x={chats}")  # no tokenizer: the messages are rendered when tokenized
+    assert [d.cls for d in later] == ["x", "x"] and [d.render(tok) for d in later] == [d.text for d in docs]
+    body = write_jsonl(tmp_path / "body.jsonl", [{"body": "w5 w6", "class": "a"}, {"body": " ", "class": "b"}])
+    assert [(d.text, d.cls) for d in load_documents(str(body), text_column="body")] == [("w5 w6", "a")]
+    with pytest.raises(CorpusError, match=r"no text column in .*columns found: body, class"):
+        load_documents(str(body))

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from profile_helpers import assert_same_statistics
 
+from skipprofiler.corpus import Batch
 from skipprofiler.distributed import (DistributedError, combine_rank_profiles, init_from_env, parse_shard,
                                       rank_device, rank_gpu_group, rank_seed, reduce_profile, shard, shard_batches)
-from skipprofiler.profile import METRICS, Batch, Profile, ProfileSettings, profile_model
+from skipprofiler.profile import Profile, ProfileSettings, profile_model
 
 SETTINGS = ProfileSettings(generate=2, reservoir_size=24, doc_reservoir_size=3, seed=5)
 CLASSES = ["fiction", "code", "docs"]
@@ -35,16 +37,6 @@ def corpus_batches(num_batches: int = 5) -> list[Batch]:
         classes = torch.randint(0, 2 if j < 2 else 3, (3,), generator=g)
         out.append(Batch(ids * mask, mask, classes, 2 if j < 2 else 3))
     return out
-
-
-def assert_same_statistics(a: Profile, b: Profile) -> None:
-    assert a.classes == b.classes
-    assert np.array_equal(a.count, b.count) and np.array_equal(a.token_count, b.token_count)
-    for m in METRICS:
-        assert np.array_equal(a.hist[m], b.hist[m]), m
-        assert np.array_equal(a.nonfinite[m], b.nonfinite[m]), m
-        np.testing.assert_allclose(a.mean[m], b.mean[m], rtol=1e-12, atol=1e-15, err_msg=m)
-        np.testing.assert_allclose(a.m2[m], b.m2[m], rtol=1e-10, atol=1e-15, err_msg=m)
 
 
 def assert_reservoir_full(p: Profile, size: int) -> None:

@@ -96,3 +96,32 @@ def test_greedy_tokens_match_generate():
     ref = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, min_new_tokens=6,
                          pad_token_id=0)[0, len(prompt):].tolist()
     assert ours == ref
+
+
+def test_greedy_decode_of_a_batch_matches_generate():
+    from skipprofiler.greedy import greedy_decode
+
+    model = tiny_model("llama")
+    prompts = torch.tensor([[3, 14, 15, 9, 26], [2, 7, 18, 28, 1]])
+    ref = model.generate(prompts, max_new_tokens=5, do_sample=False, min_new_tokens=5, pad_token_id=0)[:, 5:]
+    assert torch.equal(greedy_decode(model, prompts, 5), ref)
+    assert greedy_decode(model, prompts, 0).shape == (2, 0)
+
+
+def test_eval_documents_accept_what_profile_accepts(tmp_path):
+    """load_documents reads chat `messages` and named text / class columns as `skipprof profile` does."""
+    from test_corpus import word_tokenizer, write_jsonl
+
+    from skipprofiler.fidelity import load_documents, token_windows
+
+    chats = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "w10 w11 w12"}],
+                                                   "class": "qa"}])
+    docs = load_documents(str(chats))
+    tokens, classes = token_windows(word_tokenizer(chat=True), docs, window=16, per_class=None, min_len=1)
+    assert tokens == [[2, 10, 11, 12, 3]] and classes == ["qa"]
+    body = write_jsonl(tmp_path / "body.jsonl", [{"body": "w5 w6", "topic": "a"}])
+    assert [(d.text, d.cls) for d in load_documents(str(body), text_column="body", class_column="topic")] == [
+        ("w5 w6", "a")]
+    with pytest.raises(FidelityError, match="no text column"):
+        load_documents(str(body))
+    assert {d.cls for d in load_documents(None, split="heldout")} == {"fiction", "scripture", "docs", "code"}

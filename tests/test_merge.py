@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import run
+from profile_helpers import assert_same_statistics
 from test_distributed import cli_is_distributed
 from tiny_models import tiny_model
 
-from skipprofiler.profile import METRICS, Batch, Profile, ProfileSettings, profile_model
+from skipprofiler.corpus import Batch
+from skipprofiler.profile import Profile, ProfileSettings, profile_model
 
 SETTINGS = ProfileSettings(generate=2, reservoir_size=20, doc_reservoir_size=4, seed=1)
 
@@ -54,13 +56,7 @@ def test_merge_of_two_halves_equals_the_profile_of_the_whole(halves, tmp_path, c
     assert code == 0, err
     assert "2 profiles" in out and f"{whole.tokens('prompt')} prompt" in out
     merged = Profile.load(tmp_path / "all.prof")
-    assert merged.classes == whole.classes
-    assert np.array_equal(merged.count, whole.count) and np.array_equal(merged.token_count, whole.token_count)
-    for m in METRICS:
-        assert np.array_equal(merged.hist[m], whole.hist[m]), m
-        assert np.array_equal(merged.nonfinite[m], whole.nonfinite[m]), m
-        np.testing.assert_allclose(merged.mean[m], whole.mean[m], rtol=1e-12, atol=1e-15, err_msg=m)
-        np.testing.assert_allclose(merged.m2[m], whole.m2[m], rtol=1e-10, atol=1e-15, err_msg=m)
+    assert_same_statistics(merged, whole)
     assert merged.reservoir.shape[2] == 20
     assert np.array_equal(merged.reservoir_len, np.minimum(20, whole.count[:, 0, :]))
     assert merged.header["merged_files"] == [str(a), str(b)] and not merged.partial
@@ -135,7 +131,7 @@ def test_merge_help_shows_examples(capsys):
 @pytest.mark.skipif(not cli_is_distributed(), reason="`skipprof profile` has no --shard yet")
 def test_array_job_shards_merge_to_the_whole_corpus_profile(tmp_path, capsys):
     """`skipprof profile --shard I/N` for each I, then `skipprof merge`, equals one `skipprof profile` run."""
-    from test_distributed import assert_same_statistics, write_word_corpus
+    from test_distributed import write_word_corpus
 
     model_dir, data = write_word_corpus(tmp_path)
     common = [model_dir, "--data", data, "--batch-size", "4", "--generate", "2", "--reservoir", "16", "--json"]

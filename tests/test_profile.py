@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from profile_helpers import assert_same_statistics
 from tiny_models import MODEL_TYPES, tiny_model
 
-from skipprofiler.profile import (METRICS, Batch, Profile, ProfileError, ProfileSettings, merge_profiles,
-                                  profile_model)
+from skipprofiler.corpus import Batch
+from skipprofiler.profile import METRICS, Profile, ProfileError, ProfileSettings, merge_profiles, profile_model
 
 SMALL = ProfileSettings(reservoir_size=64, doc_reservoir_size=8, seed=3)
 
@@ -49,16 +51,6 @@ def test_profiling_runs_on_every_architecture(model_type, tmp_path):
     assert loaded.tokens("decode") == profile.tokens("decode")
 
 
-def _assert_same_statistics(a: Profile, b: Profile) -> None:
-    assert a.classes == b.classes
-    assert np.array_equal(a.count, b.count) and np.array_equal(a.token_count, b.token_count)
-    for m in METRICS:
-        assert np.array_equal(a.hist[m], b.hist[m]), m
-        assert np.array_equal(a.nonfinite[m], b.nonfinite[m]), m
-        assert np.allclose(a.mean[m], b.mean[m], rtol=1e-12, atol=1e-12), m
-        assert np.allclose(a.m2[m], b.m2[m], rtol=1e-9, atol=1e-12), m
-
-
 def test_merge_of_profiles_equals_profile_of_the_union():
     model = tiny_model("llama")
     part_a, part_b = _batches(1), _batches(2, n=3)
@@ -67,7 +59,7 @@ def test_merge_of_profiles_equals_profile_of_the_union():
     b = profile_model(model, part_b, ProfileSettings(reservoir_size=64, doc_reservoir_size=8, seed=4),
                       class_names=["a", "b"])
     merged = merge_profiles([a, b])
-    _assert_same_statistics(merged, whole)
+    assert_same_statistics(merged, whole)
     assert merged.header["merged_from"] == 2 and merged.tokens("prompt") == whole.tokens("prompt")
     # The merged sample is the top-K keys of the union of both samples.
     for c in range(2):
@@ -149,12 +141,16 @@ def test_ctrl_c_returns_a_partial_profile_of_what_was_seen(tmp_path):
 
 def test_file_round_trip_and_errors(tmp_path):
     profile = profile_model(tiny_model("opt"), _batches(9), SMALL, class_names=["a", "b"],
-                            header={"corpus": [{"spec": "x", "sha256": "ab" * 32}]})
+                            header={"corpus": [{"spec": "x", "sha256": "ab" * 32, "documents": np.int64(3),
+                                                "files": (Path("a/b.jsonl"),), "share": np.float32(0.5),
+                                                "loss": float("nan")}]})
     path = profile.save(tmp_path / "p.prof")
     loaded = Profile.load(path)
-    _assert_same_statistics(loaded, profile)
+    assert_same_statistics(loaded, profile)
     assert np.array_equal(loaded.reservoir, profile.reservoir) and np.array_equal(loaded.doc_keys, profile.doc_keys)
-    assert loaded.header["corpus"][0]["spec"] == "x" and loaded.header["binning"]["residual"]["kind"] == "piecewise"
+    assert loaded.header["corpus"] == [{"spec": "x", "sha256": "ab" * 32, "documents": 3, "files": ["a/b.jsonl"],
+                                        "share": 0.5, "loss": "nan"}]  # strict JSON: no NaN literal
+    assert loaded.header["binning"]["residual"]["kind"] == "piecewise"
     assert {"torch", "transformers", "python"} <= set(loaded.header["versions"])
     assert os.listdir(tmp_path) == ["p.prof"]  # no temp file left behind
     with pytest.raises(ProfileError, match="profile not found"):

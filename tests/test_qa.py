@@ -281,3 +281,31 @@ def test_generate_rejects_bad_batch_size(demo_model):
     model, tok = demo_model
     with pytest.raises(ValueError, match="batch_size"):
         qa.generate_answers(model, tok, [[1, 2]], batch_size=0)
+
+
+@pytest.mark.parametrize("plan_path", [None, "static", "plans/demo-adaptive-25.yaml"])
+def test_prefilled_decoding_answers_exactly_as_generate(demo_model, sample, plan_path):
+    from pathlib import Path
+
+    model, tok = demo_model
+    prompts = qa.build_prompts(tok, sample)
+    if plan_path == "static":
+        plan = PlanFile(model={"name": "demo", "fingerprint": model_fingerprint(model)},
+                        global_plan=SkipPlan(mode="static", skip_layers={4: 1.0, 5: 1.0, 7: 0.5}, dense_every=3))
+    elif plan_path is not None:
+        plan = skipprofiler.runtime.load_plan(Path(__file__).resolve().parent.parent / plan_path)
+    prefills = qa.prefill(model, tok, prompts, batch_size=3)
+    if plan_path is None:
+        expected = qa.generate_answers(model, tok, prompts, max_new_tokens=14, batch_size=3)
+        assert qa.decode_prefilled(model, tok, prefills, len(prompts), max_new_tokens=14) == expected
+        return
+    with skipprofiler.apply_plan(model, plan) as handle:
+        expected = qa.generate_answers(model, tok, prompts, max_new_tokens=14, batch_size=3)
+        via_generate = handle.stats()
+        handle.reset_stats()
+        got = qa.decode_prefilled(model, tok, prefills, len(prompts), max_new_tokens=14, handle=handle)
+        via_prefill = handle.stats()
+    assert got == expected
+    assert via_prefill["skipped"] == via_generate["skipped"] > 0
+    dense = qa.decode_prefilled(model, tok, prefills, len(prompts), max_new_tokens=14)
+    assert dense == qa.generate_answers(model, tok, prompts, max_new_tokens=14, batch_size=3)  # prefill reused intact

@@ -74,28 +74,34 @@ def _check_writable(out: Path) -> None:
         raise CLIError(f"cannot write {out}: permission denied")
 
 
-def _refine(plan_file, model_arg: str | None, data: str | None) -> None:
-    """Refine the static layer sets by measured KL (skipprofiler.refine), recorded in each plan's `fit`: the global
-    plan on all calibration windows, each class plan on its own class's windows."""
-    if plan_file.global_plan.mode != "static":
-        raise CLIError("--refine works on static plans; drop --refine or use --mode static")
-    try:
-        from ..refine import RefineError, refine_plan_file
-    except ImportError:
-        raise CLIError("--refine needs skipprofiler.refine, which is not available in this installation")
-    from .validate import model_fingerprint_of
+def _refine(plan_file, profile, settings, model_arg: str | None, data: str | None) -> None:
+    """Choose by measured KL on calibration windows (skipprofiler.refine), recorded in each plan's `fit`.
 
-    fingerprint = model_fingerprint_of(model_arg)
-    from ..planio import fingerprint_problems
-
-    mismatch = fingerprint_problems(plan_file.model.get("fingerprint"), fingerprint)
-    if mismatch:
-        raise CLIError(f"{model_arg or 'the bundled demo model'} is not the profile's model: {mismatch[0]}")
+    static: refine the layer sets, the global plan on all windows and each class plan on its own class's windows.
+    adaptive (global plan): measure a grid of run lengths and dense-every, keep the cheapest at the target, and
+    compare it with the refined static plan at the same ratio; when static measures less KL, say so."""
+    from ..refine import RefineError, calibration_references, compare_with_static, fit_adaptive_by_cost, refine_plan_file
     from .common import load_model
 
     model, tokenizer = load_model(model_arg, dtype="float32", device="cpu")
+    _check_fingerprint(profile, model)
     try:
-        warnings = refine_plan_file(model, tokenizer, plan_file, data)
+        if plan_file.global_plan.mode == "static":
+            warnings = refine_plan_file(model, tokenizer, plan_file, data)
+        else:
+            if plan_file.classes:
+                raise CLIError("--refine with --mode adaptive fits the global plan only; drop --per-class/--class")
+            references = calibration_references(model, tokenizer, data)
+            plan = fit_adaptive_by_cost(model, profile, settings, references)
+            plan.fit["static_alternative"] = compare_with_static(model, plan, references)
+            plan_file.global_plan = plan
+            warnings = []
+            alt = plan.fit["static_alternative"]
+            if alt["static_wins"]:
+                warnings.append(
+                    f"on this model a static plan is better: at skip ratio {alt['skip_ratio']:.3f} the refined static "
+                    f"set {[l for l, _ in alt['layers']]} measures KL {alt['kl']:.4f} against the adaptive plan's "
+                    f"{alt['adaptive_kl']:.4f} on the same calibration windows; use --mode static --refine")
     except (RefineError, ValueError) as e:
         raise CLIError(f"--refine failed: {e}")
     for warning in warnings:
@@ -136,8 +142,9 @@ def export_plan(
                                                    "cold (never skipped).")] = 0.05,
     min_class_tokens: Annotated[int, typer.Option(help="Classes with fewer profiled tokens fall back to the "
                                                        "global plan.")] = 256,
-    refine: Annotated[bool, typer.Option("--refine", help="Static: refine the layer set by measured KL on "
-                                                          "calibration data (loads the model).")] = False,
+    refine: Annotated[bool, typer.Option("--refine", help="Choose by measured KL on calibration data (loads the "
+                                                          "model): static, the layer set; adaptive, the run length "
+                                                          "and dense-every, compared with the refined static plan.")] = False,
     model: Annotated[Optional[str], typer.Option(help="Model folder or .gguf file for --refine (default: the model "
                                                       "the profile was recorded on).")] = None,
     data: Annotated[Optional[str], typer.Option(help="--data spec for --refine (default: bundled calibration).")] = None,
@@ -173,12 +180,25 @@ def export_plan(
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if refine:
-        _refine(result.plan_file, _measuring_model(prof, model), data)
+        _refine(result.plan_file, prof, settings.resolve(), _measuring_model(prof, model), data)
     _write(result.plan_file, out)
+
+
+def _log_measurements() -> None:
+    """Searches by measured KL take minutes: one stderr line per measured set."""
+    import logging
+
+    logger = logging.getLogger("skipprofiler")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[export-plan] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def _measuring_model(profile, model_arg: str | None) -> str | None:
     """--model, else the model the profile was recorded on (said on stderr)."""
+    _log_measurements()
     if model_arg is not None:
         return model_arg
     model_arg = _profiled_model(profile)

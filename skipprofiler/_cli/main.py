@@ -67,13 +67,7 @@ def _register_all() -> None:
     import importlib
 
     for name in _SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"skipprofiler._cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"skipprofiler._cli.{name}":
-                continue  # subcommand not built yet
-            raise
-        module.register(app)
+        importlib.import_module(f"skipprofiler._cli.{name}").register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

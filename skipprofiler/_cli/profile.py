@@ -41,7 +41,7 @@ def _check_options(seq_len: int, batch_size: int, max_tokens: int, generate: int
             raise CLIError(f"{name} must be >= 0, got {value}")
 
 
-def _progress(console, max_tokens: int, generate: int):
+def _progress(console):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
@@ -139,7 +139,7 @@ def profile(
     except CorpusError as e:
         raise CLIError(str(e)) from None
     start = time.perf_counter()
-    with _progress(console, max_tokens, generate) as bar:
+    with _progress(console) as bar:
         task = bar.add_task("profile", total=max_tokens, decode="", rate="")
 
         def on_batch(progress) -> None:

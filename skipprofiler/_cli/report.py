@@ -39,8 +39,8 @@ def register(app: typer.Typer) -> None:
         eval_json: Annotated[Optional[Path], typer.Argument(help="results of `skipprof eval --json`")] = None,
         out: Annotated[Path, typer.Option(help="folder for the PNG files (created if missing)")] = Path("report"),
         title: Annotated[Optional[str], typer.Option(help="figure title (default: model and corpus)")] = None,
-        markdown: Annotated[Optional[Path], typer.Option(help="also write the result tables and the issue's bars as "
-                                                              "Markdown here (needs EVAL_JSON)")] = None,
+        markdown: Annotated[Optional[Path], typer.Option(help="also write the result tables and the comparisons "
+                                                              "at 25 % as Markdown here (needs EVAL_JSON)")] = None,
         command: Annotated[str, typer.Option(help="the regenerating command quoted in the Markdown")] =
             "scripts/make_results.sh",
     ) -> None:

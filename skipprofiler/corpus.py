@@ -147,6 +147,7 @@ class Document:
 
 
 def render_chat(tokenizer: Any, messages: list) -> str:
+    """Chat messages as text, through the tokenizer's chat template; CorpusError (one line) when that fails."""
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False)
     except Exception as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob as _glob
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,10 +116,20 @@ def _open_stream(spec: DataSpec):
         return datasets.load_dataset(spec.builder, spec.config, split=spec.split, streaming=True)
     except Exception as e:  # datasets raises many types; all mean "cannot read this source"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, StopIteration) or (spec.kind == "files" and all(_blank(f) for f in spec.files)):
+            raise CorpusError(f"{spec.raw} has no documents (empty file)") from None
         if spec.kind == "hub":
             raise CorpusError(f"cannot load hub dataset {spec.builder!r} (not a local path either; offline?): "
                               f"{first[:200]}") from None
         raise CorpusError(f"cannot read {spec.raw}: {first[:200]}") from None
+
+
+def _blank(path: str) -> bool:
+    """A data file with nothing but whitespace (small files only: a large one is not blank)."""
+    try:
+        return os.path.getsize(path) < 4096 and not Path(path).read_bytes().strip()
+    except OSError:
+        return False
 
 
 @dataclass

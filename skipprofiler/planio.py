@@ -564,7 +564,10 @@ def _read_text(path_or_text: str | Path) -> tuple[str, str]:
         raise PlanError(f"plan file not found: {path}")
     try:
         return path.read_text(encoding="utf-8"), str(path)
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise PlanError(f"{path} is not a YAML plan but a binary file (a profile? read those with "
+                        "`skipprof inspect`)") from None
+    except OSError as e:
         raise PlanError(f"cannot read plan file {path}: {e}") from None
 
 

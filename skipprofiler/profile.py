@@ -210,7 +210,7 @@ class Profile:
                 metadata = f.metadata() or {}
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ProfileError(f"{path} is not a skipprof profile (not a readable safetensors file: "
+            raise ProfileError(f"{path} is truncated or not a skipprof profile (not a readable safetensors file: "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         try:
             header = json.loads(metadata["skipprof"])

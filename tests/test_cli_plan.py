@@ -212,3 +212,45 @@ def test_end_to_end_profile_then_export_then_apply(tmp_path, capsys):
         with apply_plan(model, out_path) as handle, torch.no_grad():
             model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, do_sample=False)
             assert handle.stats()["decode_positions"] > 0
+
+
+def test_wrong_kind_of_file_gets_a_message_that_says_what_it_is(tmp_path, capsys, profile_file):
+    truncated = tmp_path / "cut.prof"
+    truncated.write_bytes(profile_file.read_bytes()[:500])
+    code, _, err = run(["inspect", truncated], capsys)
+    assert code != 0 and "truncated or not a skipprof profile" in err and "Traceback" not in err
+    code, _, err = run(["show", profile_file], capsys)
+    assert code != 0 and "not a YAML plan but a binary file" in err and "skipprof inspect" in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, _, err = run(["profile", "--data", empty, "--out", tmp_path / "x.prof"], capsys)
+    assert code != 0 and "has no documents (empty file)" in err
+
+
+def test_export_plan_budget_options_are_checked_before_any_work(tmp_path, capsys, profile_file):
+    out = tmp_path / "p.yaml"
+    for args, expected in ((["-r", "0.2", "--max-kl", "0.1"], "exclude each other"),
+                           ([], "give --target-skip R, or a quality budget"),
+                           (["--max-ppl-increase", "0"], "must be > 0"),
+                           (["--max-kl", "0.1", "--mode", "adaptive"], "fits static plans"),
+                           (["--max-kl", "0.1", "--per-class"], "global plan only")):
+        code, _, err = run(["export-plan", profile_file, *args, "--out", out], capsys)
+        assert code != 0 and expected in err, (args, err)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_export_plan_with_a_quality_budget_measures_on_the_profiled_model(tmp_path, capsys):
+    demo_profile, out = tmp_path / "demo.prof", tmp_path / "budget.yaml"
+    code, _, err = run(["profile", "--max-tokens", "1500", "--generate", "4", "--out", demo_profile], capsys)
+    assert code == 0, err
+    code, _, err = run(["export-plan", demo_profile, "--max-kl", "0.05", "--gen-len", "128", "--out", out], capsys)
+    assert code == 0, err
+    assert "measuring on the profiled model: the bundled demo model" in err and "[export-plan] set " in err
+    plan = load_plan(out).global_plan
+    record = plan.fit["budget_fit"]
+    assert record["budget"] == {"max_kl": 0.05} and 0 < record["kl"] <= 0.05
+    assert plan.skip_layers and plan.expected_skip_ratio == pytest.approx(sum(plan.skip_layers.values()) / 12, abs=1e-6)
+    assert plan.fit["gen_len"] == 128
+    whole_layer_steps = [step for step in record["path"] if all(isinstance(l, int) for l in step["layers"])]
+    assert whole_layer_steps[-1]["kl"] > 0.05  # the greedy walk stopped at the first set over the budget

@@ -18,7 +18,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="synthetic:llama-100m", help="synthetic:<name> or a checkpoint folder")
+    parser.add_argument("--model", default="synthetic:llama-100m", help="synthetic:<name>, a checkpoint folder or a .gguf file")
     parser.add_argument("--batch", type=int, action="append", help="batch size (repeatable; default 1 and 8)")
     parser.add_argument("--dtype", action="append", choices=["fp32", "bf16"], help="repeatable; default both")
     parser.add_argument("--static", type=float, default=0.29, help="skip ratio of the static arm (0 = none)")

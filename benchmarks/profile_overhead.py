@@ -55,9 +55,10 @@ def load_model(args: argparse.Namespace):
     path = Path(args.model) if args.model else _demo_checkpoint()
     if path is None:
         return _llama(256, 12, 8192, 688), "random demo-sized Llama (demo checkpoint not built yet)"
-    from transformers import AutoModelForCausalLM
+    from skipprofiler.models import load_causal_lm, model_source
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), str(path)
+    source = model_source(str(path))  # a checkpoint folder or a .gguf file
+    return load_causal_lm(source, dtype=torch.float32), source.display
 
 
 def make_batches(model, count: int, batch_size: int, seq_len: int):
@@ -168,7 +169,7 @@ def memory(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="checkpoint folder (default: the demo model)")
+    parser.add_argument("--model", help="checkpoint folder or .gguf file (default: the demo model)")
     parser.add_argument("--synthetic", action="store_true", help="random ~100M-param Llama instead")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)

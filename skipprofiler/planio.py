@@ -34,7 +34,7 @@ STATIC_KEYS = ("skip_layers",)
 ADAPTIVE_KEYS = ("tau", "cold_start", "cold_end", "max_skip")
 ADAPTIVE_OPTIONAL_KEYS = ("batch_decision",)
 PLAN_KEYS = (("mode",) + DEFAULT_KEYS + STATIC_KEYS + ADAPTIVE_KEYS + ADAPTIVE_OPTIONAL_KEYS
-             + ("norm_gain", "expected_skip_ratio", "fit"))
+             + ("norm_gain", "ffn_mean", "expected_skip_ratio", "fit"))
 ROUTER_KEYS = ("layer", "metric", "heldout_accuracy", "classes", "centroids")
 ROUTER_METRICS = ("cosine",)
 
@@ -167,21 +167,22 @@ def validate_plan_dict(d: Any, num_layers: int | None = None, fingerprint: dict 
         check.problems += fingerprint_problems(d["model"].get("fingerprint"), fingerprint)
     if "provenance" in d and check.mapping("provenance", d["provenance"], None):
         check.plain_data("provenance", d["provenance"])
+    hidden = (d["model"].get("fingerprint") or {}).get("hidden_size") if isinstance(d.get("model"), dict) else None
+    hidden = hidden if _is_int(hidden) else None
     defaults = dict(BUILTIN_DEFAULTS)
     if "defaults" in d and check.mapping("defaults", d["defaults"], DEFAULT_KEYS):
         _check_overrides(check, "defaults", d["defaults"])
         defaults.update({k: v for k, v in d["defaults"].items() if k in DEFAULT_KEYS})
     if "global" in d:
-        _check_plan(check, "global", d["global"], layers, defaults)
+        _check_plan(check, "global", d["global"], layers, defaults, hidden)
     class_names: list[str] = []
     if "classes" in d and check.mapping("classes", d["classes"], None):
         for name, plan in d["classes"].items():
             if isinstance(name, str):
                 class_names.append(name)
-                _check_plan(check, f"classes.{name}", plan, layers, defaults)
+                _check_plan(check, f"classes.{name}", plan, layers, defaults, hidden)
     if "router" in d and d["router"] is not None:
-        hidden = (d["model"].get("fingerprint") or {}).get("hidden_size") if isinstance(d.get("model"), dict) else None
-        _check_router(check, d["router"], layers, class_names, hidden if _is_int(hidden) else None)
+        _check_router(check, d["router"], layers, class_names, hidden)
     return check.problems
 
 
@@ -236,7 +237,8 @@ def _check_layer(check: _Checker, path: str, value: Any, layers: int | None) -> 
     return True
 
 
-def _check_plan(check: _Checker, path: str, plan: Any, layers: int | None, defaults: dict) -> None:
+def _check_plan(check: _Checker, path: str, plan: Any, layers: int | None, defaults: dict,
+                hidden: int | None = None) -> None:
     if not check.mapping(path, plan, PLAN_KEYS, required=("mode",)):
         return
     _check_overrides(check, path, plan)
@@ -259,10 +261,29 @@ def _check_plan(check: _Checker, path: str, plan: Any, layers: int | None, defau
                          allow_scalar=False)
     elif compensation == "norm_ratio":
         check.add(f"{path}.norm_gain", "is required with compensation: norm_ratio (one gain per layer)")
+    if "ffn_mean" in plan:
+        _check_ffn_mean(check, f"{path}.ffn_mean", plan["ffn_mean"], layers, hidden)
+    elif compensation == "mean_output":
+        check.add(f"{path}.ffn_mean", "is required with compensation: mean_output (a mean FFN output per skipped "
+                                      "layer)")
     if "expected_skip_ratio" in plan:
         check.number(f"{path}.expected_skip_ratio", plan["expected_skip_ratio"], lo=0.0, hi=1.0)
     if "fit" in plan and check.mapping(f"{path}.fit", plan["fit"], None):
         check.plain_data(f"{path}.fit", plan["fit"])
+
+
+def _check_ffn_mean(check: _Checker, path: str, means: Any, layers: int | None, hidden: int | None) -> None:
+    """{layer: [hidden_size numbers]}: the mean FFN output that replaces a skipped FFN (compensation mean_output)."""
+    if not isinstance(means, dict) or not means:
+        check.add(path, f"must be a non-empty mapping of layer -> mean output, got {_kind(means)}")
+        return
+    for layer, vector in means.items():
+        if not _check_layer(check, f"{path}.{layer}", layer, layers):
+            continue
+        if not isinstance(vector, list) or not vector or not all(_is_number(x) and math.isfinite(x) for x in vector):
+            check.add(f"{path}.{layer}", "must be a non-empty list of finite numbers")
+        elif hidden is not None and len(vector) != hidden:
+            check.add(f"{path}.{layer}", f"has {len(vector)} numbers but the model's hidden size is {hidden}")
 
 
 def _check_skip_layers(check: _Checker, path: str, entries: Any, layers: int | None) -> None:
@@ -414,6 +435,8 @@ def _skip_plan_from_dict(p: dict, defaults: dict, layers: int) -> SkipPlan:
         plan.batch_decision = p.get("batch_decision", "per_sequence")
     if "norm_gain" in p:
         plan.norm_gain = [float(g) for g in p["norm_gain"]]
+    if "ffn_mean" in p:
+        plan.ffn_mean = {int(l): [float(x) for x in v] for l, v in p["ffn_mean"].items()}
     if "expected_skip_ratio" in p:
         plan.expected_skip_ratio = float(p["expected_skip_ratio"])
     plan.fit = dict(p.get("fit") or {})
@@ -464,6 +487,8 @@ def _skip_plan_to_dict(plan: SkipPlan, defaults: dict) -> dict:
             out["batch_decision"] = plan.batch_decision
     if plan.norm_gain is not None:
         out["norm_gain"] = [float(g) for g in plan.norm_gain]
+    if plan.ffn_mean:
+        out["ffn_mean"] = {int(l): [float(x) for x in plan.ffn_mean[l]] for l in sorted(plan.ffn_mean)}
     if plan.expected_skip_ratio is not None:
         out["expected_skip_ratio"] = float(plan.expected_skip_ratio)
     if plan.fit:

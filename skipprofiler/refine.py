@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from .fidelity import (DenseReference, FidelityError, dense_references, load_documents, make_batches, measure_plan,
-                       pad_id_of, token_windows)
+                       model_forward, pad_id_of, token_windows)
 from .plan import SkipPlan
 
 Slots = tuple[tuple[int, float], ...]
@@ -426,6 +426,64 @@ def calibration_references(model, tokenizer, data_spec: str | None, *, split: st
     return dense_references(model, batches)
 
 
+def ffn_output_means(model, references: Sequence[DenseReference]) -> dict[int, list[float]]:
+    """Per layer, the dense model's mean FFN output over the references' decode positions (real tokens from the
+    prompt length on): what compensation mean_output adds in place of a skipped FFN."""
+    import torch
+
+    from .registry import RESIDUAL_INSIDE, first_tensor, resolve
+
+    sites = resolve(model).sites
+    if any(site.contribution == RESIDUAL_INSIDE for site in sites):
+        raise RefineError("compensation mean_output is not supported for this architecture (its FFN adds the "
+                          "residual itself)")
+    sums: dict[int, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+
+    def hook(index: int):
+        def fn(module, args, output):
+            out = first_tensor(output)
+            flat = out.reshape(-1, out.shape[-1]).double()
+            picked = flat[state["mask"].reshape(-1).to(flat.device)]
+            sums[index] = sums.get(index, 0) + picked.sum(0).cpu()
+        return fn
+
+    handles = [site.ffn_modules[-1].register_forward_hook(hook(site.index)) for site in sites]
+    count = 0
+    forward = model_forward(model)
+    try:
+        with torch.inference_mode():
+            for ref in references:
+                batch = ref.batch
+                pos = torch.arange(batch.input_ids.shape[1]).unsqueeze(0)
+                state["mask"] = batch.attention_mask.bool() & (pos >= batch.prompt_len)
+                count += int(state["mask"].sum())
+                forward(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if count == 0:
+        raise RefineError("no decode positions to average FFN outputs over")
+    return {i: [float(x) for x in (v / count).float()] for i, v in sorted(sums.items())}
+
+
+def with_mean_outputs(model, plan: SkipPlan, references: Sequence[DenseReference]) -> SkipPlan:
+    """`plan` with ffn_mean for every layer when it asks for compensation mean_output (a search may skip any)."""
+    if plan.compensation != "mean_output" or plan.ffn_mean:
+        return plan
+    return replace(plan, ffn_mean=ffn_output_means(model, references))
+
+
+def keep_skipped_means(plan: SkipPlan) -> SkipPlan:
+    """Drop the mean outputs of layers the plan never skips (they only make the file longer)."""
+    if not plan.ffn_mean:
+        return plan
+    num_layers = len(plan.tau) if plan.tau is not None else None
+    skippable = (set(plan.skip_layers) if plan.mode == "static"
+                 else set(range(plan.cold_start, (num_layers or 0) - plan.cold_end)))
+    return replace(plan, ffn_mean={l: v for l, v in plan.ffn_mean.items() if l in skippable})
+
+
 def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None, *,
                   candidates: Sequence[int] | None = None,
                   prompt_len: int = SEARCH_PROMPT_LEN, window: int = SEARCH_WINDOW,
@@ -448,6 +506,7 @@ def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None
     if references is None:
         references = calibration_references(model, tokenizer, data_spec, prompt_len=prompt_len, window=window,
                                             docs_per_class=docs_per_class)
+    plan = with_mean_outputs(model, plan, references)
     evaluate = SetEvaluator(model, references, plan)
     cands = list(candidates) if candidates is not None else middle_layers(num_layers)
     best, info = refine_slots(evaluate, canonical(plan.skip_layers.items()), cands, max_rounds, greedy_start,
@@ -457,7 +516,7 @@ def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None
     fit = dict(plan.fit)
     fit["refined_kl"] = info["refined_kl"]
     fit["refine"] = info
-    return replace(plan, skip_layers=dict(best), fit=fit)
+    return keep_skipped_means(replace(plan, skip_layers=dict(best), fit=fit))
 
 
 
@@ -475,6 +534,7 @@ def fit_budget_plan(model, tokenizer, template: SkipPlan, budget: Budget, data_s
     if references is None:
         references = calibration_references(model, tokenizer, data_spec, prompt_len=prompt_len, window=window,
                                             docs_per_class=docs_per_class)
+    template = with_mean_outputs(model, template, references)
     evaluate = SetEvaluator(model, references, replace(template, mode="static", skip_layers={}))
     cands = list(candidates) if candidates is not None else middle_layers(num_layers)
     slots, record = fit_to_budget(evaluate, cands, budget)
@@ -485,7 +545,7 @@ def fit_budget_plan(model, tokenizer, template: SkipPlan, budget: Budget, data_s
                       "docs_per_class": docs_per_class, "tokens": sum(int(r.mask.sum()) for r in references)}
     plan.fit = {"method": "budget-greedy", **({"gen_len": gen_len} if gen_len else {}), "horizon": horizon,
                 "refined_kl": record["kl"], "budget_fit": record}
-    return plan
+    return keep_skipped_means(plan)
 
 
 ADAPTIVE_RUN_LENGTHS = (1, 2, 3, 4, 6, 8)  # k values measured by fit_adaptive_by_cost
@@ -502,6 +562,7 @@ def fit_adaptive_by_cost(model, profile, settings, references: Sequence[DenseRef
     lowest mean KL wins (else the closest ratio). `fit.measured` records every candidate's ratio and KL."""
     from .fit import FitError, fit_adaptive
 
+    means = ffn_output_means(model, references) if settings.compensation == "mean_output" else None
     tried = []
     for every in dense_every:
         for k in run_lengths:
@@ -510,6 +571,7 @@ def fit_adaptive_by_cost(model, profile, settings, references: Sequence[DenseRef
                                     cls)
             except FitError:
                 continue
+            plan = keep_skipped_means(replace(plan, ffn_mean=means)) if means else plan
             sums, stats = measure_plan(model, references, plan)
             tried.append((plan, stats["skip_ratio"], sums.total_kl_mean(), sums.summary(None)))
             log.info("adaptive k %d dense-every %d: realized %.3f KL %.4f", k, every, stats["skip_ratio"], tried[-1][2])

@@ -112,8 +112,20 @@ def _plan_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> list[str]:
         elif form == "sequential" and any(_pre_ffn_norm(s) is None for s in arch.sites):
             problems.append(f"{label}: compensation norm_ratio needs the pre-FFN norm ({', '.join(_PRE_FFN_NORMS)}) "
                             f"but {arch.model_type} layers have none of these")
-    elif plan.compensation not in ("none", "norm_ratio"):
-        problems.append(f"{label}: unknown compensation {plan.compensation!r} (expected none or norm_ratio)")
+    elif plan.compensation == "mean_output" and not plan.is_empty():
+        skippable = (sorted(plan.skip_layers) if plan.mode == "static"
+                     else list(range(plan.cold_start, L - plan.cold_end)))
+        means = plan.ffn_mean or {}
+        missing = [l for l in skippable if l not in means]
+        if missing:
+            problems.append(f"{label}: compensation mean_output needs ffn_mean for every layer it may skip; "
+                            f"missing {missing}")
+        if any(site.contribution == RESIDUAL_INSIDE for site in arch.sites):
+            problems.append(f"{label}: compensation mean_output is not supported for {arch.model_type} (its FFN "
+                            "adds the residual itself); use compensation: none")
+    elif plan.compensation not in ("none", "norm_ratio", "mean_output"):
+        problems.append(f"{label}: unknown compensation {plan.compensation!r} (expected none, norm_ratio or "
+                        "mean_output)")
     return problems
 
 
@@ -309,6 +321,7 @@ class _Step:
     static: list[list[bool] | None] = field(default_factory=list)  # per layer: per-position skip flags, None = none
     adaptive: _HostAdaptive | _DeviceAdaptive | None = None
     gain_scale: list[Any] = field(default_factory=list)  # per layer: None | float | Tensor [P, 1] ((gain-1)/mult)
+    mean_fill: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [H] or [P, H] (mean_output)
     decisions: dict[int, Any] = field(default_factory=dict)  # layer -> None | _ALL | _Mixed (computed once)
     contribution: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [P, H] (adaptive cos)
     ffn_input_stream: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> h [P, H] (compensation)
@@ -362,6 +375,7 @@ class SkipHandle:
         self._stats_device: list[torch.Tensor] = []
         self._skip_layers = self._plannable_layers()
         self._static_cache: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._mean_tensors: dict[tuple[int, int, str], torch.Tensor] = {}
         self._removed = False
 
     # ---- public API ------------------------------------------------------------------------------------------------
@@ -608,7 +622,11 @@ class SkipHandle:
 
     def _filler(self, site: FFNSite, step: _Step, rows: int, hidden: int, dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor:
-        """A fresh [rows, H] tensor holding what skipped positions contribute (zeros, or (gain - 1) * h / mult)."""
+        """A fresh [rows, H] tensor holding what skipped positions contribute (zeros, (gain - 1) * h / mult, or the
+        calibrated mean FFN output)."""
+        mean = step.mean_fill.get(site.index)
+        if mean is not None:
+            return mean.to(dtype).expand(rows, hidden).clone()
         scale = step.gain_scale[site.index] if step.gain_scale else None
         h = step.ffn_input_stream.get(site.index)
         if scale is None or h is None:
@@ -917,6 +935,8 @@ class SkipHandle:
             step.static_skipped = (torch.tensor(skipped, device=step.device) * real).sum()
 
     def _plan_compensation(self, step: _Step, plans: list[_RowPlan]) -> None:
+        if any(rp.plan.compensation == "mean_output" for rp in plans):
+            self._plan_mean_fill(step, plans)
         if not any(rp.plan.compensation == "norm_ratio" for rp in plans):
             return
         mult = self.arch.sites[0].multiplier
@@ -929,6 +949,27 @@ class SkipHandle:
             else:
                 per_position = [v for v in per_row for _ in range(step.seq)]
                 step.gain_scale[layer] = torch.tensor(per_position, device=step.device)[:, None]
+
+
+    def _plan_mean_fill(self, step: _Step, plans: list[_RowPlan]) -> None:
+        """Per skippable layer, the mean output each row's plan substitutes (zeros for rows without mean_output)."""
+        for layer in self._skip_layers:
+            per_row = [self._mean_vector(rp.plan, layer, step.device) for rp in plans]
+            if all(v is per_row[0] for v in per_row):
+                if per_row[0] is not None:
+                    step.mean_fill[layer] = per_row[0]
+                continue
+            hidden = next(v.shape[0] for v in per_row if v is not None)
+            rows = [v if v is not None else torch.zeros(hidden, device=step.device) for v in per_row]
+            step.mean_fill[layer] = torch.stack(rows).repeat_interleave(step.seq, dim=0)
+
+    def _mean_vector(self, plan: SkipPlan, layer: int, device: torch.device) -> torch.Tensor | None:
+        if plan.compensation != "mean_output" or not plan.ffn_mean or layer not in plan.ffn_mean:
+            return None
+        key = (id(plan), layer, str(device))
+        if key not in self._mean_tensors:  # converted once per plan, layer and device
+            self._mean_tensors[key] = torch.tensor(plan.ffn_mean[layer], dtype=torch.float32, device=device)
+        return self._mean_tensors[key]
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -132,8 +132,10 @@ def export_plan(
     dense_every: Annotated[Optional[int], typer.Option(help="Every n-th generated token fully dense (0: never). "
                                                          "Default: adaptive 6, static 0.")] = None,
     apply_to: Annotated[str, typer.Option(help="decode (prompt stays dense) or all.")] = "decode",
-    compensation: Annotated[str, typer.Option(help="none, or norm_ratio (scale the skipped FFN's input by the "
-                                                   "calibrated mean norm gain, as AdaSkip).")] = "none",
+    compensation: Annotated[str, typer.Option(help="none; norm_ratio (scale the skipped FFN's input by the "
+                                                   "calibrated mean norm gain, as AdaSkip); or mean_output (add the "
+                                                   "FFN's mean output on calibration decode tokens; measured, so it "
+                                                   "needs --refine or a quality budget).")] = "none",
     max_skip: Annotated[Optional[int], typer.Option(help="Adaptive run length k. Default: searched (the k whose "
                                                     "skipped calls have the highest mean cosine).")] = None,
     tau: Annotated[str, typer.Option(help="Adaptive thresholds: global (one tau) or per-layer (one quantile level "
@@ -162,6 +164,9 @@ def export_plan(
     budget = _budget(target_skip, max_ppl_increase, max_kl, mode, per_class, classes)
     _check_options(target_skip, mode, apply_to, compensation, tau, warmup_tokens,
                    dense_every, max_skip, cold_floor, batch_decision)
+    if compensation == "mean_output" and not refine and budget is None:
+        raise CLIError("--compensation mean_output averages the FFN outputs on calibration text with the model: add "
+                       "--refine (or fit to a quality budget)")
     if str(out) != "-":
         _check_writable(out)
     prof = load_profile(profile, partial_note="fitting from the tokens it has")
@@ -280,12 +285,12 @@ def _check_fingerprint(profile, model) -> None:
 
 def _check_options(target: float | None, mode: str, apply_to: str, compensation: str, tau: str, warmup: int | None,
                    dense_every: int | None, max_skip: int | None, cold_floor: float, batch_decision: str) -> None:
-    from ..plan import BATCH_DECISIONS
+    from ..plan import BATCH_DECISIONS, COMPENSATIONS
 
     if target is not None and not 0.0 < target < 1.0:
         raise CLIError(f"--target-skip must be in (0, 1), got {target:g}")
     for name, value, options in (("--mode", mode, ("static", "adaptive")), ("--apply-to", apply_to, ("decode", "all")),
-                                 ("--compensation", compensation, ("none", "norm_ratio")),
+                                 ("--compensation", compensation, COMPENSATIONS),
                                  ("--tau", tau, ("global", "per-layer")),
                                  ("--batch-decision", batch_decision, BATCH_DECISIONS)):
         if value not in options:

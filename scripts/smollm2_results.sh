@@ -7,7 +7,7 @@
 #   scripts/smollm2_results.sh fit-static      # one stage; stages: profile fit-static fit-other eval-10 eval-25 eval-35
 #
 # Stages: (profile) the bundled calibration split, 40 k prompt tokens + 32 generated per document; (fit-static) static
-# plans chosen by measured KL (--refine) at 10 / 25 / 35 %; (fit-other) quality-budget plans at +5 / +10 / +25 %
+# plans chosen by measured KL (--refine) at 10 / 25 / 35 %, and with mean-output compensation at 10 / 25 %; (fit-other) quality-budget plans at +5 / +10 / +25 %
 # calibration perplexity, adaptive plans chosen by measured cost at 10 / 25 % (simulation-fitted at 35 %), per-class
 # static plans at 25 %; (eval-*) the plans on the held-out split, 64-token prompts and 256 generated positions, with
 # the QA retention task; baselines and the search reference at the first plan's realized ratio. Plans are fitted for
@@ -41,6 +41,10 @@ for stage in "${STAGES[@]}"; do
       for R in 10 25 35; do
         timed "fit-static-$R.log" skipprof export-plan "$PROF" -r "0.$R" --refine --model "$GGUF" \
           --gen-len "$GEN_LEN" --out "plans/smollm2-static-$R.yaml"
+      done
+      for R in 10 25; do  # the same search with each skipped FFN replaced by its mean output
+        timed "fit-static-mean-$R.log" skipprof export-plan "$PROF" -r "0.$R" --refine --compensation mean_output \
+          --model "$GGUF" --gen-len "$GEN_LEN" --out "plans/smollm2-static-mean-$R.yaml"
       done ;;
     fit-other)
       for P in 05 10 25; do  # a budget no layer fits in is an answer, not a failure: the log says so
@@ -57,12 +61,12 @@ for stage in "${STAGES[@]}"; do
         --out plans/smollm2-perclass-25.yaml ;;
     eval-10)
       budgets=(plans/smollm2-budget-ppl*.yaml)
-      timed eval-10.log skipprof eval "$GGUF" plans/smollm2-static-10.yaml plans/smollm2-adaptive-10.yaml \
-        "${budgets[@]}" --baselines --profile "$PROF" --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \
+      timed eval-10.log skipprof eval "$GGUF" plans/smollm2-static-10.yaml plans/smollm2-static-mean-10.yaml \
+        plans/smollm2-adaptive-10.yaml "${budgets[@]}" --baselines --profile "$PROF" --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \
         --json "$OUT/smollm2-eval-10.json" ;;
     eval-25)
-      timed eval-25.log skipprof eval "$GGUF" plans/smollm2-static-25.yaml plans/smollm2-adaptive-25.yaml \
-        plans/smollm2-perclass-25.yaml \
+      timed eval-25.log skipprof eval "$GGUF" plans/smollm2-static-25.yaml plans/smollm2-static-mean-25.yaml \
+        plans/smollm2-adaptive-25.yaml plans/smollm2-perclass-25.yaml \
         --baselines --profile "$PROF" --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \
         --json "$OUT/smollm2-eval-25.json" ;;
     eval-35)

@@ -154,3 +154,16 @@ def test_budget_window_and_flop_helpers():
     assert flops.ideal_speedup(0.0, 16) == 1.0
     assert 1.0 < flops.ideal_speedup(0.25, 16) < flops.ideal_speedup(0.5, 16)
     assert not math.isnan(flops.ideal_speedup(1.0, 16))
+
+
+def test_search_reference_searches_held_out_windows_and_is_measured_like_a_plan(setup):
+    model, tok, data = setup
+    plan = SkipPlan(mode="static", skip_layers={1: 1.0, 4: 1.0})
+    result = run_eval(model, tok, [("static", plan)], data,
+                      _config(greedy_prompts=0, oracle=False, search_reference=True, search_docs_per_class=2,
+                              search_gen_len=16))
+    static, reference = result["plans"]
+    assert reference["family"] == "search reference" and reference["kind"] == "reference"
+    assert reference["skip_ratio"] == pytest.approx(static["skip_ratio"])  # same slots, other layers
+    assert reference["search"]["evaluations"] > 0 and "held-out windows" in reference["note"]
+    assert len(reference["layers"]) == 2 and all(1 <= l <= 4 for l, _ in reference["layers"])

@@ -598,7 +598,8 @@ def compare_with_static(model, adaptive: SkipPlan, references: Sequence[DenseRef
     budget = ratio * num_layers
     full = int(math.floor(budget + 1e-9))
     fractions = [1.0] * full + ([round(budget - full, 3)] if budget - full >= 0.01 else [])
-    template = SkipPlan(mode="static")
+    template = with_mean_outputs(model, SkipPlan(mode="static", compensation=adaptive.compensation,
+                                                 norm_gain=adaptive.norm_gain), references)
     evaluate = SetEvaluator(model, references, template)
     slots = greedy_add(evaluate, fractions, middle_layers(num_layers))
     best, info = refine_slots(evaluate, slots, middle_layers(num_layers), greedy_start=False)

@@ -376,6 +376,7 @@ class SkipHandle:
         self._skip_layers = self._plannable_layers()
         self._static_cache: dict[tuple[int, int], tuple[int, ...]] = {}
         self._mean_tensors: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._warned_no_cache = False
         self._removed = False
 
     # ---- public API ------------------------------------------------------------------------------------------------
@@ -776,6 +777,11 @@ class SkipHandle:
             mask = None  # custom 4-D masks: treat every position as real
         batch, seq = ref.shape[0], ref.shape[1]
         past = _cache_length(cache_in(kwargs))
+        if kwargs.get("use_cache") is False and past == 0 and self._decode_start is None and not self._warned_no_cache:
+            self._warned_no_cache = True  # once per handle: generate(use_cache=False) calls this every token
+            warnings.warn("skipprofiler: a forward without a KV cache (use_cache=False) looks like a prompt, so its "
+                          "FFNs run dense and nothing is skipped; generate with the cache, or mark generated "
+                          "positions with `with handle.decode_from(prompt_len):`", stacklevel=3)
         step = _Step(batch, seq, ref.device)
         self._step = step
         if self._decode_start is None and past == 0:

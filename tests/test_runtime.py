@@ -787,3 +787,20 @@ def test_cli_bench_decode_with_plan_files(tmp_path, capsys):
         main(["bench", "decode", str(foreign), "--model", "synthetic:llama-tiny"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "fitted for another model" in err and "Traceback" not in err
+
+
+def test_forwards_without_a_cache_warn_once_that_nothing_is_skipped():
+    import warnings as _warnings
+
+    model = tiny_model("llama", num_layers=4)
+    ids = torch.randint(2, 90, (1, 6))
+    with apply_plan(model, plan_file(model, static([1, 2]))) as handle:
+        with pytest.warns(UserWarning, match="use_cache=False"):
+            model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
+        assert handle.stats()["skipped"] == 0
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("error")
+            model(ids, use_cache=False)  # warned once already
+            with handle.decode_from(4):  # teacher forcing marks decode positions: no warning, and it skips
+                model(ids, use_cache=False)
+        assert handle.stats()["skipped"] > 0

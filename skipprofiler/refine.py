@@ -601,8 +601,8 @@ def compare_with_static(model, adaptive: SkipPlan, references: Sequence[DenseRef
     template = with_mean_outputs(model, SkipPlan(mode="static", compensation=adaptive.compensation,
                                                  norm_gain=adaptive.norm_gain), references)
     evaluate = SetEvaluator(model, references, template)
-    slots = greedy_add(evaluate, fractions, middle_layers(num_layers))
-    best, info = refine_slots(evaluate, slots, middle_layers(num_layers), greedy_start=False)
+    start = tuple((layer, f) for layer, f in zip(middle_layers(num_layers), fractions))  # any set of this shape
+    best, info = refine_slots(evaluate, start, middle_layers(num_layers), greedy_start=True)  # as export-plan --refine
     return {"skip_ratio": _r(sum(fractions) / num_layers), "layers": [[l, f] for l, f in best],
             "kl": _r(evaluate(best)), "adaptive_kl": adaptive.fit["measured"]["kl"],
             "static_wins": bool(evaluate(best) < adaptive.fit["measured"]["kl"])}

@@ -88,6 +88,7 @@ def test_cli_profiles_a_gguf_file_and_fits_a_plan(gguf_path, tmp_path, capsys):
     profile = Profile.load(prof)
     assert profile.num_layers == 30 and profile.tokens("decode") > 0
     assert profile.header["model"]["path"] == str(gguf_path)
+    assert profile.header["model"]["name"] == "SmolLM2-135M-Instruct.Q4_1.gguf"  # no machine-specific path
     plan_path = tmp_path / "plan.yaml"
     code, _, err = run(["export-plan", prof, "-r", "0.2", "--mode", "adaptive", "--gen-len", "128",
                         "--out", plan_path], capsys)

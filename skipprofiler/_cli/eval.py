@@ -14,7 +14,8 @@ from .errors import CLIError
 
 HELP = (
     "Measure what skip plans cost and save on held-out data (default: the bundled held-out split).\n\n"
-    "Per plan, per class and overall: teacher-forced perplexity dense vs plan, mean per-token KL(dense || plan) and "
+    "Every row is measured at a stated generation length (--prompt-len dense tokens, then --gen-len decode "
+    "positions per document). Per plan, per class and overall: teacher-forced perplexity dense vs plan, mean per-token KL(dense || plan) and "
     "top-1 agreement on decode positions (prompt prefix dense, then the plan's decode-time rule with warm-up and "
     "dense-every); greedy continuations with and without the plan; the realized skip ratio; decode tokens/s dense vs "
     "plan (interleaved, median) against the FLOP-ideal speedup. JSON layout: docs/eval-schema.md.\n\n"
@@ -23,6 +24,7 @@ HELP = (
     "  skipprof eval plans/demo-static-25.yaml plans/demo-adaptive-25.yaml --baselines --profile demo.prof "
     "--json eval.json\n\n"
     "  skipprof eval path/to/model plan.yaml --data heldout.jsonl --no-speed\n\n"
+    "  skipprof eval SmolLM2-135M-Instruct.Q4_1.gguf plans/smollm2-static-25.yaml --baselines --qa --gen-len 256\n\n"
     "  skipprof eval --profile demo.prof --sweep 0.05,0.1,0.15,0.25,0.35 --baselines --json sweep.json\n"
 )
 

@@ -160,7 +160,9 @@ def profile(
             return  # not rank 0: rank 0 writes the merged profile
         bar.update(task, total=max(corpus.tokens, 1), completed=corpus.tokens)
     elapsed = time.perf_counter() - start
-    result.header["model"].update(name=model or "skipprofiler-demo", path=location)
+    # A .gguf file is named by its file name: plans copy the name, and a site-packages path is this machine's only.
+    name = Path(location).name if location.lower().endswith(".gguf") else (model or "skipprofiler-demo")
+    result.header["model"].update(name=name, path=location)
     result.header["corpus"] = corpus.provenance()
     result.header["corpus_settings"] = corpus.settings()
     result.header["elapsed_s"] = round(elapsed, 3)

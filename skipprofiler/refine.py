@@ -12,6 +12,7 @@ fraction, so the expected skip ratio (sum of fractions / L x eligible share) nev
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -147,13 +148,18 @@ class SetEvaluator:
         return best
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def measured_logits(model, reference: DenseReference, compare_into) -> None:
     """Forward one reference batch and add its fidelity to `compare_into`, computing the LM head only on the
     positions that are measured (the decode part of the window) when the model's forward takes `logits_to_keep`:
     with a 49k vocabulary the head is a large share of a small model's work."""
     batch = reference.batch
     width = batch.input_ids.shape[1]
-    keeps = "logits_to_keep" in inspect.signature(type(model).forward).parameters
+    keeps = _takes_logits_to_keep(type(model))
     if not keeps or batch.prompt_len >= width - 1:
         compare(reference, model_forward(model)(batch), compare_into)
         return

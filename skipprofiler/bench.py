@@ -82,12 +82,15 @@ class DecodeBenchmark:
         out = []
         for r in self.results:
             speedup = dense.median / r.median
+            # Per-round ratios (arms are interleaved, so round i of each arm ran side by side): their spread is the
+            # timing noise of this run.
+            paired = sorted(d / p for d, p in zip(dense.seconds, r.seconds))
             out.append({
                 "arm": r.name, "batch": self.batch, "dtype": self.dtype,
                 "tok_per_s": self.batch * self.new_tokens / r.median, "median_s": r.median,
                 "skip_ratio": r.stats.get("skip_ratio", 0.0), "speedup": speedup,
                 "ideal_speedup": r.ideal_speedup, "measured_over_ideal": speedup / r.ideal_speedup,
-                "runs": len(r.seconds),
+                "runs": len(r.seconds), "speedup_min": paired[0], "speedup_max": paired[-1],
             })
         return out
 

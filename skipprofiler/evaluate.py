@@ -198,11 +198,26 @@ def _plan_layers(plan: SkipPlan) -> Any:
             "cold_end": plan.cold_end, "max_skip": plan.max_skip}
 
 
+ROUTES = (None, "label", "router")
+
+
+def _prompt_class(route: str | None, cls: str | None) -> str | None:
+    """The runtime's prompt_class for a row: the global plan, the true label's class plan, or the plan's router."""
+    return {None: None, "label": cls, "router": "auto"}[route]
+
+
 def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: str, config: EvalConfig,
-                  route_by_class: bool = False, strict: bool = True,
+                  route: str | None = None, strict: bool = True,
                   profile_cost: "FlopModel | None" = None, family: str | None = None) -> dict[str, Any]:
-    """One row: teacher-forced fidelity per class, realized skip ratio, greedy agreement, speed."""
+    """One row: teacher-forced fidelity per class, realized skip ratio, greedy agreement, speed.
+
+    `route`: None runs the global plan; "label" runs each class's plan on that class's documents; "router" lets the
+    plan's router pick a class plan per prompt, as `prompt_class="auto"` does in deployment, and reports how often it
+    picked the true class."""
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, not {route!r}")
     sums, decode_positions, skipped = FidelitySums(), 0, 0
+    routed: dict[str, tuple[int, int]] = {}  # class -> (prompts routed to it, prompts)
     generated = sum(int((ref.batch.lengths - ref.batch.prompt_len).clamp(min=0).sum()) for ref in data.references)
     num_layers = model_num_layers(model)
     class_skip: dict[str, float] = {}
@@ -210,7 +225,7 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
     # and global plans can only be compared fairly on a class at the skip ratio each realizes there.
     for cls in data.classes:
         try:
-            part, stats = measure_plan(model, data.of_class(cls), plan, prompt_class=cls if route_by_class else None,
+            part, stats = measure_plan(model, data.of_class(cls), plan, prompt_class=_prompt_class(route, cls),
                                        strict=strict, batch_decision=config.batch_decision)
         except FidelityError as e:
             raise EvalError(f"{name}: {e}") from None
@@ -219,8 +234,14 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
         skipped += int(stats["skipped"])
         if stats["decode_positions"]:
             class_skip[cls] = _r(stats["skipped"] / (stats["decode_positions"] * num_layers))
+        if route == "router":
+            chosen = stats["routed_classes"]
+            routed[cls] = (sum(c == cls for c in chosen), len(chosen))
     row = {"name": name, "kind": kind, "family": family or name}
     row.update(summarize(sums, data.classes, name))
+    if routed:
+        row["router_accuracy"] = _r(sum(h for h, _ in routed.values()) / max(sum(n for _, n in routed.values()), 1))
+        row["router_accuracy_per_class"] = {c: _r(h / n) if n else None for c, (h, n) in routed.items()}
     for cls, ratio in class_skip.items():
         row["per_class"][cls]["skip_ratio"] = ratio
     row["skip_ratio"] = _r(skipped / (decode_positions * num_layers)) if decode_positions else 0.0
@@ -237,29 +258,29 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
     if active.fit.get("refined_kl") is not None:
         row["calibration_refined_kl"] = active.fit["refined_kl"]
     if data.prompts:
-        row.update(_greedy_row(model, data, plan, route_by_class, strict))
+        row.update(_greedy_row(model, data, plan, route, strict))
     if data.qa is not None:
-        routed = isinstance(plan, PlanFile) and route_by_class
-        if routed and plan.router is None:
+        routed_qa = isinstance(plan, PlanFile) and route is not None
+        if routed_qa and plan.router is None:
             row["qa_note"] = "class plans need a router to answer QA questions; not measured"
         else:
-            row.update(qa_fields(model, data, config, plan, route_by_class=routed, strict=strict))
+            row.update(qa_fields(model, data, config, plan, route_by_class=routed_qa, strict=strict))
     flops = profile_cost or FlopModel.of(model)
     row["ideal_speedup"] = _r(flops.ideal_speedup(row["saved_share"], context=config.prompt_len + config.gen_len // 2))
     if config.speed and data.prompts:
-        row.update(_speed_row(model, data, plan, config, row["ideal_speedup"], route_by_class, strict))
+        row.update(_speed_row(model, data, plan, config, row["ideal_speedup"], route, strict))
     else:
         row["speedup"] = None
     return row
 
 
-def _greedy_row(model, data: EvalData, plan, route_by_class: bool, strict: bool) -> dict[str, Any]:
+def _greedy_row(model, data: EvalData, plan, route: str | None, strict: bool) -> dict[str, Any]:
     from .runtime import apply_plan
 
     produced: list[list[int]] = []
     n_new = len(data.dense_greedy[0]) if data.dense_greedy else 0
     for prompt, cls in zip(data.prompts, data.prompt_classes):
-        with apply_plan(model, plan, prompt_class=cls if route_by_class else None, strict=strict):
+        with apply_plan(model, plan, prompt_class=_prompt_class(route, cls), strict=strict):
             produced += greedy_tokens(model, [prompt], n_new)
     cmp = compare_greedy(data.dense_greedy, produced)
     return {"greedy_agreement": _r(cmp.agreement), "first_divergence_mean": _r(cmp.first_divergence_mean),
@@ -276,18 +297,19 @@ def model_num_layers(model) -> int:
 # Speed: decode tokens/s, dense vs plan, interleaved, warm-up excluded, median
 
 
-def _speed_row(model, data: EvalData, plan, config: EvalConfig, ideal: float, route_by_class: bool,
+def _speed_row(model, data: EvalData, plan, config: EvalConfig, ideal: float, route: str | None,
                strict: bool) -> dict[str, Any]:
     """Decode tokens/s dense vs plan with the runtime's benchmark (interleaved, warm-up round dropped, median)."""
     from .bench import Arm, benchmark_decode
 
-    cls = data.prompt_classes[0] if route_by_class else None
+    cls = _prompt_class(route, data.prompt_classes[0])
     bench = benchmark_decode(model, [Arm("dense", None), Arm("plan", plan, prompt_class=cls)], batch=1,
                              prompt_tokens=config.prompt_len, new_tokens=config.speed_new_tokens,
                              repeats=config.speed_repeats, seed=config.seed)
     dense_row, plan_row = bench.rows()
     return {"tokens_per_s": _r(plan_row["tok_per_s"]), "tokens_per_s_dense": _r(dense_row["tok_per_s"]),
-            "speedup": _r(plan_row["speedup"]), "speed_run_skip_ratio": _r(plan_row["skip_ratio"]),
+            "speedup": _r(plan_row["speedup"]), "speedup_min": _r(plan_row["speedup_min"]),
+            "speedup_max": _r(plan_row["speedup_max"]), "speed_run_skip_ratio": _r(plan_row["skip_ratio"]),
             "speed_run_ideal_speedup": _r(plan_row["ideal_speedup"]),
             "speed_over_ideal": _r(plan_row["measured_over_ideal"]),
             "speed_repeats": config.speed_repeats, "speed_new_tokens": config.speed_new_tokens}
@@ -653,7 +675,11 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
         if isinstance(plan, PlanFile) and plan.classes and set(data.classes) <= set(plan.classes):
             log(f"evaluating {name} with class plans (routed by true label)")
             rows.append(evaluate_plan(model, data, plan, f"{name} [class plans, routed by label]", "plan", config,
-                                      route_by_class=True, profile_cost=flops))
+                                      route="label", profile_cost=flops))
+            if plan.router is not None:
+                log(f"evaluating {name} with class plans (routed by the plan's router)")
+                rows.append(evaluate_plan(model, data, plan, f"{name} [class plans, routed by router]", "plan",
+                                          config, route="router", profile_cost=flops))
     if config.baselines or config.oracle or config.search_reference:
         first = plans[0][1]
         reference = first.global_plan if isinstance(first, PlanFile) else first
@@ -778,7 +804,7 @@ def run_sweep(model, tokenizer, profile, targets: Sequence[float], data_spec: st
                 if plan.classes and set(data.classes) <= set(plan.classes):
                     target_rows.append(evaluate_plan(
                         model, data, plan, f"fitted {mode} per-class (routed by label) {tag}", "plan", config,
-                        route_by_class=True, family=f"fitted {mode} per-class (routed by label)"))
+                        route="label", family=f"fitted {mode} per-class (routed by label)"))
             if refine and static.classes and set(data.classes) <= set(static.classes):
                 log(f"target {target:.2f}: refining each class's static set on its own calibration windows")
                 per_class_refined = copy.deepcopy(static)
@@ -791,7 +817,7 @@ def run_sweep(model, tokenizer, profile, targets: Sequence[float], data_spec: st
                     raise EvalError(f"refining class plans at {target}: {e}") from None
                 family = "fitted static per-class (refined, routed by label)"
                 target_rows.append(evaluate_plan(model, data, per_class_refined, f"{family} {tag}", "plan", config,
-                                                 route_by_class=True, family=family))
+                                                 route="label", family=family))
         realized = reference_row["skip_ratio"]
         if config.baselines and realized > 0:
             log(f"target {target:.2f}: baselines at realized ratio {realized:.3f}")

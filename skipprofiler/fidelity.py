@@ -273,6 +273,7 @@ def measure_plan(model, references: Sequence[DenseReference], plan, prompt_class
 
     forward = model_forward(model)
     sums = FidelitySums()
+    routed: list[str | None] = []
     with apply_plan(model, plan, prompt_class=prompt_class, strict=strict, batch_decision=batch_decision) as handle:
         handle.reset_stats()
         with torch.inference_mode():
@@ -280,5 +281,9 @@ def measure_plan(model, references: Sequence[DenseReference], plan, prompt_class
                 with handle.decode_from(ref.batch.prompt_len):
                     logits = forward(ref.batch)
                 compare(ref, logits, sums)
+                if prompt_class == "auto":
+                    routed += handle.chosen_classes or []
         stats = dict(handle.stats())
+    if prompt_class == "auto":
+        stats["routed_classes"] = routed  # the router's class per row (document window), in order
     return sums, stats

@@ -18,22 +18,26 @@ import numpy as np
 
 from .atomic import atomic_path
 
-# Fixed colours and markers per family so every figure and every run reads the same way.
+# Fixed colours and markers per family so every figure and every run reads the same way. Fitted plans are filled
+# markers on solid lines; baselines and references are hollow markers on dotted/dashed lines. No two families share
+# a colour, and neighbouring hues (greens, yellows) are avoided.
 FAMILY_STYLE = {
     "fitted static": ("tab:blue", "o", "-"),
     "fitted static (refined)": ("tab:blue", "o", "-"),
-    "fitted static (unrefined)": ("tab:cyan", "o", ":"),
+    "fitted static (unrefined)": ("#7fb8e6", "o", ":"),
     "fitted adaptive": ("tab:green", "s", "-"),
-    "fitted static per-class (routed by label)": ("tab:olive", "P", ":"),
-    "fitted static per-class (refined, routed by label)": ("tab:olive", "P", "-"),
-    "fitted adaptive per-class (routed by label)": ("lime", "X", "-"),
+    "fitted static per-class (routed by label)": ("#f4a6d7", "P", ":"),
+    "fitted static per-class (refined, routed by label)": ("tab:pink", "P", "-"),
+    "fitted adaptive per-class (routed by label)": ("tab:purple", "X", "-"),
     "oracle static": ("black", "*", "--"),
+    "search reference": ("dimgray", "*", "--"),
     "random FFN": ("tab:red", "x", ":"),
     "contiguous window": ("tab:orange", "^", ":"),
-    "FFN-SkipLLM paper defaults": ("tab:purple", "D", ":"),
+    "FFN-SkipLLM paper defaults": ("goldenrod", "D", ":"),
     "LLM-Drop top-by-cosine": ("tab:brown", "v", ":"),
-    "ShortGPT layer drop": ("tab:gray", "<", ":"),
+    "ShortGPT layer drop": ("navy", "<", ":"),
 }
+OTHER_COLOURS = ("tab:cyan", "tab:olive", "teal", "crimson", "slateblue", "sienna")
 
 
 class ReportError(ValueError):
@@ -85,11 +89,16 @@ def cosine_figure(profile, out: Path, title: str) -> Path:
                              layout="constrained")
     num_layers = profile.num_layers
     x_edges = np.arange(num_layers + 1) - 0.5
+    shares = [np.stack([_rebinned(hist[r, l, i], edges, grid) for l in range(num_layers)], axis=1)
+              for i in range(len(classes))]
+    # One scale for every panel. A layer whose tokens all fall in one bin (often layer 0) would set a max that
+    # washes out the rest, so the scale tops at the typical layer's peak share and brighter cells saturate.
+    peaks = np.concatenate([s.max(axis=0) for s in shares])
+    vmax = max(float(np.median(peaks)) * 1.5, 1e-9)
     mesh = None
     for i, cls in enumerate(classes):
         ax = axes[i // cols][i % cols]
-        shares = np.stack([_rebinned(hist[r, l, i], edges, grid) for l in range(num_layers)], axis=1)
-        mesh = ax.pcolormesh(x_edges, grid, shares, cmap="viridis", vmin=0, vmax=max(float(shares.max()), 1e-9))
+        mesh = ax.pcolormesh(x_edges, grid, shares[i], cmap="viridis", vmin=0, vmax=vmax)
         median = 1.0 - np.asarray(profile.layer_stats("residual", regime, cls=cls)["p50"], dtype=float)
         ax.plot(range(num_layers), np.clip(median, GAP_FLOOR, 2.0), color="white", marker=".", lw=1.2,
                 label="median")
@@ -98,13 +107,14 @@ def cosine_figure(profile, out: Path, title: str) -> Path:
         ax.set_ylim(grid[0], grid[-1])
         ax.set_title(f"{cls}  ({profile.tokens(regime, cls):,} {regime} tokens)", fontsize=10)
         ax.set_xlabel("layer")
-        ax.set_xticks(range(num_layers))
+        ax.set_xticks(range(0, num_layers, 1 if num_layers <= 16 else 2))
         if i % cols == 0:
             ax.set_ylabel("1 − cos(h, h + FFN)  (log; lower = more saturated)")
         ax.legend(loc="upper right", fontsize=7)
     for j in range(len(classes), rows * cols):
         axes[j // cols][j % cols].axis("off")
-    fig.colorbar(mesh, ax=axes, shrink=0.8, label="share of the layer's tokens")
+    fig.colorbar(mesh, ax=axes, shrink=0.8, extend="max" if float(peaks.max()) > vmax else "neither",
+                 label="share of the layer's tokens")
     fig.suptitle(title + f"\nper-layer FFN saturation by class ({regime} regime)", fontsize=11)
     path = out / "cosine_by_layer.png"
     _atomic_savefig(fig, path)
@@ -124,37 +134,78 @@ def families(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 def _style(family: str, index: int):
     if family in FAMILY_STYLE:
         return FAMILY_STYLE[family]
-    palette = ["tab:pink", "tab:cyan", "tab:olive", "navy", "teal", "gold"]
-    return palette[index % len(palette)], "o", "-"
+    return OTHER_COLOURS[index % len(OTHER_COLOURS)], "o", "-"
 
 
-def _series(ax, grouped, key: str, log: bool = False) -> None:
+def _is_fitted(family: str) -> bool:
+    return family.startswith("fitted") or family not in FAMILY_STYLE
+
+
+def _series(ax, grouped, key: str) -> list[tuple[float, float]]:
+    """One line per family; fitted plans filled, baselines hollow (so coinciding points stay visible). Returns the
+    plotted points."""
+    plotted = []
     for i, (family, rows) in enumerate(grouped.items()):
         points = [(r["skip_ratio"], r[key]) for r in rows if r.get(key) is not None]
         if not points:
             continue
         color, marker, ls = _style(family, i)
         xs, ys = zip(*points)
-        ax.plot(xs, ys, marker=marker, ls=ls if len(xs) > 1 else "none", color=color, label=family, ms=7)
-    if log:
-        ax.set_yscale("log")
+        fitted = _is_fitted(family)
+        ax.plot(xs, ys, marker=marker, ls=ls if len(xs) > 1 else "none", color=color, label=family,
+                ms=8 if fitted else 9, mfc=color if fitted else "none", mew=1.5, zorder=3 if fitted else 2)
+        plotted += points
     ax.set_xlabel("realized FFN skip ratio (decode tokens)")
     ax.grid(alpha=0.3)
+    return plotted
+
+
+def _skip_axis(ax, points) -> None:
+    """Skip ratio from 0 (dense) to a little past the largest point: a few close plans must not fill the axis."""
+    top = max([x for x, _ in points] + [0.05])
+    ax.set_xlim(-0.01, top * 1.15 + 0.01)
+
+
+def _log_span(ax, values, decades: float = 1.0) -> None:
+    """A log axis spanning at least `decades` around the data, so a few-percent difference does not look huge."""
+    values = [v for v in values if v > 0]
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    centre = (np.log10(lo) + np.log10(hi)) / 2
+    half = max((np.log10(hi) - np.log10(lo)) / 2 * 1.2, decades / 2)
+    ax.set_ylim(10 ** (centre - half), 10 ** (centre + half))
+
+
+def _shared_legend(fig, axes) -> None:
+    """One legend for the whole figure, from every panel's entries (each label once)."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
 
 
 def quality_figure(result: dict[str, Any], out: Path, title: str) -> Path:
     plt = _plt()
     grouped = families(result)
     fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(13, 4.8))
-    _series(ax_kl, grouped, "kl_mean", log=True)
+    kl_points = _series(ax_kl, grouped, "kl_mean")
+    ax_kl.set_yscale("log")
+    _log_span(ax_kl, [y for _, y in kl_points])
     ax_kl.set_ylabel("mean KL(dense ‖ plan) per token (log)")
-    ax_kl.set_title("teacher-forced KL on held-out decode positions", fontsize=10)
-    _series(ax_ppl, grouped, "ppl")
-    ax_ppl.axhline(result["dense"]["ppl"], color="black", lw=0.8, ls="--", label="dense")
+    ax_kl.set_title("teacher-forced KL on held-out decode positions (dense: 0)", fontsize=10)
+    dense_ppl = result["dense"]["ppl"]
+    ppl_points = _series(ax_ppl, grouped, "ppl")
+    ax_ppl.plot([0.0], [dense_ppl], marker="o", color="black", ls="none", ms=8, label="dense", zorder=4)
+    ax_ppl.axhline(dense_ppl, color="black", lw=0.8, ls="--")
+    top = max([y for _, y in ppl_points] + [dense_ppl])
+    ax_ppl.set_ylim(0, max(top * 1.08, dense_ppl * 1.25))  # from zero: the increase reads at its true size
     ax_ppl.set_ylabel("held-out perplexity")
     ax_ppl.set_title("perplexity (decode positions)", fontsize=10)
-    handles, labels = ax_ppl.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    for ax in (ax_kl, ax_ppl):
+        _skip_axis(ax, kl_points + ppl_points)
+    _shared_legend(fig, (ax_kl, ax_ppl))
     fig.suptitle(title + "\nquality vs skip ratio", fontsize=11)
     fig.tight_layout()
     path = out / "quality_vs_skip.png"
@@ -167,12 +218,16 @@ def speed_figure(result: dict[str, Any], out: Path, title: str) -> Path:
     plt = _plt()
     grouped = families(result)
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    _series(ax, grouped, "speedup")
+    points = _series(ax, grouped, "speedup")
     ideal = sorted({(r["skip_ratio"], r["ideal_speedup"]) for rows in grouped.values() for r in rows
                     if r.get("mode") != "layer_drop" and r.get("ideal_speedup") is not None})
     if ideal:
         ax.plot(*zip(*ideal), color="black", ls="--", lw=1, label="FLOP-ideal (FFN skip)")
+    ax.plot([0.0], [1.0], marker="o", color="black", ls="none", ms=8, label="dense")
     ax.axhline(1.0, color="gray", lw=0.8)
+    ys = [y for _, y in points + ideal] + [1.0]
+    ax.set_ylim(min(0.9, min(ys) - 0.05), max(1.1, max(ys) + 0.05))  # at least ±10 %: timing noise is that large
+    _skip_axis(ax, points + ideal)
     ax.set_ylabel("decode speedup vs dense (median, interleaved)")
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     ax.set_title(title + "\nmeasured decode speedup vs skip ratio", fontsize=11)

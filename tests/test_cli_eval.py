@@ -61,7 +61,7 @@ def test_eval_writes_json_with_the_documented_keys(saved, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["eval", "{root}/model", "{root}/other.yaml", "--data", "{data}"], "another model"),
     (["eval", "{root}/model", "{root}/missing.yaml"], "plan file not found"),
-    (["eval", "{root}/model", "{root}/static.yaml", "--data", "{root}/nope.jsonl"], "data file not found"),
+    (["eval", "{root}/model", "{root}/static.yaml", "--data", "{root}/nope.jsonl"], "data path not found"),
     (["eval", "{root}/model"], "at least one PLAN"),
     (["eval", "{root}/model", "{root}/static.yaml", "--batch-decision", "vote"], "unknown --batch-decision"),
     (["eval", "{root}/static.yaml", "--sweep", "0.1,2"], "(0, 1)"),

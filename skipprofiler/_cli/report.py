@@ -67,8 +67,8 @@ def register(app: typer.Typer) -> None:
             import os
 
             from ..report import results_markdown
-            from .eval import write_text_atomic
+            from .common import write_output
 
             figures = [os.path.relpath(p, markdown.parent.resolve()) for p in (Path(x).resolve() for x in paths)]
-            write_text_atomic(results_markdown(result, figures, command), markdown)
+            write_output(markdown, results_markdown(result, figures, command))
             print(markdown)

@@ -25,11 +25,35 @@ from .merge import now, token_summary
 
 @dataclass
 class ProfileSettings:
+    """Everything that shapes a profile besides the model (defaults: `skipprof profile`'s). `profile_model` reads the
+    recording fields; `skipprofiler.profile_corpus` also reads the corpus fields to build the batches."""
+
+    # corpus (skipprofiler.corpus.Corpus)
+    data: list[str] | None = None  # --data specs, [CLASS=]file|glob|folder|hub-name; None: bundled calibration split
+    text_column: str | None = None  # default `text`, else chat `messages` rendered with the chat template
+    class_column: str | None = None  # default `class` when present, else one class `default`
+    max_tokens: int = 60_000  # prompt-token budget over the whole corpus
+    seq_len: int = 256  # tokens per document (longer ones are truncated)
+    batch_size: int = 8  # documents per forward (length-sorted batching)
+    shard: tuple[int, int] | None = None  # (I, N): profile only batches j with j % N == I (array jobs)
+    # recording
     generate: int = 0  # greedy tokens generated per prompt and profiled as the decode regime
-    reservoir_size: int = DEFAULT_RESERVOIR
-    doc_reservoir_size: int = DEFAULT_DOC_RESERVOIR
+    reservoir_size: int = DEFAULT_RESERVOIR  # per-token samples kept per class and regime (adaptive fits)
+    doc_reservoir_size: int = DEFAULT_DOC_RESERVOIR  # per-document hidden-state samples per class (router)
     seed: int = 0
     router_layer: int | None = None  # default num_layers // 2
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, each as one line naming the CLI option."""
+        out = [f"{option} must be > 0, got {value}" for option, value in
+               (("--max-tokens", self.max_tokens), ("--seq-len", self.seq_len), ("--batch-size", self.batch_size))
+               if value <= 0]
+        out += [f"{option} must be >= 0, got {value}" for option, value in
+                (("--generate", self.generate), ("--reservoir", self.reservoir_size),
+                 ("--doc-samples", self.doc_reservoir_size)) if value < 0]
+        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
+            out.append(f"--shard I/N needs 0 <= I < N, got {self.shard[0]}/{self.shard[1]}")
+        return out
 
 
 @dataclass

@@ -570,7 +570,7 @@ def fit_plan_file(profile, settings: FitSettings, per_class: bool = False, class
     settings = settings.resolve()
     regime = fitting_regime(profile)
     if regime == "prompt":
-        warnings.append("the profile has no decode tokens (profile with --generate N for decode statistics): "
+        warnings.append("the profile has no decode tokens (profile with --new-tokens N for decode statistics): "
                         "fitting on prompt tokens")
     global_plan = fit_skip_plan(profile, settings)
     known = list(profile.classes)

@@ -49,7 +49,7 @@ class ProfileSettings:
                (("--max-tokens", self.max_tokens), ("--seq-len", self.seq_len), ("--batch-size", self.batch_size))
                if value <= 0]
         out += [f"{option} must be >= 0, got {value}" for option, value in
-                (("--generate", self.generate), ("--reservoir", self.reservoir_size),
+                (("--new-tokens", self.generate), ("--reservoir", self.reservoir_size),
                  ("--doc-samples", self.doc_reservoir_size)) if value < 0]
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
             out.append(f"--shard I/N needs 0 <= I < N, got {self.shard[0]}/{self.shard[1]}")

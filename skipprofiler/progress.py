@@ -51,8 +51,12 @@ class Progress:
         emit()
         try:
             yield tick
-        finally:
-            emit(finished=True)
+        except BaseException:
+            emit(finished=True)  # failed: done stays where it stopped
+            raise
+        if total is not None:
+            done = total  # a stage that ends normally is complete, ticked or not (one-step stages never tick)
+        emit(finished=True)
 
 
 def as_progress(progress: Progress | ProgressCallback | None) -> Progress:

@@ -167,3 +167,24 @@ def test_search_reference_searches_held_out_windows_and_is_measured_like_a_plan(
     assert reference["skip_ratio"] == pytest.approx(static["skip_ratio"])  # same slots, other layers
     assert reference["search"]["evaluations"] > 0 and "held-out windows" in reference["note"]
     assert len(reference["layers"]) == 2 and all(1 <= l <= 4 for l, _ in reference["layers"])
+
+
+def test_evaluate_plans_reports_every_stage_until_done(setup):
+    """The library's progress: the dense pass, each plan and every baseline / oracle stage, each counted to its total."""
+    from skipprofiler import evaluate_plans
+
+    model, tok, data = setup
+    events = []
+    plans = [("static", SkipPlan(mode="static", skip_layers={2: 1.0, 3: 1.0}))]
+    result = evaluate_plans(model, tok, plans, _config(data=data, baselines=True, random_seeds=1),
+                            on_progress=events.append)
+    stages = list(dict.fromkeys(e.stage for e in events))
+    assert stages[:3] == ["dense pass", "dense greedy", "static"]
+    assert {"random seed 0", "contiguous window", "ShortGPT block influence", "oracle search"} <= set(stages)
+    assert {r["name"] for r in result["plans"]} - {"random FFN (mean of 1 seeds)"} <= set(stages)
+    for stage in stages:
+        mine = [e for e in events if e.stage == stage]
+        assert [e.done for e in mine] == sorted(e.done for e in mine), stage
+        assert mine[-1].finished and mine[-1].done == mine[-1].total, stage
+    plan_steps = [e for e in events if e.stage == "static"][-1].total
+    assert plan_steps == 2 + 2  # two classes, two greedy prompts (speed off)

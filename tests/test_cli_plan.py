@@ -210,8 +210,11 @@ def test_end_to_end_profile_then_export_then_apply(tmp_path, capsys):
         plan_file = load_plan(out_path)
         assert abs(plan_file.global_plan.expected_skip_ratio - 0.25) <= 0.01
         with apply_plan(model, out_path) as handle, torch.no_grad():
-            model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, do_sample=False)
-            assert handle.stats()["decode_positions"] > 0
+            model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=24, do_sample=False)
+            stats = handle.stats()
+        assert stats["decode_positions"] == 23 and stats["skipped"] > 0
+        if mode == "static":  # the same layers at every position: the fitted ratio, up to the fractional layer's pattern
+            assert stats["skip_ratio"] == pytest.approx(0.25, abs=1 / (4 * 23))
 
 
 def test_wrong_kind_of_file_gets_a_message_that_says_what_it_is(tmp_path, capsys, profile_file):

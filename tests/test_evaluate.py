@@ -66,7 +66,7 @@ def test_plan_rows_have_the_documented_keys_and_exact_realized_ratio(setup):
     for key in ("skip_ratio", "ppl", "ppl_dense", "kl_mean", "top1_agreement", "greedy_agreement", "speedup",
                 "ideal_speedup", "per_class", "first_divergence_mean"):
         assert key in static, key
-    assert static["skip_ratio"] == pytest.approx(1.5 / 6, abs=0.02)  # fraction 0.5 alternates positions
+    assert static["skip_ratio"] == pytest.approx(1.5 / 6, abs=1e-9)  # fraction 0.5 alternates even-length runs
     assert static["kl_mean"] > 0 and static["ideal_speedup"] > 1
     assert empty["kl_mean"] == 0 and empty["skip_ratio"] == 0 and empty["greedy_agreement"] == 1.0
     assert static["ppl_dense"] == empty["ppl_dense"] == result["dense"]["ppl"]
@@ -76,14 +76,14 @@ def test_plan_rows_have_the_documented_keys_and_exact_realized_ratio(setup):
 
 def test_batch_decision_reaches_the_teacher_forced_measurement(setup):
     model, tok, data = setup
-    # thresholds inside this model's cos range (0.98-1.0), so rows pass at different layers and sharing moves runs
-    plan = SkipPlan(mode="adaptive", tau=[0.99, 0.98, 0.97, 0.96, 0.95, 0.95], cold_start=1, cold_end=1, max_skip=2)
+    # a threshold inside this model's cos range (0.98-1.0), passed by some rows and not others at a position: a
+    # shared run starts only where every row of the batch passes, so shared decisions skip strictly less
+    plan = SkipPlan(mode="adaptive", tau=[0.997] * 6, cold_start=1, cold_end=1, max_skip=2)
     results = {d: run_eval(model, tok, [("a", plan)], data, _config(greedy_prompts=0, batch_decision=d))
                for d in ("per_sequence", "shared")}
     per_seq, shared = (results[d]["plans"][0] for d in ("per_sequence", "shared"))
     assert results["shared"]["config"]["batch_decision"] == "shared"
-    assert per_seq["skip_ratio"] > 0 and shared["skip_ratio"] > 0
-    assert (per_seq["skip_ratio"], per_seq["kl_mean"]) != (shared["skip_ratio"], shared["kl_mean"])
+    assert 0 < shared["skip_ratio"] < per_seq["skip_ratio"]
 
 
 def test_class_plans_are_routed_by_label(setup):

@@ -82,8 +82,8 @@ def test_cli_profiles_a_gguf_file_and_fits_a_plan(gguf_path, tmp_path, capsys):
     from skipprofiler.profile import Profile
 
     prof = tmp_path / "smollm2.prof"
-    code, _, err = run(["profile", gguf_path, "--max-tokens", "1500", "--seq-len", "96", "--generate", "4",
-                        "--reservoir", "256", "--out", prof], capsys)
+    code, _, err = run(["profile", "--model", gguf_path, "--max-tokens", "512", "--seq-len", "64", "--new-tokens",
+                        "4", "--reservoir", "256", "--out", prof], capsys)
     assert code == 0, err
     profile = Profile.load(prof)
     assert profile.num_layers == 30 and profile.tokens("decode") > 0
@@ -95,6 +95,7 @@ def test_cli_profiles_a_gguf_file_and_fits_a_plan(gguf_path, tmp_path, capsys):
     assert code == 0, err
     plan = load_plan(plan_path)
     assert plan.global_plan.fit["gen_len"] == 128 and plan.global_plan.warmup_tokens == 2
+    assert plan.global_plan.expected_skip_ratio == pytest.approx(0.2, abs=0.01)
     code, _, err = run(["validate", plan_path, "--model", gguf_path], capsys)
     assert code == 0, err
 

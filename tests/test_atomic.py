@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_runner import run
+from conftest import run
 from skipprofiler.atomic import atomic_path, current_umask, write_bytes_atomic, write_text_atomic
 
 
@@ -117,8 +117,7 @@ def test_missing_folder_is_an_os_error(tmp_path):
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_profile_plan_eval_json_and_png_are_0644_under_umask_022(tmp_path, capsys, umask):
-    pytest.importorskip("skipprofiler.profile")
-    from test_fit import BASE_CURVE, synthetic_profile
+    from conftest import BASE_CURVE, synthetic_profile
 
     from skipprofiler._cli.common import write_output
     from skipprofiler.report import _atomic_savefig, _plt

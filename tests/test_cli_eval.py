@@ -10,7 +10,7 @@ from skipprofiler._cli.main import main
 from skipprofiler.plan import PlanFile, SkipPlan
 from skipprofiler.planio import save_plan
 from skipprofiler.registry import model_fingerprint
-from test_evaluate import char_tokenizer, write_corpus
+from conftest import char_tokenizer, write_corpus
 from tiny_models import tiny_model
 
 

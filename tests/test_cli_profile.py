@@ -8,8 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from cli_runner import run
-from test_corpus import word_tokenizer, words, write_jsonl
+from conftest import run, word_tokenizer, words, write_jsonl
 from tiny_models import tiny_model
 
 from skipprofiler.profile import Profile

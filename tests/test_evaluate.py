@@ -2,45 +2,18 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import char_tokenizer, write_corpus
 from skipprofiler.evaluate import (DroppedLayers, EvalConfig, EvalError, FlopModel, budget_slots, contiguous_window,
                                    paper_adaptive, run_eval)
 from skipprofiler.plan import PlanFile, SkipPlan
 from skipprofiler.registry import model_fingerprint
 from tiny_models import tiny_model
-
-WORDS = ("the river ran past the old mill while the miller slept and the wheel turned slowly in the dark water "
-         "def main(): return sum(x for x in range(10)) if ready else None  # count the items ").split()
-
-
-def char_tokenizer():
-    """A character-level fast tokenizer with ids < 128 (tiny models here use vocab_size=128)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<unk>": 1}
-    vocab.update({chr(c): c - 30 for c in range(32, 127)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
-
-
-def write_corpus(path: Path, docs_per_class: int = 3, words: int = 40) -> Path:
-    rows = []
-    for c, cls in enumerate(("prose", "code")):
-        for d in range(docs_per_class):
-            text = " ".join(WORDS[(c * 17 + d * 5 + i) % len(WORDS)] for i in range(words))[:max(4 * words, 4)]
-            rows.append({"text": text, "class": cls, "source": "test"})
-    with gzip.open(path, "wt") as f:
-        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,7 @@ def test_skipping_equals_zeroed_ffn_output_weights_on_real_weights(smollm2):
 
 
 def test_cli_profiles_a_gguf_file_and_fits_a_plan(gguf_path, tmp_path, capsys):
-    from cli_runner import run
+    from conftest import run
 
     from skipprofiler.planio import load_plan
     from skipprofiler.profile import Profile
@@ -102,7 +102,7 @@ def test_cli_profiles_a_gguf_file_and_fits_a_plan(gguf_path, tmp_path, capsys):
 
 @pytest.mark.parametrize("plan_path", sorted(PLANS.glob("smollm2-*.yaml")), ids=lambda p: p.name)
 def test_shipped_smollm2_plans_validate_against_gguf_and_folder(plan_path, gguf_path, smollm2_folder, capsys):
-    from cli_runner import run
+    from conftest import run
 
     for model in (gguf_path, smollm2_folder):
         code, out, err = run(["validate", plan_path, "--model", model], capsys)

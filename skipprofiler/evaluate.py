@@ -231,64 +231,60 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
     speed = config.speed and bool(data.prompts)
     steps = len(data.classes) + len(data.prompts) + (data.qa is not None) + speed
     with data.progress.stage(name, steps) as tick:
-        return _plan_row(model, data, plan, name, kind, config, route_by_class, strict, profile_cost, family, speed,
-                         tick)
-
-
-def _plan_row(model, data: EvalData, plan, name: str, kind: str, config: EvalConfig, route_by_class: bool,
-              strict: bool, profile_cost: "FlopModel | None", family: str | None, speed: bool, tick) -> dict[str, Any]:
-    sums, decode_positions, skipped = FidelitySums(), 0, 0
-    generated = sum(int((ref.batch.lengths - ref.batch.prompt_len).clamp(min=0).sum()) for ref in data.references)
-    num_layers = model_num_layers(model)
-    class_skip: dict[str, float] = {}
-    # Measured one class at a time (batches are per class) so each class's realized skip ratio is known: per-class
-    # and global plans can only be compared fairly on a class at the skip ratio each realizes there.
-    for cls in data.classes:
-        try:
-            part, stats = measure_plan(model, data.of_class(cls), plan, prompt_class=cls if route_by_class else None,
-                                       strict=strict, batch_decision=config.batch_decision)
-        except FidelityError as e:
-            raise EvalError(f"{name}: {e}") from None
-        sums.merge(part)
-        decode_positions += int(stats["decode_positions"])
-        skipped += int(stats["skipped"])
-        if stats["decode_positions"]:
-            class_skip[cls] = _r(stats["skipped"] / (stats["decode_positions"] * num_layers))
-        tick()
-    row = {"name": name, "kind": kind, "family": family or name}
-    row.update(summarize(sums, data.classes, name))
-    for cls, ratio in class_skip.items():
-        row["per_class"][cls]["skip_ratio"] = ratio
-    row["skip_ratio"] = _r(skipped / (decode_positions * num_layers)) if decode_positions else 0.0
-    # What the generation saves: skipped FFN calls over every generated position, warm-up included.
-    row["saved_share"] = _r(skipped / (generated * num_layers)) if generated else 0.0
-    row["gen_len"] = config.gen_len
-    active = plan.global_plan if isinstance(plan, PlanFile) else plan
-    row["warmup_tokens"] = active.warmup_tokens
-    row["fitted_gen_len"] = active.fit.get("gen_len") if active.fit else None
-    row["warnings"] = generation_warnings(active, config.gen_len, row["saved_share"])
-    row["mode"] = active.mode
-    row["layers"] = _plan_layers(active)
-    row["expected_skip_ratio"] = active.expected_skip_ratio
-    if active.fit.get("refined_kl") is not None:
-        row["calibration_refined_kl"] = active.fit["refined_kl"]
-    if data.prompts:
-        row.update(_greedy_row(model, data, plan, route_by_class, strict, tick))
-    if data.qa is not None:
-        routed = isinstance(plan, PlanFile) and route_by_class
-        if routed and plan.router is None:
-            row["qa_note"] = "class plans need a router to answer QA questions; not measured"
+        sums, decode_positions, skipped = FidelitySums(), 0, 0
+        generated = sum(int((ref.batch.lengths - ref.batch.prompt_len).clamp(min=0).sum()) for ref in data.references)
+        num_layers = model_num_layers(model)
+        class_skip: dict[str, float] = {}
+        # Measured one class at a time (batches are per class) so each class's realized skip ratio is known: per-class
+        # and global plans can only be compared fairly on a class at the skip ratio each realizes there.
+        for cls in data.classes:
+            try:
+                part, stats = measure_plan(model, data.of_class(cls), plan,
+                                           prompt_class=cls if route_by_class else None, strict=strict,
+                                           batch_decision=config.batch_decision)
+            except FidelityError as e:
+                raise EvalError(f"{name}: {e}") from None
+            sums.merge(part)
+            decode_positions += int(stats["decode_positions"])
+            skipped += int(stats["skipped"])
+            if stats["decode_positions"]:
+                class_skip[cls] = _r(stats["skipped"] / (stats["decode_positions"] * num_layers))
+            tick()
+        row = {"name": name, "kind": kind, "family": family or name}
+        row.update(summarize(sums, data.classes, name))
+        for cls, ratio in class_skip.items():
+            row["per_class"][cls]["skip_ratio"] = ratio
+        row["skip_ratio"] = _r(skipped / (decode_positions * num_layers)) if decode_positions else 0.0
+        # What the generation saves: skipped FFN calls over every generated position, warm-up included.
+        row["saved_share"] = _r(skipped / (generated * num_layers)) if generated else 0.0
+        row["gen_len"] = config.gen_len
+        active = plan.global_plan if isinstance(plan, PlanFile) else plan
+        row["warmup_tokens"] = active.warmup_tokens
+        row["fitted_gen_len"] = active.fit.get("gen_len") if active.fit else None
+        row["warnings"] = generation_warnings(active, config.gen_len, row["saved_share"])
+        row["mode"] = active.mode
+        row["layers"] = _plan_layers(active)
+        row["expected_skip_ratio"] = active.expected_skip_ratio
+        if active.fit.get("refined_kl") is not None:
+            row["calibration_refined_kl"] = active.fit["refined_kl"]
+        if data.prompts:
+            row.update(_greedy_row(model, data, plan, route_by_class, strict, tick))
+        if data.qa is not None:
+            routed = isinstance(plan, PlanFile) and route_by_class
+            if routed and plan.router is None:
+                row["qa_note"] = "class plans need a router to answer QA questions; not measured"
+            else:
+                row.update(qa_fields(model, data, config, plan, route_by_class=routed, strict=strict))
+            tick()
+        flops = profile_cost or FlopModel.of(model)
+        context = config.prompt_len + config.gen_len // 2
+        row["ideal_speedup"] = _r(flops.ideal_speedup(row["saved_share"], context=context))
+        if speed:
+            row.update(_speed_row(model, data, plan, config, route_by_class))
+            tick()
         else:
-            row.update(qa_fields(model, data, config, plan, route_by_class=routed, strict=strict))
-        tick()
-    flops = profile_cost or FlopModel.of(model)
-    row["ideal_speedup"] = _r(flops.ideal_speedup(row["saved_share"], context=config.prompt_len + config.gen_len // 2))
-    if speed:
-        row.update(_speed_row(model, data, plan, config, route_by_class))
-        tick()
-    else:
-        row["speedup"] = None
-    return row
+            row["speedup"] = None
+        return row
 
 
 def _greedy_row(model, data: EvalData, plan, route_by_class: bool, strict: bool, tick) -> dict[str, Any]:
@@ -773,16 +769,17 @@ def fit_sweep_plans(profile, target: float, gen_len: int, per_class: bool) -> di
     return plans
 
 
-def run_sweep(model, tokenizer, profile, targets: Sequence[float], data_spec: str | None = None,
-              config: EvalConfig | None = None, extra_plans: Sequence[tuple[str, PlanFile | SkipPlan]] = (),
-              refine: bool = True, per_class: bool = False, calibration_spec: str | None = None,
-              oracle_max_sets: int = 150, oracle_targets: Sequence[float] | None = None, model_name: str = "",
-              log=None, progress: Progress | None = None) -> dict[str, Any]:
-    """For each target: fitted static (+ KL-refined) and adaptive plans, baselines at the static plan's realized
-    ratio, and the exhaustive oracle where it is affordable; rows carry `target`."""
+def run_sweep(model, tokenizer, profile, config: EvalConfig,
+              extra_plans: Sequence[tuple[str, PlanFile | SkipPlan]] = (), calibration_spec: str | None = None,
+              oracle_max_sets: int = 150, model_name: str = "", log=None,
+              progress: Progress | None = None) -> dict[str, Any]:
+    """For each of `config.sweep`'s targets: fitted static (+ KL-refined with `config.sweep_refine`) and adaptive
+    plans (+ class plans with `config.sweep_per_class`), baselines at the static plan's realized ratio, and the
+    exhaustive oracle where it is affordable (at `config.oracle_targets` only, when given); rows carry `target`."""
     from .refine import RefineError, calibration_references, refine_plan_file, refine_static
 
-    config = config or EvalConfig()
+    targets, data_spec, refine, per_class = config.sweep or [], config.data, config.sweep_refine, config.sweep_per_class
+    oracle_targets = config.oracle_targets
     log = log or (lambda msg: None)
     for name, plan in extra_plans:
         check_plan_fits(model, plan, name)

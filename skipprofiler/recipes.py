@@ -229,9 +229,8 @@ def evaluate_plans(model, tokenizer, plans: Sequence[Any] = (), config=None, *, 
         raise EvalError(f"QA file not found: {config.qa_file}")
     progress = as_progress(on_progress)
     if config.sweep:
-        return run_sweep(model, tokenizer, profile, config.sweep, config.data, config, extra_plans=named,
-                         refine=config.sweep_refine, per_class=config.sweep_per_class, model_name=model_name,
-                         oracle_targets=config.oracle_targets, log=log, progress=progress)
+        return run_sweep(model, tokenizer, profile, config, extra_plans=named, model_name=model_name, log=log,
+                         progress=progress)
     return run_eval(model, tokenizer, named, config.data, config, profile=profile, model_name=model_name, log=log,
                     progress=progress)
 

@@ -161,3 +161,18 @@ def test_evaluate_plans_reports_every_stage_until_done(setup):
         assert mine[-1].finished and mine[-1].done == mine[-1].total, stage
     plan_steps = [e for e in events if e.stage == "static"][-1].total
     assert plan_steps == 2 + 2  # two classes, two greedy prompts (speed off)
+
+
+def test_sweep_fits_and_evaluates_static_and_adaptive_plans_at_each_target(setup):
+    from skipprofiler import evaluate_plans, profile_corpus
+    from skipprofiler.profile import ProfileSettings
+
+    model, tok, data = setup
+    profile = profile_corpus(model, tok, ProfileSettings(data=[data], max_tokens=600, seq_len=64, generate=8))
+    config = _config(data=data, sweep=[0.2, 0.3], sweep_refine=False, oracle=False)
+    result = evaluate_plans(model, tok, [], config, profile=profile)
+    assert result["sweep"]["targets"] == [0.2, 0.3]
+    rows = {(r["family"], r["target"]): r for r in result["plans"]}
+    assert set(rows) == {(family, target) for family in ("fitted static", "fitted adaptive") for target in (0.2, 0.3)}
+    for target in (0.2, 0.3):  # static plans skip the same layers at every position: their fitted ratio, measured
+        assert rows[("fitted static", target)]["skip_ratio"] == pytest.approx(target, abs=0.02)

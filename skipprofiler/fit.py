@@ -76,6 +76,8 @@ class FitSettings:
     max_kl: float | None = None  # quality budget: mean KL(dense || plan) on calibration windows
     refine: bool = False  # choose by measured KL on calibration windows (needs the model)
     data: str | None = None  # calibration --data spec for refine and budgets; None: the bundled calibration split
+    text_column: str | None = None  # of `data`, read as `skipprof profile` reads it
+    class_column: str | None = None
 
     @property
     def budget_fit(self) -> bool:

@@ -169,9 +169,10 @@ def _refine(plan_file, profile, settings, model, tokenizer) -> list[str]:
     from .refine import RefineError, calibration_references, compare_with_static, fit_adaptive_by_cost, refine_plan_file
 
     try:
+        references = calibration_references(model, tokenizer, settings.data, text_column=settings.text_column,
+                                            class_column=settings.class_column)
         if plan_file.global_plan.mode == "static":
-            return list(refine_plan_file(model, tokenizer, plan_file, settings.data))
-        references = calibration_references(model, tokenizer, settings.data)
+            return list(refine_plan_file(model, tokenizer, plan_file, settings.data, references=references))
         plan = fit_adaptive_by_cost(model, profile, settings, references)
         plan.fit["static_alternative"] = alt = compare_with_static(model, plan, references)
     except (RefineError, ValueError) as e:
@@ -187,14 +188,18 @@ def _refine(plan_file, profile, settings, model, tokenizer) -> list[str]:
 def _fit_to_budget(profile, settings, model, tokenizer, profile_ref):
     from .fit import FitError, FitResult, assemble_plan_file
     from .plan import SkipPlan
-    from .refine import Budget, RefineError, fit_budget_plan
+    from .fidelity import FidelityError
+    from .refine import Budget, RefineError, calibration_references, fit_budget_plan
 
     template = SkipPlan(mode="static", apply_to=settings.apply_to, warmup_tokens=settings.warmup_tokens,
                         dense_every=settings.dense_every, compensation=settings.compensation)
     budget = Budget(max_kl=settings.max_kl, max_ppl_increase=settings.max_ppl_increase)
     try:
-        plan = fit_budget_plan(model, tokenizer, template, budget, settings.data, gen_len=settings.gen_len)
-    except RefineError as e:
+        references = calibration_references(model, tokenizer, settings.data, text_column=settings.text_column,
+                                            class_column=settings.class_column)
+        plan = fit_budget_plan(model, tokenizer, template, budget, settings.data, references=references,
+                               gen_len=settings.gen_len)
+    except (RefineError, FidelityError) as e:
         raise FitError(str(e)) from None
     record = plan.fit["budget_fit"]
     note = (f"budget {record['budget']}: {len(plan.skip_layers)} layers, expected skip {plan.expected_skip_ratio:.3f}; "

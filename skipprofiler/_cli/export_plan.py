@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import options
 from .common import load_profile
 from .errors import CLIError
 
@@ -121,6 +122,8 @@ def export_plan(
     data: Annotated[Optional[str], typer.Option(
         "--data", "-d", metavar="SPEC", show_default=False,
         help="Calibration data for --refine and budgets (default: the bundled calibration split).")] = None,
+    text_column: options.TextColumn = None,
+    class_column: options.ClassColumn = None,
     batch_decision: Annotated[str, typer.Option(
         metavar="DECISION", help="Adaptive: per_sequence (each row decides alone) or shared (the rows of a batch "
                                  "fire together; fitted for --batch-size rows).")] = "per_sequence",
@@ -140,7 +143,7 @@ def export_plan(
                            cold_floor=cold_floor, min_class_tokens=min_class_tokens, seed=seed,
                            batch_decision=batch_decision, batch_size=batch_size, gen_len=gen_len,
                            per_class=per_class, classes=classes, max_ppl_increase=max_ppl_increase, max_kl=max_kl,
-                           refine=refine, data=data)
+                           refine=refine, data=data, text_column=text_column, class_column=class_column)
     problems = settings.problems()
     if problems:
         raise CLIError("; ".join(problems))

@@ -93,7 +93,7 @@ def profile(
     """Profile FFN saturation of a model on a corpus."""
     from rich.console import Console
 
-    from ..corpus import CorpusError
+    from ..corpus import CorpusError, parse_spec
     from ..distributed import DistributedError, init_from_env, parse_device_map, parse_shard, rank_device
     from ..profile import ProfileError, ProfileSettings
     from ..recipes import profile_corpus
@@ -118,8 +118,6 @@ def profile(
     check_writable(out)
     try:
         for spec in settings.data or []:
-            from ..corpus import parse_spec
-
             parse_spec(spec)  # a missing data path fails before the model is loaded
         ctx = init_from_env(device)  # None unless launched by torchrun with several ranks
     except (CorpusError, DistributedError) as e:

@@ -4,7 +4,7 @@
 #   scripts/export_demo_plans.sh [PROFILE] [OUT_DIR]
 #
 # PROFILE defaults to runs/results/demo-calibration.prof, the profile scripts/make_results.sh writes (or make one with
-# `skipprof profile --generate 32 --max-tokens 120000 --out PROFILE`: the default model and data are the bundled demo;
+# `skipprof profile --new-tokens 32 --max-tokens 120000 --out PROFILE`: the default model and data are the bundled demo;
 # generated tokens are profiled too so the plans use decode statistics). Writes static plans (KL-refined on the
 # bundled calibration split) and adaptive plans at 10/25/35 % (per sequence, and shared for batches of 8), per-class
 # plans (with router) at 25 %, then validates

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 MODEL_ARG=()
-if [[ -n "${MODEL:-}" ]]; then MODEL_ARG=("$MODEL"); fi
+if [[ -n "${MODEL:-}" ]]; then MODEL_ARG=(--model "$MODEL"); fi
 THREADS="${THREADS:-2}"
 # Smaller runs for a busy machine (the defaults are what docs/results.md is meant to show):
 TARGETS="${TARGETS:-0.05,0.1,0.15,0.25,0.35}"
@@ -24,12 +24,12 @@ WORK=runs/results
 OUT=docs/results
 mkdir -p "$WORK" "$OUT"
 
-skipprof profile "${MODEL_ARG[@]}" --generate 32 --max-tokens "$PROFILE_TOKENS" --out "$WORK/demo-calibration.prof"
+skipprof profile "${MODEL_ARG[@]}" --new-tokens 32 --max-tokens "$PROFILE_TOKENS" --out "$WORK/demo-calibration.prof"
 
 skipprof eval "${MODEL_ARG[@]}" --profile "$WORK/demo-calibration.prof" \
   --sweep "$TARGETS" --per-class --baselines --oracle-at 0.25 \
-  --docs-per-class "$DOCS" --greedy-prompts 8 --greedy-tokens 32 --speed-tokens 64 --seeds 3 \
-  --threads "$THREADS" --json "$OUT/eval.json"
+  --docs-per-class "$DOCS" --greedy-prompts 8 --greedy-new-tokens 32 --speed-new-tokens 64 --seeds 3 \
+  --threads "$THREADS" --out "$OUT/eval.json"
 
 skipprof report "$WORK/demo-calibration.prof" "$OUT/eval.json" --out "$OUT" --markdown docs/results.md \
   --command "scripts/make_results.sh"

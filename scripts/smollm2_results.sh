@@ -37,7 +37,7 @@ timed() {  # timed LOG COMMAND...: run, log stdout+stderr and the wall time
 for stage in "${STAGES[@]}"; do
   case "$stage" in
     profile)
-      timed profile.log skipprof profile "$GGUF" --generate 32 --max-tokens 40000 --out "$PROF" ;;
+      timed profile.log skipprof profile --model "$GGUF" --new-tokens 32 --max-tokens 40000 --out "$PROF" ;;
     fit-static)
       for R in 10 25 35; do
         timed "fit-static-$R.log" skipprof export-plan "$PROF" -r "0.$R" --refine --model "$GGUF" \
@@ -64,20 +64,21 @@ for stage in "${STAGES[@]}"; do
         --gen-len "$GEN_LEN" --out plans/smollm2-perclass-refined-25.yaml ;;
     eval-10)
       budgets=(plans/smollm2-budget-ppl*.yaml)
-      timed eval-10.log skipprof eval "$GGUF" plans/smollm2-static-10.yaml plans/smollm2-static-mean-10.yaml \
+      timed eval-10.log skipprof eval --model "$GGUF" plans/smollm2-static-10.yaml plans/smollm2-static-mean-10.yaml \
         plans/smollm2-adaptive-10.yaml "${budgets[@]}" --baselines --profile "$PROF" --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \
-        --json "$OUT/smollm2-eval-10.json" ;;
+        --out "$OUT/smollm2-eval-10.json" ;;
     eval-25)
-      timed eval-25.log skipprof eval "$GGUF" plans/smollm2-static-25.yaml plans/smollm2-static-mean-25.yaml \
+      timed eval-25.log skipprof eval --model "$GGUF" plans/smollm2-static-25.yaml plans/smollm2-static-mean-25.yaml \
         --baselines --profile "$PROF" --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \
-        --json "$OUT/smollm2-eval-25.json" ;;
+        --out "$OUT/smollm2-eval-25.json" ;;
     eval-more)  # adaptive and per-class at 25 %, and 35 %: the same measurements, no baselines
-      timed eval-more.log skipprof eval "$GGUF" plans/smollm2-adaptive-25.yaml plans/smollm2-perclass-25.yaml \
+      timed eval-more.log skipprof eval --model "$GGUF" plans/smollm2-adaptive-25.yaml plans/smollm2-perclass-25.yaml \
         plans/smollm2-static-35.yaml plans/smollm2-adaptive-35.yaml \
-        --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed --json "$OUT/smollm2-eval-more.json" ;;
+        --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed --out "$OUT/smollm2-eval-more.json" ;;
     eval-perclass)  # class plans by measured cost: routed by label and by the plan's router, vs the global plans
-      timed eval-perclass.log skipprof eval "$GGUF" plans/smollm2-perclass-refined-25.yaml plans/smollm2-static-25.yaml \
-        --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed --json "$OUT/smollm2-eval-perclass.json" ;;
+      timed eval-perclass.log skipprof eval --model "$GGUF" plans/smollm2-perclass-refined-25.yaml \
+        plans/smollm2-static-25.yaml --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \
+        --out "$OUT/smollm2-eval-perclass.json" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -6,18 +6,27 @@ Deployment code needs only::
     handle = skipprofiler.apply_plan(model, "plans/demo-static-25.yaml")
 
 `apply_plan` and `load_plan` come from `skipprofiler.runtime`, which imports torch, yaml and the standard library
-only; everything else (profiling, fitting, eval) is imported on first use.
+only. The pipeline's stages are library calls too (skipprofiler.recipes), each over one settings object:
+`profile_corpus(model, tokenizer, ProfileSettings)` -> `fit_plan(profile, FitSettings)` ->
+`evaluate_plans(model, tokenizer, plans, EvalConfig)`. Everything besides the runtime is imported on first use.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["apply_plan", "load_plan", "__version__"]
+__all__ = ["apply_plan", "load_plan", "profile_corpus", "fit_plan", "evaluate_plans", "__version__"]
+
+_RUNTIME = ("apply_plan", "load_plan", "SkipHandle")
+_RECIPES = ("profile_corpus", "fit_plan", "evaluate_plans")
 
 
 def __getattr__(name):
-    if name in ("apply_plan", "load_plan", "SkipHandle"):
+    if name in _RUNTIME:
         from . import runtime
 
         return getattr(runtime, name)
+    if name in _RECIPES:
+        from . import recipes
+
+        return getattr(recipes, name)
     raise AttributeError(f"module 'skipprofiler' has no attribute {name!r}")

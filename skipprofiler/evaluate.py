@@ -16,10 +16,11 @@ from typing import Any, Sequence
 
 import torch
 
-from .fidelity import (DenseReference, FidelityError, FidelitySums, compare, compare_greedy, dense_references,
-                       greedy_tokens, load_documents, make_batches, measure_plan, model_forward, pad_id_of,
-                       token_windows)
+from .fidelity import (DenseReference, FidelityError, FidelitySums, compare, compare_greedy, dense_reference,
+                       dense_references, greedy_tokens, load_documents, make_batches, measure_plan, model_forward,
+                       pad_id_of, token_windows)
 from .plan import PlanFile, SkipPlan, generation_warnings
+from .progress import Progress
 from .refine import SetEvaluator, canonical, middle_layers, oracle_static
 
 EVAL_FORMAT = "skipprof-eval"
@@ -32,6 +33,11 @@ class EvalError(ValueError):
 
 @dataclass
 class EvalConfig:
+    """Everything that shapes an evaluation besides the model and the plans (defaults: `skipprof eval`'s)."""
+
+    data: str | None = None  # held-out --data spec (file, folder, glob, hub name; CLASS= prefix); None: bundled
+    text_column: str | None = None  # default `text`, else chat `messages` rendered with the chat template
+    class_column: str | None = None  # default `class` when present, else one class `default`
     prompt_len: int = 64  # dense prompt prefix of each held-out window
     gen_len: int = 256  # decode positions per window after the prompt: the generation length plans are judged at
     docs_per_class: int | None = 16
@@ -54,6 +60,10 @@ class EvalConfig:
     qa: bool = False  # knowledge retention: short factual answers, plan vs dense (skipprofiler.qa)
     qa_file: str | None = None  # None: the bundled question set
     qa_new_tokens: int = 16
+    sweep: list[float] | None = None  # fit static + adaptive plans at these targets from the profile, evaluate each
+    sweep_refine: bool = True  # with sweep: refine the static sets by measured KL on the calibration split
+    sweep_per_class: bool = False  # with sweep: also fit class plans, evaluated routed by each document's label
+    oracle_targets: list[float] | None = None  # with sweep: the targets the oracle runs at (None: where affordable)
 
     @property
     def window(self) -> int:
@@ -73,6 +83,7 @@ class EvalData:
     qa: "QAData | None" = None
     windows: list[tuple[list[int], str]] = field(default_factory=list)  # (tokens, class) of every held-out document
     pad_id: int = 0
+    progress: Progress = field(default_factory=Progress)  # every row reports its steps here
 
     def of_class(self, cls: str) -> list[DenseReference]:
         return [r for r in self.references if r.batch.classes[0] == cls]
@@ -84,10 +95,13 @@ class EvalData:
         return out
 
 
-def prepare_data(model, tokenizer, data_spec: str | None, config: EvalConfig) -> EvalData:
+def prepare_data(model, tokenizer, data_spec: str | None, config: EvalConfig,
+                 progress: Progress | None = None) -> EvalData:
     """Tokenize, cut and batch the held-out documents per class; compute the dense references and greedy runs."""
+    progress = progress or Progress()
     try:
-        docs = load_documents(data_spec, split="heldout")
+        docs = load_documents(data_spec, split="heldout", text_column=config.text_column,
+                              class_column=config.class_column)
         # Whole windows only: every row is measured at the stated generation length, none at a shorter one.
         tokens, classes = token_windows(tokenizer, docs, config.window, config.docs_per_class, config.window)
     except FidelityError as e:
@@ -98,10 +112,14 @@ def prepare_data(model, tokenizer, data_spec: str | None, config: EvalConfig) ->
     for cls in class_names:
         idx = [i for i, c in enumerate(classes) if c == cls]
         batches += make_batches([tokens[i] for i in idx], [cls] * len(idx), config.prompt_len, pad, config.batch_size)
-    try:
-        references = dense_references(model, batches)
-    except FidelityError as e:
-        raise EvalError(f"held-out data: {e}") from None
+    forward, references = model_forward(model), []
+    with progress.stage("dense pass", len(batches)) as tick:
+        for batch in batches:
+            try:
+                references.append(dense_reference(forward, batch))
+            except FidelityError as e:
+                raise EvalError(f"held-out data: {e}") from None
+            tick()
     prompts, prompt_classes = [], []
     by_class = {c: [t for t, k in zip(tokens, classes) if k == c] for c in class_names}
     for i in range(config.greedy_prompts):
@@ -110,8 +128,12 @@ def prepare_data(model, tokenizer, data_spec: str | None, config: EvalConfig) ->
         if i // len(class_names) < len(pool):
             prompts.append(pool[i // len(class_names)][:config.prompt_len])
             prompt_classes.append(cls)
-    data = EvalData(references, class_names, prompts, prompt_classes, windows=list(zip(tokens, classes)), pad_id=pad)
-    data.dense_greedy = greedy_tokens(model, prompts, config.greedy_new_tokens) if prompts else []
+    data = EvalData(references, class_names, prompts, prompt_classes, windows=list(zip(tokens, classes)), pad_id=pad,
+                    progress=progress)
+    with progress.stage("dense greedy", len(prompts)) as tick:
+        for prompt in prompts:
+            data.dense_greedy += greedy_tokens(model, [prompt], config.greedy_new_tokens)
+            tick()
     return data
 
 
@@ -127,17 +149,21 @@ class QAData:
     new_tokens: int
 
 
-def prepare_qa(model, tokenizer, config: EvalConfig, log=None) -> QAData:
+def prepare_qa(model, tokenizer, config: EvalConfig, log=None, progress: Progress | None = None) -> QAData:
     from .qa import QAError, build_prompts, decode_prefilled, load_questions, prefill, score
 
+    progress = progress or Progress()
     try:
         questions = load_questions(config.qa_file)
     except QAError as e:
         raise EvalError(f"QA questions: {e}") from None
     prompts = build_prompts(tokenizer, questions)
     started = time.perf_counter()
-    prefills = prefill(model, tokenizer, prompts, batch_size=config.batch_size)
-    answers = decode_prefilled(model, tokenizer, prefills, len(prompts), max_new_tokens=config.qa_new_tokens)
+    with progress.stage("QA dense (prompts, answers)", 2) as tick:
+        prefills = prefill(model, tokenizer, prompts, batch_size=config.batch_size)
+        tick()
+        answers = decode_prefilled(model, tokenizer, prefills, len(prompts), max_new_tokens=config.qa_new_tokens)
+        tick()
     if log:
         log(f"QA: {len(questions)} questions, dense pass {time.perf_counter() - started:.0f} s")
     return QAData(questions, prompts, prefills, score(questions, answers), tokenizer, config.qa_new_tokens)
@@ -216,65 +242,74 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
     picked the true class."""
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, not {route!r}")
-    sums, decode_positions, skipped = FidelitySums(), 0, 0
-    routed: dict[str, tuple[int, int]] = {}  # class -> (prompts routed to it, prompts)
-    generated = sum(int((ref.batch.lengths - ref.batch.prompt_len).clamp(min=0).sum()) for ref in data.references)
-    num_layers = model_num_layers(model)
-    class_skip: dict[str, float] = {}
-    # Measured one class at a time (batches are per class) so each class's realized skip ratio is known: per-class
-    # and global plans can only be compared fairly on a class at the skip ratio each realizes there.
-    for cls in data.classes:
-        try:
-            part, stats = measure_plan(model, data.of_class(cls), plan, prompt_class=_prompt_class(route, cls),
-                                       strict=strict, batch_decision=config.batch_decision)
-        except FidelityError as e:
-            raise EvalError(f"{name}: {e}") from None
-        sums.merge(part)
-        decode_positions += int(stats["decode_positions"])
-        skipped += int(stats["skipped"])
-        if stats["decode_positions"]:
-            class_skip[cls] = _r(stats["skipped"] / (stats["decode_positions"] * num_layers))
-        if route == "router":
-            chosen = stats["routed_classes"]
-            routed[cls] = (sum(c == cls for c in chosen), len(chosen))
-    row = {"name": name, "kind": kind, "family": family or name}
-    row.update(summarize(sums, data.classes, name))
-    if routed:
-        row["router_accuracy"] = _r(sum(h for h, _ in routed.values()) / max(sum(n for _, n in routed.values()), 1))
-        row["router_accuracy_per_class"] = {c: _r(h / n) if n else None for c, (h, n) in routed.items()}
-    for cls, ratio in class_skip.items():
-        row["per_class"][cls]["skip_ratio"] = ratio
-    row["skip_ratio"] = _r(skipped / (decode_positions * num_layers)) if decode_positions else 0.0
-    # What the generation saves: skipped FFN calls over every generated position, warm-up included.
-    row["saved_share"] = _r(skipped / (generated * num_layers)) if generated else 0.0
-    row["gen_len"] = config.gen_len
-    active = plan.global_plan if isinstance(plan, PlanFile) else plan
-    row["warmup_tokens"] = active.warmup_tokens
-    row["fitted_gen_len"] = active.fit.get("gen_len") if active.fit else None
-    row["warnings"] = generation_warnings(active, config.gen_len, row["saved_share"])
-    row["mode"] = active.mode
-    row["layers"] = _plan_layers(active)
-    row["expected_skip_ratio"] = active.expected_skip_ratio
-    if active.fit.get("refined_kl") is not None:
-        row["calibration_refined_kl"] = active.fit["refined_kl"]
-    if data.prompts:
-        row.update(_greedy_row(model, data, plan, route, strict))
-    if data.qa is not None:
-        routed_qa = isinstance(plan, PlanFile) and route is not None
-        if routed_qa and plan.router is None:
-            row["qa_note"] = "class plans need a router to answer QA questions; not measured"
+    speed = config.speed and bool(data.prompts)
+    steps = len(data.classes) + len(data.prompts) + (data.qa is not None) + speed
+    with data.progress.stage(name, steps) as tick:
+        sums, decode_positions, skipped = FidelitySums(), 0, 0
+        generated = sum(int((ref.batch.lengths - ref.batch.prompt_len).clamp(min=0).sum()) for ref in data.references)
+        num_layers = model_num_layers(model)
+        class_skip: dict[str, float] = {}
+        routed: dict[str, tuple[int, int]] = {}  # class -> (prompts routed to it, prompts)
+        # Measured one class at a time (batches are per class) so each class's realized skip ratio is known: per-class
+        # and global plans can only be compared fairly on a class at the skip ratio each realizes there.
+        for cls in data.classes:
+            try:
+                part, stats = measure_plan(model, data.of_class(cls), plan,
+                                           prompt_class=_prompt_class(route, cls), strict=strict,
+                                           batch_decision=config.batch_decision)
+            except FidelityError as e:
+                raise EvalError(f"{name}: {e}") from None
+            sums.merge(part)
+            decode_positions += int(stats["decode_positions"])
+            skipped += int(stats["skipped"])
+            if stats["decode_positions"]:
+                class_skip[cls] = _r(stats["skipped"] / (stats["decode_positions"] * num_layers))
+            if route == "router":
+                chosen = stats["routed_classes"]
+                routed[cls] = (sum(c == cls for c in chosen), len(chosen))
+            tick()
+        row = {"name": name, "kind": kind, "family": family or name}
+        row.update(summarize(sums, data.classes, name))
+        if routed:
+            prompts = sum(n for _, n in routed.values())
+            row["router_accuracy"] = _r(sum(h for h, _ in routed.values()) / max(prompts, 1))
+            row["router_accuracy_per_class"] = {c: _r(h / n) if n else None for c, (h, n) in routed.items()}
+        for cls, ratio in class_skip.items():
+            row["per_class"][cls]["skip_ratio"] = ratio
+        row["skip_ratio"] = _r(skipped / (decode_positions * num_layers)) if decode_positions else 0.0
+        # What the generation saves: skipped FFN calls over every generated position, warm-up included.
+        row["saved_share"] = _r(skipped / (generated * num_layers)) if generated else 0.0
+        row["gen_len"] = config.gen_len
+        active = plan.global_plan if isinstance(plan, PlanFile) else plan
+        row["warmup_tokens"] = active.warmup_tokens
+        row["fitted_gen_len"] = active.fit.get("gen_len") if active.fit else None
+        row["warnings"] = generation_warnings(active, config.gen_len, row["saved_share"])
+        row["mode"] = active.mode
+        row["layers"] = _plan_layers(active)
+        row["expected_skip_ratio"] = active.expected_skip_ratio
+        if active.fit.get("refined_kl") is not None:
+            row["calibration_refined_kl"] = active.fit["refined_kl"]
+        if data.prompts:
+            row.update(_greedy_row(model, data, plan, route, strict, tick))
+        if data.qa is not None:
+            routed_qa = isinstance(plan, PlanFile) and route is not None
+            if routed_qa and plan.router is None:
+                row["qa_note"] = "class plans need a router to answer QA questions; not measured"
+            else:
+                row.update(qa_fields(model, data, config, plan, route_by_class=routed_qa, strict=strict))
+            tick()
+        flops = profile_cost or FlopModel.of(model)
+        context = config.prompt_len + config.gen_len // 2
+        row["ideal_speedup"] = _r(flops.ideal_speedup(row["saved_share"], context=context))
+        if speed:
+            row.update(_speed_row(model, data, plan, config, route))
+            tick()
         else:
-            row.update(qa_fields(model, data, config, plan, route_by_class=routed_qa, strict=strict))
-    flops = profile_cost or FlopModel.of(model)
-    row["ideal_speedup"] = _r(flops.ideal_speedup(row["saved_share"], context=config.prompt_len + config.gen_len // 2))
-    if config.speed and data.prompts:
-        row.update(_speed_row(model, data, plan, config, row["ideal_speedup"], route, strict))
-    else:
-        row["speedup"] = None
-    return row
+            row["speedup"] = None
+        return row
 
 
-def _greedy_row(model, data: EvalData, plan, route: str | None, strict: bool) -> dict[str, Any]:
+def _greedy_row(model, data: EvalData, plan, route: str | None, strict: bool, tick) -> dict[str, Any]:
     from .runtime import apply_plan
 
     produced: list[list[int]] = []
@@ -282,6 +317,7 @@ def _greedy_row(model, data: EvalData, plan, route: str | None, strict: bool) ->
     for prompt, cls in zip(data.prompts, data.prompt_classes):
         with apply_plan(model, plan, prompt_class=_prompt_class(route, cls), strict=strict):
             produced += greedy_tokens(model, [prompt], n_new)
+        tick()
     cmp = compare_greedy(data.dense_greedy, produced)
     return {"greedy_agreement": _r(cmp.agreement), "first_divergence_mean": _r(cmp.first_divergence_mean),
             "greedy_identical": _r(cmp.identical), "greedy_new_tokens": n_new, "greedy_prompts": len(produced)}
@@ -297,8 +333,7 @@ def model_num_layers(model) -> int:
 # Speed: decode tokens/s, dense vs plan, interleaved, warm-up excluded, median
 
 
-def _speed_row(model, data: EvalData, plan, config: EvalConfig, ideal: float, route: str | None,
-               strict: bool) -> dict[str, Any]:
+def _speed_row(model, data: EvalData, plan, config: EvalConfig, route: str | None) -> dict[str, Any]:
     """Decode tokens/s dense vs plan with the runtime's benchmark (interleaved, warm-up round dropped, median)."""
     from .bench import Arm, benchmark_decode
 
@@ -445,13 +480,18 @@ class DroppedLayers:
 def evaluate_layer_drop(model, data: EvalData, layers: Sequence[int], name: str, config: EvalConfig) -> dict[str, Any]:
     sums = FidelitySums()
     forward = model_forward(model)
-    with DroppedLayers(model, layers), torch.inference_mode():
+    produced: list[list[int]] = []
+    steps = len(data.references) + len(data.prompts) + (data.qa is not None)
+    with data.progress.stage(name, steps) as tick, DroppedLayers(model, layers), torch.inference_mode():
         for ref in data.references:
             try:
                 compare(ref, forward(ref.batch), sums)
             except FidelityError as e:
                 raise EvalError(f"{name}: {e}") from None
-        produced = greedy_tokens(model, data.prompts, len(data.dense_greedy[0])) if data.prompts else []
+            tick()
+        for prompt in data.prompts:
+            produced += greedy_tokens(model, [prompt], len(data.dense_greedy[0]))
+            tick()
     num_layers = model_num_layers(model)
     row = {"name": name, "kind": "baseline", "family": "ShortGPT layer drop", "mode": "layer_drop",
            "layers": sorted(layers)}
@@ -473,7 +513,8 @@ def evaluate_layer_drop(model, data: EvalData, layers: Sequence[int], name: str,
     row["ideal_speedup"] = _r(dense / remaining)
     row["speedup"] = None
     if data.qa is not None:
-        row.update(qa_fields(model, data, config, dropped_layers=layers))
+        with data.progress.stage(f"{name}: QA", 1):
+            row.update(qa_fields(model, data, config, dropped_layers=layers))
     row["note"] = "ShortGPT-style: whole decoder layers dropped (attention too, on prompt and decode positions)"
     return row
 
@@ -517,7 +558,8 @@ def baseline_rows(model, data: EvalData, reference: SkipPlan, realized: float, c
                                "LLM-Drop top-by-cosine"))
     rows.append(_paper_adaptive_row(model, data, realized, config, suffix))
     drop_count = max(1, round(budget))
-    influence = block_influence(model, data.references)
+    with data.progress.stage(f"ShortGPT block influence{suffix}", 1):
+        influence = block_influence(model, data.references)
     order = sorted(range(num_layers), key=lambda l: influence[l])[:drop_count]
     row = evaluate_layer_drop(model, data, order, f"ShortGPT layer drop ({drop_count} layers){suffix}", config)
     row["block_influence"] = [_r(x) for x in influence]
@@ -532,11 +574,14 @@ def _paper_adaptive_row(model, data: EvalData, realized: float, config: EvalConf
     probe = [data.of_class(c)[0] for c in data.classes]
     cold = max(1, round(5 * num_layers / 32))
     best_k, best_gap = 1, math.inf
-    for k in range(1, max(1, num_layers - 2 * cold) + 1):
-        _, stats = measure_plan(model, probe, paper_adaptive(num_layers, k, max_pos))
-        gap = abs(stats["skip_ratio"] - realized)
-        if gap < best_gap:
-            best_k, best_gap = k, gap
+    window_sizes = range(1, max(1, num_layers - 2 * cold) + 1)
+    with data.progress.stage(f"paper defaults: choosing k{suffix}", len(window_sizes)) as tick:
+        for k in window_sizes:
+            _, stats = measure_plan(model, probe, paper_adaptive(num_layers, k, max_pos))
+            gap = abs(stats["skip_ratio"] - realized)
+            if gap < best_gap:
+                best_k, best_gap = k, gap
+            tick()
     plan = paper_adaptive(num_layers, best_k, max_pos)
     row = evaluate_plan(model, data, plan, f"FFN-SkipLLM paper defaults (k={best_k}){suffix}", "baseline", config,
                         family="FFN-SkipLLM paper defaults")
@@ -574,8 +619,10 @@ def oracle_row(model, data: EvalData, reference: SkipPlan, realized: float, conf
     else:
         fractions = [f for _, f in budget_slots(realized * num_layers, middle_layers(num_layers))]
         template = static_template(reference)
-    evaluator = SetEvaluator(model, data.references, template)
-    result = oracle_static(model, data.references, template, fractions, evaluator=evaluator)
+    sets = _oracle_set_count(len(middle_layers(num_layers)), fractions)
+    with data.progress.stage(f"oracle search{suffix}", sets) as tick:
+        evaluator = SetEvaluator(model, data.references, template, on_measure=lambda slots, kl: tick())
+        result = oracle_static(model, data.references, template, fractions, evaluator=evaluator)
     plan = replace(template, mode="static", skip_layers=dict(result.slots))
     row = evaluate_plan(model, data, plan, f"oracle static (exhaustive, {result.evaluations} sets){suffix}",
                         "oracle", config, family="oracle static")
@@ -608,10 +655,11 @@ def search_reference_row(model, data: EvalData, reference: SkipPlan, realized: f
             windows.append(tokens[:config.prompt_len + config.search_gen_len])
             classes.append(cls)
     batches = make_batches(windows, classes, config.prompt_len, data.pad_id, config.batch_size)
-    evaluator = SetEvaluator(model, dense_references(model, batches), template)
     started = time.perf_counter()
-    best, info = refine_slots(evaluator, slots, middle_layers(num_layers), greedy_start=True,
-                              shortlist=config.search_shortlist)
+    with data.progress.stage(f"search reference: sets measured{suffix}", None) as tick:
+        evaluator = SetEvaluator(model, dense_references(model, batches), template, on_measure=lambda s, kl: tick())
+        best, info = refine_slots(evaluator, slots, middle_layers(num_layers), greedy_start=True,
+                                  shortlist=config.search_shortlist)
     plan = replace(template, mode="static", skip_layers=dict(best))
     row = evaluate_plan(model, data, plan, f"search reference (greedy + swap on held-out){suffix}", "reference",
                         config, family="search reference")
@@ -654,7 +702,7 @@ def check_plan_fits(model, plan: PlanFile | SkipPlan, name: str) -> None:
 
 def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]], data_spec: str | None = None,
              config: EvalConfig | None = None, profile=None, model_name: str = "", data_name: str = "",
-             log=None) -> dict[str, Any]:
+             log=None, progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate named plans (plus baselines / oracle at the first plan's realized ratio) and return the JSON dict."""
     config = config or EvalConfig()
     log = log or (lambda msg: None)
@@ -663,17 +711,15 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
     for name, plan in plans:
         check_plan_fits(model, plan, name)
     model.eval()
-    data = prepare_data(model, tokenizer, data_spec, config)
+    data = prepare_data(model, tokenizer, data_spec, config, progress)
     log(f"held-out: {sum(data.tokens().values())} measured decode positions over {len(data.classes)} classes")
     if config.qa:
-        data.qa = prepare_qa(model, tokenizer, config, log)
+        data.qa = prepare_qa(model, tokenizer, config, log, data.progress)
     flops = FlopModel.of(model)
     rows = []
     for name, plan in plans:
-        log(f"evaluating {name}")
         rows.append(evaluate_plan(model, data, plan, name, "plan", config, profile_cost=flops))
         if isinstance(plan, PlanFile) and plan.classes and set(data.classes) <= set(plan.classes):
-            log(f"evaluating {name} with class plans (routed by true label)")
             rows.append(evaluate_plan(model, data, plan, f"{name} [class plans, routed by label]", "plan", config,
                                       route="label", profile_cost=flops))
             if plan.router is not None:
@@ -692,11 +738,9 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
         small = model_num_layers(model) <= config.oracle_max_layers
         want_oracle = config.oracle if config.oracle is not None else small
         if want_oracle:
-            log("oracle: exhaustive static search on the held-out windows")
             rows.append(oracle_row(model, data, reference, realized, config))
         want_search = config.search_reference if config.search_reference is not None else not want_oracle
         if (want_search and config.baselines) or config.search_reference:
-            log("search reference: greedy add + swap by measured KL on held-out windows")
             rows.append(search_reference_row(model, data, reference, realized, config, log=log))
     return build_result(model, data, rows, config, data_spec, model_name, data_name)
 
@@ -752,28 +796,29 @@ def fit_sweep_plans(profile, target: float, gen_len: int, per_class: bool) -> di
     return plans
 
 
-def run_sweep(model, tokenizer, profile, targets: Sequence[float], data_spec: str | None = None,
-              config: EvalConfig | None = None, extra_plans: Sequence[tuple[str, PlanFile | SkipPlan]] = (),
-              refine: bool = True, per_class: bool = False, calibration_spec: str | None = None,
-              oracle_max_sets: int = 150, oracle_targets: Sequence[float] | None = None, model_name: str = "",
-              log=None) -> dict[str, Any]:
-    """For each target: fitted static (+ KL-refined) and adaptive plans, baselines at the static plan's realized
-    ratio, and the exhaustive oracle where it is affordable; rows carry `target`."""
+def run_sweep(model, tokenizer, profile, config: EvalConfig,
+              extra_plans: Sequence[tuple[str, PlanFile | SkipPlan]] = (), calibration_spec: str | None = None,
+              oracle_max_sets: int = 150, model_name: str = "", log=None,
+              progress: Progress | None = None) -> dict[str, Any]:
+    """For each of `config.sweep`'s targets: fitted static (+ KL-refined with `config.sweep_refine`) and adaptive
+    plans (+ class plans with `config.sweep_per_class`), baselines at the static plan's realized ratio, and the
+    exhaustive oracle where it is affordable (at `config.oracle_targets` only, when given); rows carry `target`."""
     from .refine import RefineError, calibration_references, refine_plan_file, refine_static
 
-    config = config or EvalConfig()
+    targets, data_spec, refine, per_class = config.sweep or [], config.data, config.sweep_refine, config.sweep_per_class
+    oracle_targets = config.oracle_targets
     log = log or (lambda msg: None)
     for name, plan in extra_plans:
         check_plan_fits(model, plan, name)
     model.eval()
-    data = prepare_data(model, tokenizer, data_spec, config)
+    data = prepare_data(model, tokenizer, data_spec, config, progress)
     if config.qa:
-        data.qa = prepare_qa(model, tokenizer, config, log)
+        data.qa = prepare_qa(model, tokenizer, config, log, data.progress)
     calibration = None
     if refine:
-        log("calibration references for --refine")
-        calibration = calibration_references(model, tokenizer, calibration_spec, prompt_len=config.prompt_len,
-                                             window=config.window)
+        with data.progress.stage("calibration references (for refining)", 1):
+            calibration = calibration_references(model, tokenizer, calibration_spec, prompt_len=config.prompt_len,
+                                                 window=config.window)
     rows = [evaluate_plan(model, data, plan, name, "plan", config) for name, plan in extra_plans]
     num_layers = model_num_layers(model)
     for target in targets:
@@ -786,17 +831,16 @@ def run_sweep(model, tokenizer, profile, targets: Sequence[float], data_spec: st
                                      family=static_name)]
         reference_plan, reference_row = static.global_plan, target_rows[0]
         if refine:
-            log(f"target {target:.2f}: refining the static set by measured KL")
             try:
                 # swap descent from the fitted set only (no greedy-add restart): half the cost per target
-                refined = refine_static(model, tokenizer, static.global_plan, calibration_spec,
-                                        references=calibration, greedy_start=False)
+                with data.progress.stage(f"target {target:.2f}: refining the static set by measured KL", 1):
+                    refined = refine_static(model, tokenizer, static.global_plan, calibration_spec,
+                                            references=calibration, greedy_start=False)
             except RefineError as e:
                 raise EvalError(f"refining at {target}: {e}") from None
             target_rows.append(evaluate_plan(model, data, refined, f"fitted static (refined) {tag}", "plan", config,
                                              family="fitted static (refined)"))
             reference_plan, reference_row = refined, target_rows[-1]
-        log(f"target {target:.2f}: adaptive")
         target_rows.append(evaluate_plan(model, data, fitted["adaptive"], f"fitted adaptive {tag}", "plan", config,
                                          family="fitted adaptive"))
         if per_class:
@@ -806,12 +850,13 @@ def run_sweep(model, tokenizer, profile, targets: Sequence[float], data_spec: st
                         model, data, plan, f"fitted {mode} per-class (routed by label) {tag}", "plan", config,
                         route="label", family=f"fitted {mode} per-class (routed by label)"))
             if refine and static.classes and set(data.classes) <= set(static.classes):
-                log(f"target {target:.2f}: refining each class's static set on its own calibration windows")
                 per_class_refined = copy.deepcopy(static)
                 per_class_refined.global_plan = refined
                 try:
-                    for warning in refine_plan_file(model, tokenizer, per_class_refined, calibration_spec,
-                                                    references=calibration, greedy_start=False, refine_global=False):
+                    with data.progress.stage(f"target {target:.2f}: refining each class's static set", 1):
+                        warnings = refine_plan_file(model, tokenizer, per_class_refined, calibration_spec,
+                                                    references=calibration, greedy_start=False, refine_global=False)
+                    for warning in warnings:
                         log(f"warning: {warning}")
                 except RefineError as e:
                     raise EvalError(f"refining class plans at {target}: {e}") from None

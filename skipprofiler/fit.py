@@ -69,6 +69,72 @@ class FitSettings:
     seed: int = 0
     batch_decision: str = "per_sequence"  # adaptive: "shared" fits for rows of a batch firing together
     batch_size: int = DEFAULT_SHARED_BATCH  # with shared: the serving batch size the fit assumes
+    # what `skipprofiler.fit_plan` fits besides the global plan, and how it measures
+    per_class: bool = False  # add a plan per profile class and a prompt router
+    classes: list[str] | None = None  # class plans for these classes only (no router)
+    max_ppl_increase: float | None = None  # quality budget instead of `target` (static, global plan): share, 0.10
+    max_kl: float | None = None  # quality budget: mean KL(dense || plan) on calibration windows
+    refine: bool = False  # choose by measured KL on calibration windows (needs the model)
+    data: str | None = None  # calibration --data spec for refine and budgets; None: the bundled calibration split
+    text_column: str | None = None  # of `data`, read as `skipprof profile` reads it
+    class_column: str | None = None
+
+    @property
+    def budget_fit(self) -> bool:
+        return self.max_ppl_increase is not None or self.max_kl is not None
+
+    @property
+    def needs_model(self) -> bool:
+        """Refining, budgets and mean-output compensation measure plans on the model itself."""
+        return self.refine or self.budget_fit
+
+    def problems(self) -> list[str]:
+        """Every invalid or conflicting setting, each as one line naming the CLI option."""
+        from .plan import BATCH_DECISIONS, COMPENSATIONS
+
+        out = []
+        if not self.budget_fit and self.target is None:
+            out.append("give --target-skip R, or a quality budget: --max-ppl-increase P and/or --max-kl X")
+        if self.budget_fit and self.target is not None:
+            out.append("--target-skip and a quality budget (--max-ppl-increase/--max-kl) exclude each other")
+        if self.target is not None and not 0.0 < self.target < 1.0:
+            out.append(f"--target-skip must be in (0, 1), got {self.target:g}")
+        for option, value in (("--max-ppl-increase", self.max_ppl_increase), ("--max-kl", self.max_kl)):
+            if value is not None and not value > 0:
+                out.append(f"{option} must be > 0, got {value:g}")
+        if self.budget_fit and self.mode != "static":
+            out.append("a quality budget fits static plans; drop --mode adaptive")
+        if self.budget_fit and (self.per_class or self.classes):
+            out.append("a quality budget fits the global plan only; drop --per-class/--class")
+        for option, value, allowed in (("--mode", self.mode, ("static", "adaptive")),
+                                       ("--apply-to", self.apply_to, ("decode", "all")),
+                                       ("--compensation", self.compensation, COMPENSATIONS),
+                                       ("--tau", self.tau_mode, ("global", "per-layer")),
+                                       ("--batch-decision", self.batch_decision, BATCH_DECISIONS)):
+            if value not in allowed:
+                out.append(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.batch_decision == "shared" and self.mode != "adaptive":
+            out.append("--batch-decision shared applies to --mode adaptive only (static plans skip the same layers "
+                       "in every row already)")
+        for option, value in (("--warmup-tokens", self.warmup_tokens), ("--dense-every", self.dense_every)):
+            if value is not None and value < 0:
+                out.append(f"{option} must be >= 0, got {value}")
+        if self.dense_every == 1:
+            out.append("--dense-every 1 makes every token dense; use 0 (never) or >= 2")
+        if self.max_skip is not None and self.max_skip < 1:
+            out.append(f"--max-skip must be >= 1, got {self.max_skip}")
+        if self.max_skip is not None and self.mode != "adaptive":
+            out.append("--max-skip applies to --mode adaptive only")
+        if not 0.0 <= self.cold_floor < 1.0:
+            out.append(f"--cold-floor must be in [0, 1), got {self.cold_floor:g}")
+        if self.gen_len < 1:
+            out.append(f"--gen-len must be >= 1, got {self.gen_len}")
+        if self.compensation == "mean_output" and not self.needs_model:
+            out.append("--compensation mean_output averages the FFN outputs on calibration text with the model: add "
+                       "--refine (or fit to a quality budget)")
+        if self.refine and self.mode == "adaptive" and (self.per_class or self.classes):
+            out.append("--refine with --mode adaptive fits the global plan only; drop --per-class/--class")
+        return out
 
     def resolve(self) -> FitSettings:
         """Fill mode defaults: adaptive like the paper (dense_every 6, warm-up = generation length // 64, the paper's
@@ -95,7 +161,8 @@ class FitSettings:
 @dataclass
 class FitResult:
     plan_file: PlanFile
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the caller should know about the plan
+    notes: list[str] = field(default_factory=list)  # what was measured on the way (budget fits)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -485,7 +552,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 # Whole plan files
 
 
-def fit_plan(profile, settings: FitSettings, cls: str | None = None) -> SkipPlan:
+def fit_skip_plan(profile, settings: FitSettings, cls: str | None = None) -> SkipPlan:
+    """One SkipPlan for the pooled classes (cls None) or one class, in the settings' mode."""
     if settings.mode == "static":
         return fit_static(profile, settings, cls)
     if settings.mode == "adaptive":
@@ -504,9 +572,9 @@ def fit_plan_file(profile, settings: FitSettings, per_class: bool = False, class
     settings = settings.resolve()
     regime = fitting_regime(profile)
     if regime == "prompt":
-        warnings.append("the profile has no decode tokens (profile with --generate N for decode statistics): "
+        warnings.append("the profile has no decode tokens (profile with --new-tokens N for decode statistics): "
                         "fitting on prompt tokens")
-    global_plan = fit_plan(profile, settings)
+    global_plan = fit_skip_plan(profile, settings)
     known = list(profile.classes)
     wanted = list(classes) if classes else (known if per_class else [])
     unknown = [c for c in wanted if c not in known]
@@ -547,7 +615,7 @@ def _fit_class(profile, settings: FitSettings, name: str, global_plan: SkipPlan,
         reason = f"{tokens} {regime} tokens < --min-class-tokens {settings.min_class_tokens}"
     else:
         try:
-            return fit_plan(profile, settings, name)
+            return fit_skip_plan(profile, settings, name)
         except FitError as e:
             reason = str(e)
     warnings.append(f"class {name!r} falls back to the global plan: {reason}")

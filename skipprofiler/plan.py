@@ -1,6 +1,6 @@
 """Plan format v1: the data model of a YAML skip plan (see docs/plan-format.md).
 
-Imports only the standard library and yaml: the runtime loads plans in deployment code.
+Imports only the standard library (planio reads and writes the YAML): the runtime loads plans in deployment code.
 
 Semantics shared by the runtime, the fitter's simulation and eval (they must agree exactly):
 
@@ -102,9 +102,6 @@ class SkipPlan:
             return []
         return [l for l, f in sorted(self.skip_layers.items())
                 if f >= 1.0 or math.floor((d + 1) * f) > math.floor(d * f)]
-
-    def tau_at(self, layer: int) -> float:
-        return self.tau[layer] if self.tau is not None else math.inf
 
 
 @dataclass

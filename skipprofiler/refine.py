@@ -409,10 +409,11 @@ def _r(x: float) -> float:
 
 def calibration_references(model, tokenizer, data_spec: str | None, *, split: str = "calibration",
                            prompt_len: int = SEARCH_PROMPT_LEN, window: int = SEARCH_WINDOW,
-                           docs_per_class: int | None = SEARCH_DOCS_PER_CLASS,
-                           batch_size: int = 16) -> list[DenseReference]:
-    """Dense references on a data spec (default: the bundled calibration split), batched per class."""
-    docs = load_documents(data_spec, split=split)
+                           docs_per_class: int | None = SEARCH_DOCS_PER_CLASS, batch_size: int = 16,
+                           text_column: str | None = None, class_column: str | None = None) -> list[DenseReference]:
+    """Dense references on a data spec (default: the bundled calibration split), batched per class; documents are
+    read as `skipprof profile` reads them (`text_column`, `class_column`, chat template)."""
+    docs = load_documents(data_spec, split=split, text_column=text_column, class_column=class_column)
     tokens, classes = token_windows(tokenizer, docs, window, docs_per_class, prompt_len + 2)
     pad = pad_id_of(tokenizer, model)
     batches = []

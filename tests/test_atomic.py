@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_runner import run
+from conftest import run
 from skipprofiler.atomic import atomic_path, current_umask, write_bytes_atomic, write_text_atomic
 
 
@@ -117,17 +117,16 @@ def test_missing_folder_is_an_os_error(tmp_path):
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_profile_plan_eval_json_and_png_are_0644_under_umask_022(tmp_path, capsys, umask):
-    pytest.importorskip("skipprofiler.profile")
-    from test_fit import BASE_CURVE, synthetic_profile
+    from conftest import BASE_CURVE, synthetic_profile
 
-    from skipprofiler._cli.eval import write_json_atomic
+    from skipprofiler._cli.common import write_output
     from skipprofiler.report import _atomic_savefig, _plt
 
     umask(0o022)
     synthetic_profile({"fiction": BASE_CURVE}).save(tmp_path / "s.prof")
     code, _, err = run(["export-plan", tmp_path / "s.prof", "-r", "0.25", "--out", tmp_path / "p.yaml"], capsys)
     assert code == 0, err
-    write_json_atomic({"plans": []}, tmp_path / "eval.json")
+    write_output(tmp_path / "eval.json", '{"plans": []}\n')
     fig = _plt().figure(figsize=(1, 1))
     _atomic_savefig(fig, tmp_path / "f.png")
     _plt().close(fig)

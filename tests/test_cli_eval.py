@@ -10,8 +10,11 @@ from skipprofiler._cli.main import main
 from skipprofiler.plan import PlanFile, SkipPlan
 from skipprofiler.planio import save_plan
 from skipprofiler.registry import model_fingerprint
-from test_evaluate import char_tokenizer, write_corpus
+from conftest import char_tokenizer, write_corpus
 from tiny_models import tiny_model
+
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +22,9 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     model = tiny_model("llama", num_layers=6, vocab_size=128)
     model.save_pretrained(root / "model")
-    char_tokenizer().save_pretrained(root / "model")
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(root / "model")
     fp = model_fingerprint(model)
     save_plan(PlanFile(model={"name": "tiny", "fingerprint": fp},
                        global_plan=SkipPlan(mode="static", skip_layers={2: 1.0, 3: 1.0})), root / "static.yaml")
@@ -37,7 +42,8 @@ def _run(argv: list[str]) -> int:
     return 0
 
 
-SMALL = ["--prompt-len", "8", "--gen-len", "32", "--docs-per-class", "3", "--greedy-prompts", "2", "--greedy-tokens", "4"]
+SMALL = ["--prompt-len", "8", "--gen-len", "32", "--docs-per-class", "3", "--greedy-prompts", "2",
+         "--greedy-new-tokens", "4"]
 
 
 @pytest.mark.slow
@@ -61,7 +67,7 @@ def test_eval_writes_json_with_the_documented_keys(saved, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["eval", "{root}/model", "{root}/other.yaml", "--data", "{data}"], "another model"),
     (["eval", "{root}/model", "{root}/missing.yaml"], "plan file not found"),
-    (["eval", "{root}/model", "{root}/static.yaml", "--data", "{root}/nope.jsonl"], "data file not found"),
+    (["eval", "{root}/model", "{root}/static.yaml", "--data", "{root}/nope.jsonl"], "data path not found"),
     (["eval", "{root}/model"], "at least one PLAN"),
     (["eval", "{root}/model", "{root}/static.yaml", "--batch-decision", "vote"], "unknown --batch-decision"),
     (["eval", "{root}/static.yaml", "--sweep", "0.1,2"], "(0, 1)"),
@@ -110,3 +116,47 @@ def test_eval_reports_generation_length_qa_retention_and_flags_a_warmup_covering
     assert any("fitted for 256 generated tokens, evaluated at 32" in w for w in late["warnings"])
     assert any("skipped nothing" in w for w in late["warnings"])
     assert "warning: late: " in captured.err and "saved" in captured.out
+
+
+def test_eval_reads_a_chat_format_heldout_file(saved, tmp_path, capsys):
+    """A `messages` file with its own class column, read as `profile` reads it: rendered with the chat template."""
+    root, _ = saved
+    chats = tmp_path / "chats.jsonl"
+    rows = [{"topic": topic, "messages": [{"role": "user", "content": f"tell me about {topic} number {i} " * 4},
+                                          {"role": "assistant", "content": f"{topic} {i} is a fine thing " * 4}]}
+            for topic in ("rivers", "mills") for i in range(3)]
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval.json"
+    code = _run(["eval", "--model", str(root / "model"), str(root / "static.yaml"), "--data", str(chats),
+                 "--class-column", "topic", "--no-speed", "-o", str(out), *SMALL])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    for column in ("greedy", "1st div", "speedup", "ideal"):  # every column is explained under the table
+        assert f"{column}: " in printed.out, column
+    result = json.loads(out.read_text())
+    assert result["data"]["classes"] == ["rivers", "mills"]
+    assert result["data"]["documents"] == 6 and all(n > 0 for n in result["data"]["tokens"].values())
+    assert result["plans"][0]["skip_ratio"] == pytest.approx(2 / 6)
+
+
+def test_progress_bars_show_each_running_stage_with_eta_and_drop_finished_ones():
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from skipprofiler._cli.progress import StageBars, _columns
+    from skipprofiler.progress import Progress as Stages
+
+    screen = io.StringIO()
+    with Progress(*_columns(), console=Console(file=screen, force_terminal=True, width=120)) as bar:
+        bars = StageBars(bar)
+        stages = Stages(bars)
+        with stages.stage("dense pass", 4) as tick:
+            tick()
+            tick()
+            (task,) = bar.tasks
+            assert (task.description, task.completed, task.total) == ("dense pass", 2, 4)
+            bar.refresh()
+            assert "dense pass" in screen.getvalue() and "2/4" in screen.getvalue() and "eta" in screen.getvalue()
+        assert bar.tasks == []

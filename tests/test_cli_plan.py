@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli_runner import run
+from conftest import run
 from skipprofiler.planio import load_plan
 
 GOOD_PLAN = """\
@@ -103,8 +103,7 @@ def test_validate_against_a_model_checks_the_fingerprint(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def profile_file(tmp_path_factory) -> Path:
-    pytest.importorskip("skipprofiler.profile")
-    from test_fit import BASE_CURVE, synthetic_profile
+    from conftest import BASE_CURVE, synthetic_profile
 
     path = tmp_path_factory.mktemp("prof") / "synthetic.prof"
     code = tuple(min(0.99, c + (0.03 if 2 <= l <= 5 else -0.03)) if l < 11 else c for l, c in enumerate(BASE_CURVE))
@@ -166,8 +165,7 @@ def test_export_plan_bad_profiles_and_outputs(tmp_path, capsys, profile_file):
 
 
 def test_partial_profile_is_allowed_with_a_warning(tmp_path, capsys):
-    pytest.importorskip("skipprofiler.profile")
-    from test_fit import BASE_CURVE, synthetic_profile
+    from conftest import BASE_CURVE, synthetic_profile
 
     profile = synthetic_profile({"x": BASE_CURVE})
     profile.header["partial"] = True
@@ -180,7 +178,6 @@ def test_partial_profile_is_allowed_with_a_warning(tmp_path, capsys):
 @pytest.mark.slow
 def test_end_to_end_profile_then_export_then_apply(tmp_path, capsys):
     """`skipprof profile` on a tiny model, then export-plan, then the runtime applies the plan to that model."""
-    pytest.importorskip("skipprofiler.profile")
     import torch
     from tiny_models import tiny_model
     from transformers import PreTrainedTokenizerFast
@@ -210,8 +207,11 @@ def test_end_to_end_profile_then_export_then_apply(tmp_path, capsys):
         plan_file = load_plan(out_path)
         assert abs(plan_file.global_plan.expected_skip_ratio - 0.25) <= 0.01
         with apply_plan(model, out_path) as handle, torch.no_grad():
-            model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, do_sample=False)
-            assert handle.stats()["decode_positions"] > 0
+            model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=24, do_sample=False)
+            stats = handle.stats()
+        assert stats["decode_positions"] == 23 and stats["skipped"] > 0
+        if mode == "static":  # the same layers at every position: the fitted ratio, up to the fractional layer's pattern
+            assert stats["skip_ratio"] == pytest.approx(0.25, abs=1 / (4 * 23))
 
 
 def test_wrong_kind_of_file_gets_a_message_that_says_what_it_is(tmp_path, capsys, profile_file):

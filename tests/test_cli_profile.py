@@ -8,8 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from cli_runner import run
-from test_corpus import word_tokenizer, words, write_jsonl
+from conftest import run, word_tokenizer, words, write_jsonl
 from tiny_models import tiny_model
 
 from skipprofiler.profile import Profile
@@ -125,16 +124,22 @@ def test_ctrl_c_writes_a_partial_profile(workspace, tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.slow
-def test_no_arguments_profiles_the_demo_model(tmp_path, capsys, monkeypatch):
+def test_no_model_or_data_profiles_the_demo_model_on_its_calibration_split(tmp_path, capsys, monkeypatch):
+    """The defaults: the bundled model, its calibration split (labels from its class column), ./profile.prof."""
     from skipprofiler import demo
+    from skipprofiler.corpus import portable_path
 
     try:
         demo.model_path()
     except FileNotFoundError:
         pytest.skip("the demo model is not built yet")
     monkeypatch.chdir(tmp_path)
-    code, stdout, err = run(["profile"], capsys)
+    code, stdout, err = run(["profile", "--max-tokens", "2000"], capsys)
     assert code == 0, err
     profile = Profile.load(tmp_path / "profile.prof")
     assert profile.num_layers == 12 and set(profile.classes) == set(demo.CLASSES)
+    assert profile.tokens("prompt") == 2000 and all(profile.tokens("prompt", c) > 0 for c in demo.CLASSES)
+    assert profile.header["model"]["name"] == "skipprofiler-demo"
+    assert profile.header["model"]["path"] == str(demo.model_path())
+    assert [entry["spec"] for entry in profile.header["corpus"]] == [portable_path(demo.data_spec("calibration"))]
     assert "residual cos(h, h + FFN) per layer" in stdout and "fiction" in stdout

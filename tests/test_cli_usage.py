@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from cli_runner import run
+from conftest import run
 
 # The console script `pip install` made; `python -m skipprofiler` runs the same main() where none is on PATH.
 SKIPPROF = [shutil.which("skipprof")] if shutil.which("skipprof") else [sys.executable, "-m", "skipprofiler"]

@@ -9,34 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import word_tokenizer, words, write_jsonl
 from skipprofiler.corpus import Corpus, CorpusError, parse_spec
-
-
-def word_tokenizer(vocab_size: int = 96, chat: bool = False):
-    """A real fast tokenizer over words w0..w{n-1} (no download): 'w5 w7' -> [5, 7]."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(2, vocab_size)}
-    vocab.update({"[UNK]": 0, "[EOS]": 1})  # special tokens must not be substrings of words
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[UNK]", eos_token="[EOS]")
-    if chat:
-        tok.chat_template = "{% for m in messages %}w2 {{ m['content'] }} w3 {% endfor %}"
-    return tok
-
-
-def words(n: int, start: int = 4) -> str:
-    return " ".join(f"w{(start + i) % 90 + 4}" for i in range(n))
-
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wt") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return path
 
 
 def _corpus(specs, **kw) -> Corpus:

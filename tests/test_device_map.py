@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from profile_helpers import assert_same_statistics
+from conftest import assert_same_statistics
 from tiny_models import tiny_model
 
 from skipprofiler.distributed import hooked_devices, load_model, parse_device_map

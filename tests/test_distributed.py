@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from profile_helpers import assert_same_statistics
 
+from conftest import assert_same_statistics, write_word_corpus
 from skipprofiler.corpus import Batch
 from skipprofiler.distributed import (DistributedError, combine_rank_profiles, init_from_env, parse_shard,
                                       rank_device, rank_gpu_group, rank_seed, reduce_profile, shard, shard_batches)
@@ -241,43 +241,7 @@ def test_a_rank_failing_mid_run_fails_the_launch_and_writes_nothing(saved_tiny_m
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def cli_is_distributed() -> bool:
-    """True once `skipprof profile` routes through skipprofiler.distributed (its --shard/--device-map options)."""
-    import inspect
-
-    try:
-        from skipprofiler._cli.profile import profile
-    except ImportError:
-        return False
-    return {"shard", "device_map"} <= set(inspect.signature(profile).parameters)
-
-
-def write_word_corpus(folder: Path) -> tuple[Path, Path]:
-    """A tiny model with a word-level tokenizer ('w5 w9' -> [5, 9]) and a 3-class jsonl.gz corpus."""
-    import gzip
-    import json
-
-    from tiny_models import tiny_model
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    model_dir = folder / "tiny-llama"
-    tiny_model("llama").save_pretrained(model_dir)
-    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 96)}}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[UNK]",
-                            eos_token="w1").save_pretrained(model_dir)
-    data = folder / "data.jsonl.gz"
-    with gzip.open(data, "wt") as f:
-        for i in range(18):
-            words = " ".join(f"w{(i * 7 + j) % 90 + 4}" for j in range(5 + (i * 7) % 30))
-            f.write(json.dumps({"text": words, "class": "abc"[i % 3]}) + "\n")
-    return model_dir, data
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not cli_is_distributed(), reason="`skipprof profile` is not wired to skipprofiler.distributed")
 def test_torchrun_skipprof_profile_equals_the_single_process_command(tmp_path, capsys):
     from skipprofiler._cli.main import main
 

@@ -110,7 +110,7 @@ def test_greedy_decode_of_a_batch_matches_generate():
 
 def test_eval_documents_accept_what_profile_accepts(tmp_path):
     """load_documents reads chat `messages` and named text / class columns as `skipprof profile` does."""
-    from test_corpus import word_tokenizer, write_jsonl
+    from conftest import word_tokenizer, write_jsonl
 
     from skipprofiler.fidelity import load_documents, token_windows
 

@@ -10,68 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import BASE_CURVE, synthetic_profile
 from skipprofiler.fit import (FitError, FitSettings, adaptive_ratio_on, fit_adaptive, fit_plan_file, fit_router,
                               fit_static, simulate_adaptive, static_skip_ratio)
 from skipprofiler.plan import SkipPlan
 from skipprofiler.planio import dump_plan, load_plan
 
-profile_module = pytest.importorskip("skipprofiler.profile")
-Profile = profile_module.Profile
-
-METRICS = ("residual", "ffn_io", "norm_ratio", "stream_gain")
-BASE_CURVE = (0.80, 0.86, 0.90, 0.93, 0.95, 0.96, 0.97, 0.975, 0.97, 0.96, 0.94, 0.75)
-
-
-def synthetic_profile(class_curves: dict[str, tuple[float, ...]], tokens: dict[str, int] | None = None,
-                      regimes: tuple[str, ...] = ("prompt", "decode"), spread: float = 0.02, reservoir: int = 1500,
-                      hidden: int = 8, docs: int = 20, seed: int = 0) -> Profile:
-    """A Profile whose per-token residual cosines are Normal(curve[l], spread) per class (clipped below 1)."""
-    rng = np.random.default_rng(seed)
-    classes = list(class_curves)
-    L = len(next(iter(class_curves.values())))
-    R, C, K = 2, len(classes), reservoir
-    edges = {m: np.linspace(0.0, 2.0, 401) if m in ("norm_ratio", "stream_gain") else np.linspace(-1.0, 1.0, 2001)
-             for m in METRICS}
-    hist = {m: np.zeros((R, L, C, len(edges[m]) + 1), np.int64) for m in METRICS}
-    mean = {m: np.zeros((R, L, C)) for m in METRICS}
-    m2 = {m: np.zeros((R, L, C)) for m in METRICS}
-    nonfinite = {m: np.zeros((R, L, C), np.int64) for m in METRICS}
-    count = np.zeros((R, L, C), np.int64)
-    res = np.zeros((R, C, K, L), np.float32)
-    res_gain = np.zeros((R, C, K, L), np.float32)
-    res_len = np.zeros((R, C), np.int64)
-    for r, regime in enumerate(("prompt", "decode")):
-        if regime not in regimes:
-            continue
-        for c, name in enumerate(classes):
-            n = (tokens or {}).get(name, K)
-            cos = np.clip(np.asarray(class_curves[name]) + spread * rng.standard_normal((n, L)), -1, 0.99995)
-            gain = 1.0 + 0.1 * rng.random((n, L))
-            values = {"residual": cos, "ffn_io": cos * 0.5, "norm_ratio": gain - 0.9, "stream_gain": gain}
-            for m, v in values.items():
-                idx = np.searchsorted(edges[m], v, side="right")  # 0 = underflow, len(edges) = overflow
-                for l in range(L):
-                    hist[m][r, l, c] = np.bincount(idx[:, l], minlength=len(edges[m]) + 1)
-                mean[m][r, :, c] = v.mean(axis=0)
-                m2[m][r, :, c] = ((v - v.mean(axis=0)) ** 2).sum(axis=0)
-            count[r, :, c] = n
-            keep = min(n, K)
-            res[r, c, :keep] = cos[:keep]
-            res_gain[r, c, :keep] = gain[:keep]
-            res_len[r, c] = keep
-    centers = rng.standard_normal((C, hidden)) * 3
-    features = (centers[:, None, :] + rng.standard_normal((C, docs, hidden))).astype(np.float32)
-    header = {"format": "skipprof-profile", "format_version": 1,
-              "model": {"name": "synthetic", "fingerprint": {"model_type": "llama", "num_layers": L,
-                                                             "hidden_size": hidden, "vocab_size": 96,
-                                                             "config_hash": "feedbeef"},
-                        "max_position_embeddings": 512},
-              "corpus": [{"spec": "synthetic", "sha256": "0" * 64}], "partial": False,
-              "reservoir_size": K, "seed": seed}
-    return Profile(header=header, classes=classes, edges=edges, hist=hist, count=count, mean=mean, m2=m2,
-                   nonfinite=nonfinite, reservoir=res, reservoir_gain=res_gain, reservoir_len=res_len,
-                   reservoir_keys=rng.random((R, C, K)), router_layer=L // 2, doc_features=features,
-                   doc_len=np.full(C, docs, np.int64), doc_keys=rng.random((C, docs)))
+from skipprofiler.profile import Profile
 
 
 @pytest.fixture(scope="module")

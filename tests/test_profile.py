@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from profile_helpers import assert_same_statistics
+from conftest import assert_same_statistics
 from tiny_models import MODEL_TYPES, tiny_model
 
 from skipprofiler.corpus import Batch

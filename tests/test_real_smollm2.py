@@ -76,14 +76,14 @@ def test_skipping_equals_zeroed_ffn_output_weights_on_real_weights(smollm2):
 
 
 def test_cli_profiles_a_gguf_file_and_fits_a_plan(gguf_path, tmp_path, capsys):
-    from cli_runner import run
+    from conftest import run
 
     from skipprofiler.planio import load_plan
     from skipprofiler.profile import Profile
 
     prof = tmp_path / "smollm2.prof"
-    code, _, err = run(["profile", gguf_path, "--max-tokens", "1500", "--seq-len", "96", "--generate", "4",
-                        "--reservoir", "256", "--out", prof], capsys)
+    code, _, err = run(["profile", "--model", gguf_path, "--max-tokens", "512", "--seq-len", "64", "--new-tokens",
+                        "4", "--reservoir", "256", "--out", prof], capsys)
     assert code == 0, err
     profile = Profile.load(prof)
     assert profile.num_layers == 30 and profile.tokens("decode") > 0
@@ -95,13 +95,14 @@ def test_cli_profiles_a_gguf_file_and_fits_a_plan(gguf_path, tmp_path, capsys):
     assert code == 0, err
     plan = load_plan(plan_path)
     assert plan.global_plan.fit["gen_len"] == 128 and plan.global_plan.warmup_tokens == 2
+    assert plan.global_plan.expected_skip_ratio == pytest.approx(0.2, abs=0.01)
     code, _, err = run(["validate", plan_path, "--model", gguf_path], capsys)
     assert code == 0, err
 
 
 @pytest.mark.parametrize("plan_path", sorted(PLANS.glob("smollm2-*.yaml")), ids=lambda p: p.name)
 def test_shipped_smollm2_plans_validate_against_gguf_and_folder(plan_path, gguf_path, smollm2_folder, capsys):
-    from cli_runner import run
+    from conftest import run
 
     for model in (gguf_path, smollm2_folder):
         code, out, err = run(["validate", plan_path, "--model", model], capsys)

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from conftest import char_tokenizer
 from skipprofiler.fidelity import dense_references, make_batches, measure_plan
 from skipprofiler.plan import SkipPlan
-from skipprofiler.refine import RefineError, SetEvaluator, canonical, middle_layers, oracle_static, refine_static
+from skipprofiler.refine import (RefineError, SetEvaluator, calibration_references, canonical, middle_layers,
+                                 oracle_static, refine_static)
 from tiny_models import tiny_model
 
 
@@ -198,3 +200,18 @@ def test_budget_fit_takes_the_largest_greedy_prefix_within_the_budget():
     assert plan.expected_skip_ratio == pytest.approx(sum(plan.skip_layers.values()) / 8, abs=1e-6)
     with pytest.raises(RefineError, match="within the budget"):
         fit_budget_plan(model, None, template, Budget(max_kl=1e-12), references=refs)
+
+
+def test_calibration_references_read_chat_files_by_the_given_columns(tmp_path):
+    """`export-plan --refine --data chats.jsonl --class-column topic` measures on the chats as `profile` reads them."""
+    import json
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"topic": topic, "messages": [{"role": "user", "content": f"{topic} " * 30}]})
+                             + "\n" for topic in ("rivers", "mills", "rivers")))
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    references = calibration_references(tiny_model("llama", num_layers=4, vocab_size=128), tokenizer, str(chats),
+                                        prompt_len=8, window=64, class_column="topic")
+    assert sorted(c for ref in references for c in ref.batch.classes) == ["mills", "rivers", "rivers"]
+    assert all(int(ref.mask.sum()) > 0 for ref in references)

@@ -8,9 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..atomic import write_text_atomic
-from .common import parse_batch_decisions
+from . import options
+from .common import parse_batch_decisions, write_output
 from .errors import CLIError
+
+BENCH_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # skipprofiler.bench's names
 
 HELP = (
     "Time greedy decoding (KV cache, hand-written loop) dense vs skip plans.\n\n"
@@ -24,8 +26,8 @@ HELP = (
     "shared (the rows of a step fire together, so whole FFN calls are saved); see apply_plan.\n\n"
     "Examples:\n\n"
     "  skipprof bench decode plans/demo-static-25.yaml plans/demo-adaptive-25.yaml\n\n"
-    "  skipprof bench decode --model synthetic:llama-100m --batch 1 --batch 8 --dtype fp32 --dtype bf16\n\n"
-    "  skipprof bench decode --model synthetic:llama-tiny --new-tokens 16 --json bench.json"
+    "  skipprof bench decode -m synthetic:llama-100m -b 1 -b 8 --dtype float32 --dtype bfloat16\n\n"
+    "  skipprof bench decode -m synthetic:llama-tiny --new-tokens 16 -o bench.json"
 )
 
 
@@ -97,36 +99,59 @@ def register(app: typer.Typer) -> None:
 
     @bench_app.command("decode", help=HELP)
     def decode(
-        plans: Annotated[Optional[list[Path]], typer.Argument(help="plan YAML files (default: synthetic arms)")] = None,
-        model: Annotated[Optional[str], typer.Option(help="checkpoint folder or synthetic:llama-100m / "
-                                                          "synthetic:llama-tiny (default: the demo model)")] = None,
-        batch: Annotated[Optional[list[int]], typer.Option(help="batch size; repeatable (default 1)")] = None,
-        dtype: Annotated[Optional[list[str]], typer.Option(help="fp32 or bf16; repeatable (default fp32)")] = None,
-        static: Annotated[float, typer.Option(help="skip ratio of the synthetic static arm (0: none)")] = 0.29,
-        adaptive: Annotated[str, typer.Option(help="adaptive skip targets, comma-separated ('' for none)")]
-        = "0.05,0.10,0.25,0.35",
-        prompt_class: Annotated[Optional[str], typer.Option("--class", help="prompt class for plan files "
-                                                                            "(a class name or auto)")] = None,
-        new_tokens: Annotated[int, typer.Option(help="tokens generated per run")] = 128,
-        prompt_tokens: Annotated[int, typer.Option(help="random prompt length")] = 16,
-        repeats: Annotated[int, typer.Option(help="timed runs per arm (>= 5), after one warm-up round")] = 5,
+        plans: Annotated[Optional[list[Path]], typer.Argument(metavar="[PLAN]...", show_default=False,
+                                                              help="Plan YAML files (default: synthetic arms).")
+                         ] = None,
+        model: Annotated[Optional[str], typer.Option(
+            "--model", "-m", metavar="MODEL", show_default=False,
+            help="Checkpoint folder, .gguf file or hub id, or synthetic:llama-100m / synthetic:llama-tiny (default: "
+                 "the bundled demo model).")] = None,
+        batch_size: Annotated[Optional[list[int]], typer.Option(
+            "--batch-size", "-b", metavar="N", show_default=False,
+            help="Rows decoded together; repeatable (default 1).")] = None,
+        batch: Annotated[Optional[list[int]], typer.Option("--batch", hidden=True, show_default=False)] = None,
+        dtype: Annotated[Optional[list[str]], typer.Option(
+            metavar="DTYPE", show_default=False,
+            help=f"Weights dtype: {options.DTYPE_VALUES}; repeatable (default float32).")] = None,
+        static: Annotated[float, typer.Option(metavar="RATIO", help="Skip ratio of the synthetic static arm (0: "
+                                                                    "none).")] = 0.29,
+        adaptive: Annotated[str, typer.Option(metavar="RATIOS", help="Adaptive skip targets, comma-separated ('' for "
+                                                                     "none).")] = "0.05,0.10,0.25,0.35",
+        prompt_class: Annotated[Optional[str], typer.Option(
+            "--class", metavar="CLASS", show_default=False,
+            help="Prompt class for plan files (a class name or auto).")] = None,
+        new_tokens: Annotated[int, typer.Option(metavar="N", help="Tokens generated per timed run.")] = 128,
+        prompt_len: Annotated[int, typer.Option(metavar="N", help="Random prompt tokens per row.")] = 16,
+        prompt_tokens: Annotated[Optional[int], typer.Option("--prompt-tokens", hidden=True, show_default=False)
+                                 ] = None,
+        repeats: Annotated[int, typer.Option(metavar="N", help="Timed runs per arm (>= 5), after one warm-up "
+                                                               "round.")] = 5,
         batch_decision: Annotated[Optional[list[str]], typer.Option(
-            help="adaptive arms at batch > 1: per_sequence and/or shared; repeatable (default: both for the "
-                 "synthetic arms, each plan file's own)")] = None,
-        threads: Annotated[Optional[int], typer.Option(help="torch threads (default: torch's choice)")] = None,
-        json_out: Annotated[Optional[Path], typer.Option("--json", help="write the result rows here")] = None,
+            metavar="DECISION", show_default=False,
+            help="Adaptive arms at batch > 1: per_sequence and/or shared; repeatable (default: both for the "
+                 "synthetic arms, each plan file's own).")] = None,
+        threads: options.Threads = 0,
+        out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", show_default=False,
+                                                    help="Write the result rows here as JSON.")] = None,
+        json_path: Annotated[Optional[Path], typer.Option("--json", hidden=True, show_default=False)] = None,
     ) -> None:
+        from .common import DTYPES, check_writable
+
+        prompt_len = prompt_tokens if prompt_tokens is not None else prompt_len
+        out = out or json_path
         if repeats < 5:
             raise CLIError(f"--repeats must be at least 5 (got {repeats}): medians of fewer runs are not reported")
-        if new_tokens < 2 or prompt_tokens < 1:
-            raise CLIError("--new-tokens must be >= 2 and --prompt-tokens >= 1")
-        batches = batch or [1]
+        if new_tokens < 2 or prompt_len < 1:
+            raise CLIError("--new-tokens must be >= 2 and --prompt-len >= 1")
+        batches = (batch_size or []) + (batch or []) or [1]
         if any(b < 1 for b in batches):
-            raise CLIError(f"--batch must be >= 1; got {batches}")
-        dtypes = dtype or ["fp32"]
-        bad = [d for d in dtypes if d not in ("fp32", "bf16")]
-        if bad:
-            raise CLIError(f"unknown --dtype {bad[0]!r}; use fp32 or bf16")
+            raise CLIError(f"--batch-size must be >= 1; got {batches}")
+        canonical = [DTYPES.get(d.lower()) for d in dtype or ["float32"]]
+        if None in canonical:
+            raise CLIError(f"unknown --dtype {(dtype or [])[canonical.index(None)]!r}; use {options.DTYPE_VALUES}")
+        dtypes = [BENCH_DTYPE[d] for d in canonical]
+        if out is not None:
+            check_writable(out)
         spec = _model_spec(model)
         decisions = parse_batch_decisions(batch_decision)
         plan_arms = _plan_arms(plans or [], prompt_class, decisions)
@@ -140,13 +165,13 @@ def register(app: typer.Typer) -> None:
         if plan_arms:
             _check_arms(spec, dtypes[0], plan_arms)
         suites = run_suite(spec, batches, dtypes, None if plan_arms else (static or None), targets,
-                           plan_arms=plan_arms, new_tokens=new_tokens, prompt_tokens=prompt_tokens,
+                           plan_arms=plan_arms, new_tokens=new_tokens, prompt_tokens=prompt_len,
                            repeats=repeats, include_defaults=not plan_arms,
                            batch_decisions=tuple(decisions or ("per_sequence", "shared")),
                            log=lambda m: typer.echo(m, err=True))
         for suite in suites:
             typer.echo(suite.table())
-        if json_out is not None:
+        if out is not None:
             rows = [row for suite in suites for row in suite.rows()]
-            write_text_atomic(json_out, json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
-            typer.echo(f"wrote {json_out}", err=True)
+            write_output(out, json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
+            typer.echo(f"wrote {out}", err=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CLIError
+from .options import DTYPE_VALUES
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
           "fp16": "float16"}
@@ -19,7 +20,7 @@ def parse_dtype(name: str):
 
     canonical = DTYPES.get(str(name).lower())
     if canonical is None:
-        raise CLIError(f"unknown --dtype {name!r}; use float32, bfloat16 or float16")
+        raise CLIError(f"unknown --dtype {name!r}; use {DTYPE_VALUES}")
     return getattr(torch, canonical)
 
 
@@ -63,6 +64,13 @@ def model_source(model_arg: str | None):
         return resolve_source(model_arg)
     except ModelSourceError as e:
         raise CLIError(str(e)) from None
+
+
+def one_model(positional: str | None, option: str | None) -> str | None:
+    """The model given either way: `--model` (the vocabulary, docs/cli.md) or the older positional MODEL."""
+    if positional is not None and option is not None and positional != option:
+        raise CLIError(f"two models given ({positional} and --model {option}); give one with --model")
+    return option if option is not None else positional
 
 
 def model_location(model_arg: str | None) -> str:
@@ -139,6 +147,20 @@ def check_writable(out: Path) -> None:
         raise CLIError(f"cannot write {out}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise CLIError(f"cannot write {out}: permission denied")
+
+
+def write_output(path: Path, text: str) -> None:
+    """Write a result file atomically (skipprofiler.atomic) with one-line errors."""
+    from ..atomic import write_text_atomic
+
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise CLIError(f"cannot write {path}: folder {folder} does not exist")
+    try:
+        write_text_atomic(path, text)
+    except OSError as e:
+        raise CLIError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def print_json(data: Any) -> None:

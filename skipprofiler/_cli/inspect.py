@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from . import options
 from .common import load_profile
 from .errors import CLIError
 
@@ -88,11 +89,13 @@ def print_table(console, data: dict[str, Any]) -> None:
 def inspect(
     profile: Annotated[Path, typer.Argument(help="Profile file written by `skipprof profile`.", metavar="PROFILE",
                                             show_default=False)],
-    regime: Annotated[Optional[str], typer.Option(help="prompt or decode (default: decode when the profile has "
-                                                       "generated tokens, else prompt).")] = None,
-    classes: Annotated[Optional[list[str]], typer.Option("--class", help="Show only these classes (repeatable; "
-                                                                         "'all' is always shown).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary instead.")] = False,
+    regime: Annotated[Optional[str], typer.Option(
+        metavar="REGIME", show_default=False,
+        help="prompt or decode (default: decode when the profile has generated tokens, else prompt).")] = None,
+    classes: Annotated[Optional[list[str]], typer.Option(
+        "--class", metavar="CLASS", show_default=False,
+        help="Show only these classes (repeatable; 'all' is always shown).")] = None,
+    as_json: options.JsonFlag = False,
 ) -> None:
     """Print the per-layer table of an existing profile."""
     prof = load_profile(profile)

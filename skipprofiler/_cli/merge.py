@@ -73,8 +73,8 @@ def _explain(message: str, paths: list[Path]) -> str:
 def merge(profiles: Annotated[list[Path], typer.Argument(
               help="Profile files to combine (two or more), e.g. from `skipprof profile --out`.",
               show_default=False, metavar="PROFILE...")],
-          out: Annotated[Path, typer.Option("--out", "-o", help="File to write the merged profile to.",
-                                            show_default=False)],
+          out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", show_default=False,
+                                            help="File to write the merged profile to.")],
           force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
           ) -> None:
     """Combine separately made profiles into one profile of the whole corpus."""

@@ -53,7 +53,9 @@ def print_problems(source: str, problems: list[str]) -> None:
 
 def validate(plan: Annotated[Path, typer.Argument(help="YAML plan file to check.", show_default=False, metavar="PLAN")],
              model: Annotated[Optional[str], typer.Option(
-                 "--model", "-m", help="Local model folder the plan must fit (layer count and fingerprint).")] = None,
+                 "--model", "-m", metavar="MODEL", show_default=False,
+                 help="Checkpoint folder, .gguf file or hub id the plan must fit (layer count and fingerprint).")
+                              ] = None,
              ) -> None:
     """Check a plan file, reporting every problem at once."""
     from ..plan import PlanError

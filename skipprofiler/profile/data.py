@@ -1,0 +1,162 @@
+"""The profile data model: per-layer FFN saturation statistics of one model on one corpus, and the queries on them.
+
+Arrays are indexed [regime R, layer L, class C, ...]; docs/profile-format.md describes every one. Reading and
+writing the file is `fileformat`, combining profiles `merge`, recording them from a model `recorder`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..histograms import chan_merge, hist_prob_above, hist_quantile
+
+METRICS = ("residual", "ffn_io", "norm_ratio", "stream_gain")
+REGIMES = ("prompt", "decode")
+DEFAULT_RESERVOIR = 4096
+DEFAULT_DOC_RESERVOIR = 256
+
+
+class ProfileError(ValueError):
+    """A profile cannot be read, merged or queried; the message is one line."""
+
+
+@dataclass
+class Profile:
+    """Histograms, moments and samples of the four metrics, per regime R, layer L and class C (docs/DESIGN.md)."""
+
+    header: dict
+    classes: list[str]
+    edges: dict[str, np.ndarray]
+    hist: dict[str, np.ndarray]  # metric -> int64 [R, L, C, B_m + 2]
+    count: np.ndarray  # int64 [R, L, C] (token, layer) pairs with all metrics finite
+    mean: dict[str, np.ndarray]  # metric -> float64 [R, L, C]
+    m2: dict[str, np.ndarray]  # metric -> float64 [R, L, C]
+    nonfinite: dict[str, np.ndarray]  # metric -> int64 [R, L, C]
+    reservoir: np.ndarray  # float32 [R, C, K, L] residual cos per sampled token
+    reservoir_gain: np.ndarray  # float32 [R, C, K, L] stream_gain per sampled token
+    reservoir_len: np.ndarray  # int64 [R, C]
+    reservoir_keys: np.ndarray  # float64 [R, C, K] (-inf = empty slot)
+    router_layer: int
+    doc_features: np.ndarray  # float32 [C, D, H]
+    doc_len: np.ndarray  # int64 [C]
+    doc_keys: np.ndarray  # float64 [C, D]
+    token_count: np.ndarray | None = None  # int64 [R, C] real tokens seen (finite or not); derived when absent
+
+    def __post_init__(self) -> None:
+        if self.token_count is None:
+            worst = np.max(np.stack([self.nonfinite[m][:, 0, :] for m in self.nonfinite]), axis=0) \
+                if self.nonfinite else 0
+            self.token_count = (self.count[:, 0, :] + worst).astype(np.int64) if self.count.shape[1] else \
+                np.zeros(self.count.shape[::2], np.int64)
+
+    # ---------------------------------------------------------------- shape
+    @property
+    def num_layers(self) -> int:
+        return int(self.count.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def regimes(self) -> list[str]:
+        return list(REGIMES)
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.header.get("partial", False))
+
+    def _r(self, regime: str) -> int:
+        if regime not in REGIMES:
+            raise ProfileError(f"unknown regime {regime!r}; regimes: {', '.join(REGIMES)}")
+        return REGIMES.index(regime)
+
+    def _c(self, cls: str | None) -> slice | list[int]:
+        if cls is None:
+            return slice(None)
+        if cls not in self.classes:
+            raise ProfileError(f"unknown class {cls!r}; the profile's classes: {', '.join(self.classes) or 'none'}")
+        return [self.classes.index(cls)]
+
+    def _metric(self, metric: str) -> str:
+        if metric not in self.hist:
+            raise ProfileError(f"unknown metric {metric!r}; metrics: {', '.join(self.hist)}")
+        return metric
+
+    # ---------------------------------------------------------------- queries
+    def tokens(self, regime: str = "prompt", cls: str | None = None) -> int:
+        return int(self.token_count[self._r(regime)][self._c(cls)].sum())
+
+    def _pooled_hist(self, metric: str, regime: str, cls: str | None) -> np.ndarray:
+        """[L, B + 2] histogram summed over the selected classes."""
+        return self.hist[self._metric(metric)][self._r(regime)][:, self._c(cls)].sum(axis=1)
+
+    def _pooled_moments(self, metric: str, regime: str, cls: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        r, cols = self._r(regime), self._c(cls)
+        counts = self.count[r][:, cols].astype(np.float64)
+        means, m2s = self.mean[self._metric(metric)][r][:, cols], self.m2[metric][r][:, cols]
+        n, mean, m2 = (np.zeros(self.num_layers), np.zeros(self.num_layers), np.zeros(self.num_layers))
+        for c in range(counts.shape[1]):
+            n, mean, m2 = chan_merge(n, mean, m2, counts[:, c], means[:, c], m2s[:, c])
+        return n, mean, m2
+
+    def layer_stats(self, metric: str = "residual", regime: str = "prompt", cls: str | None = None
+                    ) -> dict[str, np.ndarray]:
+        """Per layer: count, mean, std, p10, p50, p90 (NaN where no tokens)."""
+        n, mean, m2 = self._pooled_moments(metric, regime, cls)
+        hist, edges = self._pooled_hist(metric, regime, cls), self.edges[metric]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = {"count": n.astype(np.int64), "mean": np.where(n > 0, mean, np.nan),
+                   "std": np.where(n > 0, np.sqrt(np.maximum(m2, 0) / np.maximum(n, 1)), np.nan)}
+        for name, q in (("p10", 0.1), ("p50", 0.5), ("p90", 0.9)):
+            out[name] = hist_quantile(hist, edges, q)
+        return out
+
+    def quantile(self, q: float, metric: str, regime: str, layer: int, cls: str | None = None) -> float:
+        return float(hist_quantile(self._pooled_hist(metric, regime, cls)[layer], self.edges[metric], q))
+
+    def prob_above(self, threshold: float, metric: str, regime: str, layer: int, cls: str | None = None) -> float:
+        return float(hist_prob_above(self._pooled_hist(metric, regime, cls)[layer], self.edges[metric], threshold))
+
+    def _reservoir_rows(self, table: np.ndarray, regime: str, cls: str | None) -> np.ndarray:
+        r = self._r(regime)
+        if cls is not None:
+            c = self._c(cls)[0]
+            return table[r, c, :self.reservoir_len[r, c]]
+        # All classes: the K largest keys of the union of the per-class samples is a uniform sample of all tokens.
+        keys = np.concatenate([self.reservoir_keys[r, c, :self.reservoir_len[r, c]] for c in range(self.num_classes)]
+                              ) if self.num_classes else np.zeros(0)
+        rows = np.concatenate([table[r, c, :self.reservoir_len[r, c]] for c in range(self.num_classes)]
+                              ) if self.num_classes else np.zeros((0, self.num_layers), np.float32)
+        order = np.argsort(-keys, kind="stable")[:self.reservoir.shape[2]]
+        return rows[order]
+
+    def tokens_reservoir(self, regime: str, cls: str | None = None) -> np.ndarray:
+        """[N, L] per-token `residual` cosines (a uniform sample of the class's tokens, or of all tokens)."""
+        return self._reservoir_rows(self.reservoir, regime, cls)
+
+    def gain_reservoir(self, regime: str, cls: str | None = None) -> np.ndarray:
+        """[N, L] per-token `stream_gain`, rows aligned with `tokens_reservoir`."""
+        return self._reservoir_rows(self.reservoir_gain, regime, cls)
+
+    def documents(self, cls: str) -> np.ndarray:
+        """[N, H] per-document mean hidden states (output of `router_layer`) of one class."""
+        c = self._c(cls)[0]
+        return self.doc_features[c, :self.doc_len[c]]
+
+    # ---------------------------------------------------------------- file (skipprofiler.profile.fileformat)
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a reader never sees half a profile."""
+        from .fileformat import save_profile
+
+        return save_profile(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Profile":
+        from .fileformat import load_profile
+
+        return load_profile(path)

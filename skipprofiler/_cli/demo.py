@@ -6,38 +6,43 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
 from .errors import CLIError
 
-HELP = """Run the pipeline end to end on the bundled demo model and corpus (offline; about 6 minutes on 2 free CPU
-cores).
-
-Steps: `skipprof profile` on the bundled calibration split (prompt tokens plus generated tokens), `skipprof
-export-plan` for a static and an adaptive plan at the target skip ratio, `skipprof eval` of both plans on the
-bundled held-out split, and `skipprof report` for the figures. Everything lands in --out; the last lines say what
-was measured and how much the timing varied.
-
-Examples:
-
-  skipprof demo --out runs/demo
-
-  skipprof demo --target-skip 0.35 --max-tokens 40000 --out runs/demo35
-"""
+HELP = (
+    "Run the pipeline end to end on the bundled demo model and corpus (offline; about 6 minutes on 2 free CPU cores)."
+    "\n\n"
+    "Steps: `skipprof profile` on the bundled calibration split (prompt tokens plus generated tokens), `skipprof "
+    "export-plan` for a static and an adaptive plan at the target skip ratio, `skipprof eval` of both plans on the "
+    "bundled held-out split, and `skipprof report` for the figures. Everything lands in --out; the last lines say "
+    "what was measured and how much the timing varied."
+    "\n\n"
+    "Examples:\n\n"
+    "  skipprof demo --out runs/demo\n\n"
+    "  skipprof demo --target-skip 0.35 --max-tokens 40000 --out runs/demo35\n"
+)
 
 
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the profile, plans and eval JSON.")] = Path(
-        "runs/demo"),
-    target_skip: Annotated[float, typer.Option(help="Fraction of decode-token FFN calls to skip.")] = 0.25,
-    max_tokens: Annotated[int, typer.Option(help="Prompt-token budget of the profile.")] = 24_000,
-    generate: Annotated[int, typer.Option(help="Greedy tokens generated (and profiled) per prompt.")] = 16,
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH",
+                                      help="Folder for the profile, plans, eval JSON and figures.")] = Path("runs/demo"),
+    target_skip: Annotated[float, typer.Option("--target-skip", "-r", metavar="RATIO",
+                                               help="Fraction of decode-token FFN calls to skip, in (0, 1).")] = 0.25,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", metavar="N", min=1,
+                                            help="Prompt-token budget of the profile.")] = 24_000,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", metavar="N", min=0,
+                                            help="Greedy tokens generated (and profiled) per prompt.")] = 16,
+    generate: Annotated[Optional[int], typer.Option("--generate", hidden=True)] = None,
 ) -> None:
     from .main import app
 
+    new_tokens = new_tokens if generate is None else generate  # retired spelling
+    if not 0.0 < target_skip < 1.0:
+        raise CLIError(f"--target-skip must be in (0, 1), got {target_skip}")
     console = Console(stderr=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -47,10 +52,10 @@ def demo(
     plans = [out / f"static-{round(target_skip * 100)}.yaml", out / f"adaptive-{round(target_skip * 100)}.yaml"]
     result_path, figures = out / "eval.json", out / "figures"
     steps = [
-        ["profile", "--out", str(profile), "--max-tokens", str(max_tokens), "--generate", str(generate)],
+        ["profile", "--out", str(profile), "--max-tokens", str(max_tokens), "--new-tokens", str(new_tokens)],
         ["export-plan", str(profile), "--target-skip", str(target_skip), "--mode", "static", "--out", str(plans[0])],
         ["export-plan", str(profile), "--target-skip", str(target_skip), "--mode", "adaptive", "--out", str(plans[1])],
-        ["eval", *map(str, plans), "--json", str(result_path)],
+        ["eval", *map(str, plans), "--out", str(result_path)],
         ["report", str(profile), str(result_path), "--out", str(figures)],
     ]
     started = time.perf_counter()

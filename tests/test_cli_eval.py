@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +161,16 @@ def test_progress_bars_show_each_running_stage_with_eta_and_drop_finished_ones()
             bar.refresh()
             assert "dense pass" in screen.getvalue() and "2/4" in screen.getvalue() and "eta" in screen.getvalue()
         assert bar.tasks == []
+
+
+def test_class_plan_rows_keep_their_bracketed_names_and_report_the_router(tmp_path, capsys):
+    """Row names like "[class plans, routed by label]" are text, not rich markup; the router row says how often it
+    picked the labelled class."""
+    plan = Path(__file__).parents[1] / "plans" / "demo-perclass-25.yaml"
+    code = _run(["eval", str(plan), "--prompt-len", "16", "--gen-len", "16", "--docs-per-class", "2", "--greedy-prompts", "0",
+                 "--no-speed", "-o", str(tmp_path / "e.json")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "demo-perclass-25 [class plans, routed by label]" in out
+    assert "demo-perclass-25 [class plans, routed by router]" in out
+    assert "router: demo-perclass-25 [class plans, routed by router] sent" in out

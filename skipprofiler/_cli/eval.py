@@ -73,6 +73,7 @@ COLUMNS = (
 
 def print_table(result: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     data = result["data"]
@@ -87,7 +88,7 @@ def print_table(result: dict) -> None:
     for row in result["plans"]:
         fmt = lambda v, f="{:.3f}": "–" if v is None else f.format(v)  # noqa: E731
         name = row["name"] + (" [!]" if row.get("warnings") else "")
-        table.add_row(name, fmt(row["skip_ratio"]), fmt(row.get("saved_share")), fmt(row["kl_mean"], "{:.4f}"),
+        table.add_row(escape(name), fmt(row["skip_ratio"]), fmt(row.get("saved_share")), fmt(row["kl_mean"], "{:.4f}"),
                       fmt(row["ppl"], "{:.2f}"), fmt(row["ppl_increase"], "{:+.1%}"), fmt(row["top1_agreement"]),
                       fmt(row.get("greedy_agreement")), fmt(row.get("first_divergence_mean"), "{:.1f}"),
                       fmt(row.get("speedup"), "{:.2f}×"), fmt(row.get("ideal_speedup"), "{:.2f}×"),
@@ -98,6 +99,11 @@ def print_table(result: dict) -> None:
         if name in ("QA", "kept") and not dense_qa:
             continue
         console.print(f"  [bold]{name}[/bold]: {meaning}", highlight=False)
+    for row in result["plans"]:
+        if row.get("router_accuracy") is not None:
+            per_class = ", ".join(f"{c} {a:.0%}" for c, a in row["router_accuracy_per_class"].items())
+            console.print(f"  router: {escape(row['name'])} sent {row['router_accuracy']:.1%} of the held-out prompts "
+                          f"to their labelled class's plan ({per_class})", highlight=False)
     for row in result["plans"]:
         for warning in row.get("warnings") or []:
             print(f"warning: {row['name']}: {warning}", file=sys.stderr)

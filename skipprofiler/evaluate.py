@@ -202,7 +202,7 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
                   route_by_class: bool = False, strict: bool = True,
                   profile_cost: "FlopModel | None" = None, family: str | None = None) -> dict[str, Any]:
     """One row: teacher-forced fidelity per class, realized skip ratio, greedy agreement, speed."""
-    sums, decode_positions, skipped = FidelitySums(), 0, 0
+    sums, decode_positions, skipped, not_computed = FidelitySums(), 0, 0, 0
     generated = sum(int((ref.batch.lengths - ref.batch.prompt_len).clamp(min=0).sum()) for ref in data.references)
     num_layers = model_num_layers(model)
     class_skip: dict[str, float] = {}
@@ -216,16 +216,18 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
             raise EvalError(f"{name}: {e}") from None
         sums.merge(part)
         decode_positions += int(stats["decode_positions"])
-        skipped += int(stats["skipped"])
+        skipped += int(stats["decided_skips"])
+        not_computed += int(stats["rows_not_computed"])
         if stats["decode_positions"]:
-            class_skip[cls] = _r(stats["skipped"] / (stats["decode_positions"] * num_layers))
+            class_skip[cls] = _r(stats["decided_skip_ratio"])
     row = {"name": name, "kind": kind, "family": family or name}
     row.update(summarize(sums, data.classes, name))
     for cls, ratio in class_skip.items():
         row["per_class"][cls]["skip_ratio"] = ratio
     row["skip_ratio"] = _r(skipped / (decode_positions * num_layers)) if decode_positions else 0.0
-    # What the generation saves: skipped FFN calls over every generated position, warm-up included.
-    row["saved_share"] = _r(skipped / (generated * num_layers)) if generated else 0.0
+    # What the generation saves: FFN rows really not computed (masked rows ran) over every generated position,
+    # warm-up included. skip_ratio above is what the rule decided (it sets the quality).
+    row["saved_share"] = _r(not_computed / (generated * num_layers)) if generated else 0.0
     row["gen_len"] = config.gen_len
     active = plan.global_plan if isinstance(plan, PlanFile) else plan
     row["warmup_tokens"] = active.warmup_tokens
@@ -287,7 +289,7 @@ def _speed_row(model, data: EvalData, plan, config: EvalConfig, ideal: float, ro
                              repeats=config.speed_repeats, seed=config.seed)
     dense_row, plan_row = bench.rows()
     return {"tokens_per_s": _r(plan_row["tok_per_s"]), "tokens_per_s_dense": _r(dense_row["tok_per_s"]),
-            "speedup": _r(plan_row["speedup"]), "speed_run_skip_ratio": _r(plan_row["skip_ratio"]),
+            "speedup": _r(plan_row["speedup"]), "speed_run_saved_ratio": _r(plan_row["saved_ratio"]),
             "speed_run_ideal_speedup": _r(plan_row["ideal_speedup"]),
             "speed_over_ideal": _r(plan_row["measured_over_ideal"]),
             "speed_repeats": config.speed_repeats, "speed_new_tokens": config.speed_new_tokens}
@@ -512,7 +514,7 @@ def _paper_adaptive_row(model, data: EvalData, realized: float, config: EvalConf
     best_k, best_gap = 1, math.inf
     for k in range(1, max(1, num_layers - 2 * cold) + 1):
         _, stats = measure_plan(model, probe, paper_adaptive(num_layers, k, max_pos))
-        gap = abs(stats["skip_ratio"] - realized)
+        gap = abs(stats["decided_skip_ratio"] - realized)
         if gap < best_gap:
             best_k, best_gap = k, gap
     plan = paper_adaptive(num_layers, best_k, max_pos)

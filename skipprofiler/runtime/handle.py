@@ -1,0 +1,404 @@
+"""The public handle: `apply_plan` patches a model, `SkipHandle` classifies its forwards, counts, and restores it.
+
+Which positions are decode positions (plan.py's index d):
+* inside ``model.generate`` (also pipelines, streamers, beam search, assisted and prompt-lookup decoding): the tokens
+  generate was given are the prompt, every later position is decoded -- whatever the cache holds or feeds;
+* ``with handle.decode_from(start)``: positions >= start[b] (teacher forcing, cache-less full-sequence forwards);
+* other forwards: an empty cache, or several new tokens on a non-empty one (the next turn of a chat reusing its
+  cache), is a prompt; one new token per row is decoded. ``with handle.verifying():`` marks hand-written
+  speculative verification forwards (several new tokens that are all decode positions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .._compat import cache_in
+from ..plan import (ADAPTIVE, ALL_POSITIONS, BATCH_DECISIONS, NO_COMPENSATION, NORM_RATIO, SHARED, STATIC, PlanError,
+                    PlanFile, SkipPlan)
+from ..registry import ResolvedArch, resolve
+from .checks import check_fingerprint, plan_problems, select_plans
+from .patcher import Patcher
+from .schedule import RowPlan, first_decode_index, schedule
+from .step import Decision, Step, decide
+from .strategies import patch_ffn
+
+_HANDLE_ATTR = "_skipprof_handle"
+
+
+class SkipHandle:
+    """An applied plan. ``remove()`` (or leaving the ``with`` block) restores the model bit-exactly."""
+
+    def __init__(self, model: nn.Module, arch: ResolvedArch, plans: dict[str | None, SkipPlan],
+                 plan_file: PlanFile | None, prompt_class: str | None, host_state: bool | None, batch_decision: str):
+        self.model, self.arch = model, arch
+        self.step: Step | None = None  # the forward in progress (read by the patched modules)
+        self._plans, self._plan_file, self._prompt_class = plans, plan_file, prompt_class
+        self._host_state = host_state  # None: host state on CPU, device state elsewhere
+        self._batch_decision = batch_decision
+        self._row_plans = {id(p): RowPlan.of(p, arch.num_layers) for p in plans.values()}
+        self._skip_layers = self._plannable_layers()
+        self._patcher = Patcher()
+        self._router = self._compensation = None
+        self._prompt_end: int | None = None  # outside generate: where the last prompt ended
+        self._generate_prompt_end: int | None = None  # inside generate: the length of its input
+        self._decode_start: list[int] | None = None
+        self._verifying = False
+        self._pad_offsets: list[int] | None = None
+        self._totals: list[int] = [0, 0, 0]  # decode positions, decided skips, FFN rows not computed
+        self._totals_device: list[torch.Tensor] = []
+        self._warned_no_cache = False
+        self._removed = False
+
+    # ---- public API ------------------------------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> SkipPlan:
+        """The active plan: the named class's, the global one, or (auto) the first row's routed class plan."""
+        if self._router is None:
+            return next(iter(self._plans.values()))  # the only plan
+        classes = self._router.row_classes
+        return self._plans.get(classes[0] if classes else None, self._plans[None])
+
+    @property
+    def chosen_classes(self) -> list[str | None] | None:
+        """Per row of the last prompt, the class the router chose (prompt_class='auto'); the named class otherwise."""
+        if self._router is not None:
+            return None if self._router.row_classes is None else list(self._router.row_classes)
+        return None if self._prompt_class is None else [self._prompt_class]
+
+    @property
+    def chosen_class(self) -> str | None:
+        classes = self.chosen_classes
+        return classes[0] if classes else None
+
+    @contextlib.contextmanager
+    def decode_from(self, start: int | torch.Tensor | Sequence[int]) -> Iterator[SkipHandle]:
+        """For cache-less full-sequence forwards (teacher forcing): positions >= start[b] are decode positions."""
+        if isinstance(start, torch.Tensor):
+            start = start.tolist()
+        previous = self._decode_start
+        self._decode_start = [int(start)] if isinstance(start, int) else [int(s) for s in start]
+        try:
+            yield self
+        finally:
+            self._decode_start = previous
+
+    @contextlib.contextmanager
+    def verifying(self) -> Iterator[SkipHandle]:
+        """For hand-written speculative decoding: multi-token forwards on a non-empty cache are decode positions."""
+        previous, self._verifying = self._verifying, True
+        try:
+            yield self
+        finally:
+            self._verifying = previous
+
+    def stats(self) -> dict[str, Any]:
+        """Counts over decode positions after warm-up (real tokens). ``decided_skips``: FFN calls the plan's rule
+        skipped; ``rows_not_computed``: FFN rows really not computed (masked rows run the FFN: they count 0)."""
+        positions, decided, saved = self._totals
+        if self._totals_device:
+            extra = torch.stack([t.to("cpu") for t in self._totals_device]).sum(0).tolist()
+            positions, decided, saved = positions + int(extra[0]), decided + int(extra[1]), saved + int(extra[2])
+        calls = positions * self.arch.num_layers
+        return {"decode_positions": positions, "num_layers": self.arch.num_layers,
+                "decided_skips": decided, "decided_skip_ratio": decided / calls if calls else 0.0,
+                "rows_not_computed": saved, "not_computed_ratio": saved / calls if calls else 0.0}
+
+    def reset_stats(self) -> None:
+        self._totals, self._totals_device = [0, 0, 0], []
+
+    def remove(self) -> None:
+        """Undo everything apply_plan did (hooks, instance attributes); idempotent."""
+        self._patcher.undo_all()
+        self.step = None
+        self._removed = True
+
+    def __enter__(self) -> SkipHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "applied"
+        batch = f", batch_decision={self._batch_decision}" if self.plan.mode == ADAPTIVE else ""
+        return (f"SkipHandle({state}, {self.arch.model_type}, class={self._prompt_class!r}, "
+                f"mode={self.plan.mode}{batch}, layers={sorted(self._skip_layers)})")
+
+    # ---- installation ----------------------------------------------------------------------------------------------
+
+    def _plannable_layers(self) -> set[int]:
+        layers: set[int] = set()
+        for plan in self._plans.values():
+            if plan.is_empty():
+                continue
+            if plan.mode == STATIC:
+                layers |= {int(l) for l in plan.skip_layers}
+            else:
+                layers |= set(range(plan.cold_start, self.arch.num_layers - plan.cold_end))
+        return layers
+
+    def _install(self) -> None:
+        patch, model = self._patcher, self.model
+        patch.set_attr(model, _HANDLE_ATTR, self)
+        patch.hook(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+        patch.hook(model.register_forward_hook(self._after_forward))
+        if callable(getattr(model, "generate", None)):
+            patch.set_attr(model, "generate", self._wrap_generate(model.generate))
+        if callable(getattr(model, "init_continuous_batching", None)):
+            patch.set_attr(model, "init_continuous_batching", _refuse_continuous_batching)
+        triggers = {l for rp in self._row_plans.values() for l in range(rp.trigger_lo, rp.trigger_hi + 1)}
+        for site in self.arch.sites:
+            if site.index in self._skip_layers or site.index in triggers:
+                patch_ffn(site, self, patch, self._describe(site.index))
+        if triggers:
+            from .adaptive import patch_cos_reading
+
+            for site in self.arch.sites:
+                if site.index in triggers:
+                    patch_cos_reading(site, self, patch)
+        compensations = {p.compensation for p in self._plans.values() if not p.is_empty()} - {NO_COMPENSATION}
+        if compensations:
+            from .compensation import Compensation
+
+            self._compensation = Compensation(self.arch, self._skip_layers, self, patch, NORM_RATIO in compensations)
+        if self._prompt_class == "auto":
+            from .routing import PromptRouter
+
+            self._router = PromptRouter(self._plan_file, self.arch, patch)
+
+    def _wrap_generate(self, original):
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            outer, self._generate_prompt_end = self._generate_prompt_end, _input_length(args, kwargs)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._generate_prompt_end = outer
+
+        return generate
+
+    def _describe(self, layer: int) -> str:
+        if layer not in self._skip_layers:
+            return f"skipprof: layer {layer}: dense, adaptive trigger (cos read here)"
+        parts = []
+        for name, plan in self._plans.items():
+            if plan.is_empty():
+                continue
+            where = "on decode" if plan.apply_to != ALL_POSITIONS else "on all positions"
+            if plan.mode == STATIC:
+                if layer not in plan.skip_layers:
+                    continue
+                f = plan.skip_layers[layer]
+                what = "static skip" + ("" if f >= 1.0 else f" {f:g} of positions")
+            else:
+                if not plan.cold_start <= layer < self.arch.num_layers - plan.cold_end:
+                    continue
+                shared = ", decided per batch" if self._batch_decision == SHARED else ""
+                what = f"adaptive skip (tau, runs of {plan.max_skip}{shared})"
+            comp = ", norm_ratio compensation" if plan.compensation == NORM_RATIO else ""
+            parts.append(f"{what} {where}{comp}" + ("" if name is None else f" [{name}]"))
+        return f"skipprof: layer {layer}: " + "; ".join(parts)
+
+    # ---- per forward -----------------------------------------------------------------------------------------------
+
+    def decision(self, layer: int) -> Decision:
+        """This forward's decision for one layer's FFN (made once, when the FFN is first called)."""
+        step = self.step
+        decision = step.decisions.get(layer)
+        if decision is None:
+            static = step.static[layer] if step.static else None
+            decision = (step.adaptive.decide(layer, static, step.device) if step.adaptive is not None
+                        else decide(static, step.device))
+            step.decisions[layer] = decision
+            step.count_saved(decision)
+        return decision
+
+    def _before_forward(self, module, args, kwargs):
+        if self._router is not None and self._router.prepass:
+            return None  # the routing pre-pass runs dense
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        self.step = None
+        if ref is None:
+            return None
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            mask = None  # custom 4-D masks: treat every position as real
+        batch, seq = ref.shape[0], ref.shape[1]
+        past = _cache_length(cache_in(kwargs))
+        prompt_end = self._prompt_end_of(batch, seq, past)
+        if kwargs.get("use_cache") is False and past == 0 and self._decode_start is None \
+                and self._generate_prompt_end is None and not self._warned_no_cache:
+            self._warned_no_cache = True  # once per handle
+            warnings.warn("skipprofiler: a forward without a KV cache (use_cache=False) outside generate() looks like "
+                          "a prompt, so its FFNs run dense and nothing is skipped; mark generated positions with "
+                          "`with handle.decode_from(prompt_len):`", stacklevel=3)
+        step = self.step = Step(batch, seq, ref.device)
+        if mask is not None and mask.shape[1] >= seq:
+            step.real = mask[:, -seq:].reshape(-1).bool()
+        if self._router is not None and (self._decode_start is not None or past == 0):
+            dense_prompt = self._decode_start is None and all(p.apply_to != ALL_POSITIONS for p in self._plans.values())
+            self._router.route(module, args, kwargs, mask, batch, seq, past, ref.device,
+                               None if self._decode_start is None else prompt_end, dense_prompt)
+        if past == 0 or self._decode_start is not None or self._pad_offsets is None:
+            self._pad_offsets = (mask.cumsum(1) == 0).sum(1).tolist() if mask is not None and mask.shape[0] == batch \
+                else [0] * batch
+        self._plan_step(step, past, prompt_end)
+        return None
+
+    def _prompt_end_of(self, batch: int, seq: int, past: int) -> list[int]:
+        """Per row, the first decode position (positions before it are prompt)."""
+        if self._decode_start is not None:
+            starts = self._decode_start
+            if len(starts) not in (1, batch):
+                raise ValueError(f"decode_from got {len(starts)} start positions for a batch of {batch}")
+            return starts * batch if len(starts) == 1 else list(starts)
+        if self._generate_prompt_end is not None:
+            end = self._generate_prompt_end
+        elif past == 0 or (seq > 1 and not self._verifying):
+            end = past + seq  # a prompt, or the next prompt chunk on a reused cache: dense
+        else:
+            end = self._prompt_end if self._prompt_end is not None else past  # cache filled outside our view
+        self._prompt_end = end
+        return [end] * batch
+
+    def _plan_step(self, step: Step, past: int, prompt_end: list[int]) -> None:
+        classes = self._router.row_classes if self._router is not None else None
+        if classes is None or len(classes) != step.batch:
+            classes = [self._prompt_class if self._router is None else None] * step.batch
+        plans = [self._row_plans[id(self._plans.get(c, self._plans.get(None)))] for c in classes]
+        sched = schedule(plans, step.seq, first_decode_index(plans, past, prompt_end, self._pad_offsets))
+        if sched is None:
+            return
+        step.counted = sum(sched.counted) if step.real is None else (
+            torch.tensor(sched.counted, device=step.device) & step.real).sum()
+        skips = [len(layers) for layers in sched.static]
+        if any(skips):
+            step.decided = sum(skips) if step.real is None else (torch.tensor(skips, device=step.device) * step.real).sum()
+        any_adaptive = any(rp is not None for rp in sched.adaptive)
+        if not (any(skips) or any_adaptive):
+            return
+        step.active = True
+        step.static = [sched.static_flags(l) if l in self._skip_layers else None for l in range(self.arch.num_layers)]
+        if any_adaptive:
+            from .adaptive import adaptive_state
+
+            host = self._host_state if self._host_state is not None else step.device.type == "cpu"
+            step.adaptive = adaptive_state(sched.adaptive, self.arch.num_layers, step.device, step.seq,
+                                           self._batch_decision == SHARED, step.real, host)
+            step.cos_layers = frozenset(step.adaptive.trigger_layers())
+        if self._compensation is not None:
+            self._compensation.plan_step(step, plans)
+
+    def _after_forward(self, module, args, out):
+        step = self.step
+        if step is None or (self._router is not None and self._router.prepass):
+            return None
+        decided = step.decided if step.adaptive is None else step.decided + step.adaptive.decided(step.real)
+        counts = (step.counted, decided, step.not_computed)
+        if any(isinstance(c, torch.Tensor) for c in counts):
+            # accumulate on the device: reading the counts would cost a host sync per forward on accelerators
+            self._totals_device.append(torch.stack([torch.as_tensor(c, device=step.device).long() for c in counts]))
+            if len(self._totals_device) > 64:
+                self._totals_device = [torch.stack(self._totals_device).sum(0)]
+        else:
+            self._totals = [a + b for a, b in zip(self._totals, counts)]
+        self.step = None
+        return None
+
+
+def _input_length(args: tuple, kwargs: dict) -> int | None:
+    """The prompt length of a ``generate`` call: its input ids (or embeddings), previous turns included."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs"), args[0] if args else None,
+                  kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] > 0:
+            return int(value.shape[1])
+    return None
+
+
+def _refuse_continuous_batching(*args, **kwargs):
+    raise RuntimeError("skipprofiler: continuous batching (generate_batch / init_continuous_batching with its "
+                       "PagedAttentionCache) is not supported: its packed forwards carry no decode positions the "
+                       "runtime reads, so the plan would run dense. Use generate(), or call handle.remove() first.")
+
+
+def _cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)):  # legacy tuple cache
+        return int(cache[0][0].shape[-2]) if cache and cache[0] is not None else 0
+    raise TypeError(f"skipprofiler: cannot read the decode position from a {type(cache).__name__} (it has no "
+                    "get_seq_length); use a DynamicCache or StaticCache, or call handle.remove() first")
+
+
+def load_plan(path_or_text: str | Path) -> PlanFile:
+    """Load and validate a YAML plan file (path or YAML text); raises PlanError listing every problem."""
+    from ..planio import load_plan as _load  # lazy: planio pulls yaml only
+
+    return _load(path_or_text)
+
+
+def apply_plan(model: nn.Module, plan: PlanFile | SkipPlan | str | Path, prompt_class: str | None = None,
+               strict: bool = True, *, host_state: bool | None = None,
+               batch_decision: str | None = None) -> SkipHandle:
+    """Make `model` skip FFNs as `plan` says; returns a handle (context manager) whose ``remove()`` restores it.
+
+    plan: a PlanFile, a bare SkipPlan (applied as is, no fingerprint check), or a YAML path / text.
+    prompt_class: None = the global plan; a class name = that class's plan; "auto" = route each prompt with the
+        plan's router (the choice is on ``handle.chosen_classes``).
+    strict: a plan fitted for another model is an error; False applies it with a warning.
+    host_state: keep adaptive state on the host (default: on CPU models) or on the device (no per-layer sync;
+        skipped rows are masked, so ``stats()["rows_not_computed"]`` stays 0 for them).
+    batch_decision: how adaptive plans treat the rows of a batch (None: the plan's ``batch_decision``, by default
+        per_sequence). "per_sequence": every row follows the FFN-SkipLLM rule on its own. "shared": the rows
+        decoding the same step decide together -- their runs start at the first layer where every real row's cos
+        passes its threshold, so all rows skip the same FFNs (whole FFN calls saved; use it for small batches on
+        CPU, where an FFN over part of a batch costs as much as over all of it: benchmarks/ffn_partial_rows.py).
+    Every check runs before any module is touched: on error the model is unchanged.
+    """
+    if batch_decision is not None and batch_decision not in BATCH_DECISIONS:
+        raise ValueError(f"batch_decision must be one of {', '.join(BATCH_DECISIONS)}, got {batch_decision!r}")
+    if isinstance(plan, (str, Path)):
+        plan = load_plan(plan)
+    existing = model.__dict__.get(_HANDLE_ATTR)
+    if existing is not None and not existing._removed:
+        raise RuntimeError("a skip plan is already applied to this model; call .remove() on its handle first")
+    arch = resolve(model)
+    if isinstance(plan, SkipPlan):
+        if prompt_class is not None:
+            raise PlanError(f"prompt_class={prompt_class!r} needs a PlanFile with class plans; a bare SkipPlan "
+                            "has none (pass prompt_class=None)")
+        plans, plan_file, problems = {None: plan}, None, plan_problems(plan, "plan", arch)
+    elif isinstance(plan, PlanFile):
+        check_fingerprint(plan, model, strict)
+        config = getattr(model, "config", None)
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+        plans, problems = select_plans(plan, prompt_class, arch, hidden)
+        plan_file = plan
+    else:
+        raise TypeError(f"apply_plan expects a PlanFile, SkipPlan, or a YAML path; got {type(plan).__name__}")
+    decisions = {p.batch_decision for p in plans.values() if p.mode == ADAPTIVE and not p.is_empty()}
+    if batch_decision is None and len(decisions) > 1:
+        problems.append(f"the selected plans disagree on batch_decision ({', '.join(sorted(decisions))}); "
+                        "pass batch_decision= to apply_plan to choose")
+    if problems:
+        raise PlanError(problems)
+    batch_decision = batch_decision or (decisions.pop() if decisions else BATCH_DECISIONS[0])
+    handle = SkipHandle(model, arch, plans, plan_file, prompt_class, host_state, batch_decision)
+    try:
+        handle._install()
+    except BaseException:
+        handle.remove()
+        raise
+    return handle

@@ -611,25 +611,12 @@ def search_reference_row(model, data: EvalData, reference: SkipPlan, realized: f
 
 
 def check_plan_fits(model, plan: PlanFile | SkipPlan, name: str) -> None:
-    """Plan/model mismatch as a one-line error (fingerprint via the runtime's strict check; layer range here)."""
-    num_layers = model_num_layers(model)
-    plans = [plan.global_plan, *plan.classes.values()] if isinstance(plan, PlanFile) else [plan]
-    for p in plans:
-        bad = [l for l in p.skip_layers if not 0 <= l < num_layers]
-        if bad:
-            raise EvalError(f"{name}: skips layers {bad} but the model has {num_layers} layers")
-        if p.tau is not None and len(p.tau) != num_layers:
-            raise EvalError(f"{name}: tau has {len(p.tau)} entries but the model has {num_layers} layers")
-    if isinstance(plan, PlanFile):
-        from .registry import model_fingerprint
+    """Plan/model mismatch as a one-line error (the runtime's check: fingerprint, layers, compensation, router)."""
+    from .runtime.checks import fit_problems
 
-        want = plan.model.get("fingerprint") or {}
-        have = model_fingerprint(model)
-        diff = [k for k in ("model_type", "num_layers", "hidden_size", "vocab_size", "config_hash")
-                if k in want and want[k] != have.get(k)]
-        if diff:
-            detail = ", ".join(f"{k}: plan {want[k]!r} vs model {have.get(k)!r}" for k in diff)
-            raise EvalError(f"{name} was fitted for another model ({detail})")
+    problems = fit_problems(model, plan)
+    if problems:
+        raise EvalError(f"{name}: {'; '.join(problems)}")
 
 
 def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]], data_spec: str | None = None,

@@ -7,7 +7,7 @@ import warnings
 from torch import nn
 
 from ..plan import ADAPTIVE, APPLY_TO, COMPENSATIONS, MODES, NO_COMPENSATION, STATIC, PlanError, PlanFile, SkipPlan
-from ..registry import ResolvedArch, model_fingerprint
+from ..registry import ResolvedArch, model_fingerprint, resolve
 
 
 def fingerprint_mismatch(plan_file: PlanFile, model: nn.Module) -> str | None:
@@ -60,6 +60,33 @@ def plan_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> list[str]:
         from .compensation import compensation_problems
 
         problems += compensation_problems(plan, label, arch)
+    return problems
+
+
+def plans_for(model: nn.Module, arch: ResolvedArch, plan: PlanFile | SkipPlan,
+              prompt_class: str | None) -> tuple[dict[str | None, SkipPlan], list[str]]:
+    """The plans an application uses, keyed by class (None = global), and every problem except the fingerprint."""
+    if isinstance(plan, SkipPlan):
+        if prompt_class is not None:
+            raise PlanError(f"prompt_class={prompt_class!r} needs a PlanFile with class plans; a bare SkipPlan "
+                            "has none (pass prompt_class=None)")
+        return {None: plan}, plan_problems(plan, "plan", arch)
+    if not isinstance(plan, PlanFile):
+        raise TypeError(f"apply_plan expects a PlanFile, SkipPlan, or a YAML path; got {type(plan).__name__}")
+    config = getattr(model, "config", None)
+    return select_plans(plan, prompt_class, arch, getattr(config, "hidden_size", None) or getattr(config, "n_embd", None))
+
+
+def fit_problems(model: nn.Module, plan: PlanFile | SkipPlan) -> list[str]:
+    """Everything that keeps `plan` (its global and every class plan) from running on `model`, fingerprint included:
+    the one plan-vs-model check, shared by apply_plan and eval."""
+    arch = resolve(model)
+    problems = []
+    if isinstance(plan, PlanFile):
+        mismatch = fingerprint_mismatch(plan, model)
+        problems += [mismatch] if mismatch else []
+    for prompt_class in [None, *(plan.classes if isinstance(plan, PlanFile) else ())]:
+        problems += [p for p in plans_for(model, arch, plan, prompt_class)[1] if p not in problems]
     return problems
 
 

@@ -24,7 +24,7 @@ from .._compat import cache_in
 from ..plan import (ADAPTIVE, ALL_POSITIONS, BATCH_DECISIONS, NO_COMPENSATION, NORM_RATIO, SHARED, STATIC, PlanError,
                     PlanFile, SkipPlan)
 from ..registry import ResolvedArch, resolve
-from .checks import check_fingerprint, plan_problems, select_plans
+from .checks import check_fingerprint, plans_for
 from .patcher import Patcher
 from .schedule import RowPlan, first_decode_index, schedule
 from .step import Decision, Step, decide
@@ -375,19 +375,10 @@ def apply_plan(model: nn.Module, plan: PlanFile | SkipPlan | str | Path, prompt_
     if existing is not None and not existing._removed:
         raise RuntimeError("a skip plan is already applied to this model; call .remove() on its handle first")
     arch = resolve(model)
-    if isinstance(plan, SkipPlan):
-        if prompt_class is not None:
-            raise PlanError(f"prompt_class={prompt_class!r} needs a PlanFile with class plans; a bare SkipPlan "
-                            "has none (pass prompt_class=None)")
-        plans, plan_file, problems = {None: plan}, None, plan_problems(plan, "plan", arch)
-    elif isinstance(plan, PlanFile):
+    if isinstance(plan, PlanFile):
         check_fingerprint(plan, model, strict)
-        config = getattr(model, "config", None)
-        hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-        plans, problems = select_plans(plan, prompt_class, arch, hidden)
-        plan_file = plan
-    else:
-        raise TypeError(f"apply_plan expects a PlanFile, SkipPlan, or a YAML path; got {type(plan).__name__}")
+    plans, problems = plans_for(model, arch, plan, prompt_class)
+    plan_file = plan if isinstance(plan, PlanFile) else None
     decisions = {p.batch_decision for p in plans.values() if p.mode == ADAPTIVE and not p.is_empty()}
     if batch_decision is None and len(decisions) > 1:
         problems.append(f"the selected plans disagree on batch_decision ({', '.join(sorted(decisions))}); "

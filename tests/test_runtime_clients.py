@@ -155,3 +155,45 @@ def test_schedule_follows_plan_rule_at_every_position():
                 assert got == expected, (plan, past, seq, end, b, s)
                 counted = d >= 0 and d >= plan.warmup_tokens
                 assert (sched is not None and sched.counted[b * seq + s]) == counted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["static", "adaptive_device"])
+def test_compiled_forward_with_inductor_has_no_graph_breaks_and_matches_eager(mode):
+    """StaticCache and ``torch.compile(model.__call__, fullgraph=True)`` (hooks included, as generate compiles):
+    fullgraph raises on any graph break, so the static and device-state adaptive paths must trace whole."""
+    from torch._dynamo.utils import counters
+    from transformers import StaticCache
+
+    model = tiny_model("llama", num_layers=3)
+    ids = torch.randint(2, 90, (1, 5))
+    plan = (static([1], warmup_tokens=1) if mode == "static"
+            else SkipPlan(mode="adaptive", tau=[-1.0] * 3, cold_start=1, cold_end=0, max_skip=1, dense_every=3))
+
+    def decode(forward):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        tokens, logits = [], []
+        with torch.no_grad():
+            out = forward(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
+            for _ in range(5):
+                tokens.append(out.logits[:, -1:].argmax(-1))
+                out = forward(input_ids=tokens[-1], **cache_kwargs(model, cache), use_cache=True)
+                logits.append(out.logits[:, -1])
+        return torch.cat(tokens, 1), torch.stack(logits)
+
+    with apply_plan(model, plan, host_state=False) as handle:
+        eager_tokens, eager_logits = decode(model)
+        eager_stats = handle.stats()
+        handle.reset_stats()
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model.__call__, fullgraph=True, backend="inductor")  # as generate's auto-compile
+        tokens, logits = decode(compiled)
+        assert handle.stats() == eager_stats and eager_stats["decided_skips"] > 0
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert not counters["graph_break"]
+    assert graphs <= 3  # prompt, dense decode, skipping decode: no recompilation per position
+    assert torch.equal(tokens, eager_tokens)
+    torch.testing.assert_close(logits, eager_logits, rtol=0, atol=1e-4)
+

@@ -149,8 +149,10 @@ class SkipHandle:
     def _install(self) -> None:
         patch, model = self._patcher, self.model
         patch.set_attr(model, _HANDLE_ATTR, self)
-        patch.hook(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        patch.hook(model.register_forward_hook(self._after_forward))
+        # Host-side bookkeeping stays out of compiled graphs (HF's automatic compile wraps ``model.__call__``): traced,
+        # the cache length would specialise every graph to one position and recompile per token.
+        patch.hook(model.register_forward_pre_hook(torch.compiler.disable(self._before_forward), with_kwargs=True))
+        patch.hook(model.register_forward_hook(torch.compiler.disable(self._after_forward)))
         if callable(getattr(model, "generate", None)):
             patch.set_attr(model, "generate", self._wrap_generate(model.generate))
         if callable(getattr(model, "init_continuous_batching", None)):

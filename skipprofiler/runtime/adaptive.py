@@ -15,10 +15,23 @@ from typing import Any
 
 import torch
 
+from ..plan import SkipPlan
 from ..registry import POST_NORM_OUTPUT, FFNSite, first_tensor
 from .patcher import Patcher
 from .schedule import RowPlan
 from .step import DENSE, Decision, Kind, decide
+
+
+def adaptive_problems(plan: SkipPlan, label: str, num_layers: int) -> list[str]:
+    L, problems = num_layers, []
+    if plan.tau is None or len(plan.tau) != L:
+        n = None if plan.tau is None else len(plan.tau)
+        problems.append(f"{label}: adaptive plan needs one tau per layer ({L}), got {n}")
+    if plan.cold_start < 0 or plan.cold_end < 0 or plan.cold_start + plan.cold_end > L:
+        problems.append(f"{label}: cold_start {plan.cold_start} + cold_end {plan.cold_end} do not fit {L} layers")
+    if plan.max_skip < 0:
+        problems.append(f"{label}: max_skip must be >= 0")
+    return problems
 
 
 class HostAdaptive:

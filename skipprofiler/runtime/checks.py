@@ -47,13 +47,9 @@ def plan_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> list[str]:
         if bad_f:
             problems.append(f"{label}: skip fractions must be in (0, 1] (layers {bad_f})")
     if plan.mode == ADAPTIVE and not plan.is_empty():
-        if plan.tau is None or len(plan.tau) != L:
-            n = None if plan.tau is None else len(plan.tau)
-            problems.append(f"{label}: adaptive plan needs one tau per layer ({L}), got {n}")
-        if plan.cold_start < 0 or plan.cold_end < 0 or plan.cold_start + plan.cold_end > L:
-            problems.append(f"{label}: cold_start {plan.cold_start} + cold_end {plan.cold_end} do not fit {L} layers")
-        if plan.max_skip < 0:
-            problems.append(f"{label}: max_skip must be >= 0")
+        from .adaptive import adaptive_problems
+
+        problems += adaptive_problems(plan, label, L)
     if plan.compensation not in COMPENSATIONS:
         problems.append(f"{label}: unknown compensation {plan.compensation!r} (expected {', '.join(COMPENSATIONS)})")
     elif plan.compensation != NO_COMPENSATION and not plan.is_empty():

@@ -1,19 +1,12 @@
-"""The public handle: `apply_plan` patches a model, `SkipHandle` classifies its forwards, counts, and restores it.
+"""The public handle: `apply_plan` patches a model; `SkipHandle` plans each forward, counts, and restores the model.
 
-Which positions are decode positions (plan.py's index d):
-* inside ``model.generate`` (also pipelines, streamers, beam search, assisted and prompt-lookup decoding): the tokens
-  generate was given are the prompt, every later position is decoded -- whatever the cache holds or feeds;
-* ``with handle.decode_from(start)``: positions >= start[b] (teacher forcing, cache-less full-sequence forwards);
-* other forwards: an empty cache, or several new tokens on a non-empty one (the next turn of a chat reusing its
-  cache), is a prompt; one new token per row is decoded. ``with handle.verifying():`` marks hand-written
-  speculative verification forwards (several new tokens that are all decode positions).
+Per forward: the pre-hook asks `positions` where decode positions start, `schedule` what each plan does there, and
+leaves a `Step`; each patched FFN takes its layer's `Decision` from it; the post-hook adds the step's counts.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -26,6 +19,7 @@ from ..plan import (ADAPTIVE, ALL_POSITIONS, BATCH_DECISIONS, NO_COMPENSATION, N
 from ..registry import ResolvedArch, resolve
 from .checks import check_fingerprint, plans_for
 from .patcher import Patcher
+from .positions import Positions, cache_length, refuse_continuous_batching
 from .schedule import RowPlan, first_decode_index, schedule
 from .step import Decision, Step, decide
 from .strategies import patch_ffn
@@ -47,14 +41,10 @@ class SkipHandle:
         self._skip_layers = self._plannable_layers()
         self._patcher = Patcher()
         self._router = self._compensation = None
-        self._prompt_end: int | None = None  # outside generate: where the last prompt ended
-        self._generate_prompt_end: int | None = None  # inside generate: the length of its input
-        self._decode_start: list[int] | None = None
-        self._verifying = False
+        self._positions = Positions()
         self._pad_offsets: list[int] | None = None
         self._totals: list[int] = [0, 0, 0]  # decode positions, decided skips, FFN rows not computed
         self._totals_device: list[torch.Tensor] = []
-        self._warned_no_cache = False
         self._removed = False
 
     # ---- public API ------------------------------------------------------------------------------------------------
@@ -82,23 +72,14 @@ class SkipHandle:
     @contextlib.contextmanager
     def decode_from(self, start: int | torch.Tensor | Sequence[int]) -> Iterator[SkipHandle]:
         """For cache-less full-sequence forwards (teacher forcing): positions >= start[b] are decode positions."""
-        if isinstance(start, torch.Tensor):
-            start = start.tolist()
-        previous = self._decode_start
-        self._decode_start = [int(start)] if isinstance(start, int) else [int(s) for s in start]
-        try:
+        with self._positions.decode_from(start):
             yield self
-        finally:
-            self._decode_start = previous
 
     @contextlib.contextmanager
     def verifying(self) -> Iterator[SkipHandle]:
         """For hand-written speculative decoding: multi-token forwards on a non-empty cache are decode positions."""
-        previous, self._verifying = self._verifying, True
-        try:
+        with self._positions.verifying():
             yield self
-        finally:
-            self._verifying = previous
 
     def stats(self) -> dict[str, Any]:
         """Counts over decode positions after warm-up (real tokens). ``decided_skips``: FFN calls the plan's rule
@@ -154,9 +135,9 @@ class SkipHandle:
         patch.hook(model.register_forward_pre_hook(torch.compiler.disable(self._before_forward), with_kwargs=True))
         patch.hook(model.register_forward_hook(torch.compiler.disable(self._after_forward)))
         if callable(getattr(model, "generate", None)):
-            patch.set_attr(model, "generate", self._wrap_generate(model.generate))
+            patch.set_attr(model, "generate", self._positions.wrap_generate(model.generate))
         if callable(getattr(model, "init_continuous_batching", None)):
-            patch.set_attr(model, "init_continuous_batching", _refuse_continuous_batching)
+            patch.set_attr(model, "init_continuous_batching", refuse_continuous_batching)
         triggers = {l for rp in self._row_plans.values() for l in range(rp.trigger_lo, rp.trigger_hi + 1)}
         for site in self.arch.sites:
             if site.index in self._skip_layers or site.index in triggers:
@@ -176,17 +157,6 @@ class SkipHandle:
             from .routing import PromptRouter
 
             self._router = PromptRouter(self._plan_file, self.arch, patch)
-
-    def _wrap_generate(self, original):
-        @functools.wraps(original)
-        def generate(*args, **kwargs):
-            outer, self._generate_prompt_end = self._generate_prompt_end, _input_length(args, kwargs)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._generate_prompt_end = outer
-
-        return generate
 
     def _describe(self, layer: int) -> str:
         if layer not in self._skip_layers:
@@ -236,42 +206,21 @@ class SkipHandle:
         if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
             mask = None  # custom 4-D masks: treat every position as real
         batch, seq = ref.shape[0], ref.shape[1]
-        past = _cache_length(cache_in(kwargs))
-        prompt_end = self._prompt_end_of(batch, seq, past)
-        if kwargs.get("use_cache") is False and past == 0 and self._decode_start is None \
-                and self._generate_prompt_end is None and not self._warned_no_cache:
-            self._warned_no_cache = True  # once per handle
-            warnings.warn("skipprofiler: a forward without a KV cache (use_cache=False) outside generate() looks like "
-                          "a prompt, so its FFNs run dense and nothing is skipped; mark generated positions with "
-                          "`with handle.decode_from(prompt_len):`", stacklevel=3)
+        past = cache_length(cache_in(kwargs))
+        prompt_end = self._positions.prompt_end(batch, seq, past, kwargs.get("use_cache"))
+        teacher_forced = self._positions.decode_start is not None
         step = self.step = Step(batch, seq, ref.device)
         if mask is not None and mask.shape[1] >= seq:
             step.real = mask[:, -seq:].reshape(-1).bool()
-        if self._router is not None and (self._decode_start is not None or past == 0):
-            dense_prompt = self._decode_start is None and all(p.apply_to != ALL_POSITIONS for p in self._plans.values())
+        if self._router is not None and (teacher_forced or past == 0):
+            dense_prompt = not teacher_forced and all(p.apply_to != ALL_POSITIONS for p in self._plans.values())
             self._router.route(module, args, kwargs, mask, batch, seq, past, ref.device,
-                               None if self._decode_start is None else prompt_end, dense_prompt)
-        if past == 0 or self._decode_start is not None or self._pad_offsets is None:
+                               prompt_end if teacher_forced else None, dense_prompt)
+        if past == 0 or teacher_forced or self._pad_offsets is None:
             self._pad_offsets = (mask.cumsum(1) == 0).sum(1).tolist() if mask is not None and mask.shape[0] == batch \
                 else [0] * batch
         self._plan_step(step, past, prompt_end)
         return None
-
-    def _prompt_end_of(self, batch: int, seq: int, past: int) -> list[int]:
-        """Per row, the first decode position (positions before it are prompt)."""
-        if self._decode_start is not None:
-            starts = self._decode_start
-            if len(starts) not in (1, batch):
-                raise ValueError(f"decode_from got {len(starts)} start positions for a batch of {batch}")
-            return starts * batch if len(starts) == 1 else list(starts)
-        if self._generate_prompt_end is not None:
-            end = self._generate_prompt_end
-        elif past == 0 or (seq > 1 and not self._verifying):
-            end = past + seq  # a prompt, or the next prompt chunk on a reused cache: dense
-        else:
-            end = self._prompt_end if self._prompt_end is not None else past  # cache filled outside our view
-        self._prompt_end = end
-        return [end] * batch
 
     def _plan_step(self, step: Step, past: int, prompt_end: list[int]) -> None:
         classes = self._router.row_classes if self._router is not None else None
@@ -316,32 +265,6 @@ class SkipHandle:
             self._totals = [a + b for a, b in zip(self._totals, counts)]
         self.step = None
         return None
-
-
-def _input_length(args: tuple, kwargs: dict) -> int | None:
-    """The prompt length of a ``generate`` call: its input ids (or embeddings), previous turns included."""
-    for value in (kwargs.get("input_ids"), kwargs.get("inputs"), args[0] if args else None,
-                  kwargs.get("inputs_embeds")):
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] > 0:
-            return int(value.shape[1])
-    return None
-
-
-def _refuse_continuous_batching(*args, **kwargs):
-    raise RuntimeError("skipprofiler: continuous batching (generate_batch / init_continuous_batching with its "
-                       "PagedAttentionCache) is not supported: its packed forwards carry no decode positions the "
-                       "runtime reads, so the plan would run dense. Use generate(), or call handle.remove() first.")
-
-
-def _cache_length(cache: Any) -> int:
-    if cache is None:
-        return 0
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    if isinstance(cache, (tuple, list)):  # legacy tuple cache
-        return int(cache[0][0].shape[-2]) if cache and cache[0] is not None else 0
-    raise TypeError(f"skipprofiler: cannot read the decode position from a {type(cache).__name__} (it has no "
-                    "get_seq_length); use a DynamicCache or StaticCache, or call handle.remove() first")
 
 
 def load_plan(path_or_text: str | Path) -> PlanFile:

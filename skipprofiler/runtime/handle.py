@@ -230,8 +230,12 @@ class SkipHandle:
         sched = schedule(plans, step.seq, first_decode_index(plans, past, prompt_end, self._pad_offsets))
         if sched is None:
             return
-        step.counted = sum(sched.counted) if step.real is None else (
-            torch.tensor(sched.counted, device=step.device) & step.real).sum()
+        if step.real is None:
+            step.counted = sum(sched.counted)
+        elif all(sched.counted):  # the usual decode step: no host-to-device copy
+            step.counted = step.real.sum()
+        elif any(sched.counted):
+            step.counted = (torch.tensor(sched.counted, device=step.device) & step.real).sum()
         skips = [len(layers) for layers in sched.static]
         if any(skips):
             step.decided = sum(skips) if step.real is None else (torch.tensor(skips, device=step.device) * step.real).sum()

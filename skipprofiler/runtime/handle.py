@@ -43,8 +43,7 @@ class SkipHandle:
         self._router = self._compensation = None
         self._positions = Positions()
         self._pad_offsets: list[int] | None = None
-        self._totals: list[int] = [0, 0, 0]  # decode positions, decided skips, FFN rows not computed
-        self._totals_device: list[torch.Tensor] = []
+        self._totals: list[int | torch.Tensor] = [0, 0, 0]  # decode positions, decided skips, FFN rows not computed
         self._removed = False
 
     # ---- public API ------------------------------------------------------------------------------------------------
@@ -84,17 +83,14 @@ class SkipHandle:
     def stats(self) -> dict[str, Any]:
         """Counts over decode positions after warm-up (real tokens). ``decided_skips``: FFN calls the plan's rule
         skipped; ``rows_not_computed``: FFN rows really not computed (masked rows run the FFN: they count 0)."""
-        positions, decided, saved = self._totals
-        if self._totals_device:
-            extra = torch.stack([t.to("cpu") for t in self._totals_device]).sum(0).tolist()
-            positions, decided, saved = positions + int(extra[0]), decided + int(extra[1]), saved + int(extra[2])
+        positions, decided, saved = (int(t) for t in self._totals)  # device counts: read here, once
         calls = positions * self.arch.num_layers
         return {"decode_positions": positions, "num_layers": self.arch.num_layers,
                 "decided_skips": decided, "decided_skip_ratio": decided / calls if calls else 0.0,
                 "rows_not_computed": saved, "not_computed_ratio": saved / calls if calls else 0.0}
 
     def reset_stats(self) -> None:
-        self._totals, self._totals_device = [0, 0, 0], []
+        self._totals = [0, 0, 0]
 
     def remove(self) -> None:
         """Undo everything apply_plan did (hooks, instance attributes); idempotent."""
@@ -233,7 +229,7 @@ class SkipHandle:
         if step.real is None:
             step.counted = sum(sched.counted)
         elif all(sched.counted):  # the usual decode step: no host-to-device copy
-            step.counted = step.real.sum()
+            step.counted = step.real_count()
         elif any(sched.counted):
             step.counted = (torch.tensor(sched.counted, device=step.device) & step.real).sum()
         skips = [len(layers) for layers in sched.static]
@@ -259,14 +255,10 @@ class SkipHandle:
         if step is None or (self._router is not None and self._router.prepass):
             return None
         decided = step.decided if step.adaptive is None else step.decided + step.adaptive.decided(step.real)
-        counts = (step.counted, decided, step.not_computed)
-        if any(isinstance(c, torch.Tensor) for c in counts):
-            # accumulate on the device: reading the counts would cost a host sync per forward on accelerators
-            self._totals_device.append(torch.stack([torch.as_tensor(c, device=step.device).long() for c in counts]))
-            if len(self._totals_device) > 64:
-                self._totals_device = [torch.stack(self._totals_device).sum(0)]
-        else:
-            self._totals = [a + b for a, b in zip(self._totals, counts)]
+        real_count = step.positions if step.real is None else step.real_count()
+        # device counts are summed on the device: reading them would cost a host sync per forward on accelerators
+        counts = (step.counted, decided, step.not_computed(real_count))
+        self._totals = [total + c if isinstance(c, torch.Tensor) or c else total for total, c in zip(self._totals, counts)]
         self.step = None
         return None
 

@@ -59,13 +59,20 @@ class Step:
     decisions: dict[int, Decision] = field(default_factory=dict)  # layer -> decision (made once per forward)
     counted: int | torch.Tensor = 0  # decode positions after warm-up (real tokens)
     decided: int | torch.Tensor = 0  # FFN calls the rule skipped (real tokens)
-    not_computed: int | torch.Tensor = 0  # FFN rows not computed (real tokens; masked rows are computed)
+    gathered_saved: int | torch.Tensor = 0  # FFN rows GATHER decisions left out (real tokens)
+    skip_all_calls: int = 0  # FFN calls SKIP_ALL decisions left out (each saves every real position)
     gain_scale: list[Any] = field(default_factory=list)  # norm_ratio: per layer None | float | Tensor [P, 1]
     mean_fill: dict[int, torch.Tensor] = field(default_factory=dict)  # mean_output: layer -> [H] or [P, H]
     ffn_input_stream: dict[int, torch.Tensor] = field(default_factory=dict)  # norm_ratio: layer -> h [P, H]
     contribution: dict[int, torch.Tensor] = field(default_factory=dict)  # adaptive: layer -> [P, H]
     cos_layers: frozenset[int] = frozenset()  # adaptive: layers whose cos may start a run in this forward
-    routing: Any = None  # routing.RoutingPass while routing rows by their prompt
+    _real_count: torch.Tensor | None = None
+
+    def real_count(self) -> torch.Tensor:
+        """Real (not padding) positions of this forward, as a device tensor (computed once)."""
+        if self._real_count is None:
+            self._real_count = self.real.sum()
+        return self._real_count
 
     @property
     def positions(self) -> int:
@@ -75,12 +82,16 @@ class Step:
         return layer in self.cos_layers and self.adaptive.may_trigger()
 
     def count_saved(self, decision: Decision) -> None:
-        """Add the real rows this decision leaves uncomputed (SKIP_ALL and GATHER; MASK computes every row)."""
+        """Note the real rows this decision leaves uncomputed (SKIP_ALL and GATHER; MASK computes every row)."""
         if decision.kind is Kind.SKIP_ALL:
-            self.not_computed = self.not_computed + (self.positions if self.real is None else self.real.sum())
+            self.skip_all_calls += 1
         elif decision.kind is Kind.GATHER:
             n = self.positions - len(decision.kept) if self.real is None else (decision.skip & self.real).sum()
-            self.not_computed = self.not_computed + n
+            self.gathered_saved = self.gathered_saved + n
+
+    def not_computed(self, real_count: int | torch.Tensor) -> int | torch.Tensor:
+        """FFN rows not computed in this forward (real tokens; masked rows were computed)."""
+        return self.gathered_saved + self.skip_all_calls * real_count if self.skip_all_calls else self.gathered_saved
 
     def check_rows(self, rows: int, layer: int) -> None:
         if rows != self.positions:

@@ -7,7 +7,6 @@ pre-pass without the cache runs up to the router layer and is stopped there by r
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 

@@ -255,9 +255,8 @@ class SkipHandle:
         if step is None or (self._router is not None and self._router.prepass):
             return None
         decided = step.decided if step.adaptive is None else step.decided + step.adaptive.decided(step.real)
-        real_count = step.positions if step.real is None else step.real_count()
         # device counts are summed on the device: reading them would cost a host sync per forward on accelerators
-        counts = (step.counted, decided, step.not_computed(real_count))
+        counts = (step.counted, decided, step.not_computed())
         self._totals = [total + c if isinstance(c, torch.Tensor) or c else total for total, c in zip(self._totals, counts)]
         self.step = None
         return None

@@ -89,9 +89,11 @@ class Step:
             n = self.positions - len(decision.kept) if self.real is None else (decision.skip & self.real).sum()
             self.gathered_saved = self.gathered_saved + n
 
-    def not_computed(self, real_count: int | torch.Tensor) -> int | torch.Tensor:
+    def not_computed(self) -> int | torch.Tensor:
         """FFN rows not computed in this forward (real tokens; masked rows were computed)."""
-        return self.gathered_saved + self.skip_all_calls * real_count if self.skip_all_calls else self.gathered_saved
+        if not self.skip_all_calls:
+            return self.gathered_saved
+        return self.gathered_saved + self.skip_all_calls * (self.positions if self.real is None else self.real_count())
 
     def check_rows(self, rows: int, layer: int) -> None:
         if rows != self.positions:

@@ -197,3 +197,51 @@ def test_compiled_forward_with_inductor_has_no_graph_breaks_and_matches_eager(mo
     assert torch.equal(tokens, eager_tokens)
     torch.testing.assert_close(logits, eager_logits, rtol=0, atol=1e-4)
 
+
+
+class TokenCollector:
+    """A generate streamer that keeps what it is given (the prompt first, then each new token)."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("client", ["beam", "streamer", "static_cache"])
+def test_generate_clients_match_the_zeroed_reference_and_an_empty_plan_is_dense(client):
+    from test_runtime import ZeroedReference
+
+    model = tiny_model("llama", num_layers=4)
+    ids = torch.randint(2, 90, (1, 6))
+    plan = static({1: 1.0, 2: 0.5}, warmup_tokens=1)
+    kw = {"beam": {"num_beams": 3}, "streamer": {}, "static_cache": {"cache_implementation": "static"}}[client]
+
+    def run(**extra):
+        if client == "streamer":
+            extra["streamer"] = TokenCollector()
+        seq, logits = generate(model, ids, 8, **kw, **extra)
+        if client == "streamer":  # the streamer saw exactly the generated tokens
+            assert torch.equal(torch.cat([c.reshape(1, -1) for c in extra["streamer"].chunks], 1), seq)
+        return seq, logits
+
+    dense, dense_logits = run()
+    with apply_plan(model, static([])):
+        assert torch.equal(run()[0], dense)
+    if client == "static_cache":  # the reference reads a dynamic cache: compare with the plan on one instead
+        with apply_plan(model, plan):
+            expected = generate(model, ids, 8)[0]
+    else:
+        ref = ZeroedReference(model, plan)
+        expected = run()[0]
+        ref.remove()
+    with apply_plan(model, plan) as handle:
+        seq, logits = run()
+        stats = handle.stats()
+    assert torch.equal(seq, expected) and not torch.equal(logits, dense_logits)
+    assert stats["decided_skips"] > 0 and stats["rows_not_computed"] == stats["decided_skips"]
+    assert "generate" not in model.__dict__

@@ -4,6 +4,7 @@ decoding, hand-written verification, continuous batching; and the pure schedule 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +246,25 @@ def test_generate_clients_match_the_zeroed_reference_and_an_empty_plan_is_dense(
     assert torch.equal(seq, expected) and not torch.equal(logits, dense_logits)
     assert stats["decided_skips"] > 0 and stats["rows_not_computed"] == stats["decided_skips"]
     assert "generate" not in model.__dict__
+
+
+def test_text_generation_pipeline_with_the_demo_model_and_a_shipped_plan():
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    from skipprofiler import demo
+
+    model = AutoModelForCausalLM.from_pretrained(demo.model_path(), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(demo.model_path())
+    generator = pipeline("text-generation", model=model, tokenizer=tok)
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, return_full_text=False)
+    prompt = "It is a truth universally acknowledged"
+    dense = generator(prompt, **kw)[0]["generated_text"]
+    with apply_plan(model, static([])):
+        assert generator(prompt, **kw)[0]["generated_text"] == dense
+    with apply_plan(model, Path(__file__).parent.parent / "plans" / "demo-static-25.yaml") as handle:
+        planned = generator(prompt, **kw)[0]["generated_text"]
+        stats = handle.stats()
+        plan = handle.plan
+    expected = sum(len(plan.static_layers_at(d)) for d in range(11))  # 11 generated tokens are fed back
+    assert stats["decided_skips"] == stats["rows_not_computed"] == expected > 0
+    assert planned != dense  # the plan changed what the pipeline generated

@@ -88,7 +88,8 @@ class DecodeBenchmark:
             out.append({
                 "arm": r.name, "batch": self.batch, "dtype": self.dtype,
                 "tok_per_s": self.batch * self.new_tokens / r.median, "median_s": r.median,
-                "skip_ratio": r.stats.get("skip_ratio", 0.0), "speedup": speedup,
+                "saved_ratio": r.stats.get("not_computed_ratio", 0.0), "decided_skip_ratio": r.stats.get("decided_skip_ratio", 0.0),
+                "speedup": speedup,
                 "ideal_speedup": r.ideal_speedup, "measured_over_ideal": speedup / r.ideal_speedup,
                 "runs": len(r.seconds), "speedup_min": paired[0], "speedup_max": paired[-1],
             })
@@ -97,9 +98,9 @@ class DecodeBenchmark:
     def table(self) -> str:
         head = (f"{self.label}  bs={self.batch}  {self.dtype}  prompt={self.prompt_tokens}  new={self.new_tokens}  "
                 f"median of {len(self.dense().seconds)} interleaved runs (warm-up excluded)")
-        lines = [head, f"{'arm':<24}{'skip':>7}{'tok/s':>9}{'speedup':>9}{'ideal':>8}{'meas/ideal':>12}"]
+        lines = [head, f"{'arm':<24}{'saved':>7}{'tok/s':>9}{'speedup':>9}{'ideal':>8}{'meas/ideal':>12}"]
         for row in self.rows():
-            lines.append(f"{row['arm']:<24}{row['skip_ratio']:>7.1%}{row['tok_per_s']:>9.1f}{row['speedup']:>8.3f}x"
+            lines.append(f"{row['arm']:<24}{row['saved_ratio']:>7.1%}{row['tok_per_s']:>9.1f}{row['speedup']:>8.3f}x"
                          f"{row['ideal_speedup']:>7.3f}x{row['measured_over_ideal']:>12.3f}")
         return "\n".join(lines)
 
@@ -194,7 +195,7 @@ def benchmark_decode(model: nn.Module, arms: list[Arm], batch: int = 1, prompt_t
                 greedy_decode(model, prompt, new_tokens)
                 _sync(device)
                 elapsed = time.perf_counter() - start
-                stats = handle.stats() if handle is not None else {"skipped": 0, "skip_ratio": 0.0}
+                stats = handle.stats() if handle is not None else {}
             finally:
                 if handle is not None:
                     handle.remove()
@@ -204,7 +205,8 @@ def benchmark_decode(model: nn.Module, arms: list[Arm], batch: int = 1, prompt_t
         if log is not None:
             log(f"  round {rnd + 1}/{warmup + repeats}" + (" (warm-up)" if rnd < warmup else ""))
     for r in results:
-        r.dense_flops, r.plan_flops = run_flops(model, batch, prompt_tokens, new_tokens, r.stats.get("skipped", 0))
+        r.dense_flops, r.plan_flops = run_flops(model, batch, prompt_tokens, new_tokens,
+                                                   r.stats.get("rows_not_computed", 0))
     return DecodeBenchmark(label, batch, dtype_name, new_tokens, prompt_tokens, results)
 
 
@@ -224,29 +226,19 @@ def middle_static_plan(num_layers: int, skip_ratio: float) -> SkipPlan:
 
 def decode_residual_cos(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """[tokens, L] cos(h, h + FFN contribution) on dense greedy decode (the prompt forward is left out)."""
-    arch = resolve(model)
+    from .capture import FFNCapture  # every residual form (post-norm, residual-inside, parallel) in one place
+
     rows: list[list[torch.Tensor]] = []
-    contribution: dict[int, torch.Tensor] = {}
-    hooks = []
-    for site in arch.sites:
-        target = site.ffn if site.ffn is not None else site.fc2
 
-        def ffn_out(module, args, out, l=site.index, mult=site.multiplier):
-            out = out[0] if isinstance(out, tuple) else out
-            contribution[l] = (out * mult).float().reshape(-1, out.shape[-1])
+    def on_layer(t) -> None:
+        if t.index == 0:
+            rows.append([])
+        stream = t.stream_out.float().reshape(-1, t.stream_out.shape[-1])
+        h = t.stream_in_ffn.float().reshape(stream.shape)
+        rows[-1].append(torch.nn.functional.cosine_similarity(h, stream, dim=-1))
 
-        def layer_out(module, args, out, l=site.index):
-            stream = (out[0] if isinstance(out, tuple) else out).float().reshape(contribution[l].shape)
-            if l == 0:
-                rows.append([])
-            rows[-1].append(torch.nn.functional.cosine_similarity(stream - contribution[l], stream, dim=-1))
-
-        hooks += [target.register_forward_hook(ffn_out), site.layer.register_forward_hook(layer_out)]
-    try:
+    with FFNCapture(model, on_layer):
         greedy_decode(model, prompt, new_tokens)
-    finally:
-        for h in hooks:
-            h.remove()
     return torch.cat([torch.stack(r, 1) for r in rows[1:]], 0)  # [tokens * batch, L]
 
 
@@ -254,7 +246,7 @@ def measured_skip_ratio(model: nn.Module, plan: SkipPlan, prompt: torch.Tensor, 
                         batch_decision: str = "per_sequence") -> float:
     with apply_plan(model, plan, batch_decision=batch_decision) as handle:
         greedy_decode(model, prompt, new_tokens)
-        return handle.stats()["skip_ratio"]
+        return handle.stats()["decided_skip_ratio"]
 
 
 def calibrate_adaptive(model: nn.Module, target: float, prompt: torch.Tensor, new_tokens: int, cold_start: int = 2,

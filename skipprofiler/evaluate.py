@@ -245,7 +245,7 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
     speed = config.speed and bool(data.prompts)
     steps = len(data.classes) + len(data.prompts) + (data.qa is not None) + speed
     with data.progress.stage(name, steps) as tick:
-        sums, decode_positions, skipped = FidelitySums(), 0, 0
+        sums, decode_positions, skipped, not_computed = FidelitySums(), 0, 0, 0
         generated = sum(int((ref.batch.lengths - ref.batch.prompt_len).clamp(min=0).sum()) for ref in data.references)
         num_layers = model_num_layers(model)
         class_skip: dict[str, float] = {}
@@ -261,9 +261,10 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
                 raise EvalError(f"{name}: {e}") from None
             sums.merge(part)
             decode_positions += int(stats["decode_positions"])
-            skipped += int(stats["skipped"])
+            skipped += int(stats["decided_skips"])
+            not_computed += int(stats["rows_not_computed"])
             if stats["decode_positions"]:
-                class_skip[cls] = _r(stats["skipped"] / (stats["decode_positions"] * num_layers))
+                class_skip[cls] = _r(stats["decided_skip_ratio"])
             if route == "router":
                 chosen = stats["routed_classes"]
                 routed[cls] = (sum(c == cls for c in chosen), len(chosen))
@@ -277,8 +278,9 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
         for cls, ratio in class_skip.items():
             row["per_class"][cls]["skip_ratio"] = ratio
         row["skip_ratio"] = _r(skipped / (decode_positions * num_layers)) if decode_positions else 0.0
-        # What the generation saves: skipped FFN calls over every generated position, warm-up included.
-        row["saved_share"] = _r(skipped / (generated * num_layers)) if generated else 0.0
+        # What the generation saves: FFN rows really not computed (masked rows ran) over every generated position,
+        # warm-up included. skip_ratio above is what the rule decided (it sets the quality).
+        row["saved_share"] = _r(not_computed / (generated * num_layers)) if generated else 0.0
         row["gen_len"] = config.gen_len
         active = plan.global_plan if isinstance(plan, PlanFile) else plan
         row["warmup_tokens"] = active.warmup_tokens
@@ -344,7 +346,7 @@ def _speed_row(model, data: EvalData, plan, config: EvalConfig, route: str | Non
     dense_row, plan_row = bench.rows()
     return {"tokens_per_s": _r(plan_row["tok_per_s"]), "tokens_per_s_dense": _r(dense_row["tok_per_s"]),
             "speedup": _r(plan_row["speedup"]), "speedup_min": _r(plan_row["speedup_min"]),
-            "speedup_max": _r(plan_row["speedup_max"]), "speed_run_skip_ratio": _r(plan_row["skip_ratio"]),
+            "speedup_max": _r(plan_row["speedup_max"]), "speed_run_saved_ratio": _r(plan_row["saved_ratio"]),
             "speed_run_ideal_speedup": _r(plan_row["ideal_speedup"]),
             "speed_over_ideal": _r(plan_row["measured_over_ideal"]),
             "speed_repeats": config.speed_repeats, "speed_new_tokens": config.speed_new_tokens}
@@ -578,7 +580,7 @@ def _paper_adaptive_row(model, data: EvalData, realized: float, config: EvalConf
     with data.progress.stage(f"paper defaults: choosing k{suffix}", len(window_sizes)) as tick:
         for k in window_sizes:
             _, stats = measure_plan(model, probe, paper_adaptive(num_layers, k, max_pos))
-            gap = abs(stats["skip_ratio"] - realized)
+            gap = abs(stats["decided_skip_ratio"] - realized)
             if gap < best_gap:
                 best_k, best_gap = k, gap
             tick()
@@ -679,25 +681,12 @@ def search_reference_row(model, data: EvalData, reference: SkipPlan, realized: f
 
 
 def check_plan_fits(model, plan: PlanFile | SkipPlan, name: str) -> None:
-    """Plan/model mismatch as a one-line error (fingerprint via the runtime's strict check; layer range here)."""
-    num_layers = model_num_layers(model)
-    plans = [plan.global_plan, *plan.classes.values()] if isinstance(plan, PlanFile) else [plan]
-    for p in plans:
-        bad = [l for l in p.skip_layers if not 0 <= l < num_layers]
-        if bad:
-            raise EvalError(f"{name}: skips layers {bad} but the model has {num_layers} layers")
-        if p.tau is not None and len(p.tau) != num_layers:
-            raise EvalError(f"{name}: tau has {len(p.tau)} entries but the model has {num_layers} layers")
-    if isinstance(plan, PlanFile):
-        from .registry import model_fingerprint
+    """Plan/model mismatch as a one-line error (the runtime's check: fingerprint, layers, compensation, router)."""
+    from .runtime.checks import fit_problems
 
-        want = plan.model.get("fingerprint") or {}
-        have = model_fingerprint(model)
-        diff = [k for k in ("model_type", "num_layers", "hidden_size", "vocab_size", "config_hash")
-                if k in want and want[k] != have.get(k)]
-        if diff:
-            detail = ", ".join(f"{k}: plan {want[k]!r} vs model {have.get(k)!r}" for k in diff)
-            raise EvalError(f"{name} was fitted for another model ({detail})")
+    problems = fit_problems(model, plan)
+    if problems:
+        raise EvalError(f"{name}: {'; '.join(problems)}")
 
 
 def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]], data_spec: str | None = None,

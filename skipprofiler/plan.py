@@ -33,6 +33,10 @@ MODES = ("static", "adaptive")
 BATCH_DECISIONS = ("per_sequence", "shared")  # adaptive: rows of a batch decide alone, or fire together
 APPLY_TO = ("decode", "all")
 COMPENSATIONS = ("none", "norm_ratio", "mean_output")
+STATIC, ADAPTIVE = MODES
+PER_SEQUENCE, SHARED = BATCH_DECISIONS
+DECODE, ALL_POSITIONS = APPLY_TO
+NO_COMPENSATION, NORM_RATIO, MEAN_OUTPUT = COMPENSATIONS
 # Keys a plan may override from `defaults`.
 DEFAULT_KEYS = ("apply_to", "warmup_tokens", "dense_every", "compensation")
 

@@ -568,8 +568,8 @@ def fit_adaptive_by_cost(model, profile, settings, references: Sequence[DenseRef
                 continue
             plan = keep_skipped_means(replace(plan, ffn_mean=means)) if means else plan
             sums, stats = measure_plan(model, references, plan)
-            tried.append((plan, stats["skip_ratio"], sums.total_kl_mean(), sums.summary(None)))
-            log.info("adaptive k %d dense-every %d: realized %.3f KL %.4f", k, every, stats["skip_ratio"], tried[-1][2])
+            tried.append((plan, stats["decided_skip_ratio"], sums.total_kl_mean(), sums.summary(None)))
+            log.info("adaptive k %d dense-every %d: realized %.3f KL %.4f", k, every, stats["decided_skip_ratio"], tried[-1][2])
     if not tried:
         raise RefineError(f"no adaptive plan reaches {settings.target:g} for any run length in {list(run_lengths)}")
     at_target = [t for t in tried if abs(t[1] - settings.target) <= RATIO_SLACK]

@@ -209,9 +209,9 @@ def test_end_to_end_profile_then_export_then_apply(tmp_path, capsys):
         with apply_plan(model, out_path) as handle, torch.no_grad():
             model.generate(torch.tensor([[5, 6, 7, 8]]), max_new_tokens=24, do_sample=False)
             stats = handle.stats()
-        assert stats["decode_positions"] == 23 and stats["skipped"] > 0
+        assert stats["decode_positions"] == 23 and stats["decided_skips"] > 0
         if mode == "static":  # the same layers at every position: the fitted ratio, up to the fractional layer's pattern
-            assert stats["skip_ratio"] == pytest.approx(0.25, abs=1 / (4 * 23))
+            assert stats["decided_skip_ratio"] == pytest.approx(0.25, abs=1 / (4 * 23))
 
 
 def test_wrong_kind_of_file_gets_a_message_that_says_what_it_is(tmp_path, capsys, profile_file):

@@ -206,8 +206,8 @@ def test_fitted_static_plan_matches_the_runtime_count():
         model(ids)
         stats = handle.stats()
     assert stats["decode_positions"] == 60
-    assert stats["skip_ratio"] == pytest.approx(static_skip_ratio(plan, 4, horizon=60), abs=1e-12)
-    assert math.isclose(static_skip_ratio(plan, 4, horizon=60) * 60 * 4, stats["skipped"])
+    assert stats["decided_skip_ratio"] == pytest.approx(static_skip_ratio(plan, 4, horizon=60), abs=1e-12)
+    assert math.isclose(static_skip_ratio(plan, 4, horizon=60) * 60 * 4, stats["decided_skips"])
 
 
 def test_gen_len_sets_warmup_horizon_and_refuses_a_warmup_covering_it(two_class_profile):

@@ -274,7 +274,7 @@ def test_generate_with_a_static_plan_skips(demo_model, sample):
         answers = qa.generate_answers(model, tok, prompts, max_new_tokens=4, batch_size=3)
         stats = handle.stats()
     assert len(answers) == 3
-    assert stats["skip_ratio"] > 0, stats
+    assert stats["decided_skip_ratio"] > 0, stats
 
 
 def test_generate_rejects_bad_batch_size(demo_model):
@@ -306,6 +306,6 @@ def test_prefilled_decoding_answers_exactly_as_generate(demo_model, sample, plan
         got = qa.decode_prefilled(model, tok, prefills, len(prompts), max_new_tokens=14, handle=handle)
         via_prefill = handle.stats()
     assert got == expected
-    assert via_prefill["skipped"] == via_generate["skipped"] > 0
+    assert via_prefill["decided_skips"] == via_generate["decided_skips"] > 0
     dense = qa.decode_prefilled(model, tok, prefills, len(prompts), max_new_tokens=14)
     assert dense == qa.generate_answers(model, tok, prompts, max_new_tokens=14, batch_size=3)  # prefill reused intact

@@ -22,4 +22,4 @@ def test_readme_library_example_profiles_fits_and_applies(tmp_path, monkeypatch,
     assert plan.mode == "static" and abs(plan.expected_skip_ratio - 0.25) < 0.01
     assert (tmp_path / "plan.yaml").is_file()
     printed_ratio = float(capsys.readouterr().out.split()[-1])
-    assert printed_ratio == namespace["handle"].stats()["skip_ratio"] and printed_ratio > 0.2
+    assert printed_ratio == namespace["handle"].stats()["not_computed_ratio"] and printed_ratio > 0.2

@@ -145,7 +145,8 @@ def test_static_hand_loop_matches_zeroed_reference_with_warmup_dense_every_and_f
     assert (logits - ref_logits).abs().max().item() == 0.0
     # 12 decode forwards (d = 0..11), warm-up 2 -> 10 counted; skipped = sum of |static_layers_at(d)|
     expected = sum(len(plan.static_layers_at(d)) for d in range(12))
-    assert stats == {"decode_positions": 10, "skipped": expected, "num_layers": 6, "skip_ratio": expected / 60}
+    assert stats == {"decode_positions": 10, "num_layers": 6, "decided_skips": expected, "decided_skip_ratio": expected / 60,
+                     "rows_not_computed": expected, "not_computed_ratio": expected / 60}
     assert expected > 0
 
 
@@ -164,7 +165,7 @@ def test_static_generate_greedy_batch_left_padding_matches_reference():
     assert (scores - ref_scores).abs().max().item() == 0.0
     assert not torch.equal(seq, dense_seq) or (scores - generate(model, ids, 6, mask)[1]).abs().max() > 0
     # generate feeds 5 decode forwards for 6 new tokens; 3 rows; warm-up 1 -> 4 counted per row
-    assert stats["decode_positions"] == 12 and stats["skipped"] == 24
+    assert stats["decode_positions"] == 12 and stats["decided_skips"] == 24
 
 
 def test_static_generate_sampling_matches_reference():
@@ -218,7 +219,7 @@ def test_empty_plan_changes_nothing():
         got = generate(model, ids, 5, mask)
         assert "skipprof" not in repr(model)
     assert torch.equal(got[0], dense[0]) and torch.equal(got[1], dense[1])
-    assert handle.stats()["skipped"] == 0 and handle.stats()["decode_positions"] == 12
+    assert handle.stats()["decided_skips"] == 0 and handle.stats()["decode_positions"] == 12
 
 
 
@@ -232,7 +233,8 @@ def test_hand_loop_with_the_deprecated_cache_name_is_detected():
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)
         for _ in range(3):
             out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
-    assert handle.stats() == {"decode_positions": 3, "skipped": 6, "num_layers": 4, "skip_ratio": 0.5}
+    assert handle.stats() == {"decode_positions": 3, "num_layers": 4, "decided_skips": 6, "decided_skip_ratio": 0.5,
+                              "rows_not_computed": 6, "not_computed_ratio": 0.5}
 
 def test_skipped_ffns_are_not_executed():
     """Count the rows each FFN's output projection processes: a skipped FFN must not run at all on decode."""
@@ -275,7 +277,9 @@ def test_mixed_rows_run_the_ffn_on_kept_rows_only_when_it_pays(length, starts, f
     hook.remove()
     assert seen == [ffn_rows]
     decode = int((length - starts).sum())
-    assert stats["decode_positions"] == decode and stats["skipped"] == decode
+    assert stats["decode_positions"] == decode and stats["decided_skips"] == decode
+    masked = ffn_rows == 2 * length  # every row ran: skipped rows were masked, none saved
+    assert stats["rows_not_computed"] == (0 if masked else decode)
     # reference: zero the FFN output at positions >= start per row (forward hook: exact, saves nothing)
     keep = (torch.arange(length)[None, :] < starts[:, None]).float()[..., None]
     ref_hook = resolve(model).sites[2].ffn.register_forward_hook(lambda m, a, o: o * keep)
@@ -309,7 +313,7 @@ def test_compile_when_applied_before_compiling(mode):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="eager")  # dynamo tracing (what decides correctness), no codegen
         logits, tokens = greedy_loop(compiled, ids, 5)
-        assert handle.stats() == eager_stats and eager_stats["skipped"] > 0
+        assert handle.stats() == eager_stats and eager_stats["decided_skips"] > 0
     torch._dynamo.reset()
     assert torch.equal(tokens, eager_tokens)
     assert (logits - eager_logits).abs().max().item() == 0.0
@@ -451,7 +455,7 @@ def test_adaptive_matches_reference_rule_bs1():
             stats = handle.stats()
         assert torch.equal(tokens, ref_tokens)
         assert (logits - ref_logits).abs().max().item() == 0.0
-        assert stats["skipped"] == ref.skipped and stats["decode_positions"] == 14
+        assert stats["decided_skips"] == ref.skipped and stats["decode_positions"] == 14
 
 
 def test_adaptive_per_sequence_host_and_device_state_agree():
@@ -465,16 +469,18 @@ def test_adaptive_per_sequence_host_and_device_state_agree():
             results[host] = seq, scores, handle.stats()
     assert torch.equal(results[True][0], results[False][0])
     torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=1e-5)
-    assert results[True][2] == results[False][2]
-    assert 0 < results[True][2]["skip_ratio"] < 3 / 8  # some positions triggered, not all
+    decided = ("decode_positions", "decided_skips", "decided_skip_ratio")
+    assert [results[True][2][k] for k in decided] == [results[False][2][k] for k in decided]
+    assert results[False][2]["rows_not_computed"] == 0  # device state masks skipped rows: the FFN ran on them
+    assert 0 < results[True][2]["decided_skip_ratio"] < 3 / 8  # some positions triggered, not all
     # per sequence: each row alone takes the same decisions as inside the batch (its skips do not depend on others)
     per_row = 0
     for b in range(4):
         real = mask[b].bool()
         with apply_plan(model, plan) as handle:
             generate(model, ids[b:b + 1, real], 10)
-            per_row += handle.stats()["skipped"]
-    assert per_row == results[True][2]["skipped"]
+            per_row += handle.stats()["decided_skips"]
+    assert per_row == results[True][2]["decided_skips"]
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -493,7 +499,7 @@ def test_adaptive_shared_batch_decision_matches_reference_rule(batch):
             stats = handle.stats()
         assert torch.equal(tokens, ref_tokens)
         torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-6 if host else 1e-5)
-        assert stats["skipped"] == ref.skipped
+        assert stats["decided_skips"] == ref.skipped
     if batch == 1:  # one row: deciding together is deciding alone
         with apply_plan(model, plan) as handle:
             logits, tokens = greedy_loop(model, ids, 12, mask)
@@ -515,7 +521,7 @@ def test_adaptive_shared_padding_never_votes_and_columns_decide_apart():
     with apply_plan(model, plan) as handle, handle.decode_from(4):  # row 0 alone, per sequence
         with torch.no_grad():
             alone = model(input_ids=ids[:1]).logits[0], handle.stats()
-    assert alone[1]["skipped"] > 0
+    assert alone[1]["decided_skips"] > 0
     for host in (True, False):
         torch.testing.assert_close(out[host][0], alone[0], rtol=0, atol=1e-5)
         assert out[host][1] == alone[1]  # padding is not counted either
@@ -531,7 +537,7 @@ def test_plan_batch_decision_is_the_default_and_apply_plan_overrides_it():
                               ("override", shared_plan, "per_sequence")):
         with apply_plan(model, p, batch_decision=override) as handle:
             greedy_loop(model, ids, 8, mask)
-            counts[name] = handle.stats()["skipped"]
+            counts[name] = handle.stats()["decided_skips"]
     assert counts["plan"] == counts["shared"] != counts["alone"] == counts["override"]
     router = Router(layer=0, classes=["code"], centroids=[[1.0] * model.config.hidden_size])
     routed = plan_file(model, plan, classes={"code": shared_plan}, router=router)  # global per sequence, class shared
@@ -725,7 +731,7 @@ def test_benchmark_interleaves_arms_and_reports_medians():
     result = benchmark_decode(model, [Arm("static", plan)], batch=2, prompt_tokens=4, new_tokens=4, repeats=5)
     dense, arm = result.results
     assert dense.name == "dense" and len(dense.seconds) == len(arm.seconds) == 5
-    assert arm.stats["skip_ratio"] == pytest.approx(sum(len(plan.static_layers_at(d)) for d in range(3)) / 18)
+    assert arm.stats["decided_skip_ratio"] == pytest.approx(sum(len(plan.static_layers_at(d)) for d in range(3)) / 18)
     assert arm.ideal_speedup > 1.0
     rows = result.rows()
     assert rows[1]["speedup"] == pytest.approx(dense.median / arm.median)
@@ -781,7 +787,7 @@ def test_cli_bench_decode_with_plan_files(tmp_path, capsys):
               "--prompt-tokens", "2", "--json", str(out)])
     assert exit_info.value.code in (0, None)
     rows = json.loads(out.read_text())["rows"]
-    assert [r["arm"] for r in rows] == ["dense", "good"] and rows[1]["skip_ratio"] == pytest.approx(2 / 6)
+    assert [r["arm"] for r in rows] == ["dense", "good"] and rows[1]["saved_ratio"] == pytest.approx(2 / 6)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "decode", str(foreign), "--model", "synthetic:llama-tiny"])
@@ -789,18 +795,24 @@ def test_cli_bench_decode_with_plan_files(tmp_path, capsys):
     assert exit_info.value.code == 2 and "fitted for another model" in err and "Traceback" not in err
 
 
-def test_forwards_without_a_cache_warn_once_that_nothing_is_skipped():
+def test_generate_without_cache_skips_as_with_cache_and_bare_forwards_warn_once():
     import warnings as _warnings
 
     model = tiny_model("llama", num_layers=4)
     ids = torch.randint(2, 90, (1, 6))
     with apply_plan(model, plan_file(model, static([1, 2]))) as handle:
+        cached, _ = generate(model, ids, 4)
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("error")  # inside generate the decode positions are known: no warning
+            uncached, _ = generate(model, ids, 4, use_cache=False)
+        assert torch.equal(uncached, cached) and handle.stats()["decided_skips"] > 0
+        handle.reset_stats()
         with pytest.warns(UserWarning, match="use_cache=False"):
-            model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
-        assert handle.stats()["skipped"] == 0
+            model(ids, use_cache=False)
+        assert handle.stats()["decided_skips"] == 0
         with _warnings.catch_warnings():
             _warnings.simplefilter("error")
             model(ids, use_cache=False)  # warned once already
             with handle.decode_from(4):  # teacher forcing marks decode positions: no warning, and it skips
                 model(ids, use_cache=False)
-        assert handle.stats()["skipped"] > 0
+        assert handle.stats()["decided_skips"] > 0

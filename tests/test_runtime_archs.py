@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache
-from test_runtime import ZeroedReference, generate, greedy_loop, quantile_tau_any, static, untouched
+from test_runtime import ZeroedReference, generate, greedy_loop, output_weights, quantile_tau_any, static, untouched
 from tiny_models import MODEL_TYPES, tiny_model
 
 from skipprofiler._compat import cache_kwargs
+from skipprofiler.capture import FFNCapture
 from skipprofiler.plan import SkipPlan
 from skipprofiler.registry import resolve
 from skipprofiler.runtime import apply_plan
@@ -81,6 +82,94 @@ def test_empty_plan_is_dense_and_skipped_ffns_do_no_work(model_type):
         assert decode_param_uses(model, ids, 4, dense_params) > 0
 
 
+class AdaptiveZeroedReference:
+    """FFN-SkipLLM for bs 1, one token per forward, built from parts the runtime does not use: cos from the
+    profiler's capture hooks (capture.py), skipping by zeroing the FFN's output weights for that layer's call.
+    The driver sets `d`, the decode index of the next forward (None: the prompt)."""
+
+    def __init__(self, model, plan: SkipPlan):
+        self.model, self.plan = model, plan
+        self.L = resolve(model).num_layers
+        self.dense = {l: [p.detach().clone() for p in output_weights(model, l)] for l in range(self.L)}
+        self.d, self.remaining, self.used, self.zeroed, self.skipped = None, 0, False, None, 0
+        self.hooks = [model.register_forward_pre_hook(self._start)]
+        self.hooks += [site.layer.register_forward_pre_hook(self._layer_start(site.index))
+                       for site in resolve(model).sites]
+        self.capture = FFNCapture(model, self._layer_done)
+
+    def _start(self, module, args):
+        self.remaining, self.used = 0, False
+
+    def _set(self, layer, zero):
+        with torch.no_grad():
+            for p, dense in zip(output_weights(self.model, layer), self.dense[layer]):
+                p.copy_(torch.zeros_like(dense) if zero else dense)
+
+    def _layer_start(self, layer):
+        def hook(module, args):
+            if self.remaining > 0:
+                self.remaining -= 1
+                self.skipped += 1
+                self._set(layer, True)
+                self.zeroed = layer
+        return hook
+
+    def _layer_done(self, t):
+        if self.zeroed == t.index:
+            self._set(t.index, False)
+            self.zeroed = None
+            return
+        p = self.plan
+        end = self.L - p.cold_end
+        if self.d is None or not p.eligible(self.d) or self.used or not p.cold_start - 1 <= t.index < end - 1:
+            return
+        cos = torch.nn.functional.cosine_similarity(t.stream_in_ffn.float(), t.stream_out.float(), dim=-1)
+        if bool(cos.item() > p.tau[t.index]):
+            self.remaining, self.used = min(p.max_skip, end - (t.index + 1)), True
+
+    def remove(self):
+        self.capture.remove()
+        for h in self.hooks:
+            h.remove()
+
+
+def decode_loop(model, ids, steps, reference=None):
+    """Greedy bs-1 decode with a cache, telling `reference` each forward's decode index."""
+    cache, logits, tokens = DynamicCache(), [], []
+    with torch.no_grad():
+        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
+        for d in range(steps):
+            tokens.append(out.logits[:, -1:].argmax(-1))
+            if reference is not None:
+                reference.d = d
+            out = model(input_ids=tokens[-1], **cache_kwargs(model, cache), use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits), torch.cat(tokens, 1)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_adaptive_matches_an_independent_reference_with_host_and_device_state(model_type):
+    model = tiny_model(model_type, num_layers=6)
+    ids = torch.randint(2, 90, (1, 5))
+    plan = SkipPlan(mode="adaptive", tau=quantile_tau_any(model, ids, 8), cold_start=1, cold_end=1, max_skip=2,
+                    warmup_tokens=1, dense_every=4)
+    dense_logits, _ = decode_loop(model, ids, 10)
+    ref = AdaptiveZeroedReference(model, plan)
+    ref_logits, ref_tokens = decode_loop(model, ids, 10, ref)
+    ref.remove()
+    assert ref.skipped > 0 and not torch.equal(ref_logits, dense_logits)
+    after, _ = decode_loop(model, ids, 10)
+    assert torch.equal(after, dense_logits)  # the reference restored every weight
+    for host in (True, False):
+        with apply_plan(model, plan, host_state=host) as handle:
+            logits, tokens = decode_loop(model, ids, 10)
+            stats = handle.stats()
+        assert torch.equal(tokens, ref_tokens), host
+        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+        assert stats["decided_skips"] == ref.skipped
+        assert stats["rows_not_computed"] == (ref.skipped if host else 0)  # device state masks: nothing saved
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_adaptive_host_and_device_state_agree(model_type):
     model = tiny_model(model_type, num_layers=6)
@@ -94,5 +183,7 @@ def test_adaptive_host_and_device_state_agree(model_type):
             results[host] = logits, tokens, handle.stats()
     assert torch.equal(results[True][1], results[False][1])
     torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=1e-5)
-    assert results[True][2] == results[False][2]
-    assert results[True][2]["skipped"] > 0
+    decided = ("decode_positions", "decided_skips", "decided_skip_ratio")
+    assert [results[True][2][k] for k in decided] == [results[False][2][k] for k in decided]
+    assert results[False][2]["rows_not_computed"] == 0  # device state masks skipped rows: the FFN ran on them
+    assert results[True][2]["decided_skips"] > 0

@@ -66,4 +66,4 @@ def test_shipped_plan_realizes_its_expected_skip_ratio_on_heldout_text(path, dem
         assert plan.global_plan.fit["batch_size"] == 8
     _, stats = measure_plan(model, heldout_references, plan)  # shared plans: the 8 rows of a batch decide together
     assert stats["decode_positions"] > 1000
-    assert stats["skip_ratio"] == pytest.approx(plan.global_plan.expected_skip_ratio, abs=0.03)
+    assert stats["decided_skip_ratio"] == pytest.approx(plan.global_plan.expected_skip_ratio, abs=0.03)

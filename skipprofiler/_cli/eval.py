@@ -81,7 +81,7 @@ def print_table(result: dict) -> None:
     qa_title = f"; dense QA {dense_qa['accuracy']:.3f}" if dense_qa else ""
     table = Table(title=f"{result['model']['name']} on {data['spec']}  (dense ppl {result['dense']['ppl']}{qa_title}; "
                         f"{data['prompt_len']}-token prompts, {data['gen_len']} generated positions per document)")
-    columns = ["plan", "skip", "saved", "KL", "ppl", "Δppl", "top-1", "greedy", "1st div", "speedup", "ideal"]
+    columns = ["plan", "decided", "saved", "KL", "ppl", "Δppl", "top-1", "greedy", "1st div", "speedup", "ideal"]
     columns += ["QA", "kept"] if dense_qa else []
     for col in columns:
         table.add_column(col, justify="left" if col == "plan" else "right")

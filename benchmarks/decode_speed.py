@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (timings synchronize the device)")
     parser.add_argument("--batch-decision", action="append", choices=["per_sequence", "shared"],
                         help="adaptive arms at batch > 1 (repeatable; default both)")
     parser.add_argument("--json", type=Path, default=None, help="write every row as JSON here")
@@ -44,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     suites = run_suite(args.model, args.batch or [1, 8], args.dtype or ["fp32", "bf16"], args.static or None,
                        targets, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                        batch_decisions=tuple(dict.fromkeys(args.batch_decision or ["per_sequence", "shared"])),
-                       log=lambda message: print(message, flush=True))
+                       log=lambda message: print(message, flush=True), device=args.device)
     if args.json:
         rows = [row for suite in suites for row in suite.rows()]
         tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
+        tmp.write_text(json.dumps({"threads": torch.get_num_threads(), "device": args.device, "rows": rows}, indent=1))
         os.replace(tmp, args.json)
     return 0
 

@@ -295,15 +295,16 @@ def calibrate_adaptive(model: nn.Module, target: float, prompt: torch.Tensor, ne
 # ---- a whole suite (CLI and benchmarks/decode_speed.py) -------------------------------------------------------------
 
 
-def load_model(spec: str, dtype: torch.dtype) -> tuple[nn.Module, str]:
-    """`synthetic:<name>` (random weights, see SYNTHETIC_CONFIGS), a Hugging Face checkpoint folder or a .gguf file."""
+def load_model(spec: str, dtype: torch.dtype, device: str = "cpu") -> tuple[nn.Module, str]:
+    """`synthetic:<name>` (random weights, see SYNTHETIC_CONFIGS), a Hugging Face checkpoint folder or a .gguf file,
+    on `device`."""
     if spec.startswith("synthetic:"):
         name = spec.split(":", 1)[1]
-        return synthetic_model(name, dtype), f"{name} (random weights)"
+        return synthetic_model(name, dtype).to(device), f"{name} (random weights)"
     from .models import load_causal_lm, model_source
 
     source = model_source(spec)
-    return load_causal_lm(source, dtype=dtype), source.display
+    return load_causal_lm(source, dtype=dtype).to(device), source.display
 
 
 def default_arms(model: nn.Module, static_ratio: float | None, adaptive_targets: list[float],
@@ -332,11 +333,13 @@ def default_arms(model: nn.Module, static_ratio: float | None, adaptive_targets:
 def run_suite(model_spec: str, batches: list[int], dtypes: list[str], static_ratio: float | None,
               adaptive_targets: list[float], plan_arms: list[Arm] | None = None, new_tokens: int = 128,
               prompt_tokens: int = 16, repeats: int = 5, include_defaults: bool = True,
-              batch_decisions: tuple[str, ...] = ("per_sequence",), log=print) -> list[DecodeBenchmark]:
+              batch_decisions: tuple[str, ...] = ("per_sequence",), log=print,
+              device: str = "cpu") -> list[DecodeBenchmark]:
     """Every (dtype, batch) setting: build the model, its arms, time them interleaved, log the table."""
     suites = []
     for dtype_name in dtypes:
-        model, label = load_model(model_spec, DTYPES[dtype_name])
+        model, label = load_model(model_spec, DTYPES[dtype_name], device)
+        label += f" on {device}" if device != "cpu" else ""
         for batch in batches:
             arms = default_arms(model, static_ratio, adaptive_targets, include_empty=include_defaults, batch=batch,
                                 prompt_tokens=prompt_tokens, new_tokens=new_tokens, batch_decisions=batch_decisions)

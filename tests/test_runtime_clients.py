@@ -158,16 +158,20 @@ def test_schedule_follows_plan_rule_at_every_position():
                 assert (sched is not None and sched.counted[b * seq + s]) == counted
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("mode", ["static", "adaptive_device"])
-def test_compiled_forward_with_inductor_has_no_graph_breaks_and_matches_eager(mode):
+def test_compiled_forward_with_inductor_has_no_graph_breaks_and_matches_eager(mode, device):
     """StaticCache and ``torch.compile(model.__call__, fullgraph=True)`` (hooks included, as generate compiles):
     fullgraph raises on any graph break, so the static and device-state adaptive paths must trace whole."""
     from torch._dynamo.utils import counters
     from transformers import StaticCache
 
-    model = tiny_model("llama", num_layers=3)
-    ids = torch.randint(2, 90, (1, 5))
+    model = tiny_model("llama", num_layers=3).to(device)
+    ids = torch.randint(2, 90, (1, 5), device=device)
     plan = (static([1], warmup_tokens=1) if mode == "static"
             else SkipPlan(mode="adaptive", tau=[-1.0] * 3, cold_start=1, cold_end=0, max_skip=1, dense_every=3))
 

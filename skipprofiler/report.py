@@ -219,6 +219,10 @@ def speed_figure(result: dict[str, Any], out: Path, title: str) -> Path:
     grouped = families(result)
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     points = _series(ax, grouped, "speedup")
+    for i, (family, rows) in enumerate(grouped.items()):  # each point's per-round range: this run's timing noise
+        ranged = [r for r in rows if r.get("speedup") is not None and r.get("speedup_min") is not None]
+        for r in ranged:
+            ax.vlines(r["skip_ratio"], r["speedup_min"], r["speedup_max"], color=_style(family, i)[0], lw=1, alpha=0.5)
     ideal = sorted({(r["skip_ratio"], r["ideal_speedup"]) for rows in grouped.values() for r in rows
                     if r.get("mode") != "layer_drop" and r.get("ideal_speedup") is not None})
     if ideal:
@@ -228,7 +232,7 @@ def speed_figure(result: dict[str, Any], out: Path, title: str) -> Path:
     ys = [y for _, y in points + ideal] + [1.0]
     ax.set_ylim(min(0.9, min(ys) - 0.05), max(1.1, max(ys) + 0.05))  # at least ±10 %: timing noise is that large
     _skip_axis(ax, points + ideal)
-    ax.set_ylabel("decode speedup vs dense (median, interleaved)")
+    ax.set_ylabel("decode speedup vs dense (median, interleaved;\nbars: range of per-round ratios)")
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     ax.set_title(title + "\nmeasured decode speedup vs skip ratio", fontsize=11)
     path = out / "speedup_vs_skip.png"
@@ -273,14 +277,22 @@ def _fmt(value, spec: str) -> str:
 
 def plan_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| plan | realized skip | KL(dense‖plan) | ppl (Δ vs dense) | top-1 agree | greedy agree | "
-             "1st divergence | speedup | FLOP-ideal |",
+             "1st divergence | speedup (per-round range) | FLOP-ideal |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {_fmt(r['skip_ratio'], '.3f')} | {_fmt(r['kl_mean'], '.4f')} | "
                      f"{_fmt(r['ppl'], '.2f')} ({_fmt(r['ppl_increase'], '+.1%')}) | {_fmt(r['top1_agreement'], '.3f')} | "
                      f"{_fmt(r.get('greedy_agreement'), '.3f')} | {_fmt(r.get('first_divergence_mean'), '.1f')} | "
-                     f"{_fmt(r.get('speedup'), '.3f')}× | {_fmt(r.get('ideal_speedup'), '.3f')}× |")
+                     f"{_speed(r)} | {_fmt(r.get('ideal_speedup'), '.3f')}× |")
     return lines
+
+
+def _speed(row: dict[str, Any]) -> str:
+    """Median speedup and, when measured, the per-round range (the run's timing noise)."""
+    text = f"{_fmt(row.get('speedup'), '.3f')}×"
+    if row.get("speedup") is not None and row.get("speedup_min") is not None:
+        text += f" ({row['speedup_min']:.2f}–{row['speedup_max']:.2f})"
+    return text
 
 
 def _by_family(rows: list[dict[str, Any]], family: str) -> dict[str, Any] | None:
@@ -349,7 +361,9 @@ def results_markdown(result: dict[str, Any], figures: Sequence[str], command: st
            f"({per_class_ppl}).", "",
            "## Comparisons (target 25 %)", ""]
     out += comparisons(result)
-    out += ["", "Definitions of every column and baseline: [eval-schema.md](eval-schema.md).", ""]
+    out += ["", "Definitions of every column and baseline: [eval-schema.md](eval-schema.md). Speeds were timed on the "
+                "machine that ran the command; the bracket after each speedup is the range of its per-round ratios "
+                "(dense and plan run side by side), that run's timing noise.", ""]
     targets = sorted({r["target"] for r in result["plans"] if r.get("target") is not None})
     for target in targets:
         out += [f"## Target {target:.0%}", ""]

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,43 @@ def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(inspect_cli, "load_profile", interrupted)
     code, out, err = run(["inspect", "x.prof"], capsys)
     assert (code, out, err) == (130, "", "error: interrupted\n")
+
+
+# Bad input beyond parsing: each is one `error:` line (validate lists every problem under it), exit 2, no traceback,
+# and nothing written where it was run.
+def _bad_input_cases(tmp_path):
+    from conftest import BASE_CURVE, synthetic_profile
+
+    from skipprofiler import demo
+
+    profile = synthetic_profile({"a": BASE_CURVE}).save(tmp_path / "ok.prof")
+    truncated = tmp_path / "truncated.prof"
+    truncated.write_bytes(profile.read_bytes()[: profile.stat().st_size // 2])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    smollm2_plan = str(Path(__file__).parents[1] / "plans" / "smollm2-static-10.yaml")
+    return {
+        "empty data": (["profile", "--data", str(empty), "-o", str(tmp_path / "out.prof")], "empty"),
+        "truncated profile": (["inspect", str(truncated)], "is truncated"),
+        "profile given as a plan": (["show", str(profile)], "a profile?"),
+        "plan for another model": (["validate", smollm2_plan, "--model", str(demo.model_path())],
+                                   "this plan is for another model"),
+        "unwritable output": (["export-plan", str(profile), "-r", "0.25", "-o", str(a_file / "plan.yaml")], "a-file"),
+        "target out of range": (["export-plan", str(profile), "-r", "1.5", "-o", str(tmp_path / "p.yaml")], "target"),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty data", "truncated profile", "profile given as a plan", "plan for another model",
+                                  "unwritable output", "target out of range"])
+def test_bad_input_is_one_error_line_exit_2_and_writes_nothing(case, tmp_path):
+    args, says = _bad_input_cases(tmp_path)[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = skipprof(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and says in result.stderr.lower(), result.stderr
+    assert len(lines) == 1 or all(line.startswith("  ") for line in lines[1:])  # the listed problems, indented
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

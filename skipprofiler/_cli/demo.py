@@ -14,7 +14,7 @@ from rich.console import Console
 from .errors import CLIError
 
 HELP = (
-    "Run the pipeline end to end on the bundled demo model and corpus (offline; about 6 minutes on 2 free CPU cores)."
+    "Run the pipeline end to end on the bundled demo model and corpus (offline; about 3 minutes on 2 CPU cores)."
     "\n\n"
     "Steps: `skipprof profile` on the bundled calibration split (prompt tokens plus generated tokens), `skipprof "
     "export-plan` for a static and an adaptive plan at the target skip ratio, `skipprof eval` of both plans on the "

@@ -57,8 +57,9 @@ def parse_ratios(text: str, option: str) -> list[float]:
 
 
 COLUMNS = (
-    ("skip", "realized skip ratio: skipped FFN calls / (decode positions after the warm-up x layers)"),
-    ("saved", "skipped FFN calls / (every generated position x layers), warm-up included: what the generation saves"),
+    ("decided", "realized skip ratio: FFN calls the plan's rule skipped / (decode positions after the warm-up x layers)"),
+    ("saved", "FFN rows really not computed (masked rows ran) / (every generated position x layers), warm-up "
+              "included: what the generation saves"),
     ("KL", "mean per-token KL(dense || plan) on decode positions, teacher-forced"),
     ("ppl", "teacher-forced perplexity on decode positions; Δppl relative to dense"),
     ("top-1", "share of decode positions where plan and dense predict the same next token"),

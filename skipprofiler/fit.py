@@ -538,7 +538,9 @@ def fit_router(profile, seed: int = 0, train_share: float = 0.7) -> tuple[Router
     hits = sum(int((np.argmax(t @ centroids.T, axis=1) == c).sum()) for c, t in enumerate(test))
     accuracy = hits / sum(len(t) for t in test)
     final = np.stack([_unit(_unit(features[c, :n]).mean(axis=0)) for c, n in enumerate(doc_len)])
+    # Profiles written before the pooling was recorded pooled every prompt token.
     router = Router(layer=int(profile.router_layer), classes=classes,
+                    pooling=str(profile.header.get("router_pooling", "mean")),
                     centroids=[[_round(x) for x in vec] for vec in final], metric="cosine",
                     heldout_accuracy=_round(accuracy))
     return router, None

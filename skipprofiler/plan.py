@@ -33,6 +33,7 @@ MODES = ("static", "adaptive")
 BATCH_DECISIONS = ("per_sequence", "shared")  # adaptive: rows of a batch decide alone, or fire together
 APPLY_TO = ("decode", "all")
 COMPENSATIONS = ("none", "norm_ratio", "mean_output")
+ROUTER_POOLINGS = ("mean", "mean_after_first")  # how the router pools a prompt's hidden states (Router.pooling)
 STATIC, ADAPTIVE = MODES
 PER_SEQUENCE, SHARED = BATCH_DECISIONS
 DECODE, ALL_POSITIONS = APPLY_TO
@@ -117,6 +118,9 @@ class Router:
     centroids: list[list[float]]
     metric: str = "cosine"
     heldout_accuracy: float | None = None
+    # "mean": every prompt token; "mean_after_first": all but the sequence's first token, whose hidden state in real
+    # LLMs is an attention sink with ~100x the norm of the others and would dominate a short prompt's mean.
+    pooling: str = "mean"
 
 
 @dataclass

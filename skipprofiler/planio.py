@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from .atomic import write_text_atomic
-from .plan import (APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, MODES, PLAN_VERSION, PlanError, PlanFile,
-                   Router, SkipPlan)
+from .plan import (APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, MODES, PLAN_VERSION, ROUTER_POOLINGS,
+                   PlanError, PlanFile, Router, SkipPlan)
 
 __all__ = ["load_plan", "dump_plan", "save_plan", "validate_plan_dict", "plan_to_dict", "plan_from_dict",
            "schema_path", "fingerprint_problems", "PlanError"]
@@ -35,7 +35,7 @@ ADAPTIVE_KEYS = ("tau", "cold_start", "cold_end", "max_skip")
 ADAPTIVE_OPTIONAL_KEYS = ("batch_decision",)
 PLAN_KEYS = (("mode",) + DEFAULT_KEYS + STATIC_KEYS + ADAPTIVE_KEYS + ADAPTIVE_OPTIONAL_KEYS
              + ("norm_gain", "ffn_mean", "expected_skip_ratio", "fit"))
-ROUTER_KEYS = ("layer", "metric", "heldout_accuracy", "classes", "centroids")
+ROUTER_KEYS = ("layer", "metric", "pooling", "heldout_accuracy", "classes", "centroids")
 ROUTER_METRICS = ("cosine",)
 
 
@@ -348,6 +348,8 @@ def _check_router(check: _Checker, router: Any, layers: int | None, class_names:
         _check_layer(check, "router.layer", router["layer"], layers)
     if "metric" in router:
         check.choice("router.metric", router["metric"], ROUTER_METRICS)
+    if "pooling" in router:
+        check.choice("router.pooling", router["pooling"], ROUTER_POOLINGS)
     if router.get("heldout_accuracy") is not None:
         check.number("router.heldout_accuracy", router["heldout_accuracy"], lo=0.0, hi=1.0)
     names = router.get("classes")
@@ -404,7 +406,7 @@ def plan_from_dict(d: Any, num_layers: int | None = None, fingerprint: dict | No
         r = d["router"]
         router = Router(layer=r["layer"], classes=list(r["classes"]),
                         centroids=[[float(x) for x in vec] for vec in r["centroids"]],
-                        metric=r.get("metric", "cosine"),
+                        metric=r.get("metric", "cosine"), pooling=r.get("pooling", "mean"),
                         heldout_accuracy=None if r.get("heldout_accuracy") is None else float(r["heldout_accuracy"]))
     return PlanFile(
         model={"name": d["model"]["name"],
@@ -461,7 +463,7 @@ def plan_to_dict(plan: PlanFile) -> dict:
         out["classes"] = {name: _skip_plan_to_dict(plan.classes[name], effective) for name in sorted(plan.classes)}
     if plan.router is not None:
         r = plan.router
-        router: dict[str, Any] = {"layer": r.layer, "metric": r.metric}
+        router: dict[str, Any] = {"layer": r.layer, "metric": r.metric, "pooling": r.pooling}
         if r.heldout_accuracy is not None:
             router["heldout_accuracy"] = float(r.heldout_accuracy)
         router["classes"] = list(r.classes)

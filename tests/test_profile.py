@@ -163,3 +163,33 @@ def test_file_round_trip_and_errors(tmp_path):
     save_file({"x": np.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ProfileError, match="without a skipprof profile header"):
         Profile.load(tmp_path / "other.safetensors")
+
+
+def test_document_features_pool_every_prompt_token_but_the_first_as_the_router_does():
+    """The router's centroids come from these features; the runtime pools a prompt the same way
+    (runtime.routing.prompt_weights): the first token, an attention sink with a huge norm in real models, is left out."""
+    from skipprofiler.runtime.routing import prompt_weights
+
+    model = tiny_model("llama")
+    batches = _batches(5, n=1, classes=(0, 0, 0))
+    profile = profile_model(model, batches, ProfileSettings(doc_reservoir_size=8), class_names=["a"])
+    assert profile.header["router_pooling"] == "mean_after_first"
+    batch = batches[0]
+    with torch.no_grad():
+        hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       output_hidden_states=True).hidden_states[profile.router_layer + 1]
+    expected = []
+    for row in range(3):
+        n = int(batch.attention_mask[row].sum())
+        expected.append(hidden[row, 1:n].mean(0).numpy())  # right-padded rows: tokens 1..n-1
+    got = profile.doc_features[0, :3]
+    order = [int(np.argmin([np.abs(g - e).max() for e in expected])) for g in got]  # the reservoir reorders rows
+    assert sorted(order) == [0, 1, 2]
+    for g, i in zip(got, order):
+        np.testing.assert_allclose(g, expected[i], rtol=1e-5, atol=1e-5)
+    weights = prompt_weights(torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 0.0]]), "mean_after_first",
+                             starts_sequence=True)
+    assert weights.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]  # left- and right-padded rows
+    chunk = torch.ones(1, 3)
+    assert torch.equal(prompt_weights(chunk, "mean_after_first", starts_sequence=False), chunk)  # a later chunk
+    assert torch.equal(prompt_weights(chunk, "mean", starts_sequence=True), chunk)

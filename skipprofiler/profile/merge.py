@@ -79,6 +79,9 @@ def _check_compatible(a: Profile, b: Profile, index: int) -> None:
         raise ProfileError(f"profile {index} uses a different binning; re-profile with the same skipprof version")
     if a.num_layers != b.num_layers:
         raise ProfileError(f"profile {index} has {b.num_layers} layers, the first has {a.num_layers}")
+    if a.header.get("router_pooling", "mean") != b.header.get("router_pooling", "mean"):
+        raise ProfileError(f"profile {index} pools documents as {b.header.get('router_pooling', 'mean')!r}, the first "
+                           f"as {a.header.get('router_pooling', 'mean')!r}")
     if a.router_layer != b.router_layer:
         raise ProfileError(f"profile {index} pools documents at layer {b.router_layer}, the first at "
                            f"{a.router_layer}")

@@ -18,10 +18,14 @@ from ..corpus import Batch
 from ..greedy import accepts, greedy_step
 from ..histograms import MetricAccumulator, PriorityReservoir, binning_spec, default_edges
 from ..registry import model_fingerprint, resolve
+from ..runtime.routing import pool, prompt_weights
 from .data import DEFAULT_DOC_RESERVOIR, DEFAULT_RESERVOIR, METRICS, REGIMES, Profile
 from .fileformat import FORMAT, FORMAT_VERSION
 from .merge import now, token_summary
 
+
+# How document features for the prompt router are pooled (skipprofiler.plan.ROUTER_POOLINGS); recorded in the header.
+ROUTER_POOLING = "mean_after_first"
 
 @dataclass
 class ProfileSettings:
@@ -101,10 +105,9 @@ class ProfileRecorder:
 
     def on_layer(self, t: LayerTensors) -> None:
         self._stash[t.index] = _metrics_of(t)  # computed on the layer's own device (device maps)
-        if self.pool_documents and t.index == self.router_layer:
-            mask = self.token_mask.to(t.stream_out.device).unsqueeze(-1).to(torch.float32)
-            pooled = (t.stream_out.float() * mask).sum(1) / mask.sum(1).clamp(min=1)
-            self._doc_mean = pooled.to(self.device)
+        if self.pool_documents and t.index == self.router_layer:  # the document's prompt pass, from position 0
+            weights = prompt_weights(self.token_mask.to(t.stream_out.device).float(), ROUTER_POOLING, True)
+            self._doc_mean = pool(t.stream_out, weights).to(self.device)
 
     def ensure_classes(self, num_classes: int) -> None:
         for regime in REGIMES:
@@ -155,7 +158,7 @@ class ProfileRecorder:
         token_count = stack(lambda p: p["tokens"])
         header = dict(header, tokens=token_summary(token_count, classes), binning=binning_spec(),
                       reservoir_size=self.samples["prompt"].capacity, doc_reservoir_size=self.doc_reservoir_size,
-                      router_layer=self.router_layer)
+                      router_layer=self.router_layer, router_pooling=ROUTER_POOLING)
         return Profile(
             header=header, classes=list(classes), edges={m: self.edges[m].copy() for m in METRICS},
             hist={m: stack(lambda p: p["hist"][m]) for m in METRICS}, count=stack(lambda p: p["count"]),

@@ -1,5 +1,5 @@
 """``prompt_class="auto"``: route each row to a class plan by its prompt (nearest centroid of the mean hidden state
-after ``router.layer``). Imported only when a plan is applied with ``prompt_class="auto"``.
+after ``router.layer``, pooled as ``router.pooling`` says). Imported only when a plan is applied with ``prompt_class="auto"``.
 
 When the prompt runs dense (``apply_to: decode``) the router reads the layer output on the way; otherwise a dense
 pre-pass without the cache runs up to the router layer and is stopped there by raising `RoutingDone`.
@@ -14,6 +14,22 @@ from .._compat import without_cache
 from ..plan import PlanFile, SkipPlan
 from ..registry import ResolvedArch, first_tensor
 from .patcher import Patcher
+
+
+def prompt_weights(weights: torch.Tensor, pooling: str, starts_sequence: bool) -> torch.Tensor:
+    """[B, S] pooling weights of a prompt's positions. "mean_after_first" drops each row's first real token when the
+    forward starts the sequence (a massive-norm attention sink in real LLMs: it would dominate a short prompt's mean,
+    so centroids pooled over long calibration documents would not match short prompts)."""
+    if pooling == "mean_after_first" and starts_sequence:
+        real = weights > 0
+        first = real & (real.long().cumsum(1) == 1)
+        return weights * (~first)
+    return weights
+
+
+def pool(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[B, H] weighted mean of [B, S, H] hidden states (zero rows where no weight)."""
+    return (hidden.float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
 
 
 class RoutingDone(Exception):
@@ -53,7 +69,8 @@ class PromptRouter:
         self.router = plan_file.router
         self.row_classes: list[str | None] | None = None  # per row of the last routed prompt
         self.prepass = False  # inside the dense routing pre-pass
-        self._weights: torch.Tensor | None = None  # [B, S] 1.0 for real prompt tokens, while routing a forward
+        self._weights: torch.Tensor | None = None  # [B, S] pooling weights of the prompt, while routing a forward
+        self._has_prompt: list[bool] = []  # per row: the forward holds prompt tokens
         patcher.hook(arch.sites[self.router.layer].layer.register_forward_hook(self._layer_done))
 
     def route(self, module, args: tuple, kwargs: dict, mask: torch.Tensor | None, batch: int, seq: int, past: int,
@@ -65,7 +82,8 @@ class PromptRouter:
             cols = torch.arange(seq, device=device) + past
             starts = torch.tensor(decode_start, device=device)
             weights = weights * (cols[None, :] < starts[:, None])
-        self._weights = weights
+        self._has_prompt = (weights.sum(1) > 0).tolist()
+        self._weights = prompt_weights(weights, self.router.pooling, starts_sequence=past == 0)
         if prompt_runs_dense:
             return  # the router layer's output is read during this very forward
         self.prepass = True
@@ -81,12 +99,11 @@ class PromptRouter:
         weights, self._weights = self._weights, None
         if weights is None:
             return None
-        pooled = (first_tensor(out).float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
+        pooled = pool(first_tensor(out), weights)
         centroids = torch.tensor(self.router.centroids, dtype=torch.float32, device=pooled.device)
         normalize = torch.nn.functional.normalize
         best = (normalize(pooled, dim=-1) @ normalize(centroids, dim=-1).T).argmax(-1).tolist()
-        has_prompt = (weights.sum(1) > 0).tolist()
-        self.row_classes = [self.router.classes[i] if ok else None for i, ok in zip(best, has_prompt)]
+        self.row_classes = [self.router.classes[i] if ok else None for i, ok in zip(best, self._has_prompt)]
         if self.prepass:
             raise RoutingDone()
         return None

@@ -51,13 +51,14 @@ def table(result: dict) -> list[str]:
     warned = [(row["name"], w) for row in result["plans"] for w in row.get("warnings") or []]
     if warned:
         lines += [""] + [f"⚠ {name}: {warning}" for name, warning in warned]
+    routed_run = any("routed by" in row["name"] for row in result["plans"])
     for row in result["plans"]:
         if row.get("router_accuracy") is not None:
             per_class = ", ".join(f"{c} {a:.0%}" for c, a in row["router_accuracy_per_class"].items())
             lines += ["", f"Router accuracy on the held-out prompts ({row['name']}): {row['router_accuracy']:.1%} "
                           f"({per_class})."]
         per_class_skip = {c: v.get("skip_ratio") for c, v in row.get("per_class", {}).items()}
-        if "routed by" in row["name"] and all(v is not None for v in per_class_skip.values()):
+        if routed_run and all(v is not None for v in per_class_skip.values()):
             detail = ", ".join(f"{c} KL {row['per_class'][c]['kl_mean']:.3f} @{per_class_skip[c]:.3f}"
                                for c in per_class_skip)
             lines += ["", f"Per class ({row['name']}): {detail}."]

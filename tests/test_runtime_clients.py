@@ -101,8 +101,34 @@ class MultiTokenForwards:
             self.count += 1
 
 
+# Adaptive: every non-cold layer's cosine passes tau -1, so the rule skips max_skip layers after each trigger.
+ALWAYS_ADAPTIVE = SkipPlan(mode="adaptive", tau=[-1.0] * 4, cold_start=1, cold_end=0, max_skip=2, warmup_tokens=1)
+
+
+def test_multi_turn_with_an_adaptive_plan_runs_the_new_prompt_dense():
+    model = tiny_model("llama", num_layers=4)
+    counter = RowCounter(model)
+    turn1 = torch.randint(2, 90, (1, 6))
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with apply_plan(model, ALWAYS_ADAPTIVE) as handle, torch.no_grad():
+        cache = DynamicCache()
+        out1 = model.generate(turn1, **cache_kwargs(model, cache), **kw)
+        prompt2 = torch.cat([out1, torch.randint(2, 90, (1, 7))], 1)
+        chunk = prompt2.shape[1] - cache.get_seq_length()
+        handle.reset_stats()
+        counter.reset()
+        model.generate(prompt2, **cache_kwargs(model, cache), **kw)
+        stats = handle.stats()
+    counter.remove()
+    # every layer ran on every token of the new prompt chunk; decode positions after the warm-up skipped layers 1-2
+    assert all(counter.rows[layer] >= chunk for layer in range(4))
+    assert counter.rows[1] == counter.rows[2] == chunk + 1  # + the warm-up position
+    assert stats["decode_positions"] == 3 and stats["decided_skips"] == 2 * 3 == stats["rows_not_computed"]  # after warm-up
+
+
+@pytest.mark.parametrize("mode", ["static", "adaptive"])
 @pytest.mark.parametrize("assist", ["prompt_lookup", "assistant_model"])
-def test_assisted_decoding_is_token_identical_and_skips_as_planned(assist):
+def test_assisted_decoding_is_token_identical_and_skips_as_planned(assist, mode):
     model = tiny_model("llama", num_layers=4)
     ids = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]])
     extra = ({"prompt_lookup_num_tokens": 3} if assist == "prompt_lookup"
@@ -110,7 +136,7 @@ def test_assisted_decoding_is_token_identical_and_skips_as_planned(assist):
     dense, _ = generate(model, ids, 10)
     with apply_plan(model, static([])):
         assert torch.equal(generate(model, ids, 10, **extra)[0], dense)
-    plan = static([1, 2], warmup_tokens=1)
+    plan = static([1, 2], warmup_tokens=1) if mode == "static" else ALWAYS_ADAPTIVE
     with apply_plan(model, plan) as handle:
         planned, _ = generate(model, ids, 10)
         plain = handle.stats()

@@ -169,7 +169,7 @@ def prepare_qa(model, tokenizer, config: EvalConfig, log=None, progress: Progres
     return QAData(questions, prompts, prefills, score(questions, answers), tokenizer, config.qa_new_tokens)
 
 
-def qa_fields(model, data: EvalData, config: EvalConfig, plan=None, route_by_class: bool = False,
+def qa_fields(model, data: EvalData, config: EvalConfig, plan=None, by_router: bool = False,
               strict: bool = True, dropped_layers: Sequence[int] | None = None) -> dict[str, Any]:
     """QA accuracy and retention of one row. A plan continues from the shared dense prompt passes (it skips
     generated tokens only); routed class plans and dropped layers change the prompt pass, so they run it again."""
@@ -180,7 +180,7 @@ def qa_fields(model, data: EvalData, config: EvalConfig, plan=None, route_by_cla
     if dropped_layers is not None:
         with DroppedLayers(model, dropped_layers):
             answers = generate_answers(model, qa.tokenizer, qa.prompts, qa.new_tokens, config.batch_size)
-    elif route_by_class:
+    elif by_router:
         with apply_plan(model, plan, prompt_class="auto", strict=strict):
             answers = generate_answers(model, qa.tokenizer, qa.prompts, qa.new_tokens, config.batch_size)
     else:
@@ -278,9 +278,11 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
         for cls, ratio in class_skip.items():
             row["per_class"][cls]["skip_ratio"] = ratio
         row["skip_ratio"] = _r(skipped / (decode_positions * num_layers)) if decode_positions else 0.0
-        # What the generation saves: FFN rows really not computed (masked rows ran) over every generated position,
-        # warm-up included. skip_ratio above is what the rule decided (it sets the quality).
-        row["saved_share"] = _r(not_computed / (generated * num_layers)) if generated else 0.0
+        # What a generation skips: the rule's skips over every generated position, warm-up included. Not the rows
+        # this teacher-forced pass left out: one forward over whole windows may mask rows that one-token decode steps
+        # skip. The speed run reports the rows a real generation did not compute (speed_run_saved_ratio).
+        row["saved_share"] = _r(skipped / (generated * num_layers)) if generated else 0.0
+        row["rows_not_computed_share"] = _r(not_computed / (generated * num_layers)) if generated else 0.0
         row["gen_len"] = config.gen_len
         active = plan.global_plan if isinstance(plan, PlanFile) else plan
         row["warmup_tokens"] = active.warmup_tokens
@@ -294,11 +296,10 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
         if data.prompts:
             row.update(_greedy_row(model, data, plan, route, strict, tick))
         if data.qa is not None:
-            routed_qa = isinstance(plan, PlanFile) and route is not None
-            if routed_qa and plan.router is None:
-                row["qa_note"] = "class plans need a router to answer QA questions; not measured"
+            if route == "label":  # QA questions carry no class of the held-out data: only a router can pick a plan
+                row["qa_note"] = "QA questions have no data-class label; the router row measures routed QA"
             else:
-                row.update(qa_fields(model, data, config, plan, route_by_class=routed_qa, strict=strict))
+                row.update(qa_fields(model, data, config, plan, by_router=route == "router", strict=strict))
             tick()
         flops = profile_cost or FlopModel.of(model)
         context = config.prompt_len + config.gen_len // 2
@@ -700,6 +701,7 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
     for name, plan in plans:
         check_plan_fits(model, plan, name)
     model.eval()
+    data_spec = data_spec if data_spec is not None else config.data
     data = prepare_data(model, tokenizer, data_spec, config, progress)
     log(f"held-out: {sum(data.tokens().values())} measured decode positions over {len(data.classes)} classes")
     if config.qa:
@@ -712,7 +714,6 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
             rows.append(evaluate_plan(model, data, plan, f"{name} [class plans, routed by label]", "plan", config,
                                       route="label", profile_cost=flops))
             if plan.router is not None:
-                log(f"evaluating {name} with class plans (routed by the plan's router)")
                 rows.append(evaluate_plan(model, data, plan, f"{name} [class plans, routed by router]", "plan",
                                           config, route="router", profile_cost=flops))
     if config.baselines or config.oracle or config.search_reference:

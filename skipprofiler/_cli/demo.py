@@ -77,7 +77,7 @@ def summary(result: dict[str, Any]) -> list[str]:
     positions = sum(data["tokens"].values())
     generated = data["window"] - data["prompt_len"]
     lines = [f"Quality: teacher-forced on the bundled held-out split, {data['documents']} documents, {positions:,} "
-             f"decode positions ({data['prompt_len']}-token dense prompt, up to {generated} positions each); dense "
+             f"decode positions ({data['prompt_len']}-token dense prompt, then {generated} positions each); dense "
              f"perplexity {dense['ppl']:.2f}. KL and perplexity are deterministic: a rerun gives the same figures."]
     timed = [r for r in result["plans"] if r.get("speedup") is not None]
     for r in result["plans"]:

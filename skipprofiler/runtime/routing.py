@@ -82,8 +82,8 @@ class PromptRouter:
             cols = torch.arange(seq, device=device) + past
             starts = torch.tensor(decode_start, device=device)
             weights = weights * (cols[None, :] < starts[:, None])
-        self._has_prompt = (weights.sum(1) > 0).tolist()
         self._weights = prompt_weights(weights, self.router.pooling, starts_sequence=past == 0)
+        self._has_prompt = (self._weights.sum(1) > 0).tolist()  # a row with nothing to pool keeps the global plan
         if prompt_runs_dense:
             return  # the router layer's output is read during this very forward
         self.prepass = True

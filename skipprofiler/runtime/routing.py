@@ -1,5 +1,6 @@
 """``prompt_class="auto"``: route each row to a class plan by its prompt (nearest centroid of the mean hidden state
-after ``router.layer``, pooled as ``router.pooling`` says). Imported only when a plan is applied with ``prompt_class="auto"``.
+after ``router.layer``, pooled as ``router.pooling`` says). The runtime imports it only for ``prompt_class="auto"``;
+the profile recorder pools its document features with the same `prompt_weights` and `pool`.
 
 When the prompt runs dense (``apply_to: decode``) the router reads the layer output on the way; otherwise a dense
 pre-pass without the cache runs up to the router layer and is stopped there by raising `RoutingDone`.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_runtime import generate
 from tiny_models import tiny_model
 
 from skipprofiler.plan import SkipPlan
@@ -18,13 +19,11 @@ ADAPTIVE = SkipPlan(mode="adaptive", tau=[-1.0] * 4, cold_start=1, cold_end=0, m
 
 
 def _greedy(model, ids, new_tokens, plan=None, **apply_kwargs):
-    """Greedy tokens and the runtime's stats (None for dense)."""
+    """Greedy tokens (tests/test_runtime.generate) and the runtime's stats (None for dense)."""
     if plan is None:
-        with torch.no_grad():
-            return model.generate(ids, max_new_tokens=new_tokens, do_sample=False), None
-    with apply_plan(model, plan, **apply_kwargs) as handle, torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-        return out, handle.stats()
+        return generate(model, ids, new_tokens)[0], None
+    with apply_plan(model, plan, **apply_kwargs) as handle:
+        return generate(model, ids, new_tokens)[0], handle.stats()
 
 
 @pytest.mark.parametrize("plan", [STATIC, ADAPTIVE], ids=["static", "adaptive"])

@@ -20,6 +20,8 @@ Semantics shared by the runtime, the fitter's simulation and eval (they must agr
   stream entering the FFN sub-block and norm_gain[l] the calibrated mean of ||h + contribution|| / ||h||.
 * compensation ``mean_output``: a skipped FFN's output is replaced by ``ffn_mean[l]``, the mean of that FFN's output
   over calibration decode positions (a constant vector: no FFN work, one add).
+* compensation ``linear``: a skipped FFN's output is replaced by ``x @ W_l + b_l`` (rank r: ``(x @ D_l) @ U_l + b_l``),
+  x being what the FFN reads; the maps live in a safetensors file beside the plan (``linear``: file, sha256, rank).
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ PLAN_VERSION = 1
 MODES = ("static", "adaptive")
 BATCH_DECISIONS = ("per_sequence", "shared")  # adaptive: rows of a batch decide alone, or fire together
 APPLY_TO = ("decode", "all")
-COMPENSATIONS = ("none", "norm_ratio", "mean_output")
+COMPENSATIONS = ("none", "norm_ratio", "mean_output", "linear")
 ROUTER_POOLINGS = ("mean", "mean_after_first")  # how the router pools a prompt's hidden states (Router.pooling)
 STATIC, ADAPTIVE = MODES
 PER_SEQUENCE, SHARED = BATCH_DECISIONS
 DECODE, ALL_POSITIONS = APPLY_TO
-NO_COMPENSATION, NORM_RATIO, MEAN_OUTPUT = COMPENSATIONS
+NO_COMPENSATION, NORM_RATIO, MEAN_OUTPUT, LINEAR = COMPENSATIONS
 # Keys a plan may override from `defaults`.
 DEFAULT_KEYS = ("apply_to", "warmup_tokens", "dense_every", "compensation")
 
@@ -71,6 +73,35 @@ class PlanError(ValueError):
 
 
 @dataclass
+class LinearMaps:
+    """The maps of `compensation: linear`, one per layer the plan may skip. `tensors` (numpy float32, keys
+    ``"<layer>.bias"`` plus ``"<layer>.weight"`` [d, d] or ``"<layer>.down"`` [d, r] and ``"<layer>.up"`` [r, d]) are
+    stored in `file` (relative to the plan file), whose sha256 the plan records."""
+
+    rank: int | None  # None: full d x d maps
+    tensors: dict[str, Any]
+    file: str | None = None
+    sha256: str | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({int(k.split(".")[0]) for k in self.tensors})
+
+    def layer_tensors(self, layer: int) -> dict[str, Any]:
+        """{"bias", "weight"} or {"bias", "down", "up"} of one layer."""
+        prefix = f"{layer}."
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def keep(self, layers: set[int]) -> LinearMaps:
+        return LinearMaps(self.rank, {k: v for k, v in self.tensors.items() if int(k.split(".")[0]) in layers},
+                          self.file, self.sha256)
+
+    def flops_per_call(self, hidden: int) -> float:
+        """Multiply-add FLOPs of one map application to one position: 2·d² + d, rank r: 4·d·r + d."""
+        return float(2 * hidden * hidden + hidden if self.rank is None else 4 * hidden * self.rank + hidden)
+
+
+@dataclass
 class SkipPlan:
     """One plan (the global one or a class's): which FFNs to skip on which positions."""
 
@@ -90,6 +121,7 @@ class SkipPlan:
     # calibration facts
     norm_gain: list[float] | None = None  # per layer; needed by compensation norm_ratio
     ffn_mean: dict[int, list[float]] | None = None  # layer -> mean FFN output (hidden_size); compensation mean_output
+    linear: LinearMaps | None = None  # compensation linear: the fitted maps
     expected_skip_ratio: float | None = None
     fit: dict[str, Any] = field(default_factory=dict)  # how it was fitted (statistic, target, measured KL, ...)
 

@@ -11,6 +11,7 @@ comments and non-canonical spelling are not preserved.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -18,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from .atomic import write_text_atomic
-from .plan import (APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, MODES, PLAN_VERSION, ROUTER_POOLINGS,
-                   PlanError, PlanFile, Router, SkipPlan)
+from .atomic import write_bytes_atomic, write_text_atomic
+from .plan import (APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, LINEAR, MODES, PLAN_VERSION,
+                   ROUTER_POOLINGS, LinearMaps, PlanError, PlanFile, Router, SkipPlan)
 
 __all__ = ["load_plan", "dump_plan", "save_plan", "validate_plan_dict", "plan_to_dict", "plan_from_dict",
            "schema_path", "fingerprint_problems", "PlanError"]
@@ -34,7 +35,9 @@ STATIC_KEYS = ("skip_layers",)
 ADAPTIVE_KEYS = ("tau", "cold_start", "cold_end", "max_skip")
 ADAPTIVE_OPTIONAL_KEYS = ("batch_decision",)
 PLAN_KEYS = (("mode",) + DEFAULT_KEYS + STATIC_KEYS + ADAPTIVE_KEYS + ADAPTIVE_OPTIONAL_KEYS
-             + ("norm_gain", "ffn_mean", "expected_skip_ratio", "fit"))
+             + ("norm_gain", "ffn_mean", "linear", "expected_skip_ratio", "fit"))
+LINEAR_KEYS = ("file", "sha256", "rank")
+WEIGHTS_FORMAT = "skipprof-linear-maps"
 ROUTER_KEYS = ("layer", "metric", "pooling", "heldout_accuracy", "classes", "centroids")
 ROUTER_METRICS = ("cosine",)
 
@@ -266,6 +269,10 @@ def _check_plan(check: _Checker, path: str, plan: Any, layers: int | None, defau
     elif compensation == "mean_output":
         check.add(f"{path}.ffn_mean", "is required with compensation: mean_output (a mean FFN output per skipped "
                                       "layer)")
+    if "linear" in plan:
+        _check_linear(check, f"{path}.linear", plan["linear"])
+    elif compensation == LINEAR:
+        check.add(f"{path}.linear", "is required with compensation: linear (the maps' file, its sha256 and rank)")
     if "expected_skip_ratio" in plan:
         check.number(f"{path}.expected_skip_ratio", plan["expected_skip_ratio"], lo=0.0, hi=1.0)
     if "fit" in plan and check.mapping(f"{path}.fit", plan["fit"], None):
@@ -284,6 +291,21 @@ def _check_ffn_mean(check: _Checker, path: str, means: Any, layers: int | None, 
             check.add(f"{path}.{layer}", "must be a non-empty list of finite numbers")
         elif hidden is not None and len(vector) != hidden:
             check.add(f"{path}.{layer}", f"has {len(vector)} numbers but the model's hidden size is {hidden}")
+
+
+def _check_linear(check: _Checker, path: str, linear: Any) -> None:
+    """{file, sha256, rank}: where the maps of compensation linear are (a file name relative to the plan)."""
+    if not check.mapping(path, linear, LINEAR_KEYS, required=("file", "sha256")):
+        return
+    if check.string(f"{path}.file", linear.get("file")):
+        name = linear["file"]
+        if os.path.isabs(name) or ".." in Path(name).parts or not name.endswith(".safetensors"):
+            check.add(f"{path}.file", f"must be a .safetensors file name relative to the plan file, got {name!r}")
+    sha = linear.get("sha256")
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        check.add(f"{path}.sha256", f"must be 64 lowercase hex digits, got {_kind(sha)}")
+    if linear.get("rank") is not None:
+        check.integer(f"{path}.rank", linear["rank"], lo=1)
 
 
 def _check_skip_layers(check: _Checker, path: str, entries: Any, layers: int | None) -> None:
@@ -439,6 +461,9 @@ def _skip_plan_from_dict(p: dict, defaults: dict, layers: int) -> SkipPlan:
         plan.norm_gain = [float(g) for g in p["norm_gain"]]
     if "ffn_mean" in p:
         plan.ffn_mean = {int(l): [float(x) for x in v] for l, v in p["ffn_mean"].items()}
+    if "linear" in p:  # the tensors are read by `load_plan`, which knows where the plan file is
+        plan.linear = LinearMaps(rank=p["linear"].get("rank"), tensors={}, file=p["linear"]["file"],
+                                 sha256=p["linear"]["sha256"])
     if "expected_skip_ratio" in p:
         plan.expected_skip_ratio = float(p["expected_skip_ratio"])
     plan.fit = dict(p.get("fit") or {})
@@ -491,6 +516,11 @@ def _skip_plan_to_dict(plan: SkipPlan, defaults: dict) -> dict:
         out["norm_gain"] = [float(g) for g in plan.norm_gain]
     if plan.ffn_mean:
         out["ffn_mean"] = {int(l): [float(x) for x in plan.ffn_mean[l]] for l in sorted(plan.ffn_mean)}
+    if plan.linear is not None:
+        linear = plan.linear
+        out["linear"] = {"file": linear.file, "sha256": linear.sha256}
+        if linear.rank is not None:
+            out["linear"]["rank"] = int(linear.rank)
     if plan.expected_skip_ratio is not None:
         out["expected_skip_ratio"] = float(plan.expected_skip_ratio)
     if plan.fit:
@@ -557,7 +587,12 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 
 
 def dump_plan(plan: PlanFile) -> str:
-    """Canonical YAML text of a plan (validated first: a plan that could not be loaded back is never written)."""
+    """Canonical YAML text of a plan (validated first: a plan that could not be loaded back is never written).
+    Linear maps must have been written (`save_plan`) first: the YAML records their file and hash."""
+    unsaved = [name for name, p in _named_plans(plan) if p.linear is not None and not p.linear.file]
+    if unsaved:
+        raise PlanError(f"the linear maps of {', '.join(unsaved)} are not saved yet: write the plan with save_plan "
+                        "(it writes the maps' safetensors file beside the YAML)")
     d = plan_to_dict(plan)
     problems = validate_plan_dict(d)
     if problems:
@@ -598,12 +633,118 @@ def _read_text(path_or_text: str | Path) -> tuple[str, str]:
         raise PlanError(f"cannot read plan file {path}: {e}") from None
 
 
-def load_plan(path_or_text: str | Path, num_layers: int | None = None, fingerprint: dict | None = None) -> PlanFile:
-    """Load and validate a plan (file path or YAML text); raises PlanError listing every problem."""
-    data, _ = read_plan_dict(path_or_text)
-    return plan_from_dict(data, num_layers, fingerprint)
+def load_plan(path_or_text: str | Path, num_layers: int | None = None, fingerprint: dict | None = None,
+              base_dir: str | Path | None = None) -> PlanFile:
+    """Load and validate a plan (file path or YAML text); raises PlanError listing every problem.
+
+    Linear maps (`compensation: linear`) are read from their file, relative to the plan file (YAML text: to
+    `base_dir`, default the working directory), and checked: present, the recorded sha256, shapes and dtype."""
+    data, source = read_plan_dict(path_or_text)
+    plan = plan_from_dict(data, num_layers, fingerprint)
+    if source != "<text>":
+        base_dir = Path(source).parent
+    load_linear_maps(plan, Path(base_dir) if base_dir is not None else Path.cwd())
+    return plan
+
+
+def _named_plans(plan: PlanFile) -> list[tuple[str, SkipPlan]]:
+    return [("global", plan.global_plan)] + [(f"class.{n}", p) for n, p in sorted(plan.classes.items())]
+
+
+def load_linear_maps(plan: PlanFile, base_dir: Path) -> None:
+    """Read every plan's linear maps from its file; PlanError listing every problem (missing file, altered file,
+    missing layers, wrong shapes or dtype)."""
+    wanting = [(name, p) for name, p in _named_plans(plan) if p.linear is not None]
+    if not wanting:
+        return
+    hidden = (plan.model.get("fingerprint") or {}).get("hidden_size")
+    problems: list[str] = []
+    files: dict[str, dict[str, Any] | None] = {}
+    for name, p in wanting:
+        linear = p.linear
+        if linear.file not in files:
+            files[linear.file] = _read_weights(base_dir / linear.file, linear.sha256, name, problems)
+        tensors = files[linear.file]
+        if tensors is None:
+            continue
+        prefix = name + "."
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        problems += linear_map_problems(f"{name}.linear", own, linear.rank, hidden, _skippable(p))
+        p.linear = LinearMaps(linear.rank, own, linear.file, linear.sha256)
+    if problems:
+        raise PlanError(problems)
+
+
+def _skippable(plan: SkipPlan) -> list[int]:
+    if plan.mode == "static":
+        return sorted(int(l) for l in plan.skip_layers)
+    num_layers = len(plan.tau) if plan.tau else 0
+    return list(range(plan.cold_start, num_layers - plan.cold_end))
+
+
+def _read_weights(path: Path, sha256: str | None, name: str, problems: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        problems.append(f"{name}.linear: the maps' file {path} is missing (it is written beside the plan; copy it "
+                        "with the YAML)")
+        return None
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        problems.append(f"{name}.linear: {path} was altered or belongs to another plan (sha256 {digest[:12]}..., "
+                        f"the plan records {str(sha256)[:12]}...)")
+        return None
+    from safetensors.numpy import load
+
+    try:
+        return load(data)
+    except Exception as e:  # noqa: BLE001 -- any parse failure of a file whose hash matched is one problem
+        problems.append(f"{name}.linear: {path} is not a readable safetensors file ({e})")
+        return None
+
+
+def linear_map_problems(path: str, tensors: dict[str, Any], rank: int | None, hidden: int | None,
+                        layers: list[int]) -> list[str]:
+    """Every problem of one plan's maps ({"<layer>.<part>": array}) against its rank, the model width and the
+    layers the plan may skip."""
+    problems = []
+    have = sorted({int(k.split(".")[0]) for k in tensors if k.split(".")[0].isdigit()})
+    missing = [l for l in layers if l not in have]
+    if missing:
+        problems.append(f"{path}: no map for skipped layers {missing}")
+    parts = ("bias", "weight") if rank is None else ("bias", "down", "up")
+    for layer in have:
+        for part in parts:
+            t = tensors.get(f"{layer}.{part}")
+            if t is None:
+                problems.append(f"{path}: layer {layer} has no {part!r} tensor (rank {rank or 'full'})")
+                continue
+            if str(t.dtype) != "float32":
+                problems.append(f"{path}: layer {layer} {part} is {t.dtype}, expected float32")
+            if hidden is not None:
+                r = rank if rank is not None else hidden
+                want = {"bias": (hidden,), "weight": (hidden, hidden), "down": (hidden, r), "up": (r, hidden)}[part]
+                if tuple(t.shape) != want:
+                    problems.append(f"{path}: layer {layer} {part} has shape {tuple(t.shape)}, expected {want}")
+    return problems
+
+
+def weights_file_for(path: str | Path) -> Path:
+    """Where `save_plan` writes a plan's linear maps: beside it, same stem, `.safetensors`."""
+    return Path(path).with_suffix(".safetensors")
 
 
 def save_plan(plan: PlanFile, path: str | Path) -> Path:
-    """Write the canonical YAML atomically (a reader never sees half a plan), mode 0666 & ~umask."""
+    """Write the canonical YAML atomically (a reader never sees half a plan), mode 0666 & ~umask. Linear maps go
+    first, into `weights_file_for(path)` (also atomic); the YAML then records its name and sha256."""
+    wanting = [(name, p) for name, p in _named_plans(plan) if p.linear is not None]
+    if wanting:
+        from safetensors.numpy import save
+
+        tensors = {f"{name}.{k}": v for name, p in wanting for k, v in p.linear.tensors.items()}
+        data = save(tensors, metadata={"format": WEIGHTS_FORMAT})
+        target = weights_file_for(path)
+        write_bytes_atomic(target, data)
+        digest = hashlib.sha256(data).hexdigest()
+        for _, p in wanting:
+            p.linear = LinearMaps(p.linear.rank, p.linear.tensors, target.name, digest)
     return write_text_atomic(path, dump_plan(plan))

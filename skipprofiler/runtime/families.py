@@ -19,7 +19,11 @@ def skip_bloom(site: FFNSite, step: Step, decision: Decision, original: Callable
     scale = step.gain_scale[site.index] if step.gain_scale else None
     res_flat = residual.reshape(-1, residual.shape[-1])
     step.check_rows(res_flat.shape[0], site.index)
-    out = res_flat * (scale + 1.0) if scale is not None else res_flat.clone()
+    if site.index in step.linear_fill:
+        out = res_flat + filler(site, step, res_flat.shape[0], res_flat.shape[-1], res_flat.dtype, res_flat.device,
+                                x.reshape(-1, x.shape[-1]))
+    else:
+        out = res_flat * (scale + 1.0) if scale is not None else res_flat.clone()
     if decision.kind is Kind.MASK:
         y = original(x, residual).reshape(res_flat.shape)
         out = torch.where(decision.skip[:, None], out, y)
@@ -46,6 +50,7 @@ def patch_fc_pair(site: FFNSite, ctx: Any, patcher: Patcher, text: str) -> None:
             return fc1_forward(x)
         step.check_rows(x.shape[0], layer)
         pending["rows"] = x.shape[0]
+        pending["input"] = x  # what a linear substitute reads
         if decision.kind is Kind.SKIP_ALL:
             return x.new_empty((x.shape[0], 0))
         return fc1_forward(x if decision.kind is Kind.MASK else x.index_select(0, decision.kept))
@@ -58,7 +63,7 @@ def patch_fc_pair(site: FFNSite, ctx: Any, patcher: Patcher, text: str) -> None:
             if step is not None and step.cos_layers and step.wants_contribution(layer):
                 step.contribution[layer] = out.reshape(-1, out.shape[-1])
             return out
-        out = filler(site, step, pending.pop("rows"), fc2.out_features, a.dtype, a.device)
+        out = filler(site, step, pending.pop("rows"), fc2.out_features, a.dtype, a.device, pending.pop("input"))
         if decision.kind is Kind.SKIP_ALL:
             return out
         y = fc2_forward(a)

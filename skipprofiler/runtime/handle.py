@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .._compat import cache_in
-from ..plan import (ADAPTIVE, ALL_POSITIONS, BATCH_DECISIONS, NO_COMPENSATION, NORM_RATIO, SHARED, STATIC, PlanError,
-                    PlanFile, SkipPlan)
+from ..plan import (ADAPTIVE, ALL_POSITIONS, BATCH_DECISIONS, LINEAR, MEAN_OUTPUT, NO_COMPENSATION, NORM_RATIO,
+                    SHARED, STATIC, PlanError, PlanFile, SkipPlan)
 from ..registry import ResolvedArch, resolve
 from .checks import check_fingerprint, plans_for
 from .patcher import Patcher
@@ -43,7 +43,8 @@ class SkipHandle:
         self._router = self._compensation = None
         self._positions = Positions()
         self._pad_offsets: list[int] | None = None
-        self._totals: list[int | torch.Tensor] = [0, 0, 0]  # decode positions, decided skips, FFN rows not computed
+        # decode positions, decided skips, FFN rows not computed, rows a linear substitute was computed for
+        self._totals: list[int | torch.Tensor] = [0, 0, 0, 0]
         self._removed = False
 
     # ---- public API ------------------------------------------------------------------------------------------------
@@ -82,15 +83,18 @@ class SkipHandle:
 
     def stats(self) -> dict[str, Any]:
         """Counts over decode positions after warm-up (real tokens). ``decided_skips``: FFN calls the plan's rule
-        skipped; ``rows_not_computed``: FFN rows really not computed (masked rows run the FFN: they count 0)."""
-        positions, decided, saved = (int(t) for t in self._totals)  # device counts: read here, once
+        skipped; ``rows_not_computed``: FFN rows really not computed (masked rows run the FFN: they count 0);
+        ``substitute_rows``: rows a linear substitute map was computed for instead (every position of a skipped
+        call, warm-up and padding included: the work done)."""
+        positions, decided, saved, substituted = (int(t) for t in self._totals)  # device counts: read here, once
         calls = positions * self.arch.num_layers
         return {"decode_positions": positions, "num_layers": self.arch.num_layers,
                 "decided_skips": decided, "decided_skip_ratio": decided / calls if calls else 0.0,
-                "rows_not_computed": saved, "not_computed_ratio": saved / calls if calls else 0.0}
+                "rows_not_computed": saved, "not_computed_ratio": saved / calls if calls else 0.0,
+                "substitute_rows": substituted}
 
     def reset_stats(self) -> None:
-        self._totals = [0, 0, 0]
+        self._totals = [0, 0, 0, 0]
 
     def remove(self) -> None:
         """Undo everything apply_plan did (hooks, instance attributes); idempotent."""
@@ -172,7 +176,10 @@ class SkipHandle:
                     continue
                 shared = ", decided per batch" if self._batch_decision == SHARED else ""
                 what = f"adaptive skip (tau, runs of {plan.max_skip}{shared})"
-            comp = ", norm_ratio compensation" if plan.compensation == NORM_RATIO else ""
+            comp = {NORM_RATIO: ", norm_ratio compensation", MEAN_OUTPUT: ", mean output in its place",
+                    LINEAR: ", linear substitute"
+                    + (f" (rank {plan.linear.rank})" if plan.linear is not None and plan.linear.rank else "")
+                    }.get(plan.compensation, "")
             parts.append(f"{what} {where}{comp}" + ("" if name is None else f" [{name}]"))
         return f"skipprof: layer {layer}: " + "; ".join(parts)
 
@@ -256,7 +263,7 @@ class SkipHandle:
             return None
         decided = step.decided if step.adaptive is None else step.decided + step.adaptive.decided(step.real)
         # device counts are summed on the device: reading them would cost a host sync per forward on accelerators
-        counts = (step.counted, decided, step.not_computed())
+        counts = (step.counted, decided, step.not_computed(), step.substituted_rows)
         self._totals = [total + c if isinstance(c, torch.Tensor) or c else total for total, c in zip(self._totals, counts)]
         self.step = None
         return None

@@ -63,6 +63,8 @@ class Step:
     skip_all_calls: int = 0  # FFN calls SKIP_ALL decisions left out (each saves every real position)
     gain_scale: list[Any] = field(default_factory=list)  # norm_ratio: per layer None | float | Tensor [P, 1]
     mean_fill: dict[int, torch.Tensor] = field(default_factory=dict)  # mean_output: layer -> [H] or [P, H]
+    linear_fill: dict[int, list] = field(default_factory=dict)  # linear: layer -> [(substitute, position mask | None)]
+    substituted_rows: int = 0  # linear: rows a substitute map was computed for (padding included: it is work done)
     ffn_input_stream: dict[int, torch.Tensor] = field(default_factory=dict)  # norm_ratio: layer -> h [P, H]
     contribution: dict[int, torch.Tensor] = field(default_factory=dict)  # adaptive: layer -> [P, H]
     cos_layers: frozenset[int] = frozenset()  # adaptive: layers whose cos may start a run in this forward

@@ -17,8 +17,19 @@ from .patcher import Patcher
 from .step import DENSE, Decision, Kind, Step
 
 
-def filler(site: FFNSite, step: Step, rows: int, hidden: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A fresh [rows, H] tensor: what skipped positions contribute (zeros, (gain - 1) * h / mult, or the mean)."""
+def filler(site: FFNSite, step: Step, rows: int, hidden: int, dtype: torch.dtype, device: torch.device,
+           ffn_input: torch.Tensor | None = None) -> torch.Tensor:
+    """A fresh [rows, H] tensor: what skipped positions contribute (zeros, (gain - 1) * h / mult, the mean, or the
+    linear substitute of `ffn_input` [rows, H_in], what the FFN would have read)."""
+    substitutes = step.linear_fill.get(site.index)
+    if substitutes is not None:
+        step.substituted_rows += rows
+        if substitutes[0][1] is None:
+            return substitutes[0][0](ffn_input).to(dtype)
+        out = torch.zeros((rows, hidden), dtype=dtype, device=device)
+        for substitute, positions in substitutes:
+            out = torch.where(positions[:, None], substitute(ffn_input).to(dtype), out)
+        return out
     mean = step.mean_fill.get(site.index)
     if mean is not None:
         return mean.to(dtype).expand(rows, hidden).clone()
@@ -72,7 +83,7 @@ def _skip_module(site: FFNSite, step: Step, decision: Decision, original: Callab
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     step.check_rows(flat.shape[0], site.index)
-    out = filler(site, step, flat.shape[0], flat.shape[-1], flat.dtype, flat.device)
+    out = filler(site, step, flat.shape[0], flat.shape[-1], flat.dtype, flat.device, flat)
     if decision.kind is Kind.MASK:
         y = first_tensor(original(x, *args, **kwargs)).reshape(flat.shape[0], -1)
         out = torch.where(decision.skip[:, None], out, y)

@@ -1,0 +1,230 @@
+"""compensation linear: the maps' statistics and closed-form fit, the plan artifact (safetensors beside the YAML),
+and the runtime's substitute against an independent hook reference on every registered family."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from test_runtime import greedy_loop, plan_file, static, untouched
+from tiny_models import MODEL_TYPES, tiny_model
+
+from skipprofiler._compat import cache_in
+from skipprofiler.fidelity import make_batches, measure_plan
+from skipprofiler.plan import LinearMaps, PlanError
+from skipprofiler.planio import load_plan, save_plan, weights_file_for
+from skipprofiler.registry import RESIDUAL_INSIDE, first_tensor, resolve
+from skipprofiler.runtime import apply_plan
+from skipprofiler.substitute import (LayerStatistics, LinearStatistics, collect_statistics, fit_map,
+                                     fit_substitutes)
+
+
+def _hidden(model) -> int:
+    return model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+
+
+def random_maps(model, layers, rank=None, scale=0.05, seed=0) -> LinearMaps:
+    g = torch.Generator().manual_seed(seed)
+    h, tensors = _hidden(model), {}
+    for l in layers:
+        tensors[f"{l}.bias"] = (torch.randn(h, generator=g) * 0.1).numpy()
+        if rank is None:
+            tensors[f"{l}.weight"] = (torch.randn(h, h, generator=g) * scale).numpy()
+        else:
+            tensors[f"{l}.down"] = (torch.randn(h, rank, generator=g) * scale).numpy()
+            tensors[f"{l}.up"] = (torch.randn(rank, h, generator=g) * scale).numpy()
+    return LinearMaps(rank, tensors)
+
+
+class LinearReference:
+    """The obvious way: on decode forwards (one new token, non-empty cache), each planned FFN's output is replaced
+    by x @ W + b of the FFN's own input (forward hooks on the FFN module; OPT: fc1's input, fc2's output)."""
+
+    def __init__(self, model, layers, maps: LinearMaps):
+        self.decode, self.inputs = False, {}
+        self.handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True)]
+        for site in resolve(model).sites:
+            if site.index not in layers:
+                continue
+            t = {k: torch.from_numpy(v) for k, v in maps.layer_tensors(site.index).items()}
+            w = t["weight"] if "weight" in t else t["down"] @ t["up"]
+            if site.ffn is None:
+                self.handles.append(site.fc1.register_forward_pre_hook(self._keep(site.index)))
+                self.handles.append(site.fc2.register_forward_hook(self._replace_fc2(site.index, w, t["bias"])))
+            else:
+                self.handles.append(site.ffn.register_forward_hook(
+                    self._replace(w, t["bias"], site.contribution == RESIDUAL_INSIDE), with_kwargs=True))
+
+    def _pre(self, module, args, kwargs):
+        cache = cache_in(kwargs)
+        self.decode = cache is not None and cache.get_seq_length() > 0
+
+    def _keep(self, layer):
+        def fn(module, args):
+            self.inputs[layer] = args[0]
+        return fn
+
+    def _replace_fc2(self, layer, w, b):
+        def fn(module, args, output):
+            return self.inputs[layer] @ w + b if self.decode else None
+        return fn
+
+    def _replace(self, w, b, residual_inside):
+        def fn(module, args, kwargs, output):
+            if not self.decode:
+                return None
+            x = args[0]
+            new = x @ w.to(x.dtype) + b.to(x.dtype)
+            if residual_inside:
+                new = new + (args[1] if len(args) > 1 else kwargs["residual"])
+            out = first_tensor(output)
+            new = new.reshape(out.shape)
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+        return fn
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_linear_substitute_equals_the_hook_reference_on_every_family(model_type):
+    model = tiny_model(model_type, num_layers=4)
+    maps = random_maps(model, [1, 2])
+    ids = torch.randint(2, 90, (2, 5))
+    reference = LinearReference(model, {1, 2}, maps)
+    ref_logits, ref_tokens = greedy_loop(model, ids, 6)
+    reference.remove()
+    assert untouched(model)
+    with apply_plan(model, plan_file(model, static([1, 2], compensation="linear", linear=maps))) as handle:
+        logits, tokens = greedy_loop(model, ids, 6)
+        stats = handle.stats()
+    with apply_plan(model, plan_file(model, static([1, 2]))):
+        plain_logits, _ = greedy_loop(model, ids, 6)
+    assert (logits - ref_logits).abs().max().item() <= 1e-5 and torch.equal(tokens, ref_tokens)
+    assert (logits - plain_logits).abs().max() > 1e-3  # the substitute really contributed
+    assert stats["substitute_rows"] == 2 * 2 * 6  # two layers, two rows, six decode forwards
+    assert untouched(model)
+
+
+def test_low_rank_substitute_equals_its_product():
+    model = tiny_model("llama", num_layers=4)
+    maps = random_maps(model, [2], rank=3)
+    ids = torch.randint(2, 90, (1, 4))
+    reference = LinearReference(model, {2}, maps)
+    ref_logits, _ = greedy_loop(model, ids, 5)
+    reference.remove()
+    with apply_plan(model, plan_file(model, static([2], compensation="linear", linear=maps))):
+        logits, _ = greedy_loop(model, ids, 5)
+    assert (logits - ref_logits).abs().max().item() <= 1e-5
+
+
+def test_statistics_are_sums_and_add_exactly():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(50, 6, generator=g), torch.randn(50, 6, generator=g)
+    whole, a, b = (LinearStatistics.zeros(6, 6) for _ in range(3))
+    whole.add(x, y)
+    a.add(x[:20], y[:20])
+    b.add(x[20:], y[20:])
+    merged = a + b
+    assert merged.n == whole.n == 50
+    for name in ("sx", "sy", "xx", "xy"):
+        assert torch.allclose(getattr(merged, name), getattr(whole, name), rtol=0, atol=1e-12)
+    w, bias = torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    direct = float(((y.double() - x.double() @ w - bias) ** 2).sum())
+    assert whole.squared_error(w, bias) == pytest.approx(direct, rel=1e-10)
+
+
+def test_fit_recovers_a_linear_function_and_reports_held_out_error():
+    g = torch.Generator().manual_seed(2)
+    a, c = torch.randn(8, 8, generator=g), torch.randn(8, generator=g)
+    stats = LayerStatistics(LinearStatistics.zeros(8, 8), LinearStatistics.zeros(8, 8))
+    x = torch.randn(400, 8, generator=g) + 3.0
+    stats.fit.add(x[:300], x[:300] @ a + c)
+    stats.heldout.add(x[300:], x[300:] @ a + c)
+    fitted = fit_map(stats, lambdas=(1e-8, 1e-1))
+    assert fitted.record["lambda"] == 1e-8 and fitted.record["heldout_error"] < 1e-8
+    assert np.allclose(fitted.weight, a.numpy(), atol=1e-4) and np.allclose(fitted.bias, c.numpy(), atol=1e-4)
+    assert fitted.record["heldout_error_mean"] > 1e-3  # the mean output leaves the linear part unexplained
+    low = fit_map(stats, rank=2)
+    assert low.down.shape == (8, 2) and low.up.shape == (2, 8) and low.weight is None
+    assert low.record["heldout_error"] > fitted.record["heldout_error"]
+
+
+def _batches(n_docs=10, length=24, prompt_len=6, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    tokens = [torch.randint(2, 96, (length,), generator=g).tolist() for _ in range(n_docs)]
+    return make_batches(tokens, ["x"] * n_docs, prompt_len=prompt_len, pad_id=0, batch_size=4)
+
+
+def test_collected_statistics_cover_decode_positions_only_and_fit_a_useful_map():
+    model = tiny_model("llama", num_layers=4)
+    batches = _batches()
+    stats = collect_statistics(model, batches, [1, 2], validation_every=5)
+    decode = sum(int((b.attention_mask.sum(1) - b.prompt_len).clamp(min=0).sum()) for b in batches)
+    assert stats[1].total.n + stats[1].sinks == decode == 10 * 18
+    assert stats[1].heldout.n + stats[1].sinks // 5 >= 2 * 18 - stats[1].sinks  # two of ten documents held out
+    maps = fit_substitutes(model, batches, [1, 2])
+    linear = static([1, 2], compensation="linear",
+                    linear=LinearMaps(None, {k: v for l, m in maps.items() for k, v in m.tensors(str(l)).items()}))
+    sums_linear, _ = measure_plan(model, _refs(model, batches), linear)
+    sums_zero, _ = measure_plan(model, _refs(model, batches), static([1, 2]))
+    assert sums_linear.total_kl_mean() < sums_zero.total_kl_mean()
+
+
+def _refs(model, batches):
+    from skipprofiler.fidelity import dense_references
+
+    return dense_references(model, batches)
+
+
+def test_positions_with_an_outsized_stream_norm_are_left_out_as_attention_sinks():
+    model = tiny_model("llama", num_layers=3)
+    batches = _batches(n_docs=5)
+    embed = model.get_input_embeddings()
+    token = int(batches[0].input_ids[0, batches[0].prompt_len + 3])
+    with torch.no_grad():
+        embed.weight[token] *= 1000.0  # a massive-activation token, as an attention sink is
+    occurrences = sum(int(((b.input_ids == token) & (torch.arange(b.input_ids.shape[1]) >= b.prompt_len)
+                           & b.attention_mask.bool()).sum()) for b in batches)
+    stats = collect_statistics(model, batches, [1])
+    assert stats[1].sinks == occurrences >= 1
+
+
+def test_linear_plans_save_their_maps_beside_the_yaml_and_refuse_missing_or_altered_files(tmp_path):
+    model = tiny_model("llama", num_layers=4)
+    plan = plan_file(model, static([1, 2], compensation="linear", linear=random_maps(model, [1, 2], rank=2)))
+    path = save_plan(plan, tmp_path / "p.yaml")
+    weights = weights_file_for(path)
+    assert weights.name == "p.safetensors" and "    file: p.safetensors\n    sha256: " in path.read_text()
+    loaded = load_plan(path)
+    assert loaded.global_plan.linear.rank == 2
+    for k, v in plan.global_plan.linear.tensors.items():
+        assert np.array_equal(loaded.global_plan.linear.tensors[k], v)
+    text, blob = path.read_text(), weights.read_bytes()
+    save_plan(loaded, tmp_path / "p.yaml")  # re-export: byte-identical
+    assert path.read_text() == text and weights.read_bytes() == blob
+    assert hashlib.sha256(blob).hexdigest() in text
+    with apply_plan(model, loaded):
+        pass
+    weights.write_bytes(blob[:-4] + b"\0\0\0\0")
+    with pytest.raises(PlanError, match="was altered") as e:
+        load_plan(path)
+    assert len(e.value.problems) == 1
+    weights.unlink()
+    with pytest.raises(PlanError, match="is missing"):
+        load_plan(path)
+
+
+def test_linear_maps_are_checked_against_the_model_and_the_skipped_layers(tmp_path):
+    model = tiny_model("llama", num_layers=4)
+    maps = random_maps(model, [1])
+    maps.tensors["1.weight"] = maps.tensors["1.weight"][:, :-1].copy()
+    plan = plan_file(model, static([1, 2], compensation="linear", linear=maps))
+    with pytest.raises(PlanError) as e:
+        apply_plan(model, plan)
+    text = "; ".join(e.value.problems)
+    assert "no map for skipped layers [2]" in text and "weight has shape" in text
+    assert untouched(model)

@@ -5,7 +5,8 @@ Used by ``benchmarks/decode_speed.py`` and ``skipprof bench decode``. Every arm 
 so that drift in machine load hits all arms alike.
 
 The FLOP ideal counts multiply-adds (x2) of every matmul a decoder token costs: attention projections, attention over
-the cache, the FFN and the LM head; ideal speedup = dense FLOPs / (dense FLOPs - skipped FFN FLOPs) over the same run
+the cache, the FFN and the LM head; ideal speedup = dense FLOPs / (dense FLOPs - skipped FFN FLOPs + the FLOPs of linear
+substitutes computed in their place) over the same run
 (prompt included), with the skipped FFN calls counted by the runtime (``handle.stats()``).
 """
 
@@ -143,8 +144,10 @@ def token_flops(model: nn.Module) -> dict[str, float]:
             "lm_head": float(2 * head.weight.numel()), "layers": float(arch.num_layers)}
 
 
-def run_flops(model: nn.Module, batch: int, prompt_tokens: int, new_tokens: int, skipped_calls: int) -> tuple[float, float]:
-    """(dense FLOPs, plan FLOPs) of one benchmark run: prompt forward (logits for the last position only) + decode."""
+def run_flops(model: nn.Module, batch: int, prompt_tokens: int, new_tokens: int, skipped_calls: int,
+              substitute_flops: float = 0.0) -> tuple[float, float]:
+    """(dense FLOPs, plan FLOPs) of one benchmark run: prompt forward (logits for the last position only) + decode;
+    the plan's skipped FFN calls are taken off and what its linear substitutes computed instead is added."""
     f = token_flops(model)
     per_layer = f["ffn"] + f["attn_proj"]
     attention_prompt = f["attn_per_position"] * prompt_tokens * (prompt_tokens + 1) / 2
@@ -152,7 +155,7 @@ def run_flops(model: nn.Module, batch: int, prompt_tokens: int, new_tokens: int,
     for t in range(new_tokens - 1):  # the last token is sampled from the previous forward's logits
         context = prompt_tokens + t + 1
         dense += batch * (f["layers"] * (per_layer + f["attn_per_position"] * context) + f["lm_head"])
-    return dense, dense - skipped_calls * f["ffn"]
+    return dense, dense - skipped_calls * f["ffn"] + substitute_flops
 
 
 # ---- the timed loop -------------------------------------------------------------------------------------------------
@@ -206,7 +209,8 @@ def benchmark_decode(model: nn.Module, arms: list[Arm], batch: int = 1, prompt_t
             log(f"  round {rnd + 1}/{warmup + repeats}" + (" (warm-up)" if rnd < warmup else ""))
     for r in results:
         r.dense_flops, r.plan_flops = run_flops(model, batch, prompt_tokens, new_tokens,
-                                                   r.stats.get("rows_not_computed", 0))
+                                                   r.stats.get("rows_not_computed", 0),
+                                                   r.stats.get("substitute_flops", 0.0))
     return DecodeBenchmark(label, batch, dtype_name, new_tokens, prompt_tokens, results)
 
 

@@ -21,7 +21,7 @@ from .fidelity import (DenseReference, FidelityError, FidelitySums, compare, com
                        pad_id_of, token_windows)
 from .plan import PlanFile, SkipPlan, generation_warnings
 from .progress import Progress
-from .refine import SetEvaluator, canonical, middle_layers, oracle_static
+from .refine import SetEvaluator, canonical, middle_layers, oracle_static, substitute_cost_share
 
 EVAL_FORMAT = "skipprof-eval"
 EVAL_FORMAT_VERSION = 1
@@ -303,7 +303,10 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
             tick()
         flops = profile_cost or FlopModel.of(model)
         context = config.prompt_len + config.gen_len // 2
-        row["ideal_speedup"] = _r(flops.ideal_speedup(row["saved_share"], context=context))
+        # A linear substitute still costs FLOPs in each skipped call: the FFN FLOPs saved are net of them.
+        row["substitute_cost_share"] = _r(substitute_cost_share(model, active))
+        row["ffn_flops_saved_share"] = _r(row["saved_share"] * (1.0 - row["substitute_cost_share"]))
+        row["ideal_speedup"] = _r(flops.ideal_speedup(row["ffn_flops_saved_share"], context=context))
         if speed:
             row.update(_speed_row(model, data, plan, config, route))
             tick()

@@ -60,6 +60,7 @@ class FitSettings:
     warmup_tokens: int | None = None
     dense_every: int | None = None
     compensation: str = "none"
+    rank: int | None = None  # compensation linear: rank of the maps (None: full d x d)
     max_skip: int | None = None  # adaptive run length k; None: search 1..L-2
     tau_mode: str = "global"  # adaptive: "global" (one tau) or "per-layer" (each layer's quantile at one level q)
     cold_floor: float = 0.05
@@ -85,7 +86,7 @@ class FitSettings:
 
     @property
     def needs_model(self) -> bool:
-        """Refining, budgets and mean-output compensation measure plans on the model itself."""
+        """Refining and budgets measure plans on the model itself (and fit mean outputs and linear maps there)."""
         return self.refine or self.budget_fit
 
     def problems(self) -> list[str]:
@@ -132,6 +133,15 @@ class FitSettings:
         if self.compensation == "mean_output" and not self.needs_model:
             out.append("--compensation mean_output averages the FFN outputs on calibration text with the model: add "
                        "--refine (or fit to a quality budget)")
+        if self.compensation == "linear" and not self.needs_model:
+            out.append("--compensation linear fits maps on calibration text with the model and chooses the layers "
+                       "with them in place: add --refine (or fit to a quality budget)")
+        if self.compensation == "linear" and self.mode != "static":
+            out.append("--compensation linear fits static plans; drop --mode adaptive")
+        if self.rank is not None and self.compensation != "linear":
+            out.append("--rank applies to --compensation linear only")
+        if self.rank is not None and self.rank < 1:
+            out.append(f"--rank must be >= 1, got {self.rank}")
         if self.refine and self.mode == "adaptive" and (self.per_class or self.classes):
             out.append("--refine with --mode adaptive fits the global plan only; drop --per-class/--class")
         return out

@@ -141,12 +141,27 @@ def fit_plan(profile, settings, *, model=None, tokenizer=None, profile_ref: dict
                            "model= and tokenizer=")
         _check_same_model(profile, model)
     if settings.budget_fit:
-        return _fit_to_budget(profile, settings, model, tokenizer, profile_ref)
-    result = fit_plan_file(profile, settings, per_class=settings.per_class, classes=settings.classes,
-                           profile_ref=profile_ref)
-    if settings.refine:
-        result.warnings += _refine(result.plan_file, profile, settings, model, tokenizer)
+        result = _fit_to_budget(profile, settings, model, tokenizer, profile_ref)
+    else:
+        result = fit_plan_file(profile, settings, per_class=settings.per_class, classes=settings.classes,
+                               profile_ref=profile_ref)
+        if settings.refine:
+            result.warnings += _refine(result.plan_file, profile, settings, model, tokenizer)
+    if settings.compensation == "linear":
+        _note_substitute_cost(result.plan_file, model)
     return result
+
+
+def _note_substitute_cost(plan_file, model) -> None:
+    """Each linear plan's substitute FLOPs per skipped call (share of one FFN call) and the expected share of FFN
+    FLOPs it saves net of them, in `fit`."""
+    from .refine import substitute_cost_share
+
+    for plan in [plan_file.global_plan, *plan_file.classes.values()]:
+        share = substitute_cost_share(model, plan)
+        plan.fit["substitute_cost_share"] = float(f"{share:.6g}")
+        if plan.expected_skip_ratio is not None:
+            plan.fit["expected_ffn_flops_saved"] = float(f"{plan.expected_skip_ratio * (1 - share):.6g}")
 
 
 def _check_same_model(profile, model) -> None:
@@ -172,7 +187,8 @@ def _refine(plan_file, profile, settings, model, tokenizer) -> list[str]:
         references = calibration_references(model, tokenizer, settings.data, text_column=settings.text_column,
                                             class_column=settings.class_column)
         if plan_file.global_plan.mode == "static":
-            return list(refine_plan_file(model, tokenizer, plan_file, settings.data, references=references))
+            return list(refine_plan_file(model, tokenizer, plan_file, settings.data, references=references,
+                                         rank=settings.rank))
         plan = fit_adaptive_by_cost(model, profile, settings, references)
         plan.fit["static_alternative"] = alt = compare_with_static(model, plan, references)
     except (RefineError, ValueError) as e:
@@ -190,6 +206,7 @@ def _fit_to_budget(profile, settings, model, tokenizer, profile_ref):
     from .plan import SkipPlan
     from .fidelity import FidelityError
     from .refine import Budget, RefineError, calibration_references, fit_budget_plan
+    from .substitute import SubstituteError
 
     template = SkipPlan(mode="static", apply_to=settings.apply_to, warmup_tokens=settings.warmup_tokens,
                         dense_every=settings.dense_every, compensation=settings.compensation)
@@ -198,8 +215,8 @@ def _fit_to_budget(profile, settings, model, tokenizer, profile_ref):
         references = calibration_references(model, tokenizer, settings.data, text_column=settings.text_column,
                                             class_column=settings.class_column)
         plan = fit_budget_plan(model, tokenizer, template, budget, settings.data, references=references,
-                               gen_len=settings.gen_len)
-    except (RefineError, FidelityError) as e:
+                               gen_len=settings.gen_len, rank=settings.rank)
+    except (RefineError, FidelityError, SubstituteError) as e:
         raise FitError(str(e)) from None
     record = plan.fit["budget_fit"]
     note = (f"budget {record['budget']}: {len(plan.skip_layers)} layers, expected skip {plan.expected_skip_ratio:.3f}; "

@@ -469,13 +469,108 @@ def with_mean_outputs(model, plan: SkipPlan, references: Sequence[DenseReference
     return replace(plan, ffn_mean=ffn_output_means(model, references))
 
 
+# Statistics windows of linear substitutes: 24 documents per class after the search's own, 32-token prompt + 128
+# decode positions (~12 k positions on the bundled split). A d x d map has d + 1 unknowns per output: it needs far
+# more positions than a search measures sets on.
+SUBSTITUTE_DOCS_PER_CLASS, SUBSTITUTE_GEN_LEN = 24, 128
+
+
+def with_substitutes(model, tokenizer, plan: SkipPlan, data_spec: str | None, candidates: Sequence[int],
+                     rank: int | None = None, *, text_column: str | None = None,
+                     class_column: str | None = None) -> SkipPlan:
+    """`plan` with a linear substitute for every candidate layer when it asks for compensation linear (a search may
+    skip any of them), fitted on calibration windows the search does not measure on; `fit.substitutes` records how."""
+    if plan.compensation != "linear" or plan.linear is not None:
+        return plan
+    from .plan import LinearMaps
+    from .substitute import calibration_batches, fit_substitutes
+
+    started = time.perf_counter()
+    batches = calibration_batches(model, tokenizer, data_spec, skip_docs_per_class=SEARCH_DOCS_PER_CLASS,
+                                  docs_per_class=SUBSTITUTE_DOCS_PER_CLASS, prompt_len=SEARCH_PROMPT_LEN,
+                                  gen_len=SUBSTITUTE_GEN_LEN, text_column=text_column, class_column=class_column)
+    maps = fit_substitutes(model, batches, candidates, rank)
+    tensors = {k: v for layer, m in maps.items() for k, v in m.tensors(str(layer)).items()}
+    first = next(iter(maps.values())).record
+    fit = dict(plan.fit)
+    fit["substitutes"] = {
+        "rank": rank, "tokens": first["tokens"], "heldout_tokens": first["heldout_tokens"],
+        "data": {"spec": data_spec or "bundled calibration split", "prompt_len": SEARCH_PROMPT_LEN,
+                 "gen_len": SUBSTITUTE_GEN_LEN, "docs_per_class": SUBSTITUTE_DOCS_PER_CLASS,
+                 "after_search_docs": SEARCH_DOCS_PER_CLASS},
+        "seconds": _r(time.perf_counter() - started),
+        "layers": {int(l): {k: m.record[k] for k in ("lambda", "heldout_error", "heldout_error_mean",
+                                                      "sinks_left_out")} for l, m in maps.items()}}
+    return replace(plan, linear=LinearMaps(rank, tensors), fit=fit)
+
+
+ERROR_AWARE_MIN_GAIN = 0.01  # an error-aware refit is kept when it lowers the measured KL by at least 1 %
+
+
+def error_aware_substitutes(model, tokenizer, plan: SkipPlan, references: Sequence[DenseReference],
+                            data_spec: str | None = None, *, text_column: str | None = None,
+                            class_column: str | None = None) -> SkipPlan:
+    """Refit the maps of a static linear plan in layer order, each on the inputs the plan's earlier layers produce
+    with their (refitted) substitutes in place, and keep the refit when it measures at least ERROR_AWARE_MIN_GAIN
+    less KL on `references`. `fit.substitutes.error_aware` records both measurements and the choice."""
+    if plan.compensation != "linear" or plan.linear is None or plan.mode != "static" or len(plan.skip_layers) < 2:
+        return plan
+    from .plan import LinearMaps
+    from .substitute import calibration_batches, fit_substitutes
+
+    started = time.perf_counter()
+    rank = plan.linear.rank
+    batches = calibration_batches(model, tokenizer, data_spec, skip_docs_per_class=SEARCH_DOCS_PER_CLASS,
+                                  docs_per_class=SUBSTITUTE_DOCS_PER_CLASS, prompt_len=SEARCH_PROMPT_LEN,
+                                  gen_len=SUBSTITUTE_GEN_LEN, text_column=text_column, class_column=class_column)
+    layers = sorted(plan.skip_layers)
+    tensors = dict(plan.linear.tensors)
+    for i, layer in enumerate(layers[1:], start=1):  # the first skipped layer's inputs are the dense model's
+        earlier = replace(plan, skip_layers={l: plan.skip_layers[l] for l in layers[:i]},
+                          linear=LinearMaps(rank, tensors))
+        fitted = fit_substitutes(model, batches, [layer], rank, plan=earlier)[layer]
+        tensors.update(fitted.tensors(str(layer)))
+    refit = replace(plan, linear=LinearMaps(rank, tensors))
+    before, _ = measure_plan(model, references, plan)
+    after, _ = measure_plan(model, references, refit)
+    kl_before, kl_after = before.total_kl_mean(), after.total_kl_mean()
+    keep = kl_after < kl_before * (1 - ERROR_AWARE_MIN_GAIN)
+    chosen = refit if keep else plan
+    record = {"kl_independent": _r(kl_before), "kl_error_aware": _r(kl_after), "kept": bool(keep),
+              "min_gain": ERROR_AWARE_MIN_GAIN, "seconds": _r(time.perf_counter() - started)}
+    fit = dict(chosen.fit)
+    fit["substitutes"] = {**fit.get("substitutes", {}), "error_aware": record}
+    if keep and "refined_kl" in fit:
+        fit["refined_kl"] = _r(kl_after)
+    log.info("error-aware substitutes: KL %.4f -> %.4f (%s)", kl_before, kl_after, "kept" if keep else "not kept")
+    return replace(chosen, fit=fit)
+
+
+def substitute_cost_share(model, plan: SkipPlan) -> float:
+    """A plan's substitute FLOPs per skipped call as a share of one FFN call's FLOPs (0 without linear maps)."""
+    if plan.compensation != "linear" or plan.linear is None:
+        return 0.0
+    from .bench import token_flops
+
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd")
+    return plan.linear.flops_per_call(hidden) / token_flops(model)["ffn"]
+
+
 def keep_skipped_means(plan: SkipPlan) -> SkipPlan:
-    """Drop the mean outputs of layers the plan never skips (they only make the file longer)."""
-    if not plan.ffn_mean:
+    """Drop the mean outputs and linear maps of layers the plan never skips (they only make the files longer)."""
+    if not plan.ffn_mean and plan.linear is None:
         return plan
     num_layers = len(plan.tau) if plan.tau is not None else None
     skippable = (set(plan.skip_layers) if plan.mode == "static"
                  else set(range(plan.cold_start, (num_layers or 0) - plan.cold_end)))
+    if plan.linear is not None:
+        plan = replace(plan, linear=plan.linear.keep(skippable))
+        if "substitutes" in plan.fit:
+            record = dict(plan.fit["substitutes"])
+            record["layers"] = {l: v for l, v in record["layers"].items() if l in skippable}
+            plan.fit = {**plan.fit, "substitutes": record}
+    if not plan.ffn_mean:
+        return plan
     return replace(plan, ffn_mean={l: v for l, v in plan.ffn_mean.items() if l in skippable})
 
 
@@ -484,7 +579,7 @@ def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None
                   prompt_len: int = SEARCH_PROMPT_LEN, window: int = SEARCH_WINDOW,
                   docs_per_class: int | None = SEARCH_DOCS_PER_CLASS, max_rounds: int = 20,
                   greedy_start: bool = True, references: Sequence[DenseReference] | None = None,
-                  extra_starts: dict[str, Slots] | None = None) -> SkipPlan:
+                  extra_starts: dict[str, Slots] | None = None, rank: int | None = None) -> SkipPlan:
     """Return `plan` with its static skip set refined by measured KL to the dense model on calibration tokens.
 
     The fractions (hence the expected skip ratio) are kept; `fit.refined_kl` records the measured mean KL of the
@@ -502,8 +597,9 @@ def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None
         references = calibration_references(model, tokenizer, data_spec, prompt_len=prompt_len, window=window,
                                             docs_per_class=docs_per_class)
     plan = with_mean_outputs(model, plan, references)
-    evaluate = SetEvaluator(model, references, plan)
     cands = list(candidates) if candidates is not None else middle_layers(num_layers)
+    plan = with_substitutes(model, tokenizer, plan, data_spec, sorted(set(cands) | set(plan.skip_layers)), rank)
+    evaluate = SetEvaluator(model, references, plan)
     best, info = refine_slots(evaluate, canonical(plan.skip_layers.items()), cands, max_rounds, greedy_start,
                               extra_starts)
     info["data"] = {"spec": data_spec or "bundled calibration split", "prompt_len": prompt_len, "window": window,
@@ -511,14 +607,16 @@ def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None
     fit = dict(plan.fit)
     fit["refined_kl"] = info["refined_kl"]
     fit["refine"] = info
-    return keep_skipped_means(replace(plan, skip_layers=dict(best), fit=fit))
+    plan = keep_skipped_means(replace(plan, skip_layers=dict(best), fit=fit))
+    return error_aware_substitutes(model, tokenizer, plan, references, data_spec)
 
 
 
 def fit_budget_plan(model, tokenizer, template: SkipPlan, budget: Budget, data_spec: str | None = None, *,
                     references: Sequence[DenseReference] | None = None, candidates: Sequence[int] | None = None,
                     prompt_len: int = SEARCH_PROMPT_LEN, window: int = SEARCH_WINDOW,
-                    docs_per_class: int | None = SEARCH_DOCS_PER_CLASS, gen_len: int | None = None) -> SkipPlan:
+                    docs_per_class: int | None = SEARCH_DOCS_PER_CLASS, gen_len: int | None = None,
+                    rank: int | None = None) -> SkipPlan:
     """A static plan with the most FFN skips whose measured cost on calibration windows stays within `budget`
     (`fit_to_budget`); `template` gives the eligibility settings. The plan records the budget, the measured cost and
     the greedy path in `fit`, and its expected skip ratio."""
@@ -530,8 +628,9 @@ def fit_budget_plan(model, tokenizer, template: SkipPlan, budget: Budget, data_s
         references = calibration_references(model, tokenizer, data_spec, prompt_len=prompt_len, window=window,
                                             docs_per_class=docs_per_class)
     template = with_mean_outputs(model, template, references)
-    evaluate = SetEvaluator(model, references, replace(template, mode="static", skip_layers={}))
     cands = list(candidates) if candidates is not None else middle_layers(num_layers)
+    template = with_substitutes(model, tokenizer, template, data_spec, cands, rank)
+    evaluate = SetEvaluator(model, references, replace(template, mode="static", skip_layers={}))
     slots, record = fit_to_budget(evaluate, cands, budget)
     horizon = max(1, (gen_len or DEFAULT_HORIZON) - template.warmup_tokens)
     plan = replace(template, mode="static", skip_layers=dict(slots), tau=None, max_skip=0)
@@ -539,8 +638,9 @@ def fit_budget_plan(model, tokenizer, template: SkipPlan, budget: Budget, data_s
     record["data"] = {"spec": data_spec or "bundled calibration split", "prompt_len": prompt_len, "window": window,
                       "docs_per_class": docs_per_class, "tokens": sum(int(r.mask.sum()) for r in references)}
     plan.fit = {"method": "budget-greedy", **({"gen_len": gen_len} if gen_len else {}), "horizon": horizon,
-                "refined_kl": record["kl"], "budget_fit": record}
-    return keep_skipped_means(plan)
+                "refined_kl": record["kl"], "budget_fit": record,
+                **({"substitutes": template.fit["substitutes"]} if "substitutes" in template.fit else {})}
+    return keep_skipped_means(plan)  # not refitted error-aware: that could move the set across the budget
 
 
 ADAPTIVE_RUN_LENGTHS = (1, 2, 3, 4, 6, 8)  # k values measured by fit_adaptive_by_cost
@@ -611,7 +711,7 @@ def references_of_class(references: Sequence[DenseReference], cls: str) -> list[
 def refine_plan_file(model, tokenizer, plan_file, data_spec: str | None = None, *,
                      references: Sequence[DenseReference] | None = None, greedy_start: bool = True,
                      docs_per_class: int | None = SEARCH_DOCS_PER_CLASS, refine_global: bool = True,
-                     min_class_gain: float = 0.02) -> list[str]:
+                     min_class_gain: float = 0.02, rank: int | None = None) -> list[str]:
     """Refine the global static plan on all calibration windows and each static class plan on its own class's
     windows only (a class plan should be best for its class, not for the mix). Each class search also starts from
     the global plan's set, and a class keeps a set of its own only when it measures at least `min_class_gain`
@@ -622,7 +722,7 @@ def refine_plan_file(model, tokenizer, plan_file, data_spec: str | None = None, 
         references = calibration_references(model, tokenizer, data_spec, docs_per_class=docs_per_class)
     if refine_global:
         plan_file.global_plan = refine_static(model, tokenizer, plan_file.global_plan, data_spec,
-                                              references=references, greedy_start=greedy_start)
+                                              references=references, greedy_start=greedy_start, rank=rank)
     warnings = []
     global_plan = plan_file.global_plan
     global_start = ({"global_plan": canonical(global_plan.skip_layers.items())}
@@ -635,7 +735,7 @@ def refine_plan_file(model, tokenizer, plan_file, data_spec: str | None = None, 
             warnings.append(f"class {name!r}: no calibration windows of this class, its plan is not refined")
             continue
         refined = refine_static(model, tokenizer, plan, data_spec, references=own, greedy_start=greedy_start,
-                                extra_starts=global_start)
+                                extra_starts=global_start, rank=rank)
         refined.fit["refine"]["data"]["class"] = name
         if global_start and "global_plan" in refined.fit["refine"]["starts"]:
             global_kl = refined.fit["refine"]["starts"]["global_plan"]["kl"]

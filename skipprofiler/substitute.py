@@ -40,6 +40,11 @@ class SubstituteError(ValueError):
     """Linear substitutes cannot be fitted (no decode positions, unsupported architecture, bad rank)."""
 
 
+class _Collected(Exception):
+    """Raised after the last layer whose statistics are wanted: the rest of the forward (and the LM head) would
+    only cost time."""
+
+
 @dataclass
 class LinearStatistics:
     """Sufficient statistics of a least-squares map y ≈ x W + b over some positions (float64, on the host)."""
@@ -123,11 +128,6 @@ class FittedMap:
         return self.weight if self.weight is not None else self.down @ self.up
 
 
-def substitute_flops(hidden: int, rank: int | None) -> float:
-    """Multiply-add FLOPs of one map application per token: 2·d² (full), 2·(d·r + r·d) (rank r), plus the bias."""
-    return float(2 * hidden * hidden + hidden if rank is None else 4 * hidden * rank + hidden)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Statistics
 
@@ -182,19 +182,29 @@ def collect_statistics(model, batches: Sequence, layers: Sequence[int], *, plan=
             s.fit.add(t.ffn_input[keep & ~held], t.ffn_output[keep & ~held])
             s.heldout.add(t.ffn_input[held], t.ffn_output[held])
 
+        def stop(module, args, output):
+            raise _Collected
+
         rows_seen = 0
         with FFNCapture(model, on_layer, arch), torch.inference_mode():
-            for batch in batches:
-                rows = batch.input_ids.shape[0]
-                index = torch.arange(rows_seen, rows_seen + rows)
-                state["heldout"] = (index % validation_every) == validation_every - 1
-                state["mask"] = _decode_mask(batch)
-                rows_seen += rows
-                if plan is None:
-                    forward(batch)
-                else:
-                    with apply_plan(model, plan) as handle, handle.decode_from(batch.prompt_len):
-                        forward(batch)
+            stopper = arch.layers[max(wanted)].register_forward_hook(stop)  # after the capture's own hook
+            try:
+                for batch in batches:
+                    rows = batch.input_ids.shape[0]
+                    index = torch.arange(rows_seen, rows_seen + rows)
+                    state["heldout"] = (index % validation_every) == validation_every - 1
+                    state["mask"] = _decode_mask(batch)
+                    rows_seen += rows
+                    try:
+                        if plan is None:
+                            forward(batch)
+                        else:
+                            with apply_plan(model, plan) as handle, handle.decode_from(batch.prompt_len):
+                                forward(batch)
+                    except _Collected:
+                        pass
+            finally:
+                stopper.remove()
         out.update(stats)
     empty = [l for l, s in out.items() if s.fit.n == 0 or s.heldout.n == 0]
     if empty:

@@ -58,15 +58,16 @@ def parse_ratios(text: str, option: str) -> list[float]:
 
 COLUMNS = (
     ("decided", "realized skip ratio: FFN calls the plan's rule skipped / (decode positions after the warm-up x layers)"),
-    ("saved", "FFN rows really not computed (masked rows ran) / (every generated position x layers), warm-up "
-              "included: what the generation saves"),
+    ("saved", "share of the generation's FFN FLOPs not spent: skipped FFN calls / (every generated position x "
+              "layers), warm-up included, less what linear substitutes computed in their place"),
     ("KL", "mean per-token KL(dense || plan) on decode positions, teacher-forced"),
     ("ppl", "teacher-forced perplexity on decode positions; Δppl relative to dense"),
     ("top-1", "share of decode positions where plan and dense predict the same next token"),
     ("greedy", "share of greedy continuation tokens identical to dense"),
     ("1st div", "mean position of the first greedy token that differs from dense (= --greedy-new-tokens when none does)"),
     ("speedup", "decode tokens/s plan / dense (interleaved, median of --speed-repeats runs)"),
-    ("ideal", "the FLOP-count speedup of 'saved': what skipping those FFN calls could give at best"),
+    ("ideal", "the FLOP-count speedup of 'saved': what skipping those FFN calls (net of substitutes) could give at "
+              "best"),
     ("QA", "short-answer accuracy on the QA set (with --qa)"),
     ("kept", "QA accuracy / dense QA accuracy (with --qa)"),
 )
@@ -89,7 +90,8 @@ def print_table(result: dict) -> None:
     for row in result["plans"]:
         fmt = lambda v, f="{:.3f}": "–" if v is None else f.format(v)  # noqa: E731
         name = row["name"] + (" [!]" if row.get("warnings") else "")
-        table.add_row(escape(name), fmt(row["skip_ratio"]), fmt(row.get("saved_share")), fmt(row["kl_mean"], "{:.4f}"),
+        table.add_row(escape(name), fmt(row["skip_ratio"]),
+                      fmt(row.get("ffn_flops_saved_share", row.get("saved_share"))), fmt(row["kl_mean"], "{:.4f}"),
                       fmt(row["ppl"], "{:.2f}"), fmt(row["ppl_increase"], "{:+.1%}"), fmt(row["top1_agreement"]),
                       fmt(row.get("greedy_agreement")), fmt(row.get("first_divergence_mean"), "{:.1f}"),
                       fmt(row.get("speedup"), "{:.2f}×"), fmt(row.get("ideal_speedup"), "{:.2f}×"),

@@ -99,8 +99,14 @@ def export_plan(
     apply_to: Annotated[str, typer.Option(metavar="WHERE", help="decode (prompt stays dense) or all.")] = "decode",
     compensation: Annotated[str, typer.Option(
         metavar="KIND", help="none; norm_ratio (scale the skipped FFN's input by the calibrated mean norm gain, as "
-                             "AdaSkip); or mean_output (add the FFN's mean output on calibration decode tokens; "
-                             "measured, so it needs --refine or a quality budget).")] = "none",
+                             "AdaSkip); mean_output (add the FFN's mean output on calibration decode tokens); or "
+                             "linear (a ridge least-squares linear map of the FFN's input in its place, fitted in "
+                             "closed form on calibration decode tokens, layers chosen with the maps in place; "
+                             "written to a .safetensors file beside the plan). mean_output and linear are measured, "
+                             "so they need --refine or a quality budget.")] = "none",
+    rank: Annotated[Optional[int], typer.Option(
+        metavar="R", show_default=False,
+        help="With --compensation linear: maps of rank R (2·d·R FLOPs per skipped call instead of d²).")] = None,
     max_skip: Annotated[Optional[int], typer.Option(
         metavar="K", show_default=False,
         help="Adaptive run length k. Default: searched (the k whose skipped calls have the highest mean "
@@ -139,12 +145,16 @@ def export_plan(
     from .common import check_writable, load_model
 
     settings = FitSettings(target=target_skip, mode=mode, apply_to=apply_to, warmup_tokens=warmup_tokens,
-                           dense_every=dense_every, compensation=compensation, max_skip=max_skip, tau_mode=tau,
+                           dense_every=dense_every, compensation=compensation, rank=rank, max_skip=max_skip,
+                           tau_mode=tau,
                            cold_floor=cold_floor, min_class_tokens=min_class_tokens, seed=seed,
                            batch_decision=batch_decision, batch_size=batch_size, gen_len=gen_len,
                            per_class=per_class, classes=classes, max_ppl_increase=max_ppl_increase, max_kl=max_kl,
                            refine=refine, data=data, text_column=text_column, class_column=class_column)
     problems = settings.problems()
+    if compensation == "linear" and str(out) == "-":
+        problems.append("--compensation linear writes its maps to a .safetensors file beside the plan: give "
+                        "--out PATH, not '-'")
     if problems:
         raise CLIError("; ".join(problems))
     if str(out) != "-":

@@ -47,8 +47,33 @@ def plan_table(plan_file, title: str | None = None):
         if plan.fit.get("fallback"):
             ratio += " (global fallback)"
         table.add_row(name, plan.mode, describe_layers(plan), _batch(plan), str(plan.fit.get("gen_len") or "-"),
-                      str(plan.warmup_tokens), str(plan.dense_every or "-"), plan.compensation, ratio)
+                      str(plan.warmup_tokens), str(plan.dense_every or "-"), _compensation(plan), ratio)
     return table
+
+
+def _compensation(plan) -> str:
+    if plan.compensation != "linear" or plan.linear is None:
+        return plan.compensation
+    share = plan.fit.get("substitute_cost_share")
+    rank = "full rank" if plan.linear.rank is None else f"rank {plan.linear.rank}"
+    return f"linear ({rank}" + ("" if share is None else f", +{share:.1%} of an FFN per skip") + ")"
+
+
+def substitute_lines(plan_file) -> list[str]:
+    """Per plan with linear maps: the file, rank, layers and the FLOPs a skipped call still costs."""
+    hidden = (plan_file.model.get("fingerprint") or {}).get("hidden_size")
+    out = []
+    plans = [("global", plan_file.global_plan)] + [(f"class {n}", p) for n, p in sorted(plan_file.classes.items())]
+    for name, plan in plans:
+        linear = plan.linear
+        if plan.compensation != "linear" or linear is None:
+            continue
+        flops = f"{linear.flops_per_call(hidden):,.0f} FLOPs per skipped call and position" if hidden else ""
+        net = plan.fit.get("expected_ffn_flops_saved")
+        out.append(f"{name}: linear maps in {linear.file} (sha256 {str(linear.sha256)[:12]}...), "
+                   f"{'full rank' if linear.rank is None else f'rank {linear.rank}'}, layers {linear.layers}; "
+                   f"{flops}" + ("" if net is None else f"; expected FFN FLOPs saved net of the maps {net:.3f}"))
+    return out
 
 
 def _batch(plan) -> str:
@@ -100,6 +125,8 @@ def print_plan(plan_file, console, source: str) -> None:
     if isinstance(per_class, dict) and per_class:
         console.print("global plan's simulated skip ratio per class: "
                       + ", ".join(f"{k} {v:.3f}" for k, v in per_class.items()))
+    for line in substitute_lines(plan_file):
+        console.print(line, highlight=False)
     for warning in warmup_warnings(plan_file):
         console.print(f"[yellow]warning[/yellow]: {warning}", highlight=False)
     router = plan_file.router
@@ -115,7 +142,7 @@ def show(plan: Annotated[Path, typer.Argument(help="YAML plan file.", show_defau
     from rich.console import Console
 
     from ..plan import PlanError
-    from ..planio import dump_plan, plan_from_dict, read_plan_dict
+    from ..planio import dump_plan, load_linear_maps, plan_from_dict, read_plan_dict
 
     try:
         data, _ = read_plan_dict(plan)
@@ -123,6 +150,7 @@ def show(plan: Annotated[Path, typer.Argument(help="YAML plan file.", show_defau
         raise CLIError(str(e))
     try:
         plan_file = plan_from_dict(data)
+        load_linear_maps(plan_file, plan.parent)
     except PlanError as e:
         from .validate import print_problems
 

@@ -59,7 +59,7 @@ def validate(plan: Annotated[Path, typer.Argument(help="YAML plan file to check.
              ) -> None:
     """Check a plan file, reporting every problem at once."""
     from ..plan import PlanError
-    from ..planio import plan_from_dict, read_plan_dict
+    from ..planio import load_linear_maps, plan_from_dict, read_plan_dict
 
     try:
         data, source = read_plan_dict(plan)
@@ -69,6 +69,7 @@ def validate(plan: Annotated[Path, typer.Argument(help="YAML plan file to check.
     num_layers = fingerprint.get("num_layers") if fingerprint else None
     try:
         parsed = plan_from_dict(data, num_layers=num_layers, fingerprint=fingerprint)
+        load_linear_maps(parsed, plan.parent)  # present, unaltered (sha256), shapes and dtype for the model's width
     except PlanError as e:
         print_problems(source, e.problems)
         raise SystemExit(2)  # problems already printed; main() drops typer.Exit codes in non-standalone mode
@@ -77,6 +78,10 @@ def validate(plan: Annotated[Path, typer.Argument(help="YAML plan file to check.
         kinds += f", {len(parsed.classes)} class plans ({', '.join(sorted(parsed.classes))})"
     if parsed.router is not None:
         kinds += ", router"
+    if parsed.global_plan.linear is not None:
+        linear = parsed.global_plan.linear
+        kinds += (f", linear maps {linear.file} ({'full rank' if linear.rank is None else f'rank {linear.rank}'}, "
+                  f"{len(linear.layers)} layers, sha256 ok)")
     against = f" and fits {model}" if model is not None else ""
     print(f"ok: {source} is a valid plan v{parsed.version} for {parsed.model['name']}{against} ({kinds})")
 

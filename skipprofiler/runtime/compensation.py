@@ -75,6 +75,7 @@ class LinearSubstitute:
     def __init__(self, maps: LinearMaps, layer: int):
         self._arrays = maps.layer_tensors(layer)
         self._converted: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
+        self.flops_per_row = maps.flops_per_call(int(self._arrays["bias"].shape[0]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         key = (str(x.device), x.dtype)

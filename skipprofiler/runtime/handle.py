@@ -43,8 +43,8 @@ class SkipHandle:
         self._router = self._compensation = None
         self._positions = Positions()
         self._pad_offsets: list[int] | None = None
-        # decode positions, decided skips, FFN rows not computed, rows a linear substitute was computed for
-        self._totals: list[int | torch.Tensor] = [0, 0, 0, 0]
+        # decode positions, decided skips, FFN rows not computed, rows a linear substitute was computed for, its FLOPs
+        self._totals: list[int | float | torch.Tensor] = [0, 0, 0, 0, 0.0]
         self._removed = False
 
     # ---- public API ------------------------------------------------------------------------------------------------
@@ -84,17 +84,17 @@ class SkipHandle:
     def stats(self) -> dict[str, Any]:
         """Counts over decode positions after warm-up (real tokens). ``decided_skips``: FFN calls the plan's rule
         skipped; ``rows_not_computed``: FFN rows really not computed (masked rows run the FFN: they count 0);
-        ``substitute_rows``: rows a linear substitute map was computed for instead (every position of a skipped
-        call, warm-up and padding included: the work done)."""
-        positions, decided, saved, substituted = (int(t) for t in self._totals)  # device counts: read here, once
+        ``substitute_rows`` / ``substitute_flops``: rows a linear substitute map was computed for instead, and what
+        that cost (every position of a skipped call, padding included: the work done)."""
+        positions, decided, saved, substituted = (int(t) for t in self._totals[:4])  # device counts: read once
         calls = positions * self.arch.num_layers
         return {"decode_positions": positions, "num_layers": self.arch.num_layers,
                 "decided_skips": decided, "decided_skip_ratio": decided / calls if calls else 0.0,
                 "rows_not_computed": saved, "not_computed_ratio": saved / calls if calls else 0.0,
-                "substitute_rows": substituted}
+                "substitute_rows": substituted, "substitute_flops": float(self._totals[4])}
 
     def reset_stats(self) -> None:
-        self._totals = [0, 0, 0, 0]
+        self._totals = [0, 0, 0, 0, 0.0]
 
     def remove(self) -> None:
         """Undo everything apply_plan did (hooks, instance attributes); idempotent."""
@@ -263,7 +263,7 @@ class SkipHandle:
             return None
         decided = step.decided if step.adaptive is None else step.decided + step.adaptive.decided(step.real)
         # device counts are summed on the device: reading them would cost a host sync per forward on accelerators
-        counts = (step.counted, decided, step.not_computed(), step.substituted_rows)
+        counts = (step.counted, decided, step.not_computed(), step.substituted_rows, step.substitute_flops)
         self._totals = [total + c if isinstance(c, torch.Tensor) or c else total for total, c in zip(self._totals, counts)]
         self.step = None
         return None

@@ -65,6 +65,7 @@ class Step:
     mean_fill: dict[int, torch.Tensor] = field(default_factory=dict)  # mean_output: layer -> [H] or [P, H]
     linear_fill: dict[int, list] = field(default_factory=dict)  # linear: layer -> [(substitute, position mask | None)]
     substituted_rows: int = 0  # linear: rows a substitute map was computed for (padding included: it is work done)
+    substitute_flops: float = 0.0  # linear: FLOPs those map applications cost
     ffn_input_stream: dict[int, torch.Tensor] = field(default_factory=dict)  # norm_ratio: layer -> h [P, H]
     contribution: dict[int, torch.Tensor] = field(default_factory=dict)  # adaptive: layer -> [P, H]
     cos_layers: frozenset[int] = frozenset()  # adaptive: layers whose cos may start a run in this forward

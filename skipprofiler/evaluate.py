@@ -57,6 +57,7 @@ class EvalConfig:
     search_gen_len: int = 96  # decode positions of those documents during the search (all of them are measured)
     search_shortlist: int = 6  # swap candidates per slot in the search reference (export-plan --refine uses 4)
     seed: int = 0
+    calibration_data: str | None = None  # where baselines that fit something (ReplaceMe) fit it; None: bundled split
     qa: bool = False  # knowledge retention: short factual answers, plan vs dense (skipprofiler.qa)
     qa_file: str | None = None  # None: the bundled question set
     qa_new_tokens: int = 16
@@ -170,14 +171,18 @@ def prepare_qa(model, tokenizer, config: EvalConfig, log=None, progress: Progres
 
 
 def qa_fields(model, data: EvalData, config: EvalConfig, plan=None, by_router: bool = False,
-              strict: bool = True, dropped_layers: Sequence[int] | None = None) -> dict[str, Any]:
+              strict: bool = True, dropped_layers: Sequence[int] | None = None, decode_hooks=None) -> dict[str, Any]:
     """QA accuracy and retention of one row. A plan continues from the shared dense prompt passes (it skips
-    generated tokens only); routed class plans and dropped layers change the prompt pass, so they run it again."""
+    generated tokens only), as do `decode_hooks` (a context manager changing decode forwards only); routed class
+    plans and dropped layers change the prompt pass, so they run it again."""
     from .qa import decode_prefilled, generate_answers, retention, score
     from .runtime import apply_plan
 
     qa = data.qa
-    if dropped_layers is not None:
+    if decode_hooks is not None:
+        with decode_hooks:
+            answers = decode_prefilled(model, qa.tokenizer, qa.prefills, len(qa.prompts), qa.new_tokens)
+    elif dropped_layers is not None:
         with DroppedLayers(model, dropped_layers):
             answers = generate_answers(model, qa.tokenizer, qa.prompts, qa.new_tokens, config.batch_size)
     elif by_router:
@@ -307,6 +312,7 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
         row["substitute_cost_share"] = _r(substitute_cost_share(model, active))
         row["ffn_flops_saved_share"] = _r(row["saved_share"] * (1.0 - row["substitute_cost_share"]))
         row["ideal_speedup"] = _r(flops.ideal_speedup(row["ffn_flops_saved_share"], context=context))
+        row["decode_flops_saved_share"] = _r(1 - 1 / row["ideal_speedup"])
         if speed:
             row.update(_speed_row(model, data, plan, config, route))
             tick()
@@ -484,26 +490,46 @@ class DroppedLayers:
 
 
 def evaluate_layer_drop(model, data: EvalData, layers: Sequence[int], name: str, config: EvalConfig) -> dict[str, Any]:
-    sums = FidelitySums()
+    num_layers = model_num_layers(model)
     forward = model_forward(model)
+    row = _hooked_row(model, data, name, config, DroppedLayers(model, layers), lambda ref: forward(ref.batch),
+                      family="ShortGPT layer drop", mode="layer_drop", layers=sorted(layers),
+                      qa_dropped_layers=layers)
+    row["skip_ratio"] = _r(len(layers) / num_layers)
+    row["saved_share"] = row["skip_ratio"]
+    flops = FlopModel.of(model)
+    context = config.prompt_len + config.gen_len // 2
+    dense = flops.per_token(num_layers, context)
+    kept = num_layers - len(layers)
+    remaining = flops.lm_head + kept / num_layers * (dense - flops.lm_head)  # attention and FFN both dropped
+    row["ideal_speedup"] = _r(dense / remaining)
+    row["decode_flops_saved_share"] = _r(1 - remaining / dense)
+    row["note"] = "ShortGPT-style: whole decoder layers dropped (attention too, on prompt and decode positions)"
+    return row
+
+
+def _hooked_row(model, data: EvalData, name: str, config: EvalConfig, hooks, teacher_forced, *, family: str,
+                mode: str, layers: list[int], qa_dropped_layers: Sequence[int] | None = None,
+                qa_prefilled: bool = False) -> dict[str, Any]:
+    """A baseline that changes the model with hooks (not a skip plan): teacher-forced fidelity with
+    `teacher_forced(reference) -> logits`, greedy agreement and QA with `hooks` (a context manager) in place. QA:
+    `qa_dropped_layers` reruns the prompts with those layers dropped; `qa_prefilled` continues the shared dense
+    prompt passes (hooks that act on decode positions only)."""
+    sums = FidelitySums()
     produced: list[list[int]] = []
     steps = len(data.references) + len(data.prompts) + (data.qa is not None)
-    with data.progress.stage(name, steps) as tick, DroppedLayers(model, layers), torch.inference_mode():
+    with data.progress.stage(name, steps) as tick, hooks, torch.inference_mode():
         for ref in data.references:
             try:
-                compare(ref, forward(ref.batch), sums)
+                compare(ref, teacher_forced(ref), sums)
             except FidelityError as e:
                 raise EvalError(f"{name}: {e}") from None
             tick()
         for prompt in data.prompts:
             produced += greedy_tokens(model, [prompt], len(data.dense_greedy[0]))
             tick()
-    num_layers = model_num_layers(model)
-    row = {"name": name, "kind": "baseline", "family": "ShortGPT layer drop", "mode": "layer_drop",
-           "layers": sorted(layers)}
+    row = {"name": name, "kind": "baseline", "family": family, "mode": mode, "layers": layers}
     row.update(summarize(sums, data.classes, name))
-    row["skip_ratio"] = _r(len(layers) / num_layers)
-    row["saved_share"] = row["skip_ratio"]
     row["gen_len"] = config.gen_len
     row["warnings"] = []
     row["expected_skip_ratio"] = None
@@ -511,17 +537,13 @@ def evaluate_layer_drop(model, data: EvalData, layers: Sequence[int], name: str,
         cmp = compare_greedy(data.dense_greedy, produced)
         row.update({"greedy_agreement": _r(cmp.agreement), "first_divergence_mean": _r(cmp.first_divergence_mean),
                     "greedy_identical": _r(cmp.identical)})
-    flops = FlopModel.of(model)
-    context = config.prompt_len + config.gen_len // 2
-    dense = flops.per_token(num_layers, context)
-    kept = num_layers - len(layers)
-    remaining = flops.lm_head + kept / num_layers * (dense - flops.lm_head)  # attention and FFN both dropped
-    row["ideal_speedup"] = _r(dense / remaining)
     row["speedup"] = None
     if data.qa is not None:
         with data.progress.stage(f"{name}: QA", 1):
-            row.update(qa_fields(model, data, config, dropped_layers=layers))
-    row["note"] = "ShortGPT-style: whole decoder layers dropped (attention too, on prompt and decode positions)"
+            if qa_prefilled:
+                row.update(qa_fields(model, data, config, decode_hooks=hooks))
+            else:
+                row.update(qa_fields(model, data, config, dropped_layers=qa_dropped_layers))
     return row
 
 
@@ -535,7 +557,8 @@ def layer_ranking_from_profile(profile, num_layers: int) -> list[int]:
 
 
 def baseline_rows(model, data: EvalData, reference: SkipPlan, realized: float, config: EvalConfig,
-                  profile=None, label: str = "") -> list[dict[str, Any]]:
+                  profile=None, label: str = "", *, tokenizer=None,
+                  reference_row: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Baselines at the reference plan's realized skip ratio (see docs/eval-schema.md for each definition)."""
     num_layers = model_num_layers(model)
     budget = realized * num_layers
@@ -570,7 +593,53 @@ def baseline_rows(model, data: EvalData, reference: SkipPlan, realized: float, c
     row = evaluate_layer_drop(model, data, order, f"ShortGPT layer drop ({drop_count} layers){suffix}", config)
     row["block_influence"] = [_r(x) for x in influence]
     rows.append(row)
+    if tokenizer is not None and reference_row is not None:
+        rows.append(replaceme_row(model, tokenizer, data, reference_row, config, suffix))
     return rows
+
+
+def replaceme_row(model, tokenizer, data: EvalData, reference_row: dict[str, Any], config: EvalConfig,
+                  suffix: str = "") -> dict[str, Any]:
+    """ReplaceMe-style baseline (skipprofiler.replaceme) with as many whole blocks replaced as save about the FLOPs
+    per decode token that `reference_row` saves (net of its substitutes), fitted on calibration windows."""
+    from .refine import SEARCH_DOCS_PER_CLASS, SEARCH_PROMPT_LEN, SUBSTITUTE_DOCS_PER_CLASS, SUBSTITUTE_GEN_LEN
+    from .replaceme import ReplacedBlocks, fit_block_replacement
+    from .substitute import calibration_batches
+
+    flops = FlopModel.of(model)
+    context = config.prompt_len + config.gen_len // 2
+    num_layers = model_num_layers(model)
+    dense = flops.per_token(num_layers, context)
+    saved = dense * reference_row["decode_flops_saved_share"]
+    f = flops.flops
+    block = f["attn_proj"] + f["attn_per_position"] * context + f["ffn"]
+    hidden = getattr(model.config, "hidden_size", None) or model.config.n_embd
+    map_flops = 2 * hidden * hidden + hidden
+    count = max(1, min(num_layers - 2, round((saved + map_flops) / block)))
+    with data.progress.stage(f"ReplaceMe-style: fitting {count} blocks{suffix}", 1):
+        batches = calibration_batches(model, tokenizer, config.calibration_data,
+                                      skip_docs_per_class=SEARCH_DOCS_PER_CLASS,
+                                      docs_per_class=SUBSTITUTE_DOCS_PER_CLASS, prompt_len=SEARCH_PROMPT_LEN,
+                                      gen_len=SUBSTITUTE_GEN_LEN)
+        replacement = fit_block_replacement(model, batches, count)
+    replaced = ReplacedBlocks(model, replacement)
+    name = f"ReplaceMe-style: blocks {replacement.start}-{replacement.start + count - 1} -> linear map{suffix}"
+
+    def teacher_forced(ref):
+        with replaced.decode_from(ref.batch.prompt_len):
+            return model_forward(model)(ref.batch)
+
+    row = _hooked_row(model, data, name, config, replaced, teacher_forced, family="ReplaceMe-style linear blocks",
+                      mode="block_replacement", layers=replacement.layers, qa_prefilled=True)
+    row["ideal_speedup"] = _r(dense / (dense - count * block + map_flops))
+    row["decode_flops_saved_share"] = _r(1 - 1 / row["ideal_speedup"])
+    row["skip_ratio"] = row["saved_share"] = _r(count / num_layers)
+    row["fit"] = {"start": replacement.start, "count": count, **replacement.map.record,
+                  "cosine_distance": [_r(x) for x in replacement.cosine_distance]}
+    row["note"] = ("ReplaceMe-style (training-free): a contiguous run of whole decoder blocks (attention and FFN) "
+                   "replaced by one ridge least-squares linear map at decode positions, the run chosen by input/output "
+                   "cosine distance; as many blocks as save the reference plan's decode FLOPs")
+    return row
 
 
 def _paper_adaptive_row(model, data: EvalData, realized: float, config: EvalConfig, suffix: str) -> dict[str, Any]:
@@ -727,7 +796,8 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
             raise EvalError(f"{plans[0][0]} skipped nothing on the held-out data; baselines need a ratio > 0")
         if config.baselines:
             log(f"baselines at realized skip ratio {realized:.3f}")
-            rows += baseline_rows(model, data, reference, realized, config, profile)
+            rows += baseline_rows(model, data, reference, realized, config, profile, tokenizer=tokenizer,
+                                  reference_row=rows[0])
         small = model_num_layers(model) <= config.oracle_max_layers
         want_oracle = config.oracle if config.oracle is not None else small
         if want_oracle:

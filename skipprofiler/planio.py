@@ -1,7 +1,8 @@
 """Plan files v1 on disk: canonical YAML load/dump, validation that reports every problem, the JSON schema.
 
 The format is documented in docs/plan-format.md; `skipprofiler/schema/plan-v1.json` describes the same shape for
-editors and other tools. This module imports only the standard library and yaml (the runtime loads plans with it).
+editors and other tools. This module imports only the standard library and yaml (the runtime loads plans with it),
+and safetensors for the maps of `compensation: linear`.
 
 Canonical YAML (what `dump_plan` writes): fixed key order, plan keys that equal the file's `defaults` left out, a
 single `tau` written as one number, floats in Python's shortest round-trip repr, lists of scalars in flow style, free-form

@@ -228,3 +228,45 @@ def test_linear_maps_are_checked_against_the_model_and_the_skipped_layers(tmp_pa
     text = "; ".join(e.value.problems)
     assert "no map for skipped layers [2]" in text and "weight has shape" in text
     assert untouched(model)
+
+
+@pytest.mark.parametrize("client", ["padded_batch", "beam", "static_cache", "no_cache", "prompt_lookup"])
+def test_linear_plans_in_generate_clients_match_the_reference(client):
+    from test_runtime import generate, left_padded
+
+    model = tiny_model("llama", num_layers=4)
+    maps = random_maps(model, [1, 2])
+    plan = plan_file(model, static([1, 2], compensation="linear", linear=maps))
+    if client == "padded_batch":
+        ids, mask = left_padded()
+    else:
+        ids, mask = torch.tensor([[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]]), None
+    kw = {"padded_batch": {}, "beam": {"num_beams": 3}, "static_cache": {"cache_implementation": "static"},
+          "no_cache": {"use_cache": False}, "prompt_lookup": {"prompt_lookup_num_tokens": 3}}[client]
+    reference = LinearReference(model, {1, 2}, maps)
+    expected = generate(model, ids, 6, mask)[0]  # a plain cached greedy run with the hook reference
+    reference.remove()
+    with apply_plan(model, plan) as handle:
+        seq = generate(model, ids, 6, mask, **kw)[0]
+        stats = handle.stats()
+    if client != "beam":  # beam search explores other sequences; it must still run the substitutes
+        assert torch.equal(seq, expected)
+    assert stats["substitute_rows"] > 0 and stats["substitute_flops"] == stats["substitute_rows"] * (
+        2 * 32 * 32 + 32)
+    assert untouched(model)
+
+
+def test_linear_decode_step_compiles_to_one_graph_without_breaks():
+    from test_runtime import DynamicCache, cache_kwargs
+
+    model = tiny_model("llama", num_layers=4)
+    ids = torch.randint(2, 90, (1, 5))
+    plan = plan_file(model, static([1, 2], compensation="linear", linear=random_maps(model, [1, 2], rank=4)))
+    with apply_plan(model, plan):
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
+            explained = torch._dynamo.explain(model)(input_ids=ids[:, :1], **cache_kwargs(model, cache),
+                                                     use_cache=True)
+    torch._dynamo.reset()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0

@@ -177,15 +177,24 @@ def _check_same_model(profile, model) -> None:
 def _refine(plan_file, profile, settings, model, tokenizer) -> list[str]:
     """Choose by measured KL on calibration windows (skipprofiler.refine), recorded in each plan's `fit`.
 
-    static: refine the layer sets, the global plan on all windows and each class plan on its own class's windows.
+    static: refine the layer sets, the global plan on all windows and each class plan on its own class's windows;
+    with compensation linear, class plans keep the global set and get maps fitted on their class's windows.
     adaptive (global plan): measure a grid of run lengths and dense-every, keep the cheapest at the target, and
     compare it with the refined static plan at the same ratio; a warning says so when static measures less KL."""
     from .fit import FitError
-    from .refine import RefineError, calibration_references, compare_with_static, fit_adaptive_by_cost, refine_plan_file
+    from .refine import (RefineError, calibration_references, class_substitutes, compare_with_static,
+                         fit_adaptive_by_cost, refine_plan_file)
 
     try:
         references = calibration_references(model, tokenizer, settings.data, text_column=settings.text_column,
                                             class_column=settings.class_column)
+        if plan_file.global_plan.mode == "static" and settings.compensation == "linear" and plan_file.classes:
+            classes, plan_file.classes = plan_file.classes, {}  # the global set first, then class maps on it
+            refine_plan_file(model, tokenizer, plan_file, settings.data, references=references, rank=settings.rank)
+            plan_file.classes = classes
+            class_substitutes(model, tokenizer, plan_file, settings.data, text_column=settings.text_column,
+                              class_column=settings.class_column)
+            return []
         if plan_file.global_plan.mode == "static":
             return list(refine_plan_file(model, tokenizer, plan_file, settings.data, references=references,
                                          rank=settings.rank))

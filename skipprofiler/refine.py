@@ -546,6 +546,36 @@ def error_aware_substitutes(model, tokenizer, plan: SkipPlan, references: Sequen
     return replace(chosen, fit=fit)
 
 
+def class_substitutes(model, tokenizer, plan_file, data_spec: str | None = None, *, text_column: str | None = None,
+                      class_column: str | None = None) -> None:
+    """Per-class maps on the global layer set: each class plan becomes the global plan with maps fitted on that
+    class's calibration windows only (as many positions per class as the global maps had in all), so a router can
+    send a prompt to the maps of its kind of text. Class layer *sets* are not searched: with a few documents per
+    class they overfit (docs/results.md)."""
+    from .plan import LinearMaps
+    from .substitute import calibration_batches, fit_substitutes
+
+    glob = plan_file.global_plan
+    classes = sorted(plan_file.classes)
+    for name in classes:
+        started = time.perf_counter()
+        batches = calibration_batches(model, tokenizer, data_spec, skip_docs_per_class=SEARCH_DOCS_PER_CLASS,
+                                      docs_per_class=SUBSTITUTE_DOCS_PER_CLASS * len(classes),
+                                      prompt_len=SEARCH_PROMPT_LEN, gen_len=SUBSTITUTE_GEN_LEN,
+                                      text_column=text_column, class_column=class_column, only_class=name)
+        maps = fit_substitutes(model, batches, sorted(glob.skip_layers), glob.linear.rank)
+        tensors = {k: v for layer, m in maps.items() for k, v in m.tensors(str(layer)).items()}
+        first = next(iter(maps.values())).record
+        fit = {k: v for k, v in glob.fit.items() if k not in ("refine", "substitutes")}
+        fit["substitutes"] = {"class": name, "rank": glob.linear.rank, "tokens": first["tokens"],
+                              "seconds": _r(time.perf_counter() - started),
+                              "layers": {int(l): {k: m.record[k] for k in ("lambda", "heldout_error",
+                                                                            "heldout_error_mean")}
+                                         for l, m in maps.items()}}
+        fit["class_maps_on_global_set"] = True
+        plan_file.classes[name] = replace(glob, linear=LinearMaps(glob.linear.rank, tensors), fit=fit)
+
+
 def substitute_cost_share(model, plan: SkipPlan) -> float:
     """A plan's substitute FLOPs per skipped call as a share of one FFN call's FLOPs (0 without linear maps)."""
     if plan.compensation != "linear" or plan.linear is None:

@@ -284,12 +284,17 @@ def _r(x: float) -> float:
 
 def calibration_batches(model, tokenizer, data_spec: str | None, *, skip_docs_per_class: int, docs_per_class: int,
                         prompt_len: int, gen_len: int, batch_size: int = 16, text_column: str | None = None,
-                        class_column: str | None = None) -> list:
+                        class_column: str | None = None, only_class: str | None = None) -> list:
     """Token batches of calibration windows (prompt_len + gen_len tokens) for statistics, per class, leaving out each
-    class's first `skip_docs_per_class` documents (the windows a layer search measures its sets on)."""
+    class's first `skip_docs_per_class` documents (the windows a layer search measures its sets on); `only_class`:
+    that class's documents only."""
     from .fidelity import load_documents, make_batches, pad_id_of, token_windows
 
     docs = load_documents(data_spec, split="calibration", text_column=text_column, class_column=class_column)
+    if only_class is not None:
+        docs = [doc for doc in docs if doc.cls == only_class]
+        if not docs:
+            raise SubstituteError(f"no calibration document of class {only_class!r}")
     seen: dict[str, int] = {}
     rest = []
     for doc in docs:

@@ -270,3 +270,54 @@ def test_linear_decode_step_compiles_to_one_graph_without_breaks():
                                                      use_cache=True)
     torch._dynamo.reset()
     assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+def test_class_maps_keep_the_global_set_and_fit_each_class_on_its_own_windows(tmp_path):
+    from conftest import word_tokenizer, write_jsonl
+
+    from skipprofiler.refine import class_substitutes
+
+    g = torch.Generator().manual_seed(9)
+    records = [{"text": " ".join(f"w{int(t)}" for t in torch.randint(4 + 40 * c, 44 + 40 * c, (60,), generator=g)),
+                "class": cls} for c, cls in enumerate(("low", "high")) for _ in range(12)]
+    data = write_jsonl(tmp_path / "cal.jsonl", records)
+    model, tokenizer = tiny_model("llama", num_layers=4), word_tokenizer()
+    glob = static([1, 2], compensation="linear", linear=random_maps(model, [1, 2]))
+    plans = plan_file(model, glob, classes={"low": glob, "high": glob})
+    class_substitutes(model, tokenizer, plans, str(data))
+    low, high = plans.classes["low"], plans.classes["high"]
+    assert low.skip_layers == high.skip_layers == glob.skip_layers
+    assert low.fit["substitutes"]["class"] == "low" and low.fit["substitutes"]["tokens"] > 0
+    assert not np.array_equal(low.linear.tensors["1.weight"], high.linear.tensors["1.weight"])
+    path = save_plan(plans, tmp_path / "pc.yaml")  # one weights file holds every plan's maps
+    loaded = load_plan(path)
+    assert np.array_equal(loaded.classes["high"].linear.tensors["2.bias"], high.linear.tensors["2.bias"])
+    ids = torch.randint(44, 84, (2, 5))
+    with apply_plan(model, loaded, prompt_class="high"):
+        high_logits, _ = greedy_loop(model, ids, 3)
+    with apply_plan(model, loaded, prompt_class="low"):
+        low_logits, _ = greedy_loop(model, ids, 3)
+    assert (high_logits - low_logits).abs().max() > 1e-4  # each class runs its own maps
+
+
+def test_a_batch_routed_to_two_classes_runs_each_rows_own_maps():
+    from test_runtime import pooled
+
+    from skipprofiler.plan import Router
+
+    model = tiny_model("llama", num_layers=4)
+    a, b = torch.randint(2, 40, (1, 6)), torch.randint(50, 90, (1, 6))
+    router = Router(layer=1, classes=["code", "fiction"],
+                    centroids=[pooled(model, a, 1)[0].tolist(), pooled(model, b, 1)[0].tolist()])
+    code = static([2], compensation="linear", linear=random_maps(model, [2], seed=1))
+    fiction = static([2], compensation="linear", linear=random_maps(model, [2], seed=2))
+    pf = plan_file(model, static([]), classes={"code": code, "fiction": fiction}, router=router)
+    batch = torch.cat([a, b, a])
+    with apply_plan(model, pf, prompt_class="auto") as handle:
+        logits, tokens = greedy_loop(model, batch, 5)
+        assert handle.chosen_classes == ["code", "fiction", "code"]
+    for row, cls in ((0, "code"), (1, "fiction")):
+        with apply_plan(model, pf, prompt_class=cls):
+            row_logits, row_tokens = greedy_loop(model, batch[row:row + 1], 5)
+        assert torch.equal(tokens[row:row + 1], row_tokens)
+        torch.testing.assert_close(logits[:, row:row + 1], row_logits, rtol=0, atol=1e-5)

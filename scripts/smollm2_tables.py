@@ -1,6 +1,7 @@
 """Write the SmolLM2 section of docs/results.md from the eval JSON files scripts/smollm2_results.sh produces.
 
     python scripts/smollm2_tables.py            # rewrites the part between the smollm2 markers in docs/results.md
+                                                # and draws docs/results/smollm2_quality_vs_flops.png
     python scripts/smollm2_tables.py --readme   # prints the README's SmolLM2 table
 
 Every figure comes from docs/results/smollm2-eval-*.json and the shipped plans' fit records; nothing is typed in.
@@ -20,7 +21,12 @@ from skipprofiler.planio import load_plan  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- smollm2:begin -->", "<!-- smollm2:end -->"
-RUNS = (("10", "Target 10 % (baselines and search reference at the static plan's ratio)"),
+RUNS = (("linear-10", "Linear substitutes at 10 %: none / mean output / linear, quality budgets, and the baselines at "
+                      "the linear plan's ratio (ReplaceMe-style at its decode FLOPs)"),
+        ("linear-25", "Linear substitutes at 25 %: none / mean output / linear (full and rank 128), and the baselines at "
+                      "the linear plan's ratio (ReplaceMe-style at its decode FLOPs)"),
+        ("linear-perclass", "Per-class linear maps on the global layer set at 25 %, routed by the plan's router"),
+        ("10", "Target 10 % (baselines and search reference at the static plan's ratio)"),
         ("25", "Target 25 % (baselines and search reference at the static plan's ratio)"),
         ("more", "Adaptive and per-class at 25 %, and 35 %"),
         ("perclass", "Per-class plans fitted by measured cost at 25 %: the global plan, the class plans routed by the "
@@ -39,6 +45,68 @@ def qa_figure(row: dict, key: str):
     return None if "routed by label" in row["name"] else row.get(key)
 
 
+def decode_saved(row: dict) -> float | None:
+    """Share of per-token decode FLOPs saved (rows written before the field existed: from their ideal speedup)."""
+    if row.get("decode_flops_saved_share") is not None:
+        return row["decode_flops_saved_share"]
+    return None if row.get("ideal_speedup") is None else 1 - 1 / row["ideal_speedup"]
+
+
+SERIES = (  # (label, how a row is recognised, style) for the quality-vs-FLOPs figure
+    ("FFN skipped outright (refined static)", lambda r: r["name"].startswith("smollm2-static-")
+     and "mean" not in r["name"], dict(color="tab:blue", marker="o")),
+    ("mean output in its place", lambda r: r["name"].startswith("smollm2-static-mean-"),
+     dict(color="tab:cyan", marker="s")),
+    ("linear map in its place", lambda r: r["name"].startswith("smollm2-linear-") and "r128" not in r["name"],
+     dict(color="tab:red", marker="D", linewidth=2.2)),
+    ("linear map, rank 128", lambda r: r["name"].startswith("smollm2-linear-r128"), dict(color="tab:orange",
+                                                                                         marker="d")),
+    ("linear, quality budget +10 %", lambda r: r["name"].startswith("smollm2-budget-linear"),
+     dict(color="tab:red", marker="*", markersize=12, linestyle="none")),
+    ("ReplaceMe-style linear blocks", lambda r: r.get("family") == "ReplaceMe-style linear blocks",
+     dict(color="tab:purple", marker="^")),
+    ("ShortGPT layer drop", lambda r: r.get("family") == "ShortGPT layer drop", dict(color="tab:gray", marker="v")),
+    ("random FFNs", lambda r: r["name"].startswith("random FFN"), dict(color="tab:olive", marker="x")),
+    ("FFN-SkipLLM paper defaults", lambda r: r.get("family") == "FFN-SkipLLM paper defaults",
+     dict(color="tab:brown", marker="P")),
+)
+
+
+def figure(path: Path) -> None:
+    """KL, perplexity increase and QA retention against the share of decode FLOPs saved, from the linear runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for run in ("linear-10", "linear-25"):
+        file = ROOT / "docs" / "results" / f"smollm2-eval-{run}.json"
+        if file.exists():
+            rows += json.loads(file.read_text())["plans"]
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    panels = (("kl_mean", "KL(dense ‖ plan), nats", False), ("ppl_increase", "perplexity increase", True),
+              ("qa_retention", "QA retention (plan ÷ dense accuracy)", True))
+    for ax, (key, label, percent) in zip(axes, panels):
+        for name, match, style in SERIES:
+            points = sorted((decode_saved(r), r[key]) for r in rows if match(r) and r.get(key) is not None
+                            and decode_saved(r) is not None)
+            if points:
+                ax.plot([100 * x for x, _ in points], [100 * y if percent else y for _, y in points], label=name,
+                        **style)
+        ax.set_xlabel("decode FLOPs saved per token (%)")
+        ax.set_ylabel(label + (" (%)" if percent else ""))
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[2].legend(fontsize=8, loc="lower left")
+    fig.suptitle("SmolLM2-135M-Instruct, held-out split (64-token prompts, 256 generated positions), bundled QA set")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def table(result: dict) -> list[str]:
     dense = result["dense"]
     qa = dense.get("qa") or {}
@@ -46,13 +114,14 @@ def table(result: dict) -> list[str]:
              f"({qa.get('n_correct', '–')}/{qa.get('n_questions', '–')}). {result['data']['prompt_len']}-token prompts, "
              f"{result['data']['gen_len']} generated positions per document, {result['data']['documents']} documents.",
              "",
-             "| row | realized skip | saved | KL(dense‖plan) | ppl (Δ) | top-1 | greedy agr. | QA acc. | QA retention "
-             "| kept of dense-correct |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| row | realized skip | FFN FLOPs saved | decode FLOPs saved | KL(dense‖plan) | ppl (Δ) | top-1 "
+             "| greedy agr. | QA acc. | QA retention | kept of dense-correct |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["plans"]:
         name = row["name"] + (" ⚠" if row.get("warnings") else "")
         lines.append(
-            f"| {name} | {fmt(row['skip_ratio'])} | {fmt(row.get('saved_share'))} | {fmt(row['kl_mean'], '{:.4f}')} "
+            f"| {name} | {fmt(row['skip_ratio'])} | {fmt(row.get('ffn_flops_saved_share', row.get('saved_share')))} "
+            f"| {fmt(decode_saved(row))} | {fmt(row['kl_mean'], '{:.4f}')} "
             f"| {row['ppl']:.2f} ({row['ppl_increase']:+.1%}) | {fmt(row['top1_agreement'])} "
             f"| {fmt(row.get('greedy_agreement'))} | {fmt(qa_figure(row, 'qa_accuracy'))} "
             f"| {fmt(qa_figure(row, 'qa_retention'), '{:.1%}')} | {fmt(qa_figure(row, 'qa_retention_on_dense_correct'), '{:.1%}')} |")
@@ -150,6 +219,7 @@ def main() -> None:
         if path.exists():
             body += ["", f"### {title}", ""] + table(json.loads(path.read_text()))
     body += budget_lines() + fit_lines()
+    figure(ROOT / "docs" / "results" / "smollm2_quality_vs_flops.png")
     text = RESULTS.read_text()
     section = BEGIN + "\n" + "\n".join(body) + "\n" + END
     if BEGIN in text and END in text:

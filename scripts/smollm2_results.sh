@@ -53,9 +53,9 @@ for stage in "${STAGES[@]}"; do
           --model "$GGUF" --gen-len "$GEN_LEN" --out "plans/smollm2-static-mean-$R.yaml"
       done ;;
     fit-linear)  # each skipped FFN replaced by a closed-form linear map of its input, layers chosen with maps in place
-      for R in 10 25; do
+      for R in 10 25; do  # --error-aware: measured (fit.substitutes.error_aware), kept only if it lowers KL
         timed "fit-linear-$R.log" skipprof export-plan "$PROF" -r "0.$R" --refine --compensation linear \
-          --model "$GGUF" --gen-len "$GEN_LEN" --out "plans/smollm2-linear-$R.yaml"
+          --error-aware --model "$GGUF" --gen-len "$GEN_LEN" --out "plans/smollm2-linear-$R.yaml"
       done
       timed fit-linear-r128-25.log skipprof export-plan "$PROF" -r 0.25 --refine --compensation linear --rank 128 \
         --model "$GGUF" --gen-len "$GEN_LEN" --out "plans/smollm2-linear-r128-25.yaml"

@@ -635,7 +635,7 @@ def replaceme_row(model, tokenizer, data: EvalData, reference_row: dict[str, Any
     row["decode_flops_saved_share"] = _r(1 - 1 / row["ideal_speedup"])
     row["skip_ratio"] = row["saved_share"] = _r(count / num_layers)
     row["fit"] = {"start": replacement.start, "count": count, **replacement.map.record,
-                  "cosine_distance": [_r(x) for x in replacement.cosine_distance]}
+                  "cosine_distance": {str(k): _r(v) for k, v in replacement.cosine_distance.items()}}
     row["note"] = ("ReplaceMe-style (training-free): a contiguous run of whole decoder blocks (attention and FFN) "
                    "replaced by one ridge least-squares linear map at decode positions, the run chosen by input/output "
                    "cosine distance; as many blocks as save the reference plan's decode FLOPs")

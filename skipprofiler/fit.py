@@ -61,6 +61,7 @@ class FitSettings:
     dense_every: int | None = None
     compensation: str = "none"
     rank: int | None = None  # compensation linear: rank of the maps (None: full d x d)
+    error_aware: bool = False  # compensation linear: refit the chosen maps in layer order, keep if KL drops
     max_skip: int | None = None  # adaptive run length k; None: search 1..L-2
     tau_mode: str = "global"  # adaptive: "global" (one tau) or "per-layer" (each layer's quantile at one level q)
     cold_floor: float = 0.05
@@ -140,6 +141,8 @@ class FitSettings:
             out.append("--compensation linear fits static plans; drop --mode adaptive")
         if self.rank is not None and self.compensation != "linear":
             out.append("--rank applies to --compensation linear only")
+        if self.error_aware and (self.compensation != "linear" or not self.refine):
+            out.append("--error-aware applies to --compensation linear with --refine")
         if self.rank is not None and self.rank < 1:
             out.append(f"--rank must be >= 1, got {self.rank}")
         if self.refine and self.mode == "adaptive" and (self.per_class or self.classes):

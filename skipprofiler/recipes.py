@@ -190,14 +190,15 @@ def _refine(plan_file, profile, settings, model, tokenizer) -> list[str]:
                                             class_column=settings.class_column)
         if plan_file.global_plan.mode == "static" and settings.compensation == "linear" and plan_file.classes:
             classes, plan_file.classes = plan_file.classes, {}  # the global set first, then class maps on it
-            refine_plan_file(model, tokenizer, plan_file, settings.data, references=references, rank=settings.rank)
+            refine_plan_file(model, tokenizer, plan_file, settings.data, references=references, rank=settings.rank,
+                             error_aware=settings.error_aware)
             plan_file.classes = classes
             class_substitutes(model, tokenizer, plan_file, settings.data, text_column=settings.text_column,
                               class_column=settings.class_column)
             return []
         if plan_file.global_plan.mode == "static":
             return list(refine_plan_file(model, tokenizer, plan_file, settings.data, references=references,
-                                         rank=settings.rank))
+                                         rank=settings.rank, error_aware=settings.error_aware))
         plan = fit_adaptive_by_cost(model, profile, settings, references)
         plan.fit["static_alternative"] = alt = compare_with_static(model, plan, references)
     except (RefineError, ValueError) as e:

@@ -609,7 +609,8 @@ def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None
                   prompt_len: int = SEARCH_PROMPT_LEN, window: int = SEARCH_WINDOW,
                   docs_per_class: int | None = SEARCH_DOCS_PER_CLASS, max_rounds: int = 20,
                   greedy_start: bool = True, references: Sequence[DenseReference] | None = None,
-                  extra_starts: dict[str, Slots] | None = None, rank: int | None = None) -> SkipPlan:
+                  extra_starts: dict[str, Slots] | None = None, rank: int | None = None,
+                  error_aware: bool = False) -> SkipPlan:
     """Return `plan` with its static skip set refined by measured KL to the dense model on calibration tokens.
 
     The fractions (hence the expected skip ratio) are kept; `fit.refined_kl` records the measured mean KL of the
@@ -638,7 +639,7 @@ def refine_static(model, tokenizer, plan: SkipPlan, data_spec: str | None = None
     fit["refined_kl"] = info["refined_kl"]
     fit["refine"] = info
     plan = keep_skipped_means(replace(plan, skip_layers=dict(best), fit=fit))
-    return error_aware_substitutes(model, tokenizer, plan, references, data_spec)
+    return error_aware_substitutes(model, tokenizer, plan, references, data_spec) if error_aware else plan
 
 
 
@@ -741,7 +742,7 @@ def references_of_class(references: Sequence[DenseReference], cls: str) -> list[
 def refine_plan_file(model, tokenizer, plan_file, data_spec: str | None = None, *,
                      references: Sequence[DenseReference] | None = None, greedy_start: bool = True,
                      docs_per_class: int | None = SEARCH_DOCS_PER_CLASS, refine_global: bool = True,
-                     min_class_gain: float = 0.02, rank: int | None = None) -> list[str]:
+                     min_class_gain: float = 0.02, rank: int | None = None, error_aware: bool = False) -> list[str]:
     """Refine the global static plan on all calibration windows and each static class plan on its own class's
     windows only (a class plan should be best for its class, not for the mix). Each class search also starts from
     the global plan's set, and a class keeps a set of its own only when it measures at least `min_class_gain`
@@ -752,7 +753,8 @@ def refine_plan_file(model, tokenizer, plan_file, data_spec: str | None = None, 
         references = calibration_references(model, tokenizer, data_spec, docs_per_class=docs_per_class)
     if refine_global:
         plan_file.global_plan = refine_static(model, tokenizer, plan_file.global_plan, data_spec,
-                                              references=references, greedy_start=greedy_start, rank=rank)
+                                              references=references, greedy_start=greedy_start, rank=rank,
+                                              error_aware=error_aware)
     warnings = []
     global_plan = plan_file.global_plan
     global_start = ({"global_plan": canonical(global_plan.skip_layers.items())}

@@ -25,7 +25,7 @@ class BlockReplacement:
     start: int
     count: int
     map: FittedMap
-    cosine_distance: list[float]  # per candidate start: mean 1 - cos(input of start, output of start + count - 1)
+    cosine_distance: dict[int, float]  # candidate start -> mean 1 - cos(input of start, output of start + count - 1)
 
     @property
     def layers(self) -> list[int]:
@@ -104,7 +104,7 @@ def fit_block_replacement(model, batches: Sequence, count: int) -> BlockReplacem
             x, y = _rms_normalized(h_in), h_out - h_in
             stats.fit.add(x[keep & ~held], y[keep & ~held])
             stats.heldout.add(x[held], y[held])
-    return BlockReplacement(start, count, fit_map(stats), [per_start.get(s, float("nan")) for s in range(L)])
+    return BlockReplacement(start, count, fit_map(stats), per_start)
 
 
 class ReplacedBlocks:

@@ -75,10 +75,18 @@ def test_class_plans_are_routed_by_label(setup):
 def test_baselines_and_oracle_at_the_same_ratio(setup):
     model, tok, data = setup
     plans = [("static", SkipPlan(mode="static", skip_layers={2: 1.0, 3: 1.0}))]
-    result = run_eval(model, tok, plans, data, _config(baselines=True, random_seeds=2))
+    result = run_eval(model, tok, plans, data, _config(baselines=True, random_seeds=2, calibration_data=data))
+    json.dumps(result, allow_nan=False)  # every row is finite JSON
     rows = {r["family"]: r for r in result["plans"]}
     assert {"random FFN", "contiguous window", "FFN-SkipLLM paper defaults", "ShortGPT layer drop",
-            "oracle static"} <= set(rows)
+            "oracle static", "ReplaceMe-style linear blocks"} <= set(rows)
+    replaced = rows["ReplaceMe-style linear blocks"]  # whole blocks at about the static plan's decode FLOPs
+    flops = FlopModel.of(model)
+    block = flops.flops["attn_proj"] + flops.flops["ffn"] + flops.flops["attn_per_position"] * (8 + 16)
+    per_token = flops.per_token(6, 8 + 16)
+    gap = abs(replaced["decode_flops_saved_share"] - rows["static"]["decode_flops_saved_share"]) * per_token
+    assert replaced["mode"] == "block_replacement" and gap <= block / 2 + 1e-6
+    assert len(replaced["layers"]) == replaced["fit"]["count"] >= 1 and replaced["fit"]["tokens"] > 0
     for family in ("random FFN", "contiguous window", "oracle static"):
         assert rows[family]["skip_ratio"] == pytest.approx(2 / 6, abs=1e-6), family
     assert rows["oracle static"]["kl_mean"] <= rows["static"]["kl_mean"] + 1e-9

@@ -107,6 +107,11 @@ def export_plan(
     rank: Annotated[Optional[int], typer.Option(
         metavar="R", show_default=False,
         help="With --compensation linear: maps of rank R (2·d·R FLOPs per skipped call instead of d²).")] = None,
+    error_aware: Annotated[bool, typer.Option(
+        "--error-aware", help="With --compensation linear --refine: refit the chosen layers' maps in layer order, each "
+                              "on the inputs the earlier substitutes produce, and keep the refit if it lowers the "
+                              "measured KL by >= 1 % (one statistics pass per layer; on SmolLM2 and the demo model it "
+                              "did not: docs/results.md).")] = False,
     max_skip: Annotated[Optional[int], typer.Option(
         metavar="K", show_default=False,
         help="Adaptive run length k. Default: searched (the k whose skipped calls have the highest mean "
@@ -145,7 +150,8 @@ def export_plan(
     from .common import check_writable, load_model
 
     settings = FitSettings(target=target_skip, mode=mode, apply_to=apply_to, warmup_tokens=warmup_tokens,
-                           dense_every=dense_every, compensation=compensation, rank=rank, max_skip=max_skip,
+                           dense_every=dense_every, compensation=compensation, rank=rank, error_aware=error_aware,
+                           max_skip=max_skip,
                            tau_mode=tau,
                            cold_floor=cold_floor, min_class_tokens=min_class_tokens, seed=seed,
                            batch_decision=batch_decision, batch_size=batch_size, gen_len=gen_len,

@@ -166,20 +166,25 @@ def budget_lines() -> list[str]:
 
 def fit_lines() -> list[str]:
     lines = ["", "### What the fits cost", "",
-             "| plan | method | calibration KL | sets measured | layer forwards |", "|---|---|---:|---:|---:|"]
+             "| plan | method | calibration KL | sets measured | layer forwards | substitute FLOPs per skip (share of an "
+             "FFN) | error-aware refit: KL independent → refit |", "|---|---|---:|---:|---:|---:|---|"]
     for path in sorted((ROOT / "plans").glob("smollm2-*.yaml")):
         plan = load_plan(path).global_plan
         fit = plan.fit
         refine = fit.get("refine") or fit.get("budget_fit") or {}
         measured = fit.get("measured") or {}
         kl = fit.get("refined_kl", measured.get("kl"))
+        aware = (fit.get("substitutes") or {}).get("error_aware")
+        aware_text = (f"{aware['kl_independent']:.4f} → {aware['kl_error_aware']:.4f} "
+                      f"({'kept' if aware['kept'] else 'not kept'}, {aware['seconds']:.0f} s)" if aware else "–")
         lines.append(f"| `{path.name}` | {fit.get('method', '–')}{' + refine' if 'refine' in fit else ''} "
                      f"| {fmt(kl, '{:.4f}')} | {refine.get('evaluations', len(measured.get('candidates', [])) or '–')} "
-                     f"| {refine.get('layer_forwards', '–')} |")
+                     f"| {refine.get('layer_forwards', '–')} | {fmt(fit.get('substitute_cost_share'), '{:.1%}')} "
+                     f"| {aware_text} |")
         alt = fit.get("static_alternative")
         if alt:
             lines.append(f"| ↳ refined static at the same ratio ({alt['skip_ratio']:.3f}) | static + refine "
-                         f"| {alt['kl']:.4f} | | |")
+                         f"| {alt['kl']:.4f} | | | | |")
     return lines
 
 

@@ -11,7 +11,7 @@ Three pieces, all closed form:
   residual-stream norm exceeds `SINK_NORM_FACTOR` x the median of its window: in SmolLM2 the first token's norm is
   ~100x the rest, and one such row ruins a least-squares fit). Every `VALIDATION_EVERY`-th document is held out.
 * `fit_map`: ridge λ chosen by the held-out windows' squared error (computed from their statistics, no second pass),
-  then refitted on all windows; `rank` projects the map onto the top-r directions of its fitted outputs.
+  then refitted on all windows; `rank` projects that map onto the top-r directions of its fitted outputs.
 
 Memory: each layer holds 2 x (d+1)² float64 numbers (XᵀX and XᵀY, fit and held-out parts alike): d = 576 (SmolLM2)
 5.3 MB a layer; d = 4096 536 MB a layer, 17 GB for 32 layers. `collect_statistics` therefore takes the layers in
@@ -247,9 +247,10 @@ def _as_map(w, b, rank_parts, record) -> FittedMap:
 
 def fit_map(stats: LayerStatistics, rank: int | None = None,
             lambdas: Sequence[float] = RIDGE_LAMBDAS) -> FittedMap:
-    """The map with the λ (and, with `rank`, the rank-r projection) whose held-out squared error is lowest, refitted
-    on all positions. `record`: λ, held-out relative error (1 - R²-like: error / Σ‖y‖²) of the map, of the mean
-    output and of nothing (1.0)."""
+    """The full-rank map with the λ whose held-out squared error is lowest, refitted on all positions; with `rank`,
+    then projected onto the top-r directions of its fitted outputs (one eigendecomposition: at d = 4096 choosing λ
+    per rank would cost one per λ). `record`: λ, held-out relative error (error / Σ‖y‖²) of the chosen map (before
+    the projection) and of the mean output, the positions used and the sinks left out."""
     if rank is not None and not 0 < rank:
         raise SubstituteError(f"rank must be >= 1, got {rank}")
     d = stats.fit.sx.shape[0]
@@ -258,11 +259,7 @@ def fit_map(stats: LayerStatistics, rank: int | None = None,
     held = stats.heldout
     errors = []
     for lam in lambdas:
-        w, b, cxx = _ridge(stats.fit, lam)
-        if rank is not None:
-            down, up = _reduce_rank(w, cxx, rank)
-            w = down @ up
-            b = stats.fit.sy / stats.fit.n - (stats.fit.sx / stats.fit.n) @ w
+        w, b, _ = _ridge(stats.fit, lam)
         errors.append(held.squared_error(w, b))
     best = int(np.argmin(errors))
     lam = lambdas[best]

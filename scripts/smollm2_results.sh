@@ -6,7 +6,7 @@
 #   scripts/smollm2_results.sh                 # everything, in order (about 2 hours on 2 CPU cores)
 #   scripts/smollm2_results.sh fit-static      # one stage; stages: profile fit-static fit-linear fit-other eval-10
 #                                              # eval-25 eval-more eval-perclass router eval-linear-10 eval-linear-25
-#                                              # eval-linear-perclass
+#                                              # eval-linear-more
 #
 # Stages: (profile) the bundled calibration split, 40 k prompt tokens + 32 generated per document; (fit-static) static
 # plans chosen by measured KL (--refine) at 10 / 25 / 35 %, and with mean-output compensation at 10 / 25 %;
@@ -32,7 +32,7 @@ mkdir -p "$WORK" "$OUT" plans
 GGUF=$(python -c "from skipprofiler.models import smollm2_gguf; print(smollm2_gguf())")
 STAGES=("$@")
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-linear fit-other eval-10 eval-25 eval-more eval-perclass
-                                     eval-linear-10 eval-linear-25 eval-linear-perclass)
+                                     eval-linear-10 eval-linear-25 eval-linear-more)
 
 timed() {  # timed LOG COMMAND...: run, log stdout+stderr and the wall time
   local log="$WORK/$1"; shift
@@ -70,13 +70,14 @@ for stage in "${STAGES[@]}"; do
         --baselines --no-search-reference --profile "$PROF" --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa \
         --no-speed --out "$OUT/smollm2-eval-linear-10.json" ;;
     eval-linear-25)
-      timed eval-linear-25.log skipprof eval --model "$GGUF" plans/smollm2-linear-25.yaml \
-        plans/smollm2-linear-r128-25.yaml plans/smollm2-static-25.yaml plans/smollm2-static-mean-25.yaml \
+      timed eval-linear-25.log skipprof eval --model "$GGUF" plans/smollm2-linear-25.yaml plans/smollm2-static-25.yaml \
+        plans/smollm2-static-mean-25.yaml \
         --baselines --no-search-reference --profile "$PROF" --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa \
         --no-speed --out "$OUT/smollm2-eval-linear-25.json" ;;
-    eval-linear-perclass)
-      timed eval-linear-perclass.log skipprof eval --model "$GGUF" "$WORK/linear-perclass-25.yaml" \
-        --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed --out "$OUT/smollm2-eval-linear-perclass.json" ;;
+    eval-linear-more)  # rank 128 and per-class maps at 25 % (the same held-out windows and questions, no baselines)
+      timed eval-linear-more.log skipprof eval --model "$GGUF" plans/smollm2-linear-r128-25.yaml \
+        "$WORK/linear-perclass-25.yaml" plans/smollm2-linear-25.yaml --gen-len "$GEN_LEN" --docs-per-class "$DOCS" \
+        --qa --no-speed --out "$OUT/smollm2-eval-linear-more.json" ;;
     fit-other)
       for P in 05 10 25; do  # a budget no layer fits in is an answer, not a failure: the log says so
         timed "fit-budget-$P.log" skipprof export-plan "$PROF" --max-ppl-increase "0.$P" --model "$GGUF" \

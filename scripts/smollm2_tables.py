@@ -25,7 +25,8 @@ RUNS = (("linear-10", "Linear substitutes at 10 %: none / mean output / linear, 
                       "the linear plan's ratio (ReplaceMe-style at its decode FLOPs)"),
         ("linear-25", "Linear substitutes at 25 %: none / mean output / linear (full and rank 128), and the baselines at "
                       "the linear plan's ratio (ReplaceMe-style at its decode FLOPs)"),
-        ("linear-perclass", "Per-class linear maps on the global layer set at 25 %, routed by the plan's router"),
+        ("linear-more", "Rank-128 maps and per-class maps on the global layer set at 25 % (routed by label and by the "
+                        "plan's router), beside the global full-rank plan"),
         ("10", "Target 10 % (baselines and search reference at the static plan's ratio)"),
         ("25", "Target 25 % (baselines and search reference at the static plan's ratio)"),
         ("more", "Adaptive and per-class at 25 %, and 35 %"),
@@ -80,10 +81,11 @@ def figure(path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = []
-    for run in ("linear-10", "linear-25"):
+    for run in ("linear-10", "linear-25", "linear-more"):
         file = ROOT / "docs" / "results" / f"smollm2-eval-{run}.json"
         if file.exists():
-            rows += json.loads(file.read_text())["plans"]
+            seen = {r["name"] for r in rows}
+            rows += [r for r in json.loads(file.read_text())["plans"] if r["name"] not in seen]
     if not rows:
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))

@@ -75,6 +75,29 @@ def test_skipping_equals_zeroed_ffn_output_weights_on_real_weights(smollm2):
     assert (logits - dense_logits).abs().max() > 0
 
 
+def test_shipped_linear_plan_equals_the_hook_reference_on_real_weights(smollm2):
+    from test_substitute import LinearReference
+
+    from skipprofiler.planio import load_plan
+
+    model, tokenizer = smollm2
+    plan = load_plan(PLANS / "smollm2-linear-25.yaml")
+    layers = set(plan.global_plan.skip_layers)
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    with apply_plan(model, SkipPlan(mode="static", skip_layers={l: 1.0 for l in layers})):
+        zero_logits, _ = greedy_loop(model, ids, 6)
+    reference = LinearReference(model, layers, plan.global_plan.linear)
+    ref_logits, ref_tokens = greedy_loop(model, ids, 6)  # every decode step replaces all planned layers
+    reference.remove()
+    full = SkipPlan(mode="static", skip_layers={l: 1.0 for l in layers}, compensation="linear",
+                    linear=plan.global_plan.linear)
+    with apply_plan(model, full) as handle:
+        logits, tokens = greedy_loop(model, ids, 6)
+        assert handle.stats()["substitute_rows"] == 6 * len(layers)
+    assert (logits - ref_logits).abs().max().item() <= 1e-4 and torch.equal(tokens, ref_tokens)
+    assert (logits - zero_logits).abs().max() > 1e-2  # the maps contribute on real weights
+
+
 def test_cli_profiles_a_gguf_file_and_fits_a_plan(gguf_path, tmp_path, capsys):
     from conftest import run
 
@@ -110,7 +133,7 @@ def test_shipped_smollm2_plans_validate_against_gguf_and_folder(plan_path, gguf_
     from skipprofiler.planio import dump_plan, load_plan
 
     text = plan_path.read_text()
-    plan = load_plan(text)
+    plan = load_plan(text, base_dir=plan_path.parent)  # linear maps are read beside the plan
     assert dump_plan(plan) == text  # canonical: a re-export diffs only where the plan changed
     assert plan.global_plan.fit.get("gen_len") == 256
 

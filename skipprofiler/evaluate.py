@@ -64,6 +64,10 @@ class EvalConfig:
     sweep_refine: bool = True  # with sweep: refine the static sets by measured KL on the calibration split
     sweep_per_class: bool = False  # with sweep: also fit class plans, evaluated routed by each document's label
     oracle_targets: list[float] | None = None  # with sweep: the targets the oracle runs at (None: where affordable)
+    lm_eval: list[str] | None = None  # lm-evaluation-harness tasks run for dense and each named plan (skipprofiler.harness)
+    lm_eval_include: list[str] | None = None  # extra harness task folders (the bundled tasks are always there)
+    lm_eval_limit: int | None = None  # documents per harness task (None: all)
+    lm_eval_chat: bool = False  # apply the chat template, few-shot examples as turns (the skipprof_qa_chat task)
 
     @property
     def window(self) -> int:
@@ -732,7 +736,26 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
         want_search = config.search_reference if config.search_reference is not None else not want_oracle
         if (want_search and config.baselines) or config.search_reference:
             rows.append(search_reference_row(model, data, reference, realized, config, log=log))
-    return build_result(model, data, rows, config, data_spec, model_name, data_name)
+    result = build_result(model, data, rows, config, data_spec, model_name, data_name)
+    if config.lm_eval:
+        add_lm_eval(model, tokenizer, plans, result, config, data.progress, log)
+    return result
+
+
+def add_lm_eval(model, tokenizer, plans, result: dict, config: EvalConfig, progress=None, log=None) -> None:
+    """The harness's numbers (`lm_eval` sections, docs/eval-schema.md) on the dense row and each named plan's row."""
+    try:
+        from .harness import HarnessError, eval_sections
+    except ImportError as e:
+        raise EvalError(str(e)) from None
+    try:
+        dense, by_name = eval_sections(model, tokenizer, plans, config, progress, log)
+    except HarnessError as e:
+        raise EvalError(f"lm-eval: {e}") from None
+    result["dense"]["lm_eval"] = dense
+    for row in result["plans"]:
+        if row["name"] in by_name:
+            row["lm_eval"] = by_name[row["name"]]
 
 
 def dense_row(data: EvalData) -> dict[str, Any]:
@@ -796,6 +819,8 @@ def run_sweep(model, tokenizer, profile, config: EvalConfig,
     from .refine import RefineError, calibration_references, refine_plan_file, refine_static
 
     targets, data_spec, refine, per_class = config.sweep or [], config.data, config.sweep_refine, config.sweep_per_class
+    if config.lm_eval:
+        raise EvalError("--lm-eval runs for named PLAN files; it does not run with --sweep")
     oracle_targets = config.oracle_targets
     log = log or (lambda msg: None)
     for name, plan in extra_plans:

@@ -314,9 +314,13 @@ def run_tasks(lm: SkipLM, tasks: Sequence[str], manager=None, limit: int | None 
         result = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
                                  num_fewshot=num_fewshot, apply_chat_template=chat, fewshot_as_multiturn=chat,
                                  bootstrap_iters=bootstrap_iters, log_samples=False, verbosity="ERROR")
+    except HarnessError:
+        raise
     except (ConnectionError, OSError) as e:
-        raise HarnessError(f"lm-eval could not load a task's data ({str(e).splitlines()[0] if str(e) else e!r}); "
-                           "hub-hosted tasks need internet access") from None
+        raise HarnessError(f"could not load a task's data ({_first_line(e)}); hub-hosted tasks need internet "
+                           "access") from None
+    except (ValueError, KeyError, TypeError, RuntimeError, ImportError) as e:
+        raise HarnessError(f"{type(e).__name__}: {_first_line(e)}") from None
     if not result:
         raise HarnessError("lm-eval returned no results")
     return {"results": flatten(result), **_skip_summary(lm.skip_stats)}
@@ -336,6 +340,11 @@ def flatten(result: dict) -> list[dict[str, Any]]:
                          "value": _num(value), "stderr": _num(stderr),
                          "samples": (samples.get(task) or {}).get("effective")})
     return rows
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else repr(e)
 
 
 def _num(x: Any) -> float | None:
@@ -366,3 +375,33 @@ def cli_main() -> None:
             argv[at] = f"{argv[at]},{TASKS_DIR}" if "," not in argv[at] else argv[at]
     sys.argv = [sys.argv[0], *argv]
     cli_evaluate()
+
+
+def eval_sections(model, tokenizer, plans: Sequence[tuple[str, Any]], config, progress=None,
+                  log=None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """`skipprof eval --lm-eval`: the harness's results for the dense model and for each named plan, all on the same
+    loaded model (the plan applied through the runtime). Returns (dense section, {plan name: section})."""
+    tasks = list(config.lm_eval)
+    manager = task_manager(config.lm_eval_include or (), tasks=tasks)
+    runs = [("dense", None)] + list(plans)
+    sections: dict[str, dict[str, Any]] = {}
+    for name, plan in runs:
+        lm = SkipLM(model, tokenizer, plan=plan, batch_size=config.batch_size)
+        started = _now()
+        if progress is not None:
+            with progress.stage(f"lm-eval: {name}", 1) as tick:
+                section = run_tasks(lm, tasks, manager, limit=config.lm_eval_limit, chat=config.lm_eval_chat)
+                tick()
+        else:
+            section = run_tasks(lm, tasks, manager, limit=config.lm_eval_limit, chat=config.lm_eval_chat)
+        section["seconds"] = round(_now() - started, 1)
+        sections[name] = section
+        if log:
+            log(f"lm-eval {name}: {len(section['results'])} metrics in {section['seconds']:.0f} s")
+    return sections.pop("dense"), sections
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()

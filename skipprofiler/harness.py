@@ -63,8 +63,10 @@ class SkipLM(TemplateLM):
 
     def __init__(self, pretrained: Any = None, tokenizer: Any = None, plan: Any = None, prompt_class: str | None = None,
                  batch_size: int | str = 16, max_length: int | None = None, max_gen_toks: int = 256,
-                 dtype: str = "float32", device: str = "cpu", strict: bool = True, **_ignored: Any) -> None:
+                 dtype: str = "float32", device: str | None = None, strict: bool = True, **_ignored: Any) -> None:
         super().__init__()
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # the harness's CLI asks for cuda by default
         if pretrained is None or isinstance(pretrained, (str, Path)):
             from .models import load_causal_lm, load_tokenizer, model_source
 

@@ -187,3 +187,30 @@ def test_harness_command_line_runs_a_plan(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "skipprof_heldout_ppl" in out.stdout and "word_perplexity" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from skipprofiler.models import ModelSourceError, load_causal_lm, load_tokenizer, model_source, smollm2_gguf
+
+    try:
+        source = model_source(str(smollm2_gguf()))
+    except ModelSourceError as e:
+        pytest.skip(str(e))
+    return load_causal_lm(source, dtype=torch.float32), load_tokenizer(source)
+
+
+@pytest.mark.real
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", [None, ROOT / "plans" / "smollm2-static-25.yaml"], ids=["dense", "smollm2-static-25"])
+def test_smollm2_chat_qa_answers_exactly_as_skipprof_eval_qa(smollm2, manager, plan):
+    """SmolLM2 has a chat template: skipprof_qa_chat with the template applied is `--qa`'s chat prompt."""
+    model, tok = smollm2
+    limit = 24
+    questions = qa.load_questions()[:limit]
+    plan = load_plan(plan) if plan else None
+    prompts, expected = skipprof_qa(model, tok, plan, questions)
+    lm, contexts, answers, accuracy = harness_qa(model, tok, plan, manager, limit, "skipprof_qa_chat", chat=True)
+    assert [lm.tok_encode(c) for c in contexts] == prompts
+    assert [a.strip() for a in answers] == expected
+    assert accuracy == qa.score(questions, expected).accuracy > 0

@@ -160,6 +160,10 @@ def test_skipprof_eval_lm_eval_writes_sections(tmp_path, capsys):
     assert dense["decided_skip_ratio"] == 0.0 and row["decided_skip_ratio"] > 0
     assert result["config"]["lm_eval"] == ["skipprof_heldout_ppl"]
     assert "lm-evaluation-harness" in stdout and "word_perplexity" in stdout
+    from skipprofiler.report import make_report
+
+    figures = make_report(None, result, tmp_path / "fig")
+    assert (tmp_path / "fig" / "lm_eval_vs_skip.png") in figures
 
 
 def test_skipprof_eval_lm_eval_usage_errors(tmp_path, capsys):

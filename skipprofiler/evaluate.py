@@ -88,6 +88,7 @@ class EvalData:
     windows: list[tuple[list[int], str]] = field(default_factory=list)  # (tokens, class) of every held-out document
     pad_id: int = 0
     progress: Progress = field(default_factory=Progress)  # every row reports its steps here
+    row_plans: dict[str, Any] = field(default_factory=dict)  # row name -> its plan, or ("drop_layers", layers)
 
     def of_class(self, cls: str) -> list[DenseReference]:
         return [r for r in self.references if r.batch.classes[0] == cls]
@@ -246,6 +247,8 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
     picked the true class."""
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, not {route!r}")
+    if route is None:
+        data.row_plans[name] = plan  # for harness runs of this row (--lm-eval)
     speed = config.speed and bool(data.prompts)
     steps = len(data.classes) + len(data.prompts) + (data.qa is not None) + speed
     with data.progress.stage(name, steps) as tick:
@@ -488,6 +491,7 @@ def evaluate_layer_drop(model, data: EvalData, layers: Sequence[int], name: str,
     sums = FidelitySums()
     forward = model_forward(model)
     produced: list[list[int]] = []
+    data.row_plans[name] = ("drop_layers", list(layers))
     steps = len(data.references) + len(data.prompts) + (data.qa is not None)
     with data.progress.stage(name, steps) as tick, DroppedLayers(model, layers), torch.inference_mode():
         for ref in data.references:
@@ -738,24 +742,33 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
             rows.append(search_reference_row(model, data, reference, realized, config, log=log))
     result = build_result(model, data, rows, config, data_spec, model_name, data_name)
     if config.lm_eval:
-        add_lm_eval(model, tokenizer, plans, result, config, data.progress, log)
+        add_lm_eval(model, tokenizer, plans, result, config, data, log)
     return result
 
 
-def add_lm_eval(model, tokenizer, plans, result: dict, config: EvalConfig, progress=None, log=None) -> None:
-    """The harness's numbers (`lm_eval` sections, docs/eval-schema.md) on the dense row and each named plan's row."""
+def add_lm_eval(model, tokenizer, plans, result: dict, config: EvalConfig, data: EvalData, log=None) -> None:
+    """The harness's numbers (`lm_eval` sections, docs/eval-schema.md) on the dense row, each named plan's row and,
+    with baselines, every baseline / reference row (the random row: the mean over its seeds)."""
     try:
-        from .harness import HarnessError, eval_sections
+        from .harness import HarnessError, average_sections, eval_sections
     except ImportError as e:
         raise EvalError(str(e)) from None
+    runs = list(plans)
+    if config.baselines:
+        for row in result["plans"]:
+            if row["kind"] != "plan":
+                names = [seed["name"] for seed in row.get("seeds", [])] or [row["name"]]
+                runs += [(n, data.row_plans[n]) for n in names if n in data.row_plans]
     try:
-        dense, by_name = eval_sections(model, tokenizer, plans, config, progress, log)
+        dense, by_name = eval_sections(model, tokenizer, runs, config, data.progress, log)
     except HarnessError as e:
         raise EvalError(f"lm-eval: {e}") from None
     result["dense"]["lm_eval"] = dense
     for row in result["plans"]:
         if row["name"] in by_name:
             row["lm_eval"] = by_name[row["name"]]
+        elif row.get("seeds") and all(seed["name"] in by_name for seed in row["seeds"]):
+            row["lm_eval"] = average_sections([by_name[seed["name"]] for seed in row["seeds"]])
 
 
 def dense_row(data: EvalData) -> dict[str, Any]:

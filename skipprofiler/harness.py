@@ -52,7 +52,9 @@ class SkipLM(TemplateLM):
 
     pretrained: a loaded transformers model, or a checkpoint folder / .gguf file / hub id (None: the bundled demo
     model). tokenizer: needed with a loaded model. plan: a PlanFile, SkipPlan or plan YAML path (None or "": dense).
-    prompt_class: the plan's class to use (None: the global plan; "auto": its router). From the harness's command
+    prompt_class: the plan's class to use (None: the global plan; "auto": its router). drop_layers: decoder layers
+    that return their input on every position, prompt included (ShortGPT's layer drop, not a skip plan). From the
+    harness's command
     line: ``--model skipprof --model_args pretrained=PATH,plan=PLAN.yaml,batch_size=16``.
 
     After a run, `skip_stats` holds the runtime's counts summed over every request batch (decode positions, FFN calls
@@ -63,7 +65,8 @@ class SkipLM(TemplateLM):
 
     def __init__(self, pretrained: Any = None, tokenizer: Any = None, plan: Any = None, prompt_class: str | None = None,
                  batch_size: int | str = 16, max_length: int | None = None, max_gen_toks: int = 256,
-                 dtype: str = "float32", device: str | None = None, strict: bool = True, **_ignored: Any) -> None:
+                 dtype: str = "float32", device: str | None = None, strict: bool = True,
+                 drop_layers: Sequence[int] | None = None, **_ignored: Any) -> None:
         super().__init__()
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # the harness's CLI asks for cuda by default
@@ -80,6 +83,9 @@ class SkipLM(TemplateLM):
                 raise HarnessError("SkipLM(pretrained=<loaded model>) needs tokenizer=")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.plan = _load(plan)
+        if isinstance(self.plan, tuple) and self.plan[0] == "drop_layers":  # eval's ShortGPT rows
+            self.plan, drop_layers = None, self.plan[1]
+        self.drop_layers = [int(x) for x in drop_layers] if drop_layers else None
         self.prompt_class = prompt_class
         self.strict = bool(strict) if not isinstance(strict, str) else strict.lower() not in ("0", "false", "no")
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
@@ -147,6 +153,12 @@ class SkipLM(TemplateLM):
     @contextlib.contextmanager
     def _applied(self) -> Iterator[Any]:
         """The plan applied for one harness call (dense: no handle); its counts are added to `skip_stats`."""
+        if self.drop_layers:
+            from .evaluate import DroppedLayers
+
+            with DroppedLayers(self.model, self.drop_layers):
+                yield None
+            return
         if self.plan is None:
             yield None
             return
@@ -325,6 +337,9 @@ def run_tasks(lm: SkipLM, tasks: Sequence[str], manager=None, limit: int | None 
         raise HarnessError(f"{type(e).__name__}: {_first_line(e)}") from None
     if not result:
         raise HarnessError("lm-eval returned no results")
+    if lm.drop_layers:  # a layer drop, not a skip plan: no decode positions are counted
+        return {"results": flatten(result), "dropped_layers": lm.drop_layers, "decode_positions": 0,
+                "decided_skip_ratio": None}
     return {"results": flatten(result), **_skip_summary(lm.skip_stats)}
 
 
@@ -342,6 +357,22 @@ def flatten(result: dict) -> list[dict[str, Any]]:
                          "value": _num(value), "stderr": _num(stderr),
                          "samples": (samples.get(task) or {}).get("effective")})
     return rows
+
+
+def average_sections(sections: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean value per (task, metric) over runs (the random baseline's seeds); stderr null: it is not one sample."""
+    first = sections[0]
+    results = []
+    for record in first["results"]:
+        key = (record["task"], record["metric"])
+        values = [r["value"] for s in sections for r in s["results"] if (r["task"], r["metric"]) == key]
+        ok = [v for v in values if v is not None]
+        results.append({**record, "value": _num(sum(ok) / len(ok)) if len(ok) == len(sections) else None,
+                        "stderr": None})
+    return {"results": results, "runs": len(sections),
+            "decode_positions": sum(s["decode_positions"] for s in sections),
+            "decided_skip_ratio": _num(sum(s["decided_skip_ratio"] or 0 for s in sections) / len(sections)),
+            "seconds": round(sum(s.get("seconds", 0) for s in sections), 1)}
 
 
 def _first_line(e: BaseException) -> str:

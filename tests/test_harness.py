@@ -174,6 +174,22 @@ def test_skipprof_eval_lm_eval_usage_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_baselines_get_harness_runs_with_baselines(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code, stdout, err = run(["eval", STATIC_25, "--baselines", "--no-oracle", "--no-search-reference", "--no-speed",
+                             "--docs-per-class", "1", "--greedy-prompts", "0", "--gen-len", "32", "--seeds", "2",
+                             "--lm-eval", "skipprof_heldout_ppl", "--lm-eval-limit", "1", "-o", out], capsys)
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads(out.read_text())["plans"]}
+    random_row = next(r for n, r in rows.items() if n.startswith("random FFN"))
+    assert random_row["lm_eval"]["runs"] == 2 and random_row["lm_eval"]["results"][0]["stderr"] is None
+    shortgpt = next(r for n, r in rows.items() if n.startswith("ShortGPT"))
+    assert shortgpt["lm_eval"]["dropped_layers"] and shortgpt["lm_eval"]["decided_skip_ratio"] is None
+    values = {n: r["lm_eval"]["results"][0]["value"] for n, r in rows.items()}
+    assert len(set(values.values())) == len(values)  # every row is a different model
+
+
+@pytest.mark.slow
 def test_unknown_task_is_one_line(capsys):
     code, _, err = run(["eval", STATIC_25, "--no-speed", "--docs-per-class", "1", "--greedy-prompts", "0",
                         "--gen-len", "32", "--lm-eval", "no_such_task_xyz"], capsys)

@@ -142,7 +142,8 @@ def print_lm_eval(result: dict, console) -> None:
             else:
                 cells.append(f"{hit['value']:.4g}" + (f" ± {hit['stderr']:.2g}" if hit.get("stderr") else ""))
         table.add_row(escape(task), escape(metric), *cells)
-    table.add_row("", "FFN skip ratio", *[f"{s.get('decided_skip_ratio') or 0:.3f}" for _, s in runs])
+    table.add_row("", "FFN skip ratio", *["–" if s.get("decided_skip_ratio") is None else
+                                          f"{s['decided_skip_ratio']:.3f}" for _, s in runs])
     console.print(table)
 
 

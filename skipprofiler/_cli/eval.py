@@ -223,7 +223,7 @@ def register(app: typer.Typer) -> None:
         lm_eval: Annotated[Optional[str], typer.Option(
             "--lm-eval", metavar="TASKS", show_default=False,
             help="Run lm-evaluation-harness tasks (comma-separated; bundled: skipprof_qa, skipprof_qa_chat, "
-                 "skipprof_heldout_ppl) for dense and each plan (pip install \"skipprofiler[lm-eval]\"; "
+                 "skipprof_heldout_ppl) for dense and each plan (the lm-eval extra; "
                  "docs/lm-eval.md).")] = None,
         lm_eval_include: Annotated[Optional[list[Path]], typer.Option(
             "--lm-eval-include", metavar="PATH", show_default=False,

@@ -74,7 +74,10 @@ class SkipLM(TemplateLM):
             from .models import load_causal_lm, load_tokenizer, model_source
 
             source = model_source(None if pretrained in (None, "") else str(pretrained))
-            model = load_causal_lm(source, dtype=getattr(torch, str(dtype)))
+            torch_dtype = getattr(torch, str(dtype), None) if str(dtype) != "auto" else torch.float32
+            if not isinstance(torch_dtype, torch.dtype):
+                raise HarnessError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
+            model = load_causal_lm(source, dtype=torch_dtype)
             model.to(device)
             tokenizer = tokenizer or load_tokenizer(source)
         else:

@@ -91,6 +91,12 @@ class SkipLM(TemplateLM):
         self.drop_layers = [int(x) for x in drop_layers] if drop_layers else None
         self.prompt_class = prompt_class
         self.strict = bool(strict) if not isinstance(strict, str) else strict.lower() not in ("0", "false", "no")
+        if self.plan is not None and self.strict:
+            from .runtime.checks import fit_problems
+
+            problems = fit_problems(self.model, self.plan)
+            if problems:  # before the harness builds any request
+                raise HarnessError(f"the plan does not fit this model: {'; '.join(problems)}")
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length) if max_length else None
         self.max_gen_toks = int(max_gen_toks)

@@ -140,6 +140,12 @@ def test_loglikelihood_rolling_is_the_whole_document_after_the_prefix_token(demo
     assert math.isfinite(windowed) and windowed < 0
 
 
+def test_a_plan_for_another_model_is_refused_up_front(demo_model):
+    model, tok = demo_model
+    with pytest.raises(HarnessError, match="does not fit"):
+        SkipLM(model, tok, plan=ROOT / "plans" / "smollm2-static-25.yaml")
+
+
 def test_generation_refuses_sampling(demo_model):
     model, tok = demo_model
     with pytest.raises(HarnessError, match="greedily"):

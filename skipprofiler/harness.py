@@ -424,6 +424,9 @@ def eval_sections(model, tokenizer, plans: Sequence[tuple[str, Any]], config, pr
     """`skipprof eval --lm-eval`: the harness's results for the dense model and for each named plan, all on the same
     loaded model (the plan applied through the runtime). Returns (dense section, {plan name: section})."""
     tasks = list(config.lm_eval)
+    if "skipprof_qa_chat" in tasks and not config.lm_eval_chat:
+        raise HarnessError("skipprof_qa_chat is prompted through the chat template: add --lm-eval-chat "
+                           "(skipprof_qa is the plain-text form)")
     manager = task_manager(config.lm_eval_include or (), tasks=tasks)
     runs = [("dense", None)] + list(plans)
     sections: dict[str, dict[str, Any]] = {}

@@ -177,6 +177,9 @@ def test_skipprof_eval_lm_eval_usage_errors(tmp_path, capsys):
     assert code == 2 and "go with --lm-eval TASKS" in err and "Traceback" not in err
     code, _, err = run(["eval", STATIC_25, "--lm-eval", "skipprof_qa", "--lm-eval-include", tmp_path / "none"], capsys)
     assert code == 2 and "not a folder" in err and "Traceback" not in err
+    code, _, err = run(["eval", STATIC_25, "--no-speed", "--docs-per-class", "1", "--greedy-prompts", "0",
+                        "--gen-len", "32", "--lm-eval", "skipprof_qa_chat"], capsys)
+    assert code == 2 and "add --lm-eval-chat" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

@@ -264,6 +264,9 @@ def register(app: typer.Typer) -> None:
         if (lm_eval_include or lm_eval_limit or lm_eval_chat) and not config.lm_eval:
             raise CLIError("--lm-eval-include, --lm-eval-limit and --lm-eval-chat go with --lm-eval TASKS")
         if config.lm_eval:
+            if "skipprof_qa_chat" in config.lm_eval and not lm_eval_chat:
+                raise CLIError("skipprof_qa_chat is prompted through the chat template: add --lm-eval-chat "
+                               "(skipprof_qa is the plain-text form)")
             for folder in lm_eval_include or []:
                 if not folder.is_dir():
                     raise CLIError(f"--lm-eval-include: not a folder: {folder}")

@@ -52,7 +52,8 @@ class SkipLM(TemplateLM):
 
     pretrained: a loaded transformers model, or a checkpoint folder / .gguf file / hub id (None: the bundled demo
     model). tokenizer: needed with a loaded model. plan: a PlanFile, SkipPlan or plan YAML path (None or "": dense).
-    prompt_class: the plan's class to use (None: the global plan; "auto": its router). drop_layers: decoder layers
+    prompt_class: the plan's class to use (None: the global plan; "auto": its router). Log-likelihood batches hold at
+    most `batch_size` rows and `max_batch_tokens` padded tokens. drop_layers: decoder layers
     that return their input on every position, prompt included (ShortGPT's layer drop, not a skip plan). From the
     harness's command
     line: ``--model skipprof --model_args pretrained=PATH,plan=PLAN.yaml,batch_size=16``.
@@ -66,7 +67,7 @@ class SkipLM(TemplateLM):
     def __init__(self, pretrained: Any = None, tokenizer: Any = None, plan: Any = None, prompt_class: str | None = None,
                  batch_size: int | str = 16, max_length: int | None = None, max_gen_toks: int = 256,
                  dtype: str = "float32", device: str | None = None, strict: bool = True,
-                 drop_layers: Sequence[int] | None = None, **_ignored: Any) -> None:
+                 drop_layers: Sequence[int] | None = None, max_batch_tokens: int = 8192, **_ignored: Any) -> None:
         super().__init__()
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # the harness's CLI asks for cuda by default
@@ -100,6 +101,7 @@ class SkipLM(TemplateLM):
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length) if max_length else None
         self.max_gen_toks = int(max_gen_toks)
+        self.max_batch_tokens = int(max_batch_tokens)
         self._device = next(model.parameters()).device
         self.skip_stats = {"decode_positions": 0, "decided_skips": 0, "num_layers": None}
 
@@ -199,8 +201,7 @@ class SkipLM(TemplateLM):
         order = sorted(rows, key=lambda r: -len(r[1]))
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         with self._applied() as handle:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
+            for batch in self._token_batches(order):
                 width = len(batch[0][1])
                 ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -223,6 +224,19 @@ class SkipLM(TemplateLM):
                     out[i] = (logprob, greedy)
                     self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
         return out
+
+    def _token_batches(self, rows: list) -> Iterator[list]:
+        """Longest-first rows in batches of at most `batch_size` rows and `max_batch_tokens` padded tokens (a long
+        document's windows go alone instead of padding 15 short ones to its length)."""
+        batch: list = []
+        for row in rows:
+            width = len(batch[0][1]) if batch else len(row[1])
+            if batch and (len(batch) >= self.batch_size or (len(batch) + 1) * width > self.max_batch_tokens):
+                yield batch
+                batch = []
+            batch.append(row)
+        if batch:
+            yield batch
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole documents, cut into the harness's rolling windows (each window scored as a

@@ -243,3 +243,15 @@ def test_smollm2_chat_qa_answers_exactly_as_skipprof_eval_qa(smollm2, manager, p
     assert [lm.tok_encode(c) for c in contexts] == prompts
     assert [a.strip() for a in answers] == expected
     assert accuracy == qa.score(questions, expected).accuracy > 0
+
+
+def test_loglikelihood_batches_are_bounded_in_tokens_and_do_not_change_scores(demo_model):
+    model, tok = demo_model
+    texts = ["Emma Woodhouse, handsome, clever, and rich.", "It is a truth universally acknowledged. " * 30,
+             "Call me Ishmael.", "The sea. " * 5]
+    requests = [_instance("loglikelihood_rolling", (t,)) for t in texts]
+    wide = SkipLM(model, tok).loglikelihood_rolling(requests)
+    narrow_lm = SkipLM(model, tok, max_batch_tokens=64)
+    rows = [(i, list(range(n)), 1) for i, n in enumerate((300, 40, 30, 10))]
+    assert [len(b) for b in narrow_lm._token_batches(rows)] == [1, 1, 2]
+    assert narrow_lm.loglikelihood_rolling(requests) == pytest.approx(wide, abs=1e-3)

@@ -65,6 +65,10 @@ class EvalConfig:
     sweep_refine: bool = True  # with sweep: refine the static sets by measured KL on the calibration split
     sweep_per_class: bool = False  # with sweep: also fit class plans, evaluated routed by each document's label
     oracle_targets: list[float] | None = None  # with sweep: the targets the oracle runs at (None: where affordable)
+    lm_eval: list[str] | None = None  # lm-evaluation-harness tasks run for dense and each named plan (skipprofiler.harness)
+    lm_eval_include: list[str] | None = None  # extra harness task folders (the bundled tasks are always there)
+    lm_eval_limit: int | None = None  # documents per harness task (None: all)
+    lm_eval_chat: bool = False  # apply the chat template, few-shot examples as turns (the skipprof_qa_chat task)
 
     @property
     def window(self) -> int:
@@ -85,6 +89,7 @@ class EvalData:
     windows: list[tuple[list[int], str]] = field(default_factory=list)  # (tokens, class) of every held-out document
     pad_id: int = 0
     progress: Progress = field(default_factory=Progress)  # every row reports its steps here
+    row_plans: dict[str, Any] = field(default_factory=dict)  # row name -> its plan, or ("drop_layers", layers)
 
     def of_class(self, cls: str) -> list[DenseReference]:
         return [r for r in self.references if r.batch.classes[0] == cls]
@@ -247,6 +252,8 @@ def evaluate_plan(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, k
     picked the true class."""
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, not {route!r}")
+    if route is None:
+        data.row_plans[name] = plan  # for harness runs of this row (--lm-eval)
     speed = config.speed and bool(data.prompts)
     steps = len(data.classes) + len(data.prompts) + (data.qa is not None) + speed
     with data.progress.stage(name, steps) as tick:
@@ -517,6 +524,7 @@ def _hooked_row(model, data: EvalData, name: str, config: EvalConfig, hooks, tea
     prompt passes (hooks that act on decode positions only)."""
     sums = FidelitySums()
     produced: list[list[int]] = []
+    data.row_plans[name] = ("drop_layers", list(layers))
     steps = len(data.references) + len(data.prompts) + (data.qa is not None)
     with data.progress.stage(name, steps) as tick, hooks, torch.inference_mode():
         for ref in data.references:
@@ -805,7 +813,35 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
         want_search = config.search_reference if config.search_reference is not None else not want_oracle
         if (want_search and config.baselines) or config.search_reference:
             rows.append(search_reference_row(model, data, reference, realized, config, log=log))
-    return build_result(model, data, rows, config, data_spec, model_name, data_name)
+    result = build_result(model, data, rows, config, data_spec, model_name, data_name)
+    if config.lm_eval:
+        add_lm_eval(model, tokenizer, plans, result, config, data, log)
+    return result
+
+
+def add_lm_eval(model, tokenizer, plans, result: dict, config: EvalConfig, data: EvalData, log=None) -> None:
+    """The harness's numbers (`lm_eval` sections, docs/eval-schema.md) on the dense row, each named plan's row and,
+    with baselines, every baseline / reference row (the random row: the mean over its seeds)."""
+    try:
+        from .harness import HarnessError, average_sections, eval_sections
+    except ImportError as e:
+        raise EvalError(str(e)) from None
+    runs = list(plans)
+    if config.baselines:
+        for row in result["plans"]:
+            if row["kind"] != "plan":
+                names = [seed["name"] for seed in row.get("seeds", [])] or [row["name"]]
+                runs += [(n, data.row_plans[n]) for n in names if n in data.row_plans]
+    try:
+        dense, by_name = eval_sections(model, tokenizer, runs, config, data.progress, log)
+    except HarnessError as e:
+        raise EvalError(f"lm-eval: {e}") from None
+    result["dense"]["lm_eval"] = dense
+    for row in result["plans"]:
+        if row["name"] in by_name:
+            row["lm_eval"] = by_name[row["name"]]
+        elif row.get("seeds") and all(seed["name"] in by_name for seed in row["seeds"]):
+            row["lm_eval"] = average_sections([by_name[seed["name"]] for seed in row["seeds"]])
 
 
 def dense_row(data: EvalData) -> dict[str, Any]:
@@ -869,6 +905,8 @@ def run_sweep(model, tokenizer, profile, config: EvalConfig,
     from .refine import RefineError, calibration_references, refine_plan_file, refine_static
 
     targets, data_spec, refine, per_class = config.sweep or [], config.data, config.sweep_refine, config.sweep_per_class
+    if config.lm_eval:
+        raise EvalError("--lm-eval runs for named PLAN files; it does not run with --sweep")
     oracle_targets = config.oracle_targets
     log = log or (lambda msg: None)
     for name, plan in extra_plans:

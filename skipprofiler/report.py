@@ -241,6 +241,43 @@ def speed_figure(result: dict[str, Any], out: Path, title: str) -> Path:
     return path
 
 
+def lm_eval_figure(result: dict[str, Any], out: Path, title: str) -> Path:
+    """lm-evaluation-harness numbers (`skipprof eval --lm-eval`): one panel per task and metric, each plan at its
+    realized skip ratio on the held-out data, dense at 0; bars: the harness's stderr where it reports one."""
+    plt = _plt()
+    dense = result["dense"]["lm_eval"]["results"]
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in dense))
+    rows = [r for r in result["plans"] if r.get("lm_eval")]
+    cols = min(3, len(keys))
+    nrows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.8 * nrows), squeeze=False)
+    for ax, (task, metric) in zip(axes.flat, keys):
+        def value(section):
+            hit = next((r for r in section["results"] if (r["task"], r["metric"]) == (task, metric)), None)
+            return (hit["value"], hit.get("stderr")) if hit and hit["value"] is not None else (None, None)
+
+        for i, row in enumerate([None] + rows):
+            y, err = value(result["dense"]["lm_eval"] if row is None else row["lm_eval"])
+            if y is None:
+                continue
+            x = 0.0 if row is None else row["skip_ratio"]
+            color = "black" if row is None else OTHER_COLOURS[(i - 1) % len(OTHER_COLOURS)]
+            ax.errorbar([x], [y], yerr=[err] if err else None, marker="o", color=color, ls="none", ms=7, capsize=3,
+                        label="dense" if row is None else row["name"])
+        ax.set_title(f"{task}: {metric}", fontsize=9)
+        ax.set_xlabel("realized FFN skip ratio (held-out decode tokens)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    _shared_legend(fig, list(axes.flat)[:len(keys)])
+    fig.suptitle(title + "\nlm-evaluation-harness, dense and each plan (decode-only semantics)", fontsize=11)
+    fig.tight_layout()
+    path = out / "lm_eval_vs_skip.png"
+    _atomic_savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
 def make_report(profile, result: dict[str, Any] | None, out: Path, title: str | None = None) -> list[Path]:
     """Write every figure the inputs allow into `out`; returns their paths."""
     out = Path(out)
@@ -264,6 +301,8 @@ def make_report(profile, result: dict[str, Any] | None, out: Path, title: str | 
         paths.append(quality_figure(result, out, title))
         if any(r.get("speedup") is not None for r in result["plans"]):
             paths.append(speed_figure(result, out, title))
+        if (result.get("dense") or {}).get("lm_eval"):
+            paths.append(lm_eval_figure(result, out, title))
     return paths
 
 

@@ -56,6 +56,13 @@ def parse_ratios(text: str, option: str) -> list[float]:
     return targets
 
 
+def parse_tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise CLIError(f"--lm-eval takes comma-separated harness task names like skipprof_qa,hellaswag; got {text!r}")
+    return tasks
+
+
 COLUMNS = (
     ("decided", "realized skip ratio: FFN calls the plan's rule skipped / (decode positions after the warm-up x layers)"),
     ("saved", "share of the generation's FFN FLOPs not spent: skipped FFN calls / (every generated position x "
@@ -107,9 +114,39 @@ def print_table(result: dict) -> None:
             per_class = ", ".join(f"{c} {a:.0%}" for c, a in row["router_accuracy_per_class"].items())
             console.print(f"  router: {escape(row['name'])} sent {row['router_accuracy']:.1%} of the held-out prompts "
                           f"to their labelled class's plan ({per_class})", highlight=False)
+    print_lm_eval(result, console)
     for row in result["plans"]:
         for warning in row.get("warnings") or []:
             print(f"warning: {row['name']}: {warning}", file=sys.stderr)
+
+
+def print_lm_eval(result: dict, console) -> None:
+    """The harness's numbers (--lm-eval): one row per task and metric, one column per run (dense, then each plan)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    dense = result["dense"].get("lm_eval")
+    if not dense:
+        return
+    runs = [("dense", dense)] + [(row["name"], row["lm_eval"]) for row in result["plans"] if row.get("lm_eval")]
+    table = Table(title="lm-evaluation-harness (value ± stderr; decode-only: docs/lm-eval.md)")
+    table.add_column("task")
+    table.add_column("metric")
+    for name, _ in runs:
+        table.add_column(escape(name), justify="right")
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in dense["results"]))
+    for task, metric in keys:
+        cells = []
+        for _, section in runs:
+            hit = next((r for r in section["results"] if (r["task"], r["metric"]) == (task, metric)), None)
+            if hit is None or hit["value"] is None:
+                cells.append("–")
+            else:
+                cells.append(f"{hit['value']:.4g}" + (f" ± {hit['stderr']:.2g}" if hit.get("stderr") else ""))
+        table.add_row(escape(task), escape(metric), *cells)
+    table.add_row("", "FFN skip ratio", *["–" if s.get("decided_skip_ratio") is None else
+                                          f"{s['decided_skip_ratio']:.3f}" for _, s in runs])
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -185,6 +222,20 @@ def register(app: typer.Typer) -> None:
             metavar="PATH", show_default=False,
             help="QA questions (.jsonl: id, class, question, answers); default: the bundled set "
                  "(docs/qa-set.md).")] = None,
+        lm_eval: Annotated[Optional[str], typer.Option(
+            "--lm-eval", metavar="TASKS", show_default=False,
+            help="Run lm-evaluation-harness tasks (comma-separated; bundled: skipprof_qa, skipprof_qa_chat, "
+                 "skipprof_heldout_ppl) for dense and each plan (the lm-eval extra; "
+                 "docs/lm-eval.md).")] = None,
+        lm_eval_include: Annotated[Optional[list[Path]], typer.Option(
+            "--lm-eval-include", metavar="PATH", show_default=False,
+            help="A folder of harness task YAML files to add (repeatable).")] = None,
+        lm_eval_limit: Annotated[Optional[int], typer.Option(
+            "--lm-eval-limit", min=1, metavar="N", show_default=False,
+            help="Documents per harness task (default: all).")] = None,
+        lm_eval_chat: Annotated[bool, typer.Option(
+            "--lm-eval-chat", help="Harness prompts through the model's chat template, few-shot examples as turns "
+                                   "(the skipprof_qa_chat task needs it).")] = False,
     ) -> None:
         from .. import evaluate as ev
         from ..fidelity import FidelityError
@@ -208,7 +259,23 @@ def register(app: typer.Typer) -> None:
             oracle=oracle, search_reference=search_reference, batch_size=batch_size, batch_decision=batch_decision,
             qa=qa or qa_file is not None, qa_file=str(qa_file) if qa_file else None,
             sweep=parse_ratios(sweep, "--sweep") if sweep else None, sweep_refine=refine, sweep_per_class=per_class,
-            oracle_targets=parse_ratios(oracle_at, "--oracle-at") if oracle_at else None)
+            oracle_targets=parse_ratios(oracle_at, "--oracle-at") if oracle_at else None,
+            lm_eval=parse_tasks(lm_eval) if lm_eval is not None else None,
+            lm_eval_include=[str(p) for p in lm_eval_include] if lm_eval_include else None,
+            lm_eval_limit=lm_eval_limit, lm_eval_chat=lm_eval_chat)
+        if (lm_eval_include or lm_eval_limit or lm_eval_chat) and not config.lm_eval:
+            raise CLIError("--lm-eval-include, --lm-eval-limit and --lm-eval-chat go with --lm-eval TASKS")
+        if config.lm_eval:
+            if "skipprof_qa_chat" in config.lm_eval and not lm_eval_chat:
+                raise CLIError("skipprof_qa_chat is prompted through the chat template: add --lm-eval-chat "
+                               "(skipprof_qa is the plain-text form)")
+            for folder in lm_eval_include or []:
+                if not folder.is_dir():
+                    raise CLIError(f"--lm-eval-include: not a folder: {folder}")
+            import importlib.util
+
+            if importlib.util.find_spec("lm_eval") is None:
+                raise CLIError('--lm-eval needs lm-evaluation-harness: pip install "skipprofiler[lm-eval]"')
         if not plan_paths and not config.sweep:
             raise CLIError("give at least one PLAN file (or --sweep with --profile)")
         if config.sweep and profile is None:

@@ -499,6 +499,7 @@ class DroppedLayers:
 def evaluate_layer_drop(model, data: EvalData, layers: Sequence[int], name: str, config: EvalConfig) -> dict[str, Any]:
     num_layers = model_num_layers(model)
     forward = model_forward(model)
+    data.row_plans[name] = ("drop_layers", list(layers))  # harness runs (--lm-eval) drop the same layers
     row = _hooked_row(model, data, name, config, DroppedLayers(model, layers), lambda ref: forward(ref.batch),
                       family="ShortGPT layer drop", mode="layer_drop", layers=sorted(layers),
                       qa_dropped_layers=layers)
@@ -524,7 +525,6 @@ def _hooked_row(model, data: EvalData, name: str, config: EvalConfig, hooks, tea
     prompt passes (hooks that act on decode positions only)."""
     sums = FidelitySums()
     produced: list[list[int]] = []
-    data.row_plans[name] = ("drop_layers", list(layers))
     steps = len(data.references) + len(data.prompts) + (data.qa is not None)
     with data.progress.stage(name, steps) as tick, hooks, torch.inference_mode():
         for ref in data.references:

@@ -194,7 +194,9 @@ def test_baselines_get_harness_runs_with_baselines(tmp_path, capsys):
     assert random_row["lm_eval"]["runs"] == 2 and random_row["lm_eval"]["results"][0]["stderr"] is None
     shortgpt = next(r for n, r in rows.items() if n.startswith("ShortGPT"))
     assert shortgpt["lm_eval"]["dropped_layers"] and shortgpt["lm_eval"]["decided_skip_ratio"] is None
-    values = {n: r["lm_eval"]["results"][0]["value"] for n, r in rows.items()}
+    without = sorted(n for n, r in rows.items() if "lm_eval" not in r)
+    assert len(without) == 1 and without[0].startswith("ReplaceMe-style")  # eval-only hooks: no harness model
+    values = {n: r["lm_eval"]["results"][0]["value"] for n, r in rows.items() if "lm_eval" in r}
     assert len(set(values.values())) == len(values)  # every row is a different model
 
 

@@ -74,9 +74,9 @@ for stage in "${STAGES[@]}"; do
         plans/smollm2-static-mean-25.yaml \
         --baselines --no-search-reference --profile "$PROF" --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa \
         --no-speed --out "$OUT/smollm2-eval-linear-25.json" ;;
-    eval-linear-more)  # rank 128 and per-class maps at 25 % (the same held-out windows and questions, no baselines)
+    eval-linear-more)  # rank 128 and per-class maps at 25 % (the same held-out windows and questions as eval-linear-25)
       timed eval-linear-more.log skipprof eval --model "$GGUF" plans/smollm2-linear-r128-25.yaml \
-        "$WORK/linear-perclass-25.yaml" plans/smollm2-linear-25.yaml --gen-len "$GEN_LEN" --docs-per-class "$DOCS" \
+        "$WORK/linear-perclass-25.yaml" --gen-len "$GEN_LEN" --docs-per-class "$DOCS" \
         --qa --no-speed --out "$OUT/smollm2-eval-linear-more.json" ;;
     fit-other)
       for P in 05 10 25; do  # a budget no layer fits in is an answer, not a failure: the log says so

@@ -26,7 +26,8 @@ RUNS = (("linear-10", "Linear substitutes at 10 %: none / mean output / linear, 
         ("linear-25", "Linear substitutes at 25 %: none / mean output / linear (full and rank 128), and the baselines at "
                       "the linear plan's ratio (ReplaceMe-style at its decode FLOPs)"),
         ("linear-more", "Rank-128 maps and per-class maps on the global layer set at 25 % (routed by label and by the "
-                        "plan's router), beside the global full-rank plan"),
+                        "plan's router); the global full-rank plan is in the 25 % table above (same windows and "
+                        "questions)"),
         ("10", "Target 10 % (baselines and search reference at the static plan's ratio)"),
         ("25", "Target 25 % (baselines and search reference at the static plan's ratio)"),
         ("more", "Adaptive and per-class at 25 %, and 35 %"),

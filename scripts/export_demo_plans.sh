@@ -7,7 +7,7 @@
 # `skipprof profile --new-tokens 32 --max-tokens 120000 --out PROFILE`: the default model and data are the bundled demo;
 # generated tokens are profiled too so the plans use decode statistics). Writes static plans (KL-refined on the
 # bundled calibration split) and adaptive plans at 10/25/35 % (per sequence, and shared for batches of 8), per-class
-# plans (with router) at 25 %, then validates
+# plans (with router) and a linear-substitute plan at 25 %, then validates
 # each one against the bundled model.
 set -euo pipefail
 
@@ -28,6 +28,8 @@ for pct in 10 25 35; do
 done
 skipprof export-plan "$profile" --target-skip 0.25 --mode static --per-class --refine \
   --out "$out_dir/demo-perclass-25.yaml"
+# each skipped FFN replaced by a fitted linear map (layers chosen with the maps in place; writes a .safetensors too)
+skipprof export-plan "$profile" --target-skip 0.25 --refine --compensation linear --out "$out_dir/demo-linear-25.yaml"
 skipprof export-plan "$profile" --target-skip 0.25 --mode adaptive --per-class \
   --out "$out_dir/demo-perclass-adaptive-25.yaml"
 

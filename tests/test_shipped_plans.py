@@ -42,13 +42,15 @@ def test_the_repo_ships_static_adaptive_and_per_class_plans():
     assert {f"demo-{mode}-{pct}" for mode in ("static", "adaptive") for pct in (10, 25, 35)} <= names
     assert {"demo-perclass-25", "demo-perclass-adaptive-25"} <= names
     assert {f"demo-adaptive-{pct}-batch8" for pct in (10, 25, 35)} <= names
+    assert "demo-linear-25" in names and (PLANS[0].parent / "demo-linear-25.safetensors").is_file()
 
 
 @pytest.mark.parametrize("path", PLANS, ids=lambda p: p.stem)
 def test_shipped_plan_validates_against_the_bundled_model_and_is_canonical(path, demo_model):
     model, _ = demo_model
     text = path.read_text()
-    plan = load_plan(text, num_layers=model.config.num_hidden_layers, fingerprint=model_fingerprint(model))
+    plan = load_plan(text, num_layers=model.config.num_hidden_layers, fingerprint=model_fingerprint(model),
+                     base_dir=path.parent)  # linear maps are read beside the plan
     assert dump_plan(plan) == text  # checked in canonical form: a re-export diffs only where the plan changed
     corpus = plan.provenance.get("corpus") or []
     recorded = [entry.get("spec", "") for entry in corpus] + [f for entry in corpus for f in entry.get("files", [])]

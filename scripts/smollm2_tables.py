@@ -84,8 +84,8 @@ def figure(path: Path) -> None:
     rows = []
     for run in ("linear-10", "linear-25", "linear-more"):
         file = ROOT / "docs" / "results" / f"smollm2-eval-{run}.json"
-        if file.exists():
-            seen = {r["name"] for r in rows}
+        if file.exists():  # the extra run's rows at 25 % only where the 25 % run does not have them
+            seen = {r["name"] for r in rows} if run == "linear-more" else set()
             rows += [r for r in json.loads(file.read_text())["plans"] if r["name"] not in seen]
     if not rows:
         return
@@ -103,6 +103,7 @@ def figure(path: Path) -> None:
         ax.set_ylabel(label + (" (%)" if percent else ""))
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
     axes[2].legend(fontsize=8, loc="lower left")
     fig.suptitle("SmolLM2-135M-Instruct, held-out split (64-token prompts, 256 generated positions), bundled QA set")
     fig.tight_layout()

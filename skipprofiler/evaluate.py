@@ -21,6 +21,7 @@ from .fidelity import (DenseReference, FidelityError, FidelitySums, compare, com
                        pad_id_of, token_windows)
 from .plan import PlanFile, SkipPlan, generation_warnings
 from .progress import Progress
+from .blocks import DroppedLayers
 from .refine import SetEvaluator, canonical, middle_layers, oracle_static, substitute_cost_share
 
 EVAL_FORMAT = "skipprof-eval"
@@ -470,32 +471,6 @@ def block_influence(model, references: Sequence[DenseReference]) -> list[float]:
     return [t / max(c, 1) for t, c in zip(totals, counts)]
 
 
-class DroppedLayers:
-    """ShortGPT-style whole-layer drop, eval only: the chosen decoder layers return their input (attention and FFN
-    both dropped, on every position, prompt included). Restored on exit."""
-
-    def __init__(self, model, layers: Sequence[int]):
-        from .registry import resolve
-
-        self.layers = [resolve(model).layers[i] for i in layers]
-        self.handles: list = []
-
-    def __enter__(self):
-        def passthrough(module, args, kwargs, output):
-            inp = args[0] if args else kwargs["hidden_states"]
-            if isinstance(output, (tuple, list)):
-                return type(output)((inp,) + tuple(output[1:]))
-            return inp
-
-        self.handles = [layer.register_forward_hook(passthrough, with_kwargs=True) for layer in self.layers]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
 def evaluate_layer_drop(model, data: EvalData, layers: Sequence[int], name: str, config: EvalConfig) -> dict[str, Any]:
     num_layers = model_num_layers(model)
     forward = model_forward(model)
@@ -608,10 +583,10 @@ def baseline_rows(model, data: EvalData, reference: SkipPlan, realized: float, c
 
 def replaceme_row(model, tokenizer, data: EvalData, reference_row: dict[str, Any], config: EvalConfig,
                   suffix: str = "") -> dict[str, Any]:
-    """ReplaceMe-style baseline (skipprofiler.replaceme) with as many whole blocks replaced as save about the FLOPs
+    """ReplaceMe-style baseline (skipprofiler.blocks) with as many whole blocks replaced as save about the FLOPs
     per decode token that `reference_row` saves (net of its substitutes), fitted on calibration windows."""
     from .refine import SEARCH_DOCS_PER_CLASS, SEARCH_PROMPT_LEN, SUBSTITUTE_DOCS_PER_CLASS, SUBSTITUTE_GEN_LEN
-    from .replaceme import ReplacedBlocks, fit_block_replacement
+    from .blocks import ReplacedBlocks, fit_block_replacement
     from .substitute import calibration_batches
 
     flops = FlopModel.of(model)

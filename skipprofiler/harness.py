@@ -165,7 +165,7 @@ class SkipLM(TemplateLM):
     def _applied(self) -> Iterator[Any]:
         """The plan applied for one harness call (dense: no handle); its counts are added to `skip_stats`."""
         if self.drop_layers:
-            from .evaluate import DroppedLayers
+            from .blocks import DroppedLayers
 
             with DroppedLayers(self.model, self.drop_layers):
                 yield None

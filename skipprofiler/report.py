@@ -44,9 +44,14 @@ class ReportError(ValueError):
     """The inputs cannot be drawn (missing data, wrong file)."""
 
 
-def _atomic_savefig(fig, path: Path) -> None:
+def _atomic_savefig(fig, path: Path) -> Path:
+    """Write the figure atomically, close it, return its path."""
+    import matplotlib.pyplot as plt
+
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def _plt():
@@ -116,10 +121,7 @@ def cosine_figure(profile, out: Path, title: str) -> Path:
     fig.colorbar(mesh, ax=axes, shrink=0.8, extend="max" if float(peaks.max()) > vmax else "neither",
                  label="share of the layer's tokens")
     fig.suptitle(title + f"\nper-layer FFN saturation by class ({regime} regime)", fontsize=11)
-    path = out / "cosine_by_layer.png"
-    _atomic_savefig(fig, path)
-    plt.close(fig)
-    return path
+    return _atomic_savefig(fig, out / "cosine_by_layer.png")
 
 
 def families(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -208,10 +210,7 @@ def quality_figure(result: dict[str, Any], out: Path, title: str) -> Path:
     _shared_legend(fig, (ax_kl, ax_ppl))
     fig.suptitle(title + "\nquality vs skip ratio", fontsize=11)
     fig.tight_layout()
-    path = out / "quality_vs_skip.png"
-    _atomic_savefig(fig, path)
-    plt.close(fig)
-    return path
+    return _atomic_savefig(fig, out / "quality_vs_skip.png")
 
 
 def speed_figure(result: dict[str, Any], out: Path, title: str) -> Path:
@@ -235,10 +234,7 @@ def speed_figure(result: dict[str, Any], out: Path, title: str) -> Path:
     ax.set_ylabel("decode speedup vs dense (median, interleaved;\nbars: range of per-round ratios)")
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     ax.set_title(title + "\nmeasured decode speedup vs skip ratio", fontsize=11)
-    path = out / "speedup_vs_skip.png"
-    _atomic_savefig(fig, path)
-    plt.close(fig)
-    return path
+    return _atomic_savefig(fig, out / "speedup_vs_skip.png")
 
 
 def lm_eval_figure(result: dict[str, Any], out: Path, title: str) -> Path:
@@ -272,10 +268,7 @@ def lm_eval_figure(result: dict[str, Any], out: Path, title: str) -> Path:
     _shared_legend(fig, list(axes.flat)[:len(keys)])
     fig.suptitle(title + "\nlm-evaluation-harness, dense and each plan (decode-only semantics)", fontsize=11)
     fig.tight_layout()
-    path = out / "lm_eval_vs_skip.png"
-    _atomic_savefig(fig, path)
-    plt.close(fig)
-    return path
+    return _atomic_savefig(fig, out / "lm_eval_vs_skip.png")
 
 
 def make_report(profile, result: dict[str, Any] | None, out: Path, title: str | None = None) -> list[Path]:

@@ -105,6 +105,20 @@ class LayerStatistics:
     def total(self) -> LinearStatistics:
         return self.fit + self.heldout
 
+    def add_positions(self, x: torch.Tensor, y: torch.Tensor, stream: torch.Tensor, mask: torch.Tensor,
+                      heldout_rows: torch.Tensor, sink_factor: float = SINK_NORM_FACTOR) -> None:
+        """Add the masked positions of x, y [B, S, d]: attention sinks (a `stream` norm above `sink_factor` x its
+        row's median over the mask) are left out and counted; rows flagged in `heldout_rows` [B] go to `heldout`."""
+        mask = mask.to(x.device)
+        norms = stream.float().norm(dim=-1)
+        median = norms.masked_fill(~mask, float("nan")).nanmedian(dim=1, keepdim=True).values
+        sink = mask & (norms > sink_factor * median)
+        keep = mask & ~sink
+        held = heldout_rows.to(keep.device)[:, None] & keep
+        self.sinks += int(sink.sum())
+        self.fit.add(x[keep & ~held], y[keep & ~held])
+        self.heldout.add(x[held], y[held])
+
 
 @dataclass
 class FittedMap:
@@ -132,9 +146,16 @@ class FittedMap:
 # Statistics
 
 
-def _decode_mask(batch) -> torch.Tensor:
+def decode_mask(batch) -> torch.Tensor:
+    """[B, S] bool: the real positions of a TokenBatch from its prompt length on (teacher-forced decode positions)."""
     pos = torch.arange(batch.input_ids.shape[1]).unsqueeze(0)
     return batch.attention_mask.bool() & (pos >= batch.prompt_len)
+
+
+def heldout_rows(first_row: int, rows: int, every: int = VALIDATION_EVERY) -> torch.Tensor:
+    """[rows] bool: which documents (by running index from `first_row`) are held out to choose λ."""
+    index = torch.arange(first_row, first_row + rows)
+    return (index % every) == every - 1
 
 
 def collect_statistics(model, batches: Sequence, layers: Sequence[int], *, plan=None,
@@ -171,16 +192,8 @@ def collect_statistics(model, batches: Sequence, layers: Sequence[int], *, plan=
         def on_layer(t, stats=stats, wanted=wanted):
             if t.index not in wanted:
                 return
-            mask = state["mask"].to(t.ffn_input.device)
-            norms = t.stream_in_ffn.float().norm(dim=-1)  # [B, S]
-            median = norms.masked_fill(~mask, float("nan")).nanmedian(dim=1, keepdim=True).values
-            sink = mask & (norms > sink_factor * median)
-            keep = mask & ~sink
-            held = state["heldout"].to(keep.device)[:, None] & keep
-            s = stats[t.index]
-            s.sinks += int(sink.sum())
-            s.fit.add(t.ffn_input[keep & ~held], t.ffn_output[keep & ~held])
-            s.heldout.add(t.ffn_input[held], t.ffn_output[held])
+            stats[t.index].add_positions(t.ffn_input, t.ffn_output, t.stream_in_ffn, state["mask"],
+                                         state["heldout"], sink_factor)
 
         def stop(module, args, output):
             raise _Collected
@@ -191,9 +204,8 @@ def collect_statistics(model, batches: Sequence, layers: Sequence[int], *, plan=
             try:
                 for batch in batches:
                     rows = batch.input_ids.shape[0]
-                    index = torch.arange(rows_seen, rows_seen + rows)
-                    state["heldout"] = (index % validation_every) == validation_every - 1
-                    state["mask"] = _decode_mask(batch)
+                    state["heldout"] = heldout_rows(rows_seen, rows, validation_every)
+                    state["mask"] = decode_mask(batch)
                     rows_seen += rows
                     try:
                         if plan is None:

@@ -1,5 +1,5 @@
-"""The ReplaceMe-style baseline: blocks replaced by a fitted linear map at decode positions only, the same way in
-teacher-forced and cached decode forwards."""
+"""Whole-block baselines (skipprofiler.blocks): the ReplaceMe-style one replaces blocks by a fitted linear map at decode
+positions only, the same way in teacher-forced and cached decode forwards."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from test_runtime import greedy_loop
 from test_substitute import _batches
 from tiny_models import tiny_model
 
-from skipprofiler.replaceme import ReplacedBlocks, fit_block_replacement
+from skipprofiler.blocks import ReplacedBlocks, fit_block_replacement
 
 
 def test_replaced_blocks_change_decode_positions_only_and_agree_between_teacher_forcing_and_decoding():

@@ -1,5 +1,6 @@
-"""The ReplaceMe-style baseline (Shopkhoev et al., NeurIPS 2025, arXiv 2505.02819): a contiguous run of n whole decoder
-blocks replaced by one least-squares linear map, training-free.
+"""Whole-block baselines, eval only: ShortGPT's layer drop (`DroppedLayers`) and the ReplaceMe-style replacement
+(Shopkhoev et al., NeurIPS 2025, arXiv 2505.02819): a contiguous run of n whole decoder blocks replaced by one
+least-squares linear map, training-free.
 
 As here: the run [start, start + n) is the one whose input and output stream are closest in cosine on calibration
 decode positions (ReplaceMe's choice, ShortGPT's metric over n blocks); the map reads the run's input stream h,
@@ -17,7 +18,33 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .substitute import SINK_NORM_FACTOR, VALIDATION_EVERY, FittedMap, LayerStatistics, LinearStatistics, fit_map
+from .substitute import FittedMap, LayerStatistics, LinearStatistics, decode_mask, fit_map, heldout_rows
+
+
+class DroppedLayers:
+    """ShortGPT-style whole-layer drop: the chosen decoder layers return their input (attention and FFN both dropped,
+    on every position, prompt included). Restored on exit."""
+
+    def __init__(self, model, layers: Sequence[int]):
+        from .registry import resolve
+
+        self.layers = [resolve(model).layers[i] for i in layers]
+        self.handles: list = []
+
+    def __enter__(self):
+        def passthrough(module, args, kwargs, output):
+            inp = args[0] if args else kwargs["hidden_states"]
+            if isinstance(output, (tuple, list)):
+                return type(output)((inp,) + tuple(output[1:]))
+            return inp
+
+        self.handles = [layer.register_forward_hook(passthrough, with_kwargs=True) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
 
 @dataclass
@@ -36,14 +63,9 @@ def _rms_normalized(h: torch.Tensor) -> torch.Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-def _decode_mask(batch) -> torch.Tensor:
-    pos = torch.arange(batch.input_ids.shape[1]).unsqueeze(0)
-    return batch.attention_mask.bool() & (pos >= batch.prompt_len)
-
-
-@contextlib.contextmanager
-def _layer_streams(layers) -> Iterator[list]:
-    """Per forward: each decoder layer's input stream, then the last layer's output (appended in order)."""
+def _streams(model, layers, batches) -> Iterator[tuple]:
+    """Per batch: (batch, decode mask, streams) with streams[l] the input of layer l and streams[L] the last output."""
+    from .fidelity import model_forward
     from .registry import first_tensor
 
     streams: list[torch.Tensor] = []
@@ -51,8 +73,13 @@ def _layer_streams(layers) -> Iterator[list]:
         lambda m, a, k: streams.append(first_tensor(a[0] if a else k["hidden_states"])), with_kwargs=True)
         for layer in layers]
     handles.append(layers[-1].register_forward_hook(lambda m, a, out: streams.append(first_tensor(out))))
+    forward = model_forward(model)
     try:
-        yield streams
+        with torch.inference_mode():
+            for batch in batches:
+                streams.clear()
+                forward(batch)
+                yield batch, decode_mask(batch).to(streams[0].device), streams
     finally:
         for h in handles:
             h.remove()
@@ -60,8 +87,7 @@ def _layer_streams(layers) -> Iterator[list]:
 
 def fit_block_replacement(model, batches: Sequence, count: int) -> BlockReplacement:
     """Choose the run of `count` middle blocks with the smallest input/output cosine distance on the decode positions
-    of `batches` and fit its map there (two forward passes)."""
-    from .fidelity import model_forward
+    of `batches` and fit its map there (two forward passes: the choice, then the statistics of the chosen run)."""
     from .refine import middle_layers
     from .registry import resolve
 
@@ -70,40 +96,22 @@ def fit_block_replacement(model, batches: Sequence, count: int) -> BlockReplacem
     starts = [s for s in middle_layers(L) if s + count - 1 <= middle_layers(L)[-1]]
     if not starts:
         raise ValueError(f"cannot replace {count} blocks of a {L}-layer model (the first and last stay)")
-    forward = model_forward(model)
-    distance = torch.zeros(L, dtype=torch.float64)
-    n = 0
-    with _layer_streams(layers) as streams, torch.inference_mode():
-        for batch in batches:
-            streams.clear()
-            forward(batch)
-            mask = _decode_mask(batch).to(streams[0].device)
-            n += int(mask.sum())
-            for s in starts:
-                cos = torch.nn.functional.cosine_similarity(streams[s].float(), streams[s + count].float(), dim=-1)
-                distance[s] += (1 - cos)[mask].double().sum().cpu()
-    per_start = {s: float(distance[s] / max(n, 1)) for s in starts}
+    distance, n = dict.fromkeys(starts, 0.0), 0
+    for _, mask, streams in _streams(model, layers, batches):
+        n += int(mask.sum())
+        for s in starts:
+            cos = torch.nn.functional.cosine_similarity(streams[s].float(), streams[s + count].float(), dim=-1)
+            distance[s] += float((1 - cos)[mask].double().sum())
+    per_start = {s: d / max(n, 1) for s, d in distance.items()}
     start = min(per_start, key=per_start.get)
-    d = streams[0].shape[-1] if streams else model.config.hidden_size
+    d = model.config.hidden_size
     stats = LayerStatistics(LinearStatistics.zeros(d, d), LinearStatistics.zeros(d, d))
     rows_seen = 0
-    with _layer_streams(layers) as streams, torch.inference_mode():
-        for batch in batches:
-            streams.clear()
-            forward(batch)
-            mask = _decode_mask(batch).to(streams[0].device)
-            h_in, h_out = streams[start].float(), streams[start + count].float()
-            norms = h_in.norm(dim=-1)
-            median = norms.masked_fill(~mask, float("nan")).nanmedian(dim=1, keepdim=True).values
-            sink = mask & (norms > SINK_NORM_FACTOR * median)
-            keep = mask & ~sink
-            rows = torch.arange(rows_seen, rows_seen + batch.input_ids.shape[0])
-            held = ((rows % VALIDATION_EVERY) == VALIDATION_EVERY - 1).to(keep.device)[:, None] & keep
-            rows_seen += batch.input_ids.shape[0]
-            stats.sinks += int(sink.sum())
-            x, y = _rms_normalized(h_in), h_out - h_in
-            stats.fit.add(x[keep & ~held], y[keep & ~held])
-            stats.heldout.add(x[held], y[held])
+    for batch, mask, streams in _streams(model, layers, batches):
+        h_in, h_out = streams[start].float(), streams[start + count].float()
+        rows = batch.input_ids.shape[0]
+        stats.add_positions(_rms_normalized(h_in), h_out - h_in, h_in, mask, heldout_rows(rows_seen, rows))
+        rows_seen += rows
     return BlockReplacement(start, count, fit_map(stats), per_start)
 
 

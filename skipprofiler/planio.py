@@ -241,8 +241,22 @@ def _check_layer(check: _Checker, path: str, value: Any, layers: int | None) -> 
     return True
 
 
+def skip_plan_problems(plan: SkipPlan, label: str, num_layers: int, hidden: int | None = None) -> list[str]:
+    """The rules `validate_plan_dict` applies to a file's plan, applied to one in-memory plan (the runtime checks plans
+    built in code with them): one place says what a valid plan is. Its linear maps, when in memory, need no file yet
+    (`linear_map_problems` checks their tensors)."""
+    d = _skip_plan_to_dict(plan, BUILTIN_DEFAULTS)
+    if plan.tau is not None:
+        d["tau"] = list(plan.tau)  # in memory every layer needs its own entry: no scalar shorthand
+    if plan.linear is not None:
+        del d["linear"]
+    check = _Checker()
+    _check_plan(check, label, d, num_layers, BUILTIN_DEFAULTS, hidden, maps_in_memory=plan.linear is not None)
+    return check.problems
+
+
 def _check_plan(check: _Checker, path: str, plan: Any, layers: int | None, defaults: dict,
-                hidden: int | None = None) -> None:
+                hidden: int | None = None, maps_in_memory: bool = False) -> None:
     if not check.mapping(path, plan, PLAN_KEYS, required=("mode",)):
         return
     _check_overrides(check, path, plan)
@@ -267,17 +281,29 @@ def _check_plan(check: _Checker, path: str, plan: Any, layers: int | None, defau
         check.add(f"{path}.norm_gain", "is required with compensation: norm_ratio (one gain per layer)")
     if "ffn_mean" in plan:
         _check_ffn_mean(check, f"{path}.ffn_mean", plan["ffn_mean"], layers, hidden)
+        missing = sorted(set(_skippable_layers(plan, mode, layers)) - set(plan["ffn_mean"]))
+        if compensation == "mean_output" and isinstance(plan["ffn_mean"], dict) and missing:
+            check.add(f"{path}.ffn_mean", f"needs a mean output for every layer the plan may skip; missing {missing}")
     elif compensation == "mean_output":
         check.add(f"{path}.ffn_mean", "is required with compensation: mean_output (a mean FFN output per skipped "
                                       "layer)")
     if "linear" in plan:
         _check_linear(check, f"{path}.linear", plan["linear"])
-    elif compensation == LINEAR:
+    elif compensation == LINEAR and not maps_in_memory:
         check.add(f"{path}.linear", "is required with compensation: linear (the maps' file, its sha256 and rank)")
     if "expected_skip_ratio" in plan:
         check.number(f"{path}.expected_skip_ratio", plan["expected_skip_ratio"], lo=0.0, hi=1.0)
     if "fit" in plan and check.mapping(f"{path}.fit", plan["fit"], None):
         check.plain_data(f"{path}.fit", plan["fit"])
+
+
+def _skippable_layers(plan: dict, mode: str | None, layers: int | None) -> list[int]:
+    """The layers a raw plan mapping may skip (static: its skip_layers; adaptive: between the cold ends)."""
+    if mode == "static" and isinstance(plan.get("skip_layers"), list):
+        return [e.get("layer") if isinstance(e, dict) else e for e in plan["skip_layers"]]
+    if mode == "adaptive" and layers is not None and all(_is_int(plan.get(k)) for k in ("cold_start", "cold_end")):
+        return list(range(plan["cold_start"], layers - plan["cold_end"]))
+    return []
 
 
 def _check_ffn_mean(check: _Checker, path: str, means: Any, layers: int | None, hidden: int | None) -> None:

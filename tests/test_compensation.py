@@ -84,7 +84,8 @@ def test_mean_output_plans_are_validated_and_round_trip(tmp_path):
     text = dump_plan(plan)
     assert load_plan(text).global_plan.ffn_mean == {2: pytest.approx(means[2])}
     assert dump_plan(load_plan(text)) == text
-    with pytest.raises(PlanError, match="needs ffn_mean for every layer it may skip; missing \\[1\\]"):
+    with pytest.raises(PlanError, match="global plan.ffn_mean: needs a mean output for every layer the plan may skip; "
+                                        "missing \\[1\\]"):
         with apply_plan(model, PlanFile(model=plan.model, global_plan=static(
                 [1, 2], compensation="mean_output", ffn_mean={2: means[2]}))):
             pass
@@ -93,6 +94,9 @@ def test_mean_output_plans_are_validated_and_round_trip(tmp_path):
     raw = yaml.safe_load(text)
     raw["global"]["ffn_mean"] = {2: [0.0, 1.0]}
     assert any("has 2 numbers but the model's hidden size is" in p for p in validate_plan_dict(raw))
+    raw["global"]["ffn_mean"] = {1: means[1]}  # the same rule holds in files: layer 2 is skipped, its mean missing
+    assert any("ffn_mean: needs a mean output for every layer the plan may skip; missing [2]" in p
+               for p in validate_plan_dict(raw))
     del raw["global"]["ffn_mean"]
     assert any("ffn_mean: is required with compensation: mean_output" in p for p in validate_plan_dict(raw))
 

@@ -261,10 +261,10 @@ def test_skipped_ffns_are_not_executed():
 
 @pytest.mark.parametrize("length, starts, ffn_rows", [
     (40, [10, 30], 10 + 30),  # 80 positions: only the kept ones reach the FFN
-    (8, [3, 6], 16),  # 16 positions, 9 running: a small batch runs every row and masks (a gather would not pay)
-    (8, [1, 2], 3),  # 16 positions, 3 running (at most a quarter): gathered
+    (8, [3, 6], 9),  # 16 positions, 9 running: a multi-position forward runs only the rows it keeps
+    (8, [1, 2], 3),  # 16 positions, 3 running
 ])
-def test_mixed_rows_run_the_ffn_on_kept_rows_only_when_it_pays(length, starts, ffn_rows):
+def test_mixed_rows_run_the_ffn_on_kept_rows_only(length, starts, ffn_rows):
     """decode_from with per-row starts: rows at different decode indices, exact either way."""
     model = tiny_model("llama", num_layers=4)
     seen = []
@@ -526,7 +526,7 @@ def test_adaptive_shared_padding_never_votes_and_columns_decide_apart():
     assert alone[1]["decided_skips"] > 0
     for host in (True, False):
         torch.testing.assert_close(out[host][0], alone[0], rtol=0, atol=1e-5)
-        assert out[host][1] == alone[1]  # padding is not counted either
+        assert decisions(out[host][1]) == decisions(alone[1])  # padding is not counted either
 
 
 def test_plan_batch_decision_is_the_default_and_apply_plan_overrides_it():
@@ -559,6 +559,11 @@ def test_batch_decision_is_validated_before_touching_the_model():
         assert "decided per batch" in str(model) and "batch_decision=shared" in repr(handle)
 
 
+def decisions(stats: dict) -> dict:
+    """A handle's stats without the rows really not computed (device-state adaptive plans mask, host state gathers)."""
+    return {k: v for k, v in stats.items() if k not in ("rows_not_computed", "not_computed_ratio")}
+
+
 def test_adaptive_teacher_forced_decode_from_matches_host_device():
     model = tiny_model("llama", num_layers=6)
     ids = torch.randint(2, 90, (3, 10))
@@ -569,7 +574,8 @@ def test_adaptive_teacher_forced_decode_from_matches_host_device():
             with torch.no_grad():
                 out[host] = model(input_ids=ids).logits, handle.stats()
     torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=1e-5)
-    assert out[True][1] == out[False][1] and out[True][1]["decode_positions"] == 8 + 6 + 4
+    assert decisions(out[True][1]) == decisions(out[False][1]) and out[True][1]["decode_positions"] == 8 + 6 + 4
+    assert out[False][1]["rows_not_computed"] == 0 < out[True][1]["rows_not_computed"]  # device state masks rows
 
 
 # ---- classes, router, compensation ----------------------------------------------------------------------------------
@@ -682,8 +688,8 @@ def test_second_plan_without_removing_first_is_an_error():
 
 
 @pytest.mark.parametrize("plan, message", [
-    (static([1, 7]), r"layers \[7\] but the model has 4 layers"),
-    (SkipPlan(mode="adaptive", tau=[0.9] * 3, max_skip=1), "one tau per layer"),
+    (static([1, 7]), r"plan.skip_layers\[1\]: layer 7 is beyond the model's 4 layers"),
+    (SkipPlan(mode="adaptive", tau=[0.9] * 3, max_skip=1), r"plan.tau: must have one entry per layer \(4\), got 3"),
     (static([1], compensation="norm_ratio"), "norm_gain"),
 ])
 def test_plan_not_fitting_the_model_is_rejected_before_touching_it(plan, message):

@@ -16,7 +16,8 @@ from skipprofiler._compat import cache_kwargs
 from skipprofiler.plan import SkipPlan
 from skipprofiler.registry import resolve
 from skipprofiler.runtime import apply_plan
-from skipprofiler.runtime.schedule import RowPlan, first_decode_index, schedule
+from skipprofiler.runtime.positionwise import plan_forward
+from skipprofiler.runtime.schedule import Kind, Rule, first_decode_index
 
 
 class RowCounter:
@@ -164,24 +165,36 @@ def test_continuous_batching_is_refused_with_a_clear_error():
     assert "init_continuous_batching" not in model.__dict__
 
 
+def skipped_positions(forward, layer: int) -> set[int]:
+    action = forward.actions.get(layer)
+    if action is None or action.kind is Kind.DENSE:
+        return set()
+    if action.kind is Kind.SKIP_ALL:
+        return set(range(forward.positions))
+    return set(action.skip.nonzero().flatten().tolist())
+
+
 def test_schedule_follows_plan_rule_at_every_position():
-    """The pure schedule against plan.py's rule: every position, several plans, pasts, widths and prompt ends."""
+    """The schedule against plan.py's rule: every position, several plans, pasts, widths and prompt ends (one token
+    per row takes the decode-step path when the rows agree, the per-position path otherwise)."""
     plans = [SkipPlan(mode="static", skip_layers={1: 1.0, 3: 0.5}, warmup_tokens=w, dense_every=e)
              for w, e in itertools.product((0, 2), (0, 3))]
     plans.append(SkipPlan(mode="static", skip_layers={2: 0.3}, apply_to="all"))
     for plan, past, seq, end in itertools.product(plans, (0, 1, 5, 9), (1, 3, 8), (0, 4, 6)):
-        rp = RowPlan.of(plan, 4)
-        first = first_decode_index([rp, rp], past, [end, end + 1], [0, 2])
-        sched = schedule([rp, rp], seq, first)
+        rule = Rule(plan, 4, {})
+        first = first_decode_index([rule, rule], past, [end, end + 1], [0, 2])
+        forward = plan_forward([rule, rule], first, seq, torch.device("cpu"), None)
+        counted = decided = 0
         for b in range(2):
             origin = [0, 2][b] if plan.apply_to == "all" else [end, end + 1][b]
             for s in range(seq):
                 d = past + s - origin
-                expected = tuple(plan.static_layers_at(d)) if d >= 0 else ()
-                got = () if sched is None else sched.static[b * seq + s]
+                expected = set(plan.static_layers_at(d)) if d >= 0 else set()
+                got = {l for l in range(4) if forward is not None and b * seq + s in skipped_positions(forward, l)}
                 assert got == expected, (plan, past, seq, end, b, s)
-                counted = d >= 0 and d >= plan.warmup_tokens
-                assert (sched is not None and sched.counted[b * seq + s]) == counted
+                counted += d >= 0 and d >= plan.warmup_tokens
+                decided += len(expected)
+        assert (0, 0) == (counted, decided) if forward is None else (forward.counts.positions, forward.counts.decided)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -3,7 +3,7 @@
 One module per concern:
 
 - `data`: the `Profile` data model and its queries (layer statistics, quantiles, per-token samples);
-- `fileformat`: `Profile.save/load`, safetensors tensors plus a JSON header (docs/profile-format.md);
+- `fileformat`: the file behind `Profile.save/load`, safetensors arrays plus a JSON header (docs/profile-format.md);
 - `merge`: `merge_profiles()`, the exact merge of profiles of disjoint corpora;
 - `recorder`: `profile_model()`, which runs a model over labelled batches with the capture hooks.
 

@@ -13,15 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from ..histograms import chan_merge, hist_prob_above, hist_quantile
+from .fileformat import ProfileError, read_profile_file, write_profile_file
 
 METRICS = ("residual", "ffn_io", "norm_ratio", "stream_gain")
 REGIMES = ("prompt", "decode")
 DEFAULT_RESERVOIR = 4096
 DEFAULT_DOC_RESERVOIR = 256
-
-
-class ProfileError(ValueError):
-    """A profile cannot be read, merged or queried; the message is one line."""
 
 
 @dataclass
@@ -151,12 +148,71 @@ class Profile:
     # ---------------------------------------------------------------- file (skipprofiler.profile.fileformat)
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a reader never sees half a profile."""
-        from .fileformat import save_profile
-
-        return save_profile(self, path)
+        header = dict(self.header, classes=list(self.classes), router_layer=int(self.router_layer),
+                      metrics=list(self.hist))
+        return write_profile_file(path, header, to_tensors(self))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
-        from .fileformat import load_profile
+        header, tensors = read_profile_file(path)
+        try:
+            return _from_tensors(header, tensors)
+        except (KeyError, ValueError, IndexError) as e:
+            raise ProfileError(f"{path} is a damaged profile: {e}") from None
 
-        return load_profile(path)
+
+def to_tensors(p: Profile) -> dict[str, np.ndarray]:
+    """The arrays of `p` under their file names, in their file dtypes."""
+    out: dict[str, np.ndarray] = {}
+    for m in p.hist:
+        out[f"edges.{m}"] = np.ascontiguousarray(p.edges[m], dtype=np.float64)
+        out[f"hist.{m}"] = np.ascontiguousarray(p.hist[m], dtype=np.int64)
+        out[f"mean.{m}"] = np.ascontiguousarray(p.mean[m], dtype=np.float64)
+        out[f"m2.{m}"] = np.ascontiguousarray(p.m2[m], dtype=np.float64)
+        out[f"nonfinite.{m}"] = np.ascontiguousarray(p.nonfinite[m], dtype=np.int64)
+    out["count"] = np.ascontiguousarray(p.count, dtype=np.int64)
+    out["token_count"] = np.ascontiguousarray(p.token_count, dtype=np.int64)
+    out["reservoir"] = np.ascontiguousarray(p.reservoir, dtype=np.float32)
+    out["reservoir_gain"] = np.ascontiguousarray(p.reservoir_gain, dtype=np.float32)
+    out["reservoir_len"] = np.ascontiguousarray(p.reservoir_len, dtype=np.int64)
+    out["reservoir_keys"] = np.ascontiguousarray(p.reservoir_keys, dtype=np.float64)
+    out["doc_features"] = np.ascontiguousarray(p.doc_features, dtype=np.float32)
+    out["doc_len"] = np.ascontiguousarray(p.doc_len, dtype=np.int64)
+    out["doc_keys"] = np.ascontiguousarray(p.doc_keys, dtype=np.float64)
+    return out
+
+
+def _from_tensors(header: dict, t: dict[str, np.ndarray]) -> Profile:
+    metrics = header.get("metrics") or list(METRICS)
+    classes = [str(c) for c in header["classes"]]
+    profile = Profile(
+        header=header, classes=classes,
+        edges={m: t[f"edges.{m}"] for m in metrics}, hist={m: t[f"hist.{m}"] for m in metrics},
+        count=t["count"], mean={m: t[f"mean.{m}"] for m in metrics}, m2={m: t[f"m2.{m}"] for m in metrics},
+        nonfinite={m: t[f"nonfinite.{m}"] for m in metrics}, reservoir=t["reservoir"],
+        reservoir_gain=t["reservoir_gain"], reservoir_len=t["reservoir_len"], reservoir_keys=t["reservoir_keys"],
+        router_layer=int(header["router_layer"]), doc_features=t["doc_features"], doc_len=t["doc_len"],
+        doc_keys=t["doc_keys"], token_count=t.get("token_count"))
+    check_shapes(profile)
+    return profile
+
+
+def check_shapes(p: Profile) -> None:
+    """Raise ValueError naming the first array whose shape disagrees with (R, L, C, K)."""
+    R, L, C = p.count.shape
+    K = p.reservoir.shape[2]
+    if R != len(REGIMES) or C != len(p.classes):
+        raise ValueError(f"count has shape {p.count.shape}, expected ({len(REGIMES)}, L, {len(p.classes)})")
+    expect: dict[str, tuple[int, ...]] = {"reservoir": (R, C, K, L), "reservoir_gain": (R, C, K, L),
+                                          "reservoir_len": (R, C), "reservoir_keys": (R, C, K),
+                                          "token_count": (R, C), "doc_len": (C,)}
+    for m in p.hist:
+        expect[f"hist.{m}"] = (R, L, C, len(p.edges[m]) + 1)
+        for name in ("mean", "m2", "nonfinite"):
+            expect[f"{name}.{m}"] = (R, L, C)
+    tensors = to_tensors(p)
+    for name, shape in expect.items():
+        if tensors[name].shape != shape:
+            raise ValueError(f"{name} has shape {tensors[name].shape}, expected {shape}")
+    if p.doc_features.shape[:1] != (C,) or p.doc_keys.shape != p.doc_features.shape[:2]:
+        raise ValueError(f"doc_features {p.doc_features.shape} / doc_keys {p.doc_keys.shape} do not match {C} classes")

@@ -18,7 +18,7 @@ from ..corpus import Batch
 from ..greedy import accepts, greedy_step
 from ..histograms import MetricAccumulator, PriorityReservoir, binning_spec, default_edges
 from ..registry import model_fingerprint, resolve
-from ..runtime.routing import pool, prompt_weights
+from ..pooling import pool, prompt_weights
 from .data import DEFAULT_DOC_RESERVOIR, DEFAULT_RESERVOIR, METRICS, REGIMES, Profile
 from .fileformat import FORMAT, FORMAT_VERSION
 from .merge import now, token_summary

@@ -1,4 +1,4 @@
-"""Adaptive plans (FFN-SkipLLM): one state machine per forward, with a host and a device backend.
+"""Adaptive plans (FFN-SkipLLM), a runtime plug-in: one state machine per forward, with a host and a device backend.
 
 Per position, after each dense layer in its trigger range, cos(h, h + contribution) with
 ``h = stream_out - contribution`` (the registry's decomposition); once it passes tau[layer], the next max_skip FFNs
@@ -11,33 +11,38 @@ column's open positions start their runs at the first layer where every real one
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..plan import SkipPlan
-from ..registry import POST_NORM_OUTPUT, FFNSite, first_tensor
+from ..registry import POST_NORM_OUTPUT, RESIDUAL_INSIDE, FFNSite, first_tensor
 from .patcher import Patcher
-from .schedule import RowPlan
-from .step import DENSE, Decision, Kind, decide
+from .plugins import Plugin
+from .positionwise import action_from_flags
+from .schedule import DENSE, Action, Forward, Kind, Rule
 
 
-def adaptive_problems(plan: SkipPlan, label: str, num_layers: int) -> list[str]:
-    L, problems = num_layers, []
-    if plan.tau is None or len(plan.tau) != L:
-        n = None if plan.tau is None else len(plan.tau)
-        problems.append(f"{label}: adaptive plan needs one tau per layer ({L}), got {n}")
-    if plan.cold_start < 0 or plan.cold_end < 0 or plan.cold_start + plan.cold_end > L:
-        problems.append(f"{label}: cold_start {plan.cold_start} + cold_end {plan.cold_end} do not fit {L} layers")
-    if plan.max_skip < 0:
-        problems.append(f"{label}: max_skip must be >= 0")
-    return problems
+@dataclass(frozen=True)
+class Trigger:
+    """One adaptive plan's constants: the layers whose cos may start a run, and where runs are cut."""
+
+    plan: SkipPlan
+    trigger_lo: int  # first layer whose cos may start a run
+    trigger_hi: int  # last such layer (the run starts at layer + 1 < end)
+    end: int  # L - cold_end
+
+    @classmethod
+    def of(cls, plan: SkipPlan, num_layers: int) -> Trigger:
+        end = num_layers - plan.cold_end
+        return cls(plan, max(plan.cold_start - 1, 0), end - 2, end)
 
 
 class HostAdaptive:
     """The state in Python lists, one entry per flattened position."""
 
-    def __init__(self, row_plans: list[RowPlan | None], seq: int, shared: bool, real: list[bool] | None):
+    def __init__(self, row_plans: list[Trigger | None], seq: int, shared: bool, real: list[bool] | None):
         self.row_plans = row_plans  # per position: its adaptive plan, or None (not eligible)
         n = len(row_plans)
         self.remaining = [0] * n
@@ -53,12 +58,6 @@ class HostAdaptive:
         skips = [r > 0 for r in self.remaining]
         self.remaining = [r - 1 if r > 0 else 0 for r in self.remaining]
         return skips
-
-    def decide(self, layer: int, static: list[bool] | None, device: torch.device) -> Decision:
-        flags = self.skip_flags(layer)
-        if static is not None:
-            flags = static if flags is None else [a or b for a, b in zip(flags, static)]
-        return decide(flags, device)
 
     def may_trigger(self) -> bool:
         return self.open > 0
@@ -97,7 +96,7 @@ class HostAdaptive:
 class DeviceAdaptive:
     """The same state as device tensors [positions] (and [layer, position] constants)."""
 
-    def __init__(self, row_plans: list[RowPlan | None], num_layers: int, device: torch.device, seq: int,
+    def __init__(self, row_plans: list[Trigger | None], num_layers: int, device: torch.device, seq: int,
                  shared: bool, real: torch.Tensor | None):
         n = len(row_plans)
         self.seq, self.shared = seq, shared
@@ -128,13 +127,6 @@ class DeviceAdaptive:
         self.remaining = self.remaining - skip.long()
         return skip
 
-    def decide(self, layer: int, static: list[bool] | None, device: torch.device) -> Decision:
-        skip = self.skip_mask(layer)
-        if static is not None:
-            static_mask = torch.tensor(static, device=device)
-            skip = static_mask if skip is None else skip | static_mask
-        return DENSE if skip is None else Decision(Kind.MASK, skip=skip)
-
     def may_trigger(self) -> bool:
         return True  # deciding would need a host sync
 
@@ -159,33 +151,104 @@ class DeviceAdaptive:
         return (self.run_len * real).sum() if real is not None else self.run_len.sum()
 
 
-def adaptive_state(row_plans: list[RowPlan | None], num_layers: int, device: torch.device, seq: int, shared: bool,
-                   real: torch.Tensor | None, host: bool) -> HostAdaptive | DeviceAdaptive:
-    if host:
-        return HostAdaptive(row_plans, seq, shared, real.tolist() if shared and real is not None else None)
-    return DeviceAdaptive(row_plans, num_layers, device, seq, shared, real)
+class AdaptivePlugin(Plugin):
+    """Installs the cos-reading hooks and, per forward with eligible positions, the state that decides each layer."""
+
+    def __init__(self, handle: Any, rules: list[Rule], host_state: bool | None, shared: bool):
+        arch, patcher = handle.arch, handle.patcher
+        self.handle, self.host_state, self.shared = handle, host_state, shared
+        self.triggers = {id(r): Trigger.of(r.plan, arch.num_layers) for r in rules if not r.static}
+        self.layers = sorted({l for t in self.triggers.values() for l in range(t.trigger_lo, t.trigger_hi + 1)})
+        self.state: HostAdaptive | DeviceAdaptive | None = None
+        self.decisions: dict[int, Action] = {}
+        self.contribution: dict[int, torch.Tensor] = {}
+        self.cos_layers: frozenset[int] = frozenset()  # layers whose cos may start a run in this forward
+        for layer in self.layers:
+            _read_cos(arch.sites[layer], self, patcher)
+
+    def begin(self, forward: Forward) -> None:
+        self.state, self.decisions, self.contribution, self.cos_layers = None, {}, {}, frozenset()
+        if not forward.eligible:
+            return
+        row_plans: list[Trigger | None] = [None] * forward.positions
+        for rule, eligible in forward.eligible:
+            for p in eligible.nonzero().flatten().tolist():
+                row_plans[p] = self.triggers[id(rule)]
+        host = self.host_state if self.host_state is not None else forward.device.type == "cpu"
+        if host:
+            real = forward.real.tolist() if self.shared and forward.real is not None else None
+            self.state = HostAdaptive(row_plans, forward.seq, self.shared, real)
+        else:
+            self.state = DeviceAdaptive(row_plans, self.handle.arch.num_layers, forward.device, forward.seq,
+                                        self.shared, forward.real)
+        self.cos_layers = frozenset(self.state.trigger_layers())
+        forward.dynamic = self
+
+    def end(self, forward: Forward) -> None:
+        if self.state is not None:
+            forward.counts.decided = forward.counts.decided + self.state.decided(forward.real)
+        self.state = None
+
+    def wants_contribution(self, layer: int) -> bool:
+        return layer in self.cos_layers and self.state is not None and self.state.may_trigger()
+
+    def action(self, forward: Forward, layer: int, planned: Action) -> Action:
+        """This forward's action for one layer, decided once (when its FFN is first called) and counted then."""
+        action = self.decisions.get(layer)
+        if action is None:
+            static = forward.static_flags.get(layer)
+            if isinstance(self.state, HostAdaptive):
+                flags = self.state.skip_flags(layer)
+                flags = static if flags is None else torch.tensor(flags) | (False if static is None else static)
+                action = DENSE if flags is None else action_from_flags(flags, forward.fills.get(layer), forward.device,
+                                                                       forward.seq == 1)
+            else:
+                skip = self.state.skip_mask(layer)
+                if static is not None:
+                    skip = static.to(forward.device) if skip is None else skip | static.to(forward.device)
+                action = DENSE if skip is None else Action(Kind.MASK, forward.fills.get(layer), skip=skip)
+            self.decisions[layer] = action
+            forward.count(action)
+        return action
 
 
-def patch_cos_reading(site: FFNSite, ctx: Any, patcher: Patcher) -> None:
-    """Hooks that read cos(h, h + contribution) after the layer and hand it to the step's adaptive state."""
+def _read_cos(site: FFNSite, plugin: AdaptivePlugin, patcher: Patcher) -> None:
+    """Hooks that keep what the FFN added (its contribution) and, after the layer, hand cos(h, h + contribution) to
+    the forward's adaptive state."""
     layer = site.index
-    if site.contribution == POST_NORM_OUTPUT:  # the contribution is the post-norm's output
-        def post_norm_done(module, args, out):
-            step = ctx.step
-            if step is not None and step.cos_layers and step.wants_contribution(layer):
-                step.contribution[layer] = out.reshape(-1, out.shape[-1])
 
-        patcher.hook(site.post_norm.register_forward_hook(post_norm_done))
+    def keep(c: torch.Tensor) -> None:
+        if plugin.wants_contribution(layer):
+            plugin.contribution[layer] = c
+
+    if site.contribution == POST_NORM_OUTPUT:  # the contribution is the post-norm's output
+        patcher.hook(site.post_norm.register_forward_hook(lambda m, a, out: keep(out.reshape(-1, out.shape[-1]))))
+    elif site.ffn is None:  # OPT: fc2's output, already [P, H]
+        patcher.hook(site.fc2.register_forward_hook(lambda m, a, out: keep(out)))
+    else:
+        patcher.hook(site.ffn.register_forward_hook(
+            lambda m, a, kw, out: keep(contribution_of(site, out, a, kw)), with_kwargs=True))
 
     def layer_done(module, args, out):
-        step = ctx.step
-        c = step.contribution.pop(layer, None) if step is not None and step.contribution else None
-        if c is None:
+        c = plugin.contribution.pop(layer, None)
+        if c is None or plugin.state is None:
             return None
         stream_out = first_tensor(out)
         stream_out = stream_out.reshape(-1, stream_out.shape[-1]).float()
         cos = torch.nn.functional.cosine_similarity(stream_out - c.float(), stream_out, dim=-1)
-        step.adaptive.update(layer, cos)
+        plugin.state.update(layer, cos)
         return None
 
     patcher.hook(site.layer.register_forward_hook(layer_done))
+
+
+def contribution_of(site: FFNSite, out: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+    """What an FFN call added to the stream, flattened to [P, H]."""
+    if site.contribution == RESIDUAL_INSIDE:
+        residual = args[1] if len(args) > 1 else kwargs["residual"]
+        return (out - residual).reshape(-1, out.shape[-1])
+    out = first_tensor(out)
+    c = out.reshape(-1, out.shape[-1])
+    if site.multiplier != 1.0:
+        return c * site.multiplier
+    return c.clone() if site.ffn_output_mutated else c  # Falcon adds attention into the returned tensor in place

@@ -6,7 +6,8 @@ import warnings
 
 from torch import nn
 
-from ..plan import ADAPTIVE, APPLY_TO, COMPENSATIONS, MODES, NO_COMPENSATION, STATIC, PlanError, PlanFile, SkipPlan
+from ..plan import (ALL_POSITIONS, LINEAR, MEAN_OUTPUT, NO_COMPENSATION, NORM_RATIO, SHARED, STATIC, PlanError,
+                    PlanFile, SkipPlan)
 from ..registry import ResolvedArch, model_fingerprint, resolve
 
 
@@ -30,33 +31,20 @@ def check_fingerprint(plan_file: PlanFile, model: nn.Module, strict: bool) -> No
 
 
 def plan_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> list[str]:
-    """Everything that keeps `plan` from running on the model `arch` describes."""
-    L = arch.num_layers
-    problems = []
-    if plan.mode not in MODES:
-        problems.append(f"{label}: unknown mode {plan.mode!r} (expected {' or '.join(MODES)})")
-    if plan.apply_to not in APPLY_TO:
-        problems.append(f"{label}: unknown apply_to {plan.apply_to!r} (expected {' or '.join(APPLY_TO)})")
-    if plan.warmup_tokens < 0 or plan.dense_every < 0:
-        problems.append(f"{label}: warmup_tokens and dense_every must be >= 0")
-    if plan.mode == STATIC:
-        bad = sorted(l for l in plan.skip_layers if not 0 <= int(l) < L)
-        if bad:
-            problems.append(f"{label}: skip_layers names layers {bad} but the model has {L} layers (0..{L - 1})")
-        bad_f = sorted(l for l, f in plan.skip_layers.items() if not 0.0 < f <= 1.0)
-        if bad_f:
-            problems.append(f"{label}: skip fractions must be in (0, 1] (layers {bad_f})")
-    if plan.mode == ADAPTIVE and not plan.is_empty():
-        from .adaptive import adaptive_problems
+    """Everything that keeps `plan` from running on the model `arch` describes: the plan rules (planio's, the same
+    for files and for plans built in code), then what this architecture supports."""
+    from ..planio import skip_plan_problems
 
-        problems += adaptive_problems(plan, label, L)
-    if plan.compensation not in COMPENSATIONS:
-        problems.append(f"{label}: unknown compensation {plan.compensation!r} (expected {', '.join(COMPENSATIONS)})")
-    elif plan.compensation != NO_COMPENSATION and not plan.is_empty():
+    problems = skip_plan_problems(plan, label, arch.num_layers, _hidden_size(arch._config))
+    if plan.compensation != NO_COMPENSATION and not plan.is_empty():
         from .compensation import compensation_problems
 
         problems += compensation_problems(plan, label, arch)
     return problems
+
+
+def _hidden_size(config) -> int | None:
+    return getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
 
 
 def plans_for(model: nn.Module, arch: ResolvedArch, plan: PlanFile | SkipPlan,
@@ -69,8 +57,7 @@ def plans_for(model: nn.Module, arch: ResolvedArch, plan: PlanFile | SkipPlan,
         return {None: plan}, plan_problems(plan, "plan", arch)
     if not isinstance(plan, PlanFile):
         raise TypeError(f"apply_plan expects a PlanFile, SkipPlan, or a YAML path; got {type(plan).__name__}")
-    config = getattr(model, "config", None)
-    return select_plans(plan, prompt_class, arch, getattr(config, "hidden_size", None) or getattr(config, "n_embd", None))
+    return select_plans(plan, prompt_class, arch, _hidden_size(getattr(model, "config", None)))
 
 
 def fit_problems(model: nn.Module, plan: PlanFile | SkipPlan) -> list[str]:
@@ -99,3 +86,27 @@ def select_plans(plan_file: PlanFile, prompt_class: str | None, arch: ResolvedAr
     for name, plan in plans.items():
         problems += plan_problems(plan, "global plan" if name is None else f"class {name!r}", arch)
     return plans, problems
+
+
+def describe_layer(layer: int, plans: dict[str | None, SkipPlan], num_layers: int, batch_decision: str) -> str:
+    """What ``print(model)`` shows on a patched FFN: what each plan does there."""
+    parts = []
+    for name, plan in plans.items():
+        if plan.is_empty():
+            continue
+        where = "on decode" if plan.apply_to != ALL_POSITIONS else "on all positions"
+        if plan.mode == STATIC:
+            if layer not in plan.skip_layers:
+                continue
+            f = plan.skip_layers[layer]
+            what = "static skip" + ("" if f >= 1.0 else f" {f:g} of positions")
+        else:
+            if not plan.cold_start <= layer < num_layers - plan.cold_end:
+                continue
+            shared = ", decided per batch" if batch_decision == SHARED else ""
+            what = f"adaptive skip (tau, runs of {plan.max_skip}{shared})"
+        rank = f" (rank {plan.linear.rank})" if plan.linear is not None and plan.linear.rank else ""
+        comp = {NORM_RATIO: ", norm_ratio compensation", MEAN_OUTPUT: ", mean output in its place",
+                LINEAR: ", linear substitute" + rank}.get(plan.compensation, "")
+        parts.append(f"{what} {where}{comp}" + ("" if name is None else f" [{name}]"))
+    return f"skipprof: layer {layer}: " + "; ".join(parts)

@@ -1,5 +1,6 @@
-"""Compensation for skipped FFNs (plan.py): ``norm_ratio`` returns (norm_gain - 1) * h, ``mean_output`` the mean,
-``linear`` a fitted linear map of the FFN's input (skipprofiler.substitute fits it)."""
+"""Compensation for skipped FFNs (plan.py), as fills the schedule hands to skipped FFN calls: ``mean_output`` the
+calibrated mean, ``linear`` a fitted linear map of the FFN's input (skipprofiler.substitute fits it), ``norm_ratio``
+(norm_gain - 1) * h. Imported only for plans that compensate."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from torch import nn
 from ..plan import LINEAR, MEAN_OUTPUT, NORM_RATIO, STATIC, LinearMaps, SkipPlan
 from ..registry import RESIDUAL_INSIDE, FFNSite, ResolvedArch
 from .patcher import Patcher
-from .schedule import RowPlan
-from .step import Step
 
 # Pre-FFN norms, by attribute name on the decoder layer: their input is h, needed by `compensation: norm_ratio`.
 PRE_FFN_NORMS = ("post_attention_layernorm", "ln_2", "final_layer_norm")
@@ -29,11 +28,9 @@ def pre_ffn_norm(site: FFNSite) -> nn.Module | None:
 
 
 def compensation_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> list[str]:
-    L, problems = arch.num_layers, []
+    """What this architecture cannot do for the plan's compensation (the plan's own rules are planio's)."""
+    problems = []
     if plan.compensation == NORM_RATIO:
-        if plan.norm_gain is None or len(plan.norm_gain) != L:
-            n = None if plan.norm_gain is None else len(plan.norm_gain)
-            problems.append(f"{label}: compensation norm_ratio needs norm_gain for each of the {L} layers, got {n}")
         form = arch.residual_form
         if form not in COMPENSABLE_FORMS:
             problems.append(f"{label}: compensation norm_ratio is not supported for {arch.model_type} "
@@ -42,42 +39,33 @@ def compensation_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> lis
         elif form == "sequential" and any(pre_ffn_norm(s) is None for s in arch.sites):
             problems.append(f"{label}: compensation norm_ratio needs the pre-FFN norm ({', '.join(PRE_FFN_NORMS)}) "
                             f"but {arch.model_type} layers have none of these")
-    elif plan.compensation == MEAN_OUTPUT:
-        skippable = sorted(plan.skip_layers) if plan.mode == STATIC else list(range(plan.cold_start, L - plan.cold_end))
-        missing = [l for l in skippable if l not in (plan.ffn_mean or {})]
-        if missing:
-            problems.append(f"{label}: compensation mean_output needs ffn_mean for every layer it may skip; "
-                            f"missing {missing}")
-        if any(site.contribution == RESIDUAL_INSIDE for site in arch.sites):
-            problems.append(f"{label}: compensation mean_output is not supported for {arch.model_type} (its FFN "
-                            "adds the residual itself); use compensation: none")
+    elif plan.compensation == MEAN_OUTPUT and any(site.contribution == RESIDUAL_INSIDE for site in arch.sites):
+        problems.append(f"{label}: compensation mean_output is not supported for {arch.model_type} (its FFN "
+                        "adds the residual itself); use compensation: none")
     elif plan.compensation == LINEAR:
-        problems += _linear_problems(plan, label, arch)
+        from ..planio import linear_map_problems
+
+        if plan.linear is None:
+            return []  # planio said the maps are required
+        if not plan.linear.tensors:
+            return [f"{label}: compensation linear needs its fitted maps (load the plan from its file, beside which "
+                    "they are stored)"]
+        L = arch.num_layers
+        skippable = sorted(plan.skip_layers) if plan.mode == STATIC else list(range(plan.cold_start, L - plan.cold_end))
+        hidden = getattr(arch._config, "hidden_size", None) or getattr(arch._config, "n_embd", None)
+        problems += linear_map_problems(f"{label}: linear", plan.linear.tensors, plan.linear.rank, hidden, skippable)
     return problems
 
 
-def _linear_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> list[str]:
-    from ..planio import linear_map_problems
-
-    L = arch.num_layers
-    if plan.linear is None or not plan.linear.tensors:
-        return [f"{label}: compensation linear needs its fitted maps (load the plan from its file, beside which "
-                "they are stored)"]
-    skippable = sorted(plan.skip_layers) if plan.mode == STATIC else list(range(plan.cold_start, L - plan.cold_end))
-    config = arch._config
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    return linear_map_problems(f"{label}: linear", plan.linear.tensors, plan.linear.rank, hidden, skippable)
-
-
-class LinearSubstitute:
-    """One layer's fitted map as tensors, converted once per device and dtype: ``x @ W + b`` or ``(x @ D) @ U + b``."""
+class LinearFill:
+    """One layer's fitted map, converted once per device and dtype: ``x @ W + b`` or ``(x @ D) @ U + b``."""
 
     def __init__(self, maps: LinearMaps, layer: int):
         self._arrays = maps.layer_tensors(layer)
         self._converted: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
         self.flops_per_row = maps.flops_per_call(int(self._arrays["bias"].shape[0]))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, hidden: int, stream: torch.Tensor | None = None) -> torch.Tensor:
         key = (str(x.device), x.dtype)
         t = self._converted.get(key)
         if t is None:
@@ -88,100 +76,56 @@ class LinearSubstitute:
         return torch.addmm(t["bias"], x @ t["down"], t["up"])
 
 
-class Compensation:
-    """Fills each forward's Step with what skipped FFNs of compensating plans contribute. The fills depend only on
-    which plan each row follows (and the forward's width), so they are built once per combination and reused: a
-    decode step costs one dictionary lookup."""
+class MeanFill:
+    """The calibrated mean FFN output: a constant vector, no FFN work."""
 
-    def __init__(self, arch: ResolvedArch, skip_layers: set[int], ctx: Any, patcher: Patcher,
-                 norm_ratio: bool):
-        self.arch, self.skip_layers = arch, skip_layers
-        self._means: dict[tuple[int, int, str], torch.Tensor] = {}  # converted once per plan, layer and device
-        self._substitutes: dict[tuple[int, int], LinearSubstitute] = {}  # per plan and layer
-        self._fills: dict[tuple, tuple] = {}  # (row plans, seq, device) -> the step's fill fields
-        if norm_ratio:  # h is the input of the pre-FFN norm (Bloom's FFN receives it as its residual)
-            for site in arch.sites:
-                if site.index in skip_layers and site.contribution != RESIDUAL_INSIDE:
-                    patcher.hook(pre_ffn_norm(site).register_forward_pre_hook(self._capture(ctx, site.index)))
+    flops_per_row = 0.0
 
-    @staticmethod
-    def _capture(ctx: Any, layer: int):
-        def hook(module, args):
-            step = ctx.step
-            if step is not None and step.active:
-                step.ffn_input_stream[layer] = args[0].reshape(-1, args[0].shape[-1])
+    def __init__(self, mean: list[float]):
+        self._mean, self._converted = mean, {}
 
-        return hook
+    def __call__(self, x: torch.Tensor, hidden: int, stream: torch.Tensor | None = None) -> torch.Tensor:
+        mean = self._converted.get(str(x.device))
+        if mean is None:
+            mean = self._converted[str(x.device)] = torch.tensor(self._mean, dtype=torch.float32, device=x.device)
+        return mean.to(x.dtype).expand(x.shape[0], hidden).clone()
 
-    def plan_step(self, step: Step, plans: list[RowPlan]) -> None:
-        key = (tuple(id(rp.plan) for rp in plans), step.seq, str(step.device))
-        fills = self._fills.get(key)
-        if fills is None:
-            if len(self._fills) > 256:  # many batch shapes: keep the memo bounded
-                self._fills.clear()
-            fills = self._fills[key] = self._build(step, plans)
-        step.mean_fill, step.linear_fill, step.gain_scale = fills
 
-    def _build(self, step: Step, plans: list[RowPlan]) -> tuple:
-        mean_fill: dict[int, torch.Tensor] = {}
-        linear_fill: dict[int, list] = {}
-        gain_scale: list = []
-        if any(rp.plan.compensation == MEAN_OUTPUT for rp in plans):
-            self._mean_fill(step, plans, mean_fill)
-        if any(rp.plan.compensation == LINEAR for rp in plans):
-            self._linear_fill(step, plans, linear_fill)
-        if any(rp.plan.compensation == NORM_RATIO for rp in plans):
-            mult = self.arch.sites[0].multiplier
-            gain_scale = [None] * self.arch.num_layers
-            for layer in self.skip_layers:
-                per_row = [(rp.plan.norm_gain[layer] - 1.0) / mult if rp.plan.compensation == NORM_RATIO else 0.0
-                           for rp in plans]
-                if len(set(per_row)) == 1:
-                    gain_scale[layer] = per_row[0]
-                else:
-                    per_position = [v for v in per_row for _ in range(step.seq)]
-                    gain_scale[layer] = torch.tensor(per_position, device=step.device)[:, None]
-        return mean_fill, linear_fill, gain_scale
+class NormRatioFill:
+    """``(norm_gain - 1) * h / multiplier``, h being the stream entering the FFN sub-block (read by a pre-norm hook;
+    Bloom hands its residual in as `stream`)."""
 
-    def _linear_fill(self, step: Step, plans: list[RowPlan], into: dict[int, list]) -> None:
-        """Per skippable layer: [(substitute, None)] when every row uses the same map, else one (substitute,
-        position mask) per distinct map (rows of other plans get zeros)."""
-        for layer in self.skip_layers:
-            per_row = [self._substitute(rp.plan, layer) for rp in plans]
-            if all(m is per_row[0] for m in per_row):
-                if per_row[0] is not None:
-                    into[layer] = [(per_row[0], None)]
-                continue
-            groups = []
-            for m in {id(m): m for m in per_row if m is not None}.values():
-                flags = [r is m for r in per_row for _ in range(step.seq)]
-                groups.append((m, torch.tensor(flags, device=step.device)))
-            into[layer] = groups
+    flops_per_row = 0.0
 
-    def _substitute(self, plan: SkipPlan, layer: int) -> LinearSubstitute | None:
-        if plan.compensation != LINEAR or plan.linear is None or layer not in plan.linear.layers:
-            return None
-        key = (id(plan), layer)
-        if key not in self._substitutes:
-            self._substitutes[key] = LinearSubstitute(plan.linear, layer)
-        return self._substitutes[key]
+    def __init__(self, scale: float, streams: dict[int, torch.Tensor], layer: int):
+        self.scale, self._streams, self._layer = scale, streams, layer
 
-    def _mean_fill(self, step: Step, plans: list[RowPlan], into: dict[int, torch.Tensor]) -> None:
-        """Per skippable layer, the mean output each row's plan substitutes (zeros for rows without mean_output)."""
-        for layer in self.skip_layers:
-            per_row = [self._mean(rp.plan, layer, step.device) for rp in plans]
-            if all(v is per_row[0] for v in per_row):
-                if per_row[0] is not None:
-                    into[layer] = per_row[0]
-                continue
-            hidden = next(v.shape[0] for v in per_row if v is not None)
-            rows = [v if v is not None else torch.zeros(hidden, device=step.device) for v in per_row]
-            into[layer] = torch.stack(rows).repeat_interleave(step.seq, dim=0)
+    def __call__(self, x: torch.Tensor, hidden: int, stream: torch.Tensor | None = None) -> torch.Tensor:
+        h = stream if stream is not None else self._streams[self._layer]
+        return (h.reshape(x.shape[0], -1) * self.scale).to(x.dtype)
 
-    def _mean(self, plan: SkipPlan, layer: int, device: torch.device) -> torch.Tensor | None:
-        if plan.compensation != MEAN_OUTPUT or not plan.ffn_mean or layer not in plan.ffn_mean:
-            return None
-        key = (id(plan), layer, str(device))
-        if key not in self._means:
-            self._means[key] = torch.tensor(plan.ffn_mean[layer], dtype=torch.float32, device=device)
-        return self._means[key]
+
+def fills_for(plan: SkipPlan, layers: list[int], arch: ResolvedArch, patcher: Patcher,
+              streams: dict[int, torch.Tensor]) -> dict[int, Any]:
+    """Per layer the plan may skip, what fills in for its FFN. norm_ratio hooks the pre-FFN norms once per handle
+    (`streams`, shared by the handle's plans, holds each layer's latest h)."""
+    if plan.compensation == MEAN_OUTPUT:
+        return {l: MeanFill(plan.ffn_mean[l]) for l in layers}
+    if plan.compensation == LINEAR:
+        return {l: LinearFill(plan.linear, l) for l in layers if l in plan.linear.layers}
+    if plan.compensation != NORM_RATIO:
+        return {}
+    mult = arch.sites[0].multiplier
+    for layer in layers:
+        site = arch.sites[layer]
+        if layer not in streams and site.contribution != RESIDUAL_INSIDE:
+            streams[layer] = None
+            patcher.hook(pre_ffn_norm(site).register_forward_pre_hook(_keep_stream(streams, layer)))
+    return {l: NormRatioFill((plan.norm_gain[l] - 1.0) / mult, streams, l) for l in layers}
+
+
+def _keep_stream(streams: dict[int, torch.Tensor], layer: int):
+    def hook(module, args):
+        streams[layer] = args[0].reshape(-1, args[0].shape[-1])
+
+    return hook

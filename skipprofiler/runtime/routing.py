@@ -1,6 +1,6 @@
-"""``prompt_class="auto"``: route each row to a class plan by its prompt (nearest centroid of the mean hidden state
-after ``router.layer``, pooled as ``router.pooling`` says). The runtime imports it only for ``prompt_class="auto"``;
-the profile recorder pools its document features with the same `prompt_weights` and `pool`.
+"""``prompt_class="auto"``, a runtime plug-in: route each row to a class plan by its prompt (nearest centroid of the
+mean hidden state after ``router.layer``, pooled as ``router.pooling`` says; skipprofiler.pooling, which the profile
+recorder pools its document features with).
 
 When the prompt runs dense (``apply_to: decode``) the router reads the layer output on the way; otherwise a dense
 pre-pass without the cache runs up to the router layer and is stopped there by raising `RoutingDone`.
@@ -8,29 +8,15 @@ pre-pass without the cache runs up to the router layer and is stopped there by r
 
 from __future__ import annotations
 
+from typing import Any
 
 import torch
 
 from .._compat import without_cache
 from ..plan import PlanFile, SkipPlan
 from ..registry import ResolvedArch, first_tensor
-from .patcher import Patcher
-
-
-def prompt_weights(weights: torch.Tensor, pooling: str, starts_sequence: bool) -> torch.Tensor:
-    """[B, S] pooling weights of a prompt's positions. "mean_after_first" drops each row's first real token when the
-    forward starts the sequence (a massive-norm attention sink in real LLMs: it would dominate a short prompt's mean,
-    so centroids pooled over long calibration documents would not match short prompts)."""
-    if pooling == "mean_after_first" and starts_sequence:
-        real = weights > 0
-        first = real & (real.long().cumsum(1) == 1)
-        return weights * (~first)
-    return weights
-
-
-def pool(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[B, H] weighted mean of [B, S, H] hidden states (zero rows where no weight)."""
-    return (hidden.float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
+from ..pooling import pool, prompt_weights
+from .plugins import ForwardCall, Plugin
 
 
 class RoutingDone(Exception):
@@ -65,36 +51,40 @@ def router_problems(plan_file: PlanFile, arch: ResolvedArch,
     return plans, problems
 
 
-class PromptRouter:
-    def __init__(self, plan_file: PlanFile, arch: ResolvedArch, patcher: Patcher):
-        self.router = plan_file.router
-        self.row_classes: list[str | None] | None = None  # per row of the last routed prompt
-        self.prepass = False  # inside the dense routing pre-pass
+class RoutingPlugin(Plugin):
+    """Chooses each row's class at its prompt; the handle reads them from ``handle.row_classes``."""
+
+    def __init__(self, handle: Any, plan_file: PlanFile, prompt_runs_dense: bool):
+        self.handle, self.router = handle, plan_file.router
+        self.prompt_runs_dense = prompt_runs_dense  # every plan keeps prompts dense: read the router layer on the way
         self._weights: torch.Tensor | None = None  # [B, S] pooling weights of the prompt, while routing a forward
         self._has_prompt: list[bool] = []  # per row: the forward holds prompt tokens
-        patcher.hook(arch.sites[self.router.layer].layer.register_forward_hook(self._layer_done))
+        layer = handle.arch.sites[self.router.layer].layer
+        handle.patcher.hook(layer.register_forward_hook(self._layer_done))
 
-    def route(self, module, args: tuple, kwargs: dict, mask: torch.Tensor | None, batch: int, seq: int, past: int,
-              device: torch.device, decode_start: list[int] | None, prompt_runs_dense: bool) -> None:
-        """Choose row classes for this forward's prompt tokens (all positions, or those before decode_start)."""
-        weights = (torch.ones(batch, seq, device=device) if mask is None or mask.shape[1] < seq
+    def before(self, call: ForwardCall) -> None:
+        """Choose row classes for this forward's prompt tokens (all positions, or those before decode_from's start)."""
+        if not (call.teacher_forced or call.past == 0):
+            return
+        mask, batch, seq = call.mask, call.batch, call.seq
+        weights = (torch.ones(batch, seq, device=call.device) if mask is None or mask.shape[1] < seq
                    else mask[:, -seq:].float())
-        if decode_start is not None:
-            cols = torch.arange(seq, device=device) + past
-            starts = torch.tensor(decode_start, device=device)
+        if call.teacher_forced:
+            cols = torch.arange(seq, device=call.device) + call.past
+            starts = torch.tensor(call.prompt_end, device=call.device)
             weights = weights * (cols[None, :] < starts[:, None])
-        self._weights = prompt_weights(weights, self.router.pooling, starts_sequence=past == 0)
+        self._weights = prompt_weights(weights, self.router.pooling, starts_sequence=call.past == 0)
         self._has_prompt = (self._weights.sum(1) > 0).tolist()  # a row with nothing to pool keeps the global plan
-        if prompt_runs_dense:
+        if self.prompt_runs_dense and not call.teacher_forced:
             return  # the router layer's output is read during this very forward
-        self.prepass = True
+        self.passive = True  # a dense pre-pass without the cache, stopped after the router layer
         try:
             with torch.no_grad():
-                module(*args, **without_cache(kwargs))
+                call.module(*call.args, **without_cache(call.kwargs))
         except RoutingDone:
             pass
         finally:
-            self.prepass = False
+            self.passive = False
 
     def _layer_done(self, module, args, out):
         weights, self._weights = self._weights, None
@@ -104,7 +94,7 @@ class PromptRouter:
         centroids = torch.tensor(self.router.centroids, dtype=torch.float32, device=pooled.device)
         normalize = torch.nn.functional.normalize
         best = (normalize(pooled, dim=-1) @ normalize(centroids, dim=-1).T).argmax(-1).tolist()
-        self.row_classes = [self.router.classes[i] if ok else None for i, ok in zip(best, self._has_prompt)]
-        if self.prepass:
+        self.handle.row_classes = [self.router.classes[i] if ok else None for i, ok in zip(best, self._has_prompt)]
+        if self.passive:
             raise RoutingDone()
         return None

@@ -1,85 +1,164 @@
-"""The schedule: from where one forward's new positions sit to what each plan does there (pure; no torch).
+"""One forward's plan: which FFN calls skip which positions, decided on the host before the forward runs.
 
-Positions are flattened ``b * seq + s``. Row b's decode index at column s is ``first_d[b] + s`` (plan.py defines d);
-a negative or missing index is a prompt position. Static decisions depend only on these host-known integers.
+Positions are flattened ``b * seq + s``; row b's decode index at column s is ``first_d[b] + s`` (plan.py defines d;
+negative: a prompt position). A decode step (one token per row, every row skipping the same layers) costs a
+dictionary lookup: no device work, no host sync. Other forwards (teacher forcing, prompts under ``apply_to: all``,
+rows on different plans) are planned position by position (`positionwise`).
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from ..plan import ADAPTIVE, ALL_POSITIONS, STATIC, SkipPlan
+import torch
+
+from ..plan import ALL_POSITIONS, STATIC, SkipPlan
+
+
+class Kind(enum.Enum):
+    DENSE = "run every row"
+    SKIP_ALL = "run no row"
+    GATHER = "run the kept rows only"  # rows not computed are saved
+    MASK = "run every row, replace the skipped ones"  # nothing saved: a gather would not pay
+
+
+class Fill(Protocol):
+    """What skipped rows contribute instead of the FFN (runtime/compensation.py); None means zeros."""
+
+    flops_per_row: float
+
+    def __call__(self, ffn_input: torch.Tensor, hidden: int, stream: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: Kind
+    fill: Fill | None = None
+    kept: torch.Tensor | None = None  # GATHER: LongTensor [K] of flattened positions that run the FFN
+    skip: torch.Tensor | None = None  # GATHER, MASK: BoolTensor [P], True where the FFN output is replaced
+
+    def filled(self, ffn_input: torch.Tensor, hidden: int, stream: torch.Tensor | None = None) -> torch.Tensor:
+        """A fresh [rows, hidden] tensor: what the skipped rows contribute, given what the FFN would have read."""
+        if self.fill is None:
+            return ffn_input.new_zeros((ffn_input.shape[0], hidden))
+        return self.fill(ffn_input, hidden, stream)
+
+
+DENSE = Action(Kind.DENSE)
+
+
+class Rule:
+    """One plan's constants for the schedule: its eligibility rule, and per skippable layer what fills in."""
+
+    def __init__(self, plan: SkipPlan, num_layers: int, fills: dict[int, Fill]):
+        self.plan, self.fills = plan, fills
+        self.static = plan.mode == STATIC
+        self.skippable = (sorted(int(l) for l in plan.skip_layers) if self.static or plan.is_empty()
+                          else list(range(plan.cold_start, num_layers - plan.cold_end)))
+        self._actions: dict[tuple[int, ...], dict[int, Action]] = {}
+
+    def layers_at(self, d: int | None) -> tuple[int, ...]:
+        """Layers a static plan skips at decode index d (none for prompt positions)."""
+        return () if d is None or d < 0 or not self.static else tuple(self.plan.static_layers_at(d))
+
+    def skip_all(self, layers: tuple[int, ...]) -> dict[int, Action]:
+        actions = self._actions.get(layers)
+        if actions is None:  # a plan has few distinct layer sets (fractions repeat): built once each
+            actions = self._actions[layers] = {l: Action(Kind.SKIP_ALL, self.fills.get(l)) for l in layers}
+        return actions
 
 
 @dataclass
-class RowPlan:
-    """One plan's constants, computed once per application."""
+class Counts:
+    """What `SkipHandle.stats()` adds up: ints, or device tensors where counting real tokens needs the mask."""
 
-    plan: SkipPlan
-    trigger_lo: int = 0  # adaptive: first layer whose cos may start a run
-    trigger_hi: int = -1  # adaptive: last such layer
-    end: int = 0  # adaptive: L - cold_end; runs are cut here
-    static_memo: dict[int, tuple[int, ...]] = field(default_factory=dict)  # d -> layers a static plan skips
+    positions: Any = 0  # decode positions after warm-up (real tokens)
+    decided: Any = 0  # FFN calls the plan's rule skipped (real tokens)
+    not_computed: Any = 0  # FFN rows really not computed (real tokens; masked rows are computed)
+    substitute_rows: int = 0  # rows a linear substitute ran for (padding included: work done)
+    substitute_flops: float = 0.0
 
-    @classmethod
-    def of(cls, plan: SkipPlan, num_layers: int) -> RowPlan:
-        rp = cls(plan)
-        if plan.mode == ADAPTIVE and not plan.is_empty():
-            rp.end = num_layers - plan.cold_end
-            rp.trigger_lo = max(plan.cold_start - 1, 0)
-            rp.trigger_hi = rp.end - 2  # the run starts at layer + 1 < end
-        return rp
-
-    def static_layers(self, d: int) -> tuple[int, ...]:
-        layers = self.static_memo.get(d)
-        if layers is None:
-            if len(self.static_memo) > 65536:  # long sequences: keep the memo bounded
-                self.static_memo.clear()
-            layers = self.static_memo[d] = tuple(int(l) for l in self.plan.static_layers_at(d))
-        return layers
+    def __iadd__(self, other: Counts) -> Counts:
+        for name in self.__dataclass_fields__:
+            value = getattr(other, name)
+            if isinstance(value, torch.Tensor) or value:
+                setattr(self, name, getattr(self, name) + value)
+        return self
 
 
-def first_decode_index(plans: list[RowPlan], past: int, prompt_end: list[int] | None,
-                       pad_offsets: list[int]) -> list[int | None]:
-    """Per row, the decode index of this forward's first new position (None: no decode index, a prompt).
+class Dynamic(Protocol):
+    """Decisions made while the forward runs (a plug-in sets it: adaptive plans, runtime/adaptive.py)."""
 
-    past: positions already in the cache; prompt_end[b]: where row b's decode positions start (None: this forward is
-    all prompt); pad_offsets[b]: row b's leading pads (``apply_to: all`` counts d from the first real token).
-    """
-    out: list[int | None] = []
-    for b, rp in enumerate(plans):
-        if rp.plan.apply_to == ALL_POSITIONS:
-            out.append(past - pad_offsets[b])
-        else:
-            out.append(None if prompt_end is None else past - prompt_end[b])
-    return out
+    def action(self, forward: Forward, layer: int, planned: Action) -> Action: ...
 
 
 @dataclass
-class Schedule:
-    """Per flattened position: counted in stats, layers skipped statically, adaptive plan that may start a run."""
+class Forward:
+    """Everything the patched FFNs read during one forward of the top-level model."""
 
-    counted: list[bool]
-    static: list[tuple[int, ...]]
-    adaptive: list[RowPlan | None]
+    batch: int
+    seq: int
+    device: torch.device
+    real: torch.Tensor | None  # BoolTensor [P] on the device: not padding (None: every position is real)
+    actions: dict[int, Action] = field(default_factory=dict)  # planned per layer (DENSE when absent)
+    counts: Counts = field(default_factory=Counts)
+    fills: dict[int, Fill] = field(default_factory=dict)  # per layer, for dynamic decisions
+    static_flags: dict[int, torch.Tensor] = field(default_factory=dict)  # per layer: CPU BoolTensor [P]
+    eligible: list[tuple[Rule, torch.Tensor]] = field(default_factory=list)  # non-static rules: CPU BoolTensor [P]
+    dynamic: Dynamic | None = None
 
-    def static_flags(self, layer: int) -> list[bool] | None:
-        flags = [layer in layers for layers in self.static]
-        return flags if any(flags) else None
+    @property
+    def positions(self) -> int:
+        return self.batch * self.seq
+
+    def action(self, layer: int) -> Action:
+        planned = self.actions.get(layer, DENSE)
+        return planned if self.dynamic is None else self.dynamic.action(self, layer, planned)
+
+    def count(self, action: Action) -> None:
+        """Add the rows `action` leaves uncomputed and the substitute work it costs."""
+        c, p = self.counts, self.positions
+        if action.kind is Kind.SKIP_ALL:
+            c.not_computed = c.not_computed + (p if self.real is None else self.real.sum())
+        elif action.kind is Kind.GATHER:
+            c.not_computed = c.not_computed + (p - len(action.kept) if self.real is None
+                                               else (action.skip & self.real).sum())
+        if action.kind is not Kind.DENSE and action.fill is not None and action.fill.flops_per_row:
+            c.substitute_rows += p
+            c.substitute_flops += p * action.fill.flops_per_row
+
+    def host_count(self, flags: torch.Tensor) -> Any:
+        """Real positions among CPU flags [P]: a host int when there is no padding mask."""
+        return int(flags.sum()) if self.real is None else (flags.to(self.device) & self.real).sum()
+
+    def check_rows(self, rows: int, layer: int) -> None:
+        if rows != self.positions:
+            raise RuntimeError(f"skipprofiler: the FFN of layer {layer} got {rows} positions but the model forward has "
+                               f"{self.batch} x {self.seq}; this architecture reorders tokens before its FFN, which "
+                               "the runtime does not support")
 
 
-def schedule(plans: list[RowPlan], seq: int, first_d: list[int | None]) -> Schedule | None:
-    """What each position of the forward does; None when no position has a decode index."""
-    if all(d is None or d + seq <= 0 for d in first_d):
+def first_decode_index(rules: list[Rule], past: int, prompt_end: list[int], pad_offsets: list[int] | None
+                       ) -> list[int]:
+    """Per row, the decode index of this forward's first new position. ``apply_to: all`` counts d from the row's
+    first real token (pad_offsets: leading pads), other plans from the end of the prompt."""
+    return [past - (pad_offsets[b] if r.plan.apply_to == ALL_POSITIONS else prompt_end[b]) for b, r in enumerate(rules)]
+
+
+def decode_step(rules: list[Rule], first_d: list[int], seq: int, device: torch.device) -> Forward | None:
+    """The plan of a plain decode step -- one new token per row, every row on one static plan and skipping the same
+    layers -- from host integers only; None for any other forward."""
+    if seq != 1 or not all(r.static and r is rules[0] for r in rules):
         return None
-    counted, static, adaptive = [], [], []
-    for rp, d0 in zip(plans, first_d):
-        plan = rp.plan
-        for s in range(seq):
-            d = None if d0 is None else d0 + s
-            decode = d is not None and d >= 0
-            counted.append(decode and d >= plan.warmup_tokens)
-            eligible = decode and not plan.is_empty() and plan.eligible(d)
-            static.append(rp.static_layers(d) if eligible and plan.mode == STATIC else ())
-            adaptive.append(rp if eligible and plan.mode == ADAPTIVE else None)
-    return Schedule(counted, static, adaptive)
+    layers = {rules[0].layers_at(d) for d in first_d}
+    if len(layers) != 1 or all(d < 0 for d in first_d):
+        return None
+    forward = Forward(len(rules), seq, device, None)  # one new token per row: a generated token, always real
+    forward.counts.positions = sum(d >= rules[0].plan.warmup_tokens for d in first_d)
+    forward.actions = rules[0].skip_all(layers.pop())
+    forward.counts.decided = len(forward.actions) * forward.batch
+    for action in forward.actions.values():
+        forward.count(action)
+    return forward

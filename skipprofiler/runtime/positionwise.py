@@ -1,0 +1,99 @@
+"""Forwards that are not a plain decode step, planned position by position: teacher forcing, prompts under
+``apply_to: all``, rows at different decode indices or on different plans (routing), adaptive positions. Flags are
+CPU tensors built with a few ops per plan and per layer it may skip; no Python loop over positions."""
+
+from __future__ import annotations
+
+import torch
+
+from .schedule import DENSE, Action, Fill, Forward, Kind, Rule, decode_step
+
+
+def action_from_flags(flags: torch.Tensor, fill: Fill | None, device: torch.device, rows_of_a_step: bool) -> Action:
+    """The action for per-position skip flags (CPU BoolTensor [P]). `rows_of_a_step`: one new token per row."""
+    n, p = int(flags.sum()), len(flags)
+    if n == 0:
+        return DENSE
+    if n == p:
+        return Action(Kind.SKIP_ALL, fill)
+    skip = flags.to(device)
+    if rows_of_a_step and 4 * (p - n) > p:
+        # A few decode rows are weight-bandwidth bound: an FFN over 2-7 of 8 rows costs about as much as over all 8
+        # (benchmarks/ffn_partial_rows.py). Run every row and mask. Longer forwards run only the rows they keep.
+        return Action(Kind.MASK, fill, skip=skip)
+    return Action(Kind.GATHER, fill, kept=(~flags).nonzero().flatten().to(device), skip=skip)
+
+
+def plan_forward(rules: list[Rule], first_d: list[int], seq: int, device: torch.device,
+                 real: torch.Tensor | None) -> Forward | None:
+    """Any forward's actions and counts; None when no position has a decode index. `real`: BoolTensor [P] on the
+    device, not padding (None: every position is real)."""
+    if all(d + seq <= 0 for d in first_d):
+        return None
+    forward = decode_step(rules, first_d, seq, device)
+    if forward is None:
+        forward = Forward(len(rules), seq, device, real)
+        plan_positions(forward, rules, first_d)
+    return forward
+
+
+def plan_positions(forward: Forward, rules: list[Rule], first_d: list[int]) -> None:
+    """Per-position flags with CPU tensor ops: one pass per distinct plan, one per layer it may skip."""
+    d = torch.tensor(first_d)[:, None] + torch.arange(forward.seq)  # [B, S]
+    counted = torch.zeros_like(d, dtype=torch.bool)
+    decided = torch.zeros_like(d)
+    fill_groups: dict[int, list[tuple[Fill | None, torch.Tensor]]] = {}
+    for rule in {id(r): r for r in rules}.values():
+        plan = rule.plan
+        rows = torch.tensor([r is rule for r in rules])[:, None]
+        counted |= rows & (d >= max(plan.warmup_tokens, 0))
+        eligible = rows & (d >= max(plan.warmup_tokens, 0))
+        if plan.dense_every > 0:
+            eligible &= (d + 1) % plan.dense_every != 0
+        if plan.is_empty() or not eligible.any():
+            continue
+        if not rule.static:
+            forward.eligible.append((rule, eligible.flatten()))
+            for layer in rule.skippable:
+                fill_groups.setdefault(layer, []).append((rule.fills.get(layer), eligible.flatten()))
+            continue
+        for layer, fraction in plan.skip_layers.items():
+            hit = eligible if fraction >= 1.0 else \
+                eligible & (torch.floor((d + 1) * fraction) > torch.floor(d * fraction))
+            decided += hit
+            flags = forward.static_flags.get(layer)
+            forward.static_flags[layer] = hit.flatten() if flags is None else flags | hit.flatten()
+            fill_groups.setdefault(layer, []).append((rule.fills.get(layer), hit.flatten()))
+    forward.counts.positions = forward.host_count(counted.flatten())
+    forward.counts.decided = (int(decided.sum()) if forward.real is None
+                              else (decided.flatten().to(forward.device) * forward.real).sum())
+    for layer, groups in fill_groups.items():
+        forward.fills[layer] = _one_fill(groups, forward.device)
+    for layer, flags in forward.static_flags.items():
+        action = forward.actions[layer] = action_from_flags(flags, forward.fills.get(layer), forward.device,
+                                                             forward.seq == 1)
+        if not forward.eligible:  # with adaptive positions the dynamic decisions are counted as they are made
+            forward.count(action)
+
+
+def _one_fill(groups: list[tuple[Fill | None, torch.Tensor]], device: torch.device) -> Fill | None:
+    """One fill for a layer whose positions follow different plans (rows of another plan get theirs)."""
+    distinct = {id(f): f for f, _ in groups}
+    if len(distinct) == 1:
+        return groups[0][0]
+    masks: dict[int, torch.Tensor] = {}
+    for f, mask in groups:
+        masks[id(f)] = mask | masks[id(f)] if id(f) in masks else mask
+    return MixedFill([(distinct[k], m.to(device)) for k, m in masks.items() if distinct[k] is not None])
+
+
+class MixedFill:
+    def __init__(self, groups: list[tuple[Fill, torch.Tensor]]):
+        self.groups = groups
+        self.flops_per_row = sum(f.flops_per_row for f, _ in groups)
+
+    def __call__(self, ffn_input: torch.Tensor, hidden: int, stream: torch.Tensor | None = None) -> torch.Tensor:
+        out = ffn_input.new_zeros((ffn_input.shape[0], hidden))
+        for fill, positions in self.groups:
+            out = torch.where(positions[:, None], fill(ffn_input, hidden, stream), out)
+        return out

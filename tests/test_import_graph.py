@@ -1,0 +1,127 @@
+"""The package's import graph: no circles, and no upward imports (the layout corpus -> profile -> fit -> plan ->
+runtime / eval must hold in the code). Imports inside functions count: a lazy import still ties two modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import skipprofiler
+
+PACKAGE = Path(skipprofiler.__file__).parent
+NAME = "skipprofiler"
+
+# Who may import whom, by module prefix: a module under the key may import only these package modules. The runtime is
+# what deployment code loads: the plan data model, the architecture registry and small shared helpers, nothing else.
+ALLOWED = {
+    f"{NAME}.runtime": (f"{NAME}.runtime", f"{NAME}.plan", f"{NAME}.planio", f"{NAME}.registry", f"{NAME}._compat",
+                        f"{NAME}.pooling", f"{NAME}.atomic", f"{NAME}._jsonable"),
+    f"{NAME}.plan": (),
+    f"{NAME}.pooling": (),
+    f"{NAME}._compat": (),
+}
+# Nothing outside these may be imported by the profiler (it records statistics; it does not apply or fit plans).
+PROFILER_FORBIDDEN = (f"{NAME}.runtime", f"{NAME}.fit", f"{NAME}.refine", f"{NAME}.evaluate", f"{NAME}._cli",
+                      f"{NAME}.harness", f"{NAME}.recipes")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def package_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Package modules `name` imports anywhere in its body (relative imports resolved)."""
+    is_package = path.name == "__init__.py"
+    base = name.split(".") if is_package else name.split(".")[:-1]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets: list[str] = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                prefix = ".".join(base[:len(base) - node.level + 1])
+                module = f"{prefix}.{node.module}" if node.module else prefix
+            else:
+                module = node.module or ""
+            targets = [f"{module}.{a.name}" for a in node.names] + [module]
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = package_modules()
+    # A package's __init__ is a facade that re-exports its modules; the facade's own edges are not dependencies of
+    # the modules below it, so they are left out (a module importing its package facade is still an edge).
+    return {name: {t for t in imports_of(name, path, modules) if not t.startswith(name + ".") or path.name != "__init__.py"}
+            for name, path in modules.items()}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_package_has_no_import_circles():
+    edges = graph()
+    assert len(edges) > 40  # the walk really saw the package
+    assert cycles(edges) == []
+
+
+def test_cycle_finder_finds_a_planted_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_upward_imports():
+    edges = graph()
+    problems = []
+    for name, targets in sorted(edges.items()):
+        for prefix, allowed in ALLOWED.items():
+            if name == prefix or name.startswith(prefix + "."):
+                problems += [f"{name} -> {t}" for t in sorted(targets) if not t.startswith(allowed or ("\0",))]
+        if name.startswith(f"{NAME}.profile"):
+            problems += [f"{name} -> {t}" for t in sorted(targets) if t.startswith(PROFILER_FORBIDDEN)]
+        if not name.startswith((f"{NAME}._cli", f"{NAME}.__main__")):
+            problems += [f"{name} -> {t}" for t in sorted(targets) if t.startswith(f"{NAME}._cli")]
+    assert problems == []

@@ -145,17 +145,17 @@ class FFNSite:
         out = []
         for name, mod in self.ffn.named_modules():
             leaf = name.rsplit(".", 1)[-1]
-            if leaf in _OUTPUT_PROJECTIONS:
+            if leaf in OUTPUT_PROJECTIONS:
                 out += [(mod, p) for p, _ in mod.named_parameters(recurse=False)]
         # Fused experts keep their output projection as a parameter of the experts module (e.g. `experts.down_proj`),
         # also next to a shared expert's `down_proj` Linear (qwen2_moe): collect both kinds.
         out += [(mod, p) for name, mod in self.ffn.named_modules() for p, _ in mod.named_parameters(recurse=False)
-                if p in _OUTPUT_PROJECTIONS]
+                if p in OUTPUT_PROJECTIONS]
         return out
 
 
 # Output projections by name; a gate such as qwen2_moe's `shared_expert_gate` is not one (sigmoid(0) = 0.5).
-_OUTPUT_PROJECTIONS = {"down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2", "proj_out"}
+OUTPUT_PROJECTIONS = {"down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2", "proj_out"}
 
 
 @dataclass

@@ -8,9 +8,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import run
 
-from conftest import run
-from skipprofiler.atomic import atomic_path, current_umask, write_bytes_atomic, write_text_atomic
+from skipprofiler.atomic import (
+    atomic_path,
+    current_umask,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 
 
 @pytest.fixture
@@ -117,7 +122,7 @@ def test_missing_folder_is_an_os_error(tmp_path):
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_profile_plan_eval_json_and_png_are_0644_under_umask_022(tmp_path, capsys, umask):
-    from conftest import BASE_CURVE, synthetic_profile
+    from helpers import BASE_CURVE, synthetic_profile
 
     from skipprofiler._cli.common import write_output
     from skipprofiler.report import _atomic_savefig, _plt

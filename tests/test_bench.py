@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import pytest
-
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from skipprofiler.bench import Arm, benchmark_decode, benchmark_prompt, calibrate_adaptive, default_arms
+from skipprofiler.bench import (
+    Arm,
+    benchmark_decode,
+    benchmark_prompt,
+    calibrate_adaptive,
+    default_arms,
+)
 
 
 def small_llama():

@@ -4,8 +4,7 @@ positions only, the same way in teacher-forced and cached decode forwards."""
 from __future__ import annotations
 
 import torch
-from test_runtime import greedy_loop
-from test_substitute import _batches
+from helpers import greedy_loop, token_batches
 from tiny_models import tiny_model
 
 from skipprofiler.blocks import ReplacedBlocks, fit_block_replacement
@@ -13,7 +12,7 @@ from skipprofiler.blocks import ReplacedBlocks, fit_block_replacement
 
 def test_replaced_blocks_change_decode_positions_only_and_agree_between_teacher_forcing_and_decoding():
     model = tiny_model("llama", num_layers=6)
-    replacement = fit_block_replacement(model, _batches(n_docs=10), count=2)
+    replacement = fit_block_replacement(model, token_batches(n_docs=10), count=2)
     assert 1 <= replacement.start <= 3 and replacement.layers == [replacement.start, replacement.start + 1]
     assert replacement.map.weight.shape == (32, 32) and replacement.map.record["tokens"] > 0
     ids = torch.randint(2, 90, (1, 5))

@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import char_tokenizer, write_corpus
+from tiny_models import tiny_model
 
 from skipprofiler._cli.main import main
 from skipprofiler.plan import PlanFile, SkipPlan
 from skipprofiler.planio import save_plan
 from skipprofiler.registry import model_fingerprint
-from conftest import char_tokenizer, write_corpus
-from tiny_models import tiny_model
-
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 

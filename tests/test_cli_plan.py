@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run
 
-from conftest import run
 from skipprofiler.planio import load_plan
 
 GOOD_PLAN = """\
@@ -103,7 +103,7 @@ def test_validate_against_a_model_checks_the_fingerprint(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def profile_file(tmp_path_factory) -> Path:
-    from conftest import BASE_CURVE, synthetic_profile
+    from helpers import BASE_CURVE, synthetic_profile
 
     path = tmp_path_factory.mktemp("prof") / "synthetic.prof"
     code = tuple(min(0.99, c + (0.03 if 2 <= l <= 5 else -0.03)) if l < 11 else c for l, c in enumerate(BASE_CURVE))
@@ -165,7 +165,7 @@ def test_export_plan_bad_profiles_and_outputs(tmp_path, capsys, profile_file):
 
 
 def test_partial_profile_is_allowed_with_a_warning(tmp_path, capsys):
-    from conftest import BASE_CURVE, synthetic_profile
+    from helpers import BASE_CURVE, synthetic_profile
 
     profile = synthetic_profile({"x": BASE_CURVE})
     profile.header["partial"] = True
@@ -180,8 +180,8 @@ def test_end_to_end_profile_then_export_then_apply(tmp_path, capsys):
     """`skipprof profile` on a tiny model, then export-plan, then the runtime applies the plan to that model."""
     import torch
     from tiny_models import tiny_model
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     from skipprofiler.runtime import apply_plan
 

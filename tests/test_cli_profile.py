@@ -8,12 +8,10 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import run, word_tokenizer, words, write_jsonl
+from helpers import run, word_tokenizer, words, write_jsonl
 from tiny_models import tiny_model
 
 from skipprofiler.profile import Profile
-
-
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import run
+from helpers import run
 
 # The console script `pip install` made; `python -m skipprofiler` runs the same main() where none is on PATH.
 SKIPPROF = [shutil.which("skipprof")] if shutil.which("skipprof") else [sys.executable, "-m", "skipprofiler"]
@@ -67,7 +66,7 @@ def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys):
 # Bad input beyond parsing: each is one `error:` line (validate lists every problem under it), exit 2, no traceback,
 # and nothing written where it was run.
 def _bad_input_cases(tmp_path):
-    from conftest import BASE_CURVE, synthetic_profile
+    from helpers import BASE_CURVE, synthetic_profile
 
     from skipprofiler import demo
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 from pathlib import Path
 
 import pytest
+from helpers import word_tokenizer, words, write_jsonl
 
-from conftest import word_tokenizer, words, write_jsonl
 from skipprofiler.corpus import Corpus, CorpusError, parse_spec
 
 

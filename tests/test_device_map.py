@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_statistics
+from helpers import assert_same_statistics
 from tiny_models import tiny_model
 
-from skipprofiler.distributed import hooked_devices, load_model, parse_device_map
 from skipprofiler.corpus import Batch
+from skipprofiler.distributed import hooked_devices, load_model, parse_device_map
 from skipprofiler.profile import ProfileSettings, profile_model
 
 # Layers alternate between memory and disk offload: accelerate attaches AlignDevicesHooks that load the offloaded

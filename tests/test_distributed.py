@@ -14,11 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_statistics, write_word_corpus
 
-from conftest import assert_same_statistics, write_word_corpus
 from skipprofiler.corpus import Batch
-from skipprofiler.distributed import (DistributedError, combine_rank_profiles, init_from_env, parse_shard,
-                                      rank_device, rank_gpu_group, rank_seed, reduce_profile, shard, shard_batches)
+from skipprofiler.distributed import (
+    DistributedError,
+    combine_rank_profiles,
+    init_from_env,
+    parse_shard,
+    rank_device,
+    rank_gpu_group,
+    rank_seed,
+    reduce_profile,
+    shard,
+    shard_batches,
+)
 from skipprofiler.profile import Profile, ProfileSettings, profile_model
 
 SETTINGS = ProfileSettings(generate=2, reservoir_size=24, doc_reservoir_size=3, seed=5)
@@ -177,7 +187,11 @@ def test_status_exchange_fails_every_rank_when_one_reports_an_error(gloo_world_o
 
 
 def test_a_published_failure_stops_the_other_ranks_at_their_next_batch(gloo_world_of_one):
-    from skipprofiler.distributed import peer_failure, publish_failure, raise_if_peer_failed
+    from skipprofiler.distributed import (
+        peer_failure,
+        publish_failure,
+        raise_if_peer_failed,
+    )
 
     assert gloo_world_of_one.store is not None and peer_failure(gloo_world_of_one) is None
     raise_if_peer_failed(gloo_world_of_one)
@@ -291,7 +305,13 @@ def _worker(argv: list[str]) -> int:
     """One torchrun rank: profile its shard of `corpus_batches()` with the saved tiny model; rank 0 writes OUT."""
     import argparse
 
-    from skipprofiler.distributed import init_from_env, load_model, profile_distributed, rank_device, report_error
+    from skipprofiler.distributed import (
+        init_from_env,
+        load_model,
+        profile_distributed,
+        rank_device,
+        report_error,
+    )
 
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser()

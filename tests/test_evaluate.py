@@ -8,13 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import char_tokenizer, write_corpus
+from tiny_models import tiny_model
 
-from conftest import char_tokenizer, write_corpus
-from skipprofiler.evaluate import (DroppedLayers, EvalConfig, EvalError, FlopModel, budget_slots, contiguous_window,
-                                   paper_adaptive, run_eval)
+from skipprofiler.evaluate import (
+    DroppedLayers,
+    EvalConfig,
+    EvalError,
+    FlopModel,
+    budget_slots,
+    contiguous_window,
+    paper_adaptive,
+    run_eval,
+)
 from skipprofiler.plan import PlanFile, SkipPlan
 from skipprofiler.registry import model_fingerprint
-from tiny_models import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from skipprofiler.fidelity import (FidelityError, FidelitySums, TokenBatch, compare, compare_greedy, dense_reference,
-                                   greedy_tokens, make_batches)
 from tiny_models import tiny_model
+
+from skipprofiler.fidelity import (
+    FidelityError,
+    FidelitySums,
+    TokenBatch,
+    compare,
+    compare_greedy,
+    dense_reference,
+    greedy_tokens,
+    make_batches,
+)
 
 
 def _batch() -> TokenBatch:
@@ -110,7 +118,7 @@ def test_greedy_decode_of_a_batch_matches_generate():
 
 def test_eval_documents_accept_what_profile_accepts(tmp_path):
     """load_documents reads chat `messages` and named text / class columns as `skipprof profile` does."""
-    from conftest import word_tokenizer, write_jsonl
+    from helpers import word_tokenizer, write_jsonl
 
     from skipprofiler.fidelity import load_documents, token_windows
 

@@ -7,15 +7,23 @@ import math
 
 import numpy as np
 import pytest
+from helpers import BASE_CURVE, AdaptiveRule, synthetic_profile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import BASE_CURVE, synthetic_profile
-from skipprofiler.fit import (FitError, FitSettings, adaptive_ratio_on, fit_adaptive, fit_plan_file, fit_router,
-                              fit_static, simulate_adaptive, static_skip_ratio)
+from skipprofiler.fit import (
+    FitError,
+    FitSettings,
+    adaptive_ratio_on,
+    fit_adaptive,
+    fit_plan_file,
+    fit_router,
+    fit_static,
+    simulate_adaptive,
+    static_skip_ratio,
+)
 from skipprofiler.plan import SkipPlan
 from skipprofiler.planio import dump_plan, load_plan
-
 from skipprofiler.profile import Profile
 
 
@@ -46,25 +54,6 @@ def test_static_ratio_counts_exactly_what_plan_py_skips():
     assert static_skip_ratio(plan, 10, horizon) == skipped / (horizon * 10)
 
 
-def _reference_rule(row, tau, cold_start, cold_end, max_skip, group=None) -> int:
-    """plan.py's adaptive rule, written as the per-layer walk its docstring describes; with `group` (rows deciding
-    together, batch_decision shared) a run starts only where every row of the group passes."""
-    group = [row] if group is None else group
-    L = len(row)
-    skipped, run_left, run_taken = 0, 0, False
-    for l in range(L):
-        if l < cold_start or l >= L - cold_end:
-            ran = True
-        elif run_left > 0:
-            skipped, run_left, ran = skipped + 1, run_left - 1, False
-        else:
-            ran = True
-        passes = all(r[l] > np.float32(tau[l]) for r in group)
-        if ran and l >= cold_start - 1 and not run_taken and passes and l + 1 < L - cold_end:
-            run_left, run_taken = max_skip, True
-    return skipped
-
-
 # (rows [1..6, L] of float32 cosines, tau [L], cold_start, cold_end, max_skip) for L in 2..9
 ADAPTIVE_CASES = st.integers(2, 9).flatmap(lambda L: st.tuples(
     st.lists(st.lists(st.floats(-1, 1, width=32), min_size=L, max_size=L), min_size=1, max_size=6),
@@ -79,7 +68,8 @@ def test_simulation_equals_the_rule(case):
     cold_end = min(cold_end, L - cold_start)
     rows = np.asarray(rows, np.float32)
     skipped, _ = simulate_adaptive(rows, np.asarray(tau), cold_start, cold_end, max_skip)
-    assert skipped.tolist() == [_reference_rule(r, tau, cold_start, cold_end, max_skip) for r in rows]
+    rule = AdaptiveRule(L, tau, cold_start, cold_end, max_skip)
+    assert skipped.tolist() == [rule.skipped_of(r) for r in rows]
 
 
 @settings(max_examples=100, deadline=None)
@@ -89,7 +79,7 @@ def test_a_shared_group_is_simulated_as_its_minimum_row(case):
     cold_end = min(cold_end, len(tau) - cold_start)
     group = np.asarray(group, np.float32)
     skipped, _ = simulate_adaptive(group.min(axis=0)[None], np.asarray(tau), cold_start, cold_end, max_skip)
-    assert skipped[0] == _reference_rule(group[0], tau, cold_start, cold_end, max_skip, group=list(group))
+    assert skipped[0] == AdaptiveRule(len(tau), tau, cold_start, cold_end, max_skip).skipped_of(group)
 
 
 def test_shared_fit_hits_the_target_for_its_batch_size(two_class_profile):

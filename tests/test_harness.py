@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run
+from helpers import run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytest.importorskip("lm_eval")
@@ -21,7 +21,13 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from skipprofiler import demo, qa  # noqa: E402
-from skipprofiler.harness import BUNDLED_TASKS, HarnessError, SkipLM, run_tasks, task_manager  # noqa: E402
+from skipprofiler.harness import (  # noqa: E402
+    BUNDLED_TASKS,
+    HarnessError,
+    SkipLM,
+    run_tasks,
+    task_manager,
+)
 from skipprofiler.plan import PlanFile, SkipPlan  # noqa: E402
 from skipprofiler.registry import model_fingerprint  # noqa: E402
 from skipprofiler.runtime import apply_plan, load_plan  # noqa: E402
@@ -222,7 +228,13 @@ def test_harness_command_line_runs_a_plan(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from skipprofiler.models import ModelSourceError, load_causal_lm, load_tokenizer, model_source, smollm2_gguf
+    from skipprofiler.models import (
+        ModelSourceError,
+        load_causal_lm,
+        load_tokenizer,
+        model_source,
+        smollm2_gguf,
+    )
 
     try:
         source = model_source(str(smollm2_gguf()))

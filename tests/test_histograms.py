@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from skipprofiler.histograms import (MetricAccumulator, PriorityReservoir, binning_spec, default_edges,
-                                     edges_from_spec, hist_prob_above, hist_quantile, merge_reservoir)
+from skipprofiler.histograms import (
+    MetricAccumulator,
+    PriorityReservoir,
+    binning_spec,
+    default_edges,
+    edges_from_spec,
+    hist_prob_above,
+    hist_quantile,
+    merge_reservoir,
+)
 
 
 def test_cosine_edges_are_fine_near_one():

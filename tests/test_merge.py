@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_statistics, run
+from helpers import assert_same_statistics, run
 from tiny_models import tiny_model
 
 from skipprofiler.corpus import Batch
@@ -128,7 +128,7 @@ def test_merge_help_shows_examples(capsys):
 @pytest.mark.slow
 def test_array_job_shards_merge_to_the_whole_corpus_profile(tmp_path, capsys):
     """`skipprof profile --shard I/N` for each I, then `skipprof merge`, equals one `skipprof profile` run."""
-    from conftest import write_word_corpus
+    from helpers import write_word_corpus
 
     model_dir, data = write_word_corpus(tmp_path)
     common = [model_dir, "--data", data, "--batch-size", "4", "--generate", "2", "--reservoir", "16", "--json"]

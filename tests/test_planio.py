@@ -14,8 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skipprofiler.plan import PlanError, PlanFile, Router, SkipPlan
-from skipprofiler.planio import (dump_plan, load_plan, plan_from_dict, plan_to_dict, save_plan, schema_path,
-                                 validate_plan_dict)
+from skipprofiler.planio import (
+    dump_plan,
+    load_plan,
+    plan_from_dict,
+    plan_to_dict,
+    save_plan,
+    schema_path,
+    validate_plan_dict,
+)
 
 SCHEMA = json.loads(schema_path().read_text())
 names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_-0123456789é", min_size=1, max_size=8)

@@ -9,11 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_statistics
+from helpers import assert_same_statistics
 from tiny_models import MODEL_TYPES, tiny_model
 
 from skipprofiler.corpus import Batch
-from skipprofiler.profile import METRICS, Profile, ProfileError, ProfileSettings, merge_profiles, profile_model
+from skipprofiler.profile import (
+    METRICS,
+    Profile,
+    ProfileError,
+    ProfileSettings,
+    merge_profiles,
+    profile_model,
+)
 
 SMALL = ProfileSettings(reservoir_size=64, doc_reservoir_size=8, seed=3)
 

@@ -9,9 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runtime import ZeroedReference, greedy_loop
+from helpers import ZeroedReference, greedy_loop
 
-from skipprofiler.models import ModelSourceError, load_causal_lm, load_tokenizer, model_source, smollm2_gguf
+from skipprofiler.models import (
+    ModelSourceError,
+    load_causal_lm,
+    load_tokenizer,
+    model_source,
+    smollm2_gguf,
+)
 from skipprofiler.plan import SkipPlan
 from skipprofiler.registry import model_fingerprint, resolve
 from skipprofiler.runtime import apply_plan
@@ -76,7 +82,7 @@ def test_skipping_equals_zeroed_ffn_output_weights_on_real_weights(smollm2):
 
 
 def test_shipped_linear_plan_equals_the_hook_reference_on_real_weights(smollm2):
-    from test_substitute import LinearReference
+    from helpers import LinearReference
 
     from skipprofiler.planio import load_plan
 
@@ -99,7 +105,7 @@ def test_shipped_linear_plan_equals_the_hook_reference_on_real_weights(smollm2):
 
 
 def test_cli_profiles_a_gguf_file_and_fits_a_plan(gguf_path, tmp_path, capsys):
-    from conftest import run
+    from helpers import run
 
     from skipprofiler.planio import load_plan
     from skipprofiler.profile import Profile
@@ -125,7 +131,7 @@ def test_cli_profiles_a_gguf_file_and_fits_a_plan(gguf_path, tmp_path, capsys):
 
 @pytest.mark.parametrize("plan_path", sorted(PLANS.glob("smollm2-*.yaml")), ids=lambda p: p.name)
 def test_shipped_smollm2_plans_validate_against_gguf_and_folder(plan_path, gguf_path, smollm2_folder, capsys):
-    from conftest import run
+    from helpers import run
 
     for model in (gguf_path, smollm2_folder):
         code, out, err = run(["validate", plan_path, "--model", model], capsys)

@@ -6,13 +6,20 @@ import math
 
 import pytest
 import torch
+from helpers import char_tokenizer
+from tiny_models import tiny_model
 
-from conftest import char_tokenizer
 from skipprofiler.fidelity import dense_references, make_batches, measure_plan
 from skipprofiler.plan import SkipPlan
-from skipprofiler.refine import (RefineError, SetEvaluator, calibration_references, canonical, middle_layers,
-                                 oracle_static, refine_static)
-from tiny_models import tiny_model
+from skipprofiler.refine import (
+    RefineError,
+    SetEvaluator,
+    calibration_references,
+    canonical,
+    middle_layers,
+    oracle_static,
+    refine_static,
+)
 
 
 def _references(model, docs: int = 4, length: int = 20):

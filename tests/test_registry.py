@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from tiny_models import MODEL_TYPES, tiny_model
+from torch import nn
 
-from skipprofiler.registry import (POST_NORM_OUTPUT, RESIDUAL_INSIDE, UnsupportedArchitecture, model_fingerprint,
-                                   resolve)
+from skipprofiler.registry import (
+    POST_NORM_OUTPUT,
+    RESIDUAL_INSIDE,
+    UnsupportedArchitecture,
+    model_fingerprint,
+    resolve,
+)
 
 IDS = torch.tensor([[5, 17, 33, 2, 70, 41, 9, 12], [8, 8, 90, 3, 61, 27, 44, 15]])
 

@@ -61,10 +61,10 @@ def test_markdown_has_tables_per_target_and_figures():
 
 def _tiny_profile():
     import torch
+    from tiny_models import tiny_model
 
     from skipprofiler.corpus import Batch
     from skipprofiler.profile import ProfileSettings, profile_model
-    from tiny_models import tiny_model
 
     model = tiny_model("llama", num_layers=4)
     g = torch.Generator().manual_seed(0)

@@ -10,122 +10,34 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from helpers import (
+    AdaptiveReference,
+    ZeroedReference,
+    decisions,
+    generate,
+    greedy_loop,
+    left_padded,
+    output_weights,
+    plan_file,
+    pooled,
+    quantile_tau,
+    static,
+    token_cos,
+    untouched,
+)
 from tiny_models import tiny_model
 from transformers import DynamicCache
 
-from skipprofiler._compat import cache_in, cache_kwargs
-from skipprofiler.plan import PlanError, PlanFile, Router, SkipPlan
-from skipprofiler.registry import model_fingerprint, resolve
+from skipprofiler._compat import cache_kwargs
+from skipprofiler.fit import simulate_adaptive
+from skipprofiler.plan import PlanError, Router, SkipPlan
+from skipprofiler.registry import resolve
 from skipprofiler.runtime import apply_plan
 
-OUTPUT_PROJECTIONS = {"down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2"}
-
-
 # ---- references -----------------------------------------------------------------------------------------------------
-
-
-def output_weights(model, layer: int) -> list[torch.nn.Parameter]:
-    """Every output-projection parameter of one FFN (fused MoE experts included): zeroing them zeroes the FFN."""
-    site = resolve(model).sites[layer]
-    params = {id(getattr(m, n)): getattr(m, n) for m, n in site.ffn_weights() if getattr(m, n) is not None}
-    if site.ffn is not None:
-        for name, p in site.ffn.named_parameters():
-            if set(name.split(".")) & OUTPUT_PROJECTIONS:
-                params[id(p)] = p
-    return list(params.values())
-
-
-class ZeroedReference:
-    """The plan's effect done the slow, obvious way: zero the skipped FFNs' output weights on decode forwards.
-
-    A model pre-hook reads the cache length, derives the decode index d (d = past - prompt length), asks
-    `plan.static_layers_at(d)` which layers skip, and swaps their output weights for zeros for that forward.
-    Valid for bs 1 or batches whose rows share d (left padding / generate).
-    """
-
-    def __init__(self, model, plan: SkipPlan):
-        self.model, self.plan = model, plan
-        self.dense = {l: [p.detach().clone() for p in output_weights(model, l)] for l in plan.skip_layers}
-        self.prompt = None
-        self.handle = model.register_forward_pre_hook(self._pre, with_kwargs=True)
-
-    def _pre(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = cache_in(kwargs)
-        past = cache.get_seq_length() if cache is not None else 0
-        if past == 0:
-            self.prompt = ids.shape[1]
-            skip = []
-        else:
-            assert ids.shape[1] == 1, "reference handles one new token per forward"
-            skip = self.plan.static_layers_at(past - self.prompt)
-        with torch.no_grad():
-            for l, saved in self.dense.items():
-                for p, dense in zip(output_weights(self.model, l), saved):
-                    p.copy_(torch.zeros_like(dense) if l in skip else dense)
-
-    def remove(self):
-        self.handle.remove()
-        with torch.no_grad():
-            for l, saved in self.dense.items():
-                for p, dense in zip(output_weights(self.model, l), saved):
-                    p.copy_(dense)
-
-
-def greedy_loop(model, ids, steps, mask=None):
-    """Hand-written decode loop with a KV cache; returns the per-step logits [steps, B, V] and the tokens."""
-    cache = DynamicCache()
-    logits, tokens = [], []
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True)
-        for _ in range(steps):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(nxt)
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            out = model(input_ids=nxt, attention_mask=mask, **cache_kwargs(model, cache), use_cache=True)
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits), torch.cat(tokens, 1)
-
-
-def generate(model, ids, steps, mask=None, **kw):
-    kw.setdefault("do_sample", False)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
-                             max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0, output_logits=True,
-                             return_dict_in_generate=True, **kw)
-    return out.sequences, torch.stack(out.logits)  # raw logits (scores carry -inf from min_new_tokens)
-
-
-def left_padded(batch=3, length=7, vocab=90, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, vocab, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for b in range(batch):
-        mask[b, : b * 2] = 0  # row b has b*2 left pads
-        ids[b, : b * 2] = 0
-    return ids, mask
-
-
-def untouched(model) -> bool:
-    """No hook, instance forward or extra_repr left behind anywhere in the model."""
-    for module in model.modules():
-        if module._forward_hooks or module._forward_pre_hooks:
-            return False
-        if "forward" in module.__dict__ or "extra_repr" in module.__dict__:
-            return False
-    return "_skipprof_handle" not in model.__dict__
-
-
-def static(layers, **kw) -> SkipPlan:
-    return SkipPlan(mode="static", skip_layers={l: 1.0 for l in layers} if isinstance(layers, list) else layers, **kw)
-
-
-def plan_file(model, global_plan, classes=None, router=None) -> PlanFile:
-    return PlanFile(model={"name": "tiny", "fingerprint": model_fingerprint(model)}, global_plan=global_plan,
-                    classes=classes or {}, router=router)
 
 
 # ---- static plans ---------------------------------------------------------------------------------------------------
@@ -221,7 +133,6 @@ def test_empty_plan_changes_nothing():
         assert "skipprof" not in repr(model)
     assert torch.equal(got[0], dense[0]) and torch.equal(got[1], dense[1])
     assert handle.stats()["decided_skips"] == 0 and handle.stats()["decode_positions"] == 12
-
 
 
 def test_hand_loop_with_the_deprecated_cache_name_is_detected():
@@ -334,112 +245,6 @@ def test_static_decode_compiles_to_one_graph_without_breaks():
 
 
 # ---- adaptive plans -------------------------------------------------------------------------------------------------
-
-
-class AdaptiveReference:
-    """FFN-SkipLLM for bs 1, one token per decode forward, written from the rule in plan.py with plain hooks; or for a
-    batch deciding together (batch_decision="shared", every decode row real): a run starts when every row passes.
-
-    h is read as the input of the pre-FFN norm, h + c as the layer output; a skipped FFN's output is replaced by zeros
-    by a forward hook (exact, saves nothing).
-    """
-
-    def __init__(self, model, plan: SkipPlan):
-        self.plan, self.arch = plan, resolve(model)
-        self.L = self.arch.num_layers
-        self.hooks, self.h = [], {}
-        self.prompt, self.decode, self.skipped = None, None, 0
-        self.hooks.append(model.register_forward_pre_hook(self._start, with_kwargs=True))
-        for site in self.arch.sites:
-            l = site.index
-            self.hooks.append(site.layer.post_attention_layernorm.register_forward_pre_hook(self._read_h(l)))
-            self.hooks.append(site.ffn.register_forward_hook(self._ffn(l)))
-            self.hooks.append(site.layer.register_forward_hook(self._layer(l)))
-
-    def _start(self, module, args, kwargs):
-        cache = cache_in(kwargs)
-        past = cache.get_seq_length() if cache is not None else 0
-        if past == 0:
-            self.prompt = kwargs["input_ids"].shape[1]
-        d = past - self.prompt
-        self.decode = d if past > 0 and self.plan.eligible(d) else None
-        self.remaining, self.used = 0, False
-
-    def _read_h(self, l):
-        def hook(module, args):
-            self.h[l] = args[0].detach().clone()
-        return hook
-
-    def _ffn(self, l):
-        def hook(module, args, out):
-            if self.decode is not None and self.remaining > 0:
-                self.remaining -= 1
-                self.skipped += out.shape[0]
-                return torch.zeros_like(out)
-            return None
-        return hook
-
-    def _layer(self, l):
-        def hook(module, args, out):
-            p = self.plan
-            end = self.L - p.cold_end
-            if self.decode is None or self.used or l < p.cold_start - 1 or l + 1 >= end:
-                return
-            if self.remaining == 0:  # the layer ran densely (a run in progress has remaining > 0)
-                stream = out[0] if isinstance(out, tuple) else out
-                cos = torch.nn.functional.cosine_similarity(self.h[l].float(), stream.float(), dim=-1)
-                if bool((cos > p.tau[l]).all()):
-                    self.remaining, self.used = min(p.max_skip, end - (l + 1)), True
-        return hook
-
-    def remove(self):
-        for h in self.hooks:
-            h.remove()
-
-
-def quantile_tau_any(model, ids, steps, q=0.5) -> list[float]:
-    """Thresholds from any architecture's dense decode cos (h = stream_out - FFN contribution, read by hooks)."""
-    arch, values, hooks = resolve(model), {}, []
-    for site in arch.sites:
-        target = site.post_norm if site.post_norm is not None else (site.fc2 if site.ffn is None else site.ffn)
-
-        def ffn_out(module, args, out, site=site):
-            c = out[0] if isinstance(out, tuple) else out
-            if site.contribution == "residual_inside":
-                c = c - args[1]
-            values.setdefault(site.index, []).append([(c * site.multiplier).reshape(-1, c.shape[-1]).clone()])
-
-        def layer_out(module, args, out, l=site.index):
-            stream = (out[0] if isinstance(out, tuple) else out).reshape(values[l][-1][0].shape)
-            values[l][-1] = torch.nn.functional.cosine_similarity(stream - values[l][-1][0], stream, dim=-1)
-
-        hooks += [target.register_forward_hook(ffn_out), site.layer.register_forward_hook(layer_out)]
-    greedy_loop(model, ids, steps)
-    for h in hooks:
-        h.remove()
-    return [float(torch.cat(values[l][1:]).quantile(q)) for l in sorted(values)]
-
-
-def decode_cos(model, ids, steps):
-    """Per layer, the cos(h, h + c) values seen on dense decode (to place thresholds that trigger sometimes)."""
-    arch, values = resolve(model), {}
-    hooks = []
-    for site in arch.sites:
-        def pre(module, args, l=site.index):
-            values.setdefault(l, []).append(args[0].clone())
-        def post(module, args, out, l=site.index):
-            values[l][-1] = torch.nn.functional.cosine_similarity(values[l][-1], out, dim=-1).flatten()
-        hooks += [site.layer.post_attention_layernorm.register_forward_pre_hook(pre),
-                  site.layer.register_forward_hook(post)]
-    greedy_loop(model, ids, steps)
-    for h in hooks:
-        h.remove()
-    return {l: torch.cat(v[1:]) for l, v in values.items()}  # drop the prompt forward
-
-
-def quantile_tau(model, ids, steps, q=0.5) -> list[float]:
-    cos = decode_cos(model, ids, steps)
-    return [float(cos[l].quantile(q)) for l in sorted(cos)]
 
 
 def test_adaptive_matches_reference_rule_bs1():
@@ -559,9 +364,31 @@ def test_batch_decision_is_validated_before_touching_the_model():
         assert "decided per batch" in str(model) and "batch_decision=shared" in repr(handle)
 
 
-def decisions(stats: dict) -> dict:
-    """A handle's stats without the rows really not computed (device-state adaptive plans mask, host state gathers)."""
-    return {k: v for k, v in stats.items() if k not in ("rows_not_computed", "not_computed_ratio")}
+def test_fit_simulation_of_the_adaptive_rule_equals_the_runtime_on_the_same_cosines():
+    """fit.simulate_adaptive judges each token on its dense cosines; the runtime on the stream it computes. They agree:
+    a token's one run starts before any of its FFNs is skipped, so every cosine the rule reads is a dense one."""
+    model = tiny_model("llama", num_layers=8)
+    prompt, length = 4, 28
+    ids = torch.randint(2, 90, (1, length), generator=torch.Generator().manual_seed(3))
+    cos = token_cos(model, ids)[prompt:]  # [decode positions, L], float32, read by hooks
+    tau = []  # per layer, midway between two observed cosines near the 85th percentile: no value sits on it
+    for l in range(cos.shape[1]):
+        values = cos[:, l].sort().values
+        near = int(len(values) * 0.85) - 3
+        i = near + int((values[near + 1:near + 6] - values[near:near + 5]).argmax())
+        tau.append(float((values[i] + values[i + 1]) / 2))
+    plan = SkipPlan(mode="adaptive", tau=tau, cold_start=1, cold_end=1, max_skip=3)
+    simulated, _ = simulate_adaptive(cos.numpy(), np.asarray(tau), 1, 1, 3)
+    assert 0 < (simulated > 0).sum() < len(simulated)  # some tokens trigger, some do not
+    for host in (True, False):
+        per_token = []
+        with apply_plan(model, plan, host_state=host) as handle, torch.no_grad():
+            for t in range(prompt, length):  # one decode position per forward: the stats count that token alone
+                handle.reset_stats()
+                with handle.decode_from(t):
+                    model(input_ids=ids[:, :t + 1])
+                per_token.append(handle.stats()["decided_skips"])
+        assert per_token == simulated.tolist(), host
 
 
 def test_adaptive_teacher_forced_decode_from_matches_host_device():
@@ -591,16 +418,6 @@ def test_prompt_class_selects_plan_and_unknown_class_lists_classes():
     with pytest.raises(PlanError, match="unknown prompt class 'poetry'.*code, fiction"):
         apply_plan(model, pf, prompt_class="poetry")
     assert untouched(model)
-
-
-def pooled(model, ids, layer):
-    out = {}
-    hook = resolve(model).sites[layer].layer.register_forward_hook(lambda m, a, o: out.setdefault("h", o))
-    with torch.no_grad():
-        model(input_ids=ids)
-    hook.remove()
-    h = out["h"][0] if isinstance(out["h"], tuple) else out["h"]
-    return h.float().mean(1)
 
 
 def test_auto_routes_each_row_to_its_class_plan():
@@ -731,7 +548,12 @@ def test_flop_count_matches_hand_count_and_ideal_speedup():
 
 
 def test_benchmark_interleaves_arms_and_reports_medians():
-    from skipprofiler.bench import Arm, benchmark_decode, middle_static_plan, synthetic_model
+    from skipprofiler.bench import (
+        Arm,
+        benchmark_decode,
+        middle_static_plan,
+        synthetic_model,
+    )
 
     model = synthetic_model("llama-tiny")
     plan = middle_static_plan(6, 0.25)

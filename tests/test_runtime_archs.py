@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import (
+    AdaptiveZeroedReference,
+    ZeroedReference,
+    decode_loop,
+    generate,
+    greedy_loop,
+    quantile_tau_any,
+    static,
+    untouched,
+)
+from tiny_models import MODEL_TYPES, tiny_model
 from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache
-from test_runtime import ZeroedReference, generate, greedy_loop, output_weights, quantile_tau_any, static, untouched
-from tiny_models import MODEL_TYPES, tiny_model
 
 from skipprofiler._compat import cache_kwargs
-from skipprofiler.capture import FFNCapture
 from skipprofiler.plan import SkipPlan
 from skipprofiler.registry import resolve
 from skipprofiler.runtime import apply_plan
@@ -80,71 +88,6 @@ def test_empty_plan_is_dense_and_skipped_ffns_do_no_work(model_type):
     with apply_plan(model, static([2])):
         assert decode_param_uses(model, ids, 4, skipped_params) == 0
         assert decode_param_uses(model, ids, 4, dense_params) > 0
-
-
-class AdaptiveZeroedReference:
-    """FFN-SkipLLM for bs 1, one token per forward, built from parts the runtime does not use: cos from the
-    profiler's capture hooks (capture.py), skipping by zeroing the FFN's output weights for that layer's call.
-    The driver sets `d`, the decode index of the next forward (None: the prompt)."""
-
-    def __init__(self, model, plan: SkipPlan):
-        self.model, self.plan = model, plan
-        self.L = resolve(model).num_layers
-        self.dense = {l: [p.detach().clone() for p in output_weights(model, l)] for l in range(self.L)}
-        self.d, self.remaining, self.used, self.zeroed, self.skipped = None, 0, False, None, 0
-        self.hooks = [model.register_forward_pre_hook(self._start)]
-        self.hooks += [site.layer.register_forward_pre_hook(self._layer_start(site.index))
-                       for site in resolve(model).sites]
-        self.capture = FFNCapture(model, self._layer_done)
-
-    def _start(self, module, args):
-        self.remaining, self.used = 0, False
-
-    def _set(self, layer, zero):
-        with torch.no_grad():
-            for p, dense in zip(output_weights(self.model, layer), self.dense[layer]):
-                p.copy_(torch.zeros_like(dense) if zero else dense)
-
-    def _layer_start(self, layer):
-        def hook(module, args):
-            if self.remaining > 0:
-                self.remaining -= 1
-                self.skipped += 1
-                self._set(layer, True)
-                self.zeroed = layer
-        return hook
-
-    def _layer_done(self, t):
-        if self.zeroed == t.index:
-            self._set(t.index, False)
-            self.zeroed = None
-            return
-        p = self.plan
-        end = self.L - p.cold_end
-        if self.d is None or not p.eligible(self.d) or self.used or not p.cold_start - 1 <= t.index < end - 1:
-            return
-        cos = torch.nn.functional.cosine_similarity(t.stream_in_ffn.float(), t.stream_out.float(), dim=-1)
-        if bool(cos.item() > p.tau[t.index]):
-            self.remaining, self.used = min(p.max_skip, end - (t.index + 1)), True
-
-    def remove(self):
-        self.capture.remove()
-        for h in self.hooks:
-            h.remove()
-
-
-def decode_loop(model, ids, steps, reference=None):
-    """Greedy bs-1 decode with a cache, telling `reference` each forward's decode index."""
-    cache, logits, tokens = DynamicCache(), [], []
-    with torch.no_grad():
-        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
-        for d in range(steps):
-            tokens.append(out.logits[:, -1:].argmax(-1))
-            if reference is not None:
-                reference.d = d
-            out = model(input_ids=tokens[-1], **cache_kwargs(model, cache), use_cache=True)
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits), torch.cat(tokens, 1)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_runtime import generate, static
+from helpers import generate, static
 from tiny_models import tiny_model
 from transformers import DynamicCache
 
@@ -258,7 +258,7 @@ class TokenCollector:
 
 @pytest.mark.parametrize("client", ["beam", "streamer", "static_cache"])
 def test_generate_clients_match_the_zeroed_reference_and_an_empty_plan_is_dense(client):
-    from test_runtime import ZeroedReference
+    from helpers import ZeroedReference
 
     model = tiny_model("llama", num_layers=4)
     ids = torch.randint(2, 90, (1, 6))

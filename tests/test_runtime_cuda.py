@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_runtime import generate
+from helpers import generate
 from tiny_models import tiny_model
 
 from skipprofiler.plan import SkipPlan

@@ -11,16 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import static
+from tiny_models import tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
+import skipprofiler.runtime
 from skipprofiler._compat import cache_kwargs, cache_out
 from skipprofiler.plan import LinearMaps
 from skipprofiler.runtime import apply_plan
-from test_runtime import static
-from tiny_models import tiny_model
-
-import skipprofiler.runtime
 
 RUNTIME = str(Path(skipprofiler.runtime.__file__).parent)
 TORCH = str(Path(torch.__file__).parent)

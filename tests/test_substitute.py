@@ -8,85 +8,28 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from test_runtime import greedy_loop, plan_file, static, untouched
+from helpers import (
+    LinearReference,
+    greedy_loop,
+    plan_file,
+    random_maps,
+    static,
+    token_batches,
+    untouched,
+)
 from tiny_models import MODEL_TYPES, tiny_model
 
-from skipprofiler._compat import cache_in
-from skipprofiler.fidelity import make_batches, measure_plan
+from skipprofiler.fidelity import measure_plan
 from skipprofiler.plan import LinearMaps, PlanError
 from skipprofiler.planio import load_plan, save_plan, weights_file_for
-from skipprofiler.registry import RESIDUAL_INSIDE, first_tensor, resolve
 from skipprofiler.runtime import apply_plan
-from skipprofiler.substitute import (LayerStatistics, LinearStatistics, collect_statistics, fit_map,
-                                     fit_substitutes)
-
-
-def _hidden(model) -> int:
-    return model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
-
-
-def random_maps(model, layers, rank=None, scale=0.05, seed=0) -> LinearMaps:
-    g = torch.Generator().manual_seed(seed)
-    h, tensors = _hidden(model), {}
-    for l in layers:
-        tensors[f"{l}.bias"] = (torch.randn(h, generator=g) * 0.1).numpy()
-        if rank is None:
-            tensors[f"{l}.weight"] = (torch.randn(h, h, generator=g) * scale).numpy()
-        else:
-            tensors[f"{l}.down"] = (torch.randn(h, rank, generator=g) * scale).numpy()
-            tensors[f"{l}.up"] = (torch.randn(rank, h, generator=g) * scale).numpy()
-    return LinearMaps(rank, tensors)
-
-
-class LinearReference:
-    """The obvious way: on decode forwards (one new token, non-empty cache), each planned FFN's output is replaced
-    by x @ W + b of the FFN's own input (forward hooks on the FFN module; OPT: fc1's input, fc2's output)."""
-
-    def __init__(self, model, layers, maps: LinearMaps):
-        self.decode, self.inputs = False, {}
-        self.handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True)]
-        for site in resolve(model).sites:
-            if site.index not in layers:
-                continue
-            t = {k: torch.from_numpy(v) for k, v in maps.layer_tensors(site.index).items()}
-            w = t["weight"] if "weight" in t else t["down"] @ t["up"]
-            if site.ffn is None:
-                self.handles.append(site.fc1.register_forward_pre_hook(self._keep(site.index)))
-                self.handles.append(site.fc2.register_forward_hook(self._replace_fc2(site.index, w, t["bias"])))
-            else:
-                self.handles.append(site.ffn.register_forward_hook(
-                    self._replace(w, t["bias"], site.contribution == RESIDUAL_INSIDE), with_kwargs=True))
-
-    def _pre(self, module, args, kwargs):
-        cache = cache_in(kwargs)
-        self.decode = cache is not None and cache.get_seq_length() > 0
-
-    def _keep(self, layer):
-        def fn(module, args):
-            self.inputs[layer] = args[0]
-        return fn
-
-    def _replace_fc2(self, layer, w, b):
-        def fn(module, args, output):
-            return self.inputs[layer] @ w + b if self.decode else None
-        return fn
-
-    def _replace(self, w, b, residual_inside):
-        def fn(module, args, kwargs, output):
-            if not self.decode:
-                return None
-            x = args[0]
-            new = x @ w.to(x.dtype) + b.to(x.dtype)
-            if residual_inside:
-                new = new + (args[1] if len(args) > 1 else kwargs["residual"])
-            out = first_tensor(output)
-            new = new.reshape(out.shape)
-            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
-        return fn
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
+from skipprofiler.substitute import (
+    LayerStatistics,
+    LinearStatistics,
+    collect_statistics,
+    fit_map,
+    fit_substitutes,
+)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -155,15 +98,9 @@ def test_fit_recovers_a_linear_function_and_reports_held_out_error():
         torch.from_numpy(fitted.weight).double(), torch.from_numpy(fitted.bias).double())  # rank 2 of 8 loses
 
 
-def _batches(n_docs=10, length=24, prompt_len=6, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    tokens = [torch.randint(2, 96, (length,), generator=g).tolist() for _ in range(n_docs)]
-    return make_batches(tokens, ["x"] * n_docs, prompt_len=prompt_len, pad_id=0, batch_size=4)
-
-
 def test_collected_statistics_cover_decode_positions_only_and_fit_a_useful_map():
     model = tiny_model("llama", num_layers=4)
-    batches = _batches()
+    batches = token_batches()
     stats = collect_statistics(model, batches, [1, 2], validation_every=5)
     decode = sum(int((b.attention_mask.sum(1) - b.prompt_len).clamp(min=0).sum()) for b in batches)
     assert stats[1].total.n + stats[1].sinks == decode == 10 * 18
@@ -184,7 +121,7 @@ def _refs(model, batches):
 
 def test_positions_with_an_outsized_stream_norm_are_left_out_as_attention_sinks():
     model = tiny_model("llama", num_layers=3)
-    batches = _batches(n_docs=5)
+    batches = token_batches(n_docs=5)
     embed = model.get_input_embeddings()
     token = int(batches[0].input_ids[0, batches[0].prompt_len + 3])
     with torch.no_grad():
@@ -234,7 +171,7 @@ def test_linear_maps_are_checked_against_the_model_and_the_skipped_layers(tmp_pa
 
 @pytest.mark.parametrize("client", ["padded_batch", "beam", "static_cache", "no_cache", "prompt_lookup"])
 def test_linear_plans_in_generate_clients_match_the_reference(client):
-    from test_runtime import generate, left_padded
+    from helpers import generate, left_padded
 
     model = tiny_model("llama", num_layers=4)
     maps = random_maps(model, [1, 2])
@@ -259,7 +196,9 @@ def test_linear_plans_in_generate_clients_match_the_reference(client):
 
 
 def test_linear_decode_step_compiles_to_one_graph_without_breaks():
-    from test_runtime import DynamicCache, cache_kwargs
+    from transformers import DynamicCache
+
+    from skipprofiler._compat import cache_kwargs
 
     model = tiny_model("llama", num_layers=4)
     ids = torch.randint(2, 90, (1, 5))
@@ -275,7 +214,7 @@ def test_linear_decode_step_compiles_to_one_graph_without_breaks():
 
 
 def test_class_maps_keep_the_global_set_and_fit_each_class_on_its_own_windows(tmp_path):
-    from conftest import word_tokenizer, write_jsonl
+    from helpers import word_tokenizer, write_jsonl
 
     from skipprofiler.refine import class_substitutes
 
@@ -303,7 +242,7 @@ def test_class_maps_keep_the_global_set_and_fit_each_class_on_its_own_windows(tm
 
 
 def test_a_batch_routed_to_two_classes_runs_each_rows_own_maps():
-    from test_runtime import pooled
+    from helpers import pooled
 
     from skipprofiler.plan import Router
 

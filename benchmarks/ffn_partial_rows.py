@@ -1,6 +1,6 @@
 """What a partly skipped FFN costs in a small decode batch: the FFN over K of B rows (gathered, run, scattered back)
 against the FFN over all B rows, median of interleaved repeats. Explains the runtime's masked path for small
-mixed batches (runtime._decision_from_flags).
+mixed batches (`action_from_flags` in skipprofiler/runtime/positionwise.py).
 
     python benchmarks/ffn_partial_rows.py --threads 2                  # 100 M Llama FFN (768 -> 2048), B = 8
     python benchmarks/ffn_partial_rows.py --hidden 4096 --intermediate 11008 --batch 16

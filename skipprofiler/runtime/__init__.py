@@ -7,11 +7,12 @@ Deployment code imports only this package (torch, yaml via planio, and the stand
     handle.stats()               # decided skips and FFN rows really not computed
     handle.remove()              # bit-exact restore
 
-Read it one part at a time: `handle` (apply_plan, SkipHandle: which positions decode, counting, restore),
-`schedule` (pure: decode index and static decisions per position), `step` (one forward's state and the typed
-Decision), `strategies` (what a patched FFN computes, per family), `patcher` (reversible changes), `checks` (does the
-plan fit the model); for adaptive plans `adaptive`, for compensation `compensation`, for ``prompt_class="auto"``
-`routing` -- each imported only when a plan needs it. Rule semantics: the docstring of `skipprofiler.plan`.
+Read it top to bottom, one part per module. A static plan uses: `handle` (apply_plan, SkipHandle: plan each
+forward, count, restore), `positions` (which positions are decode positions), `schedule` (the plan of one forward:
+a decode step is a dictionary lookup), `positionwise` (other forwards, position by position), `ffn` / `families`
+(what a patched FFN computes), `patcher` (reversible changes), `checks` (does the plan fit the model). Plug-ins,
+imported only when a plan needs them: `adaptive` (FFN-SkipLLM's trigger), `routing` (``prompt_class="auto"``);
+compensation fills: `compensation`. Rule semantics: the docstring of `skipprofiler.plan`.
 """
 
 from ..plan import PlanError

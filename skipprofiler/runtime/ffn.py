@@ -8,16 +8,16 @@ skipped ones are replaced.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from ..registry import RESIDUAL_INSIDE, FFNSite, first_tensor
 from .patcher import Patcher
-from .schedule import DENSE, Action, Forward, Kind
+from .schedule import DENSE, Action, Forward, ForwardSource, Kind
 
 
-def patch_ffn(site: FFNSite, handle: Any, patcher: Patcher, text: str) -> None:
+def patch_ffn(site: FFNSite, handle: ForwardSource, patcher: Patcher, text: str) -> None:
     """Replace the site's FFN forward(s); ``handle.forward`` is the Forward in progress (None: run dense)."""
     if site.ffn is None:
         from .families import patch_fc_pair

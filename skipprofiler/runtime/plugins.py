@@ -4,11 +4,13 @@ plug-in around each top-level forward; a plug-in that decides layers while the f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from .schedule import Forward
+from ..registry import ResolvedArch
+from .patcher import Patcher
+from .schedule import Forward, ForwardSource
 
 
 @dataclass
@@ -25,6 +27,14 @@ class ForwardCall:
     past: int  # positions already in the cache
     prompt_end: list[int]  # per row, where decode positions start
     teacher_forced: bool  # inside decode_from
+
+
+class Host(ForwardSource, Protocol):
+    """What a plug-in sees of the handle it installs itself on."""
+
+    arch: ResolvedArch
+    patcher: Patcher
+    row_classes: list[str | None] | None  # per row of the last prompt: the class the router chose
 
 
 class Plugin:

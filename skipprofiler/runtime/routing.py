@@ -8,7 +8,6 @@ pre-pass without the cache runs up to the router layer and is stopped there by r
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
@@ -16,7 +15,7 @@ from .._compat import without_cache
 from ..plan import PlanFile, SkipPlan
 from ..registry import ResolvedArch, first_tensor
 from ..pooling import pool, prompt_weights
-from .plugins import ForwardCall, Plugin
+from .plugins import ForwardCall, Host, Plugin
 
 
 class RoutingDone(Exception):
@@ -54,7 +53,7 @@ def router_problems(plan_file: PlanFile, arch: ResolvedArch,
 class RoutingPlugin(Plugin):
     """Chooses each row's class at its prompt; the handle reads them from ``handle.row_classes``."""
 
-    def __init__(self, handle: Any, plan_file: PlanFile, prompt_runs_dense: bool):
+    def __init__(self, handle: Host, plan_file: PlanFile, prompt_runs_dense: bool):
         self.handle, self.router = handle, plan_file.router
         self.prompt_runs_dense = prompt_runs_dense  # every plan keeps prompts dense: read the router layer on the way
         self._weights: torch.Tensor | None = None  # [B, S] pooling weights of the prompt, while routing a forward

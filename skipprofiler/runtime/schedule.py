@@ -140,6 +140,12 @@ class Forward:
                                "the runtime does not support")
 
 
+class ForwardSource(Protocol):
+    """What a patched FFN reads of the handle: the forward in progress (None: run dense)."""
+
+    forward: Forward | None
+
+
 def first_decode_index(rules: list[Rule], past: int, prompt_end: list[int], pad_offsets: list[int] | None
                        ) -> list[int]:
     """Per row, the decode index of this forward's first new position. ``apply_to: all`` counts d from the row's

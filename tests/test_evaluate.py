@@ -1,4 +1,4 @@
-"""`evaluate.run_eval` on a tiny Llama with the real runtime: rows, baselines, oracle, errors."""
+"""`evaluation.run.run_eval` on a tiny Llama with the real runtime: rows, baselines, oracle, errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from conftest import char_tokenizer, write_corpus
-from skipprofiler.evaluate import (DroppedLayers, EvalConfig, EvalError, FlopModel, budget_slots, contiguous_window,
-                                   paper_adaptive, run_eval)
+from skipprofiler.bench import FlopModel
+from skipprofiler.blocks import DroppedLayers
+from skipprofiler.evaluation import EvalConfig, EvalError
+from skipprofiler.evaluation.baselines import budget_slots, contiguous_window, paper_adaptive
+from skipprofiler.evaluation.run import run_eval
 from skipprofiler.plan import PlanFile, SkipPlan
 from skipprofiler.registry import model_fingerprint
 from tiny_models import tiny_model
@@ -157,7 +160,7 @@ def test_router_row_reports_how_often_the_runtime_router_picks_the_true_class():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from skipprofiler import demo
-    from skipprofiler.evaluate import prepare_data
+    from skipprofiler.evaluation.data import prepare_data
     from skipprofiler.planio import load_plan
     from skipprofiler.runtime import apply_plan
 

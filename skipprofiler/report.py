@@ -125,7 +125,7 @@ def cosine_figure(profile, out: Path, title: str) -> Path:
     return _atomic_savefig(fig, out / "cosine_by_layer.png")
 
 
-def families(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def rows_by_family(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in result.get("plans", []):
         grouped[row.get("family") or row["name"]].append(row)
@@ -191,7 +191,7 @@ def _shared_legend(fig, axes) -> None:
 
 def quality_figure(result: dict[str, Any], out: Path, title: str) -> Path:
     plt = _plt()
-    grouped = families(result)
+    grouped = rows_by_family(result)
     fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(13, 4.8))
     kl_points = _series(ax_kl, grouped, "kl_mean")
     ax_kl.set_yscale("log")
@@ -216,7 +216,7 @@ def quality_figure(result: dict[str, Any], out: Path, title: str) -> Path:
 
 def speed_figure(result: dict[str, Any], out: Path, title: str) -> Path:
     plt = _plt()
-    grouped = families(result)
+    grouped = rows_by_family(result)
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     points = _series(ax, grouped, "speedup")
     for i, (family, rows) in enumerate(grouped.items()):  # each point's per-round range: this run's timing noise

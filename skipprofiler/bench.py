@@ -144,17 +144,49 @@ def token_flops(model: nn.Module) -> dict[str, float]:
             "lm_head": float(2 * head.weight.numel()), "layers": float(arch.num_layers)}
 
 
+@dataclass
+class FlopModel:
+    """FLOPs of one decoded token at a given cache length, from `token_flops`: attention projections and attention
+    over the cache per layer, the FFN per layer, and the LM head."""
+
+    flops: dict[str, float]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "FlopModel":
+        return cls(token_flops(model))
+
+    @property
+    def lm_head(self) -> float:
+        return self.flops["lm_head"]
+
+    def block(self, context: int) -> float:
+        """One whole decoder layer (attention, its cache, the FFN)."""
+        f = self.flops
+        return f["attn_proj"] + f["attn_per_position"] * context + f["ffn"]
+
+    def per_token(self, ffn_layers: float, context: int) -> float:
+        """Every layer's attention, `ffn_layers` FFN calls and the LM head."""
+        f = self.flops
+        attention = f["layers"] * (f["attn_proj"] + f["attn_per_position"] * context)
+        return attention + ffn_layers * f["ffn"] + f["lm_head"]
+
+    def ideal_speedup(self, skip_ratio: float, context: int) -> float:
+        """Dense FLOPs per token over those with a `skip_ratio` share of the FFN calls skipped."""
+        layers = self.flops["layers"]
+        return self.per_token(layers, context) / self.per_token(layers * (1.0 - skip_ratio), context)
+
+
 def run_flops(model: nn.Module, batch: int, prompt_tokens: int, new_tokens: int, skipped_calls: int,
               substitute_flops: float = 0.0) -> tuple[float, float]:
     """(dense FLOPs, plan FLOPs) of one benchmark run: prompt forward (logits for the last position only) + decode;
     the plan's skipped FFN calls are taken off and what its linear substitutes computed instead is added."""
-    f = token_flops(model)
+    flops = FlopModel.of(model)
+    f = flops.flops
     per_layer = f["ffn"] + f["attn_proj"]
     attention_prompt = f["attn_per_position"] * prompt_tokens * (prompt_tokens + 1) / 2
     dense = batch * (prompt_tokens * per_layer * f["layers"] + attention_prompt * f["layers"] + f["lm_head"])
     for t in range(new_tokens - 1):  # the last token is sampled from the previous forward's logits
-        context = prompt_tokens + t + 1
-        dense += batch * (f["layers"] * (per_layer + f["attn_per_position"] * context) + f["lm_head"])
+        dense += batch * flops.per_token(f["layers"], context=prompt_tokens + t + 1)
     return dense, dense - skipped_calls * f["ffn"] + substitute_flops
 
 

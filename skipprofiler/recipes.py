@@ -241,15 +241,16 @@ def _fit_to_budget(profile, settings, model, tokenizer, profile_ref):
 def evaluate_plans(model, tokenizer, plans: Sequence[Any] = (), config=None, *, profile=None, model_name: str = "",
                    on_progress: ProgressCallback | None = None, log: Callable[[str], None] | None = None
                    ) -> dict[str, Any]:
-    """Measure skip plans on held-out data (skipprofiler.evaluate.EvalConfig; default: the bundled held-out split)
+    """Measure skip plans on held-out data (skipprofiler.evaluation.EvalConfig; default: the bundled held-out split)
     and return the eval result (docs/eval-schema.md).
 
     `plans`: plan file paths, or (name, PlanFile | SkipPlan) pairs. With `config.sweep` static and adaptive plans
-    are fitted from `profile` at each target and evaluated too; `profile` also ranks layers for the LLM-Drop
-    baseline. `on_progress(StageProgress)` hears every stage (dense pass, each plan, baselines, oracle, ...);
-    `log` gets one-line notes.
+    are fitted from `profile` at each target (`fit_plan`) and evaluated too; `profile` also ranks layers for the
+    LLM-Drop baseline. `on_progress(StageProgress)` hears every stage (dense pass, each plan, baselines, oracle,
+    ...); `log` gets one-line notes.
     """
-    from .evaluate import EvalConfig, EvalError, run_eval, run_sweep
+    from .evaluation import EvalConfig, EvalError
+    from .evaluation.run import run_eval, run_sweep
 
     config = config or EvalConfig()
     named = named_plans(plans)
@@ -257,20 +258,40 @@ def evaluate_plans(model, tokenizer, plans: Sequence[Any] = (), config=None, *, 
         raise EvalError("give at least one plan (or sweep targets and a profile)")
     if config.sweep and profile is None:
         raise EvalError("a sweep fits plans from a profile: pass profile= (--profile)")
+    if config.sweep and config.lm_eval:
+        raise EvalError("--lm-eval runs for named PLAN files; it does not run with --sweep")
     if config.qa_file is not None and not Path(config.qa_file).is_file():
         raise EvalError(f"QA file not found: {config.qa_file}")
     progress = as_progress(on_progress)
     if config.sweep:
-        return run_sweep(model, tokenizer, profile, config, extra_plans=named, model_name=model_name, log=log,
-                         progress=progress)
+        fitted = [_fit_sweep_target(profile, target, config) for target in config.sweep]
+        return run_sweep(model, tokenizer, profile, config, fitted, extra_plans=named, model_name=model_name,
+                         log=log, progress=progress)
     return run_eval(model, tokenizer, named, config.data, config, profile=profile, model_name=model_name, log=log,
                     progress=progress)
+
+
+def _fit_sweep_target(profile, target: float, config):
+    """`fit_plan`'s static and adaptive plans at one sweep target, with its defaults (class plans with
+    `config.sweep_per_class`)."""
+    from .evaluation import EvalError
+    from .evaluation.run import SweepTarget
+    from .fit import FitError, FitSettings
+
+    plans = {}
+    for mode in ("static", "adaptive"):
+        settings = FitSettings(target=target, mode=mode, gen_len=config.gen_len, per_class=config.sweep_per_class)
+        try:
+            plans[mode] = fit_plan(profile, settings).plan_file
+        except FitError as e:
+            raise EvalError(f"fitting {mode} at {target}: {e}") from None
+    return SweepTarget(target, **plans)
 
 
 def named_plans(plans: Sequence[Any]) -> list[tuple[str, Any]]:
     """(name, plan) pairs: a path is loaded and named by its file stem (by its path without suffix when two share a
     stem); pairs pass through. EvalError for a missing or invalid file."""
-    from .evaluate import EvalError
+    from .evaluation import EvalError
     from .plan import PlanError
     from .runtime import load_plan
 

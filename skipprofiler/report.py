@@ -17,25 +17,26 @@ from typing import Any, Sequence
 import numpy as np
 
 from .atomic import atomic_path
+from .evaluation import families
 
 # Fixed colours and markers per family so every figure and every run reads the same way. Fitted plans are filled
 # markers on solid lines; baselines and references are hollow markers on dotted/dashed lines. No two families share
 # a colour, and neighbouring hues (greens, yellows) are avoided.
 FAMILY_STYLE = {
-    "fitted static": ("tab:blue", "o", "-"),
-    "fitted static (refined)": ("tab:blue", "o", "-"),
-    "fitted static (unrefined)": ("#7fb8e6", "o", ":"),
-    "fitted adaptive": ("tab:green", "s", "-"),
-    "fitted static per-class (routed by label)": ("#f4a6d7", "P", ":"),
-    "fitted static per-class (refined, routed by label)": ("tab:pink", "P", "-"),
-    "fitted adaptive per-class (routed by label)": ("tab:purple", "X", "-"),
-    "oracle static": ("black", "*", "--"),
-    "search reference": ("dimgray", "*", "--"),
-    "random FFN": ("tab:red", "x", ":"),
-    "contiguous window": ("tab:orange", "^", ":"),
-    "FFN-SkipLLM paper defaults": ("goldenrod", "D", ":"),
-    "LLM-Drop top-by-cosine": ("tab:brown", "v", ":"),
-    "ShortGPT layer drop": ("navy", "<", ":"),
+    families.FITTED_STATIC: ("tab:blue", "o", "-"),  # the sweep's static plan: unrefined or refined, one series
+    families.FITTED_STATIC_REFINED: ("tab:blue", "o", "-"),
+    families.FITTED_STATIC_UNREFINED: ("#7fb8e6", "o", ":"),
+    families.FITTED_ADAPTIVE: ("tab:green", "s", "-"),
+    families.FITTED_STATIC_PER_CLASS: ("#f4a6d7", "P", ":"),
+    families.FITTED_STATIC_PER_CLASS_REFINED: ("tab:pink", "P", "-"),
+    families.FITTED_ADAPTIVE_PER_CLASS: ("tab:purple", "X", "-"),
+    families.ORACLE: ("black", "*", "--"),
+    families.SEARCH_REFERENCE: ("dimgray", "*", "--"),
+    families.RANDOM_FFN: ("tab:red", "x", ":"),
+    families.CONTIGUOUS_WINDOW: ("tab:orange", "^", ":"),
+    families.PAPER_DEFAULTS: ("goldenrod", "D", ":"),
+    families.LLM_DROP: ("tab:brown", "v", ":"),
+    families.SHORTGPT: ("navy", "<", ":"),
 }
 OTHER_COLOURS = ("tab:cyan", "tab:olive", "teal", "crimson", "slateblue", "sienna")
 
@@ -124,7 +125,7 @@ def cosine_figure(profile, out: Path, title: str) -> Path:
     return _atomic_savefig(fig, out / "cosine_by_layer.png")
 
 
-def families(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+def rows_by_family(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in result.get("plans", []):
         grouped[row.get("family") or row["name"]].append(row)
@@ -190,7 +191,7 @@ def _shared_legend(fig, axes) -> None:
 
 def quality_figure(result: dict[str, Any], out: Path, title: str) -> Path:
     plt = _plt()
-    grouped = families(result)
+    grouped = rows_by_family(result)
     fig, (ax_kl, ax_ppl) = plt.subplots(1, 2, figsize=(13, 4.8))
     kl_points = _series(ax_kl, grouped, "kl_mean")
     ax_kl.set_yscale("log")
@@ -215,7 +216,7 @@ def quality_figure(result: dict[str, Any], out: Path, title: str) -> Path:
 
 def speed_figure(result: dict[str, Any], out: Path, title: str) -> Path:
     plt = _plt()
-    grouped = families(result)
+    grouped = rows_by_family(result)
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     points = _series(ax, grouped, "speedup")
     for i, (family, rows) in enumerate(grouped.items()):  # each point's per-round range: this run's timing noise
@@ -343,31 +344,37 @@ def comparisons(result: dict[str, Any], target: float = 0.25) -> list[str]:
     if not rows:
         return [f"- no sweep rows at target {target}"]
     get = lambda fam: _by_family(rows, fam)  # noqa: E731
-    static = get("fitted static (refined)") or get("fitted static")
-    oracle, llm, rnd = get("oracle static"), get("LLM-Drop top-by-cosine"), get("random FFN")
-    adaptive, paper = get("fitted adaptive"), get("FFN-SkipLLM paper defaults")
+    # The sweep's static plan: refined when the sweep refined (it is then the reference of the baselines), else as
+    # fitted from the profile.
+    refined = get(families.FITTED_STATIC_REFINED)
+    static = refined or get(families.FITTED_STATIC)
+    static_label = "refined static" if refined else "fitted static"
+    oracle, llm, rnd = get(families.ORACLE), get(families.LLM_DROP), get(families.RANDOM_FFN)
+    adaptive, paper = get(families.FITTED_ADAPTIVE), get(families.PAPER_DEFAULTS)
     lines = []
     if static and oracle:
-        lines.append(f"- refined static KL {static['kl_mean']:.4f} = {static['kl_mean'] / oracle['kl_mean']:.2f}× the "
+        lines.append(f"- {static_label} KL {static['kl_mean']:.4f} = {static['kl_mean'] / oracle['kl_mean']:.2f}× the "
                      f"oracle's {oracle['kl_mean']:.4f}")
     if static and llm:
         same_set = static.get("layers") is not None and static.get("layers") == llm.get("layers")
         same = " (the same layer set: top-by-cosine already picks it here)" if same_set else ""
-        lines.append(f"- refined static KL {static['kl_mean']:.4f} vs LLM-Drop top-by-cosine {llm['kl_mean']:.4f}"
+        lines.append(f"- {static_label} KL {static['kl_mean']:.4f} vs LLM-Drop top-by-cosine {llm['kl_mean']:.4f}"
                      f"{same}")
     if static and rnd:
-        lines.append(f"- refined static KL {static['kl_mean']:.4f} vs random {rnd['kl_mean']:.4f} "
+        lines.append(f"- {static_label} KL {static['kl_mean']:.4f} vs random {rnd['kl_mean']:.4f} "
                      f"({rnd['kl_mean'] / max(static['kl_mean'], 1e-12):.1f}×)")
     for other, label in ((oracle, "the static oracle"), (paper, "the paper-default rule")):
         if adaptive and other:
             lines.append(f"- fitted adaptive KL {adaptive['kl_mean']:.4f} (realized {adaptive['skip_ratio']:.3f}) vs "
                          f"{label} {other['kl_mean']:.4f} (realized {other['skip_ratio']:.3f})")
-    # (per-class family, the global family it is compared with, label)
-    pairs = (("fitted static per-class (routed by label)", "fitted static (unrefined)", "static (cosine-fitted)"),
-             ("fitted static per-class (refined, routed by label)", "fitted static (refined)", "static (refined)"),
-             ("fitted adaptive per-class (routed by label)", "fitted adaptive", "adaptive"))
-    for routed_family, global_family, label in pairs:
-        routed, glob = get(routed_family), get(global_family) or (get("fitted static") if "static" in label else None)
+    # (per-class family, the global families it is compared with, first found; label)
+    pairs = ((families.FITTED_STATIC_PER_CLASS, (families.FITTED_STATIC_UNREFINED, families.FITTED_STATIC),
+              "static (cosine-fitted)"),
+             (families.FITTED_STATIC_PER_CLASS_REFINED, (families.FITTED_STATIC_REFINED,), "static (refined)"),
+             (families.FITTED_ADAPTIVE_PER_CLASS, (families.FITTED_ADAPTIVE,), "adaptive"))
+    for routed_family, global_families, label in pairs:
+        routed = get(routed_family)
+        glob = next((row for row in map(get, global_families) if row), None)
         if routed and glob:
             wins = [c for c in routed["per_class"] if routed["per_class"][c]["kl_mean"] < glob["per_class"][c]["kl_mean"]]
             detail = ", ".join(f"{c} {_kl_at(routed, c)} vs {_kl_at(glob, c)}" for c in routed["per_class"])
@@ -375,7 +382,7 @@ def comparisons(result: dict[str, Any], target: float = 0.25) -> list[str]:
                          f"in {len(wins)}/{len(routed['per_class'])} classes (class: per-class vs global KL @ realized "
                          f"skip on that class; {detail})")
     if static:
-        lines.append(f"- held-out perplexity increase of the refined static plan: {static['ppl_increase']:+.1%} "
+        lines.append(f"- held-out perplexity increase of the {static_label} plan: {static['ppl_increase']:+.1%} "
                      f"({static['ppl_dense']:.2f} → {static['ppl']:.2f})")
     return lines
 

@@ -1,4 +1,4 @@
-"""`evaluate.run_eval` on a tiny Llama with the real runtime: rows, baselines, oracle, errors."""
+"""`evaluation.run.run_eval` on a tiny Llama with the real runtime: rows, baselines, oracle, errors."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ import torch
 from helpers import char_tokenizer, write_corpus
 from tiny_models import tiny_model
 
-from skipprofiler.evaluate import (
-    DroppedLayers,
-    EvalConfig,
-    EvalError,
-    FlopModel,
+from skipprofiler.bench import FlopModel
+from skipprofiler.blocks import DroppedLayers
+from skipprofiler.evaluation import EvalConfig, EvalError
+from skipprofiler.evaluation.baselines import (
     budget_slots,
     contiguous_window,
     paper_adaptive,
-    run_eval,
 )
+from skipprofiler.evaluation.run import run_eval
 from skipprofiler.plan import PlanFile, SkipPlan
 from skipprofiler.registry import model_fingerprint
 
@@ -165,7 +164,7 @@ def test_router_row_reports_how_often_the_runtime_router_picks_the_true_class():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from skipprofiler import demo
-    from skipprofiler.evaluate import prepare_data
+    from skipprofiler.evaluation.data import prepare_data
     from skipprofiler.planio import load_plan
     from skipprofiler.runtime import apply_plan
 
@@ -216,14 +215,24 @@ def test_evaluate_plans_reports_every_stage_until_done(setup):
 
 def test_sweep_fits_and_evaluates_static_and_adaptive_plans_at_each_target(setup):
     from skipprofiler import evaluate_plans, profile_corpus
+    from skipprofiler.evaluation import families
     from skipprofiler.profile import ProfileSettings
+    from skipprofiler.report import comparisons, results_markdown
 
     model, tok, data = setup
     profile = profile_corpus(model, tok, ProfileSettings(data=[data], max_tokens=600, seq_len=64, generate=8))
-    config = _config(data=data, sweep=[0.2, 0.3], sweep_refine=False, oracle=False)
+    config = _config(data=data, sweep=[0.2, 0.3], sweep_refine=False, oracle=True, oracle_targets=[0.2])
     result = evaluate_plans(model, tok, [], config, profile=profile)
-    assert result["sweep"]["targets"] == [0.2, 0.3]
+    assert result["sweep"]["targets"] == [0.2, 0.3] and result["sweep"]["refine"] is False
     rows = {(r["family"], r["target"]): r for r in result["plans"]}
-    assert set(rows) == {(family, target) for family in ("fitted static", "fitted adaptive") for target in (0.2, 0.3)}
+    fitted = (families.FITTED_STATIC, families.FITTED_ADAPTIVE)
+    assert set(rows) == {(family, target) for family in fitted for target in (0.2, 0.3)} | {(families.ORACLE, 0.2)}
     for target in (0.2, 0.3):  # static plans skip the same layers at every position: their fitted ratio, measured
         assert rows[("fitted static", target)]["skip_ratio"] == pytest.approx(target, abs=0.02)
+
+    # sweep -> report: without refining, the static plan is not called refined anywhere
+    lines = comparisons(json.loads(json.dumps(result)), target=0.2)
+    static = rows[(families.FITTED_STATIC, 0.2)]
+    assert lines[0].startswith(f"- fitted static KL {static['kl_mean']:.4f} = ") and "the oracle's" in lines[0]
+    assert lines[-1].startswith("- held-out perplexity increase of the fitted static plan: ")
+    assert "refined" not in results_markdown(result, [], "skipprof eval --sweep 0.2,0.3 --no-refine")

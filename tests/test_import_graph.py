@@ -19,9 +19,12 @@ ALLOWED = {
     f"{NAME}.plan": (),
     f"{NAME}.pooling": (),
     f"{NAME}._compat": (),
+    # what the figures and `skipprof eval`'s option parsing import: names and settings, no torch
+    f"{NAME}.evaluation.families": (),
+    f"{NAME}.evaluation.config": (),
 }
 # Nothing outside these may be imported by the profiler (it records statistics; it does not apply or fit plans).
-PROFILER_FORBIDDEN = (f"{NAME}.runtime", f"{NAME}.fit", f"{NAME}.refine", f"{NAME}.evaluate", f"{NAME}._cli",
+PROFILER_FORBIDDEN = (f"{NAME}.runtime", f"{NAME}.fit", f"{NAME}.refine", f"{NAME}.evaluation", f"{NAME}._cli",
                       f"{NAME}.harness", f"{NAME}.recipes")
 
 

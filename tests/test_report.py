@@ -119,5 +119,5 @@ def test_every_family_has_its_own_colour():
     for family, (colour, _, _) in FAMILY_STYLE.items():
         colours.setdefault(colour, set()).add(family)
     shared = {c: f for c, f in colours.items() if len(f) > 1}
-    # "fitted static" and "fitted static (refined)" are one family under two names (older and newer eval JSON).
+    # The sweep's static plan: "fitted static" without refining, "fitted static (refined)" with (one series per run).
     assert shared == {"tab:blue": {"fitted static", "fitted static (refined)"}}

@@ -237,7 +237,7 @@ def register(app: typer.Typer) -> None:
             "--lm-eval-chat", help="Harness prompts through the model's chat template, few-shot examples as turns "
                                    "(the skipprof_qa_chat task needs it).")] = False,
     ) -> None:
-        from .. import evaluate as ev
+        from .. import evaluation as ev
         from ..fidelity import FidelityError
         from ..plan import PlanError
         from ..recipes import evaluate_plans

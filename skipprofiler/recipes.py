@@ -155,13 +155,14 @@ def fit_plan(profile, settings, *, model=None, tokenizer=None, profile_ref: dict
 def _note_substitute_cost(plan_file, model) -> None:
     """Each linear plan's substitute FLOPs per skipped call (share of one FFN call) and the expected share of FFN
     FLOPs it saves net of them, in `fit`."""
+    from ._jsonable import rounded
     from .refine import substitute_cost_share
 
     for plan in [plan_file.global_plan, *plan_file.classes.values()]:
         share = substitute_cost_share(model, plan)
-        plan.fit["substitute_cost_share"] = float(f"{share:.6g}")
+        plan.fit["substitute_cost_share"] = rounded(share)
         if plan.expected_skip_ratio is not None:
-            plan.fit["expected_ffn_flops_saved"] = float(f"{plan.expected_skip_ratio * (1 - share):.6g}")
+            plan.fit["expected_ffn_flops_saved"] = rounded(plan.expected_skip_ratio * (1 - share))
 
 
 def _check_same_model(profile, model) -> None:

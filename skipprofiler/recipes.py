@@ -51,7 +51,7 @@ def profile_corpus(model, tokenizer, settings=None, *, source: str | None = None
     if problems:
         raise ProfileError("; ".join(problems))
     if dist_ctx is not None and settings.shard is not None:
-        raise ProfileError("under torchrun the ranks already split the corpus: drop --shard")
+        raise ProfileError("under torchrun the ranks already split the corpus: leave ProfileSettings.shard unset")
     specs = list(settings.data or [_demo_corpus("calibration")])
     for spec in specs:
         parse_spec(spec)  # a missing data path fails before any work
@@ -137,8 +137,8 @@ def fit_plan(profile, settings, *, model=None, tokenizer=None, profile_ref: dict
     settings = settings.resolve()
     if settings.needs_model:
         if model is None or tokenizer is None:
-            raise FitError("--refine, quality budgets and mean-output compensation measure plans on the model: pass "
-                           "model= and tokenizer=")
+            raise FitError("FitSettings.refine, quality budgets and mean-output compensation measure plans on the "
+                           "model: pass model= and tokenizer=")
         _check_same_model(profile, model)
     if settings.budget_fit:
         result = _fit_to_budget(profile, settings, model, tokenizer, profile_ref)
@@ -203,13 +203,14 @@ def _refine(plan_file, profile, settings, model, tokenizer) -> list[str]:
         plan = fit_adaptive_by_cost(model, profile, settings, references)
         plan.fit["static_alternative"] = alt = compare_with_static(model, plan, references)
     except (RefineError, ValueError) as e:
-        raise FitError(f"--refine failed: {e}") from None
+        raise FitError(f"FitSettings.refine failed: {e}") from None
     plan_file.global_plan = plan
     if not alt["static_wins"]:
         return []
     return [f"on this model a static plan is better: at skip ratio {alt['skip_ratio']:.3f} the refined static set "
             f"{[l for l, _ in alt['layers']]} measures KL {alt['kl']:.4f} against the adaptive plan's "
-            f"{alt['adaptive_kl']:.4f} on the same calibration windows; use --mode static --refine"]
+            f"{alt['adaptive_kl']:.4f} on the same calibration windows; use FitSettings.mode=\"static\" with "
+            "FitSettings.refine"]
 
 
 def _fit_to_budget(profile, settings, model, tokenizer, profile_ref):
@@ -257,7 +258,7 @@ def evaluate_plans(model, tokenizer, plans: Sequence[Any] = (), config=None, *, 
     if not named and not config.sweep:
         raise EvalError("give at least one plan (or sweep targets and a profile)")
     if config.sweep and profile is None:
-        raise EvalError("a sweep fits plans from a profile: pass profile= (--profile)")
+        raise EvalError("a sweep fits plans from a profile: pass profile=")
     if config.qa_file is not None and not Path(config.qa_file).is_file():
         raise EvalError(f"QA file not found: {config.qa_file}")
     progress = as_progress(on_progress)

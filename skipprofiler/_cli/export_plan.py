@@ -11,7 +11,7 @@ import typer
 
 from . import options
 from .common import load_profile
-from .errors import CLIError
+from .errors import CLIError, in_option_words
 
 HELP = (
     "Fit a skip plan from a profile so that R of decode-token FFN calls are skipped (or, with a quality budget, as "
@@ -175,10 +175,10 @@ def export_plan(
     except FitError as e:
         raise CLIError(str(e)) from None
     for warning in result.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {in_option_words(warning)}", file=sys.stderr)
     _write(result.plan_file, out)
     for note in result.notes:
-        print(note, file=sys.stderr)
+        print(in_option_words(note), file=sys.stderr)
 
 
 def _log_measurements() -> None:

@@ -49,16 +49,16 @@ def _llama(hidden: int, layers: int, vocab: int, intermediate: int):
     return LlamaForCausalLM(config).eval()
 
 
-def load_model(args: argparse.Namespace):
+def benchmark_model(args: argparse.Namespace):
     if args.synthetic:
         return _llama(768, 10, 32000, 2048), "random Llama hidden 768, 10 layers, vocab 32000"
     path = Path(args.model) if args.model else _demo_checkpoint()
     if path is None:
         return _llama(256, 12, 8192, 688), "random demo-sized Llama (demo checkpoint not built yet)"
-    from skipprofiler.models import load_causal_lm, model_source
+    from skipprofiler.models import load_model, model_source
 
     source = model_source(str(path))  # a checkpoint folder or a .gguf file
-    return load_causal_lm(source, dtype=torch.float32), source.display
+    return load_model(source, dtype=torch.float32), source.display
 
 
 def make_batches(model, count: int, batch_size: int, seq_len: int):
@@ -78,7 +78,7 @@ def make_batches(model, count: int, batch_size: int, seq_len: int):
 def throughput(args: argparse.Namespace) -> None:
     from skipprofiler.profile import ProfileSettings, profile_model
 
-    model, name = load_model(args)
+    model, name = benchmark_model(args)
     batches = make_batches(model, args.batches, args.batch_size, args.seq_len)
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
     settings = ProfileSettings(reservoir_size=4096, doc_reservoir_size=256)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from skipprofiler import demo  # noqa: E402
 from skipprofiler.evaluation import EvalConfig  # noqa: E402
 from skipprofiler.evaluation.data import prepare_data  # noqa: E402
-from skipprofiler.models import load_causal_lm, load_tokenizer, model_source, smollm2_gguf  # noqa: E402
+from skipprofiler.models import load_model, load_tokenizer, model_source, smollm2_gguf  # noqa: E402
 
 LAYER = 15  # the router layer a SmolLM2 profile uses (num_layers // 2)
 
@@ -51,7 +51,7 @@ def pooled(model, tokenizer, spec, prompt_len: int, docs: int):
 def main() -> None:
     torch.manual_seed(0)
     source = model_source(smollm2_gguf())
-    model = load_causal_lm(source, dtype=torch.float32).eval()
+    model = load_model(source, dtype=torch.float32)
     tokenizer = load_tokenizer(source)
     calibration, cal_labels, _ = pooled(model, tokenizer, demo.data_spec("calibration"), 248, 12)
     heldout, labels, norms = pooled(model, tokenizer, None, 64, 8)

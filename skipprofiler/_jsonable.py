@@ -1,4 +1,5 @@
-"""The one JSON sanitizer for provenance (profile headers, plan `provenance`); standard library only."""
+"""The one JSON sanitizer for provenance (profile headers, plan `provenance`) and the one rounding of measurements in
+records; standard library only."""
 
 from __future__ import annotations
 
@@ -22,3 +23,8 @@ def jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
+
+
+def rounded(x: float) -> float:
+    """A measurement as plan and profile records store it: 6 significant digits."""
+    return float(f"{x:.6g}")

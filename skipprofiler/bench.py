@@ -331,16 +331,16 @@ def calibrate_adaptive(model: nn.Module, target: float, prompt: torch.Tensor, ne
 # ---- a whole suite (CLI and benchmarks/decode_speed.py) -------------------------------------------------------------
 
 
-def load_model(spec: str, dtype: torch.dtype, device: str = "cpu") -> tuple[nn.Module, str]:
-    """`synthetic:<name>` (random weights, see SYNTHETIC_CONFIGS), a Hugging Face checkpoint folder or a .gguf file,
-    on `device`."""
+def load_suite_model(spec: str, dtype: torch.dtype, device: str = "cpu") -> tuple[nn.Module, str]:
+    """(model, label): `synthetic:<name>` (random weights, see SYNTHETIC_CONFIGS), else what `models.load_model`
+    loads (a Hugging Face checkpoint folder, a .gguf file or a hub id), on `device`."""
     if spec.startswith("synthetic:"):
         name = spec.split(":", 1)[1]
         return synthetic_model(name, dtype).to(device), f"{name} (random weights)"
-    from .models import load_causal_lm, model_source
+    from .models import load_model, model_source
 
     source = model_source(spec)
-    return load_causal_lm(source, dtype=dtype).to(device), source.display
+    return load_model(source, dtype=dtype, device=device), source.display
 
 
 def default_arms(model: nn.Module, static_ratio: float | None, adaptive_targets: list[float],
@@ -374,7 +374,7 @@ def run_suite(model_spec: str, batches: list[int], dtypes: list[str], static_rat
     """Every (dtype, batch) setting: build the model, its arms, time them interleaved, log the table."""
     suites = []
     for dtype_name in dtypes:
-        model, label = load_model(model_spec, DTYPES[dtype_name], device)
+        model, label = load_suite_model(model_spec, DTYPES[dtype_name], device)
         label += f" on {device}" if device != "cpu" else ""
         for batch in batches:
             arms = default_arms(model, static_ratio, adaptive_targets, include_empty=include_defaults, batch=batch,

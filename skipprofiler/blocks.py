@@ -88,7 +88,7 @@ def _streams(model, layers, batches) -> Iterator[tuple]:
 def fit_block_replacement(model, batches: Sequence, count: int) -> BlockReplacement:
     """Choose the run of `count` middle blocks with the smallest input/output cosine distance on the decode positions
     of `batches` and fit its map there (two forward passes: the choice, then the statistics of the chosen run)."""
-    from .refine import middle_layers
+    from .search import middle_layers
     from .registry import resolve
 
     layers = resolve(model).layers

@@ -1,5 +1,5 @@
-"""Scale-out profiling: data-parallel ranks under torchrun, exact reduction of their profiles, and model loading
-across several devices with an accelerate device map.
+"""Scale-out profiling: data-parallel ranks under torchrun, exact reduction of their profiles, and the device-map
+options of model loading across several devices (`parse_device_map`, `rank_max_memory` for `models.load_model`).
 
 Data parallel (docs/scaling.md)::
 
@@ -29,16 +29,13 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .corpus import Batch
 from .profile import Profile, ProfileError, ProfileSettings, ProgressEvent, merge_profiles, profile_model
-
-if TYPE_CHECKING:
-    from .models import ModelSource
 
 # Ranks wait this long for each other in a collective. Generous by default: the final status exchange waits for the
 # slowest rank to finish its shard. Fast failure comes from torchrun tearing the group down and the store flag.
@@ -449,33 +446,15 @@ def rank_gpu_group(local_rank: int, local_world_size: int, gpu_count: int) -> li
     return list(range(local_rank * per_rank, (local_rank + 1) * per_rank))
 
 
-def load_model(source: "ModelSource | str | os.PathLike", device_map: str | dict[str, Any] | None = None,
-               dtype: torch.dtype | str | None = None, ctx: DistContext | None = None,
-               offload_folder: str | os.PathLike | None = None, **kwargs: Any) -> torch.nn.Module:
-    """Load a causal LM, spread over devices by accelerate when `device_map` is given.
-
-    With a preset map under torchrun, each rank only fills its own block of the node's GPUs (`rank_gpu_group`), so
-    data parallel and model splitting combine: 8 GPUs, 2 ranks per node -> each rank's replica spans 4 GPUs.
-    The capture hooks then run on each layer's own device; only 4 floats per token and layer travel to the device
-    where the histograms are kept.
-    """
-    from .models import ModelSource, load_causal_lm
-
-    load_kwargs: dict[str, Any] = dict(kwargs)
-    if dtype is not None:
-        load_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if device_map is not None:
-        load_kwargs["device_map"] = device_map
-        if isinstance(device_map, str) and ctx is not None and ctx.world_size > 1 and torch.cuda.is_available():
-            gpus = rank_gpu_group(ctx.local_rank, ctx.local_world_size, torch.cuda.device_count())
-            load_kwargs.setdefault("max_memory", {g: torch.cuda.get_device_properties(g).total_memory for g in gpus})
-        if isinstance(device_map, dict) and "disk" in device_map.values():
-            if offload_folder is None:
-                raise ValueError("--device-map puts modules on 'disk': give an offload folder")
-            load_kwargs["offload_folder"] = str(offload_folder)
-    if not isinstance(source, ModelSource):
-        source = ModelSource(str(source))
-    return load_causal_lm(source, **load_kwargs)
+def rank_max_memory(device_map: str | dict[str, Any] | None, ctx: DistContext | None) -> dict[int, int] | None:
+    """`max_memory` for `models.load_model` under torchrun with a preset device map: each rank only fills its own
+    block of the node's GPUs (`rank_gpu_group`), so data parallel and model splitting combine: 8 GPUs, 2 ranks per
+    node -> each rank's replica spans 4 GPUs. The capture hooks then run on each layer's own device; only 4 floats per
+    token and layer travel to the device where the histograms are kept. None (no bound) otherwise."""
+    if not isinstance(device_map, str) or ctx is None or ctx.world_size <= 1 or not torch.cuda.is_available():
+        return None
+    gpus = rank_gpu_group(ctx.local_rank, ctx.local_world_size, torch.cuda.device_count())
+    return {g: torch.cuda.get_device_properties(g).total_memory for g in gpus}
 
 
 def hooked_devices(model: torch.nn.Module) -> set[str]:
@@ -505,4 +484,4 @@ def report_error(message: str) -> None:
 __all__ = ["DistContext", "DistributedError", "init_from_env", "launched_distributed", "rank_device", "shard",
            "shard_batches", "parse_shard", "rank_seed", "profile_distributed", "reduce_profile",
            "combine_rank_profiles", "exchange_status", "gather_profiles", "publish_failure", "peer_failure",
-           "parse_device_map", "load_model", "rank_gpu_group", "hooked_devices", "report_error"]
+           "parse_device_map", "rank_max_memory", "rank_gpu_group", "hooked_devices", "report_error"]

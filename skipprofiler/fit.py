@@ -46,6 +46,9 @@ ROUND = 6  # decimals kept for fitted floats (YAML stays short and byte-stable)
 DEFAULT_SHARED_BATCH = 8  # batch size assumed for shared-decision plans whose fit record does not say
 
 
+TAU_MODES = ("global", "per-layer")  # adaptive: one tau for all layers, or each layer's quantile at one level
+
+
 class FitError(ValueError):
     """A plan cannot be fitted as asked (unattainable target, empty profile, ...); the message says what to change."""
 
@@ -91,81 +94,85 @@ class FitSettings:
         return self.refine or self.budget_fit
 
     def problems(self) -> list[str]:
-        """Every invalid or conflicting setting, each as one line naming the CLI option."""
-        from .plan import BATCH_DECISIONS, COMPENSATIONS
+        """Every invalid or conflicting setting, each as one line naming the fields (`FitSettings.target`); the CLI
+        prints the options that set them instead."""
+        out = self._value_problems()
+        if not self.budget_fit and self.target is None:
+            out.append("set FitSettings.target (a skip ratio), or a quality budget: FitSettings.max_ppl_increase "
+                       "and/or FitSettings.max_kl")
+        if self.budget_fit and self.target is not None:
+            out.append("FitSettings.target and a quality budget (FitSettings.max_ppl_increase/FitSettings.max_kl) "
+                       "exclude each other")
+        if self.budget_fit and self.mode != "static":
+            out.append('a quality budget fits static plans, not FitSettings.mode="adaptive"')
+        if self.budget_fit and (self.per_class or self.classes):
+            out.append("a quality budget fits the global plan only, not FitSettings.per_class/FitSettings.classes")
+        if self.batch_decision == "shared" and self.mode != "adaptive":
+            out.append('FitSettings.batch_decision="shared" applies to FitSettings.mode="adaptive" only (static plans '
+                       "skip the same layers in every row already)")
+        if self.max_skip is not None and self.mode != "adaptive":
+            out.append('FitSettings.max_skip applies to FitSettings.mode="adaptive" only')
+        if self.compensation == "mean_output" and not self.needs_model:
+            out.append('FitSettings.compensation="mean_output" averages the FFN outputs on calibration text with the '
+                       "model: it needs FitSettings.refine (or a quality budget)")
+        if self.compensation == "linear" and not self.needs_model:
+            out.append('FitSettings.compensation="linear" fits maps on calibration text with the model and chooses '
+                       "the layers with them in place: it needs FitSettings.refine (or a quality budget)")
+        if self.compensation == "linear" and self.mode != "static":
+            out.append('FitSettings.compensation="linear" fits static plans, not FitSettings.mode="adaptive"')
+        if self.rank is not None and self.compensation != "linear":
+            out.append('FitSettings.rank applies to FitSettings.compensation="linear" only')
+        if self.error_aware and (self.compensation != "linear" or not self.refine):
+            out.append('FitSettings.error_aware applies to FitSettings.compensation="linear" with FitSettings.refine')
+        if self.refine and self.mode == "adaptive" and (self.per_class or self.classes):
+            out.append('FitSettings.refine with FitSettings.mode="adaptive" fits the global plan only, not '
+                       "FitSettings.per_class/FitSettings.classes")
+        return out
+
+    def _value_problems(self) -> list[str]:
+        """Settings invalid on their own (the plan-file rules for the eligibility settings, planio)."""
+        from .plan import BATCH_DECISIONS, MODES
+        from .planio import eligibility_problems
 
         out = []
-        if not self.budget_fit and self.target is None:
-            out.append("give --target-skip R, or a quality budget: --max-ppl-increase P and/or --max-kl X")
-        if self.budget_fit and self.target is not None:
-            out.append("--target-skip and a quality budget (--max-ppl-increase/--max-kl) exclude each other")
         if self.target is not None and not 0.0 < self.target < 1.0:
-            out.append(f"--target-skip must be in (0, 1), got {self.target:g}")
-        for option, value in (("--max-ppl-increase", self.max_ppl_increase), ("--max-kl", self.max_kl)):
+            out.append(f"FitSettings.target must be in (0, 1), got {self.target:g}")
+        for field_name, value in (("max_ppl_increase", self.max_ppl_increase), ("max_kl", self.max_kl)):
             if value is not None and not value > 0:
-                out.append(f"{option} must be > 0, got {value:g}")
-        if self.budget_fit and self.mode != "static":
-            out.append("a quality budget fits static plans; drop --mode adaptive")
-        if self.budget_fit and (self.per_class or self.classes):
-            out.append("a quality budget fits the global plan only; drop --per-class/--class")
-        for option, value, allowed in (("--mode", self.mode, ("static", "adaptive")),
-                                       ("--apply-to", self.apply_to, ("decode", "all")),
-                                       ("--compensation", self.compensation, COMPENSATIONS),
-                                       ("--tau", self.tau_mode, ("global", "per-layer")),
-                                       ("--batch-decision", self.batch_decision, BATCH_DECISIONS)):
+                out.append(f"FitSettings.{field_name} must be > 0, got {value:g}")
+        for field_name, value, allowed in (("mode", self.mode, MODES), ("tau_mode", self.tau_mode, TAU_MODES),
+                                           ("batch_decision", self.batch_decision, BATCH_DECISIONS)):
             if value not in allowed:
-                out.append(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.batch_decision == "shared" and self.mode != "adaptive":
-            out.append("--batch-decision shared applies to --mode adaptive only (static plans skip the same layers "
-                       "in every row already)")
-        for option, value in (("--warmup-tokens", self.warmup_tokens), ("--dense-every", self.dense_every)):
-            if value is not None and value < 0:
-                out.append(f"{option} must be >= 0, got {value}")
-        if self.dense_every == 1:
-            out.append("--dense-every 1 makes every token dense; use 0 (never) or >= 2")
+                out.append(f"FitSettings.{field_name} must be one of {', '.join(allowed)}, got {value!r}")
+        out += eligibility_problems("FitSettings", {"apply_to": self.apply_to, "warmup_tokens": self.warmup_tokens,
+                                                    "dense_every": self.dense_every,
+                                                    "compensation": self.compensation})
         if self.max_skip is not None and self.max_skip < 1:
-            out.append(f"--max-skip must be >= 1, got {self.max_skip}")
-        if self.max_skip is not None and self.mode != "adaptive":
-            out.append("--max-skip applies to --mode adaptive only")
+            out.append(f"FitSettings.max_skip must be >= 1, got {self.max_skip}")
         if not 0.0 <= self.cold_floor < 1.0:
-            out.append(f"--cold-floor must be in [0, 1), got {self.cold_floor:g}")
+            out.append(f"FitSettings.cold_floor must be in [0, 1), got {self.cold_floor:g}")
         if self.gen_len < 1:
-            out.append(f"--gen-len must be >= 1, got {self.gen_len}")
-        if self.compensation == "mean_output" and not self.needs_model:
-            out.append("--compensation mean_output averages the FFN outputs on calibration text with the model: add "
-                       "--refine (or fit to a quality budget)")
-        if self.compensation == "linear" and not self.needs_model:
-            out.append("--compensation linear fits maps on calibration text with the model and chooses the layers "
-                       "with them in place: add --refine (or fit to a quality budget)")
-        if self.compensation == "linear" and self.mode != "static":
-            out.append("--compensation linear fits static plans; drop --mode adaptive")
-        if self.rank is not None and self.compensation != "linear":
-            out.append("--rank applies to --compensation linear only")
-        if self.error_aware and (self.compensation != "linear" or not self.refine):
-            out.append("--error-aware applies to --compensation linear with --refine")
+            out.append(f"FitSettings.gen_len must be >= 1, got {self.gen_len}")
         if self.rank is not None and self.rank < 1:
-            out.append(f"--rank must be >= 1, got {self.rank}")
-        if self.refine and self.mode == "adaptive" and (self.per_class or self.classes):
-            out.append("--refine with --mode adaptive fits the global plan only; drop --per-class/--class")
+            out.append(f"FitSettings.rank must be >= 1, got {self.rank}")
         return out
 
     def resolve(self) -> FitSettings:
         """Fill mode defaults: adaptive like the paper (dense_every 6, warm-up = generation length // 64, the paper's
-        max_seq_len // 64), static 0 / 0; the ratio is counted over the generated positions after the warm-up."""
-        if self.target is not None and not 0.0 < self.target < 1.0:
-            raise FitError(f"--target-skip must be in (0, 1), got {self.target}")
-        if self.gen_len < 1:
-            raise FitError(f"--gen-len must be >= 1, got {self.gen_len}")
+        max_seq_len // 64), static 0 / 0; the ratio is counted over the generated positions after the warm-up.
+        Raises FitError for settings invalid on their own (`problems` also reports conflicting ones)."""
+        problems = self._value_problems()
+        if problems:
+            raise FitError("; ".join(problems))
         out = copy.copy(self)
         if out.dense_every is None:
             out.dense_every = 6 if self.mode == "adaptive" else 0
         if out.warmup_tokens is None:
             out.warmup_tokens = self.gen_len // 64 if self.mode == "adaptive" else 0
-        if out.dense_every == 1:
-            raise FitError("--dense-every 1 makes every token dense; use 0 (never) or >= 2")
         if out.warmup_tokens >= out.gen_len:
             raise FitError(f"warm-up of {out.warmup_tokens} tokens covers the whole generation length "
-                           f"({out.gen_len}): nothing would be skipped; lower --warmup-tokens or raise --gen-len")
+                           f"({out.gen_len}): nothing would be skipped; lower FitSettings.warmup_tokens or raise "
+                           "FitSettings.gen_len")
         if out.horizon is None:
             out.horizon = out.gen_len - out.warmup_tokens
         return out
@@ -587,8 +594,8 @@ def fit_plan_file(profile, settings: FitSettings, per_class: bool = False, class
     settings = settings.resolve()
     regime = fitting_regime(profile)
     if regime == "prompt":
-        warnings.append("the profile has no decode tokens (profile with --new-tokens N for decode statistics): "
-                        "fitting on prompt tokens")
+        warnings.append("the profile has no decode tokens (profile with ProfileSettings.generate > 0 for decode "
+                        "statistics): fitting on prompt tokens")
     global_plan = fit_skip_plan(profile, settings)
     known = list(profile.classes)
     wanted = list(classes) if classes else (known if per_class else [])

@@ -72,14 +72,13 @@ class SkipLM(TemplateLM):
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # the harness's CLI asks for cuda by default
         if pretrained is None or isinstance(pretrained, (str, Path)):
-            from .models import load_causal_lm, load_tokenizer, model_source
+            from .models import load_model, load_tokenizer, model_source
 
             source = model_source(None if pretrained in (None, "") else str(pretrained))
             torch_dtype = getattr(torch, str(dtype), None) if str(dtype) != "auto" else torch.float32
             if not isinstance(torch_dtype, torch.dtype):
                 raise HarnessError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
-            model = load_causal_lm(source, dtype=torch_dtype)
-            model.to(device)
+            model = load_model(source, dtype=torch_dtype, device=device)
             tokenizer = tokenizer or load_tokenizer(source)
         else:
             model = pretrained

@@ -1,4 +1,5 @@
-"""Where a model comes from: a checkpoint folder, a hub id or a GGUF file, loaded the same way by every command.
+"""Where a model comes from (a checkpoint folder, a hub id or a GGUF file) and the one loader, `load_model`, that
+every command, benchmark and the harness use.
 
 A GGUF file goes through transformers' GGUF support (the optional `gguf` package, ``pip install
 "skipprofiler[gguf]"``), which dequantizes it into a plain transformers model. The quantization record transformers
@@ -10,6 +11,7 @@ weights saved as a folder.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,13 +93,42 @@ def load_config(source: ModelSource):
     return AutoConfig.from_pretrained(source.location, **source.load_kwargs())
 
 
-def load_causal_lm(source: ModelSource, **kwargs: Any):
-    """`AutoModelForCausalLM.from_pretrained` for any source, in eval mode, as a plain (unquantized) model."""
+def load_model(source: ModelSource | str | os.PathLike | None, *, dtype: Any = None, device: Any = None,
+               device_map: str | dict[str, Any] | None = None, offload_folder: str | os.PathLike | None = None,
+               max_memory: dict[Any, int] | None = None):
+    """The one loader: `AutoModelForCausalLM.from_pretrained` for any source (a `ModelSource`, or what
+    `model_source` reads), in eval mode, as a plain (unquantized) model.
+
+    `dtype`: a torch dtype or its name (default: the checkpoint's loading default). `device`: where the model is
+    moved after loading. `device_map`: accelerate spreads the model over devices instead (a preset such as "auto", or
+    module name -> device; modules on "disk" need `offload_folder`), each device filled up to `max_memory` when
+    given."""
     from transformers import AutoModelForCausalLM
 
+    if not isinstance(source, ModelSource):
+        source = model_source(None if source is None else str(source))
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        if isinstance(dtype, str):
+            import torch
+
+            dtype = getattr(torch, dtype)
+        kwargs["dtype"] = dtype
+    if device_map is not None:
+        if device is not None:
+            raise ValueError("load_model: give device or device_map, not both")
+        kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            if offload_folder is None:
+                raise ValueError("device_map puts modules on 'disk': load_model needs an offload_folder")
+            kwargs["offload_folder"] = str(offload_folder)
     model = AutoModelForCausalLM.from_pretrained(source.location, **source.load_kwargs(), **kwargs)
     if source.gguf_file:
         drop_gguf_record(model)
+    if device is not None:
+        model.to(device)
     return model.eval()
 
 

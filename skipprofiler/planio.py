@@ -232,6 +232,15 @@ def _check_overrides(check: _Checker, path: str, d: dict) -> None:
         check.choice(f"{path}.compensation", d["compensation"], COMPENSATIONS)
 
 
+def eligibility_problems(owner: str, values: dict[str, Any]) -> list[str]:
+    """The plan-file rules for the keys every plan may override (apply_to, warmup_tokens, dense_every, compensation),
+    applied to `values` (None = not set), each problem as `<owner>.<key>: ...`: fit settings are checked with the
+    rules their plans will be checked with."""
+    check = _Checker()
+    _check_overrides(check, owner, {k: v for k, v in values.items() if v is not None})
+    return check.problems
+
+
 def _check_layer(check: _Checker, path: str, value: Any, layers: int | None) -> bool:
     if not check.integer(path, value, lo=0):
         return False

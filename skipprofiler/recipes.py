@@ -51,7 +51,7 @@ def profile_corpus(model, tokenizer, settings=None, *, source: str | None = None
     if problems:
         raise ProfileError("; ".join(problems))
     if dist_ctx is not None and settings.shard is not None:
-        raise ProfileError("under torchrun the ranks already split the corpus: drop --shard")
+        raise ProfileError("under torchrun the ranks already split the corpus: leave ProfileSettings.shard unset")
     specs = list(settings.data or [_demo_corpus("calibration")])
     for spec in specs:
         parse_spec(spec)  # a missing data path fails before any work
@@ -137,8 +137,8 @@ def fit_plan(profile, settings, *, model=None, tokenizer=None, profile_ref: dict
     settings = settings.resolve()
     if settings.needs_model:
         if model is None or tokenizer is None:
-            raise FitError("--refine, quality budgets and mean-output compensation measure plans on the model: pass "
-                           "model= and tokenizer=")
+            raise FitError("FitSettings.refine, quality budgets and mean-output compensation measure plans on the "
+                           "model: pass model= and tokenizer=")
         _check_same_model(profile, model)
     if settings.budget_fit:
         result = _fit_to_budget(profile, settings, model, tokenizer, profile_ref)
@@ -155,13 +155,14 @@ def fit_plan(profile, settings, *, model=None, tokenizer=None, profile_ref: dict
 def _note_substitute_cost(plan_file, model) -> None:
     """Each linear plan's substitute FLOPs per skipped call (share of one FFN call) and the expected share of FFN
     FLOPs it saves net of them, in `fit`."""
+    from ._jsonable import rounded
     from .refine import substitute_cost_share
 
     for plan in [plan_file.global_plan, *plan_file.classes.values()]:
         share = substitute_cost_share(model, plan)
-        plan.fit["substitute_cost_share"] = float(f"{share:.6g}")
+        plan.fit["substitute_cost_share"] = rounded(share)
         if plan.expected_skip_ratio is not None:
-            plan.fit["expected_ffn_flops_saved"] = float(f"{plan.expected_skip_ratio * (1 - share):.6g}")
+            plan.fit["expected_ffn_flops_saved"] = rounded(plan.expected_skip_ratio * (1 - share))
 
 
 def _check_same_model(profile, model) -> None:
@@ -202,13 +203,14 @@ def _refine(plan_file, profile, settings, model, tokenizer) -> list[str]:
         plan = fit_adaptive_by_cost(model, profile, settings, references)
         plan.fit["static_alternative"] = alt = compare_with_static(model, plan, references)
     except (RefineError, ValueError) as e:
-        raise FitError(f"--refine failed: {e}") from None
+        raise FitError(f"FitSettings.refine failed: {e}") from None
     plan_file.global_plan = plan
     if not alt["static_wins"]:
         return []
     return [f"on this model a static plan is better: at skip ratio {alt['skip_ratio']:.3f} the refined static set "
             f"{[l for l, _ in alt['layers']]} measures KL {alt['kl']:.4f} against the adaptive plan's "
-            f"{alt['adaptive_kl']:.4f} on the same calibration windows; use --mode static --refine"]
+            f"{alt['adaptive_kl']:.4f} on the same calibration windows; use FitSettings.mode=\"static\" with "
+            "FitSettings.refine"]
 
 
 def _fit_to_budget(profile, settings, model, tokenizer, profile_ref):
@@ -257,9 +259,9 @@ def evaluate_plans(model, tokenizer, plans: Sequence[Any] = (), config=None, *, 
     if not named and not config.sweep:
         raise EvalError("give at least one plan (or sweep targets and a profile)")
     if config.sweep and profile is None:
-        raise EvalError("a sweep fits plans from a profile: pass profile= (--profile)")
+        raise EvalError("a sweep fits plans from a profile: pass profile=")
     if config.sweep and config.lm_eval:
-        raise EvalError("--lm-eval runs for named PLAN files; it does not run with --sweep")
+        raise EvalError("lm-eval tasks run for named plans; they do not run with a sweep")
     if config.qa_file is not None and not Path(config.qa_file).is_file():
         raise EvalError(f"QA file not found: {config.qa_file}")
     progress = as_progress(on_progress)

@@ -211,9 +211,9 @@ def resolve(model: nn.Module) -> ResolvedArch:
         spec = ArchSpec(layers=path, notes="structural fallback: layers[i].mlp, sequential residual assumed")
         guessed = True
         log.warning("skipprofiler: %r is not in the architecture registry; guessing FFN = %s[i].mlp with a sequential "
-                    "residual. Check the guess as tests/test_registry.py checks registered models (skipping the found "
-                    "FFN must equal zeroing its output weights; tests/test_runtime_archs.py does it through a plan) or "
-                    "register an ArchSpec.", model_type, path)
+                    "residual. Check the guess before trusting plans: the logits with a static plan skipping layer i "
+                    "must equal the logits with that layer's FFNSite.ffn_weights() zeroed (weight and bias); else "
+                    "register an ArchSpec (skipprofiler.registry.register).", model_type, path)
 
     config = getattr(model, "config", None)
     multiplier = float(getattr(config, spec.multiplier_attr)) if spec.multiplier_attr else 1.0

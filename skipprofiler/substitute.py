@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ._jsonable import rounded
+
 log = logging.getLogger("skipprofiler")
 
 SINK_NORM_FACTOR = 8.0  # a decode position whose stream norm is above this multiple of its window's median
@@ -282,13 +284,10 @@ def fit_map(stats: LayerStatistics, rank: int | None = None,
         parts = _reduce_rank(w, cxx, rank)
         b = total.sy / total.n - (total.sx / total.n) @ (parts[0] @ parts[1])
     mean_err = held.squared_error(torch.zeros_like(w), stats.fit.sy / stats.fit.n)
-    record = {"lambda": lam, "heldout_error": _r(errors[best] / held.yy), "heldout_error_mean": _r(mean_err / held.yy),
+    record = {"lambda": lam, "heldout_error": rounded(errors[best] / held.yy),
+              "heldout_error_mean": rounded(mean_err / held.yy),
               "tokens": total.n, "heldout_tokens": held.n, "sinks_left_out": stats.sinks}
     return _as_map(w, b, parts, record)
-
-
-def _r(x: float) -> float:
-    return float(f"{x:.6g}")
 
 
 def calibration_batches(model, tokenizer, data_spec: str | None, *, skip_docs_per_class: int, docs_per_class: int,

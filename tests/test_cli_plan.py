@@ -230,7 +230,7 @@ def test_wrong_kind_of_file_gets_a_message_that_says_what_it_is(tmp_path, capsys
 def test_export_plan_budget_options_are_checked_before_any_work(tmp_path, capsys, profile_file):
     out = tmp_path / "p.yaml"
     for args, expected in ((["-r", "0.2", "--max-kl", "0.1"], "exclude each other"),
-                           ([], "give --target-skip R, or a quality budget"),
+                           ([], "set --target-skip (a skip ratio), or a quality budget"),
                            (["--max-ppl-increase", "0"], "must be > 0"),
                            (["--max-kl", "0.1", "--mode", "adaptive"], "fits static plans"),
                            (["--max-kl", "0.1", "--per-class"], "global plan only")):

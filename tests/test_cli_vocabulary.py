@@ -105,3 +105,35 @@ def test_docs_table_lists_exactly_the_vocabulary():
 def test_retired_spellings_still_parse(name, argv, key, value):
     ctx = commands()[name].make_context(name, list(argv))
     assert ctx.params[key] == value
+
+
+def test_every_settings_field_in_the_option_table_is_set_by_that_option():
+    """options.OPTION_OF_SETTING (how the CLI prints library messages) names real fields and real options."""
+    from dataclasses import fields
+
+    from skipprofiler._cli.options import OPTION_OF_SETTING
+    from skipprofiler.fit import FitSettings
+    from skipprofiler.profile import ProfileSettings
+
+    settings = {"FitSettings": FitSettings, "ProfileSettings": ProfileSettings}
+    command_of = {"FitSettings": "export-plan", "ProfileSettings": "profile"}
+    for setting, option in OPTION_OF_SETTING.items():
+        owner, name = setting.split(".")
+        assert name in {f.name for f in fields(settings[owner])}, setting
+        opts = {o for p in commands()[command_of[owner]].params for o in getattr(p, "opts", [])}
+        assert option in opts, f"{setting}: {command_of[owner]} has no {option}"
+
+
+def test_library_messages_print_as_options():
+    from skipprofiler._cli.errors import in_option_words
+    from skipprofiler.fit import FitSettings
+
+    problems = FitSettings(target=1.5, mode="static", batch_decision="shared", max_skip=2).problems()
+    assert problems and not any("--" in p for p in problems)  # the library names fields
+    assert [in_option_words(p) for p in problems] == [
+        "--target-skip must be in (0, 1), got 1.5",
+        "--batch-decision shared applies to --mode adaptive only (static plans skip the same layers in every row "
+        "already)",
+        "--max-skip applies to --mode adaptive only"]
+    assert in_option_words("FitSettings.dense_every=1 and FitSettings.refine, not Other.field") == (
+        "--dense-every 1 and --refine, not Other.field")

@@ -11,7 +11,8 @@ from helpers import assert_same_statistics
 from tiny_models import tiny_model
 
 from skipprofiler.corpus import Batch
-from skipprofiler.distributed import hooked_devices, load_model, parse_device_map
+from skipprofiler.distributed import hooked_devices, parse_device_map
+from skipprofiler.models import load_model
 from skipprofiler.profile import ProfileSettings, profile_model
 
 # Layers alternate between memory and disk offload: accelerate attaches AlignDevicesHooks that load the offloaded
@@ -82,5 +83,5 @@ def test_bad_device_maps_get_one_line_errors(spec, message):
 
 
 def test_disk_offload_needs_a_folder(saved_model):
-    with pytest.raises(ValueError, match="offload folder"):
+    with pytest.raises(ValueError, match="offload_folder"):
         load_model(saved_model, device_map=dict(SPLIT_MAP))

@@ -236,7 +236,7 @@ def saved_tiny_model(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @ONE_LAUNCH_AT_A_TIME
 def test_two_gloo_ranks_equal_a_single_process_run(saved_tiny_model, tmp_path):
-    from skipprofiler.distributed import load_model
+    from skipprofiler.models import load_model
 
     out = tmp_path / "dist.prof"
     result = _torchrun(saved_tiny_model, out)
@@ -305,13 +305,8 @@ def _worker(argv: list[str]) -> int:
     """One torchrun rank: profile its shard of `corpus_batches()` with the saved tiny model; rank 0 writes OUT."""
     import argparse
 
-    from skipprofiler.distributed import (
-        init_from_env,
-        load_model,
-        profile_distributed,
-        rank_device,
-        report_error,
-    )
+    from skipprofiler.distributed import init_from_env, profile_distributed, rank_device, report_error
+    from skipprofiler.models import load_model
 
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser()

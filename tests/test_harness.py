@@ -228,19 +228,13 @@ def test_harness_command_line_runs_a_plan(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from skipprofiler.models import (
-        ModelSourceError,
-        load_causal_lm,
-        load_tokenizer,
-        model_source,
-        smollm2_gguf,
-    )
+    from skipprofiler.models import ModelSourceError, load_model, load_tokenizer, model_source, smollm2_gguf
 
     try:
         source = model_source(str(smollm2_gguf()))
     except ModelSourceError as e:
         pytest.skip(str(e))
-    return load_causal_lm(source, dtype=torch.float32), load_tokenizer(source)
+    return load_model(source, dtype=torch.float32), load_tokenizer(source)
 
 
 @pytest.mark.real

@@ -4,6 +4,7 @@ runtime / eval must hold in the code). Imports inside functions count: a lazy im
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import skipprofiler
@@ -22,6 +23,13 @@ ALLOWED = {
     # what the figures and `skipprof eval`'s option parsing import: names and settings, no torch
     f"{NAME}.evaluation.families": (),
     f"{NAME}.evaluation.config": (),
+}
+# Modules that import nothing but the standard library and these package modules (no torch, numpy, yaml): the set
+# searches run on any cost of a set and are tested on synthetic ones.
+STDLIB_ONLY = {
+    f"{NAME}.search": (f"{NAME}._jsonable",),
+    f"{NAME}.plan": (),
+    f"{NAME}._jsonable": (),
 }
 # Nothing outside these may be imported by the profiler (it records statistics; it does not apply or fit plans).
 PROFILER_FORBIDDEN = (f"{NAME}.runtime", f"{NAME}.fit", f"{NAME}.refine", f"{NAME}.evaluation", f"{NAME}._cli",
@@ -61,6 +69,17 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             if target and target != name:
                 found.add(target)
     return found
+
+
+def outside_imports(path: Path) -> set[str]:
+    """Top-level names of the non-package modules `path` imports anywhere in its body."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found - {NAME, "__future__"}
 
 
 def graph() -> dict[str, set[str]]:
@@ -128,3 +147,17 @@ def test_no_upward_imports():
         if not name.startswith((f"{NAME}._cli", f"{NAME}.__main__")):
             problems += [f"{name} -> {t}" for t in sorted(targets) if t.startswith(f"{NAME}._cli")]
     assert problems == []
+
+
+def test_pure_modules_import_only_the_standard_library():
+    modules = package_modules()
+    problems = []
+    for name, allowed in sorted(STDLIB_ONLY.items()):
+        problems += [f"{name} -> {t}" for t in sorted(outside_imports(modules[name]))
+                     if t not in sys.stdlib_module_names]
+        problems += [f"{name} -> {t}" for t in sorted(imports_of(name, modules[name], modules)) if t not in allowed]
+    assert problems == []
+
+
+def test_outside_imports_sees_torch():
+    assert "torch" in outside_imports(PACKAGE / "measure.py")

@@ -279,3 +279,24 @@ def test_plan_to_dict_is_the_schema_shape():
     plan_file = plan_from_dict(copy.deepcopy(raw))
     assert plan_to_dict(plan_file) == raw
     assert schema_errors(raw) == []
+
+
+def test_the_schema_names_the_keys_and_choices_validation_uses():
+    """The schema file is written by hand (it documents the format for other tools); its keys and enums must be the
+    ones planio.validate_plan_dict checks, which come from plan.py's constants."""
+    from skipprofiler import planio
+    from skipprofiler.plan import APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, MODES, ROUTER_POOLINGS
+
+    defs, props = SCHEMA["$defs"], SCHEMA["properties"]
+    assert set(props) == set(planio.TOP_KEYS)
+    assert set(props["model"]["properties"]["fingerprint"]["properties"]) == set(planio.FINGERPRINT_KEYS)
+    assert set(props["router"]["properties"]) == set(planio.ROUTER_KEYS)
+    assert props["router"]["properties"]["metric"]["enum"] == list(planio.ROUTER_METRICS)
+    assert props["router"]["properties"]["pooling"]["enum"] == list(ROUTER_POOLINGS)
+    assert set(defs["plan"]["properties"]) == set(planio.PLAN_KEYS)
+    assert set(defs["plan"]["properties"]["linear"]["properties"]) == set(planio.LINEAR_KEYS)
+    assert defs["plan"]["properties"]["mode"]["enum"] == list(MODES)
+    assert defs["plan"]["properties"]["batch_decision"]["enum"] == list(BATCH_DECISIONS)
+    assert set(defs["settings"]["properties"]) == set(DEFAULT_KEYS)
+    assert defs["settings"]["properties"]["apply_to"]["enum"] == list(APPLY_TO)
+    assert defs["settings"]["properties"]["compensation"]["enum"] == list(COMPENSATIONS)

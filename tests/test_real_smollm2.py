@@ -11,13 +11,7 @@ import pytest
 import torch
 from helpers import ZeroedReference, greedy_loop
 
-from skipprofiler.models import (
-    ModelSourceError,
-    load_causal_lm,
-    load_tokenizer,
-    model_source,
-    smollm2_gguf,
-)
+from skipprofiler.models import ModelSourceError, load_model, load_tokenizer, model_source, smollm2_gguf
 from skipprofiler.plan import SkipPlan
 from skipprofiler.registry import model_fingerprint, resolve
 from skipprofiler.runtime import apply_plan
@@ -38,7 +32,7 @@ def gguf_path() -> Path:
 @pytest.fixture(scope="module")
 def smollm2(gguf_path):
     source = model_source(str(gguf_path))
-    return load_causal_lm(source, dtype=torch.float32), load_tokenizer(source)
+    return load_model(source, dtype=torch.float32), load_tokenizer(source)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +54,7 @@ def test_gguf_loads_as_a_plain_30_layer_llama(smollm2):
 
 def test_gguf_and_saved_folder_share_fingerprint_and_logits(smollm2, smollm2_folder):
     model, _ = smollm2
-    folder_model = load_causal_lm(model_source(str(smollm2_folder)), dtype=torch.float32)
+    folder_model = load_model(model_source(str(smollm2_folder)), dtype=torch.float32)
     assert model_fingerprint(folder_model) == model_fingerprint(model)
     ids = torch.tensor([[1, 504, 3458, 314, 260, 1345]])
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""KL-measured refinement of static sets and the exhaustive oracle, on tiny models with the real runtime."""
+"""KL-measured refinement of static sets and the exhaustive oracle, on tiny models with the real runtime (the
+searches alone, on synthetic costs: test_search.py)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,10 @@ from tiny_models import tiny_model
 
 from skipprofiler.fidelity import dense_references, make_batches, measure_plan
 from skipprofiler.plan import SkipPlan
-from skipprofiler.refine import (
-    RefineError,
-    SetEvaluator,
-    calibration_references,
-    canonical,
-    middle_layers,
-    oracle_static,
-    refine_static,
-)
+from skipprofiler.measure import SetEvaluator, calibration_references
+from skipprofiler.refine import RefineError, oracle_static, refine_static
+from skipprofiler.search import canonical, middle_layers
+from tiny_models import tiny_model
 
 
 def _references(model, docs: int = 4, length: int = 20):
@@ -80,7 +76,7 @@ def test_refine_swaps_out_a_costly_layer_and_keeps_fractions():
 def test_swap_descent_never_increases_kl():
     model = tiny_model("llama", num_layers=6)
     evaluate = SetEvaluator(model, _references(model), SkipPlan(mode="static"))
-    from skipprofiler.refine import swap_descent
+    from skipprofiler.search import swap_descent
 
     start = canonical([(1, 1.0), (4, 1.0)])
     best, _ = swap_descent(evaluate, start, middle_layers(6), max_rounds=10)
@@ -100,7 +96,8 @@ def test_refine_rejects_adaptive_plans_and_out_of_range_layers():
 
 def test_refine_plan_file_refines_each_class_on_its_own_windows():
     from skipprofiler.plan import PlanFile
-    from skipprofiler.refine import references_of_class, refine_plan_file
+    from skipprofiler.measure import references_of_class
+    from skipprofiler.refine import refine_plan_file
 
     model = _model_with_heavy_layer(heavy=2)
     g = torch.Generator().manual_seed(3)
@@ -173,7 +170,7 @@ def test_prefix_reuse_measures_exactly_what_a_full_forward_measures(model_type):
 
 
 def test_lazy_greedy_finds_the_same_set_as_plain_greedy_and_measures_fewer():
-    from skipprofiler.refine import greedy_add
+    from skipprofiler.search import greedy_add
 
     model = _model_with_heavy_layer(heavy=3, num_layers=8)
     refs = _references(model)

@@ -80,12 +80,12 @@ def _plan_arms(plans: list[Path], prompt_class: str | None, decisions: list[str]
 
 def _check_arms(model_spec: str, dtype: str, arms) -> None:
     """Apply each plan once before timing anything, so a plan for another model fails fast with one line."""
-    from ..bench import DTYPES, load_model
+    from ..bench import DTYPES, load_suite_model
     from ..plan import PlanError
     from ..registry import UnsupportedArchitecture
     from ..runtime import apply_plan
 
-    model, _ = load_model(model_spec, DTYPES[dtype])
+    model, _ = load_suite_model(model_spec, DTYPES[dtype])
     for arm in arms:
         try:
             apply_plan(model, arm.plan, prompt_class=arm.prompt_class).remove()

@@ -82,16 +82,17 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
-def load_model(model_arg: str | None, dtype: str = "float32", device: str | None = "cpu",
-               need_tokenizer: bool = True, device_map: str | dict | None = None,
-               offload_folder: Path | None = None, dist_ctx: Any = None) -> tuple[Any, Any]:
-    """(model in eval mode on `device`, tokenizer). Every failure is a CLIError with one actionable line.
+def load_model_and_tokenizer(model_arg: str | None, dtype: str = "float32", device: str | None = "cpu",
+                             need_tokenizer: bool = True, device_map: str | dict | None = None,
+                             offload_folder: Path | None = None, dist_ctx: Any = None) -> tuple[Any, Any]:
+    """(model in eval mode on `device`, tokenizer) through `models.load_model`. Every failure is a CLIError with one
+    actionable line.
 
     With `device_map` (see distributed.parse_device_map) accelerate spreads the model over devices and `device`
     is not used."""
     import transformers
 
-    from ..models import load_causal_lm, load_config, load_tokenizer
+    from ..models import load_config, load_model, load_tokenizer
     from ..registry import UnsupportedArchitecture, resolve
 
     transformers.utils.logging.disable_progress_bar()
@@ -101,6 +102,8 @@ def load_model(model_arg: str | None, dtype: str = "float32", device: str | None
     torch_dtype = parse_dtype(dtype)
     target = parse_device(device)
     local = Path(source.location).is_dir()
+    if isinstance(device_map, dict) and "disk" in device_map.values() and offload_folder is None:
+        raise CLIError("--device-map puts modules on 'disk': give --offload-folder")
     try:
         config = load_config(source)
     except (OSError, ValueError) as e:
@@ -110,11 +113,12 @@ def load_model(model_arg: str | None, dtype: str = "float32", device: str | None
         raise CLIError(f"cannot read the config of {location}: {_first_line(e)}") from None
     try:
         if device_map is not None:
-            from ..distributed import load_model as load_dispatched
+            from ..distributed import rank_max_memory
 
-            model = load_dispatched(source, device_map, torch_dtype, ctx=dist_ctx, offload_folder=offload_folder)
+            model = load_model(source, dtype=torch_dtype, device_map=device_map, offload_folder=offload_folder,
+                               max_memory=rank_max_memory(device_map, dist_ctx))
         else:
-            model = load_causal_lm(source, dtype=torch_dtype)
+            model = load_model(source, dtype=torch_dtype)
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "does not recognize" in str(e):
             raise CLIError(f"{location} is not a causal LM (model_type {getattr(config, 'model_type', '?')!r}); "
@@ -128,7 +132,6 @@ def load_model(model_arg: str | None, dtype: str = "float32", device: str | None
         raise CLIError(_first_line(e)) from None
     if device_map is None:
         model.to(target)
-    model.eval()
     tokenizer = None
     if need_tokenizer:
         try:

@@ -242,7 +242,7 @@ def register(app: typer.Typer) -> None:
         from ..plan import PlanError
         from ..recipes import evaluate_plans
         from ..refine import RefineError
-        from .common import load_model, one_model, write_output
+        from .common import load_model_and_tokenizer, one_model, write_output
         from .progress import stage_bars
 
         parse_batch_decisions([batch_decision] if batch_decision else None)
@@ -298,7 +298,7 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(threads)
         with stage_bars() as bars:
             with bars.spinner(f"loading {model or 'the bundled demo model'}"):
-                loaded, tokenizer = load_model(model, dtype=dtype, device="cpu")
+                loaded, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device="cpu")
             try:
                 result = evaluate_plans(loaded, tokenizer, plans, config, profile=prof,
                                         model_name=model or "bundled demo model", on_progress=bars, log=bars.log)

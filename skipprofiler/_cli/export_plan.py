@@ -11,7 +11,7 @@ import typer
 
 from . import options
 from .common import load_profile
-from .errors import CLIError
+from .errors import CLIError, in_option_words
 
 HELP = (
     "Fit a skip plan from a profile so that R of decode-token FFN calls are skipped (or, with a quality budget, as "
@@ -147,7 +147,7 @@ def export_plan(
     """Fit a skip plan from a profile at a target skip ratio or within a quality budget."""
     from ..fit import FitError, FitSettings
     from ..recipes import fit_plan
-    from .common import check_writable, load_model
+    from .common import check_writable, load_model_and_tokenizer
 
     settings = FitSettings(target=target_skip, mode=mode, apply_to=apply_to, warmup_tokens=warmup_tokens,
                            dense_every=dense_every, compensation=compensation, rank=rank, error_aware=error_aware,
@@ -168,17 +168,17 @@ def export_plan(
     prof = load_profile(profile, partial_note="fitting from the tokens it has")
     loaded, tokenizer = (None, None)
     if settings.needs_model:
-        loaded, tokenizer = load_model(_measuring_model(prof, model), dtype="float32", device="cpu")
+        loaded, tokenizer = load_model_and_tokenizer(_measuring_model(prof, model), dtype="float32", device="cpu")
     try:
         result = fit_plan(prof, settings, model=loaded, tokenizer=tokenizer,
                           profile_ref={"path": str(profile), "sha256": _sha256(profile)})
     except FitError as e:
         raise CLIError(str(e)) from None
     for warning in result.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {in_option_words(warning)}", file=sys.stderr)
     _write(result.plan_file, out)
     for note in result.notes:
-        print(note, file=sys.stderr)
+        print(in_option_words(note), file=sys.stderr)
 
 
 def _log_measurements() -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from .errors import CLIError
+from .errors import CLIError, in_option_words
 
 try:
     # typer >= 0.2x runs on its own vendored copy of click, whose exceptions are not the installed `click`'s (which
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         # (typer's standalone mode would draw usage errors as rich panels); `typer.Exit` codes are returned.
         rc = app(args=argv, standalone_mode=False)
     except CLIError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {in_option_words(str(e))}", file=sys.stderr)
         sys.exit(e.exit_code)
     except ClickException as e:  # usage errors: click's "Usage: ... Try '... --help' ... Error: ...", exit 2
         e.show()

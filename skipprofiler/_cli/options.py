@@ -40,6 +40,46 @@ VOCABULARY: dict[str, tuple[str | None, str | None]] = {
 RETIRED = {"--batch": "--batch-size", "--generate": "--new-tokens", "--greedy-tokens": "--greedy-new-tokens",
            "--speed-tokens": "--speed-new-tokens"}
 
+# Settings field -> the option that sets it, for every command. Library messages name fields (`FitSettings.target`,
+# `FitSettings.mode="adaptive"`); errors.in_option_words prints the options instead (`--target-skip`, `--mode adaptive`).
+OPTION_OF_SETTING: dict[str, str] = {
+    "FitSettings.target": "--target-skip",
+    "FitSettings.mode": "--mode",
+    "FitSettings.apply_to": "--apply-to",
+    "FitSettings.warmup_tokens": "--warmup-tokens",
+    "FitSettings.dense_every": "--dense-every",
+    "FitSettings.compensation": "--compensation",
+    "FitSettings.rank": "--rank",
+    "FitSettings.error_aware": "--error-aware",
+    "FitSettings.max_skip": "--max-skip",
+    "FitSettings.tau_mode": "--tau",
+    "FitSettings.cold_floor": "--cold-floor",
+    "FitSettings.min_class_tokens": "--min-class-tokens",
+    "FitSettings.gen_len": "--gen-len",
+    "FitSettings.seed": "--seed",
+    "FitSettings.batch_decision": "--batch-decision",
+    "FitSettings.batch_size": "--batch-size",
+    "FitSettings.per_class": "--per-class",
+    "FitSettings.classes": "--class",
+    "FitSettings.max_ppl_increase": "--max-ppl-increase",
+    "FitSettings.max_kl": "--max-kl",
+    "FitSettings.refine": "--refine",
+    "FitSettings.data": "--data",
+    "FitSettings.text_column": "--text-column",
+    "FitSettings.class_column": "--class-column",
+    "ProfileSettings.data": "--data",
+    "ProfileSettings.text_column": "--text-column",
+    "ProfileSettings.class_column": "--class-column",
+    "ProfileSettings.max_tokens": "--max-tokens",
+    "ProfileSettings.seq_len": "--seq-len",
+    "ProfileSettings.batch_size": "--batch-size",
+    "ProfileSettings.shard": "--shard",
+    "ProfileSettings.generate": "--new-tokens",
+    "ProfileSettings.reservoir_size": "--reservoir",
+    "ProfileSettings.doc_reservoir_size": "--doc-samples",
+    "ProfileSettings.seed": "--seed",
+}
+
 MODEL_HELP = "Checkpoint folder, .gguf file or hub id (default: the bundled demo model)."
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", help=MODEL_HELP,

@@ -97,7 +97,7 @@ def profile(
     from ..distributed import DistributedError, init_from_env, parse_device_map, parse_shard, rank_device
     from ..profile import ProfileError, ProfileSettings
     from ..recipes import profile_corpus
-    from .common import check_writable, load_model, one_model, parse_device, parse_dtype, print_json
+    from .common import check_writable, load_model_and_tokenizer, one_model, parse_device, parse_dtype, print_json
     from .inspect import default_regime, print_table, summary
 
     model = one_model(model_arg, model)
@@ -122,8 +122,9 @@ def profile(
         ctx = init_from_env(device)  # None unless launched by torchrun with several ranks
     except (CorpusError, DistributedError) as e:
         raise CLIError(str(e)) from None
-    loaded_model, tokenizer = load_model(model, dtype=dtype, device=str(rank_device(ctx, device)),
-                                         device_map=parsed_map, offload_folder=offload_folder, dist_ctx=ctx)
+    loaded_model, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=str(rank_device(ctx, device)),
+                                                       device_map=parsed_map, offload_folder=offload_folder,
+                                                       dist_ctx=ctx)
     bar, on_batch = _progress_bar(Console(stderr=True, quiet=ctx is not None and not ctx.is_main), max_tokens,
                                   settings.generate)
     try:

@@ -48,15 +48,16 @@ class ProfileSettings:
     router_layer: int | None = None  # default num_layers // 2
 
     def problems(self) -> list[str]:
-        """Every invalid setting, each as one line naming the CLI option."""
-        out = [f"{option} must be > 0, got {value}" for option, value in
-               (("--max-tokens", self.max_tokens), ("--seq-len", self.seq_len), ("--batch-size", self.batch_size))
+        """Every invalid setting, each as one line naming the field (`ProfileSettings.seq_len`); the CLI prints the
+        options that set them instead."""
+        out = [f"ProfileSettings.{name} must be > 0, got {value}" for name, value in
+               (("max_tokens", self.max_tokens), ("seq_len", self.seq_len), ("batch_size", self.batch_size))
                if value <= 0]
-        out += [f"{option} must be >= 0, got {value}" for option, value in
-                (("--new-tokens", self.generate), ("--reservoir", self.reservoir_size),
-                 ("--doc-samples", self.doc_reservoir_size)) if value < 0]
+        out += [f"ProfileSettings.{name} must be >= 0, got {value}" for name, value in
+                (("generate", self.generate), ("reservoir_size", self.reservoir_size),
+                 ("doc_reservoir_size", self.doc_reservoir_size)) if value < 0]
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
-            out.append(f"--shard I/N needs 0 <= I < N, got {self.shard[0]}/{self.shard[1]}")
+            out.append(f"ProfileSettings.shard (I, N) needs 0 <= I < N, got {self.shard[0]}/{self.shard[1]}")
         return out
 
 

@@ -15,7 +15,6 @@ from skipprofiler.plan import SkipPlan
 from skipprofiler.measure import SetEvaluator, calibration_references
 from skipprofiler.refine import RefineError, oracle_static, refine_static
 from skipprofiler.search import canonical, middle_layers
-from tiny_models import tiny_model
 
 
 def _references(model, docs: int = 4, length: int = 20):

@@ -12,8 +12,16 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .._jsonable import rounded as _rounded
 from ..bench import FlopModel
-from ..fidelity import FidelityError, FidelitySums, compare, compare_greedy, greedy_tokens, measure_plan
+from ..fidelity import (
+    FidelityError,
+    FidelitySums,
+    compare,
+    compare_greedy,
+    greedy_tokens,
+    measure_plan,
+)
 from ..plan import PlanFile, SkipPlan, generation_warnings
 from .config import EvalConfig, EvalError
 from .data import EvalData
@@ -21,9 +29,9 @@ from .data import EvalData
 ROUTES = (None, "label", "router")  # the global plan; each class's plan on its class; the plan's router picks
 
 
-def rounded(x: float) -> float:
-    """Six significant digits, the precision of every number in the eval JSON."""
-    return float(f"{x:.6g}") if isinstance(x, float) else x
+def rounded(x):
+    """Floats at six significant digits (the precision of every number in the eval JSON); other values as they are."""
+    return _rounded(x) if isinstance(x, float) else x
 
 
 def rounded_all(d: dict) -> dict:

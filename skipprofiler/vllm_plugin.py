@@ -85,6 +85,14 @@ def config_problem(path: str, plan_file: PlanFile, hf_config: Any) -> str | None
     return f"{ENV}={path}: " + "; ".join(problems) if problems else None
 
 
+def plan_digest(path: str) -> str:
+    """sha256 of the plan file (its linear maps' file is pinned inside it by sha256)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def _stop(line: str) -> None:
     """End start-up with one line: the command line's exit message, or a PlanError for LLM(...) in a program."""
     if os.path.basename(sys.argv[0]) == "vllm":
@@ -111,6 +119,12 @@ def _patch_front_end() -> None:
         problem = config_problem(path, plan_file, config.model_config.hf_config)
         if problem:
             _stop(problem)
+        # vLLM keys its compiled-graph cache on the config: without the plan in it, a dense graph cached earlier
+        # would be loaded and the plan silently not run (or a planned graph reused without the plugin).
+        if not isinstance(config.additional_config, dict):
+            _stop(f"{ENV}={path}: cannot record the plan in vLLM's additional_config "
+                  f"({type(config.additional_config).__name__}); its compile cache would not tell plans apart")
+        config.additional_config["skipprof_plan"] = plan_digest(path)
         return config
 
     create_engine_config._skipprof = True

@@ -18,19 +18,15 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+from torch import nn
 
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vLLM is not installed: pip install 'skipprofiler[vllm]' (CI builds it in its own venv, .ci/run)",
-                allow_module_level=True)
-
-import torch  # noqa: E402
-
-from skipprofiler.models import ModelSourceError, load_causal_lm, model_source, smollm2_gguf  # noqa: E402
-from skipprofiler.planio import load_plan  # noqa: E402
-
-pytestmark = [pytest.mark.slow, pytest.mark.real, pytest.mark.xdist_group("vllm")]
+from skipprofiler.models import ModelSourceError, load_causal_lm, model_source, smollm2_gguf
+from skipprofiler.plan import SkipPlan
+from skipprofiler.planio import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = ROOT / "plans" / "smollm2-static-25.yaml"
@@ -45,6 +41,114 @@ LONG = ("Write a short story about a lighthouse keeper. " + " ".join(
 ENGINE = {"max_model_len": 1024, "enable_prefix_caching": False, "max_num_batched_tokens": 64, "max_num_seqs": 16}
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_CI_ENV": "1"}  # CI_ENV: dynamo with the eager backend, no inductor
+
+
+
+def vllm_test(test):
+    """Runs real vLLM engines: skipped where vLLM is not installed (the main CI venv), slow, on real SmolLM2."""
+    marks = [pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is not installed: pip install 'skipprofiler[vllm]' (CI builds it in its "
+                                       "own venv, .ci/run)"),
+             pytest.mark.slow, pytest.mark.real, pytest.mark.xdist_group("vllm")]
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+# ---- the op and the per-forward masks, on a stand-in for vLLM's model runner (no vLLM needed) -------------------
+
+
+class _MLP(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(hidden, 3 * hidden), nn.Linear(3 * hidden, hidden)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class _Model(nn.Module):
+    """Residual stack of MLPs, called as vLLM's runner calls a model (positions=...)."""
+
+    def __init__(self, layers: int = 4, hidden: int = 8):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(nn.Module() for _ in range(layers))
+        for layer in self.model.layers:
+            layer.mlp = _MLP(hidden)
+
+    def forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None):
+        x = inputs_embeds
+        for layer in self.model.layers:
+            x = x + layer.mlp(x)
+        return x
+
+
+def _runner(model, prompt_lens: list[int], req_indices: list[int]):
+    batch = SimpleNamespace(num_prompt_tokens_cpu_tensor=torch.tensor(prompt_lens + [0] * 4, dtype=torch.int32))
+    return SimpleNamespace(get_model=lambda: model, input_batch=batch,
+                           req_indices=SimpleNamespace(gpu=torch.tensor(req_indices + [0] * 8)))
+
+
+def _reference(model, plan: SkipPlan, x, d: list[int], fills: dict[int, torch.Tensor] | None = None):
+    rows = []
+    for i, di in enumerate(d):
+        h = x[i:i + 1]
+        skip = set(plan.static_layers_at(di)) if (di >= 0 or plan.apply_to == "all") else set()
+        for l, layer in enumerate(model.model.layers):
+            out = layer.mlp(h)
+            if l in skip:
+                out = torch.zeros_like(out) if fills is None else fills[l].expand_as(out)
+            h = h + out
+        rows.append(h)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
+@pytest.mark.parametrize("compensation", ["none", "mean_output"])
+def test_served_plan_skips_decode_rows_only(gather, compensation):
+    """A mixed batch: request 0 prefills a chunk (positions 3..6 of a 10-token prompt), request 1 decodes (its
+    prompt had 5 tokens, position 9: d = 4), request 2 decodes its first generated token (d = 0)."""
+    from skipprofiler import vllm_plugin
+
+    torch.manual_seed(0)
+    model = _Model().eval()
+    means = {l: torch.randn(8) for l in range(4)}
+    plan = SkipPlan(mode="static", skip_layers={1: 1.0, 2: 0.5}, warmup_tokens=0, compensation=compensation,
+                    ffn_mean={l: means[l].tolist() for l in (1, 2)} if compensation == "mean_output" else None)
+    positions = torch.tensor([3, 4, 5, 6, 9, 7])
+    runner = _runner(model, [10, 5, 7], [0, 0, 0, 0, 1, 2])
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        want = _reference(model, plan, x, [-7, -6, -5, -4, 4, 0], means if compensation != "none" else None)
+        served = vllm_plugin.ServedPlan(runner, plan)
+        served.gather = gather
+        got = model(positions=positions, inputs_embeds=x)
+    torch.testing.assert_close(got, want)
+    stats = served.stats()
+    assert (stats["prompt_tokens"], stats["decode_tokens"], stats["mixed_forwards"]) == (4, 2, 1)
+    assert stats["skipped_ffn_rows"] == len(plan.static_layers_at(4)) + len(plan.static_layers_at(0))
+
+
+def test_served_plan_warmup_dense_every_and_all_positions():
+    from skipprofiler import vllm_plugin
+
+    torch.manual_seed(1)
+    model = _Model().eval()
+    positions = torch.arange(12)
+    x = torch.randn(12, 8)
+    for plan in (SkipPlan(mode="static", skip_layers={0: 1.0, 3: 0.25}, warmup_tokens=2, dense_every=3),
+                 SkipPlan(mode="static", skip_layers={1: 1.0}, apply_to="all", warmup_tokens=5)):
+        runner = _runner(model, [4], [0] * 12)
+        with torch.no_grad():
+            d = positions.tolist() if plan.apply_to == "all" else [p - 4 for p in positions.tolist()]
+            fresh = _Model().eval()
+            fresh.load_state_dict(model.state_dict())
+            want = _reference(fresh, plan, x, d)
+            vllm_plugin.ServedPlan(runner, plan)
+            got = model(positions=positions, inputs_embeds=x)
+        torch.testing.assert_close(got, want)
+        model = fresh
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -128,12 +232,14 @@ def results(folder, prompts, long_prompt, tmp_path_factory) -> dict:
             "plan": run_vllm(folder, PLAN, runs, tmp, "plan")}
 
 
+@vllm_test
 def test_empty_plan_gives_vanilla_vllm_tokens(results):
     assert [r["tokens"] for r in results["empty"]] == [r["tokens"] for r in results["vanilla"]]
     counts = results["empty"][0]["after"]
     assert counts["planned_layers"] == [] and counts["skipped_ffn_rows"] == 0
 
 
+@vllm_test
 def test_static_plan_matches_transformers_apply_plan(results, hf, prompts, long_prompt, capsys):
     """Per prompt: plan in vLLM vs apply_plan in transformers, beside dense vLLM vs dense transformers (the two
     engines' kernels differ, so dense pairs may diverge too; the plan pairs must do no worse)."""
@@ -161,6 +267,7 @@ def expected_skips(plan, new_tokens: int) -> int:
     return sum(len(plan.static_layers_at(d)) for d in range(new_tokens - 1))
 
 
+@vllm_test
 def test_mixed_batches_keep_prompts_dense(results, prompts, long_prompt):
     plan = load_plan(PLAN).global_plan
     alone_short, mixed, alone_long = results["plan"]
@@ -186,6 +293,7 @@ def _vllm_cli() -> str:
     return str(Path(sys.executable).with_name("vllm"))
 
 
+@vllm_test
 def test_vllm_serve_answers_with_the_plan(folder, prompts, results):
     port = _free_port()
     env = {**os.environ, **ENV, "SKIPPROF_PLAN": str(PLAN)}
@@ -219,6 +327,7 @@ def test_vllm_serve_answers_with_the_plan(folder, prompts, results):
             server.kill()
 
 
+@vllm_test
 def test_vllm_serve_refuses_a_plan_for_another_model(folder):
     env = {**os.environ, **ENV, "SKIPPROF_PLAN": str(ROOT / "plans" / "demo-static-25.yaml")}
     proc = subprocess.run([_vllm_cli(), "serve", str(folder), "--port", str(_free_port()), "--dtype", "float32"],
@@ -229,6 +338,7 @@ def test_vllm_serve_refuses_a_plan_for_another_model(folder):
     assert "Traceback" not in proc.stderr
 
 
+@vllm_test
 @pytest.mark.parametrize("case", ["wrong model", "adaptive", "per-class", "malformed", "missing weights",
                                   "layer out of range"])
 def test_refusals_name_the_problem_in_one_line(case, folder, tmp_path, monkeypatch):

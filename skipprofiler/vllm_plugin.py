@@ -94,9 +94,10 @@ def plan_digest(path: str) -> str:
 
 
 def _stop(line: str) -> None:
-    """End start-up with one line: the command line's exit message, or a PlanError for LLM(...) in a program."""
-    if os.path.basename(sys.argv[0]) == "vllm":
-        raise SystemExit(f"skipprof: {line}")
+    """End start-up with one line: the server's exit message, or a PlanError for LLM(...) in a program."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if os.path.basename(sys.argv[0]) == "vllm" or (spec is not None and spec.name.startswith("vllm.")):
+        raise SystemExit(f"skipprof: {line}")  # `vllm serve`, `python -m vllm.entrypoints.openai.api_server`
     raise PlanError(line)
 
 

@@ -1,7 +1,8 @@
 """vLLM decode throughput: dense vs a skip plan (SKIPPROF_PLAN), output tokens/s at 1 and 16 concurrent requests.
 
-Two engines run side by side in their own processes (one dense, one with the plan), each idle while the other is
-timed; every round times both arms at every concurrency in alternating order, one warm-up round is dropped, and each
+The engines run side by side in their own processes (dense, the plan, and with --routed a control that sends every
+FFN through the plugin's op without skipping: a plan over all layers whose warm-up never ends), each idle while
+another is timed; every round times every arm at every concurrency in rotating order, one warm-up round is dropped, and each
 cell reports the median of the rounds. A round at concurrency c submits c fresh random prompts (the same ones to both
 arms) to ``LLM.generate`` (greedy, ignore_eos) and divides the output tokens by the wall time of that call.
 
@@ -28,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def child(args: argparse.Namespace) -> None:
     """One engine; reads `c seed` lines, answers one JSON line per round."""
-    if args.child == "plan":
-        os.environ["SKIPPROF_PLAN"] = args.plan
+    if args.child in ("plan", "routed"):
+        os.environ["SKIPPROF_PLAN"] = args.plan if args.child == "plan" else routed_plan(args.plan)
     else:
         os.environ.pop("SKIPPROF_PLAN", None)
     import random
@@ -46,11 +47,11 @@ def child(args: argparse.Namespace) -> None:
         rng = random.Random(seed)
         prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, vocab) for _ in range(args.prompt_tokens)])
                    for _ in range(c)]
-        before = llm.collective_rpc("skipprof_stats")[0] if args.child == "plan" else None
+        before = llm.collective_rpc("skipprof_stats")[0] if args.child != "dense" else None
         start = time.perf_counter()
         out = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - start
-        after = llm.collective_rpc("skipprof_stats")[0] if args.child == "plan" else None
+        after = llm.collective_rpc("skipprof_stats")[0] if args.child != "dense" else None
         tokens = sum(len(o.outputs[0].token_ids) for o in out)
         skipped = after["skipped_ffn_rows"] - before["skipped_ffn_rows"] if after else 0
         print("ROUND " + json.dumps({"seconds": seconds, "tokens": tokens, "skipped_ffn_rows": skipped}), flush=True)
@@ -98,14 +99,16 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--json", default=None)
-    p.add_argument("--child", choices=["dense", "plan"], help=argparse.SUPPRESS)
+    p.add_argument("--routed", action="store_true", help="add the control arm: every FFN through the op, none skipped")
+    p.add_argument("--child", choices=["dense", "plan", "routed"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.model is None:
         args.model = str(smollm2_folder(ROOT / "runs" / "vllm" / "smollm2"))
     if args.child:
         child(args)
         return
-    arms = {"dense": start(args, "dense"), "plan": start(args, "plan")}
+    names = ["dense", "plan"] + (["routed"] if args.routed else [])
+    arms = {name: start(args, name) for name in names}
     t0 = time.time()
     for proc in arms.values():
         read(proc, "READY")
@@ -113,7 +116,8 @@ def main() -> None:
     samples: dict[tuple[str, int], list[dict]] = {}
     for r in range(args.rounds + 1):  # round 0: warm-up, dropped
         for c in args.concurrency:
-            order = ["dense", "plan"] if (r + c) % 2 == 0 else ["plan", "dense"]
+            shift = (r + c) % len(names)
+            order = names[shift:] + names[:shift]  # rotating order: drift in machine load hits every arm alike
             for arm in order:
                 arms[arm].stdin.write(f"{c} {1000 * r + c}\n")
                 arms[arm].stdin.flush()
@@ -131,17 +135,42 @@ def main() -> None:
         skipped = statistics.median(s["skipped_ffn_rows"] for s in samples[("plan", c)])
         dense_flops, plan_flops = flops(args, c, int(skipped))
         ideal = dense_flops / plan_flops
-        rows.append({"concurrency": c, "dense_tok_s": dense, "plan_tok_s": plan, "speedup": plan / dense,
-                     "ideal_speedup": ideal, "measured_over_ideal": plan / dense / ideal,
-                     "skipped_ffn_rows": skipped, "rounds": args.rounds})
+        row = {"concurrency": c, "dense_tok_s": dense, "plan_tok_s": plan, "speedup": plan / dense,
+               "ideal_speedup": ideal, "measured_over_ideal": plan / dense / ideal,
+               "skipped_ffn_rows": skipped, "rounds": args.rounds}
+        if args.routed:
+            routed = statistics.median(s["tokens"] / s["seconds"] for s in samples[("routed", c)])
+            row.update(routed_tok_s=routed, routed_over_dense=routed / dense, plan_over_routed=plan / routed,
+                       plan_over_routed_over_ideal=plan / routed / ideal)
+        rows.append(row)
     print(f"{'requests':>8}{'dense tok/s':>13}{'plan tok/s':>12}{'speedup':>9}{'ideal':>8}{'meas/ideal':>12}")
     for row in rows:
         print(f"{row['concurrency']:>8}{row['dense_tok_s']:>13.1f}{row['plan_tok_s']:>12.1f}{row['speedup']:>8.3f}x"
               f"{row['ideal_speedup']:>7.3f}x{row['measured_over_ideal']:>12.3f}")
+        if args.routed:
+            print(f"{'':>8} routed (every FFN through the op, none skipped): {row['routed_tok_s']:.1f} tok/s = "
+                  f"{row['routed_over_dense']:.3f}x dense; plan / routed {row['plan_over_routed']:.3f}x = "
+                  f"{row['plan_over_routed_over_ideal']:.3f} of ideal")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"plan": args.plan, "new_tokens": args.new_tokens,
                                                "prompt_tokens": args.prompt_tokens, "rows": rows}, indent=2) + "\n")
+
+
+def routed_plan(plan_path: str) -> str:
+    """The control plan: every layer planned (so every FFN runs inside the op), a warm-up no request reaches."""
+    from skipprofiler.plan import SkipPlan
+    from skipprofiler.planio import load_plan, save_plan
+
+    plan_file = load_plan(plan_path)
+    layers = plan_file.model["fingerprint"]["num_layers"]
+    plan_file.global_plan = SkipPlan(mode="static", skip_layers={l: 1.0 for l in range(layers)},
+                                     warmup_tokens=10**9)
+    plan_file.defaults = {}
+    target = ROOT / "runs" / "bench" / ("routed-" + Path(plan_path).name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_plan(plan_file, target)
+    return str(target)
 
 
 def smollm2_folder(target: Path) -> Path:

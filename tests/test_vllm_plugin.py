@@ -268,12 +268,14 @@ def expected_skips(plan, new_tokens: int) -> int:
 
 
 @vllm_test
-def test_mixed_batches_keep_prompts_dense(results, prompts, long_prompt):
+def test_mixed_batches_keep_prompts_dense(results, prompts, long_prompt, capsys):
     plan = load_plan(PLAN).global_plan
     alone_short, mixed, alone_long = results["plan"]
     delta = {k: mixed["after"][k] - mixed["before"][k] for k in ("prompt_tokens", "decode_tokens", "skipped_ffn_rows",
                                                                   "mixed_forwards")}
     requests = len(prompts) + 1
+    with capsys.disabled():
+        print(f"\nmixed run: {delta}")
     assert delta["mixed_forwards"] > 0  # the long prompt's chunks shared forwards with decode tokens
     assert delta["prompt_tokens"] == len(long_prompt) + sum(map(len, prompts))  # every prompt token ran dense
     assert delta["decode_tokens"] == requests * (NEW_TOKENS - 1)

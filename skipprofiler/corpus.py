@@ -102,7 +102,8 @@ def _files_spec(raw: str, label: str | None, files: list[str]) -> DataSpec:
         bad = next(f for f in files if _builder_of(Path(f)) is None)
         raise CorpusError(f"unsupported data file {bad}: use .jsonl, .json, .txt, .parquet or .csv (optionally .gz)")
     if len(builders) > 1:
-        raise CorpusError(f"{raw} mixes file types ({', '.join(sorted(builders))}); pass each type as its own `data` spec")
+        raise CorpusError(f"{raw} mixes file types ({', '.join(sorted(builders))}); pass each type as its own "
+                          "`data` spec")
     return DataSpec(raw, label, "files", builders.pop(), files=files)
 
 

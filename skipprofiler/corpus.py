@@ -102,7 +102,8 @@ def _files_spec(raw: str, label: str | None, files: list[str]) -> DataSpec:
         bad = next(f for f in files if _builder_of(Path(f)) is None)
         raise CorpusError(f"unsupported data file {bad}: use .jsonl, .json, .txt, .parquet or .csv (optionally .gz)")
     if len(builders) > 1:
-        raise CorpusError(f"{raw} mixes file types ({', '.join(sorted(builders))}); pass each type as its own --data")
+        raise CorpusError(f"{raw} mixes file types ({', '.join(sorted(builders))}); pass each type as its own "
+                          "`data` spec")
     return DataSpec(raw, label, "files", builders.pop(), files=files)
 
 
@@ -182,7 +183,7 @@ def pick_columns(spec: DataSpec, columns: list[str], text_column: str | None = N
     elif "messages" in columns:
         text, chat = "messages", True
     else:
-        raise CorpusError(f"no text column in {spec.raw}: pass --text-column (columns found: {found})")
+        raise CorpusError(f"no text column in {spec.raw}: pass `text_column` (columns found: {found})")
     class_col = None
     if spec.label is None:
         if class_column is not None:
@@ -282,13 +283,13 @@ class Corpus:
                  class_column: str | None = None, max_tokens: int = 200_000, seq_len: int = 256,
                  batch_size: int = 8, sort_window: int | None = None, class_lookahead: int = 2048):
         if seq_len <= 0:
-            raise CorpusError(f"--seq-len must be a positive number of tokens, got {seq_len}")
+            raise CorpusError(f"ProfileSettings.seq_len must be a positive number of tokens, got {seq_len}")
         if batch_size <= 0:
-            raise CorpusError(f"--batch-size must be positive, got {batch_size}")
+            raise CorpusError(f"ProfileSettings.batch_size must be positive, got {batch_size}")
         if max_tokens <= 0:
-            raise CorpusError(f"--max-tokens must be positive, got {max_tokens}")
+            raise CorpusError(f"ProfileSettings.max_tokens must be positive, got {max_tokens}")
         if not specs:
-            raise CorpusError("no --data given")
+            raise CorpusError("no data specs given")
         self.specs = [parse_spec(s) for s in specs]
         self.tokenizer = tokenizer
         self.text_column = text_column

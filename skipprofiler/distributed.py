@@ -138,7 +138,7 @@ def init_from_env(device: str | None = "auto", timeout_s: float = DEFAULT_TIMEOU
     kind = _device_kind(device)
     if kind == "cuda":
         if torch.cuda.device_count() == 0:
-            raise DistributedError("--device cuda was asked for but no GPU is visible to this rank")
+            raise DistributedError(f'`device="{device}"` was asked for but no GPU is visible to this rank')
         torch.cuda.set_device(rank_gpu_group(local_rank, local_world, torch.cuda.device_count())[0])
     backend = choose_backend(kind)
     timeout = _dt.timedelta(seconds=timeout_s)
@@ -180,8 +180,8 @@ def rank_device(ctx: DistContext | None, device: str | None = "auto") -> torch.d
         return torch.device(device if device not in (None, "auto") else "cuda")
     explicit = torch.device(device) if device not in (None, "auto") else None
     if explicit is not None and explicit.index is not None and ctx.world_size > 1:
-        raise DistributedError(f"--device {device} names one GPU, but {ctx.world_size} ranks would share it; "
-                               "pass --device cuda and each rank takes GPU LOCAL_RANK")
+        raise DistributedError(f'`device="{device}"` names one GPU, but {ctx.world_size} ranks would share it; '
+                               'pass `device="cuda"` and each rank takes GPU LOCAL_RANK')
     return torch.device("cuda", rank_gpu_group(ctx.local_rank, ctx.local_world_size, torch.cuda.device_count())[0])
 
 
@@ -215,9 +215,9 @@ def parse_shard(spec: str) -> tuple[int, int]:
     try:
         index, count = (int(x) for x in parts)
     except ValueError:
-        raise ValueError(f"--shard {spec!r} is not I/N (e.g. 0/8 for the first of 8 jobs)") from None
+        raise ValueError(f"ProfileSettings.shard {spec!r} is not I/N (e.g. 0/8 for the first of 8 jobs)") from None
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"--shard {spec}: I must be in 0..N-1 and N >= 1")
+        raise ValueError(f"ProfileSettings.shard {spec}: I must be in 0..N-1 and N >= 1")
     return index, count
 
 
@@ -403,36 +403,36 @@ def parse_device_map(spec: str | dict | None) -> str | dict[str, Any] | None:
         try:
             value = json.loads(text)
         except ValueError as e:
-            raise ValueError(f"--device-map is not valid JSON: {e}") from None
+            raise ValueError(f"`device_map` is not valid JSON: {e}") from None
         return _check_device_map(value)
     path = Path(text)
     if path.suffix == ".json" or path.is_file():
         if not path.is_file():
-            raise ValueError(f"--device-map file not found: {path}")
+            raise ValueError(f"`device_map` file not found: {path}")
         try:
             value = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise ValueError(f"--device-map file {path} is not valid JSON: {_first_line(e)}") from None
+            raise ValueError(f"`device_map` file {path} is not valid JSON: {_first_line(e)}") from None
         return _check_device_map(value)
-    raise ValueError(f"--device-map {spec!r} is none of {', '.join(DEVICE_MAP_PRESETS)}, a JSON object or a "
+    raise ValueError(f"`device_map` {spec!r} is none of {', '.join(DEVICE_MAP_PRESETS)}, a JSON object or a "
                      ".json file")
 
 
 def _check_device_map(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict) or not value:
-        raise ValueError("--device-map JSON must be a non-empty object mapping module names to devices")
+        raise ValueError("`device_map` JSON must be a non-empty object mapping module names to devices")
     for name, device in value.items():
         if isinstance(device, bool) or not isinstance(device, (int, str)):
-            raise ValueError(f"--device-map: device of {name!r} must be a GPU index or a string, got {device!r}")
+            raise ValueError(f"`device_map`: device of {name!r} must be a GPU index or a string, got {device!r}")
         if isinstance(device, int) and device < 0:
-            raise ValueError(f"--device-map: GPU index of {name!r} is negative")
+            raise ValueError(f"`device_map`: GPU index of {name!r} is negative")
         if isinstance(device, str) and device not in ("cpu", "disk", "mps", "meta"):
             try:
                 torch.device(device)
             except RuntimeError:
-                raise ValueError(f"--device-map: {device!r} (for {name!r}) is not a device") from None
+                raise ValueError(f"`device_map`: {device!r} (for {name!r}) is not a device") from None
         if device == "meta":
-            raise ValueError(f"--device-map: {name!r} on 'meta' would have no weights; use 'cpu' or 'disk'")
+            raise ValueError(f"`device_map`: {name!r} on 'meta' would have no weights; use 'cpu' or 'disk'")
     return dict(value)
 
 

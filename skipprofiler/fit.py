@@ -340,7 +340,7 @@ def fit_static(profile, settings: FitSettings, cls: str | None = None) -> SkipPl
         most = len(candidates) * full_share
         raise FitError(f"target skip {settings.target:g} is out of reach for {_who(cls)}: {len(candidates)} non-cold "
                        f"layers of {L} give at most {most:.3f} (cold layers 0..{cold_start - 1} and "
-                       f"{L - cold_end}..{L - 1}); lower --target-skip or --cold-floor")
+                       f"{L - cold_end}..{L - 1}); lower FitSettings.target or FitSettings.cold_floor")
     plan.expected_skip_ratio = _round(ratio)
     plan.fit = {
         "method": "static-rank",
@@ -492,7 +492,7 @@ def fit_adaptive(profile, settings: FitSettings, cls: str | None = None) -> Skip
     if not candidates:
         raise FitError(f"target skip {settings.target:g} is out of reach for {_who(cls)} with an adaptive plan "
                        f"(max_skip {ks if len(ks) > 1 else ks[0]}, dense_every {plan.dense_every}: eligible share "
-                       f"{share:.3f}); lower --target-skip, --dense-every 0 or --cold-floor")
+                       f"{share:.3f}); lower FitSettings.target, FitSettings.dense_every=0 or FitSettings.cold_floor")
     best = max(candidates, key=lambda c: (c.score, -c.max_skip))
     plan.tau = [float(t) for t in best.tau]
     plan.cold_start, plan.cold_end, plan.max_skip = best.cold_start, best.cold_end, best.max_skip
@@ -634,7 +634,7 @@ def _fit_class(profile, settings: FitSettings, name: str, global_plan: SkipPlan,
     tokens = int(profile.tokens(regime, name))
     reason = None
     if tokens < settings.min_class_tokens:
-        reason = f"{tokens} {regime} tokens < --min-class-tokens {settings.min_class_tokens}"
+        reason = f"{tokens} {regime} tokens < FitSettings.min_class_tokens={settings.min_class_tokens}"
     else:
         try:
             return fit_skip_plan(profile, settings, name)

@@ -143,7 +143,7 @@ class SkipLM(TemplateLM):
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise HarnessError("this tokenizer has no chat template: run without --apply_chat_template "
-                               "(skipprof eval: without --lm-eval-chat)")
+                               "(the lm_eval command line) or without EvalConfig.lm_eval_chat")
         return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
@@ -325,7 +325,7 @@ def task_manager(include: Sequence[str | Path] = (), tasks: Sequence[str] | None
 
     for folder in include:
         if not Path(folder).is_dir():
-            raise HarnessError(f"--lm-eval-include: not a folder: {folder}")
+            raise HarnessError(f"EvalConfig.lm_eval_include: not a folder: {folder}")
     paths = [str(TASKS_DIR), *map(str, include)]
     if tasks is not None:
         local = TaskManager(include_path=paths, include_defaults=False)
@@ -344,7 +344,7 @@ def run_tasks(lm: SkipLM, tasks: Sequence[str], manager=None, limit: int | None 
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise HarnessError(f"unknown lm-eval task(s) {', '.join(unknown)} (bundled: {', '.join(BUNDLED_TASKS)}; "
-                           "more with --lm-eval-include DIR)")
+                           "more in the folders of EvalConfig.lm_eval_include)")
     lm.skip_stats = {"decode_positions": 0, "decided_skips": 0, "num_layers": None}
     try:
         result = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
@@ -438,7 +438,7 @@ def eval_sections(model, tokenizer, plans: Sequence[tuple[str, Any]], config, pr
     loaded model (the plan applied through the runtime). Returns (dense section, {plan name: section})."""
     tasks = list(config.lm_eval)
     if "skipprof_qa_chat" in tasks and not config.lm_eval_chat:
-        raise HarnessError("skipprof_qa_chat is prompted through the chat template: add --lm-eval-chat "
+        raise HarnessError("skipprof_qa_chat is prompted through the chat template: add EvalConfig.lm_eval_chat "
                            "(skipprof_qa is the plain-text form)")
     manager = task_manager(config.lm_eval_include or (), tasks=tasks)
     runs = [("dense", None)] + list(plans)

@@ -90,6 +90,7 @@ def test_empty_heldout_is_an_error(saved, tmp_path, capsys):
     code = _run(["eval", str(root / "model"), str(root / "static.yaml"), "--data", str(short), "--no-speed", *SMALL])
     err = capsys.readouterr().err
     assert code != 0 and "held-out data" in err and "Traceback" not in err
+    assert "(--prompt-len 8 + --gen-len 32; lower --gen-len for shorter documents)" in err  # the library: EvalConfig
 
 
 def test_eval_reports_generation_length_qa_retention_and_flags_a_warmup_covering_it(saved, tmp_path, capsys):

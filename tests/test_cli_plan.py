@@ -139,7 +139,7 @@ def test_export_plan_to_stdout_and_one_class(capsys, profile_file):
     (["--target-skip", "0"], "--target-skip must be in (0, 1), got 0"),
     (["--target-skip", "0.2", "--class", "poetry"], "unknown class 'poetry'; the profile's classes: fiction, code"),
     (["--target-skip", "0.2", "--mode", "dynamic"], "--mode must be one of static, adaptive, got 'dynamic'"),
-    (["--target-skip", "0.95"], "out of reach"),
+    (["--target-skip", "0.95"], "lower --target-skip or --cold-floor"),
     (["--target-skip", "0.2", "--batch-decision", "shared"], "--batch-decision shared applies to --mode adaptive"),
     (["--target-skip", "0.2", "--mode", "adaptive", "--batch-decision", "vote"], "--batch-decision must be one of"),
 ])

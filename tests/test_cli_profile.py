@@ -72,7 +72,7 @@ def _bad_inputs(root: Path, tmp: Path) -> list[tuple[list, str]]:
         ([tmp / "xglm"], "unknown architecture 'xglm'"),
         ([m, "--data", tmp / "missing.jsonl"], "data path not found"),
         ([m, "--data", empty], "empty after filtering"),
-        ([m, "--data", no_text], "no text column in"),
+        ([m, "--data", no_text], "pass --text-column (columns found: body, topic)"),
         ([m, "--data", no_text, "--text-column", "content"], "columns found: body, topic"),
         ([m, "--data", data, "--class-column", "topic"], "class column 'topic' not in"),
         ([m, "--data", data, "--seq-len", "0"], "--seq-len must be > 0"),
@@ -91,6 +91,19 @@ def test_bad_input_is_one_line_and_writes_nothing(workspace, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.suffix in (".prof", ".tmp")]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--shard", "a/b"], "error: --shard 'a/b' is not I/N (e.g. 0/8 for the first of 8 jobs)"),
+    (["--shard", "3/2"], "error: --shard 3/2: I must be in 0..N-1 and N >= 1"),
+    (["--device-map", "{not json"], "error: --device-map is not valid JSON"),
+    (["--device-map", "everywhere"], "error: --device-map 'everywhere' is none of auto, balanced"),
+])
+def test_shard_and_device_map_errors_name_the_options(tmp_path, capsys, args, expected):
+    """The library names the setting (`ProfileSettings.shard`, `device_map`); the CLI prints the option."""
+    code, _, err = run(["profile", *args, "--out", tmp_path / "p.prof"], capsys)
+    assert code == 2 and err.startswith(expected), err
+    assert "ProfileSettings" not in err and "`" not in err
 
 
 def test_inspect_errors(tmp_path, capsys):

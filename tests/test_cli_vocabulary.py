@@ -112,16 +112,37 @@ def test_every_settings_field_in_the_option_table_is_set_by_that_option():
     from dataclasses import fields
 
     from skipprofiler._cli.options import OPTION_OF_SETTING
+    from skipprofiler.evaluation import EvalConfig
     from skipprofiler.fit import FitSettings
     from skipprofiler.profile import ProfileSettings
 
-    settings = {"FitSettings": FitSettings, "ProfileSettings": ProfileSettings}
-    command_of = {"FitSettings": "export-plan", "ProfileSettings": "profile"}
+    settings = {"FitSettings": FitSettings, "ProfileSettings": ProfileSettings, "EvalConfig": EvalConfig}
+    command_of = {"FitSettings": "export-plan", "ProfileSettings": "profile", "EvalConfig": "eval"}
     for setting, option in OPTION_OF_SETTING.items():
         owner, name = setting.split(".")
         assert name in {f.name for f in fields(settings[owner])}, setting
         opts = {o for p in commands()[command_of[owner]].params for o in getattr(p, "opts", [])}
         assert option in opts, f"{setting}: {command_of[owner]} has no {option}"
+
+
+def test_every_parameter_in_the_option_table_is_a_setting_or_parameter_and_an_option():
+    """options.OPTION_OF_PARAMETER names settings fields several settings objects share, or parameters of the library
+    functions the option feeds; each is an option of some command."""
+    import inspect
+    from dataclasses import fields
+
+    from skipprofiler import distributed, models
+    from skipprofiler._cli.options import OPTION_OF_PARAMETER
+    from skipprofiler.evaluation import EvalConfig
+    from skipprofiler.fit import FitSettings
+    from skipprofiler.profile import ProfileSettings
+
+    names = {f.name for cls in (FitSettings, ProfileSettings, EvalConfig) for f in fields(cls)}
+    for function in (distributed.init_from_env, distributed.rank_device, models.load_model):
+        names |= set(inspect.signature(function).parameters)
+    opts = {o for command in commands().values() for p in command.params for o in getattr(p, "opts", [])}
+    for name, option in OPTION_OF_PARAMETER.items():
+        assert name in names and option in opts, (name, option)
 
 
 def test_library_messages_print_as_options():
@@ -137,3 +158,9 @@ def test_library_messages_print_as_options():
         "--max-skip applies to --mode adaptive only"]
     assert in_option_words("FitSettings.dense_every=1 and FitSettings.refine, not Other.field") == (
         "--dense-every 1 and --refine, not Other.field")
+    assert in_option_words("EvalConfig.prompt_len=64 + EvalConfig.gen_len=256; lower EvalConfig.gen_len") == (
+        "--prompt-len 64 + --gen-len 256; lower --gen-len")
+    assert in_option_words('`device="cuda:1"` names one GPU; pass `device="cuda"`, `device_map` or `text_column`, '
+                           "not `skipprof merge` or `other`") == (
+        "--device cuda:1 names one GPU; pass --device cuda, --device-map or --text-column, not `skipprof merge` or "
+        "`other`")

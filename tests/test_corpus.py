@@ -128,8 +128,9 @@ def test_empty_corpus_and_bad_sizes(tmp_path):
     data = write_jsonl(tmp_path / "e.jsonl", [{"text": ""}, {"text": "   "}])
     with pytest.raises(CorpusError, match="empty after filtering"):
         _all_batches(_corpus([data]))
-    for kw, message in (({"seq_len": 0}, "--seq-len must be"), ({"batch_size": -1}, "--batch-size must be"),
-                        ({"max_tokens": 0}, "--max-tokens must be")):
+    for kw, message in (({"seq_len": 0}, "ProfileSettings.seq_len must be"),
+                        ({"batch_size": -1}, "ProfileSettings.batch_size must be"),
+                        ({"max_tokens": 0}, "ProfileSettings.max_tokens must be")):
         with pytest.raises(CorpusError, match=message):
             _corpus([data], **kw)
 

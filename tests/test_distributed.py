@@ -136,7 +136,7 @@ def test_shard_specs_parse_and_bad_ones_are_refused():
     assert parse_shard("2/8") == (2, 8) and parse_shard("0/1") == (0, 1)
     assert list(shard_batches(range(7), (1, 3))) == [1, 4] and shard_batches([5], None) == [5]
     for bad in ("8/8", "-1/4", "1/0", "a/b", "3", "1/2/3"):
-        with pytest.raises(ValueError, match="--shard"):
+        with pytest.raises(ValueError, match="ProfileSettings.shard"):
             parse_shard(bad)
 
 

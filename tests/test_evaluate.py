@@ -124,8 +124,9 @@ def test_mismatched_plan_empty_data_and_nan_are_errors(setup, tmp_path):
     with pytest.raises(EvalError, match="another model"):
         run_eval(model, tok, [("p", other)], data, _config())
     short = write_corpus(tmp_path / "short.jsonl.gz", words=1)
-    with pytest.raises(EvalError, match="held-out data"):
+    with pytest.raises(EvalError, match="held-out data") as info:
         run_eval(model, tok, [("p", SkipPlan(mode="static", skip_layers={1: 1.0}))], str(short), _config())
+    assert "lower EvalConfig.gen_len" in str(info.value) and "--" not in str(info.value)  # the CLI: --gen-len
     broken = tiny_model("llama", num_layers=6, vocab_size=128)
     with torch.no_grad():
         broken.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))

@@ -21,10 +21,12 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from skipprofiler import demo, qa  # noqa: E402
+from skipprofiler.evaluation import EvalConfig  # noqa: E402
 from skipprofiler.harness import (  # noqa: E402
     BUNDLED_TASKS,
     HarnessError,
     SkipLM,
+    eval_sections,
     run_tasks,
     task_manager,
 )
@@ -152,6 +154,14 @@ def test_a_plan_for_another_model_is_refused_up_front(demo_model):
         SkipLM(model, tok, plan=ROOT / "plans" / "smollm2-static-25.yaml")
 
 
+def test_library_errors_name_the_eval_config_fields(tmp_path):
+    """The library names EvalConfig fields (the CLI checks these first and prints its options)."""
+    with pytest.raises(HarnessError, match="EvalConfig.lm_eval_include: not a folder"):
+        task_manager([tmp_path / "missing"])
+    with pytest.raises(HarnessError, match="add EvalConfig.lm_eval_chat"):
+        eval_sections(None, None, [], EvalConfig(lm_eval=["skipprof_qa_chat"]))
+
+
 def test_generation_refuses_sampling(demo_model):
     model, tok = demo_model
     with pytest.raises(HarnessError, match="greedily"):
@@ -211,6 +221,7 @@ def test_unknown_task_is_one_line(capsys):
     code, _, err = run(["eval", STATIC_25, "--no-speed", "--docs-per-class", "1", "--greedy-prompts", "0",
                         "--gen-len", "32", "--lm-eval", "no_such_task_xyz"], capsys)
     assert code == 2 and "unknown lm-eval task(s) no_such_task_xyz" in err and "Traceback" not in err
+    assert "more in the folders of --lm-eval-include)" in err
 
 
 @pytest.mark.slow

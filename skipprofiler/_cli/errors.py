@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import re
 
-from .options import OPTION_OF_SETTING
+from .options import OPTION_OF_PARAMETER, OPTION_OF_SETTING
 
-# A settings field, optionally with a value: FitSettings.mode, FitSettings.mode="adaptive", FitSettings.dense_every=1
-_SETTING = re.compile(r'\b([A-Z]\w*Settings\.\w+)(?:=("[^"]*"|[\w.+-]+))?')
+# A settings field, optionally with a value: FitSettings.mode, FitSettings.mode="adaptive", FitSettings.dense_every=1,
+# EvalConfig.gen_len=256
+_SETTING = re.compile(r'\b([A-Z]\w*(?:Settings|Config)\.\w+)(?:=("[^"]*"|[\w.+-]+))?')
+# A library function's parameter in backticks, optionally with a value: `text_column`, `device="cuda"`
+_PARAMETER = re.compile(r'`(\w+)(?:=("[^"]*"|[^`]*))?`')
 
 
 class CLIError(Exception):
@@ -20,13 +23,17 @@ class CLIError(Exception):
 
 def in_option_words(message: str) -> str:
     """`message` with each settings field written as the option that sets it (options.OPTION_OF_SETTING):
-    `FitSettings.mode="adaptive"` -> `--mode adaptive`, `FitSettings.refine` -> `--refine`."""
+    `FitSettings.mode="adaptive"` -> `--mode adaptive`, `FitSettings.refine` -> `--refine`; and each backticked
+    parameter of options.OPTION_OF_PARAMETER likewise: `` `device="cuda"` `` -> `--device cuda`."""
 
-    def option(match: re.Match) -> str:
-        flag = OPTION_OF_SETTING.get(match.group(1))
-        value = match.group(2)
-        if flag is None:
-            return match.group(0)
-        return flag if value in (None, "True") else flag + " " + value.strip('"')
+    def in_words(table: dict[str, str]):
+        def option(match: re.Match) -> str:
+            flag = table.get(match.group(1))
+            value = match.group(2)
+            if flag is None:
+                return match.group(0)
+            return flag if value in (None, "True") else flag + " " + value.strip('"')
 
-    return _SETTING.sub(option, message)
+        return option
+
+    return _PARAMETER.sub(in_words(OPTION_OF_PARAMETER), _SETTING.sub(in_words(OPTION_OF_SETTING), message))

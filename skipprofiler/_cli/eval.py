@@ -11,7 +11,7 @@ import typer
 
 from . import options
 from .common import check_writable, load_profile, parse_batch_decisions
-from .errors import CLIError
+from .errors import CLIError, in_option_words
 
 HELP = (
     "Measure what skip plans cost and save on held-out data (default: the bundled held-out split).\n\n"
@@ -117,7 +117,7 @@ def print_table(result: dict) -> None:
     print_lm_eval(result, console)
     for row in result["plans"]:
         for warning in row.get("warnings") or []:
-            print(f"warning: {row['name']}: {warning}", file=sys.stderr)
+            print(f"warning: {row['name']}: {in_option_words(warning)}", file=sys.stderr)
 
 
 def print_lm_eval(result: dict, console) -> None:

@@ -78,6 +78,44 @@ OPTION_OF_SETTING: dict[str, str] = {
     "ProfileSettings.reservoir_size": "--reservoir",
     "ProfileSettings.doc_reservoir_size": "--doc-samples",
     "ProfileSettings.seed": "--seed",
+    "EvalConfig.data": "--data",
+    "EvalConfig.text_column": "--text-column",
+    "EvalConfig.class_column": "--class-column",
+    "EvalConfig.prompt_len": "--prompt-len",
+    "EvalConfig.gen_len": "--gen-len",
+    "EvalConfig.docs_per_class": "--docs-per-class",
+    "EvalConfig.batch_size": "--batch-size",
+    "EvalConfig.batch_decision": "--batch-decision",
+    "EvalConfig.greedy_prompts": "--greedy-prompts",
+    "EvalConfig.greedy_new_tokens": "--greedy-new-tokens",
+    "EvalConfig.speed_new_tokens": "--speed-new-tokens",
+    "EvalConfig.speed_repeats": "--speed-repeats",
+    "EvalConfig.baselines": "--baselines",
+    "EvalConfig.random_seeds": "--seeds",
+    "EvalConfig.oracle": "--oracle",
+    "EvalConfig.search_reference": "--search-reference",
+    "EvalConfig.qa": "--qa",
+    "EvalConfig.qa_file": "--qa-file",
+    "EvalConfig.sweep": "--sweep",
+    "EvalConfig.sweep_refine": "--refine",
+    "EvalConfig.sweep_per_class": "--per-class",
+    "EvalConfig.oracle_targets": "--oracle-at",
+    "EvalConfig.lm_eval": "--lm-eval",
+    "EvalConfig.lm_eval_include": "--lm-eval-include",
+    "EvalConfig.lm_eval_limit": "--lm-eval-limit",
+    "EvalConfig.lm_eval_chat": "--lm-eval-chat",
+}
+
+# What no one settings object names: a field every settings object with it sets from the same option (`data`,
+# `text_column`: corpus messages, whichever command read the data), or a parameter of a library function that the
+# option passes in (`device`: distributed.init_from_env / rank_device; `device_map`: models.load_model, parsed by
+# distributed.parse_device_map). Library messages write these in backticks (`device="cuda"`); errors.in_option_words
+# prints the option (`--device cuda`).
+OPTION_OF_PARAMETER: dict[str, str] = {
+    "data": "--data",
+    "text_column": "--text-column",
+    "device": "--device",
+    "device_map": "--device-map",
 }
 
 MODEL_HELP = "Checkpoint folder, .gguf file or hub id (default: the bundled demo model)."

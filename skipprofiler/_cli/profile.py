@@ -120,9 +120,10 @@ def profile(
         for spec in settings.data or []:
             parse_spec(spec)  # a missing data path fails before the model is loaded
         ctx = init_from_env(device)  # None unless launched by torchrun with several ranks
+        this_device = rank_device(ctx, device)
     except (CorpusError, DistributedError) as e:
         raise CLIError(str(e)) from None
-    loaded_model, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=str(rank_device(ctx, device)),
+    loaded_model, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=str(this_device),
                                                        device_map=parsed_map, offload_folder=offload_folder,
                                                        dist_ctx=ctx)
     bar, on_batch = _progress_bar(Console(stderr=True, quiet=ctx is not None and not ctx.is_main), max_tokens,

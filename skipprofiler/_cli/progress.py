@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from ..progress import StageProgress
+from .errors import in_option_words
 
 
 def _columns():
@@ -37,8 +38,8 @@ class StageBars:
             del self.tasks[event.stage]  # a later stage of the same name gets a bar of its own
 
     def log(self, message: str) -> None:
-        """A note above the bars."""
-        self.progress.console.print(message, highlight=False, markup=False)
+        """A note above the bars (library words printed as options, errors.in_option_words)."""
+        self.progress.console.print(in_option_words(message), highlight=False, markup=False)
 
     @contextmanager
     def spinner(self, description: str) -> Iterator[None]:

@@ -60,8 +60,9 @@ def prepare_data(model, tokenizer, data_spec: str | None, config: EvalConfig,
         # Whole windows only: every row is measured at the stated generation length, none at a shorter one.
         tokens, classes = token_windows(tokenizer, docs, config.window, config.docs_per_class, config.window)
     except FidelityError as e:
-        raise EvalError(f"held-out data: {e} (--prompt-len {config.prompt_len} + --gen-len {config.gen_len}; "
-                        "lower --gen-len for shorter documents)") from None
+        raise EvalError(f"held-out data: {e} (EvalConfig.prompt_len={config.prompt_len} + "
+                        f"EvalConfig.gen_len={config.gen_len}; lower EvalConfig.gen_len for shorter documents)"
+                       ) from None
     pad = pad_id_of(tokenizer, model)
     batches, class_names = [], list(dict.fromkeys(classes))
     for cls in class_names:

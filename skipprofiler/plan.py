@@ -10,7 +10,9 @@ Semantics shared by the runtime, the fitter's simulation and eval (they must agr
 * A position is *eligible* for skipping iff ``d >= warmup_tokens`` and not ``(dense_every > 0 and
   (d + 1) % dense_every == 0)``.
 * static: an eligible position skips the FFN of every layer in ``skip_layers``; a layer with ``fraction f < 1`` is
-  skipped only at decode indices where ``floor((d + 1) * f) > floor(d * f)`` (an even, deterministic pattern).
+  skipped only at decode indices where ``floor((d + 1) * f) > floor(d * f)`` (an even, deterministic pattern),
+  evaluated in float64. `SkipPlan.eligible`, `fraction_pattern` and `SkipPlan.skippable_layers` below are the only
+  implementations: the runtime, the fit's simulation, refine, validation and the vLLM plugin all call them.
 * adaptive (FFN-SkipLLM): per eligible position, walk the layers in order. Layers ``l < cold_start`` and
   ``l >= L - cold_end`` always run. After a layer l that ran densely with ``l >= cold_start - 1`` and no run taken yet,
   if ``cos_l > tau[l]`` (cos_l = cos(h, h + FFN contribution), the profiled ``residual`` metric) and
@@ -26,7 +28,6 @@ Semantics shared by the runtime, the fitter's simulation and eval (they must agr
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,17 +129,51 @@ class SkipPlan:
     def is_empty(self) -> bool:
         return (self.mode == "static" and not self.skip_layers) or (self.mode == "adaptive" and self.max_skip == 0)
 
-    def eligible(self, d: int) -> bool:
-        if d < self.warmup_tokens:
-            return False
-        return not (self.dense_every > 0 and (d + 1) % self.dense_every == 0)
+    def eligible(self, d: Any) -> Any:
+        """Whether decode index d may skip (the module docstring's rule). Vectorised: d is an int, a numpy array or a
+        torch tensor (any device) and the answer has its shape; every caller -- runtime, fit, vLLM -- uses this."""
+        return is_eligible(d, self.warmup_tokens, self.dense_every)
 
     def static_layers_at(self, d: int) -> list[int]:
         """Layers a static plan skips at decode index d (empty when the position is not eligible)."""
         if not self.eligible(d):
             return []
-        return [l for l, f in sorted(self.skip_layers.items())
-                if f >= 1.0 or math.floor((d + 1) * f) > math.floor(d * f)]
+        return [l for l, f in sorted(self.skip_layers.items()) if fraction_pattern(f, d)]
+
+    def skippable_layers(self, num_layers: int | None = None) -> list[int]:
+        """The layers this plan may ever skip: a static plan's `skip_layers`; an adaptive plan's layers between its
+        cold ends (`num_layers` defaults to the length of `tau`)."""
+        if self.mode == STATIC:
+            return sorted(int(l) for l in self.skip_layers)
+        if num_layers is None:
+            num_layers = len(self.tau) if self.tau else 0
+        return list(range(self.cold_start, num_layers - self.cold_end))
+
+
+def is_eligible(d: Any, warmup_tokens: int, dense_every: int) -> Any:
+    """Whether decode index d may skip: ``d >= warmup_tokens`` and not a ``dense_every`` position (vectorised)."""
+    ok = d >= warmup_tokens
+    if dense_every > 0:
+        ok = ok & ((d + 1) % dense_every != 0)
+    return ok
+
+
+def fraction_pattern(fraction: float, d: Any) -> Any:
+    """Whether a layer with this fraction skips at (eligible) decode index d: ``floor((d + 1) f) > floor(d f)``,
+    evaluated in float64 for ints, numpy arrays and torch tensors alike (a torch int tensor times a Python float
+    would be float32 and drift from the pattern past d ~ 90)."""
+    if fraction >= 1.0:
+        return d == d  # True, shaped like d
+    x = _float64(d)
+    return (x + 1) * fraction // 1 > x * fraction // 1
+
+
+def _float64(d: Any) -> Any:
+    if isinstance(d, (int, float)):
+        return float(d)
+    if hasattr(d, "double"):  # torch.Tensor
+        return d.double()
+    return d.astype("float64")  # numpy
 
 
 @dataclass

@@ -705,17 +705,10 @@ def load_linear_maps(plan: PlanFile, base_dir: Path) -> None:
             continue
         prefix = name + "."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        problems += linear_map_problems(f"{name}.linear", own, linear.rank, hidden, _skippable(p))
+        problems += linear_map_problems(f"{name}.linear", own, linear.rank, hidden, p.skippable_layers())
         p.linear = LinearMaps(linear.rank, own, linear.file, linear.sha256)
     if problems:
         raise PlanError(problems)
-
-
-def _skippable(plan: SkipPlan) -> list[int]:
-    if plan.mode == "static":
-        return sorted(int(l) for l in plan.skip_layers)
-    num_layers = len(plan.tau) if plan.tau else 0
-    return list(range(plan.cold_start, num_layers - plan.cold_end))
 
 
 def _read_weights(path: Path, sha256: str | None, name: str, problems: list[str]) -> dict[str, Any] | None:

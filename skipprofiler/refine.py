@@ -197,9 +197,7 @@ def keep_skipped_means(plan: SkipPlan) -> SkipPlan:
     """Drop the mean outputs and linear maps of layers the plan never skips (they only make the files longer)."""
     if not plan.ffn_mean and plan.linear is None:
         return plan
-    num_layers = len(plan.tau) if plan.tau is not None else None
-    skippable = (set(plan.skip_layers) if plan.mode == "static"
-                 else set(range(plan.cold_start, (num_layers or 0) - plan.cold_end)))
+    skippable = set(plan.skippable_layers())
     if plan.linear is not None:
         plan = replace(plan, linear=plan.linear.keep(skippable))
         if "substitutes" in plan.fit:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .plan import ADAPTIVE, ALL_POSITIONS, LINEAR, MEAN_OUTPUT, NO_COMPENSATION, PlanError, PlanFile, SkipPlan
+from .plan import ADAPTIVE, ALL_POSITIONS, LINEAR, MEAN_OUTPUT, NO_COMPENSATION, PlanError, PlanFile, SkipPlan, fraction_pattern
 
 ENV = "SKIPPROF_PLAN"
 SERVED = ("static plans (compensation none, mean_output or linear; apply_to decode or all) without prompt classes; "
@@ -229,16 +229,9 @@ class ServedPlan:
 
     def prepare(self, positions: torch.Tensor) -> None:
         """Once per forward: each fraction's skip mask (and, gathering, its kept and skipped rows)."""
-        plan, d = self.plan, self.decode_index(positions)
-        eligible = d >= plan.warmup_tokens
-        if plan.dense_every > 0:
-            eligible &= (d + 1) % plan.dense_every != 0
         self.rows = {}
-        for f in set(self.fraction.values()):
-            skip = eligible
-            if f < 1.0:
-                dd = d.to(torch.float64)
-                skip = skip & (torch.floor((dd + 1) * f) > torch.floor(dd * f))
+        d = self.decode_index(positions)
+        for f, skip in fraction_masks(self.plan, d).items():
             if self.gather:
                 self.rows[f] = (skip, (~skip).nonzero().flatten(), skip.nonzero().flatten())
             else:
@@ -268,6 +261,13 @@ class ServedPlan:
         forwards, prompt, decode, mixed = self.counts.tolist()
         return {"forwards": forwards, "prompt_tokens": prompt, "decode_tokens": decode, "mixed_forwards": mixed,
                 "skipped_ffn_rows": int(self.skipped), "planned_layers": sorted(self.ffns)}
+
+
+def fraction_masks(plan: SkipPlan, d: torch.Tensor) -> dict[float, torch.Tensor]:
+    """Per distinct fraction of a static plan, which tokens of a forward skip (decode indices `d`, on the device):
+    plan.py's rule, computed on the device without a host sync."""
+    eligible = plan.eligible(d)
+    return {f: eligible & fraction_pattern(f, d) for f in sorted(set(plan.skip_layers.values()))}
 
 
 def _planned(layer: int):

@@ -194,7 +194,10 @@ def test_schedule_follows_plan_rule_at_every_position():
                 assert got == expected, (plan, past, seq, end, b, s)
                 counted += d >= 0 and d >= plan.warmup_tokens
                 decided += len(expected)
-        assert (0, 0) == (counted, decided) if forward is None else (forward.counts.positions, forward.counts.decided)
+        if forward is None:
+            assert (counted, decided) == (0, 0), (plan, past, seq, end)
+        else:
+            assert (forward.counts.positions, forward.counts.decided) == (counted, decided), (plan, past, seq, end)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -101,7 +101,7 @@ def describe_layer(layer: int, plans: dict[str | None, SkipPlan], num_layers: in
             f = plan.skip_layers[layer]
             what = "static skip" + ("" if f >= 1.0 else f" {f:g} of positions")
         else:
-            if not plan.cold_start <= layer < num_layers - plan.cold_end:
+            if layer not in plan.skippable_layers(num_layers):
                 continue
             shared = ", decided per batch" if batch_decision == SHARED else ""
             what = f"adaptive skip (tau, runs of {plan.max_skip}{shared})"

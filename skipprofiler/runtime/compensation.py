@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..plan import LINEAR, MEAN_OUTPUT, NORM_RATIO, STATIC, LinearMaps, SkipPlan
+from ..plan import LINEAR, MEAN_OUTPUT, NORM_RATIO, LinearMaps, SkipPlan
 from ..registry import RESIDUAL_INSIDE, FFNSite, ResolvedArch
 from .patcher import Patcher
 
@@ -50,8 +50,7 @@ def compensation_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> lis
         if not plan.linear.tensors:
             return [f"{label}: compensation linear needs its fitted maps (load the plan from its file, beside which "
                     "they are stored)"]
-        L = arch.num_layers
-        skippable = sorted(plan.skip_layers) if plan.mode == STATIC else list(range(plan.cold_start, L - plan.cold_end))
+        skippable = plan.skippable_layers(arch.num_layers)
         hidden = getattr(arch._config, "hidden_size", None) or getattr(arch._config, "n_embd", None)
         problems += linear_map_problems(f"{label}: linear", plan.linear.tensors, plan.linear.rank, hidden, skippable)
     return problems

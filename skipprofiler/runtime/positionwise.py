@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..plan import fraction_pattern
 from .schedule import DENSE, Action, Fill, Forward, Kind, Rule, decode_step
 
 
@@ -46,10 +47,8 @@ def plan_positions(forward: Forward, rules: list[Rule], first_d: list[int]) -> N
     for rule in {id(r): r for r in rules}.values():
         plan = rule.plan
         rows = torch.tensor([r is rule for r in rules])[:, None]
-        counted |= rows & (d >= max(plan.warmup_tokens, 0))
-        eligible = rows & (d >= max(plan.warmup_tokens, 0))
-        if plan.dense_every > 0:
-            eligible &= (d + 1) % plan.dense_every != 0
+        counted |= rows & (d >= plan.warmup_tokens) & (d >= 0)
+        eligible = rows & plan.eligible(d) & (d >= 0)
         if plan.is_empty() or not eligible.any():
             continue
         if not rule.static:
@@ -58,8 +57,7 @@ def plan_positions(forward: Forward, rules: list[Rule], first_d: list[int]) -> N
                 fill_groups.setdefault(layer, []).append((rule.fills.get(layer), eligible.flatten()))
             continue
         for layer, fraction in plan.skip_layers.items():
-            hit = eligible if fraction >= 1.0 else \
-                eligible & (torch.floor((d + 1) * fraction) > torch.floor(d * fraction))
+            hit = eligible & fraction_pattern(fraction, d)
             decided += hit
             flags = forward.static_flags.get(layer)
             forward.static_flags[layer] = hit.flatten() if flags is None else flags | hit.flatten()

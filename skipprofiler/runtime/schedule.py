@@ -55,8 +55,7 @@ class Rule:
     def __init__(self, plan: SkipPlan, num_layers: int, fills: dict[int, Fill]):
         self.plan, self.fills = plan, fills
         self.static = plan.mode == STATIC
-        self.skippable = (sorted(int(l) for l in plan.skip_layers) if self.static or plan.is_empty()
-                          else list(range(plan.cold_start, num_layers - plan.cold_end)))
+        self.skippable = plan.skippable_layers(num_layers) if not plan.is_empty() else []
         self._actions: dict[tuple[int, ...], dict[int, Action]] = {}
 
     def layers_at(self, d: int | None) -> tuple[int, ...]:

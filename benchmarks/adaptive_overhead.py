@@ -57,7 +57,7 @@ def isolated_cosine_us(hidden: int, rows: int, dtype: torch.dtype, calls: int = 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama-100m", help="a synthetic model of skipprofiler.bench")
+    parser.add_argument("--model", default="llama-100m", help="a synthetic model of skipprofiler.evaluation.bench")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", action="append", choices=["fp32", "bf16"], help="repeatable; default both")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -66,9 +66,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from skipprofiler.bench import DTYPES, benchmark_prompt, synthetic_model
-    from skipprofiler.greedy import greedy_decode
-    from skipprofiler.plan import SkipPlan
+    from skipprofiler.evaluation.bench import DTYPES, benchmark_prompt, synthetic_model
+    from skipprofiler.arch.greedy import greedy_decode
+    from skipprofiler.plan.model import SkipPlan
     from skipprofiler.runtime import apply_plan
 
     for dtype_name in args.dtype or ["fp32", "bf16"]:

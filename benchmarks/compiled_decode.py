@@ -17,7 +17,7 @@ import time
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama-100m", help="synthetic model name (skipprofiler.bench)")
+    parser.add_argument("--model", default="llama-100m", help="synthetic model name (skipprofiler.evaluation.bench)")
     parser.add_argument("--static", type=float, default=0.25, help="skip ratio of the static arm")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=16)
@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import StaticCache
 
-    from skipprofiler._compat import cache_kwargs
-    from skipprofiler.bench import benchmark_prompt, middle_static_plan, synthetic_model
-    from skipprofiler.plan import SkipPlan
+    from skipprofiler.arch.compat import cache_kwargs
+    from skipprofiler.evaluation.bench import benchmark_prompt, middle_static_plan, synthetic_model
+    from skipprofiler.plan.model import SkipPlan
     from skipprofiler.runtime import apply_plan
 
     if args.threads:

@@ -4,7 +4,7 @@
     python benchmarks/decode_speed.py --batch 8 --dtype fp32 # adaptive arms per_sequence and shared at bs 8
     python benchmarks/decode_speed.py --batch 1 --dtype fp32 --new-tokens 32 --model synthetic:llama-tiny   # quick
 
-Same engine as `skipprof bench decode` (skipprofiler/bench.py); results also go to --json if given.
+Same engine as `skipprof bench decode` (skipprofiler/evaluation/bench.py); results also go to --json if given.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from skipprofiler.bench import run_suite
+    from skipprofiler.evaluation.bench import run_suite
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -55,14 +55,14 @@ def benchmark_model(args: argparse.Namespace):
     path = Path(args.model) if args.model else _demo_checkpoint()
     if path is None:
         return _llama(256, 12, 8192, 688), "random demo-sized Llama (demo checkpoint not built yet)"
-    from skipprofiler.models import load_model, model_source
+    from skipprofiler.arch.models import load_model, model_source
 
     source = model_source(str(path))  # a checkpoint folder or a .gguf file
     return load_model(source, dtype=torch.float32), source.display
 
 
 def make_batches(model, count: int, batch_size: int, seq_len: int):
-    from skipprofiler.corpus import Batch
+    from skipprofiler.profile.corpus import Batch
 
     g = torch.Generator().manual_seed(1)
     out = []
@@ -135,7 +135,7 @@ def rss_child(tokens: int, corpus_file: str) -> None:
     """Runs in a subprocess: stream `tokens` tokens of the corpus through profile_model, print peak RSS (MiB)."""
     from transformers import AutoTokenizer
 
-    from skipprofiler.corpus import Corpus
+    from skipprofiler.profile.corpus import Corpus
     from skipprofiler.profile import ProfileSettings, profile_model
 
     torch.set_num_threads(1)

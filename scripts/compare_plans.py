@@ -1,7 +1,10 @@
 """Compare the plans two folders hold: every .yaml byte for byte except the provenance `created:` timestamp line(s),
 every .safetensors byte for byte. One line per file; exit 1 if any file differs or is missing from either folder.
 
-    python scripts/compare_plans.py runs-before/plans runs-after/plans
+    python scripts/compare_plans.py runs-before/plans runs-after/plans [--ignore-key seconds]
+
+--ignore-key KEY (repeatable) also skips lines `KEY: ...` at any depth: e.g. `seconds`, the wall time of the linear
+substitutes' fit that refine.py records under fit.substitutes (it varies from run to run).
 """
 import argparse
 import re
@@ -9,17 +12,24 @@ import sys
 from pathlib import Path
 
 # planio writes the timestamp as the provenance key `created`, e.g. "  created: '2026-12-02T04:16:05+00:00'"
-CREATED = re.compile(rb"^\s*created:\s")
+IGNORED = ["created"]
+
+
+def _ignored_pattern(keys) -> re.Pattern:
+    return re.compile(rb"^\s*(?:" + b"|".join(re.escape(k.encode()) for k in keys) + rb"):\s")
+
+
+SKIPPED_LINE = _ignored_pattern(IGNORED)
 
 
 def _yaml_lines(path: Path) -> list[bytes]:
-    return [line for line in path.read_bytes().splitlines(keepends=True) if not CREATED.match(line)]
+    return [line for line in path.read_bytes().splitlines(keepends=True) if not SKIPPED_LINE.match(line)]
 
 
 def _first_difference(a: Path, b: Path) -> str:
     la, lb = (p.read_bytes().splitlines(keepends=True) for p in (a, b))
     for n, (x, y) in enumerate(zip(la, lb), 1):
-        if x != y and not (CREATED.match(x) and CREATED.match(y)):
+        if x != y and not (SKIPPED_LINE.match(x) and SKIPPED_LINE.match(y)):
             return f"line {n}: {x.rstrip()!r} != {y.rstrip()!r}"
     return f"length: {len(la)} != {len(lb)} lines"
 
@@ -39,7 +49,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a", type=Path)
     parser.add_argument("b", type=Path)
+    parser.add_argument("--ignore-key", action="append", default=[], metavar="KEY",
+                        help="also ignore lines holding this YAML key (repeatable), e.g. seconds")
     args = parser.parse_args(argv)
+    global SKIPPED_LINE
+    SKIPPED_LINE = _ignored_pattern(IGNORED + args.ignore_key)
     names = sorted({p.name for d in (args.a, args.b) for p in d.iterdir() if p.suffix in (".yaml", ".safetensors")})
     if not names:
         print("no .yaml or .safetensors files", file=sys.stderr)

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from skipprofiler import demo  # noqa: E402
 from skipprofiler.evaluation import EvalConfig  # noqa: E402
 from skipprofiler.evaluation.data import prepare_data  # noqa: E402
-from skipprofiler.models import load_model, load_tokenizer, model_source, smollm2_gguf  # noqa: E402
+from skipprofiler.arch.models import load_model, load_tokenizer, model_source, smollm2_gguf  # noqa: E402
 
 LAYER = 15  # the router layer a SmolLM2 profile uses (num_layers // 2)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from tiny_models import tiny_model
 from transformers import DynamicCache
-from skipprofiler.plan import SkipPlan
+from skipprofiler.plan.model import SkipPlan
 from skipprofiler.runtime import apply_plan
-from skipprofiler._compat import cache_kwargs
+from skipprofiler.arch.compat import cache_kwargs
 
 model = tiny_model("llama", num_layers=6)
 ids = torch.randint(2, 90, (1, 5))

@@ -29,7 +29,7 @@ WORK=runs/smollm2
 OUT=docs/results
 PROF="${PROF:-$WORK/smollm2.prof}"
 mkdir -p "$WORK" "$OUT" plans
-GGUF=$(python -c "from skipprofiler.models import smollm2_gguf; print(smollm2_gguf())")
+GGUF=$(python -c "from skipprofiler.arch.models import smollm2_gguf; print(smollm2_gguf())")
 STAGES=("$@")
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-linear fit-other eval-10 eval-25 eval-more eval-perclass
                                      eval-linear-10 eval-linear-25 eval-linear-more)

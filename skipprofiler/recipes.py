@@ -39,11 +39,11 @@ def profile_corpus(model, tokenizer, settings=None, *, source: str | None = None
 
     `source` is how the model was named when loaded (checkpoint folder, .gguf file or hub id; default: the config's
     `_name_or_path`); plans copy it. `on_progress(ProgressEvent)` is called after every batch. Under torchrun pass
-    `dist_ctx` (skipprofiler.distributed.init_from_env): ranks split the batches and rank 0 gets the merged profile,
+    `dist_ctx` (skipprofiler.profile.distributed.init_from_env): ranks split the batches and rank 0 gets the merged profile,
     the other ranks None. A first Ctrl-C stops after the current batch: the profile comes back marked partial.
     """
-    from .corpus import Corpus, parse_spec
-    from .distributed import profile_distributed, shard_batches
+    from .profile.corpus import Corpus, parse_spec
+    from .profile.distributed import profile_distributed, shard_batches
     from .profile import ProfileError, ProfileSettings
 
     settings = settings or ProfileSettings()
@@ -94,7 +94,7 @@ def _demo_corpus(split: str) -> str:
 def _model_naming(model, source: str | None) -> dict[str, str]:
     """{name, path} for the profile header: a .gguf file is named by its file name (plans copy the name, and a
     site-packages path is this machine's only); the bundled demo model by DEMO_MODEL_NAME."""
-    from .models import ModelSourceError, model_source
+    from .arch.models import ModelSourceError, model_source
 
     given = source or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
     try:
@@ -129,7 +129,7 @@ def fit_plan(profile, settings, *, model=None, tokenizer=None, profile_ref: dict
     windows), a quality budget (`max_ppl_increase` / `max_kl`) and `compensation="mean_output"` measure plans on the
     model: pass the profiled `model` and its `tokenizer`. `profile_ref` ({path, sha256}) goes into provenance.
     """
-    from .fit import FitError, fit_plan_file
+    from .fit.from_profile import FitError, fit_plan_file
 
     problems = settings.problems()
     if problems:
@@ -156,7 +156,7 @@ def _note_substitute_cost(plan_file, model) -> None:
     """Each linear plan's substitute FLOPs per skipped call (share of one FFN call) and the expected share of FFN
     FLOPs it saves net of them, in `fit`."""
     from ._jsonable import rounded
-    from .refine import substitute_cost_share
+    from .fit.refine import substitute_cost_share
 
     for plan in [plan_file.global_plan, *plan_file.classes.values()]:
         share = substitute_cost_share(model, plan)
@@ -166,9 +166,9 @@ def _note_substitute_cost(plan_file, model) -> None:
 
 
 def _check_same_model(profile, model) -> None:
-    from .fit import FitError
-    from .planio import fingerprint_problems
-    from .registry import model_fingerprint
+    from .fit.from_profile import FitError
+    from .plan.io import fingerprint_problems
+    from .arch.registry import model_fingerprint
 
     mismatch = fingerprint_problems((profile.header.get("model") or {}).get("fingerprint"), model_fingerprint(model))
     if mismatch:
@@ -176,14 +176,14 @@ def _check_same_model(profile, model) -> None:
 
 
 def _refine(plan_file, profile, settings, model, tokenizer) -> list[str]:
-    """Choose by measured KL on calibration windows (skipprofiler.refine), recorded in each plan's `fit`.
+    """Choose by measured KL on calibration windows (skipprofiler.fit.refine), recorded in each plan's `fit`.
 
     static: refine the layer sets, the global plan on all windows and each class plan on its own class's windows;
     with compensation linear, class plans keep the global set and get maps fitted on their class's windows.
     adaptive (global plan): measure a grid of run lengths and dense-every, keep the cheapest at the target, and
     compare it with the refined static plan at the same ratio; a warning says so when static measures less KL."""
-    from .fit import FitError
-    from .refine import (RefineError, calibration_references, class_substitutes, compare_with_static,
+    from .fit.from_profile import FitError
+    from .fit.refine import (RefineError, calibration_references, class_substitutes, compare_with_static,
                          fit_adaptive_by_cost, refine_plan_file)
 
     try:
@@ -214,11 +214,11 @@ def _refine(plan_file, profile, settings, model, tokenizer) -> list[str]:
 
 
 def _fit_to_budget(profile, settings, model, tokenizer, profile_ref):
-    from .fit import FitError, FitResult, assemble_plan_file
-    from .plan import SkipPlan
-    from .fidelity import FidelityError
-    from .refine import Budget, RefineError, calibration_references, fit_budget_plan
-    from .substitute import SubstituteError
+    from .fit.from_profile import FitError, FitResult, assemble_plan_file
+    from .plan.model import SkipPlan
+    from .evaluation.fidelity import FidelityError
+    from .fit.refine import Budget, RefineError, calibration_references, fit_budget_plan
+    from .fit.substitute import SubstituteError
 
     template = SkipPlan(mode="static", apply_to=settings.apply_to, warmup_tokens=settings.warmup_tokens,
                         dense_every=settings.dense_every, compensation=settings.compensation)
@@ -278,7 +278,7 @@ def _fit_sweep_target(profile, target: float, config):
     `config.sweep_per_class`)."""
     from .evaluation import EvalError
     from .evaluation.run import SweepTarget
-    from .fit import FitError, FitSettings
+    from .fit.from_profile import FitError, FitSettings
 
     plans = {}
     for mode in ("static", "adaptive"):
@@ -294,7 +294,7 @@ def named_plans(plans: Sequence[Any]) -> list[tuple[str, Any]]:
     """(name, plan) pairs: a path is loaded and named by its file stem (by its path without suffix when two share a
     stem); pairs pass through. EvalError for a missing or invalid file."""
     from .evaluation import EvalError
-    from .plan import PlanError
+    from .plan.model import PlanError
     from .runtime import load_plan
 
     out, paths = [], []

@@ -17,12 +17,12 @@ from tiny_models import tiny_model
 from transformers import DynamicCache
 
 from skipprofiler._cli.main import main as _cli_main
-from skipprofiler._compat import cache_in, cache_kwargs
-from skipprofiler.capture import FFNCapture
-from skipprofiler.fidelity import make_batches
-from skipprofiler.plan import LinearMaps, PlanFile, SkipPlan
+from skipprofiler.arch.compat import cache_in, cache_kwargs
+from skipprofiler.arch.capture import FFNCapture
+from skipprofiler.evaluation.fidelity import make_batches
+from skipprofiler.plan.model import LinearMaps, PlanFile, SkipPlan
 from skipprofiler.profile import METRICS, Profile
-from skipprofiler.registry import (
+from skipprofiler.arch.registry import (
     OUTPUT_PROJECTIONS,
     RESIDUAL_INSIDE,
     first_tensor,

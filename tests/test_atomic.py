@@ -125,7 +125,7 @@ def test_profile_plan_eval_json_and_png_are_0644_under_umask_022(tmp_path, capsy
     from helpers import BASE_CURVE, synthetic_profile
 
     from skipprofiler._cli.common import write_output
-    from skipprofiler.report import _atomic_savefig, _plt
+    from skipprofiler.evaluation.report import _atomic_savefig, _plt
 
     umask(0o022)
     synthetic_profile({"fiction": BASE_CURVE}).save(tmp_path / "s.prof")

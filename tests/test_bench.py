@@ -1,4 +1,4 @@
-"""skipprofiler.bench: benchmark plans reach the skip ratio they are named for, on the run that is timed."""
+"""skipprofiler.evaluation.bench: benchmark plans reach the skip ratio they are named for, on the run that is timed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from skipprofiler.bench import (
+from skipprofiler.evaluation.bench import (
     Arm,
     benchmark_decode,
     benchmark_prompt,

@@ -1,4 +1,4 @@
-"""Whole-block baselines (skipprofiler.blocks): the ReplaceMe-style one replaces blocks by a fitted linear map at decode
+"""Whole-block baselines (skipprofiler.evaluation.blocks): the ReplaceMe-style one replaces blocks by a fitted linear map at decode
 positions only, the same way in teacher-forced and cached decode forwards."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 from helpers import greedy_loop, token_batches
 from tiny_models import tiny_model
 
-from skipprofiler.blocks import ReplacedBlocks, fit_block_replacement
+from skipprofiler.evaluation.blocks import ReplacedBlocks, fit_block_replacement
 
 
 def test_replaced_blocks_change_decode_positions_only_and_agree_between_teacher_forcing_and_decoding():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tiny_models import MODEL_TYPES, tiny_model
 
-from skipprofiler.capture import FFNCapture, LayerTensors
-from skipprofiler.registry import resolve
+from skipprofiler.arch.capture import FFNCapture, LayerTensors
+from skipprofiler.arch.registry import resolve
 
 IDS = torch.tensor([[5, 17, 33, 2, 70, 41, 9, 12], [8, 8, 90, 3, 61, 27, 44, 15]])
 

@@ -10,9 +10,9 @@ from helpers import char_tokenizer, write_corpus
 from tiny_models import tiny_model
 
 from skipprofiler._cli.main import main
-from skipprofiler.plan import PlanFile, SkipPlan
-from skipprofiler.planio import save_plan
-from skipprofiler.registry import model_fingerprint
+from skipprofiler.plan.model import PlanFile, SkipPlan
+from skipprofiler.plan.io import save_plan
+from skipprofiler.arch.registry import model_fingerprint
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from helpers import run
 
-from skipprofiler.planio import load_plan
+from skipprofiler.plan.io import load_plan
 
 GOOD_PLAN = """\
 version: 1
@@ -79,7 +79,7 @@ def test_validate_bad_files(tmp_path, capsys, text, expected):
 def test_validate_against_a_model_checks_the_fingerprint(tmp_path, capsys):
     from tiny_models import tiny_model
 
-    from skipprofiler.registry import model_fingerprint
+    from skipprofiler.arch.registry import model_fingerprint
 
     model = tiny_model("llama", num_layers=4)
     model.save_pretrained(tmp_path / "m")

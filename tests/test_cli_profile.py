@@ -117,7 +117,7 @@ def test_inspect_errors(tmp_path, capsys):
 
 
 def test_ctrl_c_writes_a_partial_profile(workspace, tmp_path, capsys, monkeypatch):
-    from skipprofiler import corpus as corpus_module
+    from skipprofiler.profile import corpus as corpus_module
 
     real_batches = corpus_module.Corpus.batches
 
@@ -140,7 +140,7 @@ def test_ctrl_c_writes_a_partial_profile(workspace, tmp_path, capsys, monkeypatc
 def test_no_model_or_data_profiles_the_demo_model_on_its_calibration_split(tmp_path, capsys, monkeypatch):
     """The defaults: the bundled model, its calibration split (labels from its class column), ./profile.prof."""
     from skipprofiler import demo
-    from skipprofiler.corpus import portable_path
+    from skipprofiler.profile.corpus import portable_path
 
     try:
         demo.model_path()

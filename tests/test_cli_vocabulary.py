@@ -113,7 +113,7 @@ def test_every_settings_field_in_the_option_table_is_set_by_that_option():
 
     from skipprofiler._cli.options import OPTION_OF_SETTING
     from skipprofiler.evaluation import EvalConfig
-    from skipprofiler.fit import FitSettings
+    from skipprofiler.fit.from_profile import FitSettings
     from skipprofiler.profile import ProfileSettings
 
     settings = {"FitSettings": FitSettings, "ProfileSettings": ProfileSettings, "EvalConfig": EvalConfig}
@@ -131,10 +131,11 @@ def test_every_parameter_in_the_option_table_is_a_setting_or_parameter_and_an_op
     import inspect
     from dataclasses import fields
 
-    from skipprofiler import distributed, models
+    from skipprofiler.profile import distributed
+    from skipprofiler.arch import models
     from skipprofiler._cli.options import OPTION_OF_PARAMETER
     from skipprofiler.evaluation import EvalConfig
-    from skipprofiler.fit import FitSettings
+    from skipprofiler.fit.from_profile import FitSettings
     from skipprofiler.profile import ProfileSettings
 
     names = {f.name for cls in (FitSettings, ProfileSettings, EvalConfig) for f in fields(cls)}
@@ -147,7 +148,7 @@ def test_every_parameter_in_the_option_table_is_a_setting_or_parameter_and_an_op
 
 def test_library_messages_print_as_options():
     from skipprofiler._cli.errors import in_option_words
-    from skipprofiler.fit import FitSettings
+    from skipprofiler.fit.from_profile import FitSettings
 
     problems = FitSettings(target=1.5, mode="static", batch_decision="shared", max_skip=2).problems()
     assert problems and not any("--" in p for p in problems)  # the library names fields

@@ -7,13 +7,13 @@ import torch
 from helpers import greedy_loop, static, untouched
 from tiny_models import MODEL_TYPES, tiny_model
 
-from skipprofiler._compat import cache_in
-from skipprofiler.fidelity import dense_references, make_batches, measure_plan
-from skipprofiler.measure import SetEvaluator, ffn_output_means
-from skipprofiler.plan import PlanError, PlanFile, SkipPlan
-from skipprofiler.planio import dump_plan, load_plan, validate_plan_dict
-from skipprofiler.refine import refine_static
-from skipprofiler.registry import RESIDUAL_INSIDE, first_tensor, model_fingerprint, resolve
+from skipprofiler.arch.compat import cache_in
+from skipprofiler.evaluation.fidelity import dense_references, make_batches, measure_plan
+from skipprofiler.fit.measure import SetEvaluator, ffn_output_means
+from skipprofiler.plan.model import PlanError, PlanFile, SkipPlan
+from skipprofiler.plan.io import dump_plan, load_plan, validate_plan_dict
+from skipprofiler.fit.refine import refine_static
+from skipprofiler.arch.registry import RESIDUAL_INSIDE, first_tensor, model_fingerprint, resolve
 from skipprofiler.runtime import apply_plan
 
 FAMILIES = [t for t in MODEL_TYPES if t != "bloom"]  # Bloom's FFN adds the residual itself: refused (tested below)

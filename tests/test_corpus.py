@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import word_tokenizer, words, write_jsonl
 
-from skipprofiler.corpus import Corpus, CorpusError, parse_spec
+from skipprofiler.profile.corpus import Corpus, CorpusError, parse_spec
 
 
 def _corpus(specs, **kw) -> Corpus:
@@ -156,7 +156,7 @@ def test_hub_name_fails_with_one_line_offline(monkeypatch):
 
 def test_provenance_paths_carry_no_machine_prefix(tmp_path, monkeypatch):
     from skipprofiler import demo
-    from skipprofiler.corpus import portable_path
+    from skipprofiler.profile.corpus import portable_path
 
     assert portable_path(str(demo.corpus_path("calibration"))) == "skipprofiler/demo/corpus/calibration.jsonl.gz"
     (tmp_path / "data").mkdir()
@@ -167,7 +167,7 @@ def test_provenance_paths_carry_no_machine_prefix(tmp_path, monkeypatch):
 
 
 def test_load_documents_reads_a_spec_as_the_corpus_does(tmp_path):
-    from skipprofiler.corpus import load_documents
+    from skipprofiler.profile.corpus import load_documents
 
     chats = write_jsonl(tmp_path / "chat.jsonl", [
         {"messages": [{"role": "user", "content": "w10 w11"}], "topic": "qa"},

@@ -10,9 +10,9 @@ import torch
 from helpers import assert_same_statistics
 from tiny_models import tiny_model
 
-from skipprofiler.corpus import Batch
-from skipprofiler.distributed import hooked_devices, parse_device_map
-from skipprofiler.models import load_model
+from skipprofiler.profile.corpus import Batch
+from skipprofiler.profile.distributed import hooked_devices, parse_device_map
+from skipprofiler.arch.models import load_model
 from skipprofiler.profile import ProfileSettings, profile_model
 
 # Layers alternate between memory and disk offload: accelerate attaches AlignDevicesHooks that load the offloaded

@@ -16,8 +16,8 @@ import pytest
 import torch
 from helpers import assert_same_statistics, write_word_corpus
 
-from skipprofiler.corpus import Batch
-from skipprofiler.distributed import (
+from skipprofiler.profile.corpus import Batch
+from skipprofiler.profile.distributed import (
     DistributedError,
     combine_rank_profiles,
     init_from_env,
@@ -168,7 +168,7 @@ def gloo_world_of_one(tmp_path):
     """A real gloo process group of one rank, for the collectives' own logic."""
     import torch.distributed as dist
 
-    from skipprofiler.distributed import DistContext, _default_store
+    from skipprofiler.profile.distributed import DistContext, _default_store
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     ctx = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1, backend="gloo",
@@ -178,7 +178,7 @@ def gloo_world_of_one(tmp_path):
 
 
 def test_status_exchange_fails_every_rank_when_one_reports_an_error(gloo_world_of_one):
-    from skipprofiler.distributed import exchange_status, gather_profiles
+    from skipprofiler.profile.distributed import exchange_status, gather_profiles
 
     exchange_status(gloo_world_of_one, None)
     with pytest.raises(DistributedError, match="profiling failed on rank 0: out of memory"):
@@ -187,7 +187,7 @@ def test_status_exchange_fails_every_rank_when_one_reports_an_error(gloo_world_o
 
 
 def test_a_published_failure_stops_the_other_ranks_at_their_next_batch(gloo_world_of_one):
-    from skipprofiler.distributed import (
+    from skipprofiler.profile.distributed import (
         peer_failure,
         publish_failure,
         raise_if_peer_failed,
@@ -236,7 +236,7 @@ def saved_tiny_model(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @ONE_LAUNCH_AT_A_TIME
 def test_two_gloo_ranks_equal_a_single_process_run(saved_tiny_model, tmp_path):
-    from skipprofiler.models import load_model
+    from skipprofiler.arch.models import load_model
 
     out = tmp_path / "dist.prof"
     result = _torchrun(saved_tiny_model, out)
@@ -305,8 +305,8 @@ def _worker(argv: list[str]) -> int:
     """One torchrun rank: profile its shard of `corpus_batches()` with the saved tiny model; rank 0 writes OUT."""
     import argparse
 
-    from skipprofiler.distributed import init_from_env, profile_distributed, rank_device, report_error
-    from skipprofiler.models import load_model
+    from skipprofiler.profile.distributed import init_from_env, profile_distributed, rank_device, report_error
+    from skipprofiler.arch.models import load_model
 
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser()

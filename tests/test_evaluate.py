@@ -11,8 +11,8 @@ import torch
 from helpers import char_tokenizer, write_corpus
 from tiny_models import tiny_model
 
-from skipprofiler.bench import FlopModel
-from skipprofiler.blocks import DroppedLayers
+from skipprofiler.evaluation.bench import FlopModel
+from skipprofiler.evaluation.blocks import DroppedLayers
 from skipprofiler.evaluation import EvalConfig, EvalError
 from skipprofiler.evaluation.baselines import (
     budget_slots,
@@ -20,8 +20,8 @@ from skipprofiler.evaluation.baselines import (
     paper_adaptive,
 )
 from skipprofiler.evaluation.run import run_eval
-from skipprofiler.plan import PlanFile, SkipPlan
-from skipprofiler.registry import model_fingerprint
+from skipprofiler.plan.model import PlanFile, SkipPlan
+from skipprofiler.arch.registry import model_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_router_row_reports_how_often_the_runtime_router_picks_the_true_class():
 
     from skipprofiler import demo
     from skipprofiler.evaluation.data import prepare_data
-    from skipprofiler.planio import load_plan
+    from skipprofiler.plan.io import load_plan
     from skipprofiler.runtime import apply_plan
 
     model = AutoModelForCausalLM.from_pretrained(demo.model_path(), dtype=torch.float32).eval()
@@ -218,7 +218,7 @@ def test_sweep_fits_and_evaluates_static_and_adaptive_plans_at_each_target(setup
     from skipprofiler import evaluate_plans, profile_corpus
     from skipprofiler.evaluation import families
     from skipprofiler.profile import ProfileSettings
-    from skipprofiler.report import comparisons, results_markdown
+    from skipprofiler.evaluation.report import comparisons, results_markdown
 
     model, tok, data = setup
     profile = profile_corpus(model, tok, ProfileSettings(data=[data], max_tokens=600, seq_len=64, generate=8))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_model
 
-from skipprofiler.fidelity import (
+from skipprofiler.evaluation.fidelity import (
     FidelityError,
     FidelitySums,
     TokenBatch,
@@ -107,7 +107,7 @@ def test_greedy_tokens_match_generate():
 
 
 def test_greedy_decode_of_a_batch_matches_generate():
-    from skipprofiler.greedy import greedy_decode
+    from skipprofiler.arch.greedy import greedy_decode
 
     model = tiny_model("llama")
     prompts = torch.tensor([[3, 14, 15, 9, 26], [2, 7, 18, 28, 1]])
@@ -120,7 +120,7 @@ def test_eval_documents_accept_what_profile_accepts(tmp_path):
     """load_documents reads chat `messages` and named text / class columns as `skipprof profile` does."""
     from helpers import word_tokenizer, write_jsonl
 
-    from skipprofiler.fidelity import load_documents, token_windows
+    from skipprofiler.evaluation.fidelity import load_documents, token_windows
 
     chats = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "w10 w11 w12"}],
                                                    "class": "qa"}])

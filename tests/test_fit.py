@@ -11,7 +11,7 @@ from helpers import BASE_CURVE, AdaptiveRule, synthetic_profile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skipprofiler.fit import (
+from skipprofiler.fit.from_profile import (
     FitError,
     FitSettings,
     adaptive_ratio_on,
@@ -22,8 +22,8 @@ from skipprofiler.fit import (
     simulate_adaptive,
     static_skip_ratio,
 )
-from skipprofiler.plan import SkipPlan
-from skipprofiler.planio import dump_plan, load_plan
+from skipprofiler.plan.model import SkipPlan
+from skipprofiler.plan.io import dump_plan, load_plan
 from skipprofiler.profile import Profile
 
 

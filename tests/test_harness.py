@@ -1,4 +1,4 @@
-"""lm-evaluation-harness integration (skipprofiler.harness, `skipprof eval --lm-eval`) on the demo model: the bundled
+"""lm-evaluation-harness integration (skipprofiler.integrations.lm_eval, `skipprof eval --lm-eval`) on the demo model: the bundled
 QA task answers exactly as `skipprof eval --qa`, plans change the harness's numbers and an empty plan does not,
 log-likelihoods follow decode-only semantics. Needs the lm-eval extra; nothing is downloaded (local tasks only)."""
 
@@ -20,9 +20,10 @@ pytest.importorskip("lm_eval")
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from skipprofiler import demo, qa  # noqa: E402
+from skipprofiler import demo
+from skipprofiler.evaluation import qa  # noqa: E402
 from skipprofiler.evaluation import EvalConfig  # noqa: E402
-from skipprofiler.harness import (  # noqa: E402
+from skipprofiler.integrations.lm_eval import (  # noqa: E402
     BUNDLED_TASKS,
     HarnessError,
     SkipLM,
@@ -30,8 +31,8 @@ from skipprofiler.harness import (  # noqa: E402
     run_tasks,
     task_manager,
 )
-from skipprofiler.plan import PlanFile, SkipPlan  # noqa: E402
-from skipprofiler.registry import model_fingerprint  # noqa: E402
+from skipprofiler.plan.model import PlanFile, SkipPlan  # noqa: E402
+from skipprofiler.arch.registry import model_fingerprint  # noqa: E402
 from skipprofiler.runtime import apply_plan, load_plan  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,7 +183,7 @@ def test_skipprof_eval_lm_eval_writes_sections(tmp_path, capsys):
     assert dense["decided_skip_ratio"] == 0.0 and row["decided_skip_ratio"] > 0
     assert result["config"]["lm_eval"] == ["skipprof_heldout_ppl"]
     assert "lm-evaluation-harness" in stdout and "word_perplexity" in stdout
-    from skipprofiler.report import make_report
+    from skipprofiler.evaluation.report import make_report
 
     figures = make_report(None, result, tmp_path / "fig")
     assert (tmp_path / "fig" / "lm_eval_vs_skip.png") in figures
@@ -239,7 +240,7 @@ def test_harness_command_line_runs_a_plan(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from skipprofiler.models import ModelSourceError, load_model, load_tokenizer, model_source, smollm2_gguf
+    from skipprofiler.arch.models import ModelSourceError, load_model, load_tokenizer, model_source, smollm2_gguf
 
     try:
         source = model_source(str(smollm2_gguf()))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from skipprofiler.histograms import (
+from skipprofiler.profile.histograms import (
     MetricAccumulator,
     PriorityReservoir,
     binning_spec,

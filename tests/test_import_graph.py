@@ -15,11 +15,15 @@ NAME = "skipprofiler"
 # Who may import whom, by module prefix: a module under the key may import only these package modules. The runtime is
 # what deployment code loads: the plan data model, the architecture registry and small shared helpers, nothing else.
 ALLOWED = {
-    f"{NAME}.runtime": (f"{NAME}.runtime", f"{NAME}.plan", f"{NAME}.planio", f"{NAME}.registry", f"{NAME}._compat",
-                        f"{NAME}.pooling", f"{NAME}.atomic", f"{NAME}._jsonable"),
-    f"{NAME}.plan": (),
-    f"{NAME}.pooling": (),
-    f"{NAME}._compat": (),
+    f"{NAME}.runtime": (f"{NAME}.runtime", f"{NAME}.plan", f"{NAME}.arch.registry", f"{NAME}.arch.compat",
+                        f"{NAME}.arch.pooling", f"{NAME}.atomic", f"{NAME}._jsonable"),
+    # the plan stage: its data model and files; nothing of the pipeline around it
+    f"{NAME}.plan": (f"{NAME}.plan", f"{NAME}.atomic"),
+    f"{NAME}.plan.model": (),
+    # the model side every stage shares: it imports no stage
+    f"{NAME}.arch": (f"{NAME}.arch", f"{NAME}.demo", f"{NAME}.atomic", f"{NAME}._jsonable", f"{NAME}.progress"),
+    f"{NAME}.arch.pooling": (),
+    f"{NAME}.arch.compat": (),
     # what the figures and `skipprof eval`'s option parsing import: names and settings, no torch
     f"{NAME}.evaluation.families": (),
     f"{NAME}.evaluation.config": (),
@@ -27,13 +31,13 @@ ALLOWED = {
 # Modules that import nothing but the standard library and these package modules (no torch, numpy, yaml): the set
 # searches run on any cost of a set and are tested on synthetic ones.
 STDLIB_ONLY = {
-    f"{NAME}.search": (f"{NAME}._jsonable",),
-    f"{NAME}.plan": (),
+    f"{NAME}.fit.search": (f"{NAME}._jsonable",),
+    f"{NAME}.plan.model": (),
     f"{NAME}._jsonable": (),
 }
 # Nothing outside these may be imported by the profiler (it records statistics; it does not apply or fit plans).
-PROFILER_FORBIDDEN = (f"{NAME}.runtime", f"{NAME}.fit", f"{NAME}.refine", f"{NAME}.evaluation", f"{NAME}._cli",
-                      f"{NAME}.harness", f"{NAME}.recipes")
+PROFILER_FORBIDDEN = (f"{NAME}.runtime", f"{NAME}.fit", f"{NAME}.evaluation", f"{NAME}._cli", f"{NAME}.integrations",
+                      f"{NAME}.recipes")
 
 
 def module_name(path: Path) -> str:
@@ -160,4 +164,4 @@ def test_pure_modules_import_only_the_standard_library():
 
 
 def test_outside_imports_sees_torch():
-    assert "torch" in outside_imports(PACKAGE / "measure.py")
+    assert "torch" in outside_imports(PACKAGE / "fit" / "measure.py")

@@ -10,7 +10,7 @@ import torch
 from helpers import assert_same_statistics, run
 from tiny_models import tiny_model
 
-from skipprofiler.corpus import Batch
+from skipprofiler.profile.corpus import Batch
 from skipprofiler.profile import Profile, ProfileSettings, profile_model
 
 SETTINGS = ProfileSettings(generate=2, reservoir_size=20, doc_reservoir_size=4, seed=1)

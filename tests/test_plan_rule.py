@@ -10,12 +10,12 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from skipprofiler.fit import eligible_positions, static_skip_ratio
-from skipprofiler.plan import SkipPlan, fraction_pattern
+from skipprofiler.fit.from_profile import eligible_positions, static_skip_ratio
+from skipprofiler.plan.model import SkipPlan, fraction_pattern
 from skipprofiler.runtime import apply_plan
 from skipprofiler.runtime.positionwise import plan_forward
 from skipprofiler.runtime.schedule import Kind, Rule, decode_step
-from skipprofiler.vllm_plugin import fraction_masks
+from skipprofiler.integrations.vllm import fraction_masks
 
 N = 10_000
 FRACTIONS = {1: 0.7, 2: 0.6667, 3: 0.35, 4: 0.65, 5: 1.0}

@@ -13,8 +13,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skipprofiler.plan import PlanError, PlanFile, Router, SkipPlan
-from skipprofiler.planio import (
+from skipprofiler.plan.model import PlanError, PlanFile, Router, SkipPlan
+from skipprofiler.plan.io import (
     dump_plan,
     load_plan,
     plan_from_dict,
@@ -284,8 +284,8 @@ def test_plan_to_dict_is_the_schema_shape():
 def test_the_schema_names_the_keys_and_choices_validation_uses():
     """The schema file is written by hand (it documents the format for other tools); its keys and enums must be the
     ones planio.validate_plan_dict checks, which come from plan.py's constants."""
-    from skipprofiler import planio
-    from skipprofiler.plan import APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, MODES, ROUTER_POOLINGS
+    from skipprofiler.plan import io as planio
+    from skipprofiler.plan.model import APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, MODES, ROUTER_POOLINGS
 
     defs, props = SCHEMA["$defs"], SCHEMA["properties"]
     assert set(props) == set(planio.TOP_KEYS)

@@ -12,7 +12,7 @@ import torch
 from helpers import assert_same_statistics
 from tiny_models import MODEL_TYPES, tiny_model
 
-from skipprofiler.corpus import Batch
+from skipprofiler.profile.corpus import Batch
 from skipprofiler.profile import (
     METRICS,
     Profile,
@@ -174,8 +174,8 @@ def test_file_round_trip_and_errors(tmp_path):
 
 def test_document_features_pool_every_prompt_token_but_the_first_as_the_router_does():
     """The router's centroids come from these features; the runtime pools a prompt the same way
-    (skipprofiler.pooling.prompt_weights): the first token, an attention sink with a huge norm in real models, is left out."""
-    from skipprofiler.pooling import prompt_weights
+    (skipprofiler.arch.pooling.prompt_weights): the first token, an attention sink with a huge norm in real models, is left out."""
+    from skipprofiler.arch.pooling import prompt_weights
 
     model = tiny_model("llama")
     batches = _batches(5, n=1, classes=(0, 0, 0))

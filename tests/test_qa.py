@@ -1,4 +1,4 @@
-"""Short-answer QA (`skipprofiler.qa`): the bundled set, the scoring rule, file errors, and generation with a plan."""
+"""Short-answer QA (`skipprofiler.evaluation.qa`): the bundled set, the scoring rule, file errors, and generation with a plan."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import skipprofiler
-from skipprofiler import demo, qa
-from skipprofiler.plan import PlanFile, SkipPlan
-from skipprofiler.registry import model_fingerprint
+from skipprofiler import demo
+from skipprofiler.evaluation import qa
+from skipprofiler.plan.model import PlanFile, SkipPlan
+from skipprofiler.arch.registry import model_fingerprint
 
 # ---- the bundled set ------------------------------------------------------------------------------------------------
 

@@ -10,11 +10,11 @@ import torch
 from helpers import char_tokenizer
 from tiny_models import tiny_model
 
-from skipprofiler.fidelity import dense_references, make_batches, measure_plan
-from skipprofiler.plan import SkipPlan
-from skipprofiler.measure import SetEvaluator, calibration_references
-from skipprofiler.refine import RefineError, oracle_static, refine_static
-from skipprofiler.search import canonical, middle_layers
+from skipprofiler.evaluation.fidelity import dense_references, make_batches, measure_plan
+from skipprofiler.plan.model import SkipPlan
+from skipprofiler.fit.measure import SetEvaluator, calibration_references
+from skipprofiler.fit.refine import RefineError, oracle_static, refine_static
+from skipprofiler.fit.search import canonical, middle_layers
 
 
 def _references(model, docs: int = 4, length: int = 20):
@@ -75,7 +75,7 @@ def test_refine_swaps_out_a_costly_layer_and_keeps_fractions():
 def test_swap_descent_never_increases_kl():
     model = tiny_model("llama", num_layers=6)
     evaluate = SetEvaluator(model, _references(model), SkipPlan(mode="static"))
-    from skipprofiler.search import swap_descent
+    from skipprofiler.fit.search import swap_descent
 
     start = canonical([(1, 1.0), (4, 1.0)])
     best, _ = swap_descent(evaluate, start, middle_layers(6), max_rounds=10)
@@ -94,9 +94,9 @@ def test_refine_rejects_adaptive_plans_and_out_of_range_layers():
 
 
 def test_refine_plan_file_refines_each_class_on_its_own_windows():
-    from skipprofiler.plan import PlanFile
-    from skipprofiler.measure import references_of_class
-    from skipprofiler.refine import refine_plan_file
+    from skipprofiler.plan.model import PlanFile
+    from skipprofiler.fit.measure import references_of_class
+    from skipprofiler.fit.refine import refine_plan_file
 
     model = _model_with_heavy_layer(heavy=2)
     g = torch.Generator().manual_seed(3)
@@ -125,8 +125,8 @@ def test_refine_plan_file_refines_each_class_on_its_own_windows():
 
 
 def test_a_class_keeps_the_global_set_unless_its_own_set_is_clearly_better():
-    from skipprofiler.plan import PlanFile
-    from skipprofiler.refine import refine_plan_file
+    from skipprofiler.plan.model import PlanFile
+    from skipprofiler.fit.refine import refine_plan_file
 
     model = _model_with_heavy_layer(heavy=2)
     g = torch.Generator().manual_seed(4)
@@ -163,13 +163,13 @@ def test_prefix_reuse_measures_exactly_what_a_full_forward_measures(model_type):
         assert reuse(slots) == full(slots), slots
         assert reuse.ppl_ratio[canonical(slots)] == full.ppl_ratio[canonical(slots)]
     assert reuse.layers_run < full.layers_run  # and it ran fewer decoder layers
-    from skipprofiler.registry import resolve
+    from skipprofiler.arch.registry import resolve
 
     assert not any("forward" in layer.__dict__ for layer in resolve(model).layers)  # the hand-off patches are gone
 
 
 def test_lazy_greedy_finds_the_same_set_as_plain_greedy_and_measures_fewer():
-    from skipprofiler.search import greedy_add
+    from skipprofiler.fit.search import greedy_add
 
     model = _model_with_heavy_layer(heavy=3, num_layers=8)
     refs = _references(model)
@@ -184,7 +184,7 @@ def test_lazy_greedy_finds_the_same_set_as_plain_greedy_and_measures_fewer():
 
 
 def test_budget_fit_takes_the_largest_greedy_prefix_within_the_budget():
-    from skipprofiler.refine import Budget, fit_budget_plan
+    from skipprofiler.fit.refine import Budget, fit_budget_plan
 
     model = _model_with_heavy_layer(heavy=2, num_layers=8)
     refs = _references(model)

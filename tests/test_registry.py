@@ -7,7 +7,7 @@ import torch
 from tiny_models import MODEL_TYPES, tiny_model
 from torch import nn
 
-from skipprofiler.registry import (
+from skipprofiler.arch.registry import (
     POST_NORM_OUTPUT,
     RESIDUAL_INSIDE,
     UnsupportedArchitecture,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from skipprofiler.report import comparisons, make_report, results_markdown
+from skipprofiler.evaluation.report import comparisons, make_report, results_markdown
 
 
 def _row(name, family, ratio, kl, ppl, speed=None, target=0.25, per_class=None, mode="static"):
@@ -63,7 +63,7 @@ def _tiny_profile():
     import torch
     from tiny_models import tiny_model
 
-    from skipprofiler.corpus import Batch
+    from skipprofiler.profile.corpus import Batch
     from skipprofiler.profile import ProfileSettings, profile_model
 
     model = tiny_model("llama", num_layers=4)
@@ -83,7 +83,7 @@ def test_cosine_figure_from_a_real_profile(tmp_path):
 
 
 def test_report_rejects_an_eval_without_rows(tmp_path):
-    from skipprofiler.report import ReportError
+    from skipprofiler.evaluation.report import ReportError
 
     with pytest.raises(ReportError, match="no plan rows"):
         make_report(None, dict(_result(), plans=[]), tmp_path)
@@ -97,7 +97,7 @@ def test_axes_do_not_zoom_into_a_few_close_points():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from skipprofiler.report import _log_span, _skip_axis
+    from skipprofiler.evaluation.report import _log_span, _skip_axis
 
     fig, ax = plt.subplots()
     points = [(0.240, 0.0525), (0.250, 0.0545)]
@@ -113,7 +113,7 @@ def test_axes_do_not_zoom_into_a_few_close_points():
 
 
 def test_every_family_has_its_own_colour():
-    from skipprofiler.report import FAMILY_STYLE
+    from skipprofiler.evaluation.report import FAMILY_STYLE
 
     colours = {}
     for family, (colour, _, _) in FAMILY_STYLE.items():

@@ -31,10 +31,10 @@ from helpers import (
 from tiny_models import tiny_model
 from transformers import DynamicCache
 
-from skipprofiler._compat import cache_kwargs
-from skipprofiler.fit import simulate_adaptive
-from skipprofiler.plan import PlanError, Router, SkipPlan
-from skipprofiler.registry import resolve
+from skipprofiler.arch.compat import cache_kwargs
+from skipprofiler.fit.from_profile import simulate_adaptive
+from skipprofiler.plan.model import PlanError, Router, SkipPlan
+from skipprofiler.arch.registry import resolve
 from skipprofiler.runtime import apply_plan
 
 # ---- references -----------------------------------------------------------------------------------------------------
@@ -522,7 +522,7 @@ def test_plan_not_fitting_the_model_is_rejected_before_touching_it(plan, message
 
 
 def test_yaml_path_is_loaded_through_planio(tmp_path):
-    planio = pytest.importorskip("skipprofiler.planio")
+    planio = pytest.importorskip("skipprofiler.plan.io")
     model = tiny_model("llama", num_layers=4)
     path = tmp_path / "plan.yaml"
     planio.save_plan(plan_file(model, static([2])), path)
@@ -534,7 +534,7 @@ def test_yaml_path_is_loaded_through_planio(tmp_path):
 
 
 def test_flop_count_matches_hand_count_and_ideal_speedup():
-    from skipprofiler.bench import run_flops, synthetic_model, token_flops
+    from skipprofiler.evaluation.bench import run_flops, synthetic_model, token_flops
 
     model = synthetic_model("llama-tiny")  # hidden 64, intermediate 128, 6 layers, 4 heads, vocab 512
     f = token_flops(model)
@@ -548,7 +548,7 @@ def test_flop_count_matches_hand_count_and_ideal_speedup():
 
 
 def test_benchmark_interleaves_arms_and_reports_medians():
-    from skipprofiler.bench import (
+    from skipprofiler.evaluation.bench import (
         Arm,
         benchmark_decode,
         middle_static_plan,
@@ -601,11 +601,11 @@ def test_cli_bench_decode_writes_rows_and_rejects_bad_input(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_bench_decode_with_plan_files(tmp_path, capsys):
-    planio = pytest.importorskip("skipprofiler.planio")
+    planio = pytest.importorskip("skipprofiler.plan.io")
     import json
 
     from skipprofiler._cli.main import main
-    from skipprofiler.bench import synthetic_model
+    from skipprofiler.evaluation.bench import synthetic_model
 
     tiny = synthetic_model("llama-tiny")
     good, foreign = tmp_path / "good.yaml", tmp_path / "foreign.yaml"

@@ -18,9 +18,9 @@ from tiny_models import MODEL_TYPES, tiny_model
 from torch.overrides import TorchFunctionMode
 from transformers import DynamicCache
 
-from skipprofiler._compat import cache_kwargs
-from skipprofiler.plan import SkipPlan
-from skipprofiler.registry import resolve
+from skipprofiler.arch.compat import cache_kwargs
+from skipprofiler.plan.model import SkipPlan
+from skipprofiler.arch.registry import resolve
 from skipprofiler.runtime import apply_plan
 
 

@@ -12,9 +12,9 @@ from helpers import generate, static
 from tiny_models import tiny_model
 from transformers import DynamicCache
 
-from skipprofiler._compat import cache_kwargs
-from skipprofiler.plan import SkipPlan
-from skipprofiler.registry import resolve
+from skipprofiler.arch.compat import cache_kwargs
+from skipprofiler.plan.model import SkipPlan
+from skipprofiler.arch.registry import resolve
 from skipprofiler.runtime import apply_plan
 from skipprofiler.runtime.positionwise import plan_forward
 from skipprofiler.runtime.schedule import Kind, Rule, first_decode_index

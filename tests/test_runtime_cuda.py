@@ -8,7 +8,7 @@ import torch
 from helpers import generate
 from tiny_models import tiny_model
 
-from skipprofiler.plan import SkipPlan
+from skipprofiler.plan.model import SkipPlan
 from skipprofiler.runtime import apply_plan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

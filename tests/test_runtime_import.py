@@ -35,7 +35,7 @@ def test_runtime_import_stays_light(statement):
 @pytest.mark.slow
 def test_loading_a_plan_stays_light():
     """load_plan (YAML) pulls planio and yaml only."""
-    pytest.importorskip("skipprofiler.planio")
+    pytest.importorskip("skipprofiler.plan.io")
     names = imported_modules("import skipprofiler.runtime as r\n"
                              "try:\n    r.load_plan('not: [a plan')\nexcept Exception:\n    pass")
     assert "yaml" in names

@@ -17,8 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache
 
 import skipprofiler.runtime
-from skipprofiler._compat import cache_kwargs, cache_out
-from skipprofiler.plan import LinearMaps
+from skipprofiler.arch.compat import cache_kwargs, cache_out
+from skipprofiler.plan.model import LinearMaps
 from skipprofiler.runtime import apply_plan
 
 RUNTIME = str(Path(skipprofiler.runtime.__file__).parent)

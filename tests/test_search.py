@@ -1,4 +1,4 @@
-"""The set searches of skipprofiler.search on synthetic costs (no model): what each search finds, against brute force
+"""The set searches of skipprofiler.fit.search on synthetic costs (no model): what each search finds, against brute force
 where the space is small."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Callable
 
 import pytest
 
-from skipprofiler.search import (RefineError, Slots, all_sets, canonical, closest_to_target, descend_from_starts,
+from skipprofiler.fit.search import (RefineError, Slots, all_sets, canonical, closest_to_target, descend_from_starts,
                                  exhaustive, greedy_add, grow_within_budget, swap_descent)
 
 

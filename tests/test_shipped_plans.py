@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from skipprofiler import demo
-from skipprofiler.fidelity import (
+from skipprofiler.evaluation.fidelity import (
     dense_references,
     load_documents,
     make_batches,
@@ -17,8 +17,8 @@ from skipprofiler.fidelity import (
     pad_id_of,
     token_windows,
 )
-from skipprofiler.planio import dump_plan, load_plan
-from skipprofiler.registry import model_fingerprint
+from skipprofiler.plan.io import dump_plan, load_plan
+from skipprofiler.arch.registry import model_fingerprint
 
 PLANS = sorted((Path(__file__).resolve().parent.parent / "plans").glob("demo-*.yaml"))  # smollm2-*: test_real_smollm2
 

@@ -19,11 +19,11 @@ from helpers import (
 )
 from tiny_models import MODEL_TYPES, tiny_model
 
-from skipprofiler.fidelity import measure_plan
-from skipprofiler.plan import LinearMaps, PlanError
-from skipprofiler.planio import load_plan, save_plan, weights_file_for
+from skipprofiler.evaluation.fidelity import measure_plan
+from skipprofiler.plan.model import LinearMaps, PlanError
+from skipprofiler.plan.io import load_plan, save_plan, weights_file_for
 from skipprofiler.runtime import apply_plan
-from skipprofiler.substitute import (
+from skipprofiler.fit.substitute import (
     LayerStatistics,
     LinearStatistics,
     collect_statistics,
@@ -114,7 +114,7 @@ def test_collected_statistics_cover_decode_positions_only_and_fit_a_useful_map()
 
 
 def _refs(model, batches):
-    from skipprofiler.fidelity import dense_references
+    from skipprofiler.evaluation.fidelity import dense_references
 
     return dense_references(model, batches)
 
@@ -198,7 +198,7 @@ def test_linear_plans_in_generate_clients_match_the_reference(client):
 def test_linear_decode_step_compiles_to_one_graph_without_breaks():
     from transformers import DynamicCache
 
-    from skipprofiler._compat import cache_kwargs
+    from skipprofiler.arch.compat import cache_kwargs
 
     model = tiny_model("llama", num_layers=4)
     ids = torch.randint(2, 90, (1, 5))
@@ -216,7 +216,7 @@ def test_linear_decode_step_compiles_to_one_graph_without_breaks():
 def test_class_maps_keep_the_global_set_and_fit_each_class_on_its_own_windows(tmp_path):
     from helpers import word_tokenizer, write_jsonl
 
-    from skipprofiler.refine import class_substitutes
+    from skipprofiler.fit.refine import class_substitutes
 
     g = torch.Generator().manual_seed(9)
     records = [{"text": " ".join(f"w{int(t)}" for t in torch.randint(4 + 40 * c, 44 + 40 * c, (60,), generator=g)),
@@ -244,7 +244,7 @@ def test_class_maps_keep_the_global_set_and_fit_each_class_on_its_own_windows(tm
 def test_a_batch_routed_to_two_classes_runs_each_rows_own_maps():
     from helpers import pooled
 
-    from skipprofiler.plan import Router
+    from skipprofiler.plan.model import Router
 
     model = tiny_model("llama", num_layers=4)
     a, b = torch.randint(2, 40, (1, 6)), torch.randint(50, 90, (1, 6))

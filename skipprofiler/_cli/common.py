@@ -26,7 +26,7 @@ def parse_dtype(name: str):
 
 def parse_batch_decisions(values: list[str] | None) -> list[str]:
     """--batch-decision values (repeatable), deduplicated, each per_sequence or shared."""
-    from ..plan import BATCH_DECISIONS
+    from ..plan.model import BATCH_DECISIONS
 
     decisions = list(dict.fromkeys(values or []))
     bad = [d for d in decisions if d not in BATCH_DECISIONS]
@@ -56,9 +56,9 @@ def parse_device(name: str | None):
 
 
 def model_source(model_arg: str | None):
-    """What to load (skipprofiler.models.ModelSource): the bundled demo model when none is given, a checkpoint
+    """What to load (skipprofiler.arch.models.ModelSource): the bundled demo model when none is given, a checkpoint
     folder, a .gguf file or a hub id."""
-    from ..models import ModelSourceError, model_source as resolve_source
+    from ..arch.models import ModelSourceError, model_source as resolve_source
 
     try:
         return resolve_source(model_arg)
@@ -92,8 +92,8 @@ def load_model_and_tokenizer(model_arg: str | None, dtype: str = "float32", devi
     is not used."""
     import transformers
 
-    from ..models import load_config, load_model, load_tokenizer
-    from ..registry import UnsupportedArchitecture, resolve
+    from ..arch.models import load_config, load_model, load_tokenizer
+    from ..arch.registry import UnsupportedArchitecture, resolve
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -113,7 +113,7 @@ def load_model_and_tokenizer(model_arg: str | None, dtype: str = "float32", devi
         raise CLIError(f"cannot read the config of {location}: {_first_line(e)}") from None
     try:
         if device_map is not None:
-            from ..distributed import rank_max_memory
+            from ..profile.distributed import rank_max_memory
 
             model = load_model(source, dtype=torch_dtype, device_map=device_map, offload_folder=offload_folder,
                                max_memory=rank_max_memory(device_map, dist_ctx))

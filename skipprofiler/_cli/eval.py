@@ -238,10 +238,10 @@ def register(app: typer.Typer) -> None:
                                    "(the skipprof_qa_chat task needs it).")] = False,
     ) -> None:
         from .. import evaluation as ev
-        from ..fidelity import FidelityError
-        from ..plan import PlanError
+        from ..evaluation.fidelity import FidelityError
+        from ..plan.model import PlanError
         from ..recipes import evaluate_plans
-        from ..refine import RefineError
+        from ..fit.refine import RefineError
         from .common import load_model_and_tokenizer, one_model, write_output
         from .progress import stage_bars
 
@@ -283,7 +283,7 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             check_writable(out)
         try:
-            from ..corpus import CorpusError, parse_spec
+            from ..profile.corpus import CorpusError, parse_spec
             from ..recipes import named_plans
 
             if data is not None:

@@ -46,7 +46,7 @@ def _profiled_model(profile) -> str | None:
     path = model.get("path")
     if not isinstance(path, str) or not path:
         return None
-    from ..models import ModelSourceError, model_source
+    from ..arch.models import ModelSourceError, model_source
 
     try:
         from .. import demo
@@ -145,7 +145,7 @@ def export_plan(
                                                         "shared-batch resampling.")] = 0,
 ) -> None:
     """Fit a skip plan from a profile at a target skip ratio or within a quality budget."""
-    from ..fit import FitError, FitSettings
+    from ..fit.from_profile import FitError, FitSettings
     from ..recipes import fit_plan
     from .common import check_writable, load_model_and_tokenizer
 
@@ -204,8 +204,8 @@ def _measuring_model(profile, model_arg: str | None) -> str | None:
 
 
 def _write(plan_file, out: Path) -> None:
-    from ..plan import PlanError
-    from ..planio import dump_plan, save_plan
+    from ..plan.model import PlanError
+    from ..plan.io import dump_plan, save_plan
 
     try:
         if str(out) == "-":

@@ -93,8 +93,8 @@ def profile(
     """Profile FFN saturation of a model on a corpus."""
     from rich.console import Console
 
-    from ..corpus import CorpusError, parse_spec
-    from ..distributed import DistributedError, init_from_env, parse_device_map, parse_shard, rank_device
+    from ..profile.corpus import CorpusError, parse_spec
+    from ..profile.distributed import DistributedError, init_from_env, parse_device_map, parse_shard, rank_device
     from ..profile import ProfileError, ProfileSettings
     from ..recipes import profile_corpus
     from .common import check_writable, load_model_and_tokenizer, one_model, parse_device, parse_dtype, print_json

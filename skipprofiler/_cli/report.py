@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
             metavar="TEXT", show_default=False,
             help="The command that regenerates the results, quoted in the Markdown.")] = None,
     ) -> None:
-        from ..report import ReportError, make_report
+        from ..evaluation.report import ReportError, make_report
         from .common import load_profile
 
         if markdown is not None and (eval_json is None or command is None):
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         if markdown is not None:
             import os
 
-            from ..report import results_markdown
+            from ..evaluation.report import results_markdown
             from .common import write_output
 
             figures = [os.path.relpath(p, markdown.parent.resolve()) for p in (Path(x).resolve() for x in paths)]

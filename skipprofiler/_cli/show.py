@@ -89,7 +89,7 @@ def _batch(plan) -> str:
 def warmup_warnings(plan_file) -> list[str]:
     """Plans whose warm-up covers most of the generation they were fitted for (or, without a recorded generation
     length, a warm-up long enough to cover a typical short answer)."""
-    from ..plan import WARMUP_WARN_SHARE
+    from ..plan.model import WARMUP_WARN_SHARE
 
     out = []
     plans = [("global", plan_file.global_plan)] + [(f"class {n}", p) for n, p in sorted(plan_file.classes.items())]
@@ -141,8 +141,8 @@ def show(plan: Annotated[Path, typer.Argument(help="YAML plan file.", show_defau
     """Pretty-print a plan file."""
     from rich.console import Console
 
-    from ..plan import PlanError
-    from ..planio import dump_plan, load_linear_maps, plan_from_dict, read_plan_dict
+    from ..plan.model import PlanError
+    from ..plan.io import dump_plan, load_linear_maps, plan_from_dict, read_plan_dict
 
     try:
         data, _ = read_plan_dict(plan)

@@ -27,8 +27,8 @@ def model_fingerprint_of(model_arg: str | None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..models import load_config
-    from ..registry import model_fingerprint
+    from ..arch.models import load_config
+    from ..arch.registry import model_fingerprint
     from .common import model_source
 
     source = model_source(model_arg)
@@ -58,8 +58,8 @@ def validate(plan: Annotated[Path, typer.Argument(help="YAML plan file to check.
                               ] = None,
              ) -> None:
     """Check a plan file, reporting every problem at once."""
-    from ..plan import PlanError
-    from ..planio import load_linear_maps, plan_from_dict, read_plan_dict
+    from ..plan.model import PlanError
+    from ..plan.io import load_linear_maps, plan_from_dict, read_plan_dict
 
     try:
         data, source = read_plan_dict(plan)

@@ -11,10 +11,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..bench import FlopModel
-from ..fidelity import DenseReference, measure_plan, model_forward
-from ..plan import SkipPlan
-from ..refine import canonical, middle_layers
+from .bench import FlopModel
+from .fidelity import DenseReference, measure_plan, model_forward
+from ..plan.model import SkipPlan
+from ..fit.refine import canonical, middle_layers
 from . import families
 from .config import EvalConfig, EvalError
 from .data import EvalData
@@ -57,7 +57,7 @@ def contiguous_window(num_layers: int, budget: float) -> list[int]:
 
 def block_influence(model, references: Sequence[DenseReference]) -> list[float]:
     """ShortGPT's Block Influence per decoder layer: mean 1 - cos(layer input, layer output) over prompt tokens."""
-    from ..registry import first_tensor, resolve
+    from ..arch.registry import first_tensor, resolve
 
     layers = resolve(model).layers
     totals, counts = [0.0] * len(layers), [0] * len(layers)
@@ -189,7 +189,7 @@ def _paper_adaptive_row(model, data: EvalData, realized: float, config: EvalConf
 
 def layer_drop_row(model, data: EvalData, layers: Sequence[int], name: str, config: EvalConfig) -> dict[str, Any]:
     """ShortGPT-style: the whole decoder `layers` return their input (attention dropped too)."""
-    from ..blocks import DroppedLayers
+    from .blocks import DroppedLayers
 
     num_layers = model_num_layers(model)
     forward = model_forward(model)
@@ -210,11 +210,11 @@ def layer_drop_row(model, data: EvalData, layers: Sequence[int], name: str, conf
 
 def replaceme_row(model, tokenizer, data: EvalData, reference_row: dict[str, Any], config: EvalConfig,
                   suffix: str = "") -> dict[str, Any]:
-    """ReplaceMe-style baseline (skipprofiler.blocks) with as many whole blocks replaced as save about the FLOPs
+    """ReplaceMe-style baseline (skipprofiler.evaluation.blocks) with as many whole blocks replaced as save about the FLOPs
     per decode token that `reference_row` saves (net of its substitutes), fitted on calibration windows."""
-    from ..blocks import ReplacedBlocks, fit_block_replacement
-    from ..refine import SEARCH_DOCS_PER_CLASS, SEARCH_PROMPT_LEN, SUBSTITUTE_DOCS_PER_CLASS, SUBSTITUTE_GEN_LEN
-    from ..substitute import calibration_batches
+    from .blocks import ReplacedBlocks, fit_block_replacement
+    from ..fit.refine import SEARCH_DOCS_PER_CLASS, SEARCH_PROMPT_LEN, SUBSTITUTE_DOCS_PER_CLASS, SUBSTITUTE_GEN_LEN
+    from ..fit.substitute import calibration_batches
 
     flops = FlopModel.of(model)
     num_layers = model_num_layers(model)

@@ -36,14 +36,14 @@ class EvalConfig:
     search_shortlist: int = 6  # swap candidates per slot in the search reference (export-plan --refine uses 4)
     seed: int = 0
     calibration_data: str | None = None  # where baselines that fit something (ReplaceMe) fit it; None: bundled split
-    qa: bool = False  # knowledge retention: short factual answers, plan vs dense (skipprofiler.qa)
+    qa: bool = False  # knowledge retention: short factual answers, plan vs dense (skipprofiler.evaluation.qa)
     qa_file: str | None = None  # None: the bundled question set
     qa_new_tokens: int = 16
     sweep: list[float] | None = None  # fit static + adaptive plans at these targets from the profile, evaluate each
     sweep_refine: bool = True  # with sweep: refine the static sets by measured KL on the calibration split
     sweep_per_class: bool = False  # with sweep: also fit class plans, evaluated routed by each document's label
     oracle_targets: list[float] | None = None  # with sweep: the targets the oracle runs at (None: where affordable)
-    lm_eval: list[str] | None = None  # lm-evaluation-harness tasks run for dense and each named plan (skipprofiler.harness)
+    lm_eval: list[str] | None = None  # lm-evaluation-harness tasks run for dense and each named plan (skipprofiler.integrations.lm_eval)
     lm_eval_include: list[str] | None = None  # extra harness task folders (the bundled tasks are always there)
     lm_eval_limit: int | None = None  # documents per harness task (None: all)
     lm_eval_chat: bool = False  # apply the chat template, few-shot examples as turns (the skipprof_qa_chat task)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..fidelity import (DenseReference, FidelityError, dense_reference, greedy_tokens, load_documents, make_batches,
+from .fidelity import (DenseReference, FidelityError, dense_reference, greedy_tokens, load_documents, make_batches,
                         model_forward, pad_id_of, token_windows)
 from ..progress import Progress
 from .config import EvalConfig, EvalError
@@ -94,8 +94,8 @@ def prepare_data(model, tokenizer, data_spec: str | None, config: EvalConfig,
 
 
 def prepare_qa(model, tokenizer, config: EvalConfig, log=None, progress: Progress | None = None) -> QAData:
-    """The QA questions and the dense model's prompt passes and answers (skipprofiler.qa)."""
-    from ..qa import QAError, build_prompts, decode_prefilled, load_questions, prefill, score
+    """The QA questions and the dense model's prompt passes and answers (skipprofiler.evaluation.qa)."""
+    from .qa import QAError, build_prompts, decode_prefilled, load_questions, prefill, score
 
     progress = progress or Progress()
     try:

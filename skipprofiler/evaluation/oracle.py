@@ -9,9 +9,9 @@ import time
 from dataclasses import replace
 from typing import Any, Sequence
 
-from ..fidelity import dense_references, make_batches
-from ..plan import SkipPlan
-from ..refine import SetEvaluator, canonical, middle_layers, oracle_static
+from .fidelity import dense_references, make_batches
+from ..plan.model import SkipPlan
+from ..fit.refine import SetEvaluator, canonical, middle_layers, oracle_static
 from . import families
 from .baselines import budget_slots, static_template
 from .config import EvalConfig
@@ -79,7 +79,7 @@ def search_reference_row(model, data: EvalData, reference: SkipPlan, realized: f
     `search_docs_per_class` documents of each class, cut to `search_gen_len` decode positions), each slot tried
     against the `search_shortlist` layers the greedy pass measured cheapest (export-plan uses 4). The set
     found is then measured like every other row, on all held-out windows."""
-    from ..refine import refine_slots
+    from ..fit.refine import refine_slots
 
     template, _, slots = _search_start(model, reference, realized)
     windows, classes = search_windows(data, config)

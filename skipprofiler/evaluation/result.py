@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..fidelity import FidelitySums
+from .fidelity import FidelitySums
 from .config import EvalConfig, EvalError
 from .data import EvalData
 from .rows import rounded
@@ -33,7 +33,7 @@ def dense_row(data: EvalData) -> dict[str, Any]:
 def build_result(model, data: EvalData, rows, config: EvalConfig, data_spec, model_name, data_name) -> dict:
     """The whole result; EvalError when a row's headline number is not finite."""
     from .. import __version__
-    from ..registry import model_fingerprint
+    from ..arch.registry import model_fingerprint
 
     for row in rows:
         for key in ("kl_mean", "ppl", "ppl_dense", "top1_agreement", "skip_ratio"):

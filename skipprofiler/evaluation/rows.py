@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .._jsonable import rounded as _rounded
-from ..bench import FlopModel
-from ..fidelity import (
+from .bench import FlopModel
+from .fidelity import (
     FidelityError,
     FidelitySums,
     compare,
@@ -22,7 +22,7 @@ from ..fidelity import (
     greedy_tokens,
     measure_plan,
 )
-from ..plan import PlanFile, SkipPlan, generation_warnings
+from ..plan.model import PlanFile, SkipPlan, generation_warnings
 from .config import EvalConfig, EvalError
 from .data import EvalData
 
@@ -39,7 +39,7 @@ def rounded_all(d: dict) -> dict:
 
 
 def model_num_layers(model) -> int:
-    from ..registry import resolve
+    from ..arch.registry import resolve
 
     return resolve(model).num_layers
 
@@ -173,7 +173,7 @@ def plan_row(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: 
 def _plan_flops(model, plan: SkipPlan, saved_share: float, config: EvalConfig) -> dict[str, Any]:
     """The FLOP ideal at the row's saved share. A linear substitute still costs FLOPs in each skipped call: the FFN
     FLOPs saved are net of them."""
-    from ..refine import substitute_cost_share
+    from ..fit.refine import substitute_cost_share
 
     out = {"substitute_cost_share": rounded(substitute_cost_share(model, plan))}
     out["ffn_flops_saved_share"] = rounded(saved_share * (1.0 - out["substitute_cost_share"]))
@@ -203,7 +203,7 @@ def _plan_greedy(model, data: EvalData, plan, route: str | None, strict: bool, t
 
 def _speed(model, data: EvalData, plan, config: EvalConfig, route: str | None) -> dict[str, Any]:
     """Decode tokens/s dense vs plan with the runtime's benchmark (interleaved, warm-up round dropped, median)."""
-    from ..bench import Arm, benchmark_decode
+    from .bench import Arm, benchmark_decode
 
     cls = prompt_class_of(route, data.prompt_classes[0])
     bench = benchmark_decode(model, [Arm("dense", None), Arm("plan", plan, prompt_class=cls)], batch=1,
@@ -224,8 +224,8 @@ def qa_fields(model, data: EvalData, config: EvalConfig, plan=None, by_router: b
     """QA accuracy and retention of one row. A plan continues from the shared dense prompt passes (it skips
     generated tokens only), as do `decode_hooks` (a context manager changing decode forwards only); routed class
     plans and dropped layers change the prompt pass, so they run it again."""
-    from ..blocks import DroppedLayers
-    from ..qa import decode_prefilled, generate_answers, retention, score
+    from .blocks import DroppedLayers
+    from .qa import decode_prefilled, generate_answers, retention, score
     from ..runtime import apply_plan
 
     qa = data.qa

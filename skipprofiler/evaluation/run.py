@@ -10,7 +10,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..plan import PlanFile, SkipPlan
+from ..plan.model import PlanFile, SkipPlan
 from ..progress import Progress
 from . import families
 from .baselines import baseline_rows
@@ -85,7 +85,7 @@ def add_lm_eval(model, tokenizer, plans, result: dict, config: EvalConfig, data:
     """The harness's numbers (`lm_eval` sections, docs/eval-schema.md) on the dense row, each named plan's row and,
     with baselines, every baseline / reference row (the random row: the mean over its seeds)."""
     try:
-        from ..harness import HarnessError, average_sections, eval_sections
+        from ..integrations.lm_eval import HarnessError, average_sections, eval_sections
     except ImportError as e:
         raise EvalError(str(e)) from None
     runs = list(plans)
@@ -124,7 +124,7 @@ def run_sweep(model, tokenizer, profile, config: EvalConfig, fitted: Sequence[Sw
     their class plans routed by label with `config.sweep_per_class`), baselines at the reference static plan's
     realized ratio, and the exhaustive oracle where it is affordable (at `config.oracle_targets` only, when given);
     rows carry `target`. `extra_plans` are measured once, before the targets."""
-    from ..refine import calibration_references
+    from ..fit.refine import calibration_references
 
     log = log or _quiet
     data = _prepare(model, tokenizer, extra_plans, config.data, config, progress, log)
@@ -151,7 +151,7 @@ def run_sweep(model, tokenizer, profile, config: EvalConfig, fitted: Sequence[Sw
 def _target_rows(model, tokenizer, data: EvalData, fit: SweepTarget, config: EvalConfig, profile, calibration,
                  calibration_spec: str | None, oracle_max_sets: int, log) -> list[dict[str, Any]]:
     """One sweep target's rows (see `run_sweep`)."""
-    from ..refine import RefineError, refine_plan_file, refine_static
+    from ..fit.refine import RefineError, refine_plan_file, refine_static
 
     target, refine = fit.target, config.sweep_refine
     tag = f"@{target:.2f}"

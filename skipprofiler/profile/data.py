@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..histograms import chan_merge, hist_prob_above, hist_quantile
+from .histograms import chan_merge, hist_prob_above, hist_quantile
 from .fileformat import ProfileError, read_profile_file, write_profile_file
 
 METRICS = ("residual", "ffn_io", "norm_ratio", "stream_gain")

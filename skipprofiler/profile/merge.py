@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..histograms import chan_merge, merge_reservoir
+from .histograms import chan_merge, merge_reservoir
 from .data import REGIMES, Profile, ProfileError
 
 

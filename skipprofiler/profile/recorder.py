@@ -13,12 +13,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..capture import FFNCapture, LayerTensors
-from ..corpus import Batch
-from ..greedy import accepts, greedy_step
-from ..histograms import MetricAccumulator, PriorityReservoir, binning_spec, default_edges
-from ..registry import model_fingerprint, resolve
-from ..pooling import pool, prompt_weights
+from ..arch.capture import FFNCapture, LayerTensors
+from .corpus import Batch
+from ..arch.greedy import accepts, greedy_step
+from .histograms import MetricAccumulator, PriorityReservoir, binning_spec, default_edges
+from ..arch.registry import model_fingerprint, resolve
+from ..arch.pooling import pool, prompt_weights
 from .data import DEFAULT_DOC_RESERVOIR, DEFAULT_RESERVOIR, METRICS, REGIMES, Profile
 from .fileformat import FORMAT, FORMAT_VERSION
 from .merge import now, token_summary
@@ -32,7 +32,7 @@ class ProfileSettings:
     """Everything that shapes a profile besides the model (defaults: `skipprof profile`'s). `profile_model` reads the
     recording fields; `skipprofiler.profile_corpus` also reads the corpus fields to build the batches."""
 
-    # corpus (skipprofiler.corpus.Corpus)
+    # corpus (skipprofiler.profile.corpus.Corpus)
     data: list[str] | None = None  # --data specs, [CLASS=]file|glob|folder|hub-name; None: bundled calibration split
     text_column: str | None = None  # default `text`, else chat `messages` rendered with the chat template
     class_column: str | None = None  # default `class` when present, else one class `default`

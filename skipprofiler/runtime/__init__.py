@@ -15,8 +15,8 @@ imported only when a plan needs them: `adaptive` (FFN-SkipLLM's trigger), `routi
 compensation fills: `compensation`. Rule semantics: the docstring of `skipprofiler.plan`.
 """
 
-from ..plan import PlanError
-from ..registry import UnsupportedArchitecture
+from ..plan.model import PlanError
+from ..arch.registry import UnsupportedArchitecture
 from .handle import SkipHandle, apply_plan, load_plan
 
 __all__ = ["apply_plan", "load_plan", "SkipHandle", "PlanError", "UnsupportedArchitecture"]

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..plan import SkipPlan
-from ..registry import POST_NORM_OUTPUT, RESIDUAL_INSIDE, FFNSite, first_tensor
+from ..plan.model import SkipPlan
+from ..arch.registry import POST_NORM_OUTPUT, RESIDUAL_INSIDE, FFNSite, first_tensor
 from .patcher import Patcher
 from .plugins import Host, Plugin
 from .positionwise import action_from_flags

@@ -1,5 +1,5 @@
 """Compensation for skipped FFNs (plan.py), as fills the schedule hands to skipped FFN calls: ``mean_output`` the
-calibrated mean, ``linear`` a fitted linear map of the FFN's input (skipprofiler.substitute fits it), ``norm_ratio``
+calibrated mean, ``linear`` a fitted linear map of the FFN's input (skipprofiler.fit.substitute fits it), ``norm_ratio``
 (norm_gain - 1) * h. Imported only for plans that compensate."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..plan import LINEAR, MEAN_OUTPUT, NORM_RATIO, LinearMaps, SkipPlan
-from ..registry import RESIDUAL_INSIDE, FFNSite, ResolvedArch
+from ..plan.model import LINEAR, MEAN_OUTPUT, NORM_RATIO, LinearMaps, SkipPlan
+from ..arch.registry import RESIDUAL_INSIDE, FFNSite, ResolvedArch
 from .patcher import Patcher
 
 # Pre-FFN norms, by attribute name on the decoder layer: their input is h, needed by `compensation: norm_ratio`.
@@ -43,7 +43,7 @@ def compensation_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> lis
         problems.append(f"{label}: compensation mean_output is not supported for {arch.model_type} (its FFN "
                         "adds the residual itself); use compensation: none")
     elif plan.compensation == LINEAR:
-        from ..planio import linear_map_problems
+        from ..plan.io import linear_map_problems
 
         if plan.linear is None:
             return []  # planio said the maps are required

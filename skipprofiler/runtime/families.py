@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..registry import FFNSite
+from ..arch.registry import FFNSite
 from .patcher import Patcher
 from .schedule import DENSE, Action, Forward, ForwardSource, Kind
 

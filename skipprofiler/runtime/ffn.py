@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ..registry import RESIDUAL_INSIDE, FFNSite, first_tensor
+from ..arch.registry import RESIDUAL_INSIDE, FFNSite, first_tensor
 from .patcher import Patcher
 from .schedule import DENSE, Action, Forward, ForwardSource, Kind
 

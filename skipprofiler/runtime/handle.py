@@ -16,9 +16,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .._compat import cache_in
-from ..plan import ADAPTIVE, ALL_POSITIONS, BATCH_DECISIONS, NO_COMPENSATION, SHARED, PlanError, PlanFile, SkipPlan
-from ..registry import ResolvedArch, resolve
+from ..arch.compat import cache_in
+from ..plan.model import ADAPTIVE, ALL_POSITIONS, BATCH_DECISIONS, NO_COMPENSATION, SHARED, PlanError, PlanFile, SkipPlan
+from ..arch.registry import ResolvedArch, resolve
 from .checks import check_fingerprint, describe_layer, plans_for
 from .ffn import patch_ffn
 from .patcher import Patcher
@@ -195,7 +195,7 @@ class SkipHandle:
 
 def load_plan(path_or_text: str | Path) -> PlanFile:
     """Load and validate a YAML plan file (path or YAML text); raises PlanError listing every problem."""
-    from ..planio import load_plan as _load  # lazy: planio pulls yaml only
+    from ..plan.io import load_plan as _load  # lazy: planio pulls yaml only
 
     return _load(path_or_text)
 

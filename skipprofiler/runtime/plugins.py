@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..registry import ResolvedArch
+from ..arch.registry import ResolvedArch
 from .patcher import Patcher
 from .schedule import Forward, ForwardSource
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..plan import fraction_pattern
+from ..plan.model import fraction_pattern
 from .schedule import DENSE, Action, Fill, Forward, Kind, Rule, decode_step
 
 

@@ -1,5 +1,5 @@
 """``prompt_class="auto"``, a runtime plug-in: route each row to a class plan by its prompt (nearest centroid of the
-mean hidden state after ``router.layer``, pooled as ``router.pooling`` says; skipprofiler.pooling, which the profile
+mean hidden state after ``router.layer``, pooled as ``router.pooling`` says; skipprofiler.arch.pooling, which the profile
 recorder pools its document features with).
 
 When the prompt runs dense (``apply_to: decode``) the router reads the layer output on the way; otherwise a dense
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .._compat import without_cache
-from ..plan import PlanFile, SkipPlan
-from ..registry import ResolvedArch, first_tensor
-from ..pooling import pool, prompt_weights
+from ..arch.compat import without_cache
+from ..plan.model import PlanFile, SkipPlan
+from ..arch.registry import ResolvedArch, first_tensor
+from ..arch.pooling import pool, prompt_weights
 from .plugins import ForwardCall, Host, Plugin
 
 
@@ -27,7 +27,7 @@ def router_problems(plan_file: PlanFile, arch: ResolvedArch,
     """The global plan and every routed class plan, and what keeps the router from working on this model."""
     router = plan_file.router
     if router is None:
-        from ..plan import PlanError
+        from ..plan.model import PlanError
 
         known = ", ".join(sorted(plan_file.classes)) or "none"
         raise PlanError(f"prompt_class='auto' needs a plan with a router, and this plan has none; "

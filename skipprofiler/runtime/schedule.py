@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..plan import ALL_POSITIONS, STATIC, SkipPlan
+from ..plan.model import ALL_POSITIONS, STATIC, SkipPlan
 
 
 class Kind(enum.Enum):

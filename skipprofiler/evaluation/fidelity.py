@@ -19,8 +19,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .corpus import Document
-from .greedy import greedy_decode, logits_of
+from ..profile.corpus import Document
+from ..arch.greedy import greedy_decode, logits_of
 
 
 class FidelityError(ValueError):
@@ -200,10 +200,10 @@ def load_documents(spec: str | None, split: str = "heldout", *, text_column: str
     bundled demo split. Text: `text_column`, else `text`, else chat `messages` (rendered by `token_windows`);
     labels: the prefix, else `class_column`, else a `class` column, else `default`.
     """
-    from .corpus import CorpusError, load_documents as read_documents
+    from ..profile.corpus import CorpusError, load_documents as read_documents
 
     if spec is None:
-        from . import demo
+        from .. import demo
 
         spec = str(demo.corpus_path(split))
     try:
@@ -269,7 +269,7 @@ def measure_plan(model, references: Sequence[DenseReference], plan, prompt_class
     With ``batch_decision="shared"`` (or a plan saying so) the rows of each batch decide together, position by
     position, as rows decoding in one batch would. Returns the per-class sums and the runtime's realized-skip statistics.
     """
-    from .runtime import apply_plan
+    from ..runtime import apply_plan
 
     forward = model_forward(model)
     sums = FidelitySums()

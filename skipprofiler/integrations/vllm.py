@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .plan import ADAPTIVE, ALL_POSITIONS, LINEAR, MEAN_OUTPUT, NO_COMPENSATION, PlanError, PlanFile, SkipPlan, fraction_pattern
+from ..plan.model import ADAPTIVE, ALL_POSITIONS, LINEAR, MEAN_OUTPUT, NO_COMPENSATION, PlanError, PlanFile, SkipPlan, fraction_pattern
 
 ENV = "SKIPPROF_PLAN"
 SERVED = ("static plans (compensation none, mean_output or linear; apply_to decode or all) without prompt classes; "
@@ -47,7 +47,7 @@ def register() -> None:
 
 def load_served_plan(path: str) -> PlanFile:
     """The plan file at `path` if vLLM can serve its (global) plan; PlanError with one line otherwise."""
-    from .planio import load_plan
+    from ..plan.io import load_plan
 
     try:
         plan_file = load_plan(path)
@@ -69,8 +69,8 @@ def load_served_plan(path: str) -> PlanFile:
 def config_problem(path: str, plan_file: PlanFile, hf_config: Any) -> str | None:
     """One line naming what keeps the plan off the model `hf_config` describes (architecture, fingerprint, layer
     indices); None if it fits."""
-    from .planio import fingerprint_problems, skip_plan_problems
-    from .registry import config_fingerprint
+    from ..plan.io import fingerprint_problems, skip_plan_problems
+    from ..arch.registry import config_fingerprint
 
     archs = list(getattr(hf_config, "architectures", None) or [])
     if not set(archs) & set(ARCHITECTURES):
@@ -189,7 +189,7 @@ class ServedPlan:
         self.ffns: dict[int, Any] = {}
         self.fills: dict[int, Any] = {}
         if plan.compensation != NO_COMPENSATION:
-            from .runtime.compensation import LinearFill, MeanFill
+            from ..runtime.compensation import LinearFill, MeanFill
 
             for layer in plan.skip_layers:
                 self.fills[layer] = (MeanFill(plan.ffn_mean[layer]) if plan.compensation == MEAN_OUTPUT

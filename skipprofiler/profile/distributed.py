@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .corpus import Batch
-from .profile import Profile, ProfileError, ProfileSettings, ProgressEvent, merge_profiles, profile_model
+from . import Profile, ProfileError, ProfileSettings, ProgressEvent, merge_profiles, profile_model
 
 # Ranks wait this long for each other in a collective. Generous by default: the final status exchange waits for the
 # slowest rank to finish its shard. Fast failure comes from torchrun tearing the group down and the store flag.

@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from ._jsonable import rounded
-from .fidelity import DenseReference, measure_plan
+from .._jsonable import rounded
+from ..evaluation.fidelity import DenseReference, measure_plan
 from .measure import (SEARCH_DOCS_PER_CLASS, SEARCH_PROMPT_LEN, SEARCH_WINDOW, SetEvaluator, calibration_references,
                       ffn_output_means, references_of_class, with_mean_outputs)
-from .plan import SkipPlan
+from ..plan.model import SkipPlan
 from .search import (DEFAULT_SHORTLIST, RefineError, Slots, canonical, closest_to_target, descend_from_starts,
                      exhaustive, grow_within_budget, middle_layers)
 
@@ -89,7 +89,7 @@ def with_substitutes(model, tokenizer, plan: SkipPlan, data_spec: str | None, ca
     skip any of them), fitted on calibration windows the search does not measure on; `fit.substitutes` records how."""
     if plan.compensation != "linear" or plan.linear is not None:
         return plan
-    from .plan import LinearMaps
+    from ..plan.model import LinearMaps
     from .substitute import calibration_batches, fit_substitutes
 
     started = time.perf_counter()
@@ -122,7 +122,7 @@ def error_aware_substitutes(model, tokenizer, plan: SkipPlan, references: Sequen
     less KL on `references`. `fit.substitutes.error_aware` records both measurements and the choice."""
     if plan.compensation != "linear" or plan.linear is None or plan.mode != "static" or len(plan.skip_layers) < 2:
         return plan
-    from .plan import LinearMaps
+    from ..plan.model import LinearMaps
     from .substitute import calibration_batches, fit_substitutes
 
     started = time.perf_counter()
@@ -159,7 +159,7 @@ def class_substitutes(model, tokenizer, plan_file, data_spec: str | None = None,
     class's calibration windows only (as many positions per class as the global maps had in all), so a router can
     send a prompt to the maps of its kind of text. Class layer *sets* are not searched: with a few documents per
     class they overfit (docs/results.md)."""
-    from .plan import LinearMaps
+    from ..plan.model import LinearMaps
     from .substitute import calibration_batches, fit_substitutes
 
     glob = plan_file.global_plan
@@ -187,7 +187,7 @@ def substitute_cost_share(model, plan: SkipPlan) -> float:
     """A plan's substitute FLOPs per skipped call as a share of one FFN call's FLOPs (0 without linear maps)."""
     if plan.compensation != "linear" or plan.linear is None:
         return 0.0
-    from .bench import token_flops
+    from ..evaluation.bench import token_flops
 
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd")
     return plan.linear.flops_per_call(hidden) / token_flops(model)["ffn"]
@@ -227,7 +227,7 @@ def search_setup(model, tokenizer, plan: SkipPlan, data_spec: str | None, *,
                  window: int, docs_per_class: int | None, rank: int | None) -> SearchSetup:
     """Check `plan`'s layers against the model, measure the dense references unless given (default candidates: the
     middle layers), and give `plan` mean outputs / linear substitutes for every layer the search may skip."""
-    from .registry import resolve
+    from ..arch.registry import resolve
 
     num_layers = resolve(model).num_layers
     bad = [layer for layer in plan.skip_layers if not 0 <= layer < num_layers]
@@ -279,7 +279,7 @@ def fit_budget_plan(model, tokenizer, template: SkipPlan, budget: Budget, data_s
     """A static plan with the most FFN skips whose measured cost on calibration windows stays within `budget`
     (`fit_to_budget`); `template` gives the eligibility settings. The plan records the budget, the measured cost and
     the greedy path in `fit`, and its expected skip ratio."""
-    from .fit import DEFAULT_HORIZON, static_skip_ratio
+    from .from_profile import DEFAULT_HORIZON, static_skip_ratio
 
     setup = search_setup(model, tokenizer, template, data_spec, references=references, candidates=candidates,
                          prompt_len=prompt_len, window=window, docs_per_class=docs_per_class, rank=rank)
@@ -308,7 +308,7 @@ def fit_adaptive_by_cost(model, profile, settings, references: Sequence[DenseRef
     calibration windows; among the candidates whose realized ratio there is within RATIO_SLACK of the target, the
     lowest mean KL wins (else the closest ratio; search.closest_to_target). `fit.measured` records every candidate's
     ratio and KL."""
-    from .fit import FitError, fit_adaptive
+    from .from_profile import FitError, fit_adaptive
 
     means = ffn_output_means(model, references) if settings.compensation == "mean_output" else None
     tried = []
@@ -340,7 +340,7 @@ def fit_adaptive_by_cost(model, profile, settings, references: Sequence[DenseRef
 def compare_with_static(model, adaptive: SkipPlan, references: Sequence[DenseReference]) -> dict:
     """The refined static plan at the adaptive plan's realized calibration ratio, measured on the same windows:
     what an adaptive plan has to beat (FFN-SkipLLM's rule is only worth its per-token work when it wins)."""
-    from .registry import resolve
+    from ..arch.registry import resolve
 
     num_layers = resolve(model).num_layers
     ratio = adaptive.fit["measured"]["calibration_skip_ratio"]
@@ -417,7 +417,7 @@ def oracle_static(model, references: Sequence[DenseReference], template: SkipPla
     Every combination of candidate layers (default: the middle layers) is measured; with a fractional slot every
     choice of which chosen layer carries it is measured too. Refuses searches larger than `max_sets`.
     """
-    from .registry import resolve
+    from ..arch.registry import resolve
 
     cands = list(candidates) if candidates is not None else middle_layers(resolve(model).num_layers)
     ranking = exhaustive(evaluator or SetEvaluator(model, references, template), fractions, cands, max_sets)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ._compat import cache_kwargs, cache_out
+from .compat import cache_kwargs, cache_out
 
 
 def logits_of(output: Any) -> torch.Tensor:

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .substitute import FittedMap, LayerStatistics, LinearStatistics, decode_mask, fit_map, heldout_rows
+from ..fit.substitute import FittedMap, LayerStatistics, LinearStatistics, decode_mask, fit_map, heldout_rows
 
 
 class DroppedLayers:
@@ -26,7 +26,7 @@ class DroppedLayers:
     on every position, prompt included). Restored on exit."""
 
     def __init__(self, model, layers: Sequence[int]):
-        from .registry import resolve
+        from ..arch.registry import resolve
 
         self.layers = [resolve(model).layers[i] for i in layers]
         self.handles: list = []
@@ -66,7 +66,7 @@ def _rms_normalized(h: torch.Tensor) -> torch.Tensor:
 def _streams(model, layers, batches) -> Iterator[tuple]:
     """Per batch: (batch, decode mask, streams) with streams[l] the input of layer l and streams[L] the last output."""
     from .fidelity import model_forward
-    from .registry import first_tensor
+    from ..arch.registry import first_tensor
 
     streams: list[torch.Tensor] = []
     handles = [layer.register_forward_pre_hook(
@@ -88,8 +88,8 @@ def _streams(model, layers, batches) -> Iterator[tuple]:
 def fit_block_replacement(model, batches: Sequence, count: int) -> BlockReplacement:
     """Choose the run of `count` middle blocks with the smallest input/output cosine distance on the decode positions
     of `batches` and fit its map there (two forward passes: the choice, then the statistics of the chosen run)."""
-    from .search import middle_layers
-    from .registry import resolve
+    from ..fit.search import middle_layers
+    from ..arch.registry import resolve
 
     layers = resolve(model).layers
     L = len(layers)
@@ -121,7 +121,7 @@ class ReplacedBlocks:
     (`with replaced.decode_from(prompt_len)`), else every position of a forward that continues a non-empty cache."""
 
     def __init__(self, model, replacement: BlockReplacement):
-        from .registry import resolve
+        from ..arch.registry import resolve
 
         self.model, self.replacement = model, replacement
         layers = resolve(model).layers
@@ -143,9 +143,9 @@ class ReplacedBlocks:
             self._start = None
 
     def __enter__(self):
-        from ._compat import cache_in
-        from .registry import first_tensor
-        from .runtime.positions import cache_length
+        from ..arch.compat import cache_in
+        from ..arch.registry import first_tensor
+        from ..runtime.positions import cache_length
 
         def model_pre(module, args, kwargs):
             self._decode = cache_length(cache_in(kwargs)) > 0

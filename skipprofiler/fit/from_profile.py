@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.optimize import brentq
 
-from ._jsonable import jsonable
-from .plan import PlanFile, Router, SkipPlan, fraction_pattern, is_eligible
+from .._jsonable import jsonable
+from ..plan.model import PlanFile, Router, SkipPlan, fraction_pattern, is_eligible
 
 log = logging.getLogger("skipprofiler")
 
@@ -131,8 +131,8 @@ class FitSettings:
 
     def _value_problems(self) -> list[str]:
         """Settings invalid on their own (the plan-file rules for the eligibility settings, planio)."""
-        from .plan import BATCH_DECISIONS, MODES
-        from .planio import eligibility_problems
+        from ..plan.model import BATCH_DECISIONS, MODES
+        from ..plan.io import eligibility_problems
 
         out = []
         if self.target is not None and not 0.0 < self.target < 1.0:
@@ -643,7 +643,7 @@ def _fit_class(profile, settings: FitSettings, name: str, global_plan: SkipPlan,
 
 
 def _provenance(profile, profile_ref: dict[str, Any]) -> dict[str, Any]:
-    from . import __version__
+    from .. import __version__
 
     header = profile.header or {}
     tokens = {regime: int(profile.tokens(regime)) for regime in ("prompt", "decode")}

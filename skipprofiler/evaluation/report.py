@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path
-from .evaluation import families
+from ..atomic import atomic_path
+from . import families
 
 # Fixed colours and markers per family so every figure and every run reads the same way. Fitted plans are filled
 # markers on solid lines; baselines and references are hollow markers on dotted/dashed lines. No two families share
@@ -81,7 +81,7 @@ GAP_FLOOR = 1e-5  # 1 - cos below this is drawn in the first row
 def cosine_figure(profile, out: Path, title: str) -> Path:
     """Heatmap per class: layer on x, 1 - cos on a log axis (saturated FFNs sit near the bottom), share as colour."""
     plt = _plt()
-    from .profile import REGIMES
+    from ..profile import REGIMES
 
     regime = "decode" if profile.tokens("decode") > 0 else "prompt"
     r = REGIMES.index(regime)  # histogram axis 0 follows profile.REGIMES

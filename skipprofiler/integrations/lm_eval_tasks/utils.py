@@ -1,5 +1,5 @@
 """Data and scoring of the bundled lm-evaluation-harness tasks (docs/lm-eval.md), from skipprofiler's own data:
-the QA set (skipprofiler/data/qa.jsonl, scored by skipprofiler.qa.is_correct, the rule of `skipprof eval --qa`) and
+the QA set (skipprofiler/data/qa.jsonl, scored by skipprofiler.evaluation.qa.is_correct, the rule of `skipprof eval --qa`) and
 the bundled held-out split (skipprofiler/demo/corpus/heldout.jsonl.gz). Nothing is downloaded."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ def qa_dataset(**_: Any):
     description)."""
     from datasets import Dataset, DatasetDict
 
-    from skipprofiler.qa import SYSTEM_PROMPT, load_questions
+    from skipprofiler.evaluation.qa import SYSTEM_PROMPT, load_questions
 
     rows = [{"id": q.id, "class": q.cls, "question": q.question, "answers": q.answers, "system_prompt": SYSTEM_PROMPT}
             for q in load_questions()]
@@ -21,14 +21,14 @@ def qa_dataset(**_: Any):
 
 def qa_fewshot() -> list[dict]:
     """`--qa`'s three worked examples, always these, in this order."""
-    from skipprofiler.qa import FEW_SHOT_EXAMPLES
+    from skipprofiler.evaluation.qa import FEW_SHOT_EXAMPLES
 
     return [{"question": q, "answers": [a]} for q, a in FEW_SHOT_EXAMPLES]
 
 
 def qa_process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    """exact_match: skipprofiler.qa.is_correct on the generation (normalised, question echoes allowed)."""
-    from skipprofiler.qa import is_correct
+    """exact_match: skipprofiler.evaluation.qa.is_correct on the generation (normalised, question echoes allowed)."""
+    from skipprofiler.evaluation.qa import is_correct
 
     return {"exact_match": float(is_correct(results[0], doc["answers"], doc["question"]))}
 
@@ -38,7 +38,7 @@ def heldout_dataset(**_: Any):
     i + 1), so that ``--limit N`` takes the first N / classes documents of each class, as `skipprof eval` does."""
     from datasets import Dataset, DatasetDict
 
-    from skipprofiler.fidelity import load_documents
+    from skipprofiler.evaluation.fidelity import load_documents
 
     by_class: dict[str, list[str]] = {}
     for doc in load_documents(None, split="heldout"):

@@ -206,14 +206,14 @@ def resolve(model: nn.Module) -> ResolvedArch:
         if layers is None:
             raise UnsupportedArchitecture(
                 f"unknown architecture {model_type!r} ({type(model).__name__}): no decoder layers with an `.mlp` module "
-                f"at any of {', '.join(_FALLBACK_LAYER_PATHS)}. Add an ArchSpec for it to skipprofiler.registry.REGISTRY "
-                f"(or call skipprofiler.registry.register({model_type!r}, ArchSpec(layers=..., ffn=...))).")
+                f"at any of {', '.join(_FALLBACK_LAYER_PATHS)}. Add an ArchSpec for it to skipprofiler.arch.registry.REGISTRY "
+                f"(or call skipprofiler.arch.registry.register({model_type!r}, ArchSpec(layers=..., ffn=...))).")
         spec = ArchSpec(layers=path, notes="structural fallback: layers[i].mlp, sequential residual assumed")
         guessed = True
         log.warning("skipprofiler: %r is not in the architecture registry; guessing FFN = %s[i].mlp with a sequential "
                     "residual. Check the guess before trusting plans: the logits with a static plan skipping layer i "
                     "must equal the logits with that layer's FFNSite.ffn_weights() zeroed (weight and bias); else "
-                    "register an ArchSpec (skipprofiler.registry.register).", model_type, path)
+                    "register an ArchSpec (skipprofiler.arch.registry.register).", model_type, path)
 
     config = getattr(model, "config", None)
     multiplier = float(getattr(config, spec.multiplier_attr)) if spec.multiplier_attr else 1.0

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .greedy import greedy_decode
-from .plan import PlanFile, SkipPlan
-from .registry import resolve
-from .runtime import apply_plan
+from ..arch.greedy import greedy_decode
+from ..plan.model import PlanFile, SkipPlan
+from ..arch.registry import resolve
+from ..runtime import apply_plan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -262,7 +262,7 @@ def middle_static_plan(num_layers: int, skip_ratio: float) -> SkipPlan:
 
 def decode_residual_cos(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """[tokens, L] cos(h, h + FFN contribution) on dense greedy decode (the prompt forward is left out)."""
-    from .capture import FFNCapture  # every residual form (post-norm, residual-inside, parallel) in one place
+    from ..arch.capture import FFNCapture  # every residual form (post-norm, residual-inside, parallel) in one place
 
     rows: list[list[torch.Tensor]] = []
 
@@ -337,7 +337,7 @@ def load_suite_model(spec: str, dtype: torch.dtype, device: str = "cpu") -> tupl
     if spec.startswith("synthetic:"):
         name = spec.split(":", 1)[1]
         return synthetic_model(name, dtype).to(device), f"{name} (random weights)"
-    from .models import load_model, model_source
+    from ..arch.models import load_model, model_source
 
     source = model_source(spec)
     return load_model(source, dtype=dtype, device=device), source.display

@@ -33,7 +33,7 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError('skipprofiler.harness needs lm-evaluation-harness: pip install "skipprofiler[lm-eval]"') from e
+    raise ImportError('skipprofiler.integrations.lm_eval needs lm-evaluation-harness: pip install "skipprofiler[lm-eval]"') from e
 
 __all__ = ["SkipLM", "TASKS_DIR", "BUNDLED_TASKS", "HarnessError", "run_tasks", "cli_main"]
 
@@ -72,7 +72,7 @@ class SkipLM(TemplateLM):
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"  # the harness's CLI asks for cuda by default
         if pretrained is None or isinstance(pretrained, (str, Path)):
-            from .models import load_model, load_tokenizer, model_source
+            from ..arch.models import load_model, load_tokenizer, model_source
 
             source = model_source(None if pretrained in (None, "") else str(pretrained))
             torch_dtype = getattr(torch, str(dtype), None) if str(dtype) != "auto" else torch.float32
@@ -92,7 +92,7 @@ class SkipLM(TemplateLM):
         self.prompt_class = prompt_class
         self.strict = bool(strict) if not isinstance(strict, str) else strict.lower() not in ("0", "false", "no")
         if self.plan is not None and self.strict:
-            from .runtime.checks import fit_problems
+            from ..runtime.checks import fit_problems
 
             problems = fit_problems(self.model, self.plan)
             if problems:  # before the harness builds any request
@@ -129,7 +129,7 @@ class SkipLM(TemplateLM):
 
     @property
     def pad_id(self) -> int:
-        from .fidelity import pad_id_of
+        from ..evaluation.fidelity import pad_id_of
 
         return pad_id_of(self.tokenizer, self.model)
 
@@ -149,7 +149,7 @@ class SkipLM(TemplateLM):
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """Token ids. add_special_tokens=None: the tokenizer's default, except for text that already starts with the
-        BOS string (a rendered chat template), which gets none -- as `skipprofiler.qa.build_prompts` encodes."""
+        BOS string (a rendered chat template), which gets none -- as `skipprofiler.evaluation.qa.build_prompts` encodes."""
         if add_special_tokens is None:
             bos = self.tokenizer.bos_token
             add_special_tokens = not (bos and string.startswith(bos))
@@ -164,7 +164,7 @@ class SkipLM(TemplateLM):
     def _applied(self) -> Iterator[Any]:
         """The plan applied for one harness call (dense: no handle); its counts are added to `skip_stats`."""
         if self.drop_layers:
-            from .blocks import DroppedLayers
+            from ..evaluation.blocks import DroppedLayers
 
             with DroppedLayers(self.model, self.drop_layers):
                 yield None
@@ -172,7 +172,7 @@ class SkipLM(TemplateLM):
         if self.plan is None:
             yield None
             return
-        from .runtime import apply_plan
+        from ..runtime import apply_plan
 
         with apply_plan(self.model, self.plan, prompt_class=self.prompt_class, strict=self.strict) as handle:
             yield handle
@@ -262,9 +262,9 @@ class SkipLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations (sampling arguments are refused), cut at the first stop string and at EOS.
 
-        Prompts are sorted by length and left-padded into batches of `batch_size`, as `skipprofiler.qa` batches
+        Prompts are sorted by length and left-padded into batches of `batch_size`, as `skipprofiler.evaluation.qa` batches
         them, so a bundled QA run answers exactly as ``skipprof eval --qa`` does."""
-        from .qa import _left_padded
+        from ..evaluation.qa import _left_padded
 
         groups: dict[tuple, list[int]] = {}
         prompts, stops = [], []
@@ -308,7 +308,7 @@ def _load(plan: Any):
     if plan is None or (isinstance(plan, str) and not plan.strip()):
         return None
     if isinstance(plan, (str, Path)):
-        from .runtime import load_plan
+        from ..runtime import load_plan
 
         return load_plan(Path(plan))
     return plan

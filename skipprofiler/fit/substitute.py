@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ._jsonable import rounded
+from .._jsonable import rounded
 
 log = logging.getLogger("skipprofiler")
 
@@ -170,10 +170,10 @@ def collect_statistics(model, batches: Sequence, layers: Sequence[int], *, plan=
     `plan`: a SkipPlan applied during the pass (its skipped layers produce what the plan substitutes), so a layer's
     statistics can be taken on the inputs the plan's earlier layers produce (error-aware fits). A layer the plan
     skips must not be in `layers`."""
-    from .capture import FFNCapture
-    from .fidelity import model_forward
-    from .registry import resolve
-    from .runtime import apply_plan
+    from ..arch.capture import FFNCapture
+    from ..evaluation.fidelity import model_forward
+    from ..arch.registry import resolve
+    from ..runtime import apply_plan
 
     arch = resolve(model)
     layers = sorted(set(int(l) for l in layers))
@@ -296,7 +296,7 @@ def calibration_batches(model, tokenizer, data_spec: str | None, *, skip_docs_pe
     """Token batches of calibration windows (prompt_len + gen_len tokens) for statistics, per class, leaving out each
     class's first `skip_docs_per_class` documents (the windows a layer search measures its sets on); `only_class`:
     that class's documents only."""
-    from .fidelity import load_documents, make_batches, pad_id_of, token_windows
+    from ..evaluation.fidelity import load_documents, make_batches, pad_id_of, token_windows
 
     docs = load_documents(data_spec, split="calibration", text_column=text_column, class_column=class_column)
     if only_class is not None:

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from .atomic import write_bytes_atomic, write_text_atomic
-from .plan import (APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, LINEAR, MODES, PLAN_VERSION,
+from ..atomic import write_bytes_atomic, write_text_atomic
+from .model import (APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, LINEAR, MODES, PLAN_VERSION,
                    ROUTER_POOLINGS, LinearMaps, PlanError, PlanFile, Router, SkipPlan)
 
 __all__ = ["load_plan", "dump_plan", "save_plan", "validate_plan_dict", "plan_to_dict", "plan_from_dict",
@@ -45,7 +45,7 @@ ROUTER_METRICS = ("cosine",)
 
 def schema_path() -> Path:
     """The JSON Schema of plan files v1 (shape only; layer counts and cross-references are checked by validation)."""
-    return Path(__file__).resolve().parent / "schema" / "plan-v1.json"
+    return Path(__file__).resolve().parent.parent / "schema" / "plan-v1.json"
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -19,9 +19,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .fidelity import (DenseReference, FidelityError, FidelitySums, compare, dense_references, load_documents,
+from ..evaluation.fidelity import (DenseReference, FidelityError, FidelitySums, compare, dense_references, load_documents,
                        logits_of, make_batches, model_forward, pad_id_of, token_windows)
-from .plan import SkipPlan
+from ..plan.model import SkipPlan
 from .search import RefineError, Slots, canonical
 
 log = logging.getLogger("skipprofiler")
@@ -84,8 +84,8 @@ class SetEvaluator:
                        fit=dict(self.template.fit))
 
     def _measure(self, key: Slots, record: bool) -> float:
-        from .registry import resolve
-        from .runtime import apply_plan
+        from ..arch.registry import resolve
+        from ..runtime import apply_plan
 
         layers = resolve(self.model).layers
         if self.reuse_prefix and () not in self._anchors and key:
@@ -168,7 +168,7 @@ def _record_inputs(layers, into: list | None):
     if into is None:
         yield
         return
-    from .registry import first_tensor
+    from ..arch.registry import first_tensor
 
     def grab(module, args, kwargs):
         into.append(first_tensor(args[0] if args else kwargs["hidden_states"]).detach().clone())
@@ -229,7 +229,7 @@ def calibration_references(model, tokenizer, data_spec: str | None, *, split: st
 def ffn_output_means(model, references: Sequence[DenseReference]) -> dict[int, list[float]]:
     """Per layer, the dense model's mean FFN output over the references' decode positions (real tokens from the
     prompt length on): what compensation mean_output adds in place of a skipped FFN."""
-    from .registry import RESIDUAL_INSIDE, first_tensor, resolve
+    from ..arch.registry import RESIDUAL_INSIDE, first_tensor, resolve
 
     sites = resolve(model).sites
     if any(site.contribution == RESIDUAL_INSIDE for site in sites):

@@ -44,10 +44,10 @@ class ModelSource:
 def model_source(arg: str | None) -> ModelSource:
     """The bundled demo model for None; a `.gguf` file; a checkpoint folder (with config.json); else a hub id."""
     if arg is None:
-        from . import demo
+        from ..demo import model_path
 
         try:
-            return ModelSource(str(demo.model_path()))
+            return ModelSource(str(model_path()))
         except FileNotFoundError as e:
             raise ModelSourceError(str(e)) from None
     path = Path(arg).expanduser()

@@ -38,7 +38,7 @@ def portable_path(path: str) -> str:
         resolved = Path(text).resolve()
     except (OSError, ValueError):
         return text
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent  # the skipprofiler package folder
     for root, prefix in ((package, "skipprofiler"), (Path.cwd().resolve(), "")):
         if resolved.is_relative_to(root):
             rel = resolved.relative_to(root).as_posix()

@@ -36,7 +36,7 @@ __all__ = ["QAError", "Question", "QAScore", "load_questions", "normalize_answer
            "generate_answers", "Prefill", "prefill", "decode_prefilled", "score", "retention", "DEFAULT_PATH", "FRAME_WORDS", "SYSTEM_PROMPT",
            "FEW_SHOT_EXAMPLES"]
 
-DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "qa.jsonl"
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / "qa.jsonl"
 
 ARTICLES = frozenset({"a", "an", "the"})
 # Words that restate a question's frame without adding a competing answer ("... is", "answer:", "written by ...").
@@ -251,7 +251,7 @@ def prefill(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int 
     """Dense prompt passes for `decode_prefilled`, batched as `generate_answers` batches them."""
     from transformers import DynamicCache
 
-    from ._compat import cache_kwargs
+    from ..arch.compat import cache_kwargs
 
     pad_id = _pad_id(tokenizer, model)
     device = next(model.parameters()).device
@@ -277,7 +277,7 @@ def decode_prefilled(model, tokenizer, prefills: Sequence[Prefill], num_prompts:
     import contextlib
     import copy
 
-    from ._compat import cache_kwargs
+    from ..arch.compat import cache_kwargs
 
     eos_id = model.generation_config.eos_token_id
     eos_ids = set(eos_id if isinstance(eos_id, (list, tuple)) else [eos_id if eos_id is not None

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-from ._jsonable import rounded
+from .._jsonable import rounded
 
 Slots = tuple[tuple[int, float], ...]
 DEFAULT_SHORTLIST = 4  # swap candidates per slot after a greedy pass: the layers it measured cheapest to skip

@@ -79,7 +79,7 @@ def flops(args: argparse.Namespace, batch: int, skipped: int) -> tuple[float, fl
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from skipprofiler.evaluation.bench import run_flops
-    from skipprofiler.plan.io import load_plan
+    from skipprofiler.plan import load_plan
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
@@ -160,7 +160,7 @@ def main() -> None:
 def routed_plan(plan_path: str) -> str:
     """The control plan: every layer planned (so every FFN runs inside the op), a warm-up no request reaches."""
     from skipprofiler.plan.model import SkipPlan
-    from skipprofiler.plan.io import load_plan, save_plan
+    from skipprofiler.plan import load_plan, save_plan
 
     plan_file = load_plan(plan_path)
     layers = plan_file.model["fingerprint"]["num_layers"]

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from skipprofiler import demo
 from skipprofiler.plan.model import SkipPlan
-from skipprofiler.plan.io import load_plan
+from skipprofiler.plan import load_plan
 from skipprofiler.fit.refine import calibration_references, canonical, oracle_static, references_of_class
 
 ROOT = Path(__file__).resolve().parents[1]

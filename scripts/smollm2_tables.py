@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from skipprofiler.atomic import write_text_atomic  # noqa: E402
-from skipprofiler.plan.io import load_plan  # noqa: E402
+from skipprofiler.plan import load_plan  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- smollm2:begin -->", "<!-- smollm2:end -->"

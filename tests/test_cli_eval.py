@@ -11,7 +11,7 @@ from tiny_models import tiny_model
 
 from skipprofiler._cli.main import main
 from skipprofiler.plan.model import PlanFile, SkipPlan
-from skipprofiler.plan.io import save_plan
+from skipprofiler.plan import save_plan
 from skipprofiler.arch.registry import model_fingerprint
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from helpers import run
 
-from skipprofiler.plan.io import load_plan
+from skipprofiler.plan import load_plan
 
 GOOD_PLAN = """\
 version: 1

@@ -11,7 +11,7 @@ from skipprofiler.arch.compat import cache_in
 from skipprofiler.evaluation.fidelity import dense_references, make_batches, measure_plan
 from skipprofiler.fit.measure import SetEvaluator, ffn_output_means
 from skipprofiler.plan.model import PlanError, PlanFile, SkipPlan
-from skipprofiler.plan.io import dump_plan, load_plan, validate_plan_dict
+from skipprofiler.plan import dump_plan, load_plan, validate_plan_dict
 from skipprofiler.fit.refine import refine_static
 from skipprofiler.arch.registry import RESIDUAL_INSIDE, first_tensor, model_fingerprint, resolve
 from skipprofiler.runtime import apply_plan

@@ -23,7 +23,7 @@ from skipprofiler.fit.from_profile import (
     static_skip_ratio,
 )
 from skipprofiler.plan.model import SkipPlan
-from skipprofiler.plan.io import dump_plan, load_plan
+from skipprofiler.plan import dump_plan, load_plan
 from skipprofiler.profile import Profile
 
 

@@ -78,7 +78,7 @@ def test_skipping_equals_zeroed_ffn_output_weights_on_real_weights(smollm2):
 def test_shipped_linear_plan_equals_the_hook_reference_on_real_weights(smollm2):
     from helpers import LinearReference
 
-    from skipprofiler.plan.io import load_plan
+    from skipprofiler.plan import load_plan
 
     model, tokenizer = smollm2
     plan = load_plan(PLANS / "smollm2-linear-25.yaml")
@@ -101,7 +101,7 @@ def test_shipped_linear_plan_equals_the_hook_reference_on_real_weights(smollm2):
 def test_cli_profiles_a_gguf_file_and_fits_a_plan(gguf_path, tmp_path, capsys):
     from helpers import run
 
-    from skipprofiler.plan.io import load_plan
+    from skipprofiler.plan import load_plan
     from skipprofiler.profile import Profile
 
     prof = tmp_path / "smollm2.prof"
@@ -130,7 +130,7 @@ def test_shipped_smollm2_plans_validate_against_gguf_and_folder(plan_path, gguf_
     for model in (gguf_path, smollm2_folder):
         code, out, err = run(["validate", plan_path, "--model", model], capsys)
         assert code == 0, err
-    from skipprofiler.plan.io import dump_plan, load_plan
+    from skipprofiler.plan import dump_plan, load_plan
 
     text = plan_path.read_text()
     plan = load_plan(text, base_dir=plan_path.parent)  # linear maps are read beside the plan

@@ -17,7 +17,7 @@ from skipprofiler.evaluation.fidelity import (
     pad_id_of,
     token_windows,
 )
-from skipprofiler.plan.io import dump_plan, load_plan
+from skipprofiler.plan import dump_plan, load_plan
 from skipprofiler.arch.registry import model_fingerprint
 
 PLANS = sorted((Path(__file__).resolve().parent.parent / "plans").glob("demo-*.yaml"))  # smollm2-*: test_real_smollm2

@@ -205,7 +205,7 @@ def _measuring_model(profile, model_arg: str | None) -> str | None:
 
 def _write(plan_file, out: Path) -> None:
     from ..plan.model import PlanError
-    from ..plan.io import dump_plan, save_plan
+    from ..plan import dump_plan, save_plan
 
     try:
         if str(out) == "-":

@@ -142,7 +142,7 @@ def show(plan: Annotated[Path, typer.Argument(help="YAML plan file.", show_defau
     from rich.console import Console
 
     from ..plan.model import PlanError
-    from ..plan.io import dump_plan, load_linear_maps, plan_from_dict, read_plan_dict
+    from ..plan import dump_plan, load_linear_maps, plan_from_dict, read_plan_dict
 
     try:
         data, _ = read_plan_dict(plan)

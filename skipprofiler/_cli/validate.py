@@ -59,7 +59,7 @@ def validate(plan: Annotated[Path, typer.Argument(help="YAML plan file to check.
              ) -> None:
     """Check a plan file, reporting every problem at once."""
     from ..plan.model import PlanError
-    from ..plan.io import load_linear_maps, plan_from_dict, read_plan_dict
+    from ..plan import load_linear_maps, plan_from_dict, read_plan_dict
 
     try:
         data, source = read_plan_dict(plan)

@@ -202,6 +202,10 @@ class PlanFile:
     provenance: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
 
+    def named_plans(self) -> list[tuple[str, SkipPlan]]:
+        """("global", plan) then ("class.<name>", plan) by name: how problems and the maps' file name each plan."""
+        return [("global", self.global_plan)] + [(f"class.{n}", p) for n, p in sorted(self.classes.items())]
+
     def select(self, prompt_class: str | None) -> SkipPlan:
         if prompt_class is None:
             return self.global_plan

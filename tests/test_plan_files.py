@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skipprofiler.plan.model import PlanError, PlanFile, Router, SkipPlan
-from skipprofiler.plan.io import (
+from skipprofiler.plan import (
     dump_plan,
     load_plan,
     plan_from_dict,
@@ -284,7 +284,7 @@ def test_plan_to_dict_is_the_schema_shape():
 def test_the_schema_names_the_keys_and_choices_validation_uses():
     """The schema file is written by hand (it documents the format for other tools); its keys and enums must be the
     ones planio.validate_plan_dict checks, which come from plan.py's constants."""
-    from skipprofiler.plan import io as planio
+    from skipprofiler.plan import validate as planio
     from skipprofiler.plan.model import APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, MODES, ROUTER_POOLINGS
 
     defs, props = SCHEMA["$defs"], SCHEMA["properties"]

@@ -60,16 +60,14 @@ def _root(
     pass
 
 
-# Subcommand modules: each defines `register(app)`. Listed here so `skipprof --help` shows the pipeline in order.
-_SUBCOMMANDS = ("demo", "profile", "inspect", "merge", "export_plan", "validate", "show", "eval", "report", "bench")
-
-
 @functools.cache  # once per process: main() runs many times in one process (tests, notebooks)
 def _register_all() -> None:
-    import importlib
+    """Each subcommand module defines `register(app)`; listed in pipeline order, which `skipprof --help` shows."""
+    from . import bench, demo, export_plan, inspect, merge, profile, report, show, validate
+    from . import eval as eval_command
 
-    for name in _SUBCOMMANDS:
-        importlib.import_module(f"skipprofiler._cli.{name}").register(app)
+    for module in (demo, profile, inspect, merge, export_plan, validate, show, eval_command, report, bench):
+        module.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ from skipprofiler.arch.compat import cache_kwargs
 from skipprofiler.plan.model import SkipPlan
 from skipprofiler.arch.registry import resolve
 from skipprofiler.runtime import apply_plan
-from skipprofiler.runtime.positionwise import plan_forward
+from skipprofiler.runtime.handle import forward_plan
 from skipprofiler.runtime.schedule import Kind, Rule, first_decode_index
 
 
@@ -183,7 +183,7 @@ def test_schedule_follows_plan_rule_at_every_position():
     for plan, past, seq, end in itertools.product(plans, (0, 1, 5, 9), (1, 3, 8), (0, 4, 6)):
         rule = Rule(plan, 4, {})
         first = first_decode_index([rule, rule], past, [end, end + 1], [0, 2])
-        forward = plan_forward([rule, rule], first, seq, torch.device("cpu"), None)
+        forward = forward_plan([rule, rule], first, seq, torch.device("cpu"), None)
         counted = decided = 0
         for b in range(2):
             origin = [0, 2][b] if plan.apply_to == "all" else [end, end + 1][b]

@@ -19,7 +19,7 @@ import torch
 from ..plan.model import SkipPlan
 from ..arch.registry import POST_NORM_OUTPUT, RESIDUAL_INSIDE, FFNSite, first_tensor
 from .patcher import Patcher
-from .plugins import Host, Plugin
+from .plugins import Plugin
 from .positionwise import action_from_flags
 from .schedule import DENSE, Action, Forward, Kind, Rule
 
@@ -154,7 +154,7 @@ class DeviceAdaptive:
 class AdaptivePlugin(Plugin):
     """Installs the cos-reading hooks and, per forward with eligible positions, the state that decides each layer."""
 
-    def __init__(self, handle: Host, rules: list[Rule], host_state: bool | None, shared: bool):
+    def __init__(self, handle, rules: list[Rule], host_state: bool | None, shared: bool):
         arch, patcher = handle.arch, handle.patcher
         self.handle, self.host_state, self.shared = handle, host_state, shared
         self.triggers = {id(r): Trigger.of(r.plan, arch.num_layers) for r in rules if not r.static}

@@ -13,7 +13,7 @@ from ..arch.registry import ResolvedArch, model_fingerprint, resolve
 
 def fingerprint_mismatch(plan_file: PlanFile, model: nn.Module) -> str | None:
     """One line naming every fingerprint key where the plan and the model differ; None when they agree."""
-    from ..plan.io import fingerprint_problems  # yaml and the standard library only
+    from ..plan import fingerprint_problems  # yaml and the standard library only
 
     problems = fingerprint_problems((plan_file.model or {}).get("fingerprint"), model_fingerprint(model))
     if not problems:
@@ -33,7 +33,7 @@ def check_fingerprint(plan_file: PlanFile, model: nn.Module, strict: bool) -> No
 def plan_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> list[str]:
     """Everything that keeps `plan` from running on the model `arch` describes: the plan rules (planio's, the same
     for files and for plans built in code), then what this architecture supports."""
-    from ..plan.io import skip_plan_problems
+    from ..plan import skip_plan_problems
 
     problems = skip_plan_problems(plan, label, arch.num_layers, _hidden_size(arch._config))
     if plan.compensation != NO_COMPENSATION and not plan.is_empty():

@@ -43,7 +43,7 @@ def compensation_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> lis
         problems.append(f"{label}: compensation mean_output is not supported for {arch.model_type} (its FFN "
                         "adds the residual itself); use compensation: none")
     elif plan.compensation == LINEAR:
-        from ..plan.io import linear_map_problems
+        from ..plan import linear_map_problems
 
         if plan.linear is None:
             return []  # planio said the maps are required

@@ -9,7 +9,7 @@ import torch
 
 from ..arch.registry import FFNSite
 from .patcher import Patcher
-from .schedule import DENSE, Action, Forward, ForwardSource, Kind
+from .schedule import DENSE, Action, Forward, Kind
 
 
 def skip_bloom(site: FFNSite, forward: Forward, action: Action, original: Callable, x, *args, **kwargs):
@@ -30,7 +30,7 @@ def skip_bloom(site: FFNSite, forward: Forward, action: Action, original: Callab
     return out.view(residual.shape)
 
 
-def patch_fc_pair(site: FFNSite, handle: ForwardSource, patcher: Patcher, text: str) -> None:
+def patch_fc_pair(site: FFNSite, handle, patcher: Patcher, text: str) -> None:
     """OPT: fc1 drops skipped rows (an empty-width tensor when all skip), fc2 scatters them back into the fill."""
     fc1, fc2, layer = site.fc1, site.fc2, site.index
     fc1_forward, fc2_forward = fc1.forward, fc2.forward

@@ -14,11 +14,12 @@ import torch
 
 from ..arch.registry import RESIDUAL_INSIDE, FFNSite, first_tensor
 from .patcher import Patcher
-from .schedule import DENSE, Action, Forward, ForwardSource, Kind
+from .schedule import DENSE, Action, Forward, Kind
 
 
-def patch_ffn(site: FFNSite, handle: ForwardSource, patcher: Patcher, text: str) -> None:
-    """Replace the site's FFN forward(s); ``handle.forward`` is the Forward in progress (None: run dense)."""
+def patch_ffn(site: FFNSite, handle, patcher: Patcher, text: str) -> None:
+    """Replace the site's FFN forward(s); ``handle.forward`` (the SkipHandle's) is the Forward in progress (None: run
+    dense)."""
     if site.ffn is None:
         from .families import patch_fc_pair
 

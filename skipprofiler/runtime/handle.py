@@ -1,29 +1,29 @@
 """The public handle: `apply_plan` patches a model; `SkipHandle` plans each forward, counts, and restores the model.
 
-Per forward the pre-hook reads where decode positions start (`positions`), picks each row's plan and leaves a
-`Forward` (`schedule`) on the handle; each patched FFN (`ffn`) takes its layer's action from it; the post-hook adds
-the forward's counts. Adaptive plans and prompt routing are plug-ins (`adaptive`, `routing`), compensation is the
-fills of `compensation`: each is imported only when a plan needs it.
+Per forward the pre-hook reads where the forward's decode positions start (below: generate's input length,
+`decode_from`, `verifying`, the cache) and each row's plan, and leaves the `Forward` that `forward_plan` returns on
+the handle; each patched FFN (`ffn`) takes its layer's action from it; the post-hook adds the forward's counts.
+Adaptive plans and prompt routing are plug-ins (`plugins.Plugin`: `adaptive`, `routing`), compensation is the fills of
+`compensation`: each is imported only when a plan needs it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from importlib import import_module
+import functools
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..arch.compat import cache_in
-from ..plan.model import ADAPTIVE, ALL_POSITIONS, BATCH_DECISIONS, NO_COMPENSATION, SHARED, PlanError, PlanFile, SkipPlan
 from ..arch.registry import ResolvedArch, resolve
+from ..plan.model import ADAPTIVE, ALL_POSITIONS, BATCH_DECISIONS, NO_COMPENSATION, SHARED, PlanError, PlanFile, SkipPlan
 from .checks import check_fingerprint, describe_layer, plans_for
 from .ffn import patch_ffn
 from .patcher import Patcher
-from .positions import Positions, cache_length, refuse_continuous_batching
-from .plugins import ForwardCall, Plugin
 from .schedule import Counts, Forward, Rule, decode_step, first_decode_index
 
 _HANDLE_ATTR = "_skipprof_handle"
@@ -37,27 +37,34 @@ class SkipHandle:
         self.forward: Forward | None = None  # the forward in progress (read by the patched FFNs)
         self.row_classes: list[str | None] | None = None  # per row of the last prompt, when a router chose them
         self._plans, self._prompt_class = plans, prompt_class
+        self._class = None if prompt_class == "auto" else prompt_class  # the class every row follows unless routed
         self._rules: dict[str | None, Rule] = {}
-        self._plugins: list[Plugin] = []
-        self._positions = Positions()
+        self._plugins: list = []  # plugins.Plugin: adaptive, routing
         self._pad_offsets: list[int] | None = None  # per row of the last prompt: leading pads (apply_to: all)
         self._totals = Counts()
         self._removed = False
+        # where decode positions start: decode_from's starts (per row, or one for all); inside generate the length
+        # of its input; outside it where the last prompt ended
+        self._decode_start: list[int] | None = None
+        self._generate_prompt_end: int | None = None
+        self._prompt_end: int | None = None
+        self._verifying = False
+        self._warned_no_cache = False
 
     # ---- public API ------------------------------------------------------------------------------------------------
 
     @property
     def plan(self) -> SkipPlan:
         """The active plan: the named class's, the global one, or (auto) the first row's routed class plan."""
-        classes = self.chosen_classes if self._prompt_class == "auto" else None
+        classes = self.chosen_classes
         return self._plans.get(classes[0] if classes else None, next(iter(self._plans.values())))
 
     @property
     def chosen_classes(self) -> list[str | None] | None:
         """Per row of the last prompt, the class the router chose (prompt_class='auto'); the named class otherwise."""
-        if self._prompt_class == "auto":
-            return None if self.row_classes is None else list(self.row_classes)
-        return None if self._prompt_class is None else [self._prompt_class]
+        if self.row_classes is not None:
+            return list(self.row_classes)
+        return None if self._class is None else [self._class]
 
     @property
     def chosen_class(self) -> str | None:
@@ -67,14 +74,23 @@ class SkipHandle:
     @contextlib.contextmanager
     def decode_from(self, start: int | torch.Tensor | Sequence[int]) -> Iterator[SkipHandle]:
         """For cache-less full-sequence forwards (teacher forcing): positions >= start[b] are decode positions."""
-        with self._positions.decode_from(start):
+        if isinstance(start, torch.Tensor):
+            start = start.tolist()
+        previous = self._decode_start
+        self._decode_start = [int(start)] if isinstance(start, int) else [int(s) for s in start]
+        try:
             yield self
+        finally:
+            self._decode_start = previous
 
     @contextlib.contextmanager
     def verifying(self) -> Iterator[SkipHandle]:
         """For hand-written speculative decoding: multi-token forwards on a non-empty cache are decode positions."""
-        with self._positions.verifying():
+        previous, self._verifying = self._verifying, True
+        try:
             yield self
+        finally:
+            self._verifying = previous
 
     def stats(self) -> dict[str, Any]:
         """Counts over decode positions after warm-up (real tokens). ``decided_skips``: FFN calls the plan's rule
@@ -122,28 +138,44 @@ class SkipHandle:
         patch.hook(model.register_forward_pre_hook(torch.compiler.disable(self._before_forward), with_kwargs=True))
         patch.hook(model.register_forward_hook(torch.compiler.disable(self._after_forward)))
         if callable(getattr(model, "generate", None)):
-            patch.set_attr(model, "generate", self._positions.wrap_generate(model.generate))
+            patch.set_attr(model, "generate", self._wrap_generate(model.generate))
         if callable(getattr(model, "init_continuous_batching", None)):
-            patch.set_attr(model, "init_continuous_batching", refuse_continuous_batching)
+            patch.set_attr(model, "init_continuous_batching", _refuse_continuous_batching)
         streams: dict[int, torch.Tensor] = {}  # norm_ratio: each layer's latest pre-FFN stream
         for name, plan in self._plans.items():
             rule = self._rules[name] = Rule(plan, L, {})
             if plan.compensation != NO_COMPENSATION and rule.skippable:
-                rule.fills.update(import_module(".compensation", __package__).fills_for(
-                    plan, rule.skippable, self.arch, patch, streams))
+                from .compensation import fills_for
+
+                rule.fills.update(fills_for(plan, rule.skippable, self.arch, patch, streams))
+        self._rule = self._rules.get(self._class, self._rules.get(None))  # a row's rule unless routed elsewhere
         layers = {l for rule in self._rules.values() for l in rule.skippable}
         for site in self.arch.sites:
             if site.index in layers:
                 patch_ffn(site, self, patch, describe_layer(site.index, self._plans, L, batch_decision))
         adaptive = [r for r in self._rules.values() if not r.static and r.skippable]
         if adaptive:
-            plugin = import_module(".adaptive", __package__).AdaptivePlugin(self, adaptive, host_state,
-                                                                            batch_decision == SHARED)
-            self._plugins.append(plugin)
+            from .adaptive import AdaptivePlugin
+
+            self._plugins.append(AdaptivePlugin(self, adaptive, host_state, batch_decision == SHARED))
         if self._prompt_class == "auto":
+            from .routing import RoutingPlugin
+
             dense = all(p.apply_to != ALL_POSITIONS for p in self._plans.values())
-            self._plugins.append(import_module(".routing", __package__).RoutingPlugin(self, plan_file, dense))
+            self._plugins.append(RoutingPlugin(self, plan_file, dense))
         self._tracks_pads = any(p.apply_to == ALL_POSITIONS for p in self._plans.values())
+
+    def _wrap_generate(self, original: Callable) -> Callable:
+        """``model.generate`` that records its input length as the prompt end while it runs."""
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            outer, self._generate_prompt_end = self._generate_prompt_end, _input_length(args, kwargs)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._generate_prompt_end = outer
+
+        return generate
 
     # ---- per forward -----------------------------------------------------------------------------------------------
 
@@ -160,24 +192,23 @@ class SkipHandle:
             mask = None  # custom 4-D masks: treat every position as real
         batch, seq = ref.shape[0], ref.shape[1]
         past = cache_length(cache_in(kwargs))
-        prompt_end = self._positions.prompt_end(batch, seq, past, kwargs.get("use_cache"))
-        teacher_forced = self._positions.decode_start is not None
-        call = ForwardCall(module, args, kwargs, mask, batch, seq, ref.device, past, prompt_end, teacher_forced)
+        prompt_end = self._prompt_ends(batch, seq, past, kwargs.get("use_cache"))
+        teacher_forced = self._decode_start is not None
         for plugin in self._plugins:
-            plugin.before(call)
+            plugin.before(module, args, kwargs, ref=ref, mask=mask, past=past, prompt_end=prompt_end,
+                          teacher_forced=teacher_forced)
         if self._tracks_pads and (past == 0 or teacher_forced or self._pad_offsets is None):
             self._pad_offsets = (mask.cumsum(1) == 0).sum(1).tolist() if mask is not None and mask.shape[0] == batch \
                 else [0] * batch
-        classes = self.row_classes if self._prompt_class == "auto" else None
+        classes = self.row_classes
         if classes is None or len(classes) != batch:
-            classes = [None if self._prompt_class == "auto" else self._prompt_class] * batch
-        rules = [self._rules.get(c, self._rules.get(None)) for c in classes]
+            rules = [self._rule] * batch
+        else:
+            rules = [self._rules.get(c, self._rule) for c in classes]
         # One new token per row is a generated token, always real; longer forwards read padding from the mask.
         real = mask[:, -seq:].reshape(-1).bool() if seq > 1 and mask is not None and mask.shape[1] >= seq else None
         first_d = first_decode_index(rules, past, prompt_end, self._pad_offsets)
-        self.forward = decode_step(rules, first_d, seq, ref.device)
-        if self.forward is None and any(d + seq > 0 for d in first_d):  # some decode position, not a plain step
-            self.forward = import_module(".positionwise", __package__).plan_forward(rules, first_d, seq, ref.device, real)
+        self.forward = forward_plan(rules, first_d, seq, ref.device, real)
         if self.forward is not None:
             for plugin in self._plugins:
                 plugin.begin(self.forward)
@@ -192,10 +223,75 @@ class SkipHandle:
         self._totals += forward.counts  # device counts are summed on the device: no host sync per forward
         return None
 
+    def _prompt_ends(self, batch: int, seq: int, past: int, use_cache: Any) -> list[int]:
+        """Per row, the first decode position of a forward feeding `seq` new tokens after `past` cached ones:
+        decode_from's start; inside generate its input length (a chat turn's previous turns included), however the
+        cache is filled or verified; otherwise an empty cache or several new tokens on a non-empty one (the next turn)
+        is a prompt, one new token per row (or a ``verifying()`` forward) continues the last prompt."""
+        if self._decode_start is not None:
+            starts = self._decode_start
+            if len(starts) not in (1, batch):
+                raise ValueError(f"decode_from got {len(starts)} start positions for a batch of {batch}")
+            return starts * batch if len(starts) == 1 else list(starts)
+        if self._generate_prompt_end is not None:
+            end = self._generate_prompt_end
+        elif past == 0 or (seq > 1 and not self._verifying):
+            end = past + seq  # a prompt, or the next prompt chunk on a reused cache: dense
+            if use_cache is False and not self._warned_no_cache:
+                self._warned_no_cache = True  # once per handle
+                warnings.warn("skipprofiler: a forward without a KV cache (use_cache=False) outside generate() looks "
+                              "like a prompt, so its FFNs run dense and nothing is skipped; mark generated positions "
+                              "with `with handle.decode_from(prompt_len):`", stacklevel=5)
+        else:
+            end = self._prompt_end if self._prompt_end is not None else past  # cache filled outside our view
+        self._prompt_end = end
+        return [end] * batch
+
+
+def forward_plan(rules: list[Rule], first_d: list[int], seq: int, device: torch.device,
+                 real: torch.Tensor | None) -> Forward | None:
+    """The one place that decides how a forward is planned: no decode position, None (dense); a plain decode step,
+    `schedule.decode_step` (host integers only); anything else position by position (`positionwise`, imported on
+    first use). `real`: BoolTensor [P] on the device, not padding (None: every position is real)."""
+    if all(d + seq <= 0 for d in first_d):
+        return None
+    forward = decode_step(rules, first_d, seq, device)
+    if forward is None:
+        from .positionwise import plan_forward
+
+        forward = plan_forward(rules, first_d, seq, device, real)
+    return forward
+
+
+def cache_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)):  # legacy tuple cache
+        return int(cache[0][0].shape[-2]) if cache and cache[0] is not None else 0
+    raise TypeError(f"skipprofiler: cannot read the decode position from a {type(cache).__name__} (it has no "
+                    "get_seq_length); use a DynamicCache or StaticCache, or call handle.remove() first")
+
+
+def _input_length(args: tuple, kwargs: dict) -> int | None:
+    """The prompt length of a ``generate`` call: its input ids (or embeddings), previous turns included."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs"), args[0] if args else None,
+                  kwargs.get("inputs_embeds")):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] > 0:
+            return int(value.shape[1])
+    return None
+
+
+def _refuse_continuous_batching(*args, **kwargs):
+    raise RuntimeError("skipprofiler: continuous batching (generate_batch / init_continuous_batching with its "
+                       "PagedAttentionCache) is not supported: its packed forwards carry no decode positions the "
+                       "runtime reads, so the plan would run dense. Use generate(), or call handle.remove() first.")
+
 
 def load_plan(path_or_text: str | Path) -> PlanFile:
     """Load and validate a YAML plan file (path or YAML text); raises PlanError listing every problem."""
-    from ..plan.io import load_plan as _load  # lazy: planio pulls yaml only
+    from ..plan import load_plan as _load  # lazy: planio pulls yaml only
 
     return _load(path_or_text)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..plan.model import fraction_pattern
-from .schedule import DENSE, Action, Fill, Forward, Kind, Rule, decode_step
+from .schedule import DENSE, Action, Fill, Forward, Kind, Rule
 
 
 def action_from_flags(flags: torch.Tensor, fill: Fill | None, device: torch.device, rows_of_a_step: bool) -> Action:
@@ -26,20 +26,11 @@ def action_from_flags(flags: torch.Tensor, fill: Fill | None, device: torch.devi
 
 
 def plan_forward(rules: list[Rule], first_d: list[int], seq: int, device: torch.device,
-                 real: torch.Tensor | None) -> Forward | None:
-    """Any forward's actions and counts; None when no position has a decode index. `real`: BoolTensor [P] on the
-    device, not padding (None: every position is real)."""
-    if all(d + seq <= 0 for d in first_d):
-        return None
-    forward = decode_step(rules, first_d, seq, device)
-    if forward is None:
-        forward = Forward(len(rules), seq, device, real)
-        plan_positions(forward, rules, first_d)
-    return forward
-
-
-def plan_positions(forward: Forward, rules: list[Rule], first_d: list[int]) -> None:
-    """Per-position flags with CPU tensor ops: one pass per distinct plan, one per layer it may skip."""
+                 real: torch.Tensor | None) -> Forward:
+    """Any forward's actions and counts, from per-position flags built with CPU tensor ops: one pass per distinct
+    plan, one per layer it may skip. `real`: BoolTensor [P] on the device, not padding (None: every position is
+    real). `handle.forward_plan` decides which forwards come here."""
+    forward = Forward(len(rules), seq, device, real)
     d = torch.tensor(first_d)[:, None] + torch.arange(forward.seq)  # [B, S]
     counted = torch.zeros_like(d, dtype=torch.bool)
     decided = torch.zeros_like(d)
@@ -72,6 +63,7 @@ def plan_positions(forward: Forward, rules: list[Rule], first_d: list[int]) -> N
                                                              forward.seq == 1)
         if not forward.eligible:  # with adaptive positions the dynamic decisions are counted as they are made
             forward.count(action)
+    return forward
 
 
 def _one_fill(groups: list[tuple[Fill | None, torch.Tensor]], device: torch.device) -> Fill | None:

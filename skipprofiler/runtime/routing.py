@@ -15,7 +15,7 @@ from ..arch.compat import without_cache
 from ..plan.model import PlanFile, SkipPlan
 from ..arch.registry import ResolvedArch, first_tensor
 from ..arch.pooling import pool, prompt_weights
-from .plugins import ForwardCall, Host, Plugin
+from .plugins import Plugin
 
 
 class RoutingDone(Exception):
@@ -53,7 +53,7 @@ def router_problems(plan_file: PlanFile, arch: ResolvedArch,
 class RoutingPlugin(Plugin):
     """Chooses each row's class at its prompt; the handle reads them from ``handle.row_classes``."""
 
-    def __init__(self, handle: Host, plan_file: PlanFile, prompt_runs_dense: bool):
+    def __init__(self, handle, plan_file: PlanFile, prompt_runs_dense: bool):
         self.handle, self.router = handle, plan_file.router
         self.prompt_runs_dense = prompt_runs_dense  # every plan keeps prompts dense: read the router layer on the way
         self._weights: torch.Tensor | None = None  # [B, S] pooling weights of the prompt, while routing a forward
@@ -61,25 +61,25 @@ class RoutingPlugin(Plugin):
         layer = handle.arch.sites[self.router.layer].layer
         handle.patcher.hook(layer.register_forward_hook(self._layer_done))
 
-    def before(self, call: ForwardCall) -> None:
+    def before(self, module, args, kwargs, *, ref, mask, past, prompt_end, teacher_forced) -> None:
         """Choose row classes for this forward's prompt tokens (all positions, or those before decode_from's start)."""
-        if not (call.teacher_forced or call.past == 0):
+        if not (teacher_forced or past == 0):
             return
-        mask, batch, seq = call.mask, call.batch, call.seq
-        weights = (torch.ones(batch, seq, device=call.device) if mask is None or mask.shape[1] < seq
+        batch, seq, device = ref.shape[0], ref.shape[1], ref.device
+        weights = (torch.ones(batch, seq, device=device) if mask is None or mask.shape[1] < seq
                    else mask[:, -seq:].float())
-        if call.teacher_forced:
-            cols = torch.arange(seq, device=call.device) + call.past
-            starts = torch.tensor(call.prompt_end, device=call.device)
+        if teacher_forced:
+            cols = torch.arange(seq, device=device) + past
+            starts = torch.tensor(prompt_end, device=device)
             weights = weights * (cols[None, :] < starts[:, None])
-        self._weights = prompt_weights(weights, self.router.pooling, starts_sequence=call.past == 0)
+        self._weights = prompt_weights(weights, self.router.pooling, starts_sequence=past == 0)
         self._has_prompt = (self._weights.sum(1) > 0).tolist()  # a row with nothing to pool keeps the global plan
-        if self.prompt_runs_dense and not call.teacher_forced:
+        if self.prompt_runs_dense and not teacher_forced:
             return  # the router layer's output is read during this very forward
         self.passive = True  # a dense pre-pass without the cache, stopped after the router layer
         try:
             with torch.no_grad():
-                call.module(*call.args, **without_cache(call.kwargs))
+                module(*args, **without_cache(kwargs))
         except RoutingDone:
             pass
         finally:

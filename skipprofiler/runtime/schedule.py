@@ -87,12 +87,6 @@ class Counts:
         return self
 
 
-class Dynamic(Protocol):
-    """Decisions made while the forward runs (a plug-in sets it: adaptive plans, runtime/adaptive.py)."""
-
-    def action(self, forward: Forward, layer: int, planned: Action) -> Action: ...
-
-
 @dataclass
 class Forward:
     """Everything the patched FFNs read during one forward of the top-level model."""
@@ -106,7 +100,7 @@ class Forward:
     fills: dict[int, Fill] = field(default_factory=dict)  # per layer, for dynamic decisions
     static_flags: dict[int, torch.Tensor] = field(default_factory=dict)  # per layer: CPU BoolTensor [P]
     eligible: list[tuple[Rule, torch.Tensor]] = field(default_factory=list)  # non-static rules: CPU BoolTensor [P]
-    dynamic: Dynamic | None = None
+    dynamic: Any = None  # decisions made while the forward runs: the adaptive plug-in (runtime/adaptive.py)
 
     @property
     def positions(self) -> int:
@@ -137,12 +131,6 @@ class Forward:
             raise RuntimeError(f"skipprofiler: the FFN of layer {layer} got {rows} positions but the model forward has "
                                f"{self.batch} x {self.seq}; this architecture reorders tokens before its FFN, which "
                                "the runtime does not support")
-
-
-class ForwardSource(Protocol):
-    """What a patched FFN reads of the handle: the forward in progress (None: run dense)."""
-
-    forward: Forward | None
 
 
 def first_decode_index(rules: list[Rule], past: int, prompt_end: list[int], pad_offsets: list[int] | None

@@ -25,6 +25,12 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def rounded(x: float) -> float:
-    """A measurement as plan and profile records store it: 6 significant digits."""
-    return float(f"{x:.6g}")
+def rounded(x: Any, digits: int = 6, *, decimals: bool = False) -> Any:
+    """The one rounding of numbers in records (plan `fit` and `provenance`, profile headers, the eval JSON): `digits`
+    significant digits (6: every measurement), or with `decimals` `digits` decimal places (6: a plan's fitted floats,
+    whose YAML stays short and byte-stable). Ints (counts), None and strings are returned as they are."""
+    if x is None or isinstance(x, (int, str)):
+        return x
+    if decimals:
+        return round(float(x), digits)
+    return float(f"{x:.{digits}g}")

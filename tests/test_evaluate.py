@@ -11,7 +11,7 @@ import torch
 from helpers import char_tokenizer, write_corpus
 from tiny_models import tiny_model
 
-from skipprofiler.evaluation.bench import FlopModel
+from skipprofiler.arch.flops import FlopModel
 from skipprofiler.evaluation.blocks import DroppedLayers
 from skipprofiler.evaluation import EvalConfig, EvalError
 from skipprofiler.evaluation.baselines import (

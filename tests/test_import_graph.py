@@ -36,8 +36,7 @@ STDLIB_ONLY = {
     f"{NAME}._jsonable": (),
 }
 # Nothing outside these may be imported by the profiler (it records statistics; it does not apply or fit plans).
-PROFILER_FORBIDDEN = (f"{NAME}.runtime", f"{NAME}.fit", f"{NAME}.evaluation", f"{NAME}._cli", f"{NAME}.integrations",
-                      f"{NAME}.recipes")
+PROFILER_FORBIDDEN = (f"{NAME}.runtime", f"{NAME}.fit", f"{NAME}.evaluation", f"{NAME}._cli", f"{NAME}.integrations")
 
 
 def module_name(path: Path) -> str:

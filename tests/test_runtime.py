@@ -534,7 +534,8 @@ def test_yaml_path_is_loaded_through_planio(tmp_path):
 
 
 def test_flop_count_matches_hand_count_and_ideal_speedup():
-    from skipprofiler.evaluation.bench import run_flops, synthetic_model, token_flops
+    from skipprofiler.arch.flops import token_flops
+    from skipprofiler.evaluation.bench import run_flops, synthetic_model
 
     model = synthetic_model("llama-tiny")  # hidden 64, intermediate 128, 6 layers, 4 heads, vocab 512
     f = token_flops(model)

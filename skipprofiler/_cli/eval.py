@@ -240,7 +240,7 @@ def register(app: typer.Typer) -> None:
         from .. import evaluation as ev
         from ..evaluation.fidelity import FidelityError
         from ..plan.model import PlanError
-        from ..recipes import evaluate_plans
+        from ..evaluation.recipe import evaluate_plans
         from ..fit.refine import RefineError
         from .common import load_model_and_tokenizer, one_model, write_output
         from .progress import stage_bars
@@ -284,7 +284,7 @@ def register(app: typer.Typer) -> None:
             check_writable(out)
         try:
             from ..profile.corpus import CorpusError, parse_spec
-            from ..recipes import named_plans
+            from ..evaluation.recipe import named_plans
 
             if data is not None:
                 parse_spec(data)  # a missing data path fails before the model is loaded

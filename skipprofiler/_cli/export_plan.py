@@ -146,7 +146,7 @@ def export_plan(
 ) -> None:
     """Fit a skip plan from a profile at a target skip ratio or within a quality budget."""
     from ..fit.from_profile import FitError, FitSettings
-    from ..recipes import fit_plan
+    from ..fit.recipe import fit_plan
     from .common import check_writable, load_model_and_tokenizer
 
     settings = FitSettings(target=target_skip, mode=mode, apply_to=apply_to, warmup_tokens=warmup_tokens,

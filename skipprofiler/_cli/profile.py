@@ -96,7 +96,7 @@ def profile(
     from ..profile.corpus import CorpusError, parse_spec
     from ..profile.distributed import DistributedError, init_from_env, parse_device_map, parse_shard, rank_device
     from ..profile import ProfileError, ProfileSettings
-    from ..recipes import profile_corpus
+    from ..profile.recipe import profile_corpus
     from .common import check_writable, load_model_and_tokenizer, one_model, parse_device, parse_dtype, print_json
     from .inspect import default_regime, print_table, summary
 

@@ -9,10 +9,10 @@ One module per job:
 - `oracle`: the exhaustive oracle and the search reference, found on the held-out windows themselves;
 - `run`: `run_eval` (named plans) and `run_sweep` (plans fitted per target);
 - `result`: the JSON's top level (docs/eval-schema.md);
-- `families`: the row family names the figures and tables group by.
+- `families`: the row family names the figures and tables group by;
+- `recipe`: `evaluate_plans()`, the whole stage, exported as `skipprofiler.evaluate_plans`.
 
-`skipprofiler.evaluate_plans` (skipprofiler.recipes) is the whole stage. This facade imports only the settings, so
-building an `EvalConfig` loads no torch.
+This facade imports only the settings, so building an `EvalConfig` loads no torch.
 """
 
 from __future__ import annotations

@@ -11,20 +11,21 @@ from typing import Any, Sequence
 
 import torch
 
-from .bench import FlopModel
+from ..arch.flops import FlopModel
 from .fidelity import DenseReference, measure_plan, model_forward
 from ..plan.model import SkipPlan
 from ..fit.refine import canonical, middle_layers
 from . import families
 from .config import EvalConfig, EvalError
 from .data import EvalData
-from .rows import hooked_row, model_num_layers, plan_row, rounded
+from .._jsonable import rounded
+from .rows import hooked_row, model_num_layers, plan_row
 
 
 def budget_slots(budget: float, order: Sequence[int]) -> tuple[tuple[int, float], ...]:
     """Take layers in `order`: full layers while the budget lasts, then one fractional layer for the remainder."""
     full = int(math.floor(budget + 1e-9))
-    rest = round(budget - full, 3)
+    rest = rounded(budget - full, 3, decimals=True)
     slots = [(layer, 1.0) for layer in order[:full]]
     if rest >= 0.01 and full < len(order):
         slots.append((order[full], rest))

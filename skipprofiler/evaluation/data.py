@@ -7,8 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .fidelity import (DenseReference, FidelityError, dense_reference, greedy_tokens, load_documents, make_batches,
-                        model_forward, pad_id_of, token_windows)
+from .fidelity import DenseReference, FidelityError, dense_reference, greedy_tokens, model_forward, prepare_windows
 from ..progress import Progress
 from .config import EvalConfig, EvalError
 
@@ -55,19 +54,17 @@ def prepare_data(model, tokenizer, data_spec: str | None, config: EvalConfig,
     """Tokenize, cut and batch the held-out documents per class; compute the dense references and greedy runs."""
     progress = progress or Progress()
     try:
-        docs = load_documents(data_spec, split="heldout", text_column=config.text_column,
-                              class_column=config.class_column)
         # Whole windows only: every row is measured at the stated generation length, none at a shorter one.
-        tokens, classes = token_windows(tokenizer, docs, config.window, config.docs_per_class, config.window)
+        windows = prepare_windows(model, tokenizer, data_spec, split="heldout", window=config.window,
+                                  min_len=config.window, prompt_len=config.prompt_len, batch_size=config.batch_size,
+                                  per_class=config.docs_per_class, text_column=config.text_column,
+                                  class_column=config.class_column)
     except FidelityError as e:
         raise EvalError(f"held-out data: {e} (EvalConfig.prompt_len={config.prompt_len} + "
                         f"EvalConfig.gen_len={config.gen_len}; lower EvalConfig.gen_len for shorter documents)"
                        ) from None
-    pad = pad_id_of(tokenizer, model)
-    batches, class_names = [], list(dict.fromkeys(classes))
-    for cls in class_names:
-        idx = [i for i, c in enumerate(classes) if c == cls]
-        batches += make_batches([tokens[i] for i in idx], [cls] * len(idx), config.prompt_len, pad, config.batch_size)
+    tokens, classes, pad, batches = windows.tokens, windows.classes, windows.pad_id, windows.batches
+    class_names = list(dict.fromkeys(classes))
     forward, references = model_forward(model), []
     with progress.stage("dense pass", len(batches)) as tick:
         for batch in batches:

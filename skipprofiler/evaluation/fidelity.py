@@ -235,12 +235,52 @@ def token_windows(tokenizer, docs: Sequence[Document], window: int, per_class: i
     return tokens, classes
 
 
-def pad_id_of(tokenizer, model) -> int:
-    for cand in (getattr(tokenizer, "pad_token_id", None), getattr(model.config, "pad_token_id", None),
-                 getattr(tokenizer, "eos_token_id", None)):
+def pad_id_of(tokenizer, model=None) -> int:
+    """The id right- and left-padded batches are filled with (every padded position is masked): the tokenizer's pad
+    token, else the model config's, else the tokenizer's end-of-sequence token, else the generation config's pad
+    token, else 0. The one pad rule of eval, `--refine`, linear substitutes, QA answers and the lm-eval model."""
+    config = getattr(model, "config", None)
+    generation = getattr(model, "generation_config", None)
+    for cand in (getattr(tokenizer, "pad_token_id", None), getattr(config, "pad_token_id", None),
+                 getattr(tokenizer, "eos_token_id", None), getattr(generation, "pad_token_id", None)):
         if isinstance(cand, int):
             return cand
     return 0
+
+
+@dataclass
+class Windows:
+    """Documents of a data spec as token windows (in document order) and their right-padded batches."""
+
+    tokens: list[list[int]]
+    classes: list[str]  # one label per window
+    pad_id: int
+    batches: list[TokenBatch]
+
+
+def prepare_windows(model, tokenizer, data_spec: str | None, *, split: str, window: int, min_len: int, prompt_len: int,
+                    batch_size: int, per_class: int | None, text_column: str | None = None,
+                    class_column: str | None = None, select: Callable[[list[Document]], list[Document]] | None = None,
+                    by_class: bool = True) -> Windows:
+    """Documents -> token windows -> batches, the one data path of eval (held-out windows), `--refine` (calibration
+    references) and linear substitutes (calibration statistics).
+
+    Documents are read by `load_documents` (None: the bundled demo split), narrowed by `select` when given, cut to
+    `window` tokens keeping the first `per_class` of at least `min_len` tokens per class (`token_windows`), then
+    batched by `make_batches`: per class in order of first appearance when `by_class`, else all classes mixed.
+    """
+    docs = load_documents(data_spec, split=split, text_column=text_column, class_column=class_column)
+    if select is not None:
+        docs = select(docs)
+    tokens, classes = token_windows(tokenizer, docs, window, per_class, min_len)
+    pad = pad_id_of(tokenizer, model)
+    if not by_class:
+        return Windows(tokens, classes, pad, make_batches(tokens, classes, prompt_len, pad, batch_size))
+    batches = []
+    for cls in dict.fromkeys(classes):
+        idx = [i for i, c in enumerate(classes) if c == cls]
+        batches += make_batches([tokens[i] for i in idx], [cls] * len(idx), prompt_len, pad, batch_size)
+    return Windows(tokens, classes, pad, batches)
 
 
 def model_forward(model) -> Callable[[TokenBatch], torch.Tensor]:

@@ -16,7 +16,8 @@ from . import families
 from .baselines import budget_slots, static_template
 from .config import EvalConfig
 from .data import EvalData, search_windows
-from .rows import model_num_layers, plan_row, rounded
+from .._jsonable import rounded
+from .rows import model_num_layers, plan_row
 
 
 def want_oracle(model, config: EvalConfig) -> bool:

@@ -32,6 +32,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .fidelity import pad_id_of
+
 __all__ = ["QAError", "Question", "QAScore", "load_questions", "normalize_answer", "is_correct", "build_prompts",
            "generate_answers", "Prefill", "prefill", "decode_prefilled", "score", "retention", "DEFAULT_PATH", "FRAME_WORDS", "SYSTEM_PROMPT",
            "FEW_SHOT_EXAMPLES"]
@@ -194,13 +196,6 @@ def build_prompts(tokenizer, questions: Sequence[Question]) -> list[list[int]]:
     return prompts
 
 
-def _pad_id(tokenizer, model) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, getattr(model.generation_config, "pad_token_id", None)):
-        if isinstance(tid, int):
-            return tid
-    return 0
-
-
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 16,
                      batch_size: int = 16, progress: Callable[[int, int], None] | None = None) -> list[str]:
@@ -212,7 +207,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[Sequence[int]], max_new
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pad_id = _pad_id(tokenizer, model)
+    pad_id = pad_id_of(tokenizer, model)
     eos_id = model.generation_config.eos_token_id
     if eos_id is None:
         eos_id = tokenizer.eos_token_id
@@ -253,7 +248,7 @@ def prefill(model, tokenizer, prompts: Sequence[Sequence[int]], batch_size: int 
 
     from ..arch.compat import cache_kwargs
 
-    pad_id = _pad_id(tokenizer, model)
+    pad_id = pad_id_of(tokenizer, model)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = []

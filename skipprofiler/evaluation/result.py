@@ -11,7 +11,7 @@ import torch
 from .fidelity import FidelitySums
 from .config import EvalConfig, EvalError
 from .data import EvalData
-from .rows import rounded
+from .._jsonable import rounded
 
 EVAL_FORMAT = "skipprof-eval"
 EVAL_FORMAT_VERSION = 1

@@ -12,8 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .._jsonable import rounded as _rounded
-from .bench import FlopModel
+from .._jsonable import rounded
+from ..arch.flops import FlopModel
 from .fidelity import (
     FidelityError,
     FidelitySums,
@@ -27,11 +27,6 @@ from .config import EvalConfig, EvalError
 from .data import EvalData
 
 ROUTES = (None, "label", "router")  # the global plan; each class's plan on its class; the plan's router picks
-
-
-def rounded(x):
-    """Floats at six significant digits (the precision of every number in the eval JSON); other values as they are."""
-    return _rounded(x) if isinstance(x, float) else x
 
 
 def rounded_all(d: dict) -> dict:

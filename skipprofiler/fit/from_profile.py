@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy.optimize import brentq
 
-from .._jsonable import jsonable
+from .._jsonable import jsonable, rounded
 from ..plan.model import PlanFile, Router, SkipPlan, fraction_pattern, is_eligible
 
 log = logging.getLogger("skipprofiler")
@@ -287,10 +287,6 @@ def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> floa
     return float(np.interp(q * w.sum(), cum, v))
 
 
-def _round(x: float) -> float:
-    return round(float(x), ROUND)
-
-
 def _settings_plan(settings: FitSettings, mode: str) -> SkipPlan:
     return SkipPlan(mode=mode, apply_to=settings.apply_to, warmup_tokens=int(settings.warmup_tokens),
                     dense_every=int(settings.dense_every), compensation=settings.compensation)
@@ -300,7 +296,7 @@ def _norm_gain(profile, regime: str, cls: str | None) -> list[float]:
     gain = np.asarray(profile.layer_stats("stream_gain", regime, cls)["mean"], dtype=np.float64)
     if not np.all(np.isfinite(gain)) or np.any(gain <= 0):
         raise FitError("the profile's stream_gain means are missing or non-finite; cannot use compensation norm_ratio")
-    return [_round(g) for g in gain]
+    return [rounded(g, ROUND, decimals=True) for g in gain]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -337,7 +333,7 @@ def fit_static(profile, settings: FitSettings, cls: str | None = None) -> SkipPl
         raise FitError(f"target skip {settings.target:g} is out of reach for {_who(cls)}: {len(candidates)} non-cold "
                        f"layers of {L} give at most {most:.3f} (cold layers 0..{cold_start - 1} and "
                        f"{L - cold_end}..{L - 1}); lower FitSettings.target or FitSettings.cold_floor")
-    plan.expected_skip_ratio = _round(ratio)
+    plan.expected_skip_ratio = rounded(ratio, ROUND, decimals=True)
     plan.fit = {
         "method": "static-rank",
         "statistic": f"mean residual cos ({regime} tokens)",
@@ -345,8 +341,8 @@ def fit_static(profile, settings: FitSettings, cls: str | None = None) -> SkipPl
         "regime": regime,
         "tokens": data.tokens,
         "cold_layers": list(range(cold_start)) + list(range(L - cold_end, L)),
-        "saturation_tau": _round(tau_ref),
-        "layer_mean_cos": [_round(m) for m in mean_cos],
+        "saturation_tau": rounded(tau_ref, ROUND, decimals=True),
+        "layer_mean_cos": [rounded(m, ROUND, decimals=True) for m in mean_cos],
         "gen_len": settings.gen_len,
         "horizon": settings.horizon,
     }
@@ -492,7 +488,7 @@ def fit_adaptive(profile, settings: FitSettings, cls: str | None = None) -> Skip
     best = max(candidates, key=lambda c: (c.score, -c.max_skip))
     plan.tau = [float(t) for t in best.tau]
     plan.cold_start, plan.cold_end, plan.max_skip = best.cold_start, best.cold_end, best.max_skip
-    plan.expected_skip_ratio = _round(best.ratio)
+    plan.expected_skip_ratio = rounded(best.ratio, ROUND, decimals=True)
     plan.fit = {
         "method": "adaptive-simulated",
         "target_skip": settings.target,
@@ -500,16 +496,17 @@ def fit_adaptive(profile, settings: FitSettings, cls: str | None = None) -> Skip
         "tokens": data.tokens,
         "reservoir_rows": int(len(data.rows)),
         "tau_mode": settings.tau_mode,
-        "eligible_share": _round(share),
-        "skipped_mean_cos": _round(best.score),
-        "k_search": [[c.max_skip, _round(c.ratio), _round(c.score)] for c in candidates],  # k, ratio, score
+        "eligible_share": rounded(share, ROUND, decimals=True),
+        "skipped_mean_cos": rounded(best.score, ROUND, decimals=True),
+        "k_search": [[c.max_skip, rounded(c.ratio, ROUND, decimals=True), rounded(c.score, ROUND, decimals=True)]
+                     for c in candidates],  # k, ratio, score
         "gen_len": settings.gen_len,
         "horizon": settings.horizon,
     }
     if shared:
         plan.fit["batch_size"] = settings.batch_size
     if settings.tau_mode == "per-layer":
-        plan.fit["quantile_level"] = _round(best.level)
+        plan.fit["quantile_level"] = rounded(best.level, ROUND, decimals=True)
     if settings.compensation == "norm_ratio":
         plan.norm_gain = _norm_gain(profile, regime, cls)
     return plan
@@ -557,8 +554,8 @@ def fit_router(profile, seed: int = 0, train_share: float = 0.7) -> tuple[Router
     # Profiles written before the pooling was recorded pooled every prompt token.
     router = Router(layer=int(profile.router_layer), classes=classes,
                     pooling=str(profile.header.get("router_pooling", "mean")),
-                    centroids=[[_round(x) for x in vec] for vec in final], metric="cosine",
-                    heldout_accuracy=_round(accuracy))
+                    centroids=[[rounded(x, ROUND, decimals=True) for x in vec] for vec in final], metric="cosine",
+                    heldout_accuracy=rounded(accuracy, ROUND, decimals=True))
     return router, None
 
 
@@ -601,7 +598,8 @@ def fit_plan_file(profile, settings: FitSettings, per_class: bool = False, class
     class_plans = {name: _fit_class(profile, settings, name, global_plan, warnings) for name in wanted}
     if settings.mode == "adaptive" and known:
         global_plan.fit["class_skip_ratio"] = {
-            name: _round(r) for name in known if (r := adaptive_ratio_on(profile, global_plan, name)) is not None}
+            name: rounded(r, ROUND, decimals=True) for name in known
+            if (r := adaptive_ratio_on(profile, global_plan, name)) is not None}
     router = None
     if per_class and not classes:
         router, why_not = fit_router(profile, seed=settings.seed)

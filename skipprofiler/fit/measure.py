@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..evaluation.fidelity import (DenseReference, FidelityError, FidelitySums, compare, dense_references, load_documents,
-                       logits_of, make_batches, model_forward, pad_id_of, token_windows)
+from ..evaluation.fidelity import (DenseReference, FidelityError, FidelitySums, compare, dense_references, logits_of,
+                                  model_forward, prepare_windows)
 from ..plan.model import SkipPlan
 from .search import RefineError, Slots, canonical
 
@@ -216,14 +216,10 @@ def calibration_references(model, tokenizer, data_spec: str | None, *, split: st
                            text_column: str | None = None, class_column: str | None = None) -> list[DenseReference]:
     """Dense references on a data spec (default: the bundled calibration split), batched per class; documents are
     read as `skipprof profile` reads them (`text_column`, `class_column`, chat template)."""
-    docs = load_documents(data_spec, split=split, text_column=text_column, class_column=class_column)
-    tokens, classes = token_windows(tokenizer, docs, window, docs_per_class, prompt_len + 2)
-    pad = pad_id_of(tokenizer, model)
-    batches = []
-    for cls in dict.fromkeys(classes):
-        idx = [i for i, c in enumerate(classes) if c == cls]
-        batches += make_batches([tokens[i] for i in idx], [cls] * len(idx), prompt_len, pad, batch_size)
-    return dense_references(model, batches)
+    windows = prepare_windows(model, tokenizer, data_spec, split=split, window=window, min_len=prompt_len + 2,
+                              prompt_len=prompt_len, batch_size=batch_size, per_class=docs_per_class,
+                              text_column=text_column, class_column=class_column)
+    return dense_references(model, windows.batches)
 
 
 def ffn_output_means(model, references: Sequence[DenseReference]) -> dict[int, list[float]]:

@@ -187,7 +187,7 @@ def substitute_cost_share(model, plan: SkipPlan) -> float:
     """A plan's substitute FLOPs per skipped call as a share of one FFN call's FLOPs (0 without linear maps)."""
     if plan.compensation != "linear" or plan.linear is None:
         return 0.0
-    from ..evaluation.bench import token_flops
+    from ..arch.flops import token_flops
 
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd")
     return plan.linear.flops_per_call(hidden) / token_flops(model)["ffn"]
@@ -346,7 +346,7 @@ def compare_with_static(model, adaptive: SkipPlan, references: Sequence[DenseRef
     ratio = adaptive.fit["measured"]["calibration_skip_ratio"]
     budget = ratio * num_layers
     full = int(math.floor(budget + 1e-9))
-    fractions = [1.0] * full + ([round(budget - full, 3)] if budget - full >= 0.01 else [])
+    fractions = [1.0] * full + ([rounded(budget - full, 3, decimals=True)] if budget - full >= 0.01 else [])
     template = with_mean_outputs(model, SkipPlan(mode="static", compensation=adaptive.compensation,
                                                  norm_gain=adaptive.norm_gain), references)
     evaluate = SetEvaluator(model, references, template)

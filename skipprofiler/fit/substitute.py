@@ -296,23 +296,25 @@ def calibration_batches(model, tokenizer, data_spec: str | None, *, skip_docs_pe
     """Token batches of calibration windows (prompt_len + gen_len tokens) for statistics, per class, leaving out each
     class's first `skip_docs_per_class` documents (the windows a layer search measures its sets on); `only_class`:
     that class's documents only."""
-    from ..evaluation.fidelity import load_documents, make_batches, pad_id_of, token_windows
+    from ..evaluation.fidelity import prepare_windows
 
-    docs = load_documents(data_spec, split="calibration", text_column=text_column, class_column=class_column)
-    if only_class is not None:
-        docs = [doc for doc in docs if doc.cls == only_class]
-        if not docs:
-            raise SubstituteError(f"no calibration document of class {only_class!r}")
-    seen: dict[str, int] = {}
-    rest = []
-    for doc in docs:
-        seen[doc.cls] = seen.get(doc.cls, 0) + 1
-        if seen[doc.cls] > skip_docs_per_class:
-            rest.append(doc)
-    if not rest:
-        rest = docs  # too little data to keep the sets apart: fit on the same documents
-    tokens, classes = token_windows(tokenizer, rest, prompt_len + gen_len, docs_per_class, prompt_len + 2)
-    return make_batches(tokens, classes, prompt_len, pad_id_of(tokenizer, model), batch_size)
+    def select(docs: list) -> list:
+        if only_class is not None:
+            docs = [doc for doc in docs if doc.cls == only_class]
+            if not docs:
+                raise SubstituteError(f"no calibration document of class {only_class!r}")
+        seen: dict[str, int] = {}
+        rest = []
+        for doc in docs:
+            seen[doc.cls] = seen.get(doc.cls, 0) + 1
+            if seen[doc.cls] > skip_docs_per_class:
+                rest.append(doc)
+        return rest or docs  # too little data to keep the sets apart: fit on the same documents
+
+    return prepare_windows(model, tokenizer, data_spec, split="calibration", window=prompt_len + gen_len,
+                           min_len=prompt_len + 2, prompt_len=prompt_len, batch_size=batch_size,
+                           per_class=docs_per_class, text_column=text_column, class_column=class_column,
+                           select=select, by_class=False).batches
 
 
 def fit_substitutes(model, batches: Sequence, layers: Sequence[int], rank: int | None = None, *,

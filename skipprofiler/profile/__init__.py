@@ -5,9 +5,9 @@ One module per concern:
 - `data`: the `Profile` data model and its queries (layer statistics, quantiles, per-token samples);
 - `fileformat`: the file behind `Profile.save/load`, safetensors arrays plus a JSON header (docs/profile-format.md);
 - `merge`: `merge_profiles()`, the exact merge of profiles of disjoint corpora;
-- `recorder`: `profile_model()`, which runs a model over labelled batches with the capture hooks.
-
-`skipprofiler.profile_corpus` (skipprofiler.recipes) is the whole stage: corpus, model, header, progress.
+- `recorder`: `profile_model()`, which runs a model over labelled batches with the capture hooks;
+- `recipe`: `profile_corpus()`, the whole stage (corpus, model, header, progress), exported as
+  `skipprofiler.profile_corpus`.
 """
 
 from __future__ import annotations

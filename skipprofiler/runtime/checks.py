@@ -47,7 +47,7 @@ def _hidden_size(config) -> int | None:
     return getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
 
 
-def plans_for(model: nn.Module, arch: ResolvedArch, plan: PlanFile | SkipPlan,
+def plans_for(arch: ResolvedArch, plan: PlanFile | SkipPlan,
               prompt_class: str | None) -> tuple[dict[str | None, SkipPlan], list[str]]:
     """The plans an application uses, keyed by class (None = global), and every problem except the fingerprint."""
     if isinstance(plan, SkipPlan):
@@ -57,7 +57,16 @@ def plans_for(model: nn.Module, arch: ResolvedArch, plan: PlanFile | SkipPlan,
         return {None: plan}, plan_problems(plan, "plan", arch)
     if not isinstance(plan, PlanFile):
         raise TypeError(f"apply_plan expects a PlanFile, SkipPlan, or a YAML path; got {type(plan).__name__}")
-    return select_plans(plan, prompt_class, arch, _hidden_size(getattr(model, "config", None)))
+    problems: list[str] = []
+    if prompt_class == "auto":
+        from .routing import router_problems
+
+        plans, problems = router_problems(plan, arch, _hidden_size(arch._config))
+    else:
+        plans = {prompt_class: plan.select(prompt_class)}  # raises PlanError listing the plan's classes
+    for name, selected in plans.items():
+        problems += plan_problems(selected, "global plan" if name is None else f"class {name!r}", arch)
+    return plans, problems
 
 
 def fit_problems(model: nn.Module, plan: PlanFile | SkipPlan) -> list[str]:
@@ -69,23 +78,8 @@ def fit_problems(model: nn.Module, plan: PlanFile | SkipPlan) -> list[str]:
         mismatch = fingerprint_mismatch(plan, model)
         problems += [mismatch] if mismatch else []
     for prompt_class in [None, *(plan.classes if isinstance(plan, PlanFile) else ())]:
-        problems += [p for p in plans_for(model, arch, plan, prompt_class)[1] if p not in problems]
+        problems += [p for p in plans_for(arch, plan, prompt_class)[1] if p not in problems]
     return problems
-
-
-def select_plans(plan_file: PlanFile, prompt_class: str | None, arch: ResolvedArch,
-                 hidden_size: int | None) -> tuple[dict[str | None, SkipPlan], list[str]]:
-    """The plans this application may use, keyed by class (None = global), and every problem found."""
-    problems: list[str] = []
-    if prompt_class == "auto":
-        from .routing import router_problems
-
-        plans, problems = router_problems(plan_file, arch, hidden_size)
-    else:
-        plans = {prompt_class: plan_file.select(prompt_class)}  # raises PlanError listing the plan's classes
-    for name, plan in plans.items():
-        problems += plan_problems(plan, "global plan" if name is None else f"class {name!r}", arch)
-    return plans, problems
 
 
 def describe_layer(layer: int, plans: dict[str | None, SkipPlan], num_layers: int, batch_decision: str) -> str:

@@ -324,7 +324,7 @@ def apply_plan(model: nn.Module, plan: PlanFile | SkipPlan | str | Path, prompt_
     arch = resolve(model)
     if isinstance(plan, PlanFile):
         check_fingerprint(plan, model, strict)
-    plans, problems = plans_for(model, arch, plan, prompt_class)
+    plans, problems = plans_for(arch, plan, prompt_class)
     decisions = {p.batch_decision for p in plans.values() if p.mode == ADAPTIVE and not p.is_empty()}
     if batch_decision is None and len(decisions) > 1:
         problems.append(f"the selected plans disagree on batch_decision ({', '.join(sorted(decisions))}); "

@@ -53,9 +53,11 @@ def plan_forward(rules: list[Rule], first_d: list[int], seq: int, device: torch.
             flags = forward.static_flags.get(layer)
             forward.static_flags[layer] = hit.flatten() if flags is None else flags | hit.flatten()
             fill_groups.setdefault(layer, []).append((rule.fills.get(layer), hit.flatten()))
-    forward.counts.positions = forward.host_count(counted.flatten())
-    forward.counts.decided = (int(decided.sum()) if forward.real is None
-                              else (decided.flatten().to(forward.device) * forward.real).sum())
+    if forward.real is None:  # host ints; with padding, device counts of the real positions
+        forward.counts.positions, forward.counts.decided = int(counted.sum()), int(decided.sum())
+    else:
+        forward.counts.positions = (counted.flatten().to(forward.device) & forward.real).sum()
+        forward.counts.decided = (decided.flatten().to(forward.device) * forward.real).sum()
     for layer, groups in fill_groups.items():
         forward.fills[layer] = _one_fill(groups, forward.device)
     for layer, flags in forward.static_flags.items():

@@ -58,10 +58,6 @@ class Rule:
         self.skippable = plan.skippable_layers(num_layers) if not plan.is_empty() else []
         self._actions: dict[tuple[int, ...], dict[int, Action]] = {}
 
-    def layers_at(self, d: int | None) -> tuple[int, ...]:
-        """Layers a static plan skips at decode index d (none for prompt positions)."""
-        return () if d is None or d < 0 or not self.static else tuple(self.plan.static_layers_at(d))
-
     def skip_all(self, layers: tuple[int, ...]) -> dict[int, Action]:
         actions = self._actions.get(layers)
         if actions is None:  # a plan has few distinct layer sets (fractions repeat): built once each
@@ -122,10 +118,6 @@ class Forward:
             c.substitute_rows += p
             c.substitute_flops += p * action.fill.flops_per_row
 
-    def host_count(self, flags: torch.Tensor) -> Any:
-        """Real positions among CPU flags [P]: a host int when there is no padding mask."""
-        return int(flags.sum()) if self.real is None else (flags.to(self.device) & self.real).sum()
-
     def check_rows(self, rows: int, layer: int) -> None:
         if rows != self.positions:
             raise RuntimeError(f"skipprofiler: the FFN of layer {layer} got {rows} positions but the model forward has "
@@ -143,14 +135,15 @@ def first_decode_index(rules: list[Rule], past: int, prompt_end: list[int], pad_
 def decode_step(rules: list[Rule], first_d: list[int], seq: int, device: torch.device) -> Forward | None:
     """The plan of a plain decode step -- one new token per row, every row on one static plan and skipping the same
     layers -- from host integers only; None for any other forward."""
-    if seq != 1 or not all(r.static and r is rules[0] for r in rules):
+    rule = rules[0]
+    if seq != 1 or not rule.static or any(r is not rule for r in rules) or all(d < 0 for d in first_d):
         return None
-    layers = {rules[0].layers_at(d) for d in first_d}
-    if len(layers) != 1 or all(d < 0 for d in first_d):
+    layers = {tuple(rule.plan.static_layers_at(d)) if d >= 0 else () for d in first_d}  # none for prompt positions
+    if len(layers) != 1:
         return None
     forward = Forward(len(rules), seq, device, None)  # one new token per row: a generated token, always real
-    forward.counts.positions = sum(d >= rules[0].plan.warmup_tokens for d in first_d)
-    forward.actions = rules[0].skip_all(layers.pop())
+    forward.counts.positions = sum(d >= rule.plan.warmup_tokens for d in first_d)
+    forward.actions = rule.skip_all(layers.pop())
     forward.counts.decided = len(forward.actions) * forward.batch
     for action in forward.actions.values():
         forward.count(action)

@@ -166,7 +166,7 @@ def test_router_row_reports_how_often_the_runtime_router_picks_the_true_class():
 
     from skipprofiler import demo
     from skipprofiler.evaluation.data import prepare_data
-    from skipprofiler.plan.io import load_plan
+    from skipprofiler.plan import load_plan
     from skipprofiler.runtime import apply_plan
 
     model = AutoModelForCausalLM.from_pretrained(demo.model_path(), dtype=torch.float32).eval()

@@ -21,7 +21,7 @@ from tiny_models import MODEL_TYPES, tiny_model
 
 from skipprofiler.evaluation.fidelity import measure_plan
 from skipprofiler.plan.model import LinearMaps, PlanError
-from skipprofiler.plan.io import load_plan, save_plan, weights_file_for
+from skipprofiler.plan import load_plan, save_plan, weights_file_for
 from skipprofiler.runtime import apply_plan
 from skipprofiler.fit.substitute import (
     LayerStatistics,

@@ -132,7 +132,7 @@ class FitSettings:
     def _value_problems(self) -> list[str]:
         """Settings invalid on their own (the plan-file rules for the eligibility settings, planio)."""
         from ..plan.model import BATCH_DECISIONS, MODES
-        from ..plan.io import eligibility_problems
+        from ..plan import eligibility_problems
 
         out = []
         if self.target is not None and not 0.0 < self.target < 1.0:

@@ -1,5 +1,6 @@
-"""How much runtime code a static plan really runs: distinct lines of skipprofiler/runtime (and plan.py, planio.py)
-executed by apply_plan, by one prefill and by each decode step, on a tiny Llama. A reading aid for the runtime's size.
+"""How much runtime code a static plan really runs: distinct lines of skipprofiler/runtime (and skipprofiler/plan)
+executed by apply_plan, by one prefill and by each decode step, on a tiny Llama, per file; then the runtime files a
+decode step runs through. A reading aid for the runtime's size.
 
     python scripts/runtime_lines.py
 """
@@ -39,3 +40,7 @@ for name in ("apply", "prefill", "decode step", "decode step 2"):
     by_file = {}
     for f, l in seen: by_file[f] = by_file.get(f, 0) + 1
     print(f"{name:14s} {len(seen):4d} distinct lines", dict(sorted(by_file.items())))
+    if name == "decode step 2":
+        runtime = sorted(f for f in by_file if f.startswith("runtime/"))
+        print(f"a decode step runs through {len(runtime)} runtime files ({', '.join(runtime)}), "
+              f"{sum(by_file[f] for f in runtime)} distinct lines there")

@@ -7,12 +7,12 @@ Deployment code imports only this package (torch, yaml via planio, and the stand
     handle.stats()               # decided skips and FFN rows really not computed
     handle.remove()              # bit-exact restore
 
-Read it top to bottom, one part per module. A static plan uses: `handle` (apply_plan, SkipHandle: plan each
-forward, count, restore), `positions` (which positions are decode positions), `schedule` (the plan of one forward:
-a decode step is a dictionary lookup), `positionwise` (other forwards, position by position), `ffn` / `families`
-(what a patched FFN computes), `patcher` (reversible changes), `checks` (does the plan fit the model). Plug-ins,
-imported only when a plan needs them: `adaptive` (FFN-SkipLLM's trigger), `routing` (``prompt_class="auto"``);
-compensation fills: `compensation`. Rule semantics: the docstring of `skipprofiler.plan`.
+Read it top to bottom, one part per module. A static plan loads: `handle` (apply_plan, SkipHandle: where decode
+positions start, which path each forward takes, counts, restore), `schedule` (the plan of one forward: a decode step
+is a dictionary lookup), `ffn` (what a patched FFN computes), `patcher` (reversible changes), `checks` (does the plan
+fit the model). Imported only when needed: `positionwise` (other forwards, position by position), `families` (Bloom,
+OPT), the plug-ins (`plugins.Plugin`) `adaptive` (FFN-SkipLLM's trigger) and `routing` (``prompt_class="auto"``), and
+the compensation fills `compensation`. Rule semantics: the docstring of `skipprofiler.plan.model`.
 """
 
 from ..plan.model import PlanError

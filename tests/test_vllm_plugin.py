@@ -26,7 +26,7 @@ from torch import nn
 
 from skipprofiler.arch.models import ModelSourceError, load_model, model_source, smollm2_gguf
 from skipprofiler.plan.model import SkipPlan
-from skipprofiler.plan.io import load_plan
+from skipprofiler.plan import load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = ROOT / "plans" / "smollm2-static-25.yaml"
@@ -70,8 +70,9 @@ class _MLP(nn.Module):
 class _Model(nn.Module):
     """Residual stack of MLPs, called as vLLM's runner calls a model (positions=...)."""
 
-    def __init__(self, layers: int = 4, hidden: int = 8):
+    def __init__(self, layers: int = 4, hidden: int = 8, model_type: str = "llama"):
         super().__init__()
+        self.config = SimpleNamespace(model_type=model_type, num_hidden_layers=layers, hidden_size=hidden)
         self.model = nn.Module()
         self.model.layers = nn.ModuleList(nn.Module() for _ in range(layers))
         for layer in self.model.layers:
@@ -149,6 +150,76 @@ def test_served_plan_warmup_dense_every_and_all_positions():
             got = model(positions=positions, inputs_embeds=x)
         torch.testing.assert_close(got, want)
         model = fresh
+
+
+# ---- which architectures are served: the registry's, refused in one line otherwise (no vLLM needed) --------------
+
+
+def test_served_architectures_come_from_the_registry(monkeypatch):
+    """The plugin keeps no list of its own: a registry family is served when its FFN is the decoder layer's `mlp`
+    module returning the FFN's part (what the op replaces); registering or removing a family changes what is served."""
+    from skipprofiler.arch import registry
+    from skipprofiler.integrations import vllm as vllm_plugin
+
+    want = sorted(t for t, spec in registry.REGISTRY.items() if spec.ffn == "mlp"
+                  and spec.contribution != registry.RESIDUAL_INSIDE and not spec.ffn_output_mutated)
+    assert vllm_plugin.served_architectures() == want
+    assert {"llama", "mistral", "qwen2", "qwen3"} <= set(want) and not {"opt", "bloom", "falcon"} & set(want)
+    llama = SimpleNamespace(model_type="llama", architectures=["LlamaForCausalLM"])
+    assert vllm_plugin.architecture_problem(llama) is None
+    monkeypatch.setitem(registry.REGISTRY, "newlm", registry.ArchSpec(layers="model.layers"))
+    assert "newlm" in vllm_plugin.served_architectures()
+    assert vllm_plugin.architecture_problem(SimpleNamespace(model_type="newlm")) is None
+    monkeypatch.delitem(registry.REGISTRY, "llama")
+    assert "llama" not in vllm_plugin.served_architectures()
+    assert "registry does not know it" in vllm_plugin.architecture_problem(llama)
+
+
+@pytest.mark.parametrize("model_type, arch, why", [
+    ("opt", "OPTForCausalLM", "its FFN is 'fc1,fc2', not an 'mlp' module"),
+    ("bloom", "BloomForCausalLM", "its FFN module adds the residual itself"),
+    ("falcon", "FalconForCausalLM", "its layer changes the FFN output after the module returns"),
+    ("mamba", "MambaForCausalLM", "skipprofiler's architecture registry does not know it")])
+def test_unsupported_architecture_is_refused_in_one_line(model_type, arch, why):
+    """The front end's check (before any worker starts), on the config vLLM would hand it: one line naming the model
+    type, why, and the served ones; with every other problem of the plan on the same line."""
+    from skipprofiler.integrations import vllm as vllm_plugin
+
+    plan_file = load_plan(PLAN)
+    fp = plan_file.model["fingerprint"]
+    config = SimpleNamespace(model_type=model_type, architectures=[arch], num_hidden_layers=fp["num_layers"],
+                             hidden_size=fp["hidden_size"], vocab_size=fp["vocab_size"])
+    line = vllm_plugin.problem_line(str(PLAN), vllm_plugin.plan_problems(plan_file, config))
+    assert "\n" not in line and line.startswith(f"SKIPPROF_PLAN={PLAN}: vLLM serves skip plans for the model types "), line
+    assert f"this model is {model_type!r} ({arch}): {why}" in line, line
+    assert ", ".join(vllm_plugin.served_architectures()) in line
+    assert "fitted for another model" in line and "model.fingerprint.model_type" in line  # listed beside it
+    # a plan vLLM cannot serve on top: both problems, still one line
+    adaptive = load_plan(ROOT / "plans" / "smollm2-adaptive-25.yaml")
+    line = vllm_plugin.problem_line("a.yaml", vllm_plugin.plan_problems(adaptive, config))
+    assert "\n" not in line and "it is adaptive" in line and why in line, line
+
+
+def test_worker_refuses_a_model_without_the_registry_ffn_in_one_line():
+    """On the worker the registry resolves vLLM's model as it resolves a transformers one: a served family whose
+    built layers lack the `mlp` module, or a family the plugin does not serve, stops with one line."""
+    from skipprofiler.integrations import vllm as vllm_plugin
+    from skipprofiler.plan.model import PlanError
+
+    plan = SkipPlan(mode="static", skip_layers={1: 1.0})
+    model = _Model()
+    for layer in model.model.layers:
+        layer.block_sparse_moe = layer.mlp
+        del layer.mlp
+    with pytest.raises(PlanError) as info:
+        vllm_plugin.ServedPlan(_runner(model, [4], [0]), plan, "p.yaml")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("SKIPPROF_PLAN=p.yaml: vLLM's _Model ('llama') cannot be "
+                                                       "served: llama: layer 0 has no FFN module at 'mlp'"), message
+    with pytest.raises(PlanError, match=r"^SKIPPROF_PLAN: vLLM's _Model \('opt'\) cannot be served: its FFN is"):
+        vllm_plugin.ServedPlan(_runner(_Model(model_type="opt"), [4], [0]), plan)
+    with pytest.raises(PlanError, match=r"^SKIPPROF_PLAN: plan\.skip_layers.*beyond the model's 4 layers"):
+        vllm_plugin.ServedPlan(_runner(_Model(), [4], [0]), SkipPlan(mode="static", skip_layers={7: 1.0}))
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:

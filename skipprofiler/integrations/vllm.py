@@ -4,10 +4,14 @@
 What it does, in every vLLM process the plugin is loaded in, and only while ``SKIPPROF_PLAN`` is set:
 
 * front end (``EngineArgs.create_engine_config``): the plan is loaded, validated, checked against what vLLM serves
-  (static plans, compensation none / mean_output / linear, no prompt classes) and against the model's fingerprint,
-  before any worker starts. A problem stops start-up with one line (``vllm serve``: the exit message; ``LLM(...)``:
-  a ``PlanError`` whose message is that line).
-* workers (``Worker.load_model``): after the weights load, each planned layer's ``mlp.forward`` becomes a call of
+  (static plans, compensation none / mean_output / linear, no prompt classes), against the architecture registry
+  (skipprofiler.arch.registry: a family whose FFN is the decoder layer's ``mlp`` module), against the model's
+  fingerprint and its layers (skipprofiler.plan.io's checks), before any worker starts. The problems stop start-up
+  with one line listing them all (``vllm serve``: the exit message; ``LLM(...)``: a ``PlanError`` whose message is
+  that line).
+* workers (``Worker.load_model``): after the weights load, the registry resolves vLLM's model as it resolves a
+  transformers one (the same checks again, now against ``model_fingerprint`` of the built model), and each planned
+  layer's ``mlp.forward`` becomes a call of
   the custom op ``skipprof::ffn`` (opaque to vLLM's torch.compile), and the model's forward is wrapped so that once
   per forward the decode index of every token is computed from tensors the model runner already holds on the
   device: ``d = positions - prompt_len[req_indices]``. Prompt tokens (d < 0), chunked-prefill chunks mixed with
@@ -26,13 +30,15 @@ from typing import Any
 
 import torch
 
-from ..plan.model import ADAPTIVE, ALL_POSITIONS, LINEAR, MEAN_OUTPUT, NO_COMPENSATION, PlanError, PlanFile, SkipPlan, fraction_pattern
+from ..arch.registry import (REGISTRY, RESIDUAL_INSIDE, FFNSite, UnsupportedArchitecture, config_fingerprint,
+                             model_fingerprint, resolve)
+from ..plan.model import (ADAPTIVE, ALL_POSITIONS, LINEAR, MEAN_OUTPUT, NO_COMPENSATION, PlanError, PlanFile, SkipPlan,
+                          fraction_pattern)
 
 ENV = "SKIPPROF_PLAN"
 SERVED = ("static plans (compensation none, mean_output or linear; apply_to decode or all) without prompt classes; "
           "adaptive, per-class and norm_ratio plans run in transformers (skipprofiler.apply_plan)")
-# vLLM model classes whose decoder layers hold ``mlp`` modules mapping [tokens, hidden] -> [tokens, hidden].
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+FFN_MODULE = "mlp"  # the decoder-layer module whose forward the plugin routes through its op
 
 
 def register() -> None:
@@ -45,44 +51,90 @@ def register() -> None:
 # ---- the plan: what vLLM serves, checked before start-up --------------------------------------------------------
 
 
+def family_problem(model_type: Any) -> str | None:
+    """Why the plugin cannot serve the registry family `model_type` (None: it can). Its op replaces the output of
+    each decoder layer's `mlp` module, as the runtime replaces the FFN module's output: the registry must know the
+    family, its FFN must be that module, and the module's output must be the FFN's part only, used as is (Bloom's
+    adds the residual itself; Falcon's layer writes into it, and vLLM's FalconMLP returns (output, bias))."""
+    spec = REGISTRY.get(model_type)
+    if spec is None:
+        return "skipprofiler's architecture registry does not know it"
+    if spec.ffn != FFN_MODULE:
+        return f"its FFN is {spec.ffn!r}, not an {FFN_MODULE!r} module"
+    if spec.contribution == RESIDUAL_INSIDE:
+        return "its FFN module adds the residual itself"
+    if spec.ffn_output_mutated:
+        return "its layer changes the FFN output after the module returns"
+    return None
+
+
+def served_architectures() -> list[str]:
+    """The model types (skipprofiler.arch.registry.REGISTRY keys) whose plans the plugin serves."""
+    return sorted(t for t in REGISTRY if family_problem(t) is None)
+
+
+def architecture_problem(hf_config: Any) -> str | None:
+    """One sentence if the plugin cannot serve the model `hf_config` describes; None if its registry family is served
+    (whether vLLM's decoder layers have the `mlp` module is checked on the worker, once vLLM has built the model)."""
+    model_type = getattr(hf_config, "model_type", None)
+    why = family_problem(model_type)
+    if why is None:
+        return None
+    archs = ", ".join(getattr(hf_config, "architectures", None) or []) or "of unknown architecture"
+    return (f"vLLM serves skip plans for the model types {', '.join(served_architectures())}; this model is "
+            f"{model_type!r} ({archs}): {why}")
+
+
 def load_served_plan(path: str) -> PlanFile:
-    """The plan file at `path` if vLLM can serve its (global) plan; PlanError with one line otherwise."""
-    from ..plan.io import load_plan
+    """The plan file at `path`, loaded and validated; PlanError with one line otherwise."""
+    from ..plan import load_plan
 
     try:
-        plan_file = load_plan(path)
+        return load_plan(path)
     except PlanError as e:
         raise PlanError(f"{ENV}={path}: " + "; ".join(e.problems)) from None
+
+
+def unserved_kind(plan_file: PlanFile) -> str | None:
     plan = plan_file.global_plan
-    why = None
     if plan_file.classes or plan_file.router is not None:
-        why = "it has prompt classes"
-    elif plan.mode == ADAPTIVE:
-        why = "it is adaptive"
-    elif plan.compensation not in (NO_COMPENSATION, MEAN_OUTPUT, LINEAR):
-        why = f"its compensation is {plan.compensation}"
+        return "it has prompt classes"
+    if plan.mode == ADAPTIVE:
+        return "it is adaptive"
+    if plan.compensation not in (NO_COMPENSATION, MEAN_OUTPUT, LINEAR):
+        return f"its compensation is {plan.compensation}"
+    return None
+
+
+def plan_problems(plan_file: PlanFile, hf_config: Any, model_fp: dict | None = None) -> list[str]:
+    """Everything that keeps vLLM from serving `plan_file` on the model `hf_config` describes, all at once: the plan's
+    kind, the architecture, the fingerprint (skipprofiler.plan.fingerprint_problems against `model_fp`, by default
+    `config_fingerprint` of the config: what `model_fingerprint` gives the same checkpoint in transformers) and the
+    plan rules against the model's layers (skip_plan_problems)."""
+    from ..plan import fingerprint_problems, skip_plan_problems
+
+    problems = []
+    why = unserved_kind(plan_file)
     if why:
-        raise PlanError(f"{ENV}={path}: vLLM cannot serve this plan: {why} (vLLM serves {SERVED})")
-    return plan_file
-
-
-def config_problem(path: str, plan_file: PlanFile, hf_config: Any) -> str | None:
-    """One line naming what keeps the plan off the model `hf_config` describes (architecture, fingerprint, layer
-    indices); None if it fits."""
-    from ..plan.io import fingerprint_problems, skip_plan_problems
-    from ..arch.registry import config_fingerprint
-
-    archs = list(getattr(hf_config, "architectures", None) or [])
-    if not set(archs) & set(ARCHITECTURES):
-        return (f"{ENV}={path}: vLLM serves skip plans for {', '.join(ARCHITECTURES)}; this model is "
-                f"{', '.join(archs) or 'of unknown architecture'}")
-    layers = getattr(hf_config, "num_hidden_layers", None)
-    problems = fingerprint_problems((plan_file.model or {}).get("fingerprint"), config_fingerprint(hf_config, layers))
-    if problems:
+        problems.append(f"vLLM cannot serve this plan: {why} (vLLM serves {SERVED})")
+    why = architecture_problem(hf_config)
+    if why:
+        problems.append(why)
+    if model_fp is None:
+        model_fp = config_fingerprint(hf_config, getattr(hf_config, "num_hidden_layers", None))
+    mismatch = fingerprint_problems((plan_file.model or {}).get("fingerprint"), model_fp)
+    if mismatch:
         name = (plan_file.model or {}).get("name", "?")
-        return f"{ENV}={path}: plan was fitted for another model ({name}): " + "; ".join(problems)
-    problems = skip_plan_problems(plan_file.global_plan, "global", layers, getattr(hf_config, "hidden_size", None))
-    return f"{ENV}={path}: " + "; ".join(problems) if problems else None
+        problems.append(f"plan was fitted for another model ({name}): " + "; ".join(mismatch))
+    layers, hidden = model_fp.get("num_layers"), model_fp.get("hidden_size")
+    if layers:
+        problems += skip_plan_problems(plan_file.global_plan, "global", layers, hidden)
+    return problems
+
+
+def problem_line(path: str | None, problems: list[str]) -> str | None:
+    """The one line start-up stops with (None: nothing to report)."""
+    return (f"{ENV}={path}: " if path else f"{ENV}: ") + "; ".join(problems) if problems else None
 
 
 def plan_digest(path: str) -> str:
@@ -117,7 +169,7 @@ def _patch_front_end() -> None:
         except PlanError as e:
             _stop(str(e))
         config = original(self, *args, **kwargs)
-        problem = config_problem(path, plan_file, config.model_config.hf_config)
+        problem = problem_line(path, plan_problems(plan_file, config.model_config.hf_config))
         if problem:
             _stop(problem)
         # vLLM keys its compiled-graph cache on the config: without the plan in it, a dense graph cached earlier
@@ -148,10 +200,7 @@ def _patch_workers() -> None:
         if not path:
             return
         plan_file = load_served_plan(path)  # checked by the front end already: raises only if the file changed
-        problem = config_problem(path, plan_file, self.vllm_config.model_config.hf_config)
-        if problem:
-            raise PlanError(problem)
-        self.skipprof = ServedPlan(self.model_runner, plan_file.global_plan)
+        self.skipprof = ServedPlan(self.model_runner, plan_file, path)
 
     def skipprof_stats(self) -> dict[str, int] | None:
         """`llm.collective_rpc("skipprof_stats")`: counts since start-up (reads device counters: not per step)."""
@@ -179,11 +228,21 @@ def _(x: torch.Tensor, layer: int) -> torch.Tensor:
 class ServedPlan:
     """A static plan installed on a vLLM model: per forward the rows each layer skips, per planned layer the op."""
 
-    def __init__(self, runner: Any, plan: SkipPlan):
+    def __init__(self, runner: Any, plan: PlanFile | SkipPlan, path: str | None = None):
         global _ACTIVE
-        self.runner, self.plan = runner, plan
         model = runner.get_model()
-        layers = model.model.layers
+        sites = served_sites(model, path)
+        fp = model_fingerprint(model)  # the model vLLM built, fingerprinted as transformers fingerprints it
+        if isinstance(plan, PlanFile):
+            problems = plan_problems(plan, model.config, fp)
+            plan = plan.global_plan
+        else:
+            from ..plan import skip_plan_problems
+
+            problems = skip_plan_problems(plan, "plan", len(sites), fp["hidden_size"])
+        if problems:
+            raise PlanError(problem_line(path, problems))
+        self.runner, self.plan = runner, plan
         self.device = next(model.parameters()).device
         self.gather = self.device.type == "cpu"  # host memory: row counts are known without a sync
         self.ffns: dict[int, Any] = {}
@@ -195,9 +254,7 @@ class ServedPlan:
                 self.fills[layer] = (MeanFill(plan.ffn_mean[layer]) if plan.compensation == MEAN_OUTPUT
                                      else LinearFill(plan.linear, layer))
         for layer in sorted(plan.skip_layers):
-            mlp = getattr(layers[layer], "mlp", None)
-            if not isinstance(mlp, torch.nn.Module):
-                raise PlanError(f"{ENV}: layer {layer} of {type(model).__name__} has no mlp module on this worker")
+            mlp = sites[layer].ffn
             self.ffns[layer] = mlp.forward
             mlp.forward = _planned(layer)
         # layers sharing a fraction share their rows: one mask per distinct fraction and forward
@@ -261,6 +318,19 @@ class ServedPlan:
         forwards, prompt, decode, mixed = self.counts.tolist()
         return {"forwards": forwards, "prompt_tokens": prompt, "decode_tokens": decode, "mixed_forwards": mixed,
                 "skipped_ffn_rows": int(self.skipped), "planned_layers": sorted(self.ffns)}
+
+
+def served_sites(model: Any, path: str | None = None) -> list[FFNSite]:
+    """The FFN sites of the model vLLM built, found by the registry (skipprofiler.arch.registry.resolve, as the
+    runtime finds them in transformers): every decoder layer must have the `mlp` module the op wraps."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    why = family_problem(model_type)
+    if why is None:
+        try:
+            return resolve(model).sites
+        except UnsupportedArchitecture as e:
+            why = str(e)
+    raise PlanError(problem_line(path, [f"vLLM's {type(model).__name__} ({model_type!r}) cannot be served: {why}"]))
 
 
 def fraction_masks(plan: SkipPlan, d: torch.Tensor) -> dict[float, torch.Tensor]:

@@ -28,6 +28,7 @@ HELP = (
 
 
 def demo(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH",
                                       help="Folder for the profile, plans, eval JSON and figures.")] = Path("runs/demo"),
     target_skip: Annotated[float, typer.Option("--target-skip", "-r", metavar="RATIO",
@@ -38,8 +39,7 @@ def demo(
                                             help="Greedy tokens generated (and profiled) per prompt.")] = 16,
     generate: Annotated[Optional[int], typer.Option("--generate", hidden=True)] = None,
 ) -> None:
-    from .main import app
-
+    app = ctx.find_root().command  # the whole `skipprof` command: each step runs as a user would type it
     new_tokens = new_tokens if generate is None else generate  # retired spelling
     if not 0.0 < target_skip < 1.0:
         raise CLIError(f"--target-skip must be in (0, 1), got {target_skip}")
@@ -61,7 +61,7 @@ def demo(
     started = time.perf_counter()
     for argv in steps:
         console.rule(f"[bold]skipprof {' '.join(argv)}")
-        rc = app(args=argv, standalone_mode=False)
+        rc = app.main(args=argv, standalone_mode=False)
         if isinstance(rc, int) and rc != 0:
             raise CLIError(f"`skipprof {argv[0]}` failed (exit {rc}); see its message above", exit_code=rc)
     console.rule("[bold]what the demo measured")

@@ -17,16 +17,23 @@ __version__ = "0.1.0"
 __all__ = ["apply_plan", "load_plan", "profile_corpus", "fit_plan", "evaluate_plans", "__version__"]
 
 _RUNTIME = ("apply_plan", "load_plan", "SkipHandle")
-_RECIPES = {"profile_corpus": "profile", "fit_plan": "fit", "evaluate_plans": "evaluation"}  # name -> its stage
 
 
-def __getattr__(name):
+def __getattr__(name):  # lazy: `import skipprofiler` loads no stage until one is used
     if name in _RUNTIME:
         from . import runtime
 
         return getattr(runtime, name)
-    if name in _RECIPES:
-        import importlib
+    if name == "profile_corpus":
+        from .profile.recipe import profile_corpus
 
-        return getattr(importlib.import_module(f"{__name__}.{_RECIPES[name]}.recipe"), name)
+        return profile_corpus
+    if name == "fit_plan":
+        from .fit.recipe import fit_plan
+
+        return fit_plan
+    if name == "evaluate_plans":
+        from .evaluation.recipe import evaluate_plans
+
+        return evaluate_plans
     raise AttributeError(f"module 'skipprofiler' has no attribute {name!r}")

@@ -164,3 +164,17 @@ def test_pure_modules_import_only_the_standard_library():
 
 def test_outside_imports_sees_torch():
     assert "torch" in outside_imports(PACKAGE / "fit" / "measure.py")
+
+
+def test_every_import_is_visible():
+    """Imports by string (`importlib.import_module(...)`, `__import__`) hide edges from the walk above."""
+    hidden = []
+    for name, path in sorted(package_modules().items()):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                f = node.func
+                called = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+                if called in ("import_module", "__import__"):
+                    hidden.append(f"{name}:{node.lineno}")
+    assert hidden == []
+

@@ -145,7 +145,7 @@ class ReplacedBlocks:
     def __enter__(self):
         from ..arch.compat import cache_in
         from ..arch.registry import first_tensor
-        from ..runtime.positions import cache_length
+        from ..runtime.handle import cache_length
 
         def model_pre(module, args, kwargs):
             self._decode = cache_length(cache_in(kwargs)) > 0

@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-# planio writes the timestamp as the provenance key `created`, e.g. "  created: '2026-12-02T04:16:05+00:00'"
+# plan/io.py writes the timestamp as the provenance key `created`, e.g. "  created: '2026-12-02T04:16:05+00:00'"
 IGNORED = ["created"]
 
 

@@ -34,7 +34,7 @@ def test_runtime_import_stays_light(statement):
 
 @pytest.mark.slow
 def test_loading_a_plan_stays_light():
-    """load_plan (YAML) pulls planio and yaml only."""
+    """load_plan (YAML) pulls the plan stage and yaml only."""
     pytest.importorskip("skipprofiler.plan.io")
     names = imported_modules("import skipprofiler.runtime as r\n"
                              "try:\n    r.load_plan('not: [a plan')\nexcept Exception:\n    pass")

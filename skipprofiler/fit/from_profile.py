@@ -130,7 +130,7 @@ class FitSettings:
         return out
 
     def _value_problems(self) -> list[str]:
-        """Settings invalid on their own (the plan-file rules for the eligibility settings, planio)."""
+        """Settings invalid on their own (the plan-file rules for the eligibility settings, plan.validate)."""
         from ..plan.model import BATCH_DECISIONS, MODES
         from ..plan import eligibility_problems
 

@@ -1,6 +1,6 @@
 """Plan format v1: the data model of a YAML skip plan (see docs/plan-format.md).
 
-Imports only the standard library (planio reads and writes the YAML): the runtime loads plans in deployment code.
+Imports only the standard library (plan/io.py reads and writes the YAML): the runtime loads plans in deployment code.
 
 Semantics shared by the runtime, the fitter's simulation and eval (they must agree exactly):
 

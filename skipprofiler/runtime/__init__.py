@@ -1,6 +1,6 @@
 """Runtime: apply a skip plan to a loaded model so that planned FFN blocks really do no work at decode time.
 
-Deployment code imports only this package (torch, yaml via planio, and the standard library)::
+Deployment code imports only this package (torch, yaml via the plan stage, and the standard library)::
 
     handle = skipprofiler.apply_plan(model, "plans/demo-static-25.yaml")
     model.generate(...)          # prompt dense, generated tokens skip as planned

@@ -31,7 +31,7 @@ def check_fingerprint(plan_file: PlanFile, model: nn.Module, strict: bool) -> No
 
 
 def plan_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> list[str]:
-    """Everything that keeps `plan` from running on the model `arch` describes: the plan rules (planio's, the same
+    """Everything that keeps `plan` from running on the model `arch` describes: the plan rules (plan validation's, the same
     for files and for plans built in code), then what this architecture supports."""
     from ..plan import skip_plan_problems
 

@@ -28,7 +28,7 @@ def pre_ffn_norm(site: FFNSite) -> nn.Module | None:
 
 
 def compensation_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> list[str]:
-    """What this architecture cannot do for the plan's compensation (the plan's own rules are planio's)."""
+    """What this architecture cannot do for the plan's compensation (the plan's own rules are the plan stage's)."""
     problems = []
     if plan.compensation == NORM_RATIO:
         form = arch.residual_form
@@ -46,7 +46,7 @@ def compensation_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> lis
         from ..plan import linear_map_problems
 
         if plan.linear is None:
-            return []  # planio said the maps are required
+            return []  # plan validation said the maps are required
         if not plan.linear.tensors:
             return [f"{label}: compensation linear needs its fitted maps (load the plan from its file, beside which "
                     "they are stored)"]

@@ -291,7 +291,7 @@ def _refuse_continuous_batching(*args, **kwargs):
 
 def load_plan(path_or_text: str | Path) -> PlanFile:
     """Load and validate a YAML plan file (path or YAML text); raises PlanError listing every problem."""
-    from ..plan import load_plan as _load  # lazy: planio pulls yaml only
+    from ..plan import load_plan as _load  # lazy: the plan stage pulls yaml only
 
     return _load(path_or_text)
 

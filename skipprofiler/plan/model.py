@@ -24,6 +24,12 @@ Semantics shared by the runtime, the fitter's simulation and eval (they must agr
   over calibration decode positions (a constant vector: no FFN work, one add).
 * compensation ``linear``: a skipped FFN's output is replaced by ``x @ W_l + b_l`` (rank r: ``(x @ D_l) @ U_l + b_l``),
   x being what the FFN reads; the maps live in a safetensors file beside the plan (``linear``: file, sha256, rank).
+* neurons (static plans; ``neurons``: fill, widths, file, sha256): at an eligible decode position, layer l's FFN
+  computes only its ``kept[l]`` intermediate neurons (rows of the gate/up or fc1 projection, columns of the down
+  projection); the others are not computed. With ``fill: mean`` the dropped neurons' mean output over calibration
+  decode positions, ``bias[l] = W_down[:, dropped] E[a_dropped]``, is added instead. A layer that ``skip_layers`` skips
+  at that position is skipped whole (width 0). Prompt positions (``apply_to: decode``) and ineligible positions run
+  every neuron. The index arrays and biases live in the plan's safetensors file, like linear maps.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ MODES = ("static", "adaptive")
 BATCH_DECISIONS = ("per_sequence", "shared")  # adaptive: rows of a batch decide alone, or fire together
 APPLY_TO = ("decode", "all")
 COMPENSATIONS = ("none", "norm_ratio", "mean_output", "linear")
+NEURON_FILLS = ("none", "mean")  # what replaces the output of an FFN's dropped neurons
 ROUTER_POOLINGS = ("mean", "mean_after_first")  # how the router pools a prompt's hidden states (Router.pooling)
 STATIC, ADAPTIVE = MODES
 PER_SEQUENCE, SHARED = BATCH_DECISIONS
@@ -103,6 +110,34 @@ class LinearMaps:
 
 
 @dataclass
+class NeuronSubsets:
+    """The FFN neurons a static plan keeps at decode positions, per layer. `tensors` (numpy, keys
+    ``"<layer>.kept"``: int64 [k] indices of the kept intermediate neurons, ascending; with ``fill == "mean"`` also
+    ``"<layer>.bias"``: float32 [hidden], the dropped neurons' mean output) are stored in `file` (relative to the plan
+    file), whose sha256 the plan records. Layers without an entry run every neuron."""
+
+    fill: str  # NEURON_FILLS
+    tensors: dict[str, Any]
+    file: str | None = None
+    sha256: str | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({int(k.split(".")[0]) for k in self.tensors})
+
+    def kept(self, layer: int) -> Any:
+        return self.tensors[f"{layer}.kept"]
+
+    def bias(self, layer: int) -> Any | None:
+        return self.tensors.get(f"{layer}.bias")
+
+    @property
+    def widths(self) -> dict[int, int]:
+        """layer -> kept width k."""
+        return {l: int(len(self.kept(l))) for l in self.layers}
+
+
+@dataclass
 class SkipPlan:
     """One plan (the global one or a class's): which FFNs to skip on which positions."""
 
@@ -123,11 +158,14 @@ class SkipPlan:
     norm_gain: list[float] | None = None  # per layer; needed by compensation norm_ratio
     ffn_mean: dict[int, list[float]] | None = None  # layer -> mean FFN output (hidden_size); compensation mean_output
     linear: LinearMaps | None = None  # compensation linear: the fitted maps
+    neurons: NeuronSubsets | None = None  # static: part of an FFN kept at decode positions (layers not skipped whole)
     expected_skip_ratio: float | None = None
     fit: dict[str, Any] = field(default_factory=dict)  # how it was fitted (statistic, target, measured KL, ...)
 
     def is_empty(self) -> bool:
-        return (self.mode == "static" and not self.skip_layers) or (self.mode == "adaptive" and self.max_skip == 0)
+        if self.mode == STATIC:
+            return not self.skip_layers and not (self.neurons is not None and self.neurons.tensors)
+        return self.max_skip == 0
 
     def eligible(self, d: Any) -> Any:
         """Whether decode index d may skip (the module docstring's rule). Vectorised: d is an int, a numpy array or a
@@ -139,6 +177,14 @@ class SkipPlan:
         if not self.eligible(d):
             return []
         return [l for l, f in sorted(self.skip_layers.items()) if fraction_pattern(f, d)]
+
+    def narrowed_layers_at(self, d: int) -> list[int]:
+        """Layers whose FFN runs only its kept neurons at decode index d: the plan's neuron layers at an eligible
+        position, less those `static_layers_at(d)` skips whole."""
+        if self.neurons is None or not self.eligible(d):
+            return []
+        whole = set(self.static_layers_at(d))
+        return [l for l in self.neurons.layers if l not in whole]
 
     def skippable_layers(self, num_layers: int | None = None) -> list[int]:
         """The layers this plan may ever skip: a static plan's `skip_layers`; an adaptive plan's layers between its

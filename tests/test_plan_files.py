@@ -285,7 +285,8 @@ def test_the_schema_names_the_keys_and_choices_validation_uses():
     """The schema file is written by hand (it documents the format for other tools); its keys and enums must be the
     ones planio.validate_plan_dict checks, which come from plan.py's constants."""
     from skipprofiler.plan import validate as planio
-    from skipprofiler.plan.model import APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, MODES, ROUTER_POOLINGS
+    from skipprofiler.plan.model import (APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, MODES, NEURON_FILLS,
+                                         ROUTER_POOLINGS)
 
     defs, props = SCHEMA["$defs"], SCHEMA["properties"]
     assert set(props) == set(planio.TOP_KEYS)
@@ -295,6 +296,9 @@ def test_the_schema_names_the_keys_and_choices_validation_uses():
     assert props["router"]["properties"]["pooling"]["enum"] == list(ROUTER_POOLINGS)
     assert set(defs["plan"]["properties"]) == set(planio.PLAN_KEYS)
     assert set(defs["plan"]["properties"]["linear"]["properties"]) == set(planio.LINEAR_KEYS)
+    assert set(defs["plan"]["properties"]["neurons"]["properties"]) == set(planio.NEURON_KEYS)
+    assert set(defs["plan"]["properties"]["neurons"]["required"]) == set(planio.NEURON_KEYS) - {"intermediate_size"}
+    assert defs["plan"]["properties"]["neurons"]["properties"]["fill"]["enum"] == list(NEURON_FILLS)
     assert defs["plan"]["properties"]["mode"]["enum"] == list(MODES)
     assert defs["plan"]["properties"]["batch_decision"]["enum"] == list(BATCH_DECISIONS)
     assert set(defs["settings"]["properties"]) == set(DEFAULT_KEYS)

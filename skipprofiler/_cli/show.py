@@ -142,7 +142,7 @@ def show(plan: Annotated[Path, typer.Argument(help="YAML plan file.", show_defau
     from rich.console import Console
 
     from ..plan.model import PlanError
-    from ..plan import dump_plan, load_linear_maps, plan_from_dict, read_plan_dict
+    from ..plan import dump_plan, load_plan_tensors, plan_from_dict, read_plan_dict
 
     try:
         data, _ = read_plan_dict(plan)
@@ -150,7 +150,7 @@ def show(plan: Annotated[Path, typer.Argument(help="YAML plan file.", show_defau
         raise CLIError(str(e))
     try:
         plan_file = plan_from_dict(data)
-        load_linear_maps(plan_file, plan.parent)
+        load_plan_tensors(plan_file, plan.parent)
     except PlanError as e:
         from .validate import print_problems
 

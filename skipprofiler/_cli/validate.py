@@ -59,7 +59,7 @@ def validate(plan: Annotated[Path, typer.Argument(help="YAML plan file to check.
              ) -> None:
     """Check a plan file, reporting every problem at once."""
     from ..plan.model import PlanError
-    from ..plan import load_linear_maps, plan_from_dict, read_plan_dict
+    from ..plan import load_plan_tensors, plan_from_dict, read_plan_dict
 
     try:
         data, source = read_plan_dict(plan)
@@ -69,7 +69,7 @@ def validate(plan: Annotated[Path, typer.Argument(help="YAML plan file to check.
     num_layers = fingerprint.get("num_layers") if fingerprint else None
     try:
         parsed = plan_from_dict(data, num_layers=num_layers, fingerprint=fingerprint)
-        load_linear_maps(parsed, plan.parent)  # present, unaltered (sha256), shapes and dtype for the model's width
+        load_plan_tensors(parsed, plan.parent)  # present, unaltered (sha256), shapes, dtypes, widths
     except PlanError as e:
         print_problems(source, e.problems)
         raise SystemExit(2)  # problems already printed; main() drops typer.Exit codes in non-standalone mode

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .model import (DEFAULT_KEYS, LinearMaps, PlanError, PlanFile, Router, SkipPlan)
+from .model import (DEFAULT_KEYS, LinearMaps, NeuronSubsets, PlanError, PlanFile, Router, SkipPlan)
 from .validate import BUILTIN_DEFAULTS, FINGERPRINT_KEYS, PROVENANCE_ORDER, _check_plan, _Checker, validate_plan_dict
 
 
@@ -59,6 +59,11 @@ def _skip_plan_from_dict(p: dict, defaults: dict, layers: int) -> SkipPlan:
     if "linear" in p:  # the tensors are read by `load_plan`, which knows where the plan file is
         plan.linear = LinearMaps(rank=p["linear"].get("rank"), tensors={}, file=p["linear"]["file"],
                                  sha256=p["linear"]["sha256"])
+    if "neurons" in p:  # likewise: the widths the file records now, the index arrays (checked against them) on load
+        n = p["neurons"]
+        plan.neurons = NeuronSubsets(fill=n["fill"], tensors={}, file=n["file"], sha256=n["sha256"],
+                                     intermediate_size=n.get("intermediate_size"),
+                                     recorded_widths={int(l): int(w) for l, w in n["widths"].items()})
     if "expected_skip_ratio" in p:
         plan.expected_skip_ratio = float(p["expected_skip_ratio"])
     plan.fit = dict(p.get("fit") or {})
@@ -116,6 +121,14 @@ def _skip_plan_to_dict(plan: SkipPlan, defaults: dict) -> dict:
         out["linear"] = {"file": linear.file, "sha256": linear.sha256}
         if linear.rank is not None:
             out["linear"]["rank"] = int(linear.rank)
+    if plan.neurons is not None:
+        subsets = plan.neurons
+        neurons: dict[str, Any] = {"fill": subsets.fill}
+        if subsets.intermediate_size is not None:
+            neurons["intermediate_size"] = int(subsets.intermediate_size)
+        neurons["file"], neurons["sha256"] = subsets.file, subsets.sha256
+        neurons["widths"] = {int(l): int(w) for l, w in sorted(subsets.widths.items())}
+        out["neurons"] = neurons
     if plan.expected_skip_ratio is not None:
         out["expected_skip_ratio"] = float(plan.expected_skip_ratio)
     if plan.fit:
@@ -136,13 +149,17 @@ def _sorted_data(value: Any) -> Any:
 
 def skip_plan_problems(plan: SkipPlan, label: str, num_layers: int, hidden: int | None = None) -> list[str]:
     """The rules `validate_plan_dict` applies to a file's plan, applied to one in-memory plan (the runtime checks plans
-    built in code with them): one place says what a valid plan is. Its linear maps, when in memory, need no file yet
-    (`linear_map_problems` checks their tensors)."""
+    built in code with them): one place says what a valid plan is. Its linear maps and neuron subsets, when in memory,
+    need no file yet (`linear_map_problems` and `neuron_problems` check their tensors)."""
     d = _skip_plan_to_dict(plan, BUILTIN_DEFAULTS)
     if plan.tau is not None:
         d["tau"] = list(plan.tau)  # in memory every layer needs its own entry: no scalar shorthand
     if plan.linear is not None:
         del d["linear"]
+    neurons_in_memory = plan.neurons is not None and not plan.neurons.file
+    if neurons_in_memory:
+        d["neurons"] = {k: v for k, v in d["neurons"].items() if k not in ("file", "sha256")}
     check = _Checker()
-    _check_plan(check, label, d, num_layers, BUILTIN_DEFAULTS, hidden, maps_in_memory=plan.linear is not None)
+    _check_plan(check, label, d, num_layers, BUILTIN_DEFAULTS, hidden, maps_in_memory=plan.linear is not None,
+                neurons_in_memory=neurons_in_memory)
     return check.problems

@@ -1,9 +1,9 @@
-"""Plan files v1 on disk: canonical YAML load/dump (validation: `validate`, the mapping: `convert`, the linear maps' file:
-`weights`).
+"""Plan files v1 on disk: canonical YAML load/dump (validation: `validate`, the mapping: `convert`, the file of linear
+maps and neuron subsets: `weights`).
 
 The format is documented in docs/plan-format.md; `skipprofiler/schema/plan-v1.json` describes the same shape for
 editors and other tools. This module imports only the standard library and yaml (the runtime loads plans with it),
-and safetensors for the maps of `compensation: linear`.
+and safetensors for the maps of `compensation: linear` and the subsets of `neurons`.
 
 Canonical YAML (what `dump_plan` writes): fixed key order, plan keys that equal the file's `defaults` left out, a
 single `tau` written as one number, floats in Python's shortest round-trip repr, lists of scalars in flow style, free-form
@@ -23,7 +23,7 @@ from ..atomic import write_text_atomic
 from .convert import plan_from_dict, plan_to_dict
 from .model import PlanError, PlanFile
 from .validate import validate_plan_dict
-from .weights import load_linear_maps, write_linear_maps
+from .weights import load_plan_tensors, write_plan_tensors
 
 __all__ = ["load_plan", "dump_plan", "save_plan", "read_plan_dict", "PlanError"]
 
@@ -73,11 +73,13 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 
 def dump_plan(plan: PlanFile) -> str:
     """Canonical YAML text of a plan (validated first: a plan that could not be loaded back is never written).
-    Linear maps must have been written (`save_plan`) first: the YAML records their file and hash."""
-    unsaved = [name for name, p in plan.named_plans() if p.linear is not None and not p.linear.file]
+    Linear maps and neuron subsets must have been written (`save_plan`) first: the YAML records their file and hash."""
+    unsaved = [f"{what} of {name}" for name, p in plan.named_plans()
+               for what, entry in (("the linear maps", p.linear), ("the neuron subsets", p.neurons))
+               if entry is not None and not entry.file]
     if unsaved:
-        raise PlanError(f"the linear maps of {', '.join(unsaved)} are not saved yet: write the plan with save_plan "
-                        "(it writes the maps' safetensors file beside the YAML)")
+        raise PlanError(f"{', '.join(unsaved)} are not saved yet: write the plan with save_plan (it writes their "
+                        "safetensors file beside the YAML)")
     d = plan_to_dict(plan)
     problems = validate_plan_dict(d)
     if problems:
@@ -122,18 +124,20 @@ def load_plan(path_or_text: str | Path, num_layers: int | None = None, fingerpri
               base_dir: str | Path | None = None) -> PlanFile:
     """Load and validate a plan (file path or YAML text); raises PlanError listing every problem.
 
-    Linear maps (`compensation: linear`) are read from their file, relative to the plan file (YAML text: to
-    `base_dir`, default the working directory), and checked: present, the recorded sha256, shapes and dtype."""
+    Linear maps (`compensation: linear`) and neuron subsets (`neurons`) are read from their file, relative to the plan
+    file (YAML text: to `base_dir`, default the working directory), and checked: present, the recorded sha256, shapes
+    and dtype, the widths the plan records."""
     data, source = read_plan_dict(path_or_text)
     plan = plan_from_dict(data, num_layers, fingerprint)
     if source != "<text>":
         base_dir = Path(source).parent
-    load_linear_maps(plan, Path(base_dir) if base_dir is not None else Path.cwd())
+    load_plan_tensors(plan, Path(base_dir) if base_dir is not None else Path.cwd())
     return plan
 
 
 def save_plan(plan: PlanFile, path: str | Path) -> Path:
-    """Write the canonical YAML atomically (a reader never sees half a plan), mode 0666 & ~umask. Linear maps go
-    first, into `weights.weights_file_for(path)` (also atomic); the YAML then records its name and sha256."""
-    write_linear_maps(plan, path)
+    """Write the canonical YAML atomically (a reader never sees half a plan), mode 0666 & ~umask. Linear maps and
+    neuron subsets go first, into `weights.weights_file_for(path)` (also atomic); the YAML then records its name and
+    sha256."""
+    write_plan_tensors(plan, path)
     return write_text_atomic(path, dump_plan(plan))

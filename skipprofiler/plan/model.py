@@ -114,16 +114,22 @@ class NeuronSubsets:
     """The FFN neurons a static plan keeps at decode positions, per layer. `tensors` (numpy, keys
     ``"<layer>.kept"``: int64 [k] indices of the kept intermediate neurons, ascending; with ``fill == "mean"`` also
     ``"<layer>.bias"``: float32 [hidden], the dropped neurons' mean output) are stored in `file` (relative to the plan
-    file), whose sha256 the plan records. Layers without an entry run every neuron."""
+    file), whose sha256 the plan records. Layers without an entry run every neuron.
+
+    `intermediate_size` is the FFN width the subsets were chosen for (the plan file records it; the runtime checks it
+    against the model). `recorded_widths` are the widths the plan file states (read before the tensors are: the file's
+    arrays must match them); subsets built in code leave it None and take their widths from the tensors."""
 
     fill: str  # NEURON_FILLS
     tensors: dict[str, Any]
     file: str | None = None
     sha256: str | None = None
+    intermediate_size: int | None = None
+    recorded_widths: dict[int, int] | None = None
 
     @property
     def layers(self) -> list[int]:
-        return sorted({int(k.split(".")[0]) for k in self.tensors})
+        return sorted(self.widths)
 
     def kept(self, layer: int) -> Any:
         return self.tensors[f"{layer}.kept"]
@@ -133,8 +139,11 @@ class NeuronSubsets:
 
     @property
     def widths(self) -> dict[int, int]:
-        """layer -> kept width k."""
-        return {l: int(len(self.kept(l))) for l in self.layers}
+        """layer -> kept width k: from the index arrays once read, else as the plan file records them."""
+        if self.tensors:
+            return {l: int(len(self.tensors[f"{l}.kept"])) for l in
+                    sorted({int(k.split(".")[0]) for k in self.tensors if k.endswith(".kept")})}
+        return dict(sorted((self.recorded_widths or {}).items()))
 
 
 @dataclass
@@ -164,7 +173,7 @@ class SkipPlan:
 
     def is_empty(self) -> bool:
         if self.mode == STATIC:
-            return not self.skip_layers and not (self.neurons is not None and self.neurons.tensors)
+            return not self.skip_layers and not (self.neurons is not None and self.neurons.widths)
         return self.max_skip == 0
 
     def eligible(self, d: Any) -> Any:

@@ -1,6 +1,7 @@
 """Plan validation: every problem of a raw plan mapping (as loaded from YAML) at once, each with its path; the checks
-of one `SkipPlan` against a model's layer count and width, of a fingerprint and of linear maps; the key sets the JSON
-schema (`skipprofiler/schema/plan-v1.json`) is tested against. Standard library only."""
+of one `SkipPlan` against a model's layer count and width, of a fingerprint, of linear maps and of neuron subsets; the
+key sets the JSON schema (`skipprofiler/schema/plan-v1.json`) is tested against. Standard library only (tensors are
+checked through their own methods: numpy arrays or torch tensors alike)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .model import (APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, LINEAR, MODES, PLAN_VERSION,
-                    ROUTER_POOLINGS)
+from .model import (APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, LINEAR, MODES, NEURON_FILLS, PLAN_VERSION,
+                    ROUTER_POOLINGS, STATIC)
 
 BUILTIN_DEFAULTS: dict[str, Any] = {"apply_to": "decode", "warmup_tokens": 0, "dense_every": 0, "compensation": "none"}
 TOP_KEYS = ("version", "model", "provenance", "defaults", "global", "classes", "router")
@@ -21,9 +22,9 @@ STATIC_KEYS = ("skip_layers",)
 ADAPTIVE_KEYS = ("tau", "cold_start", "cold_end", "max_skip")
 ADAPTIVE_OPTIONAL_KEYS = ("batch_decision",)
 PLAN_KEYS = (("mode",) + DEFAULT_KEYS + STATIC_KEYS + ADAPTIVE_KEYS + ADAPTIVE_OPTIONAL_KEYS
-             + ("norm_gain", "ffn_mean", "linear", "expected_skip_ratio", "fit"))
+             + ("norm_gain", "ffn_mean", "linear", "neurons", "expected_skip_ratio", "fit"))
 LINEAR_KEYS = ("file", "sha256", "rank")
-WEIGHTS_FORMAT = "skipprof-linear-maps"
+NEURON_KEYS = ("fill", "intermediate_size", "file", "sha256", "widths")  # canonical order (widths, the long one, last)
 ROUTER_KEYS = ("layer", "metric", "pooling", "heldout_accuracy", "classes", "centroids")
 ROUTER_METRICS = ("cosine",)
 
@@ -232,7 +233,7 @@ def _check_layer(check: _Checker, path: str, value: Any, layers: int | None) -> 
 
 
 def _check_plan(check: _Checker, path: str, plan: Any, layers: int | None, defaults: dict,
-                hidden: int | None = None, maps_in_memory: bool = False) -> None:
+                hidden: int | None = None, maps_in_memory: bool = False, neurons_in_memory: bool = False) -> None:
     if not check.mapping(path, plan, PLAN_KEYS, required=("mode",)):
         return
     _check_overrides(check, path, plan)
@@ -267,6 +268,13 @@ def _check_plan(check: _Checker, path: str, plan: Any, layers: int | None, defau
         _check_linear(check, f"{path}.linear", plan["linear"])
     elif compensation == LINEAR and not maps_in_memory:
         check.add(f"{path}.linear", "is required with compensation: linear (the maps' file, its sha256 and rank)")
+    if "neurons" in plan:
+        if mode == "adaptive":
+            check.add(f"{path}.neurons", "only applies to static plans (this plan is adaptive)")
+        else:
+            _check_neurons(check, f"{path}.neurons", plan["neurons"], layers, in_memory=neurons_in_memory)
+            if mode == "static":
+                _check_neurons_against_skips(check, path, plan)
     if "expected_skip_ratio" in plan:
         check.number(f"{path}.expected_skip_ratio", plan["expected_skip_ratio"], lo=0.0, hi=1.0)
     if "fit" in plan and check.mapping(f"{path}.fit", plan["fit"], None):
@@ -300,15 +308,64 @@ def _check_linear(check: _Checker, path: str, linear: Any) -> None:
     """{file, sha256, rank}: where the maps of compensation linear are (a file name relative to the plan)."""
     if not check.mapping(path, linear, LINEAR_KEYS, required=("file", "sha256")):
         return
-    if check.string(f"{path}.file", linear.get("file")):
-        name = linear["file"]
-        if os.path.isabs(name) or ".." in Path(name).parts or not name.endswith(".safetensors"):
-            check.add(f"{path}.file", f"must be a .safetensors file name relative to the plan file, got {name!r}")
-    sha = linear.get("sha256")
-    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
-        check.add(f"{path}.sha256", f"must be 64 lowercase hex digits, got {_kind(sha)}")
+    _check_tensor_file(check, path, linear)
     if linear.get("rank") is not None:
         check.integer(f"{path}.rank", linear["rank"], lo=1)
+
+
+def _check_tensor_file(check: _Checker, path: str, entry: dict) -> None:
+    """`file` (a .safetensors name relative to the plan) and its `sha256`, where they are given."""
+    if "file" in entry and check.string(f"{path}.file", entry.get("file")):
+        name = entry["file"]
+        if os.path.isabs(name) or ".." in Path(name).parts or not name.endswith(".safetensors"):
+            check.add(f"{path}.file", f"must be a .safetensors file name relative to the plan file, got {name!r}")
+    if "sha256" in entry:
+        sha = entry.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            check.add(f"{path}.sha256", f"must be 64 lowercase hex digits, got {_kind(sha)}")
+
+
+def _check_neurons(check: _Checker, path: str, neurons: Any, layers: int | None, in_memory: bool = False) -> None:
+    """{fill, intermediate_size, file, sha256, widths}: the neuron subsets' file and, per layer, the kept width
+    (1 <= width < intermediate_size where that is recorded). Subsets built in code (`in_memory`) have no file yet."""
+    required = ("fill", "widths") if in_memory else ("fill", "file", "sha256", "widths")
+    if not check.mapping(path, neurons, NEURON_KEYS, required=required):
+        return
+    if "fill" in neurons:
+        check.choice(f"{path}.fill", neurons["fill"], NEURON_FILLS)
+    size = neurons.get("intermediate_size")
+    if size is not None and not check.integer(f"{path}.intermediate_size", size, lo=2):
+        size = None
+    _check_tensor_file(check, path, neurons)
+    if "widths" not in neurons:
+        return
+    widths = neurons["widths"]
+    if not isinstance(widths, dict) or not widths:
+        check.add(f"{path}.widths", f"must be a non-empty mapping of layer -> kept width, got {_kind(widths)}")
+        return
+    for layer, width in widths.items():
+        if _check_layer(check, f"{path}.widths.{layer}", layer, layers):
+            if size is None:
+                check.integer(f"{path}.widths.{layer}", width, lo=1)
+            elif _is_int(width) and width >= size:
+                check.add(f"{path}.widths.{layer}", f"must be below the FFN's {size} neurons (a layer that keeps "
+                                                    f"them all is left out of widths), got {width}")
+            else:
+                check.integer(f"{path}.widths.{layer}", width, lo=1, hi=size - 1)
+
+
+def _check_neurons_against_skips(check: _Checker, path: str, plan: dict) -> None:
+    """A layer skipped whole at every eligible position (skip_layers, fraction 1) never runs narrowed."""
+    widths = plan["neurons"].get("widths") if isinstance(plan["neurons"], dict) else None
+    entries = plan.get("skip_layers")
+    if not isinstance(widths, dict) or not isinstance(entries, list):
+        return
+    for entry in entries:
+        layer, fraction = (entry.get("layer"), entry.get("fraction")) if isinstance(entry, dict) else (entry, 1.0)
+        if _is_int(layer) and layer in widths and _is_number(fraction) and fraction >= 1.0:
+            check.add(f"{path}.neurons.widths.{layer}", f"layer {layer} is in skip_layers with fraction 1 (skipped "
+                                                        "whole at every eligible position), so it never runs "
+                                                        "narrowed: drop it here or give it a fraction below 1")
 
 
 def _check_skip_layers(check: _Checker, path: str, entries: Any, layers: int | None) -> None:
@@ -438,3 +495,97 @@ def linear_map_problems(path: str, tensors: dict[str, Any], rank: int | None, hi
                 if tuple(t.shape) != want:
                     problems.append(f"{path}: layer {layer} {part} has shape {tuple(t.shape)}, expected {want}")
     return problems
+
+
+def neuron_subset_problems(path: str, tensors: dict[str, Any], fill: str, widths: dict[int, int],
+                           intermediate_size: int | None, hidden: int | None) -> list[str]:
+    """Every problem of one plan's neuron subsets ({"<layer>.kept": int64 [k], "<layer>.bias": float32 [hidden]})
+    against the widths the plan records, its fill and the FFN / model widths where known: kept indices int64, 1-D,
+    strictly ascending (so unique), in [0, intermediate_size), as many as the recorded width; a float32 bias of the
+    model's width, finite, present exactly when fill is mean; no layer the widths do not list."""
+    problems = []
+    layer_of = {k: k.split(".", 1) for k in tensors}
+    odd = sorted(k for k, parts in layer_of.items()
+                 if len(parts) != 2 or not parts[0].isdigit() or parts[1] not in ("kept", "bias"))
+    if odd:
+        problems.append(f"{path}: unexpected tensors {odd} (expected <layer>.kept and, with fill mean, <layer>.bias)")
+    have = sorted({int(parts[0]) for k, parts in layer_of.items() if k not in odd})
+    missing = [l for l in sorted(widths) if f"{l}.kept" not in tensors]
+    if missing:
+        problems.append(f"{path}: no kept indices for layers {missing} (widths lists them)")
+    extra = [l for l in have if l not in widths]
+    if extra:
+        problems.append(f"{path}: the file holds subsets for layers {extra} that widths does not list")
+    for layer in sorted(widths):
+        kept = tensors.get(f"{layer}.kept")
+        if kept is not None:
+            problems += _kept_problems(f"{path}: layer {layer} kept", kept, widths[layer], intermediate_size)
+        bias = tensors.get(f"{layer}.bias")
+        if fill == "mean" and bias is None:
+            problems.append(f"{path}: layer {layer} has no 'bias' tensor (fill mean adds the dropped neurons' mean "
+                            "output)")
+        elif fill != "mean" and bias is not None:
+            problems.append(f"{path}: layer {layer} has a bias but fill is {fill} (a bias is stored only with fill: "
+                            "mean)")
+        elif bias is not None:
+            problems += _bias_problems(f"{path}: layer {layer} bias", bias, hidden)
+    return problems
+
+
+def _dtype(t: Any) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _kept_problems(path: str, kept: Any, width: Any, intermediate_size: int | None) -> list[str]:
+    if _dtype(kept) != "int64":
+        return [f"{path} is {_dtype(kept)}, expected int64"]
+    if len(kept.shape) != 1:
+        return [f"{path} has shape {tuple(kept.shape)}, expected one dimension"]
+    problems = []
+    if _is_int(width) and kept.shape[0] != width:
+        problems.append(f"{path} holds {kept.shape[0]} indices but widths records {width}")
+    if kept.shape[0] == 0:
+        return problems + [f"{path} is empty (a layer skipped whole belongs in skip_layers)"]
+    if kept.shape[0] > 1 and not bool((kept[1:] > kept[:-1]).all()):
+        problems.append(f"{path} must be strictly ascending (sorted, each index once)")
+    lo, hi = int(kept.min()), int(kept.max())
+    if lo < 0 or (intermediate_size is not None and hi >= intermediate_size):
+        allowed = "must be >= 0" if intermediate_size is None else f"the FFN's neurons are 0..{intermediate_size - 1}"
+        problems.append(f"{path} has indices {lo}..{hi} ({allowed})")
+    elif intermediate_size is not None and kept.shape[0] >= intermediate_size:
+        problems.append(f"{path} keeps {kept.shape[0]} of the FFN's {intermediate_size} neurons (a layer that keeps "
+                        "them all is left out)")
+    return problems
+
+
+def _bias_problems(path: str, bias: Any, hidden: int | None) -> list[str]:
+    problems = []
+    if _dtype(bias) != "float32":
+        problems.append(f"{path} is {_dtype(bias)}, expected float32")
+    want = (hidden,) if hidden is not None else None
+    if (want is not None and tuple(bias.shape) != want) or len(bias.shape) != 1:
+        problems.append(f"{path} has shape {tuple(bias.shape)}, expected {want or '(hidden_size,)'}")
+    elif _dtype(bias).startswith("float") and not bool((abs(bias) < float("inf")).all()):
+        problems.append(f"{path} holds NaN or infinite values")
+    return problems
+
+
+def neuron_problems(plan: Any, intermediate_size: int | None, hidden: int | None, label: str = "plan") -> list[str]:
+    """What keeps a `SkipPlan`'s neuron subsets (`plan.neurons`) from running on a model whose FFNs have
+    `intermediate_size` neurons and whose width is `hidden` (either None: not checked). The plan rules themselves
+    (static only, fill, widths, skip_layers overlap) are `skip_plan_problems`'; this checks the loaded arrays: present,
+    the width the plan recorded, chosen for this FFN width, indices and biases as `neuron_subset_problems` says."""
+    subsets = getattr(plan, "neurons", None)
+    if subsets is None or plan.mode != STATIC:
+        return []
+    path = f"{label}: neurons"
+    if not subsets.tensors:
+        return [f"{path}: needs its neuron subsets (load the plan from its file, beside which they are stored)"]
+    problems = []
+    recorded = subsets.intermediate_size
+    if recorded is not None and intermediate_size is not None and recorded != intermediate_size:
+        problems.append(f"{path}: chosen for FFNs of {recorded} neurons, the model's have {intermediate_size} "
+                        "(this plan is for another model)")
+    widths = subsets.recorded_widths if subsets.recorded_widths is not None else subsets.widths
+    size = intermediate_size if intermediate_size is not None else recorded
+    return problems + neuron_subset_problems(path, subsets.tensors, subsets.fill, widths, size, hidden)

@@ -11,7 +11,7 @@ from .errors import CLIError
 
 HELP = (
     "Pretty-print a YAML skip plan: model, provenance, defaults, each plan's rule and expected skip ratio, "
-    "router.\n\n"
+    "linear maps, neuron subsets (the kept width of each narrowed FFN), router.\n\n"
     "Examples:\n\n"
     "  skipprof show plans/demo-adaptive-25.yaml\n\n"
     "  skipprof show plans/demo-perclass-25.yaml --yaml     # the canonical YAML instead\n"
@@ -22,7 +22,7 @@ def describe_layers(plan) -> str:
     """One line saying which FFNs the plan skips."""
     if plan.mode == "static":
         if not plan.skip_layers:
-            return "none (dense)"
+            return "none" if plan.neurons is not None else "none (dense)"
         return ", ".join(str(l) if f >= 1.0 else f"{l} ({f:g})" for l, f in sorted(plan.skip_layers.items()))
     if plan.max_skip == 0:
         return "none (max_skip 0)"
@@ -37,8 +37,11 @@ def plan_table(plan_file, title: str | None = None):
 
     table = Table(title=title, title_justify="left", show_lines=False)
     numeric = ("gen len", "warm-up", "dense every", "expected skip")
-    for column in ("plan", "mode", "skips", "batch", "gen len", "warm-up", "dense every", "compensation",
-                   "expected skip"):
+    columns = ["plan", "mode", "skips", "batch", "gen len", "warm-up", "dense every", "compensation", "expected skip"]
+    with_neurons = any(p.neurons is not None for _, p in plan_file.named_plans())
+    if with_neurons:
+        columns.insert(3, "neurons")
+    for column in columns:
         table.add_column(column, justify="right" if column in numeric else "left")
     rows: list[tuple[str, Any]] = [("global", plan_file.global_plan)]
     rows += [(f"class {name}", plan_file.classes[name]) for name in sorted(plan_file.classes)]
@@ -46,9 +49,48 @@ def plan_table(plan_file, title: str | None = None):
         ratio = "-" if plan.expected_skip_ratio is None else f"{plan.expected_skip_ratio:.3f}"
         if plan.fit.get("fallback"):
             ratio += " (global fallback)"
-        table.add_row(name, plan.mode, describe_layers(plan), _batch(plan), str(plan.fit.get("gen_len") or "-"),
-                      str(plan.warmup_tokens), str(plan.dense_every or "-"), _compensation(plan), ratio)
+        cells = [name, plan.mode, describe_layers(plan), _batch(plan), str(plan.fit.get("gen_len") or "-"),
+                 str(plan.warmup_tokens), str(plan.dense_every or "-"), _compensation(plan), ratio]
+        if with_neurons:
+            cells.insert(3, describe_neurons(plan))
+        table.add_row(*cells)
     return table
+
+
+def describe_neurons(plan) -> str:
+    """One cell: how many FFNs run narrowed and the share of their neurons kept."""
+    subsets = plan.neurons
+    if subsets is None or not subsets.widths:
+        return "-"
+    widths, size = subsets.widths, subsets.intermediate_size
+    text = f"{len(widths)} layer{'s' if len(widths) != 1 else ''}"
+    if size:
+        text += f", {sum(widths.values()) / (len(widths) * size):.0%} kept"
+    return text
+
+
+def neuron_lines(plan_file) -> list[str]:
+    """Per plan with neuron subsets: the file, the fill, per layer the kept width and its share of the FFN's neurons
+    (an FFN's FLOPs scale with it), and the share of all FFN neurons not computed at an eligible decode position."""
+    num_layers = (plan_file.model.get("fingerprint") or {}).get("num_layers")
+    out = []
+    for name, plan in plan_file.named_plans():
+        subsets = plan.neurons
+        if subsets is None:
+            continue
+        size, widths = subsets.intermediate_size, subsets.widths
+        per_layer = ", ".join(f"{l}: {w}" + (f" ({w / size:.0%})" if size else "") for l, w in widths.items())
+        line = (f"{name.replace('class.', 'class ')}: neuron subsets in {subsets.file} (sha256 "
+                f"{str(subsets.sha256)[:12]}...), fill {subsets.fill}; neurons kept per layer at eligible decode "
+                f"positions{f' (of {size})' if size else ''}: {per_layer}")
+        if size and num_layers:
+            dropped = sum(size - w for w in widths.values()) / (num_layers * size)
+            line += f"; {dropped:.1%} of all FFN neurons not computed at positions that skip no whole FFN"
+        net = plan.fit.get("expected_ffn_flops_saved")
+        if net is not None and plan.compensation != "linear":  # the linear maps' line gives it otherwise
+            line += f"; expected FFN FLOPs saved net {net:.3f}"
+        out.append(line)
+    return out
 
 
 def _compensation(plan) -> str:
@@ -125,7 +167,7 @@ def print_plan(plan_file, console, source: str) -> None:
     if isinstance(per_class, dict) and per_class:
         console.print("global plan's simulated skip ratio per class: "
                       + ", ".join(f"{k} {v:.3f}" for k, v in per_class.items()))
-    for line in substitute_lines(plan_file):
+    for line in substitute_lines(plan_file) + neuron_lines(plan_file):
         console.print(line, highlight=False)
     for warning in warmup_warnings(plan_file):
         console.print(f"[yellow]warning[/yellow]: {warning}", highlight=False)

@@ -54,7 +54,12 @@ def summary(profile, regime: str, path: str | None = None, classes: list[str] | 
                    "by_class": {c: {"prompt": profile.tokens("prompt", c), "decode": profile.tokens("decode", c)}
                                 for c in profile.classes}},
         "metric": "residual", "layers": layers,
+        "neurons": ({"intermediate_size": profile.num_neurons, "layers": profile.num_layers,
+                     "tokens": {r: profile.neuron_tokens(r, 0) for r in ("prompt", "decode")}}
+                    if profile.has_neurons else None),
     }
+    if not profile.has_neurons and header.get("neurons_skipped"):
+        out["neurons_skipped"] = header["neurons_skipped"]
     if path is not None:
         out["profile"] = path
     return out
@@ -84,6 +89,13 @@ def print_table(console, data: dict[str, Any]) -> None:
                           _cell(row["mean"]), _cell(row["p10"]), _cell(row["p50"]), _cell(row["p90"]),
                           _cell(row["p_above_0.95"], 3), end_section=row["layer"] == len(rows) - 1)
     console.print(table)
+    neurons = data.get("neurons")
+    if neurons:
+        console.print(f"neuron statistics: {neurons['intermediate_size']:,} neurons per layer x {neurons['layers']} "
+                      f"layers ({neurons['tokens']['prompt']:,} prompt + {neurons['tokens']['decode']:,} decode "
+                      "tokens)", highlight=False)
+    elif data.get("neurons_skipped"):
+        console.print(f"no neuron statistics: {data['neurons_skipped']}", highlight=False)
 
 
 def inspect(

@@ -78,6 +78,12 @@ def profile(
     doc_samples: Annotated[int, typer.Option(metavar="N", help="Per-document hidden-state samples kept per class "
                                                                "(for the prompt router).")] = 256,
     seed: Annotated[int, typer.Option(metavar="N", help="Seed of the sampling keys.")] = 0,
+    neurons: Annotated[Optional[bool], typer.Option(
+        "--neurons/--no-neurons", show_default=False,
+        help="Per-neuron FFN statistics (sums of each FFN's intermediate activation and its square, and of its "
+             "input's squares; what neuron plans are fitted from). Default: recorded for dense FFNs, left out for "
+             "sparse-MoE models; --neurons requires them (a MoE model is refused), --no-neurons leaves them out.")
+                       ] = None,
     as_json: options.JsonFlag = False,
     device_map: Annotated[Optional[str], typer.Option(
         metavar="MAP", show_default=False,
@@ -106,7 +112,7 @@ def profile(
                                    max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
                                    shard=parse_shard(shard) if shard is not None else None,
                                    generate=new_tokens if generate is None else generate, reservoir_size=reservoir,
-                                   doc_reservoir_size=doc_samples, seed=seed)
+                                   doc_reservoir_size=doc_samples, seed=seed, neurons=neurons)
         parsed_map = parse_device_map(device_map)
     except ValueError as e:
         raise CLIError(str(e)) from None

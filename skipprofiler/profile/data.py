@@ -42,6 +42,12 @@ class Profile:
     doc_len: np.ndarray  # int64 [C]
     doc_keys: np.ndarray  # float64 [C, D]
     token_count: np.ndarray | None = None  # int64 [R, C] real tokens seen (finite or not); derived when absent
+    # Per-neuron FFN statistics (format version 2; None when not recorded): a = the down projection's input [.., N],
+    # x = the FFN's input [.., H]; sums over the tokens counted in neuron_count.
+    neuron_sum: np.ndarray | None = None  # float64 [R, L, C, N] sum of a_j
+    neuron_sq: np.ndarray | None = None  # float64 [R, L, C, N] sum of a_j^2
+    neuron_count: np.ndarray | None = None  # int64 [R, L, C] tokens counted (real, a and x finite)
+    input_sq: np.ndarray | None = None  # float64 [R, L, C, H] sum of x_i^2
 
     def __post_init__(self) -> None:
         if self.token_count is None:
@@ -145,6 +151,59 @@ class Profile:
         c = self._c(cls)[0]
         return self.doc_features[c, :self.doc_len[c]]
 
+    # ---------------------------------------------------------------- per-neuron FFN statistics
+    @property
+    def has_neurons(self) -> bool:
+        """Whether the profile holds per-neuron FFN statistics (`skipprof profile` records them for dense FFNs)."""
+        return self.neuron_count is not None
+
+    @property
+    def num_neurons(self) -> int:
+        """FFN intermediate width N (0 without neuron statistics)."""
+        return int(self.neuron_sum.shape[-1]) if self.has_neurons else 0
+
+    def _neuron_pool(self, table: np.ndarray | None, regime: str, layer: int | None, cls: str | None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """(sum over the selected classes [N] or [L, N], token count [] or [L, 1])."""
+        if not self.has_neurons:
+            raise ProfileError("this profile has no per-neuron FFN statistics (recorded with --no-neurons, for a "
+                               "sparse-MoE model, or by skipprof before format version 2); re-profile the model")
+        r, cols = self._r(regime), self._c(cls)
+        if layer is not None and not -self.num_layers <= layer < self.num_layers:
+            raise ProfileError(f"layer {layer} out of range: the profile has {self.num_layers} layers")
+        rows = slice(None) if layer is None else layer
+        total = table[r, rows][..., cols, :].sum(axis=-2)
+        n = self.neuron_count[r, rows][..., cols].sum(axis=-1).astype(np.float64)
+        return total, (n if layer is not None else n[:, None])
+
+    def neuron_tokens(self, regime: str = "decode", layer: int = 0, cls: str | None = None) -> int:
+        """Tokens behind the neuron statistics of one layer (real tokens whose activations were all finite)."""
+        return int(self._neuron_pool(self.neuron_sum, regime, layer, cls)[1])
+
+    def neuron_mean(self, regime: str = "decode", layer: int | None = None, cls: str | None = None) -> np.ndarray:
+        """E[a_j]: mean intermediate activation (the down projection's input) per neuron; [N] for one layer, [L, N]
+        for layer None; classes pooled for cls None (token-weighted). NaN where no tokens."""
+        total, n = self._neuron_pool(self.neuron_sum, regime, layer, cls)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
+    def neuron_energy(self, regime: str = "decode", layer: int | None = None, cls: str | None = None) -> np.ndarray:
+        """E[a_j^2] per neuron (times ||W_down[:, j]||^2 it is neuron j's mean output energy)."""
+        total, n = self._neuron_pool(self.neuron_sq, regime, layer, cls)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
+    def neuron_variance(self, regime: str = "decode", layer: int | None = None, cls: str | None = None
+                        ) -> np.ndarray:
+        """Var[a_j] = E[a_j^2] - E[a_j]^2 per neuron (population variance, FLAP's fluctuation; >= 0)."""
+        return np.maximum(self.neuron_energy(regime, layer, cls) - self.neuron_mean(regime, layer, cls) ** 2, 0.0)
+
+    def input_sq_mean(self, regime: str = "decode", layer: int | None = None, cls: str | None = None) -> np.ndarray:
+        """E[x_i^2] per input channel of the FFN (x = what the FFN reads); sqrt(count * this) is Wanda's ||x_i||."""
+        total, n = self._neuron_pool(self.input_sq, regime, layer, cls)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
     # ---------------------------------------------------------------- file (skipprofiler.profile.fileformat)
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a reader never sees half a profile."""
@@ -179,7 +238,15 @@ def to_tensors(p: Profile) -> dict[str, np.ndarray]:
     out["doc_features"] = np.ascontiguousarray(p.doc_features, dtype=np.float32)
     out["doc_len"] = np.ascontiguousarray(p.doc_len, dtype=np.int64)
     out["doc_keys"] = np.ascontiguousarray(p.doc_keys, dtype=np.float64)
+    if p.has_neurons:
+        out["neuron.sum"] = np.ascontiguousarray(p.neuron_sum, dtype=np.float64)
+        out["neuron.sq"] = np.ascontiguousarray(p.neuron_sq, dtype=np.float64)
+        out["neuron.count"] = np.ascontiguousarray(p.neuron_count, dtype=np.int64)
+        out["neuron.input_sq"] = np.ascontiguousarray(p.input_sq, dtype=np.float64)
     return out
+
+
+NEURON_TENSORS = ("neuron.sum", "neuron.sq", "neuron.count", "neuron.input_sq")
 
 
 def _from_tensors(header: dict, t: dict[str, np.ndarray]) -> Profile:
@@ -192,7 +259,12 @@ def _from_tensors(header: dict, t: dict[str, np.ndarray]) -> Profile:
         nonfinite={m: t[f"nonfinite.{m}"] for m in metrics}, reservoir=t["reservoir"],
         reservoir_gain=t["reservoir_gain"], reservoir_len=t["reservoir_len"], reservoir_keys=t["reservoir_keys"],
         router_layer=int(header["router_layer"]), doc_features=t["doc_features"], doc_len=t["doc_len"],
-        doc_keys=t["doc_keys"], token_count=t.get("token_count"))
+        doc_keys=t["doc_keys"], token_count=t.get("token_count"), neuron_sum=t.get("neuron.sum"),
+        neuron_sq=t.get("neuron.sq"), neuron_count=t.get("neuron.count"), input_sq=t.get("neuron.input_sq"))
+    present = [name for name in NEURON_TENSORS if name in t]
+    if present and len(present) != len(NEURON_TENSORS):
+        raise ValueError(f"neuron statistics incomplete: has {', '.join(present)} but not "
+                         f"{', '.join(n for n in NEURON_TENSORS if n not in t)}")
     check_shapes(profile)
     return profile
 
@@ -206,6 +278,10 @@ def check_shapes(p: Profile) -> None:
     expect: dict[str, tuple[int, ...]] = {"reservoir": (R, C, K, L), "reservoir_gain": (R, C, K, L),
                                           "reservoir_len": (R, C), "reservoir_keys": (R, C, K),
                                           "token_count": (R, C), "doc_len": (C,)}
+    if p.has_neurons:
+        N, H = p.neuron_sum.shape[-1], p.input_sq.shape[-1]
+        expect.update({"neuron.sum": (R, L, C, N), "neuron.sq": (R, L, C, N), "neuron.count": (R, L, C),
+                       "neuron.input_sq": (R, L, C, H)})
     for m in p.hist:
         expect[f"hist.{m}"] = (R, L, C, len(p.edges[m]) + 1)
         for name in ("mean", "m2", "nonfinite"):

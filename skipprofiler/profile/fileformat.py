@@ -15,7 +15,8 @@ from .._jsonable import jsonable
 from ..atomic import atomic_path
 
 FORMAT = "skipprof-profile"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written; 2 added the optional per-neuron FFN statistics (neuron.* tensors)
+READS_VERSIONS = (1, 2)  # version 1 files load as profiles without neuron statistics
 
 
 class ProfileError(ValueError):
@@ -54,7 +55,7 @@ def read_profile_file(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarr
         raise ProfileError(f"{path} is a safetensors file without a skipprof profile header") from None
     if header.get("format") != FORMAT:
         raise ProfileError(f"{path} is not a skipprof profile (format {header.get('format')!r})")
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in READS_VERSIONS:
         raise ProfileError(f"{path} has profile format_version {header.get('format_version')!r}; this skipprof "
-                           f"reads version {FORMAT_VERSION}")
+                           f"reads versions {', '.join(map(str, READS_VERSIONS))} (a newer skipprof wrote it?)")
     return header, tensors

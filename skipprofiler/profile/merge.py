@@ -38,6 +38,11 @@ def merge_profiles(profiles: Sequence[Profile]) -> Profile:
     res_rows = {"cos": np.zeros((R, C, K, L), np.float32), "gain": np.zeros((R, C, K, L), np.float32)}
     res_len = np.zeros((R, C), np.int64)
     doc_keys, doc_feat, doc_len = np.full((C, D), -np.inf), np.zeros((C, D, H), np.float32), np.zeros(C, np.int64)
+    neurons = first.has_neurons
+    if neurons:  # sums: the merge adds them
+        N, Hx = first.num_neurons, first.input_sq.shape[-1]
+        n_sum, n_sq = np.zeros((R, L, C, N)), np.zeros((R, L, C, N))
+        n_count, n_input = np.zeros((R, L, C), np.int64), np.zeros((R, L, C, Hx))
     for p in profiles:
         for pc, name in enumerate(p.classes):
             c = classes.index(name)
@@ -48,6 +53,11 @@ def merge_profiles(profiles: Sequence[Profile]) -> Profile:
                     count[:, :, c].astype(np.float64), mean[m][:, :, c], m2[m][:, :, c],
                     p.count[:, :, pc].astype(np.float64), p.mean[m][:, :, pc], p.m2[m][:, :, pc])
             count[:, :, c] += p.count[:, :, pc]
+            if neurons:
+                n_sum[:, :, c] += p.neuron_sum[:, :, pc]
+                n_sq[:, :, c] += p.neuron_sq[:, :, pc]
+                n_count[:, :, c] += p.neuron_count[:, :, pc]
+                n_input[:, :, c] += p.input_sq[:, :, pc]
             token_count[:, c] += p.token_count[:, pc]
             for r in range(R):
                 n = p.reservoir_len[r, pc]
@@ -66,7 +76,8 @@ def merge_profiles(profiles: Sequence[Profile]) -> Profile:
                    count=count, mean=mean, m2=m2, nonfinite=nonfinite, reservoir=res_rows["cos"],
                    reservoir_gain=res_rows["gain"], reservoir_len=res_len, reservoir_keys=res_keys,
                    router_layer=first.router_layer, doc_features=doc_feat, doc_len=doc_len, doc_keys=doc_keys,
-                   token_count=token_count)
+                   token_count=token_count, **({"neuron_sum": n_sum, "neuron_sq": n_sq, "neuron_count": n_count,
+                                                "input_sq": n_input} if neurons else {}))
 
 
 def _check_compatible(a: Profile, b: Profile, index: int) -> None:
@@ -79,6 +90,14 @@ def _check_compatible(a: Profile, b: Profile, index: int) -> None:
         raise ProfileError(f"profile {index} uses a different binning; re-profile with the same skipprof version")
     if a.num_layers != b.num_layers:
         raise ProfileError(f"profile {index} has {b.num_layers} layers, the first has {a.num_layers}")
+    if a.has_neurons != b.has_neurons:
+        state = "has no per-neuron FFN statistics and the first has them" if a.has_neurons else \
+            "has per-neuron FFN statistics and the first has none"
+        raise ProfileError(f"profile {index} {state} (recorded with --no-neurons, for a sparse-MoE model or by an "
+                           "older skipprof): merge profiles recorded with the same --neurons setting")
+    if a.has_neurons and (a.neuron_sum.shape[-1], a.input_sq.shape[-1]) != (b.neuron_sum.shape[-1],
+                                                                            b.input_sq.shape[-1]):
+        raise ProfileError(f"profile {index} has neuron statistics of another FFN width")
     if a.header.get("router_pooling", "mean") != b.header.get("router_pooling", "mean"):
         raise ProfileError(f"profile {index} pools documents as {b.header.get('router_pooling', 'mean')!r}, the first "
                            f"as {a.header.get('router_pooling', 'mean')!r}")

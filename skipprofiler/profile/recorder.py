@@ -13,13 +13,14 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..arch.capture import FFNCapture, LayerTensors
+from ..arch.capture import (FFNCapture, LayerTensors, NoNeuronSite, down_projection, down_weight,
+                            intermediate_size)
 from .corpus import Batch
 from ..arch.greedy import accepts, greedy_step
 from .histograms import MetricAccumulator, PriorityReservoir, binning_spec, default_edges
 from ..arch.registry import model_fingerprint, resolve
 from ..arch.pooling import pool, prompt_weights
-from .data import DEFAULT_DOC_RESERVOIR, DEFAULT_RESERVOIR, METRICS, REGIMES, Profile
+from .data import DEFAULT_DOC_RESERVOIR, DEFAULT_RESERVOIR, METRICS, REGIMES, Profile, ProfileError
 from .fileformat import FORMAT, FORMAT_VERSION
 from .merge import now, token_summary
 
@@ -46,6 +47,10 @@ class ProfileSettings:
     doc_reservoir_size: int = DEFAULT_DOC_RESERVOIR  # per-document hidden-state samples per class (router)
     seed: int = 0
     router_layer: int | None = None  # default num_layers // 2
+    # Per-neuron statistics of every FFN (sums of a and a^2 of the down projection's input a, sums of x^2 of the FFN
+    # input x): None = record them where every FFN is dense (sparse-MoE models are profiled without, the header says
+    # why); True = required (a sparse-MoE model is refused); False = not recorded.
+    neurons: bool | None = None
 
     def problems(self) -> list[str]:
         """Every invalid setting, each as one line naming the field (`ProfileSettings.seq_len`); the CLI prints the
@@ -56,6 +61,8 @@ class ProfileSettings:
         out += [f"ProfileSettings.{name} must be >= 0, got {value}" for name, value in
                 (("generate", self.generate), ("reservoir_size", self.reservoir_size),
                  ("doc_reservoir_size", self.doc_reservoir_size)) if value < 0]
+        if self.neurons not in (None, True, False):
+            out.append(f"ProfileSettings.neurons must be None, True or False, got {self.neurons!r}")
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
             out.append(f"ProfileSettings.shard (I, N) needs 0 <= I < N, got {self.shard[0]}/{self.shard[1]}")
         return out
@@ -81,10 +88,83 @@ def _metrics_of(t: LayerTensors) -> torch.Tensor:
     return torch.stack([residual, ffn_io, norm_ratio, norm_out / norm_h])
 
 
+def _neuron_rows(t: LayerTensors, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per batch row: sum of a, sum of a^2 ([B, I] float32), sum of x^2 ([B, H]) over the row's real tokens, and the
+    tokens counted ([B] int64). A row whose sums are not finite (NaN/inf activations) is left out whole (a document
+    in the prompt regime, one token in decode): no per-token finiteness pass over [B, S, I]."""
+    m = mask.to(device=t.ffn_hidden.device, dtype=torch.float32)[..., None]  # [B, S, 1]
+    am = t.ffn_hidden.to(torch.float32) * m  # a new tensor: the model's own is never written
+    s1 = am.sum(1)
+    s2 = am.square_().sum(1)
+    xm = t.ffn_input.to(torch.float32) * m
+    xs = xm.square_().sum(1)
+    ok = torch.isfinite(s2).all(-1) & torch.isfinite(s1).all(-1) & torch.isfinite(xs).all(-1)  # [B]
+    keep = ok[:, None]
+    return (torch.where(keep, s1, 0.0), torch.where(keep, s2, 0.0), torch.where(keep, xs, 0.0),
+            torch.where(ok, mask.to(ok.device).sum(1), 0))
+
+
+class NeuronAccumulator:
+    """Exact per-class sums of the FFN neuron statistics on one device: float64 [L, C, I] sums of a and a^2,
+    [L, C, H] sums of x^2, int64 [L, C] token counts. Batches arrive as float32 per-row sums; rows are added into
+    their class in float64 (a one-hot matmul: deterministic, no atomics)."""
+
+    def __init__(self, num_layers: int, width: int, input_width: int, device: torch.device):
+        self.device = torch.device(device)
+        self.num_classes = 0
+        zeros = lambda n, dtype=torch.float64: torch.zeros(num_layers, 0, *n, dtype=dtype, device=self.device)  # noqa
+        self.sum, self.sq, self.input_sq = zeros((width,)), zeros((width,)), zeros((input_width,))
+        self.count = zeros((), torch.int64)
+
+    def ensure_classes(self, num_classes: int) -> None:
+        extra = num_classes - self.num_classes
+        if extra <= 0:
+            return
+        grow = lambda t: torch.cat([t, t.new_zeros(t.shape[0], extra, *t.shape[2:])], dim=1)  # noqa: E731
+        self.sum, self.sq, self.input_sq, self.count = (grow(t) for t in (self.sum, self.sq, self.input_sq,
+                                                                          self.count))
+        self.num_classes = num_classes
+
+    def add(self, rows: list[tuple[torch.Tensor, ...]], class_ids: torch.Tensor) -> None:
+        """rows: per layer (sum a [B, I], sum a^2 [B, I], sum x^2 [B, H], count [B]); class_ids: [B]."""
+        classes = class_ids.to(self.device)
+        onehot = torch.nn.functional.one_hot(classes, self.num_classes).T.to(torch.float64)  # [C, B]
+        stacked = [torch.stack([r[i].to(self.device) for r in rows]) for i in range(4)]  # [L, B, ...]
+        self.sum += torch.matmul(onehot, stacked[0].double())
+        self.sq += torch.matmul(onehot, stacked[1].double())
+        self.input_sq += torch.matmul(onehot, stacked[2].double())
+        self.count.index_add_(1, classes, stacked[3].to(torch.int64))
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        return {"sum": self.sum.cpu().numpy(), "sq": self.sq.cpu().numpy(), "input_sq": self.input_sq.cpu().numpy(),
+                "count": self.count.cpu().numpy()}
+
+
+def neuron_sites(model: torch.nn.Module, resolved, required: bool) -> tuple[dict | None, str | None]:
+    """(the header's `neurons` record, None) when every FFN has one down projection of one width; (None, why not)
+    otherwise. `required`: raise ProfileError (one line) instead of returning the reason."""
+    try:
+        found = [down_projection(site) for site in resolved.sites]
+        widths = sorted({intermediate_size(module) for _, module in found})
+        if len(widths) != 1:
+            raise NoNeuronSite(f"the FFNs have different widths ({', '.join(map(str, widths[:4]))}): per-neuron "
+                               "statistics need one width across layers")
+    except NoNeuronSite as e:
+        why = f"{resolved.model_type}: {e}"
+        if required:
+            raise ProfileError(f"no neuron statistics for {why}") from None
+        return None, why
+    name = found[0][0] if resolved.sites[0].ffn is None else f"{resolved.spec.ffn}.{found[0][0]}"
+    input_width = down_weight(found[0][1]).shape[0]  # the FFN reads and writes the hidden width
+    return {"intermediate_size": widths[0], "input_size": int(input_width), "down_projection": name,
+            "activation": "input of the down projection"}, None
+
+
 class ProfileRecorder:
     """Turns captured layers into accumulator updates: hooks stash [4, B, S] per layer, `commit` bins them all."""
 
-    def __init__(self, num_layers: int, device: torch.device, settings: ProfileSettings, num_classes: int = 0):
+    def __init__(self, num_layers: int, device: torch.device, settings: ProfileSettings, num_classes: int = 0,
+                 neurons: dict | None = None):
         self.num_layers = num_layers
         self.device = torch.device(device)
         self.router_layer = settings.router_layer if settings.router_layer is not None else num_layers // 2
@@ -103,9 +183,17 @@ class ProfileRecorder:
         self._doc_mean: torch.Tensor | None = None
         self.pool_documents = False
         self.token_mask: torch.Tensor | None = None  # [B, S] bool, set before each forward
+        self.neurons = neurons  # the header's `neurons` record; None: not recorded
+        self.neuron_stats: dict[str, NeuronAccumulator] = {}
+        self._neuron_stash: list[tuple[torch.Tensor, ...] | None] = [None] * num_layers
+        if neurons is not None:
+            self.neuron_stats = {regime: NeuronAccumulator(num_layers, neurons["intermediate_size"],
+                                                           neurons["input_size"], self.device) for regime in REGIMES}
 
     def on_layer(self, t: LayerTensors) -> None:
         self._stash[t.index] = _metrics_of(t)  # computed on the layer's own device (device maps)
+        if self.neurons is not None:
+            self._neuron_stash[t.index] = _neuron_rows(t, self.token_mask)
         if self.pool_documents and t.index == self.router_layer:  # the document's prompt pass, from position 0
             weights = prompt_weights(self.token_mask.to(t.stream_out.device).float(), ROUTER_POOLING, True)
             self._doc_mean = pool(t.stream_out, weights).to(self.device)
@@ -114,6 +202,8 @@ class ProfileRecorder:
         for regime in REGIMES:
             self.stats[regime].ensure_classes(num_classes)
             self.samples[regime].ensure_classes(num_classes)
+            if self.neuron_stats:
+                self.neuron_stats[regime].ensure_classes(num_classes)
         if self.docs is not None:
             self.docs.ensure_classes(num_classes)
 
@@ -125,6 +215,12 @@ class ProfileRecorder:
             raise RuntimeError(f"the capture hooks saw no FFN in layers {missing[:5]}: the model's forward "
                                "did not run them (is another skip plan applied?)")
         values = torch.stack([s.to(self.device) for s in stash])  # [L, 4, B, S]; 4 floats/token cross devices
+        if self.neurons is not None:
+            rows, self._neuron_stash = self._neuron_stash, [None] * self.num_layers
+            if any(r is None for r in rows):
+                raise RuntimeError("the capture hooks saw no FFN intermediate activation in layers "
+                                   f"{[i for i, r in enumerate(rows) if r is None][:5]}")
+            self.neuron_stats[regime].add(rows, class_ids)
         mask = self.token_mask
         token_classes = class_ids.to(self.device)[:, None].expand(mask.shape)[mask]
         picked = values[:, :, mask]  # [L, 4, N]
@@ -157,6 +253,11 @@ class ProfileRecorder:
             doc_features = np.zeros((C, 0, 0), np.float32)
             doc_len, doc_keys = np.zeros(C, np.int64), np.zeros((C, 0))
         token_count = stack(lambda p: p["tokens"])
+        neurons: dict[str, np.ndarray | None] = dict.fromkeys(("sum", "sq", "input_sq", "count"))
+        if self.neurons is not None:
+            parts_n = {regime: self.neuron_stats[regime].numpy() for regime in REGIMES}
+            neurons = {k: np.stack([parts_n[r][k] for r in REGIMES]) for k in neurons}
+            header = dict(header, neurons=dict(self.neurons))
         header = dict(header, tokens=token_summary(token_count, classes), binning=binning_spec(),
                       reservoir_size=self.samples["prompt"].capacity, doc_reservoir_size=self.doc_reservoir_size,
                       router_layer=self.router_layer, router_pooling=ROUTER_POOLING)
@@ -171,7 +272,8 @@ class ProfileRecorder:
             reservoir_len=np.stack([samples[r]["len"] for r in REGIMES]),
             reservoir_keys=np.stack([samples[r]["keys"] for r in REGIMES]),
             router_layer=self.router_layer, doc_features=doc_features, doc_len=doc_len, doc_keys=doc_keys,
-            token_count=token_count)
+            token_count=token_count, neuron_sum=neurons["sum"], neuron_sq=neurons["sq"],
+            neuron_count=neurons["count"], input_sq=neurons["input_sq"])
 
 
 class _StopFlag:
@@ -216,7 +318,9 @@ def profile_model(model: torch.nn.Module, batches: Iterable[Batch], settings: Pr
     settings = settings or ProfileSettings()
     resolved = resolve(model)
     device = _model_device(model)
-    recorder = ProfileRecorder(resolved.num_layers, device, settings)
+    neurons, no_neurons = (None, "not requested") if settings.neurons is False else \
+        neuron_sites(model, resolved, required=settings.neurons is True)
+    recorder = ProfileRecorder(resolved.num_layers, device, settings, neurons=neurons)
     forward_kwargs = {"use_cache": False}
     if accepts(model, "logits_to_keep"):
         forward_kwargs["logits_to_keep"] = 1  # the prompt pass needs no logits: skip most of the LM head
@@ -226,7 +330,7 @@ def profile_model(model: torch.nn.Module, batches: Iterable[Batch], settings: Pr
     model_was_training = model.training
     model.eval()
     # A first Ctrl-C stops after the current batch (partial profile); a second one aborts and writes nothing.
-    with FFNCapture(model, recorder.on_layer, resolved) as capture, torch.inference_mode(), \
+    with FFNCapture(model, recorder.on_layer, resolved, neurons=neurons is not None) as capture, torch.inference_mode(), \
             _graceful_sigint() as stop:
         for batch in batches:
             recorder.ensure_classes(batch.num_classes)
@@ -255,6 +359,8 @@ def profile_model(model: torch.nn.Module, batches: Iterable[Batch], settings: Pr
     full_header.update(header or {})
     full_header["partial"] = partial
     full_header["router_layer"] = recorder.router_layer
+    if neurons is None:
+        full_header["neurons_skipped"] = no_neurons
     return recorder.to_profile(full_header, names)
 
 

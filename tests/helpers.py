@@ -315,7 +315,7 @@ def untouched(model) -> bool:
 
 def decisions(stats: dict) -> dict:
     """A handle's stats without the rows really not computed (device-state adaptive plans mask, host state gathers)."""
-    return {k: v for k, v in stats.items() if k not in ("rows_not_computed", "not_computed_ratio")}
+    return {k: v for k, v in stats.items() if k not in ("rows_not_computed", "not_computed_ratio", "ffn_flops_saved_share")}
 
 
 

@@ -16,7 +16,7 @@ NAME = "skipprofiler"
 # what deployment code loads: the plan data model, the architecture registry and small shared helpers, nothing else.
 ALLOWED = {
     f"{NAME}.runtime": (f"{NAME}.runtime", f"{NAME}.plan", f"{NAME}.arch.registry", f"{NAME}.arch.compat",
-                        f"{NAME}.arch.pooling", f"{NAME}.atomic", f"{NAME}._jsonable"),
+                        f"{NAME}.arch.pooling", f"{NAME}.arch.flops", f"{NAME}.atomic", f"{NAME}._jsonable"),
     # the plan stage: its data model and files; nothing of the pipeline around it
     f"{NAME}.plan": (f"{NAME}.plan", f"{NAME}.atomic"),
     f"{NAME}.plan.model": (),

@@ -11,7 +11,10 @@ from .registry import resolve
 
 
 def _linear_flops(module: nn.Module) -> int:
-    return sum(2 * m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+    """Multiply-add FLOPs of the linear maps in `module` for one position: nn.Linear and transformers' Conv1D (GPT-2,
+    its weight transposed)."""
+    return sum(2 * m.weight.numel() for m in module.modules()
+               if isinstance(m, nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")))
 
 
 def token_flops(model: nn.Module) -> dict[str, float]:

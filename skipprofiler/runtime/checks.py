@@ -40,6 +40,10 @@ def plan_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> list[str]:
         from .compensation import compensation_problems
 
         problems += compensation_problems(plan, label, arch)
+    if plan.neurons is not None:
+        from .neurons import neuron_problems
+
+        problems += neuron_problems(plan, label, arch)
     return problems
 
 
@@ -82,13 +86,21 @@ def fit_problems(model: nn.Module, plan: PlanFile | SkipPlan) -> list[str]:
     return problems
 
 
-def describe_layer(layer: int, plans: dict[str | None, SkipPlan], num_layers: int, batch_decision: str) -> str:
-    """What ``print(model)`` shows on a patched FFN: what each plan does there."""
+def describe_layer(layer: int, plans: dict[str | None, SkipPlan], num_layers: int, batch_decision: str,
+                   neurons: int | None = None) -> str:
+    """What ``print(model)`` shows on a patched FFN: what each plan does there (`neurons`: the FFN's width, when a
+    plan narrows it)."""
     parts = []
     for name, plan in plans.items():
         if plan.is_empty():
             continue
         where = "on decode" if plan.apply_to != ALL_POSITIONS else "on all positions"
+        subsets = plan.neurons
+        if plan.mode == STATIC and subsets is not None and layer in subsets.layers:
+            fill = ", mean bias for the rest" if subsets.fill == "mean" else ""
+            of = f" of {neurons}" if neurons else ""
+            parts.append(f"keeps {subsets.widths[layer]}{of} neurons {where}{fill}"
+                         + ("" if name is None else f" [{name}]"))
         if plan.mode == STATIC:
             if layer not in plan.skip_layers:
                 continue

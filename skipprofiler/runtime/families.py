@@ -43,6 +43,8 @@ def patch_fc_pair(site: FFNSite, handle, patcher: Patcher, text: str) -> None:
             return fc1_forward(x)
         current.check_rows(x.shape[0], layer)
         pending["input"] = x  # what a fill reads
+        if action.kind is Kind.NARROW:
+            return action.neurons.fc1(current, action, fc1_forward, x)
         if action.kind is Kind.SKIP_ALL:
             return x.new_empty((x.shape[0], 0))
         return fc1_forward(x if action.kind is Kind.MASK else x.index_select(0, action.kept))
@@ -51,6 +53,8 @@ def patch_fc_pair(site: FFNSite, handle, patcher: Patcher, text: str) -> None:
         action = pending.pop("action", DENSE)
         if action.kind is Kind.DENSE:
             return fc2_forward(a)
+        if action.kind is Kind.NARROW:
+            return action.neurons.fc2(action, fc2_forward, a, pending.pop("input"))
         out = action.filled(pending.pop("input"), fc2.out_features).to(a.dtype)
         if action.kind is Kind.SKIP_ALL:
             return out

@@ -3,7 +3,7 @@ Bloom and OPT: families.py).
 
 A skipped FFN is not called: it returns a fresh tensor (zeros, or the plan's compensation). Under GATHER the FFN
 runs on the kept positions only (gather -> ffn on ``[1, K, H]`` -> scatter); under MASK on every position, and the
-skipped ones are replaced.
+skipped ones are replaced. Under NARROW (neuron plans) the FFN runs on its kept neurons (runtime/neurons.py).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def patch_ffn(site: FFNSite, handle, patcher: Patcher, text: str) -> None:
         action = DENSE if current is None else current.action(site.index)
         if action.kind is Kind.DENSE:
             return original(x, *args, **kwargs)
+        if action.kind is Kind.NARROW:
+            return action.neurons.run(site, current, action, original, x, *args, **kwargs)
         return skip(site, current, action, original, x, *args, **kwargs)
 
     patcher.set_attr(site.ffn, "forward", forward)

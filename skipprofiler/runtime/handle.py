@@ -50,6 +50,7 @@ class SkipHandle:
         self._prompt_end: int | None = None
         self._verifying = False
         self._warned_no_cache = False
+        self._ffn_flops_per_call: float | None = None
 
     # ---- public API ------------------------------------------------------------------------------------------------
 
@@ -96,14 +97,31 @@ class SkipHandle:
         """Counts over decode positions after warm-up (real tokens). ``decided_skips``: FFN calls the plan's rule
         skipped; ``rows_not_computed``: FFN rows really not computed (masked rows run the FFN: they count 0);
         ``substitute_rows`` / ``substitute_flops``: rows a linear substitute map was computed for instead, and what
-        that cost (every position of a skipped call, padding included: the work done)."""
+        that cost (every position of a skipped call, padding included: the work done); ``narrowed_rows``: FFN rows
+        that ran only their kept neurons (neuron plans); ``ffn_flops_saved_share``: the share of the decode positions'
+        FFN FLOPs not computed, net of substitutes: whole-FFN skips count the FFN, narrowed rows (I - k) of I neurons'
+        matmul FLOPs; linear maps' FLOPs and the mean bias's adds are subtracted."""
         t = self._totals  # device counts are read here, once
         positions, decided, saved = int(t.positions), int(t.decided), int(t.not_computed)
         calls = positions * self.arch.num_layers
+        narrowed_saved, substitutes = float(t.narrowed_flops_saved), float(t.substitute_flops)
+        share = 0.0
+        if calls and (saved or narrowed_saved or substitutes):
+            ffn = self._ffn_flops()
+            share = (saved * ffn + narrowed_saved - substitutes) / (calls * ffn) if ffn else 0.0
         return {"decode_positions": positions, "num_layers": self.arch.num_layers,
                 "decided_skips": decided, "decided_skip_ratio": decided / calls if calls else 0.0,
                 "rows_not_computed": saved, "not_computed_ratio": saved / calls if calls else 0.0,
-                "substitute_rows": int(t.substitute_rows), "substitute_flops": float(t.substitute_flops)}
+                "substitute_rows": int(t.substitute_rows), "substitute_flops": substitutes,
+                "narrowed_rows": int(t.narrowed), "ffn_flops_saved_share": share}
+
+    def _ffn_flops(self) -> float:
+        """FLOPs of one FFN call for one position (arch.flops, imported when a plan saved something)."""
+        if self._ffn_flops_per_call is None:
+            from ..arch.flops import token_flops
+
+            self._ffn_flops_per_call = token_flops(self.model)["ffn"]
+        return self._ffn_flops_per_call
 
     def reset_stats(self) -> None:
         self._totals = Counts()
@@ -150,9 +168,21 @@ class SkipHandle:
                 rule.fills.update(fills_for(plan, rule.skippable, self.arch, patch, streams))
         self._rule = self._rules.get(self._class, self._rules.get(None))  # a row's rule unless routed elsewhere
         layers = {l for rule in self._rules.values() for l in rule.skippable}
+        narrowing = [r for r in self._rules.values() if r.static and r.plan.neurons is not None
+                     and r.plan.neurons.tensors]
+        widths: dict[int, int] = {}
+        if narrowing:
+            from .neurons import install
+
+            narrowings = install(self.arch, [r.plan for r in narrowing], patch)  # permutes the kept neurons first
+            for rule in narrowing:
+                rule.neurons = {l: narrowings[l] for l in rule.plan.neurons.layers}
+            layers |= set(narrowings)
+            widths = {l: n.size for l, n in narrowings.items()}
         for site in self.arch.sites:
             if site.index in layers:
-                patch_ffn(site, self, patch, describe_layer(site.index, self._plans, L, batch_decision))
+                patch_ffn(site, self, patch, describe_layer(site.index, self._plans, L, batch_decision,
+                                                            widths.get(site.index)))
         adaptive = [r for r in self._rules.values() if not r.static and r.skippable]
         if adaptive:
             from .adaptive import AdaptivePlugin

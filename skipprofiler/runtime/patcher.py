@@ -1,4 +1,5 @@
-"""Reversible changes to a model: hooks, instance attributes (``forward``, ``extra_repr``), all undone in reverse."""
+"""Reversible changes to a model: hooks, instance attributes (``forward``, ``extra_repr``), in-place permutations
+(`on_undo`), all undone in reverse."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ class Patcher:
                 obj.__dict__.pop(name, None)
 
         object.__setattr__(obj, name, value)
+        self._undo.append(undo)
+
+    def on_undo(self, undo: Callable[[], None]) -> None:
+        """Run `undo` when everything is undone (after the changes made later)."""
         self._undo.append(undo)
 
     def describe(self, module: nn.Module, text: str) -> None:

@@ -35,6 +35,7 @@ def plan_forward(rules: list[Rule], first_d: list[int], seq: int, device: torch.
     counted = torch.zeros_like(d, dtype=torch.bool)
     decided = torch.zeros_like(d)
     fill_groups: dict[int, list[tuple[Fill | None, torch.Tensor]]] = {}
+    narrowed: dict[int, tuple[object, torch.Tensor]] = {}  # layer -> (neurons.Narrowing, CPU BoolTensor [P])
     for rule in {id(r): r for r in rules}.values():
         plan = rule.plan
         rows = torch.tensor([r is rule for r in rules])[:, None]
@@ -47,12 +48,16 @@ def plan_forward(rules: list[Rule], first_d: list[int], seq: int, device: torch.
             for layer in rule.skippable:
                 fill_groups.setdefault(layer, []).append((rule.fills.get(layer), eligible.flatten()))
             continue
+        hits = {}
         for layer, fraction in plan.skip_layers.items():
-            hit = eligible & fraction_pattern(fraction, d)
+            hit = hits[layer] = eligible & fraction_pattern(fraction, d)
             decided += hit
             flags = forward.static_flags.get(layer)
             forward.static_flags[layer] = hit.flatten() if flags is None else flags | hit.flatten()
             fill_groups.setdefault(layer, []).append((rule.fills.get(layer), hit.flatten()))
+        for layer, narrowing in rule.neurons.items():  # neuron plans: eligible positions not skipped whole
+            hit = (eligible & ~hits[layer] if layer in hits else eligible).flatten()
+            narrowed[layer] = (narrowing, hit if layer not in narrowed else narrowed[layer][1] | hit)
     if forward.real is None:  # host ints; with padding, device counts of the real positions
         forward.counts.positions, forward.counts.decided = int(counted.sum()), int(decided.sum())
     else:
@@ -61,8 +66,19 @@ def plan_forward(rules: list[Rule], first_d: list[int], seq: int, device: torch.
     for layer, groups in fill_groups.items():
         forward.fills[layer] = _one_fill(groups, forward.device)
     for layer, flags in forward.static_flags.items():
+        if layer in narrowed and narrowed[layer][1].any():
+            continue
         action = forward.actions[layer] = action_from_flags(flags, forward.fills.get(layer), forward.device,
                                                              forward.seq == 1)
+        if not forward.eligible:  # with adaptive positions the dynamic decisions are counted as they are made
+            forward.count(action)
+    for layer, (narrowing, flags) in narrowed.items():
+        if not flags.any():
+            continue
+        from .neurons import narrow_action
+
+        action = forward.actions[layer] = narrow_action(forward.static_flags.get(layer), flags,
+                                                        forward.fills.get(layer), narrowing, forward.device)
         if not forward.eligible:  # with adaptive positions the dynamic decisions are counted as they are made
             forward.count(action)
     return forward

@@ -22,6 +22,7 @@ class Kind(enum.Enum):
     SKIP_ALL = "run no row"
     GATHER = "run the kept rows only"  # rows not computed are saved
     MASK = "run every row, replace the skipped ones"  # nothing saved: a gather would not pay
+    NARROW = "run the kept neurons"  # neuron plans (runtime/neurons.py): narrowed rows, maybe full or skipped ones
 
 
 class Fill(Protocol):
@@ -37,7 +38,9 @@ class Action:
     kind: Kind
     fill: Fill | None = None
     kept: torch.Tensor | None = None  # GATHER: LongTensor [K] of flattened positions that run the FFN
-    skip: torch.Tensor | None = None  # GATHER, MASK: BoolTensor [P], True where the FFN output is replaced
+    skip: torch.Tensor | None = None  # GATHER, MASK, NARROW: BoolTensor [P], True where the FFN output is replaced
+    neurons: Any = None  # NARROW: the layer's neurons.Narrowing
+    parts: Any = None  # NARROW: neurons.Parts of a mixed forward (None: every position narrowed)
 
     def filled(self, ffn_input: torch.Tensor, hidden: int, stream: torch.Tensor | None = None) -> torch.Tensor:
         """A fresh [rows, hidden] tensor: what the skipped rows contribute, given what the FFN would have read."""
@@ -56,13 +59,24 @@ class Rule:
         self.plan, self.fills = plan, fills
         self.static = plan.mode == STATIC
         self.skippable = plan.skippable_layers(num_layers) if not plan.is_empty() else []
-        self._actions: dict[tuple[int, ...], dict[int, Action]] = {}
+        self.neurons: dict[int, Any] = {}  # neuron plans: layer -> neurons.Narrowing (set by the handle)
+        self._actions: dict[tuple, dict[int, Action]] = {}
 
-    def skip_all(self, layers: tuple[int, ...]) -> dict[int, Action]:
-        actions = self._actions.get(layers)
+    def skip_all(self, layers: tuple[int, ...], narrowed: tuple[int, ...] = ()) -> dict[int, Action]:
+        """The actions of a decode step skipping `layers` whole and running only the kept neurons of `narrowed`."""
+        key = (layers, narrowed)
+        actions = self._actions.get(key)
         if actions is None:  # a plan has few distinct layer sets (fractions repeat): built once each
-            actions = self._actions[layers] = {l: Action(Kind.SKIP_ALL, self.fills.get(l)) for l in layers}
+            actions = self._actions[key] = {l: Action(Kind.SKIP_ALL, self.fills.get(l)) for l in layers}
+            actions.update({l: Action(Kind.NARROW, neurons=self.neurons[l]) for l in narrowed})
         return actions
+
+    def layers_at(self, d: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(layers skipped whole, layers narrowed) at decode index d; none at prompt positions (d < 0)."""
+        if d < 0:
+            return (), ()
+        plan = self.plan
+        return tuple(plan.static_layers_at(d)), tuple(plan.narrowed_layers_at(d)) if self.neurons else ()
 
 
 @dataclass
@@ -74,6 +88,8 @@ class Counts:
     not_computed: Any = 0  # FFN rows really not computed (real tokens; masked rows are computed)
     substitute_rows: int = 0  # rows a linear substitute ran for (padding included: work done)
     substitute_flops: float = 0.0
+    narrowed: Any = 0  # FFN rows that ran only their kept neurons (real tokens)
+    narrowed_flops_saved: Any = 0.0  # FLOPs those rows did not compute, less the mean bias's adds
 
     def __iadd__(self, other: Counts) -> Counts:
         for name in self.__dataclass_fields__:
@@ -114,6 +130,15 @@ class Forward:
         elif action.kind is Kind.GATHER:
             c.not_computed = c.not_computed + (p - len(action.kept) if self.real is None
                                                else (action.skip & self.real).sum())
+        elif action.kind is Kind.NARROW:
+            parts = action.parts
+            if action.skip is not None:
+                c.not_computed = c.not_computed + (action.skip.sum() if self.real is None
+                                                   else (action.skip & self.real).sum())
+            rows = (p if parts is None else len(parts.narrow)) if self.real is None else \
+                (self.real.sum() if parts is None else (parts.narrow_mask & self.real).sum())
+            c.narrowed = c.narrowed + rows
+            c.narrowed_flops_saved = c.narrowed_flops_saved + rows * action.neurons.saved_per_row
         if action.kind is not Kind.DENSE and action.fill is not None and action.fill.flops_per_row:
             c.substitute_rows += p
             c.substitute_flops += p * action.fill.flops_per_row
@@ -138,13 +163,14 @@ def decode_step(rules: list[Rule], first_d: list[int], seq: int, device: torch.d
     rule = rules[0]
     if seq != 1 or not rule.static or any(r is not rule for r in rules) or all(d < 0 for d in first_d):
         return None
-    layers = {tuple(rule.plan.static_layers_at(d)) if d >= 0 else () for d in first_d}  # none for prompt positions
+    layers = {rule.layers_at(d) for d in first_d}
     if len(layers) != 1:
         return None
     forward = Forward(len(rules), seq, device, None)  # one new token per row: a generated token, always real
     forward.counts.positions = sum(d >= rule.plan.warmup_tokens for d in first_d)
-    forward.actions = rule.skip_all(layers.pop())
-    forward.counts.decided = len(forward.actions) * forward.batch
+    skipped, narrowed = layers.pop()
+    forward.actions = rule.skip_all(skipped, narrowed)
+    forward.counts.decided = len(skipped) * forward.batch
     for action in forward.actions.values():
         forward.count(action)
     return forward

@@ -271,3 +271,30 @@ def test_cli_lists_every_problem_of_a_bad_neuron_plan(saved):
     result = _cli("validate", saved)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "global.neurons: " in result.stderr and "was altered or belongs to another plan" in result.stderr
+
+
+def test_cli_validate_checks_subsets_against_the_model(tmp_path):
+    from tiny_models import tiny_model
+
+    from skipprofiler.arch.registry import model_fingerprint
+
+    model = tiny_model("llama", num_layers=3)
+    model.save_pretrained(tmp_path / "m")
+    hidden, size = model.config.hidden_size, model.config.intermediate_size
+    rng = np.random.default_rng(0)
+
+    def plan_for(chosen_for: int) -> PlanFile:
+        kept = np.sort(rng.choice(size, size // 2, replace=False)).astype(np.int64)
+        neurons = NeuronSubsets("mean", {"1.kept": kept, "1.bias": np.zeros(hidden, np.float32)},
+                                intermediate_size=chosen_for)
+        return PlanFile(model={"name": "tiny", "fingerprint": model_fingerprint(model)},
+                        global_plan=SkipPlan("static", neurons=neurons))
+
+    ok = save_plan(plan_for(size), tmp_path / "ok.yaml")
+    result = _cli("validate", ok, "--model", tmp_path / "m")
+    assert result.returncode == 0, result.stderr
+    other = save_plan(plan_for(size * 2), tmp_path / "other.yaml")
+    result = _cli("validate", other, "--model", tmp_path / "m")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (f"global: neurons: chosen for FFNs of {size * 2} neurons, the model's have {size} (this plan is for "
+            "another model)") in result.stderr

@@ -141,7 +141,7 @@ class NeuronSubsets:
     def widths(self) -> dict[int, int]:
         """layer -> kept width k: from the index arrays once read, else as the plan file records them."""
         if self.tensors:
-            return {l: int(len(self.tensors[f"{l}.kept"])) for l in
+            return {l: len(self.tensors[f"{l}.kept"]) for l in
                     sorted({int(k.split(".")[0]) for k in self.tensors if k.endswith(".kept")})}
         return dict(sorted((self.recorded_widths or {}).items()))
 

@@ -17,27 +17,37 @@ What it does, in every vLLM process the plugin is loaded in, and only while ``SK
   device: ``d = positions - prompt_len[req_indices]``. Prompt tokens (d < 0), chunked-prefill chunks mixed with
   other requests' decode tokens included, run dense; a token with ``d >= warmup_tokens`` (and not a ``dense_every``
   token, and on a layer's ``fraction`` pattern) skips. No Python loop over tokens, no device-to-host copy.
-* the op computes the FFN on the rows that need it: on CPU it gathers them (host memory: nothing to synchronise);
-  on an accelerator it runs the FFN on every row and selects with the mask (fixed shapes: no sync, CUDA-graph
-  safe, and no saving yet -- see docs/deploy-vllm.md).
+* neuron plans (``neurons``): the layers with subsets keep their projections' weights as plain [out, in] tensors (on
+  CPU vLLM would otherwise replace them by a oneDNN / sgl packed copy, which no view can slice: the plugin marks
+  those projections before vLLM processes the loaded weights, so they run ``F.linear`` on the weight as loaded); after
+  loading, each such FFN's neurons are permuted in place so the kept ones come first (rows of both halves of
+  ``gate_up_proj``, columns of ``down_proj``: the dense function is unchanged, nothing is copied), and a narrowed
+  row runs the module's own forward with its projections computing on views of the first k neurons (plus the mean
+  bias of ``fill: mean``): the transformers runtime's reparametrisation (skipprofiler.runtime.neurons).
+* the op computes the FFN on the rows that need it: on CPU it gathers them (host memory: nothing to synchronise) --
+  full rows, narrowed rows, skipped rows; on an accelerator it runs the FFN on every row (and the narrowed FFN on
+  every row) and selects with the masks (fixed shapes: no sync, CUDA-graph safe, and no saving yet -- see
+  docs/deploy-vllm.md).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from ..arch.registry import (REGISTRY, RESIDUAL_INSIDE, FFNSite, UnsupportedArchitecture, config_fingerprint,
-                             model_fingerprint, resolve)
+from ..arch.registry import (OUTPUT_PROJECTIONS, REGISTRY, RESIDUAL_INSIDE, FFNSite, UnsupportedArchitecture,
+                             config_fingerprint, model_fingerprint, resolve)
 from ..plan.model import (ADAPTIVE, ALL_POSITIONS, LINEAR, MEAN_OUTPUT, NO_COMPENSATION, PlanError, PlanFile, SkipPlan,
                           fraction_pattern)
 
 ENV = "SKIPPROF_PLAN"
-SERVED = ("static plans (compensation none, mean_output or linear; apply_to decode or all) without prompt classes; "
-          "adaptive, per-class and norm_ratio plans run in transformers (skipprofiler.apply_plan)")
+SERVED = ("static plans (compensation none, mean_output or linear; apply_to decode or all; neuron subsets) without "
+          "prompt classes; adaptive, per-class and norm_ratio plans run in transformers (skipprofiler.apply_plan)")
 FFN_MODULE = "mlp"  # the decoder-layer module whose forward the plugin routes through its op
 
 
@@ -46,6 +56,7 @@ def register() -> None:
     if os.environ.get(ENV):
         _patch_front_end()
         _patch_workers()
+        _patch_weight_packing()
 
 
 # ---- the plan: what vLLM serves, checked before start-up --------------------------------------------------------
@@ -111,7 +122,7 @@ def plan_problems(plan_file: PlanFile, hf_config: Any, model_fp: dict | None = N
     kind, the architecture, the fingerprint (skipprofiler.plan.fingerprint_problems against `model_fp`, by default
     `config_fingerprint` of the config: what `model_fingerprint` gives the same checkpoint in transformers) and the
     plan rules against the model's layers (skip_plan_problems)."""
-    from ..plan import fingerprint_problems, skip_plan_problems
+    from ..plan import fingerprint_problems, neuron_problems, skip_plan_problems
 
     problems = []
     why = unserved_kind(plan_file)
@@ -129,7 +140,18 @@ def plan_problems(plan_file: PlanFile, hf_config: Any, model_fp: dict | None = N
     layers, hidden = model_fp.get("num_layers"), model_fp.get("hidden_size")
     if layers:
         problems += skip_plan_problems(plan_file.global_plan, "global", layers, hidden)
+    problems += neuron_problems(plan_file.global_plan, intermediate_size(hf_config), hidden, "global")
     return problems
+
+
+def intermediate_size(hf_config: Any) -> int | None:
+    """The FFN width of the model `hf_config` describes (None: the config does not say)."""
+    for key in ("intermediate_size", "n_inner", "ffn_dim"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int):
+            return value
+    n_embd = getattr(hf_config, "n_embd", None)  # GPT-2: n_inner None means 4 * n_embd
+    return 4 * n_embd if isinstance(n_embd, int) and getattr(hf_config, "model_type", None) == "gpt2" else None
 
 
 def problem_line(path: str | None, problems: list[str]) -> str | None:
@@ -212,6 +234,53 @@ def _patch_workers() -> None:
     Worker.skipprof_stats = skipprof_stats
 
 
+def neuron_layers(path: str | None) -> set[int]:
+    """The layers whose FFN the plan at `path` narrows (empty: no neuron subsets, or no plan)."""
+    if not path:
+        return set()
+    if path not in _NEURON_LAYERS:
+        subsets = load_served_plan(path).global_plan.neurons
+        _NEURON_LAYERS[path] = set(subsets.layers) if subsets is not None else set()
+    return _NEURON_LAYERS[path]
+
+
+_NEURON_LAYERS: dict[str, set[int]] = {}
+_PROJECTION = re.compile(r"(?:^|\.)(\d+)\." + FFN_MODULE + r"\.([A-Za-z0-9_]+)$")
+
+
+def keeps_plain_weight(prefix: str, layers: set[int]) -> bool:
+    """Whether the vLLM linear layer named `prefix` ("model.layers.3.mlp.gate_up_proj") is a projection of a narrowed
+    FFN, whose weight must stay a plain tensor (views of its first k neurons)."""
+    from ..runtime.neurons import FUSED_IN_PROJECTIONS, IN_PROJECTIONS
+
+    match = _PROJECTION.search(prefix or "")
+    return bool(match) and int(match.group(1)) in layers and (
+        match.group(2) in IN_PROJECTIONS | FUSED_IN_PROJECTIONS | OUTPUT_PROJECTIONS)
+
+
+def _patch_weight_packing() -> None:
+    """On CPU vLLM replaces an unquantized linear layer's weight after loading by a packed copy (oneDNN, sgl kernels)
+    and drops the plain one: no view of its first k rows exists then. For the projections of the FFNs a neuron plan
+    narrows the plugin keeps the plain weight and has the layer compute with ``F.linear`` on it (vLLM's own
+    fallback): no copy, the same memory. Other layers, and other devices, are left as vLLM makes them."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.platforms import current_platform
+
+    original = UnquantizedLinearMethod.process_weights_after_loading
+    if getattr(original, "_skipprof", False):
+        return
+
+    def process_weights_after_loading(self, layer):
+        if current_platform.is_cpu() and keeps_plain_weight(getattr(layer, "prefix", ""),
+                                                            neuron_layers(os.environ.get(ENV))):
+            layer.cpu_linear = torch.nn.functional.linear
+            return None
+        return original(self, layer)
+
+    process_weights_after_loading._skipprof = True
+    UnquantizedLinearMethod.process_weights_after_loading = process_weights_after_loading
+
+
 _ACTIVE: ServedPlan | None = None  # the worker process's plan (one model per worker)
 
 
@@ -226,7 +295,8 @@ def _(x: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 class ServedPlan:
-    """A static plan installed on a vLLM model: per forward the rows each layer skips, per planned layer the op."""
+    """A static plan installed on a vLLM model: per forward the rows each layer skips or narrows, per planned layer
+    the op."""
 
     def __init__(self, runner: Any, plan: PlanFile | SkipPlan, path: str | None = None):
         global _ACTIVE
@@ -237,9 +307,19 @@ class ServedPlan:
             problems = plan_problems(plan, model.config, fp)
             plan = plan.global_plan
         else:
-            from ..plan import skip_plan_problems
+            from ..plan import neuron_problems, skip_plan_problems
 
             problems = skip_plan_problems(plan, "plan", len(sites), fp["hidden_size"])
+            problems += neuron_problems(plan, intermediate_size(model.config), fp["hidden_size"])
+        narrowings = {}
+        subsets = plan.neurons if plan.neurons is not None and plan.neurons.widths else None
+        if not problems and subsets is not None:  # every check before the first permutation
+            for layer in subsets.layers:
+                try:
+                    narrowings[layer] = Narrowed(sites[layer].ffn, layer, subsets.kept(layer),
+                                                 subsets.bias(layer) if subsets.fill == "mean" else None)
+                except PlanError as e:
+                    problems += e.problems
         if problems:
             raise PlanError(problem_line(path, problems))
         self.runner, self.plan = runner, plan
@@ -247,23 +327,29 @@ class ServedPlan:
         self.gather = self.device.type == "cpu"  # host memory: row counts are known without a sync
         self.ffns: dict[int, Any] = {}
         self.fills: dict[int, Any] = {}
+        self.narrowings: dict[int, Narrowed] = narrowings
         if plan.compensation != NO_COMPENSATION:
             from ..runtime.compensation import LinearFill, MeanFill
 
             for layer in plan.skip_layers:
                 self.fills[layer] = (MeanFill(plan.ffn_mean[layer]) if plan.compensation == MEAN_OUTPUT
                                      else LinearFill(plan.linear, layer))
-        for layer in sorted(plan.skip_layers):
+        for narrowing in narrowings.values():
+            narrowing.install()
+        for layer in sorted(set(plan.skip_layers) | set(narrowings)):
             mlp = sites[layer].ffn
             self.ffns[layer] = mlp.forward
             mlp.forward = _planned(layer)
-        # layers sharing a fraction share their rows: one mask per distinct fraction and forward
+        # a layer's rows follow from its whole-skip fraction (None: never skipped whole) and whether it narrows:
+        # layers sharing both share their rows, computed once per forward
         self.fraction = {layer: float(f) for layer, f in plan.skip_layers.items()}
-        self.rows: dict[float, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
+        self.group = {layer: (self.fraction.get(layer), layer in narrowings) for layer in self.ffns}
+        self.rows: dict[tuple, tuple] = {}
         self._prompt_lens = None if self.gather else torch.zeros_like(
             runner.input_batch.num_prompt_tokens_cpu_tensor, device=self.device)
         self.counts = torch.zeros(4, dtype=torch.int64, device=self.device)  # forwards, prompt, decode, mixed
         self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # FFN rows skipped
+        self.narrowed = torch.zeros((), dtype=torch.int64, device=self.device)  # FFN rows run on the kept neurons
         original_forward = model.forward
 
         def forward(*args, **kwargs):
@@ -285,39 +371,190 @@ class ServedPlan:
         return positions - prompt_lens[self.runner.req_indices.gpu[:n]]
 
     def prepare(self, positions: torch.Tensor) -> None:
-        """Once per forward: each fraction's skip mask (and, gathering, its kept and skipped rows)."""
+        """Once per forward: per group of layers its skip and narrow masks (and, gathering, their rows)."""
         self.rows = {}
         d = self.decode_index(positions)
-        for f, skip in fraction_masks(self.plan, d).items():
+        skips = fraction_masks(self.plan, d)
+        narrows = neuron_masks(self.plan, d, skips)
+        layers_in: dict[tuple, int] = {}
+        for key in self.group.values():
+            layers_in[key] = layers_in.get(key, 0) + 1
+        for key, n_layers in layers_in.items():
+            f, narrowed = key
+            skip = skips[f] if f is not None else None
+            narrow = narrows[f] if narrowed else None
             if self.gather:
-                self.rows[f] = (skip, (~skip).nonzero().flatten(), skip.nonzero().flatten())
+                full = ~(skip | narrow) if skip is not None and narrow is not None else (
+                    ~skip if skip is not None else ~narrow)
+                self.rows[key] = (skip, narrow, full.nonzero().flatten(),
+                                  None if skip is None else skip.nonzero().flatten(),
+                                  None if narrow is None else narrow.nonzero().flatten())
             else:
-                self.rows[f] = (skip, None, None)
-            self.skipped += skip.sum() * sum(1 for g in self.fraction.values() if g == f)
+                self.rows[key] = (skip, narrow, None, None, None)
+            if skip is not None:
+                self.skipped += skip.sum() * n_layers
+            if narrow is not None:
+                self.narrowed += narrow.sum() * n_layers
         prompt = d < 0
         self.counts += torch.stack([torch.ones_like(self.skipped), prompt.sum(), (~prompt).sum(),
                                     (prompt.any() & (~prompt).any()).long()])
 
     def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        skip, kept, skipped = self.rows[self.fraction[layer]]
-        original, fill = self.ffns[layer], self.fills.get(layer)
-        if not self.gather:
-            filled = torch.zeros_like(x) if fill is None else fill(x, x.shape[-1]).to(x.dtype)
-            return torch.where(skip[:, None], filled, original(x))
-        if skipped.numel() == 0:
+        skip, narrow, full_rows, skip_rows, narrow_rows = self.rows[self.group[layer]]
+        original, fill, narrowing = self.ffns[layer], self.fills.get(layer), self.narrowings.get(layer)
+        if not self.gather:  # fixed shapes: every row computed every way, then selected
+            out = original(x)
+            if narrow is not None:
+                out = torch.where(narrow[:, None], narrowing.run(original, x), out)
+            if skip is not None:
+                filled = torch.zeros_like(x) if fill is None else fill(x, x.shape[-1]).to(x.dtype)
+                out = torch.where(skip[:, None], filled, out)
+            return out
+        n = x.shape[0]
+        if full_rows.numel() == n:
             return original(x)
+        if narrow_rows is not None and narrow_rows.numel() == n:
+            return narrowing.run(original, x)
         out = x.new_zeros(x.shape) if fill is None else x.new_empty(x.shape)
-        if kept.numel():
-            out.index_copy_(0, kept, original(x.index_select(0, kept)))
-        if fill is not None:
-            rows = x.index_select(0, skipped)
-            out.index_copy_(0, skipped, fill(rows, x.shape[-1]).to(x.dtype))
+        if full_rows.numel():
+            out.index_copy_(0, full_rows, original(x.index_select(0, full_rows)))
+        if narrow_rows is not None and narrow_rows.numel():
+            out.index_copy_(0, narrow_rows, narrowing.run(original, x.index_select(0, narrow_rows)))
+        if fill is not None and skip_rows is not None and skip_rows.numel():
+            rows = x.index_select(0, skip_rows)
+            out.index_copy_(0, skip_rows, fill(rows, x.shape[-1]).to(x.dtype))
         return out
 
     def stats(self) -> dict[str, int]:
         forwards, prompt, decode, mixed = self.counts.tolist()
         return {"forwards": forwards, "prompt_tokens": prompt, "decode_tokens": decode, "mixed_forwards": mixed,
-                "skipped_ffn_rows": int(self.skipped), "planned_layers": sorted(self.ffns)}
+                "skipped_ffn_rows": int(self.skipped), "narrowed_ffn_rows": int(self.narrowed),
+                "planned_layers": sorted(self.ffns),
+                "widths": {layer: n.k for layer, n in sorted(self.narrowings.items())}}
+
+
+class Narrowed:
+    """One FFN of vLLM's model that a neuron plan narrows: its projections (vLLM linear layers or ``nn.Linear``s with
+    a plain [out, in] weight: the inputs -- ``gate_up_proj``'s two halves, or ``up_proj``/``c_fc``/... -- and one
+    down projection), the permutation that moves the kept neurons first, and the narrowed forwards of those
+    projections, used while `width` is set (skipprofiler.runtime.neurons does the same in transformers)."""
+
+    def __init__(self, mlp: Any, layer: int, kept: Any, bias: Any | None):
+        import numpy as np
+
+        from ..runtime.neurons import FUSED_IN_PROJECTIONS, IN_PROJECTIONS
+
+        self.mlp, self.layer = mlp, layer
+        self.width: int | None = None
+        ins, downs, other = [], [], []
+        for name, module in mlp.named_children():
+            if not any(True for _ in module.parameters()):
+                continue
+            if name in OUTPUT_PROJECTIONS:
+                downs.append(module)
+            elif name in IN_PROJECTIONS or name in FUSED_IN_PROJECTIONS:
+                ins.append((module, name in FUSED_IN_PROJECTIONS))
+            else:
+                other.append(name)
+        where = f"layer {layer}: {type(mlp).__name__}"
+        if len(downs) != 1 or not ins or other:
+            what = (f"parameters outside one dense FFN ({', '.join(other[:3])})" if other else
+                    f"{len(downs)} down projections" if len(downs) != 1 else "no input projection")
+            raise PlanError(f"neurons: {where} has {what}; vLLM serves neuron plans for one dense FFN with a single "
+                            "down projection")
+        self.ins, self.down = ins, downs[0]
+        for module in [m for m, _ in ins] + [self.down]:
+            why = self._unsupported(module)
+            if why:
+                raise PlanError(f"neurons: {where}: {why}")
+        self.size = int(self.down.weight.shape[1])
+        for module, fused in ins:
+            if module.weight.shape[0] != (2 * self.size if fused else self.size):
+                raise PlanError(f"neurons: {where}: projection widths disagree ({module.weight.shape[0]} rows vs "
+                                f"{self.size} neurons; a tensor-parallel shard?)")
+        self.kept = np.asarray(kept, dtype=np.int64)
+        self.k = int(self.kept.size)
+        if self.k and (self.kept.min() < 0 or self.kept.max() >= self.size):
+            raise PlanError(f"neurons: {where} has {self.size} neurons, the plan keeps index {int(self.kept.max())}")
+        self.bias = None if bias is None else torch.as_tensor(np.asarray(bias, dtype=np.float32)).to(
+            device=self.down.weight.device, dtype=self.down.weight.dtype)
+
+    @staticmethod
+    def _unsupported(module: Any) -> str | None:
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.numel() == 0:
+            return (f"{getattr(module, 'prefix', '') or type(module).__name__} keeps no plain 2-D weight (vLLM packed "
+                    "or quantized it): its first k neurons cannot be viewed")
+        method = getattr(module, "quant_method", None)
+        if method is not None and type(method).__name__ != "UnquantizedLinearMethod":
+            return f"{module.prefix} is quantized ({type(method).__name__})"
+        if getattr(module, "tp_size", 1) != 1:
+            return "tensor parallelism splits the neurons across workers (not served for neuron plans)"
+        if getattr(module, "skip_bias_add", False):
+            return f"{module.prefix} returns its bias instead of adding it"
+        return None
+
+    def order(self) -> torch.Tensor:
+        """New position -> old neuron index: the kept neurons first (ascending), then the others."""
+        import numpy as np
+
+        dropped = np.setdiff1d(np.arange(self.size, dtype=np.int64), self.kept)
+        return torch.from_numpy(np.concatenate([self.kept, dropped]))
+
+    @torch.no_grad()
+    def install(self) -> None:
+        """Permute the neurons in place (kept first; the dense function is unchanged) and patch the projections."""
+        order = self.order()
+
+        def move(param: torch.Tensor | None, dim: int, idx: torch.Tensor) -> None:
+            if param is not None:
+                param.data.copy_(param.data.index_select(dim, idx.to(param.device)))
+
+        for module, fused in self.ins:
+            idx = torch.cat([order, order + self.size]) if fused else order
+            move(module.weight, 0, idx)
+            move(getattr(module, "bias", None), 0, idx)
+            module.forward = self._in_forward(module, fused, module.forward)
+        move(self.down.weight, 1, order)
+        self.down.forward = self._down_forward(self.down, self.down.forward)
+
+    def _in_forward(self, module: Any, fused: bool, original: Any):
+        size = self.size
+
+        def forward(x):
+            k = self.width
+            if k is None:
+                return original(x)
+            weight, bias = module.weight, getattr(module, "bias", None)
+            if fused:  # the first k of each half, side by side: what the activation (SiluAndMul) splits in two
+                out = torch.cat([F.linear(x, weight[:k], None if bias is None else bias[:k]),
+                                 F.linear(x, weight[size:size + k], None if bias is None else bias[size:size + k])],
+                                -1)
+            else:
+                out = F.linear(x, weight[:k], None if bias is None else bias[:k])
+            return (out, None) if getattr(module, "return_bias", False) else out
+
+        return forward
+
+    def _down_forward(self, module: Any, original: Any):
+        def forward(a):
+            k = self.width
+            if k is None:
+                return original(a)
+            out = F.linear(a[..., :k], module.weight[:, :k], getattr(module, "bias", None))
+            if self.bias is not None:
+                out = out + self.bias
+            return (out, None) if getattr(module, "return_bias", False) else out
+
+        return forward
+
+    def run(self, original: Any, x: torch.Tensor) -> torch.Tensor:
+        """The FFN module's own forward (`original`) on rows `x`, its projections on the first k neurons."""
+        self.width = self.k
+        try:
+            return original(x)
+        finally:
+            self.width = None
 
 
 def served_sites(model: Any, path: str | None = None) -> list[FFNSite]:
@@ -338,6 +575,20 @@ def fraction_masks(plan: SkipPlan, d: torch.Tensor) -> dict[float, torch.Tensor]
     plan.py's rule, computed on the device without a host sync."""
     eligible = plan.eligible(d)
     return {f: eligible & fraction_pattern(f, d) for f in sorted(set(plan.skip_layers.values()))}
+
+
+def neuron_masks(plan: SkipPlan, d: torch.Tensor,
+                 skips: dict[float, torch.Tensor] | None = None) -> dict[float | None, torch.Tensor]:
+    """Which tokens of a forward run only the kept neurons (decode indices `d`, on the device), per whole-skip
+    fraction of the plan's neuron layers (None: layers `skip_layers` does not list): eligible and not skipped whole
+    there -- `SkipPlan.narrowed_layers_at`, per token, without a host sync. `skips`: `fraction_masks(plan, d)` if
+    already computed. Empty for a plan without neuron subsets."""
+    if plan.neurons is None or not plan.neurons.widths:
+        return {}
+    eligible = plan.eligible(d)
+    skips = fraction_masks(plan, d) if skips is None else skips
+    keys = {None if plan.skip_layers.get(l) is None else float(plan.skip_layers[l]) for l in plan.neurons.layers}
+    return {f: eligible if f is None else eligible & ~skips[f] for f in keys}
 
 
 def _planned(layer: int):

@@ -28,7 +28,8 @@ HELP = (
     "  skipprof export-plan demo.prof --target-skip 0.25 --mode adaptive --batch-decision shared --batch-size 8 "
     "--out plans/demo-adaptive-25-batch8.yaml\n\n"
     "  skipprof export-plan demo.prof --target-skip 0.2 --refine --out plans/demo-static-20-refined.yaml\n\n"
-    "  skipprof export-plan smollm2.prof --max-ppl-increase 0.10 --out plans/smollm2-budget-10.yaml\n"
+    "  skipprof export-plan smollm2.prof --max-ppl-increase 0.10 --out plans/smollm2-budget-10.yaml\n\n"
+    "  skipprof export-plan smollm2.prof --granularity neurons --target-skip 0.22 --out plans/smollm2-neurons-22.yaml\n"
 )
 
 
@@ -143,6 +144,21 @@ def export_plan(
         help="With --batch-decision shared: the serving batch size the thresholds are fitted for.")] = 8,
     seed: Annotated[int, typer.Option(metavar="N", help="Seed of the router's 70/30 document split and the "
                                                         "shared-batch resampling.")] = 0,
+    granularity: Annotated[str, typer.Option(
+        metavar="GRANULARITY",
+        help="What a plan leaves out at decode positions: ffn (whole FFN calls) or neurons (part of every FFN: each "
+             "layer keeps its most important intermediate neurons, widths per layer chosen by measured KL on "
+             "calibration windows; --target-skip is then the share of FFN FLOPs saved, net of the mean bias; loads "
+             "the model).")] = "ffn",
+    neuron_fill: Annotated[Optional[str], typer.Option(
+        metavar="FILL", show_default=False,
+        help="With --granularity neurons: what replaces the dropped neurons' output, mean (their mean output on the "
+             "profile's decode tokens, added as a bias; the default) or none.")] = None,
+    neuron_importance: Annotated[Optional[str], typer.Option(
+        metavar="KIND", show_default=False,
+        help="With --granularity neurons: how an FFN's neurons are ranked, energy (E[a^2] times the down column's "
+             "squared norm; the default), fluctuation (Var[a] times it, as FLAP) or wanda (input weights |W| times "
+             "the input's RMS, gate and up).")] = None,
 ) -> None:
     """Fit a skip plan from a profile at a target skip ratio or within a quality budget."""
     from ..fit.from_profile import FitError, FitSettings
@@ -156,10 +172,14 @@ def export_plan(
                            cold_floor=cold_floor, min_class_tokens=min_class_tokens, seed=seed,
                            batch_decision=batch_decision, batch_size=batch_size, gen_len=gen_len,
                            per_class=per_class, classes=classes, max_ppl_increase=max_ppl_increase, max_kl=max_kl,
-                           refine=refine, data=data, text_column=text_column, class_column=class_column)
+                           refine=refine, data=data, text_column=text_column, class_column=class_column,
+                           granularity=granularity, neuron_fill=neuron_fill, neuron_importance=neuron_importance)
     problems = settings.problems()
     if compensation == "linear" and str(out) == "-":
         problems.append("--compensation linear writes its maps to a .safetensors file beside the plan: give "
+                        "--out PATH, not '-'")
+    if granularity == "neurons" and str(out) == "-":
+        problems.append("--granularity neurons writes the kept neurons to a .safetensors file beside the plan: give "
                         "--out PATH, not '-'")
     if problems:
         raise CLIError("; ".join(problems))

@@ -47,6 +47,10 @@ DEFAULT_SHARED_BATCH = 8  # batch size assumed for shared-decision plans whose f
 
 
 TAU_MODES = ("global", "per-layer")  # adaptive: one tau for all layers, or each layer's quantile at one level
+GRANULARITIES = ("ffn", "neurons")  # FitSettings.granularity: whole FFN calls, or part of each FFN (fit/neurons.py)
+NEURON_IMPORTANCES = ("energy", "fluctuation", "wanda")  # how a neuron plan ranks an FFN's neurons (fit/neurons.py)
+DEFAULT_NEURON_IMPORTANCE = "energy"
+DEFAULT_NEURON_FILL = "mean"
 
 
 class FitError(ValueError):
@@ -83,6 +87,11 @@ class FitSettings:
     data: str | None = None  # calibration --data spec for refine and budgets; None: the bundled calibration split
     text_column: str | None = None  # of `data`, read as `skipprof profile` reads it
     class_column: str | None = None
+    # neuron plans (fit/neurons.py): part of every FFN at decode positions, widths chosen by measured KL
+    granularity: str = "ffn"  # "ffn": whole FFN calls (skip_layers); "neurons": intermediate neurons per layer
+    neuron_fill: str | None = None  # neurons: "none" or "mean" (the dropped neurons' mean output as a bias); None: mean
+    neuron_importance: str | None = None  # neurons: energy, fluctuation or wanda; None: the default (neurons.py)
+    neuron_rounds: int = 4  # neurons: exchange rounds of the width search (each measures every layer once or twice)
 
     @property
     def budget_fit(self) -> bool:
@@ -91,7 +100,7 @@ class FitSettings:
     @property
     def needs_model(self) -> bool:
         """Refining and budgets measure plans on the model itself (and fit mean outputs and linear maps there)."""
-        return self.refine or self.budget_fit
+        return self.refine or self.budget_fit or self.granularity == "neurons"
 
     def problems(self) -> list[str]:
         """Every invalid or conflicting setting, each as one line naming the fields (`FitSettings.target`); the CLI
@@ -124,6 +133,20 @@ class FitSettings:
             out.append('FitSettings.rank applies to FitSettings.compensation="linear" only')
         if self.error_aware and (self.compensation != "linear" or not self.refine):
             out.append('FitSettings.error_aware applies to FitSettings.compensation="linear" with FitSettings.refine')
+        if self.granularity == "neurons":
+            if self.mode != "static":
+                out.append('FitSettings.granularity="neurons" fits static plans, not FitSettings.mode="adaptive"')
+            if self.per_class or self.classes:
+                out.append('FitSettings.granularity="neurons" fits the global plan only, not '
+                           "FitSettings.per_class/FitSettings.classes")
+            if self.compensation != "none":
+                out.append('FitSettings.granularity="neurons" narrows every FFN (what replaces the dropped neurons is '
+                           'FitSettings.neuron_fill); whole-FFN skips with FitSettings.compensation are not among its '
+                           'moves yet: leave FitSettings.compensation="none"')
+        else:
+            for name, value in (("neuron_fill", self.neuron_fill), ("neuron_importance", self.neuron_importance)):
+                if value is not None:
+                    out.append(f'FitSettings.{name} applies to FitSettings.granularity="neurons" only')
         if self.refine and self.mode == "adaptive" and (self.per_class or self.classes):
             out.append('FitSettings.refine with FitSettings.mode="adaptive" fits the global plan only, not '
                        "FitSettings.per_class/FitSettings.classes")
@@ -155,6 +178,15 @@ class FitSettings:
             out.append(f"FitSettings.gen_len must be >= 1, got {self.gen_len}")
         if self.rank is not None and self.rank < 1:
             out.append(f"FitSettings.rank must be >= 1, got {self.rank}")
+        from ..plan.model import NEURON_FILLS
+
+        for field_name, value, allowed in (("granularity", self.granularity, GRANULARITIES),
+                                           ("neuron_fill", self.neuron_fill, NEURON_FILLS),
+                                           ("neuron_importance", self.neuron_importance, NEURON_IMPORTANCES)):
+            if value is not None and value not in allowed:
+                out.append(f"FitSettings.{field_name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.neuron_rounds < 0:
+            out.append(f"FitSettings.neuron_rounds must be >= 0, got {self.neuron_rounds}")
         return out
 
     def resolve(self) -> FitSettings:
@@ -175,6 +207,9 @@ class FitSettings:
                            "FitSettings.gen_len")
         if out.horizon is None:
             out.horizon = out.gen_len - out.warmup_tokens
+        if out.granularity == "neurons":
+            out.neuron_fill = out.neuron_fill or DEFAULT_NEURON_FILL
+            out.neuron_importance = out.neuron_importance or DEFAULT_NEURON_IMPORTANCE
         return out
 
 

@@ -29,6 +29,8 @@ def fit_plan(profile, settings, *, model=None, tokenizer=None, profile_ref: dict
             raise FitError("FitSettings.refine, quality budgets and mean-output compensation measure plans on the "
                            "model: pass model= and tokenizer=")
         _check_same_model(profile, model)
+    if settings.granularity == "neurons":
+        return _fit_neurons(profile, settings, model, tokenizer, profile_ref)
     if settings.budget_fit:
         result = _fit_to_budget(profile, settings, model, tokenizer, profile_ref)
     else:
@@ -121,4 +123,25 @@ def _fit_to_budget(profile, settings, model, tokenizer, profile_ref):
     record = plan.fit["budget_fit"]
     note = (f"budget {record['budget']}: {len(plan.skip_layers)} layers, expected skip {plan.expected_skip_ratio:.3f}; "
             f"measured on calibration windows: KL {record['kl']:.4f}, perplexity {record['ppl_increase']:+.1%}")
+    return FitResult(assemble_plan_file(profile, settings, plan, profile_ref=profile_ref), notes=[note])
+
+
+def _fit_neurons(profile, settings, model, tokenizer, profile_ref):
+    """A neuron plan (fit/neurons.py) at the target FFN FLOPs share or within the quality budget."""
+    from .from_profile import FitError, FitResult, assemble_plan_file
+    from ..evaluation.fidelity import FidelityError
+    from .neurons import NeuronFitError, fit_neuron_plan
+    from .refine import Budget, RefineError
+
+    budget = Budget(max_kl=settings.max_kl, max_ppl_increase=settings.max_ppl_increase) if settings.budget_fit else None
+    try:
+        plan = fit_neuron_plan(model, tokenizer, profile, settings, budget=budget)
+    except (NeuronFitError, RefineError, FidelityError) as e:
+        raise FitError(str(e)) from None
+    r = plan.fit
+    note = (f"neurons ({r['neuron_importance']}, fill {r['neuron_fill']}): FFN FLOPs saved {r['expected_ffn_flops_saved']:.3f}, "
+            f"widths {min(plan.neurons.widths.values()) if plan.neurons else '-'}..{max(plan.neurons.widths.values()) if plan.neurons else '-'}; "
+            f"calibration KL {r['kl']:.4f} (perplexity {r['ppl_increase']:+.1%}), confirmed on {r['confirm']['windows']} windows: "
+            f"KL {r['confirm']['kl']:.4f} (perplexity {r['confirm']['ppl_increase']:+.1%}); "
+            f"{r['measurements']} measurements, {r['seconds']:.0f} s")
     return FitResult(assemble_plan_file(profile, settings, plan, profile_ref=profile_ref), notes=[note])

@@ -1,0 +1,457 @@
+"""Neuron plans (`FitSettings.granularity="neurons"`): per layer, which of the FFN's intermediate neurons run at decode
+positions, the widths chosen by measured KL on calibration windows.
+
+* Importance (`FitSettings.neuron_importance`), per layer from the profile's decode statistics and the model's weights:
+  ``energy``  E[a_j^2] * ||W_down[:, j]||^2 (neuron j's mean output energy);
+  ``fluctuation``  Var[a_j] * ||W_down[:, j]||^2 (FLAP: what the mean bias cannot stand in for);
+  ``wanda``  sum_i |W_in[j, i]| * sqrt(E[x_i^2]) over every input projection (gate and up; Wanda's |W| * ||x|| on the
+  neuron's input weights -- its down-column form ||W_down[:, j]|| * sqrt(E[a_j^2]) ranks exactly as ``energy``).
+  A layer keeps its top k (stored ascending); with fill ``mean`` the dropped neurons' mean output
+  W_down[:, dropped] @ E[a_dropped] is added as a bias.
+* FLOPs: a narrowed layer saves (I - k) neurons' multiply-adds (every input projection's row and the down
+  projection's column) less the bias's H adds; the share is of the decode positions' FFN FLOPs (eligible positions
+  only, as plan.model's rule says), the same count as the runtime's `stats()["ffn_flops_saved_share"]`.
+* Widths, by measured KL (a `SetEvaluator` whose "sets" are (layer, width) pairs, applied through the runtime, teacher
+  forced, decode positions only, prefix reuse from the current plan): start from one uniform width at the target,
+  then rounds of exchange -- measure narrowing every layer by one step (1/16 of its neurons) and widening the layers
+  that measured dearest to narrow, trade the cheapest narrowings against the most valuable widenings (equal FLOPs),
+  keep the trade when the measured KL falls, halve the step when no trade helps. A budget fit finds the widest
+  saving of the uniform width within the budget, exchanges, then grows by the cheapest measured narrowings while the
+  budget holds. The chosen plan is measured once more on more windows (`fit.neurons.confirm`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+
+from .._jsonable import rounded
+from .from_profile import DEFAULT_NEURON_FILL, DEFAULT_NEURON_IMPORTANCE, GRANULARITIES, NEURON_IMPORTANCES  # noqa: F401
+from .measure import SetEvaluator, calibration_references
+from .search import Slots, canonical
+
+log = logging.getLogger("skipprofiler")
+
+STEPS = 16  # a move narrows or widens a layer by 1/STEPS of its neurons
+MIN_STEP_DIVISOR = 64  # the step halves down to 1/64 of the neurons
+ROUNDS = 4  # exchange rounds (each: one measurement per layer + the widenings + the trades)
+# Choosing windows: 4 documents per class, 32-token dense prompt + 128 decode positions; the confirming measurement
+# 8 documents per class, 64-token prompt + 192 decode positions.
+CHOOSE_PROMPT_LEN, CHOOSE_WINDOW, CHOOSE_DOCS_PER_CLASS = 32, 160, 4
+CONFIRM_PROMPT_LEN, CONFIRM_WINDOW, CONFIRM_DOCS_PER_CLASS = 64, 256, 8
+
+
+class NeuronFitError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Importance and the subsets
+
+
+@dataclass
+class LayerNeurons:
+    """One FFN's ranking (best first), its neurons' mean-output columns for the bias, FLOPs per neuron."""
+
+    order: np.ndarray  # int64 [I], most important first
+    contrib: np.ndarray | None  # float64 [H, I]: W_down[:, j] * E[a_j] (fill mean)
+    flops_per_neuron: float
+    hidden: int
+
+    @property
+    def size(self) -> int:
+        return int(len(self.order))
+
+    def kept(self, k: int) -> np.ndarray:
+        return np.sort(self.order[:k]).astype(np.int64)
+
+    def bias(self, k: int) -> np.ndarray:
+        return self.contrib[:, self.order[k:]].sum(axis=1).astype(np.float32)
+
+
+def neuron_importance(profile, model, criterion: str, regime: str = "decode") -> dict[int, np.ndarray]:
+    """Per layer, each neuron's importance under `criterion` (module docstring), from the profile's statistics and the
+    model's weights (read unpermuted: call before a plan is applied)."""
+    import torch
+
+    from ..arch.capture import down_projection, down_weight
+    from ..arch.registry import resolve
+    from ..runtime.neurons import CONV1D, FUSED, projections
+
+    arch = resolve(model)
+    out = {}
+    with torch.no_grad():
+        for site in arch.sites:
+            layer = site.index
+            wd = down_weight(down_projection(site)[1]).double().cpu().numpy()  # [H, I]
+            col = (wd ** 2).sum(axis=0)
+            if criterion == "energy":
+                score = profile.neuron_energy(regime, layer) * col
+            elif criterion == "fluctuation":
+                score = profile.neuron_variance(regime, layer) * col
+            elif criterion == "wanda":
+                norm = np.sqrt(np.maximum(profile.input_sq_mean(regime, layer), 0.0))
+                ins, _, size = projections(site)
+                score = np.zeros(size)
+                for module, kind in ins:
+                    w = module.weight.double().cpu().numpy()
+                    w = w.T if kind == CONV1D else w  # [rows, H]
+                    s = np.abs(w) @ norm
+                    score += s[:size] + s[size:] if kind == FUSED else s
+            else:
+                raise NeuronFitError(f"unknown neuron importance {criterion!r}")
+            out[layer] = np.asarray(score, dtype=np.float64)
+    return out
+
+
+def layer_neurons(profile, model, criterion: str, fill: str, regime: str = "decode") -> dict[int, LayerNeurons]:
+    import torch
+
+    from ..arch.capture import down_projection, down_weight
+    from ..arch.flops import token_flops
+    from ..arch.registry import resolve
+
+    arch = resolve(model)
+    scores = neuron_importance(profile, model, criterion, regime)
+    ffn = token_flops(model)["ffn"]
+    out = {}
+    with torch.no_grad():
+        for site in arch.sites:
+            wd = down_weight(down_projection(site)[1]).double().cpu().numpy()
+            size = wd.shape[1]
+            order = np.argsort(-scores[site.index], kind="stable").astype(np.int64)
+            contrib = wd * profile.neuron_mean(regime, site.index)[None, :] if fill == "mean" else None
+            out[site.index] = LayerNeurons(order, contrib, ffn / size, int(wd.shape[0]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plans of widths
+
+
+@dataclass
+class WidthPlans:
+    """Builds the SkipPlan of a widths assignment and counts the FFN FLOPs it saves."""
+
+    template: Any  # SkipPlan: eligibility settings
+    layers: dict[int, LayerNeurons]
+    fill: str
+    ffn_flops: float
+    eligible: float  # share of decode positions the rule lets a plan act on
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def key(self, widths: dict[int, int]) -> Slots:
+        return canonical((l, float(w)) for l, w in widths.items() if w < self.layers[l].size)
+
+    def widths_of(self, key: Slots) -> dict[int, int]:
+        widths = {l: n.size for l, n in self.layers.items()}
+        widths.update({l: int(w) for l, w in key})
+        return widths
+
+    def saved(self, widths: dict[int, int]) -> float:
+        """Share of the decode positions' FFN FLOPs the plan saves, net of the mean bias's adds."""
+        total = 0.0
+        for l, w in widths.items():
+            n = self.layers[l]
+            if w < n.size:
+                total += (n.size - w) * n.flops_per_neuron - (n.hidden if self.fill == "mean" else 0)
+        return self.eligible * total / (self.num_layers * self.ffn_flops)
+
+    def plan(self, key: Slots):
+        from ..plan.model import NeuronSubsets
+
+        tensors = {}
+        size = None
+        for l, w in key:
+            n = self.layers[l]
+            size = n.size
+            tensors[f"{l}.kept"] = n.kept(int(w))
+            if self.fill == "mean":
+                tensors[f"{l}.bias"] = n.bias(int(w))
+        neurons = NeuronSubsets(self.fill, tensors, intermediate_size=size) if tensors else None
+        return replace(self.template, mode="static", skip_layers={}, tau=None, max_skip=0, neurons=neurons,
+                       fit=dict(self.template.fit))
+
+
+@dataclass
+class NeuronEvaluator(SetEvaluator):
+    """SetEvaluator over width assignments: a key is ((layer, width), ...) for the narrowed layers."""
+
+    build: Callable[[Slots], Any] | None = None
+
+    def _plan(self, key: Slots):
+        return self.build(key)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The search
+
+
+@dataclass
+class Search:
+    evaluate: NeuronEvaluator
+    plans: WidthPlans
+    budget: Any = None  # refine.Budget for budget fits
+    path: list = field(default_factory=list)
+
+    def kl(self, widths: dict[int, int]) -> float:
+        return self.evaluate(self.plans.key(widths))
+
+    def ppl(self, widths: dict[int, int]) -> float:
+        key = self.plans.key(widths)
+        self.evaluate(key)
+        return self.evaluate.ppl_ratio[key]
+
+    def within(self, widths: dict[int, int]) -> bool:
+        return self.budget.allows(self.kl(widths), self.ppl(widths))
+
+    def note(self, what: str, widths: dict[int, int]) -> None:
+        sizes = [self.plans.layers[l].size for l in sorted(widths)]
+        self.path.append({"step": what, "ffn_flops_saved": rounded(self.plans.saved(widths)),
+                          "kl": rounded(self.kl(widths)), "ppl_increase": rounded(self.ppl(widths) - 1.0),
+                          "widths": [int(widths[l]) if widths[l] < s else s for l, s in zip(sorted(widths), sizes)]})
+        log.info("neurons %s: saved %.3f KL %.4f ppl %+.1f%%", what, self.plans.saved(widths), self.kl(widths),
+                 100 * (self.ppl(widths) - 1))
+
+    # -- moves
+
+    def narrowed(self, widths, layer, step):
+        w = widths[layer] - step
+        return None if w < step_floor(self.plans.layers[layer].size) else {**widths, layer: w}
+
+    def widened(self, widths, layer, step):
+        size = self.plans.layers[layer].size
+        if widths[layer] >= size:
+            return None
+        return {**widths, layer: min(size, widths[layer] + step)}
+
+    def marginals(self, widths, step, widen_count: int):
+        """(narrowing cost per saved FLOP share, widening gain per FLOP share) measured from `widths`."""
+        self.evaluate.set_anchor(self.plans.key(widths))
+        base_kl, base_saved = self.kl(widths), self.plans.saved(widths)
+        narrow = {}
+        for layer in sorted(widths):
+            cand = self.narrowed(widths, layer, step)
+            if cand is not None:
+                narrow[layer] = (self.kl(cand) - base_kl) / max(self.plans.saved(cand) - base_saved, 1e-12)
+        dear = sorted((l for l in widths if self.widened(widths, l, step) is not None),
+                      key=lambda l: -narrow.get(l, math.inf))[:widen_count]
+        widen = {}
+        for layer in dear:
+            cand = self.widened(widths, layer, step)
+            widen[layer] = (base_kl - self.kl(cand)) / max(base_saved - self.plans.saved(cand), 1e-12)
+        return narrow, widen
+
+    def exchange(self, widths, step, narrow, widen):
+        """Trade the cheapest narrowings for the most valuable widenings of one step each (equal FLOPs): the trades
+        while each pair's narrowing costs less than its widening gains, all at once, then half as many."""
+        cheap = sorted(narrow, key=narrow.get)
+        valuable = sorted(widen, key=lambda l: -widen[l])
+        pairs, used = [], set()
+        for b in valuable:
+            a = next((a for a in cheap if a not in used and a != b and a not in widen), None)
+            if a is None or narrow[a] >= widen[b]:
+                break
+            if widths[b] + step > self.plans.layers[b].size:
+                continue
+            pairs.append((a, b))
+            used |= {a, b}
+        base_kl = self.kl(widths)
+        while pairs:
+            cand = dict(widths)
+            for a, b in pairs:
+                cand[a] -= step
+                cand[b] += step
+            if self.kl(cand) < base_kl and (self.budget is None or self.within(cand)):
+                return cand
+            pairs = pairs[:len(pairs) // 2]
+        return None
+
+    def grow(self, widths, step, narrow):
+        """Narrow the layers measured cheapest to narrow, as many at once as the budget allows (halving)."""
+        order = [l for l in sorted(narrow, key=narrow.get)]
+        m = max(1, len(order) // 2)
+        while order and m >= 1:
+            cand = dict(widths)
+            for l in order[:m]:
+                cand = self.narrowed(cand, l, step) or cand
+            if cand != widths and self.within(cand):
+                widths, order = cand, order[m:]
+                self.note(f"grow {m}", widths)
+            else:
+                m //= 2
+        return widths
+
+
+def step_floor(size: int) -> int:
+    """The narrowest a layer gets: one neuron (the runtime runs widths 1 .. I - 1)."""
+    return 1
+
+
+def uniform_widths(plans: WidthPlans, share: float) -> dict[int, int]:
+    """Every layer at the width whose saving is `share` (neuron granularity; the remainder spread over layers)."""
+    layers = plans.layers
+    size = next(iter(layers.values())).size
+    per = next(iter(layers.values())).flops_per_neuron
+    hidden = next(iter(layers.values())).hidden
+    bias = hidden if plans.fill == "mean" else 0
+    need = share / plans.eligible * plans.num_layers * plans.ffn_flops  # FLOPs to save
+    dropped = (need + bias * plans.num_layers) / per
+    base = int(dropped // plans.num_layers)
+    extra = int(round(dropped - base * plans.num_layers))
+    widths = {}
+    for i, l in enumerate(sorted(layers)):
+        d = base + (1 if i < extra else 0)
+        widths[l] = max(1, size - d)
+    return widths
+
+
+def land_on(plans: WidthPlans, widths: dict[int, int], share: float, narrow: dict[int, float] | None) -> dict:
+    """Adjust one layer by single neurons so the saving is as close to `share` as a neuron allows: the layer measured
+    cheapest to narrow when more must be dropped, the dearest when neurons come back."""
+    widths = dict(widths)
+    n0 = next(iter(plans.layers.values()))
+    per = plans.eligible * n0.flops_per_neuron / (plans.num_layers * plans.ffn_flops)
+    hint = narrow or {}
+    for _ in range(2 * len(widths)):
+        count = int(round((share - plans.saved(widths)) / per))
+        if count == 0:
+            break
+        ranked = sorted(widths, key=lambda l: hint.get(l, 0.0), reverse=count < 0)
+        for l in ranked:
+            w = min(max(widths[l] - count, 1), plans.layers[l].size)
+            if w != widths[l]:
+                widths[l] = w
+                break
+        else:
+            break
+    return widths
+
+
+def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, references=None,
+                    confirm_references=None) -> Any:
+    """A static SkipPlan with neuron subsets at `settings.target` (FFN FLOPs share saved) or within `budget`
+    (refine.Budget). `references` (choosing) and `confirm_references` (the confirming measurement): dense references
+    of calibration windows; default: the calibration split of `settings.data` read with `tokenizer`."""
+    from ..arch.flops import token_flops
+    from ..arch.registry import resolve
+    from ..plan.model import SkipPlan
+    from .from_profile import eligible_share, fitting_regime
+
+    started = time.perf_counter()
+    if not getattr(profile, "has_neurons", False):
+        raise NeuronFitError("the profile has no per-neuron FFN statistics: record it again with `skipprof profile` "
+                             "(it records them for dense FFNs) to fit FitSettings.granularity=\"neurons\"")
+    regime = fitting_regime(profile)
+    arch = resolve(model)
+    fill = settings.neuron_fill
+    criterion = settings.neuron_importance
+    layers = layer_neurons(profile, model, criterion, fill, regime)
+    if any(n.size != profile.num_neurons for n in layers.values()):
+        raise NeuronFitError(f"the profile's neuron statistics have {profile.num_neurons} neurons per FFN but the "
+                             f"model's FFNs have {next(iter(layers.values())).size}")
+    template = SkipPlan(mode="static", apply_to=settings.apply_to, warmup_tokens=settings.warmup_tokens,
+                        dense_every=settings.dense_every, compensation="none")
+    eligible = eligible_share(settings.warmup_tokens, settings.dense_every, settings.horizon)
+    plans = WidthPlans(template, layers, fill, token_flops(model)["ffn"], eligible)
+    refs = references if references is not None else calibration_references(
+        model, tokenizer, settings.data, prompt_len=CHOOSE_PROMPT_LEN, window=CHOOSE_WINDOW,
+        docs_per_class=CHOOSE_DOCS_PER_CLASS, text_column=settings.text_column, class_column=settings.class_column)
+    ev = NeuronEvaluator(model, refs, template, build=plans.plan)
+    search = Search(ev, plans, budget)
+    size = next(iter(layers.values())).size
+    step = max(1, size // STEPS)
+    min_step = max(1, size // MIN_STEP_DIVISOR)
+    rounds = settings.neuron_rounds
+    widen_count = max(4, arch.num_layers // 4)
+    narrow: dict[int, float] = {}
+
+    if budget is None:
+        target = settings.target
+        widths = uniform_widths(plans, target)
+        search.note("uniform", widths)
+        uniform = search.path[-1]
+    else:
+        widths, uniform = _uniform_within(search, plans, step)
+    for r in range(rounds):
+        narrow, widen = search.marginals(widths, step, widen_count)
+        better = search.exchange(widths, step, narrow, widen)
+        if better is not None:
+            widths = better
+            search.note(f"exchange {r + 1} (step {step})", widths)
+        elif step // 2 >= min_step:
+            step //= 2
+        if budget is not None:
+            widths = search.grow(widths, step, narrow)
+    if budget is None:
+        widths = land_on(plans, widths, target, narrow)
+        search.note("landed", widths)
+    key = plans.key(widths)
+    chosen = plans.plan(key)
+    confirm_refs = confirm_references if confirm_references is not None else calibration_references(
+        model, tokenizer, settings.data, prompt_len=CONFIRM_PROMPT_LEN, window=CONFIRM_WINDOW,
+        docs_per_class=CONFIRM_DOCS_PER_CLASS, text_column=settings.text_column, class_column=settings.class_column)
+    confirm = NeuronEvaluator(model, confirm_refs, template, build=plans.plan, reuse_prefix=False)
+    confirm_kl = confirm(key)
+    saved = plans.saved(widths)
+    record = {
+        "method": "neurons-measured",
+        "granularity": "neurons",
+        "neuron_importance": criterion,
+        "neuron_fill": fill,
+        "regime": regime,
+        "target_ffn_flops_saved": settings.target,
+        "expected_ffn_flops_saved": rounded(saved),
+        "kl": rounded(ev(key)),
+        "ppl_increase": rounded(ev.ppl_ratio[key] - 1.0),
+        "uniform_start": uniform,
+        "confirm": {"kl": rounded(confirm_kl), "ppl_increase": rounded(confirm.ppl_ratio[key] - 1.0),
+                    "windows": sum(int(r.batch.input_ids.shape[0]) for r in confirm_refs),
+                    "positions": sum(int(r.mask.sum()) for r in confirm_refs)},
+        "data": {"spec": settings.data or "bundled calibration split", "windows": sum(int(r.batch.input_ids.shape[0]) for r in refs),
+                 "tokens": sum(int(r.mask.sum()) for r in refs)},
+        "measurements": ev.evaluations + 1,  # the choosing windows' sets + the confirming one
+        "layer_forwards": ev.layers_run,
+        "rounds": rounds,
+        "widths_path": search.path,
+        "gen_len": settings.gen_len,
+        "horizon": settings.horizon,
+        "seconds": rounded(time.perf_counter() - started),
+    }
+    if budget is not None:
+        record["budget"] = budget.describe()
+    plan = replace(chosen, expected_skip_ratio=0.0, fit=record)
+    return plan
+
+
+def _uniform_within(search: Search, plans: WidthPlans, step: int):
+    """The narrowest uniform width (in steps) within the budget, by bisection on the number of steps dropped."""
+    size = next(iter(plans.layers.values())).size
+    lo, hi = 0, STEPS - 1  # steps dropped: lo within (0 = dense), hi the most tried
+    best = {l: size for l in plans.layers}
+    top = {l: size - hi * step for l in plans.layers}
+    if search.within(top):
+        search.note("uniform", top)
+        return top, search.path[-1]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        widths = {l: size - mid * step for l in plans.layers}
+        if search.within(widths):
+            lo, best = mid, widths
+        else:
+            hi = mid
+    if lo == 0:
+        widths = {l: size - step for l in plans.layers}
+        raise NeuronFitError(f"no uniform narrowing fits the budget {search.budget.describe()}: dropping 1/{STEPS} of "
+                             f"every FFN's neurons measures KL {search.kl(widths):.4f}, perplexity "
+                             f"{search.ppl(widths) - 1:+.1%}")
+    search.note("uniform", best)
+    return best, search.path[-1]

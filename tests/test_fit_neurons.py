@@ -1,0 +1,134 @@
+"""Neuron plans fitted by measured KL (issue 27 item 3): `FitSettings.granularity="neurons"` on tiny models with the
+real runtime -- the target lands on its FFN FLOPs share, widths differ by layer, budgets hold on the calibration
+windows, the importance criteria, and the CLI's settings check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import run
+from tiny_models import tiny_model
+
+from skipprofiler.arch.capture import down_weight
+from skipprofiler.evaluation.fidelity import dense_references, make_batches
+from skipprofiler.fit.from_profile import FitSettings
+from skipprofiler.fit.neurons import fit_neuron_plan, neuron_importance
+from skipprofiler.fit.refine import Budget
+from skipprofiler.profile import ProfileSettings, profile_model
+from skipprofiler.profile.corpus import Batch
+from skipprofiler.runtime import apply_plan
+
+
+def _model(heavy: int | None = 2, layers: int = 5):
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_layers=layers)
+    if heavy is not None:  # one FFN dominates the stream: narrowing it costs far more than any other
+        with torch.no_grad():
+            model.model.layers[heavy].mlp.down_proj.weight.mul_(8.0)
+    return model
+
+
+def _profile(model):
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(2, 90, (4, 12), generator=g)
+        batches.append(Batch(ids, torch.ones_like(ids), torch.zeros(4, dtype=torch.long), 1))
+    return profile_model(model, batches, ProfileSettings(generate=8, reservoir_size=16, doc_reservoir_size=4, seed=1),
+                         class_names=["a"])
+
+
+def _references(model, docs=6, length=24, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    tokens = [torch.randint(2, 90, (length,), generator=g).tolist() for _ in range(docs)]
+    return dense_references(model, make_batches(tokens, ["a"] * docs, prompt_len=6, pad_id=0, batch_size=8))
+
+
+def _fit(model, profile, **kw):
+    budget = kw.pop("budget", None)
+    settings = FitSettings(granularity="neurons", **kw).resolve()
+    refs = _references(model)
+    return fit_neuron_plan(model, None, profile, settings, budget=budget, references=refs,
+                           confirm_references=_references(model, seed=8))
+
+
+@pytest.fixture(scope="module")
+def heavy():
+    model = _model()
+    return model, _profile(model)
+
+
+def test_a_target_fit_lands_on_its_ffn_flops_share_with_widths_chosen_per_layer(heavy):
+    model, profile = heavy
+    plan = _fit(model, profile, target=0.3, neuron_rounds=3)
+    assert plan.fit["expected_ffn_flops_saved"] == pytest.approx(0.3, abs=0.01)
+    widths = plan.neurons.widths
+    size = model.config.intermediate_size
+    full = {l: widths.get(l, size) for l in range(5)}
+    assert len(set(full.values())) > 1  # not one uniform width
+    assert full[2] == max(full.values())  # the heavy layer keeps the most
+    assert plan.fit["kl"] <= plan.fit["uniform_start"]["kl"] + 1e-9
+    assert plan.fit["measurements"] > 2 and plan.fit["widths_path"][0]["step"] == "uniform"
+    for l, k in widths.items():  # kept indices ascending, the top k by the criterion; bias W_down[:, drop] E[a_drop]
+        kept = plan.neurons.kept(l)
+        assert np.all(np.diff(kept) > 0)
+        score = neuron_importance(profile, model, "energy")[l]
+        assert set(kept) == set(np.argsort(-score, kind="stable")[:k])
+        drop = np.setdiff1d(np.arange(size), kept)
+        wd = down_weight(model.model.layers[l].mlp.down_proj).detach().double().numpy()
+        want = wd[:, drop] @ profile.neuron_mean("decode", l)[drop]
+        np.testing.assert_allclose(plan.neurons.bias(l), want, rtol=1e-4, atol=1e-6)
+    # the runtime saves what the fit counted
+    refs = _references(model)
+    with apply_plan(model, plan) as handle, torch.inference_mode():
+        for ref in refs:
+            with handle.decode_from(ref.batch.prompt_len):
+                model(input_ids=ref.batch.input_ids, attention_mask=ref.batch.attention_mask, use_cache=False)
+        assert handle.stats()["ffn_flops_saved_share"] == pytest.approx(plan.fit["expected_ffn_flops_saved"],
+                                                                        abs=1e-3)
+
+
+def test_a_budget_fit_holds_its_budget_on_the_calibration_windows(heavy):
+    model, profile = heavy
+    loose = _fit(model, profile, target=None, max_kl=0.05, budget=Budget(max_kl=0.05), neuron_rounds=1)
+    assert loose.fit["kl"] <= 0.05
+    assert all(step["kl"] <= 0.05 for step in loose.fit["widths_path"])
+    assert loose.fit["expected_ffn_flops_saved"] > 0
+    tight = _fit(model, profile, target=None, max_kl=0.01, budget=Budget(max_kl=0.01), neuron_rounds=1)
+    assert tight.fit["kl"] <= 0.01
+    assert tight.fit["expected_ffn_flops_saved"] <= loose.fit["expected_ffn_flops_saved"]
+
+
+def test_the_criteria_rank_differently_and_wanda_reads_the_input_weights(heavy):
+    model, profile = heavy
+    scores = {c: neuron_importance(profile, model, c)[1] for c in ("energy", "fluctuation", "wanda")}
+    assert not np.array_equal(np.argsort(scores["energy"]), np.argsort(scores["wanda"]))
+    mlp = model.model.layers[1].mlp
+    x = np.sqrt(profile.input_sq_mean("decode", 1))
+    want = (np.abs(mlp.gate_proj.weight.detach().double().numpy()) @ x + np.abs(mlp.up_proj.weight.detach().double().numpy()) @ x)
+    np.testing.assert_allclose(scores["wanda"], want, rtol=1e-10)
+    assert np.all(scores["fluctuation"] <= scores["energy"] + 1e-12)
+
+
+def test_bad_neuron_settings_are_all_reported_at_once(tmp_path, capsys):
+    problems = FitSettings(target=0.2, granularity="neurons", mode="adaptive", neuron_fill="zero",
+                           neuron_importance="magic", per_class=True, compensation="linear").problems()
+    text = "\n".join(problems)
+    for part in ("neuron_fill must be one of none, mean", "neuron_importance must be one of", "mode=\"adaptive\"",
+                 "per_class", "compensation"):
+        assert part in text, part
+    assert FitSettings(target=0.2, neuron_fill="mean").problems() == [
+        'FitSettings.neuron_fill applies to FitSettings.granularity="neurons" only']
+    assert FitSettings(target=0.2, granularity="blocks").problems() == [
+        "FitSettings.granularity must be one of ffn, neurons, got 'blocks'"]
+    assert FitSettings(target=0.2, granularity="neurons").needs_model
+
+    code, _, err = run(["export-plan", tmp_path / "missing.prof", "-r", "0.2", "--granularity", "neurons",
+                        "--mode", "adaptive", "--neuron-fill", "zero", "--neuron-importance", "magic", "--out", "-"],
+                       capsys)
+    assert code == 2
+    for part in ("--neuron-fill must be one of none, mean, got 'zero'", "--neuron-importance must be one of",
+                 "--granularity neurons fits static plans, not --mode adaptive", "beside the plan"):
+        assert part in err, (part, err)
+    assert "Traceback" not in err

@@ -1,5 +1,6 @@
 """FLOPs per decoded token of a model (`token_flops`) and what they add up to at a cache length (`FlopModel`): the
-one count behind every FLOP-ideal speedup (eval rows and baselines, `--refine`'s substitute cost, the benchmarks)."""
+one count behind every FLOP-ideal speedup and every "decode FLOPs saved" (eval rows and baselines, `--refine`'s
+substitute cost, the benchmarks), for whole-FFN skips, linear substitutes and neuron subsets alike."""
 
 from __future__ import annotations
 
@@ -62,7 +63,23 @@ class FlopModel:
         attention = f["layers"] * (f["attn_proj"] + f["attn_per_position"] * context)
         return attention + ffn_layers * f["ffn"] + f["lm_head"]
 
+    def ffn_flops_saved(self, stats: dict) -> float:
+        """FFN FLOPs a run did not compute, net of substitutes, from the runtime's `handle.stats()`: its
+        `ffn_flops_saved_share` of the FFN FLOPs of its decode positions (after warm-up) x layers."""
+        calls = stats.get("decode_positions", 0) * self.flops["layers"]
+        return float(stats.get("ffn_flops_saved_share", 0.0)) * calls * self.flops["ffn"]
+
+    def decode_saved_share(self, ffn_saved_share: float, context: int) -> float:
+        """The share of a decode token's FLOPs (every layer's attention and its cache, the FFNs, the LM head) saved
+        when `ffn_saved_share` of its FFN FLOPs are not computed, net of what replaces them. One count for every
+        plan kind: whole-FFN skips (the FFN's FLOPs), their linear maps (less the map's FLOPs) and neuron subsets (the
+        dropped neurons' FLOPs, less the mean bias's adds) all enter as FFN FLOPs saved, e.g.
+        `handle.stats()["ffn_flops_saved_share"]`:
+        ffn_saved_share x layers x FFN FLOPs / (layers x (attention + cache x context + FFN) + LM head)."""
+        f = self.flops
+        return ffn_saved_share * f["layers"] * f["ffn"] / self.per_token(f["layers"], context)
+
     def ideal_speedup(self, skip_ratio: float, context: int) -> float:
-        """Dense FLOPs per token over those with a `skip_ratio` share of the FFN calls skipped."""
-        layers = self.flops["layers"]
-        return self.per_token(layers, context) / self.per_token(layers * (1.0 - skip_ratio), context)
+        """Dense FLOPs per token over those with a `skip_ratio` share of the FFN FLOPs not computed (a share of the
+        FFN calls skipped, or of FFN FLOPs saved net of substitutes): 1 / (1 - decode_saved_share)."""
+        return 1.0 / (1.0 - self.decode_saved_share(skip_ratio, context))

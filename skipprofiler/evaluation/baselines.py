@@ -198,7 +198,7 @@ def layer_drop_row(model, data: EvalData, layers: Sequence[int], name: str, conf
     row = hooked_row(model, data, name, config, DroppedLayers(model, layers), lambda ref: forward(ref.batch),
                      family=families.SHORTGPT, mode="layer_drop", layers=sorted(layers), qa_dropped_layers=layers)
     row["skip_ratio"] = rounded(len(layers) / num_layers)
-    row["saved_share"] = row["skip_ratio"]
+    row["saved_share"] = row["ffn_flops_saved_share"] = row["skip_ratio"]
     flops = FlopModel.of(model)
     dense = flops.per_token(num_layers, config.flop_context)
     kept = num_layers - len(layers)
@@ -240,9 +240,11 @@ def replaceme_row(model, tokenizer, data: EvalData, reference_row: dict[str, Any
 
     row = hooked_row(model, data, name, config, replaced, teacher_forced, family=families.REPLACEME,
                      mode="block_replacement", layers=replacement.layers, qa_prefilled=True)
-    row["ideal_speedup"] = rounded(dense / (dense - count * block + map_flops))
-    row["decode_flops_saved_share"] = rounded(1 - 1 / row["ideal_speedup"])
-    row["skip_ratio"] = row["saved_share"] = rounded(count / num_layers)
+    remaining = dense - count * block + map_flops
+    row["ideal_speedup"] = rounded(dense / remaining)
+    row["decode_flops_saved_share"] = rounded(1 - remaining / dense)
+    # the replaced blocks' FFNs are not computed (the map's FLOPs count against the whole blocks above)
+    row["skip_ratio"] = row["saved_share"] = row["ffn_flops_saved_share"] = rounded(count / num_layers)
     row["fit"] = {"start": replacement.start, "count": count, **replacement.map.record,
                   "cosine_distance": {str(k): rounded(v) for k, v in replacement.cosine_distance.items()}}
     row["note"] = ("ReplaceMe-style (training-free): a contiguous run of whole decoder blocks (attention and FFN) "

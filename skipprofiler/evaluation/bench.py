@@ -5,9 +5,10 @@ Used by ``benchmarks/decode_speed.py`` and ``skipprof bench decode``. Every arm 
 so that drift in machine load hits all arms alike.
 
 The FLOP ideal counts multiply-adds (x2) of every matmul a decoder token costs: attention projections, attention over
-the cache, the FFN and the LM head; ideal speedup = dense FLOPs / (dense FLOPs - skipped FFN FLOPs + the FLOPs of linear
-substitutes computed in their place) over the same run
-(prompt included), with the skipped FFN calls counted by the runtime (``handle.stats()``).
+the cache, the FFN and the LM head; ideal speedup = dense FLOPs / (dense FLOPs - FFN FLOPs saved net of substitutes)
+over the same run (prompt included), the FFN FLOPs saved as the runtime counts them (``handle.stats()``'s
+``ffn_flops_saved_share``: skipped FFN calls, the dropped neurons of narrowed rows, less the FLOPs of linear maps and
+mean biases computed in their place).
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ class ArmResult:
         return self.dense_flops / self.plan_flops if self.plan_flops else 1.0
 
 
+def _narrowed_ratio(stats: dict[str, Any]) -> float:
+    """FFN rows that ran only their kept neurons / (decode positions x layers) of one run (0 without a plan)."""
+    calls = stats.get("decode_positions", 0) * stats.get("num_layers", 0)
+    return stats.get("narrowed_rows", 0) / calls if calls else 0.0
+
+
 @dataclass
 class DecodeBenchmark:
     """Results of one (model, batch, dtype) setting."""
@@ -92,6 +99,8 @@ class DecodeBenchmark:
                 "arm": r.name, "batch": self.batch, "dtype": self.dtype,
                 "tok_per_s": self.batch * self.new_tokens / r.median, "median_s": r.median,
                 "saved_ratio": r.stats.get("not_computed_ratio", 0.0), "decided_skip_ratio": r.stats.get("decided_skip_ratio", 0.0),
+                "narrowed_ratio": _narrowed_ratio(r.stats),
+                "ffn_flops_saved_share": r.stats.get("ffn_flops_saved_share", 0.0),
                 "speedup": speedup,
                 "ideal_speedup": r.ideal_speedup, "measured_over_ideal": speedup / r.ideal_speedup,
                 "runs": len(r.seconds), "speedup_min": paired[0], "speedup_max": paired[-1],
@@ -101,9 +110,11 @@ class DecodeBenchmark:
     def table(self) -> str:
         head = (f"{self.label}  bs={self.batch}  {self.dtype}  prompt={self.prompt_tokens}  new={self.new_tokens}  "
                 f"median of {len(self.dense().seconds)} interleaved runs (warm-up excluded)")
-        lines = [head, f"{'arm':<24}{'saved':>7}{'tok/s':>9}{'speedup':>9}{'ideal':>8}{'meas/ideal':>12}"]
+        lines = [head, (f"{'arm':<24}{'saved':>7}{'FFN FLOPs saved':>16}{'tok/s':>9}{'speedup':>9}{'ideal':>8}"
+                        f"{'meas/ideal':>12}")]
         for row in self.rows():
-            lines.append(f"{row['arm']:<24}{row['saved_ratio']:>7.1%}{row['tok_per_s']:>9.1f}{row['speedup']:>8.3f}x"
+            lines.append(f"{row['arm']:<24}{row['saved_ratio']:>7.1%}{row['ffn_flops_saved_share']:>16.1%}"
+                         f"{row['tok_per_s']:>9.1f}{row['speedup']:>8.3f}x"
                          f"{row['ideal_speedup']:>7.3f}x{row['measured_over_ideal']:>12.3f}")
         return "\n".join(lines)
 
@@ -123,10 +134,12 @@ def synthetic_model(name: str = "llama-100m", dtype: torch.dtype = torch.float32
 # ---- FLOPs ----------------------------------------------------------------------------------------------------------
 
 
-def run_flops(model: nn.Module, batch: int, prompt_tokens: int, new_tokens: int, skipped_calls: int,
-              substitute_flops: float = 0.0) -> tuple[float, float]:
-    """(dense FLOPs, plan FLOPs) of one benchmark run: prompt forward (logits for the last position only) + decode;
-    the plan's skipped FFN calls are taken off and what its linear substitutes computed instead is added."""
+def run_flops(model: nn.Module, batch: int, prompt_tokens: int, new_tokens: int, skipped_calls: int = 0,
+              substitute_flops: float = 0.0, *, ffn_flops_saved: float | None = None) -> tuple[float, float]:
+    """(dense FLOPs, plan FLOPs) of one benchmark run: prompt forward (logits for the last position only) + decode.
+    The plan's FFN FLOPs saved net of substitutes are taken off: `ffn_flops_saved` when given (every plan kind, e.g.
+    `FlopModel.ffn_flops_saved(handle.stats())`: whole skips, narrowed rows, less linear maps and mean biases), else
+    the skipped FFN calls less what linear substitutes computed instead."""
     flops = FlopModel.of(model)
     f = flops.flops
     per_layer = f["ffn"] + f["attn_proj"]
@@ -134,7 +147,9 @@ def run_flops(model: nn.Module, batch: int, prompt_tokens: int, new_tokens: int,
     dense = batch * (prompt_tokens * per_layer * f["layers"] + attention_prompt * f["layers"] + f["lm_head"])
     for t in range(new_tokens - 1):  # the last token is sampled from the previous forward's logits
         dense += batch * flops.per_token(f["layers"], context=prompt_tokens + t + 1)
-    return dense, dense - skipped_calls * f["ffn"] + substitute_flops
+    if ffn_flops_saved is None:
+        ffn_flops_saved = skipped_calls * f["ffn"] - substitute_flops
+    return dense, dense - ffn_flops_saved
 
 
 # ---- the timed loop -------------------------------------------------------------------------------------------------
@@ -186,10 +201,10 @@ def benchmark_decode(model: nn.Module, arms: list[Arm], batch: int = 1, prompt_t
                 result.stats = stats
         if log is not None:
             log(f"  round {rnd + 1}/{warmup + repeats}" + (" (warm-up)" if rnd < warmup else ""))
+    flops = FlopModel.of(model)
     for r in results:
-        r.dense_flops, r.plan_flops = run_flops(model, batch, prompt_tokens, new_tokens,
-                                                   r.stats.get("rows_not_computed", 0),
-                                                   r.stats.get("substitute_flops", 0.0))
+        saved = flops.ffn_flops_saved(r.stats) if r.stats else 0.0
+        r.dense_flops, r.plan_flops = run_flops(model, batch, prompt_tokens, new_tokens, ffn_flops_saved=saved)
     return DecodeBenchmark(label, batch, dtype_name, new_tokens, prompt_tokens, results)
 
 

@@ -47,10 +47,10 @@ def _set_count(candidates: int, fractions: Sequence[float]) -> int:
 
 
 def _search_start(model, reference: SkipPlan, realized: float) -> tuple[SkipPlan, list[float], tuple]:
-    """(template, slot fractions, start slots): a static reference's own set and settings; otherwise the budget
-    `realized` x layers over the middle layers, with the baselines' eligibility."""
+    """(template, slot fractions, start slots): a static reference's own set and settings; otherwise (adaptive, or
+    with neuron subsets) the budget `realized` x layers over the middle layers, with the baselines' eligibility."""
     num_layers = model_num_layers(model)
-    if reference.mode == "static":
+    if reference.mode == "static" and reference.neurons is None:
         slots = canonical(reference.skip_layers.items())
         return replace(reference, fit={}), [f for _, f in sorted(reference.skip_layers.items())], slots
     slots = budget_slots(realized * num_layers, middle_layers(num_layers))

@@ -100,7 +100,8 @@ def plan_row(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: 
     speed = config.speed and bool(data.prompts)
     steps = len(data.classes) + len(data.prompts) + (data.qa is not None) + speed
     with data.progress.stage(name, steps) as tick:
-        sums, decode_positions, skipped, not_computed = FidelitySums(), 0, 0, 0
+        sums, decode_positions, skipped, not_computed, narrowed = FidelitySums(), 0, 0, 0, 0
+        ffn_saved_calls = 0.0  # FFN FLOPs saved net of substitutes, in FFN calls (the runtime's count)
         generated = sum(int((ref.batch.lengths - ref.batch.prompt_len).clamp(min=0).sum()) for ref in data.references)
         num_layers = model_num_layers(model)
         class_skip: dict[str, float] = {}
@@ -118,6 +119,8 @@ def plan_row(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: 
             decode_positions += int(stats["decode_positions"])
             skipped += int(stats["decided_skips"])
             not_computed += int(stats["rows_not_computed"])
+            narrowed += int(stats.get("narrowed_rows", 0))
+            ffn_saved_calls += ffn_calls_saved(stats)
             if stats["decode_positions"]:
                 class_skip[cls] = rounded(stats["decided_skip_ratio"])
             if route == "router":
@@ -138,13 +141,19 @@ def plan_row(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: 
         # skip. The speed run reports the rows a real generation did not compute (speed_run_saved_ratio).
         row["saved_share"] = rounded(skipped / (generated * num_layers)) if generated else 0.0
         row["rows_not_computed_share"] = rounded(not_computed / (generated * num_layers)) if generated else 0.0
+        row["narrowed_share"] = rounded(narrowed / (generated * num_layers)) if generated else 0.0
+        # FFN FLOPs saved net of substitutes over every generated position: the runtime's count, with the rows this
+        # teacher-forced pass masked (decided skips it still computed) counted as skipped, as generation skips them.
+        ffn_saved = (ffn_saved_calls + skipped - not_computed) / (generated * num_layers) if generated else 0.0
         row["gen_len"] = config.gen_len
         active = plan.global_plan if isinstance(plan, PlanFile) else plan
         row["warmup_tokens"] = active.warmup_tokens
         row["fitted_gen_len"] = active.fit.get("gen_len") if active.fit else None
-        row["warnings"] = generation_warnings(active, config.gen_len, row["saved_share"])
+        row["warnings"] = generation_warnings(active, config.gen_len, row["saved_share"] + row["narrowed_share"])
         row["mode"] = active.mode
         row["layers"] = plan_layers(active)
+        if active.neurons is not None:
+            row["neurons"] = plan_neurons(model, active)
         row["expected_skip_ratio"] = active.expected_skip_ratio
         if active.fit.get("refined_kl") is not None:
             row["calibration_refined_kl"] = active.fit["refined_kl"]
@@ -156,7 +165,7 @@ def plan_row(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: 
             else:
                 row.update(qa_fields(model, data, config, plan, by_router=route == "router", strict=strict))
             tick()
-        row.update(_plan_flops(model, active, row["saved_share"], config))
+        row.update(plan_flops(model, active, ffn_saved, config))
         if speed:
             row.update(_speed(model, data, plan, config, route))
             tick()
@@ -165,17 +174,39 @@ def plan_row(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: 
         return row
 
 
-def _plan_flops(model, plan: SkipPlan, saved_share: float, config: EvalConfig) -> dict[str, Any]:
-    """The FLOP ideal at the row's saved share. A linear substitute still costs FLOPs in each skipped call: the FFN
-    FLOPs saved are net of them."""
+def ffn_calls_saved(stats: Mapping[str, Any]) -> float:
+    """The FFN FLOPs a measured run saved net of substitutes (whole skips, narrowed rows, less linear maps and mean
+    biases), in FFN calls: `handle.stats()`'s `ffn_flops_saved_share` x its decode positions x layers."""
+    return float(stats.get("ffn_flops_saved_share", 0.0)) * int(stats["decode_positions"]) * int(stats["num_layers"])
+
+
+def plan_neurons(model, plan: SkipPlan) -> dict[str, Any]:
+    """A neuron plan's `neurons` entry: fill, the FFN width and the kept width per narrowed layer."""
+    size = plan.neurons.intermediate_size
+    if size is None:
+        size = getattr(model.config, "intermediate_size", None) or getattr(model.config, "ffn_dim", None)
+    return {"fill": plan.neurons.fill, "intermediate_size": size,
+            "widths": [[layer, int(k)] for layer, k in sorted(plan.neurons.widths.items())]}
+
+
+def baseline_ratio(row: Mapping[str, Any], plan: SkipPlan) -> float:
+    """The skip ratio the baselines (whole-FFN skips, dropped or replaced blocks) and the oracle are taken at for
+    `row` of `plan`: its realized skip ratio; for a plan with neuron subsets its `ffn_flops_saved_share` (whole FFNs
+    saving the FFN FLOPs the plan saves, net)."""
+    return row["ffn_flops_saved_share"] if plan.neurons is not None else row["skip_ratio"]
+
+
+def plan_flops(model, plan: SkipPlan, ffn_saved_share: float, config: EvalConfig) -> dict[str, Any]:
+    """The FLOP accounting of a row from the FFN FLOPs it saved net of substitutes (`ffn_saved_share`, whole-FFN
+    skips, narrowed rows and linear maps alike): the share of every decode-token FLOP saved (attention, its cache,
+    FFNs, LM head) and the FLOP-ideal speedup, both from `arch.flops.FlopModel` at `config.flop_context`.
+    `substitute_cost_share`: a linear map's FLOPs per skipped call over one FFN call's (0 without maps)."""
     from ..fit.refine import substitute_cost_share
 
-    out = {"substitute_cost_share": rounded(substitute_cost_share(model, plan))}
-    out["ffn_flops_saved_share"] = rounded(saved_share * (1.0 - out["substitute_cost_share"]))
-    out["ideal_speedup"] = rounded(FlopModel.of(model).ideal_speedup(out["ffn_flops_saved_share"],
-                                                                     context=config.flop_context))
-    out["decode_flops_saved_share"] = rounded(1 - 1 / out["ideal_speedup"])
-    return out
+    saved = FlopModel.of(model).decode_saved_share(ffn_saved_share, context=config.flop_context)
+    return {"substitute_cost_share": rounded(substitute_cost_share(model, plan)),
+            "ffn_flops_saved_share": rounded(ffn_saved_share),
+            "ideal_speedup": rounded(1.0 / (1.0 - saved)), "decode_flops_saved_share": rounded(saved)}
 
 
 def _greedy_agreement(data: EvalData, produced: list[list[int]]) -> dict[str, Any]:

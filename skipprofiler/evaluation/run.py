@@ -18,7 +18,7 @@ from .config import EvalConfig, EvalError
 from .data import EvalData, prepare_data, prepare_qa
 from .oracle import oracle_row, oracle_set_count, search_reference_row, want_oracle, want_search_reference
 from .result import build_result
-from .rows import plan_rows, routable
+from .rows import baseline_ratio, plan_rows, routable
 
 
 def _quiet(message: str) -> None:
@@ -64,7 +64,7 @@ def run_eval(model, tokenizer, plans: Sequence[tuple[str, PlanFile | SkipPlan]],
     if config.baselines or config.oracle or config.search_reference:
         first = plans[0][1]
         reference = first.global_plan if isinstance(first, PlanFile) else first
-        realized = rows[0]["skip_ratio"]
+        realized = baseline_ratio(rows[0], reference)
         if realized <= 0:
             raise EvalError(f"{plans[0][0]} skipped nothing on the held-out data; baselines need a ratio > 0")
         if config.baselines:
@@ -185,7 +185,7 @@ def _target_rows(model, tokenizer, data: EvalData, fit: SweepTarget, config: Eva
                 raise EvalError(f"refining class plans at {target}: {e}") from None
             rows += plan_rows(model, data, refined_classes, config,
                               {"label": families.FITTED_STATIC_PER_CLASS_REFINED}, tag)
-    realized = reference_row["skip_ratio"]
+    realized = baseline_ratio(reference_row, reference_plan)
     if realized <= 0:
         return rows
     if config.baselines:

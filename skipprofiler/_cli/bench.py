@@ -1,4 +1,5 @@
-"""`skipprof bench decode`: decode tokens/s dense vs skip plans, interleaved, median, against the FLOP ideal."""
+"""`skipprof bench decode`: decode tokens/s dense vs skip plans (whole-FFN skips, linear maps, neuron subsets),
+interleaved, median, against the FLOP ideal."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ HELP = (
     "Time greedy decoding (KV cache, hand-written loop) dense vs skip plans.\n\n"
     "Arms run interleaved in rotating order; the first round is a warm-up and is dropped; each arm reports the "
     "median of --repeats (>= 5) runs: tokens/s, measured speedup over dense, the FLOP-ideal speedup for that plan on "
-    "that model (attention, FFN and LM-head FLOPs; skipped FFN calls counted by the runtime) and their ratio.\n\n"
+    "that model (attention, FFN and LM-head FLOPs; the FFN FLOPs saved net of substitutes as the runtime counts them: "
+    "skipped FFN calls and the dropped neurons of neuron plans, less linear maps and mean biases) and their "
+    "ratio.\n\n"
     "With plan files the arms are dense + each plan. Without, they are dense, the empty plan, a static plan at "
     "--static and adaptive plans calibrated on the model to each --adaptive target (speed only: those thresholds "
     "are not fitted for quality).\n\n"

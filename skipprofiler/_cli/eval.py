@@ -65,16 +65,17 @@ def parse_tasks(text: str) -> list[str]:
 
 COLUMNS = (
     ("decided", "realized skip ratio: FFN calls the plan's rule skipped / (decode positions after the warm-up x layers)"),
-    ("saved", "share of the generation's FFN FLOPs not spent: skipped FFN calls / (every generated position x "
-              "layers), warm-up included, less what linear substitutes computed in their place"),
+    ("saved", "share of the generation's FFN FLOPs not spent (every generated position x layers, warm-up "
+              "included): skipped FFN calls and the dropped neurons of narrowed ones, less what linear maps and mean "
+              "biases computed in their place"),
     ("KL", "mean per-token KL(dense || plan) on decode positions, teacher-forced"),
     ("ppl", "teacher-forced perplexity on decode positions; Δppl relative to dense"),
     ("top-1", "share of decode positions where plan and dense predict the same next token"),
     ("greedy", "share of greedy continuation tokens identical to dense"),
     ("1st div", "mean position of the first greedy token that differs from dense (= --greedy-new-tokens when none does)"),
     ("speedup", "decode tokens/s plan / dense (interleaved, median of --speed-repeats runs)"),
-    ("ideal", "the FLOP-count speedup of 'saved': what skipping those FFN calls (net of substitutes) could give at "
-              "best"),
+    ("ideal", "the FLOP-count speedup of 'saved' (attention, cache, FFN and LM-head FLOPs per decode token): what "
+              "not computing those FFN FLOPs could give at best"),
     ("QA", "short-answer accuracy on the QA set (with --qa)"),
     ("kept", "QA accuracy / dense QA accuracy (with --qa)"),
 )

@@ -22,7 +22,7 @@ from skipprofiler.evaluation import EvalConfig
 from skipprofiler.evaluation.bench import Arm, benchmark_decode
 from skipprofiler.evaluation.run import run_eval
 from skipprofiler.plan import save_plan
-from skipprofiler.plan.model import NeuronSubsets, PlanFile, SkipPlan
+from skipprofiler.plan.model import LinearMaps, NeuronSubsets, PlanFile, SkipPlan
 from skipprofiler.runtime import apply_plan
 
 SKIPPROF = Path(sys.executable).parent / "skipprof"
@@ -63,7 +63,7 @@ def _runtime_share(model, plan: SkipPlan) -> float:
     with apply_plan(model, plan) as handle:
         greedy_decode(model, torch.tensor([[5, 6, 7, 8]]), 9)  # 8 decode positions: fraction 0.5 exactly
         stats = handle.stats()
-    assert stats["narrowed_rows"] > 0 or not plan.neurons
+    assert stats["narrowed_rows"] > 0 or plan.neurons is None
     return stats["ffn_flops_saved_share"]
 
 
@@ -124,6 +124,33 @@ def test_mixed_plan_sums_whole_skips_and_narrowed_layers(setup):
                                                      rel=1e-5)
     assert skip_row["decode_flops_saved_share"] < mixed_row["decode_flops_saved_share"]
     assert neuron_row["decode_flops_saved_share"] < mixed_row["decode_flops_saved_share"]
+
+
+def linear_maps(layers) -> LinearMaps:
+    rng = np.random.default_rng(1)
+    tensors = {}
+    for layer in layers:
+        tensors[f"{layer}.weight"] = (rng.standard_normal((HIDDEN, HIDDEN)) * 0.01).astype(np.float32)
+        tensors[f"{layer}.bias"] = np.zeros(HIDDEN, np.float32)
+    return LinearMaps(None, tensors)
+
+
+def test_linear_maps_are_counted_net_alone_and_beside_neuron_subsets(setup):
+    model, tok, data = setup
+    whole = {2: 1.0, 3: 0.5}
+    linear = SkipPlan(mode="static", compensation="linear", skip_layers=whole, linear=linear_maps([2, 3]))
+    mixed = neuron_plan("mean", layers=[0, 1, 3, 4, 5], compensation="linear", skip_layers=whole,
+                        linear=linear_maps([2, 3]))
+    linear_row, mixed_row = run_eval(model, tok, [("linear", linear), ("mixed", mixed)], data, _config())["plans"]
+    ffn, map_flops = token_flops(model)["ffn"], 2 * HIDDEN * HIDDEN + HIDDEN
+    assert linear_row["substitute_cost_share"] == pytest.approx(map_flops / ffn, rel=1e-5)
+    assert linear_row["ffn_flops_saved_share"] == pytest.approx(1.5 * (ffn - map_flops) / (L * ffn), rel=1e-5)
+    assert linear_row["ffn_flops_saved_share"] == pytest.approx(
+        linear_row["saved_share"] * (1 - linear_row["substitute_cost_share"]), rel=1e-5)
+    expected = (1.5 * (ffn - map_flops) + 4.5 * narrowed_flops_saved("mean")) / (L * ffn)
+    assert mixed_row["ffn_flops_saved_share"] == pytest.approx(expected, rel=1e-5)
+    for plan, row in ((linear, linear_row), (mixed, mixed_row)):
+        assert row["ffn_flops_saved_share"] == pytest.approx(_runtime_share(model, plan), rel=1e-5)
 
 
 def test_baselines_of_a_neuron_plan_save_its_ffn_flops(setup):

@@ -101,7 +101,8 @@ def plan_row(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: 
     steps = len(data.classes) + len(data.prompts) + (data.qa is not None) + speed
     with data.progress.stage(name, steps) as tick:
         sums, decode_positions, skipped, not_computed, narrowed = FidelitySums(), 0, 0, 0, 0
-        ffn_saved_calls = 0.0  # FFN FLOPs saved net of substitutes, in FFN calls (the runtime's count)
+        flops = FlopModel.of(model)
+        narrowed_saved = 0.0  # FLOPs the narrowed rows did not compute, less the mean biases (the runtime's count)
         generated = sum(int((ref.batch.lengths - ref.batch.prompt_len).clamp(min=0).sum()) for ref in data.references)
         num_layers = model_num_layers(model)
         class_skip: dict[str, float] = {}
@@ -120,7 +121,7 @@ def plan_row(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: 
             skipped += int(stats["decided_skips"])
             not_computed += int(stats["rows_not_computed"])
             narrowed += int(stats.get("narrowed_rows", 0))
-            ffn_saved_calls += ffn_calls_saved(stats)
+            narrowed_saved += narrowed_flops_saved(flops, stats)
             if stats["decode_positions"]:
                 class_skip[cls] = rounded(stats["decided_skip_ratio"])
             if route == "router":
@@ -141,12 +142,17 @@ def plan_row(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: 
         # skip. The speed run reports the rows a real generation did not compute (speed_run_saved_ratio).
         row["saved_share"] = rounded(skipped / (generated * num_layers)) if generated else 0.0
         row["rows_not_computed_share"] = rounded(not_computed / (generated * num_layers)) if generated else 0.0
-        row["narrowed_share"] = rounded(narrowed / (generated * num_layers)) if generated else 0.0
-        # FFN FLOPs saved net of substitutes over every generated position: the runtime's count, with the rows this
-        # teacher-forced pass masked (decided skips it still computed) counted as skipped, as generation skips them.
-        ffn_saved = (ffn_saved_calls + skipped - not_computed) / (generated * num_layers) if generated else 0.0
-        row["gen_len"] = config.gen_len
         active = plan.global_plan if isinstance(plan, PlanFile) else plan
+        row["narrowed_share"] = rounded(narrowed / (generated * num_layers)) if generated else 0.0
+        # FFN FLOPs saved net of substitutes over every generated position, as a generation saves them: the rule's
+        # whole-FFN skips less their maps (a teacher-forced forward runs a skipped call's map on every position of
+        # the window and may mask rows a decode step skips) plus what narrowed rows saved, as the runtime counts it.
+        from ..fit.refine import substitute_cost_share
+
+        skipped_net = skipped * (1.0 - substitute_cost_share(model, active)) * flops.flops["ffn"]
+        dense_ffn = generated * num_layers * flops.flops["ffn"]
+        ffn_saved = (skipped_net + narrowed_saved) / dense_ffn if generated else 0.0
+        row["gen_len"] = config.gen_len
         row["warmup_tokens"] = active.warmup_tokens
         row["fitted_gen_len"] = active.fit.get("gen_len") if active.fit else None
         row["warnings"] = generation_warnings(active, config.gen_len, row["saved_share"] + row["narrowed_share"])
@@ -174,10 +180,11 @@ def plan_row(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: 
         return row
 
 
-def ffn_calls_saved(stats: Mapping[str, Any]) -> float:
-    """The FFN FLOPs a measured run saved net of substitutes (whole skips, narrowed rows, less linear maps and mean
-    biases), in FFN calls: `handle.stats()`'s `ffn_flops_saved_share` x its decode positions x layers."""
-    return float(stats.get("ffn_flops_saved_share", 0.0)) * int(stats["decode_positions"]) * int(stats["num_layers"])
+def narrowed_flops_saved(flops: FlopModel, stats: Mapping[str, Any]) -> float:
+    """The FLOPs the narrowed rows of a measured run did not compute, less the mean biases' adds: the runtime's net
+    FFN FLOPs saved (`ffn_flops_saved_share`) less its whole-FFN part (rows not computed, less substitutes)."""
+    whole = int(stats["rows_not_computed"]) * flops.flops["ffn"] - float(stats.get("substitute_flops", 0.0))
+    return flops.ffn_flops_saved(stats) - whole if stats.get("narrowed_rows") else 0.0
 
 
 def plan_neurons(model, plan: SkipPlan) -> dict[str, Any]:

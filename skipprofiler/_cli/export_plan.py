@@ -159,6 +159,10 @@ def export_plan(
         help="With --granularity neurons: how an FFN's neurons are ranked, energy (E[a^2] times the down column's "
              "squared norm; the default), fluctuation (Var[a] times it, as FLAP) or wanda (input weights |W| times "
              "the input's RMS, gate and up).")] = None,
+    neuron_rounds: Annotated[int, typer.Option(
+        metavar="N", min=0,
+        help="With --granularity neurons: exchange rounds of the width search (each measures narrowing every layer "
+             "once; more rounds, lower KL, a longer fit).")] = 2,
 ) -> None:
     """Fit a skip plan from a profile at a target skip ratio or within a quality budget."""
     from ..fit.from_profile import FitError, FitSettings
@@ -173,7 +177,8 @@ def export_plan(
                            batch_decision=batch_decision, batch_size=batch_size, gen_len=gen_len,
                            per_class=per_class, classes=classes, max_ppl_increase=max_ppl_increase, max_kl=max_kl,
                            refine=refine, data=data, text_column=text_column, class_column=class_column,
-                           granularity=granularity, neuron_fill=neuron_fill, neuron_importance=neuron_importance)
+                           granularity=granularity, neuron_fill=neuron_fill, neuron_importance=neuron_importance,
+                           neuron_rounds=neuron_rounds)
     problems = settings.problems()
     if compensation == "linear" and str(out) == "-":
         problems.append("--compensation linear writes its maps to a .safetensors file beside the plan: give "

@@ -70,6 +70,7 @@ OPTION_OF_SETTING: dict[str, str] = {
     "FitSettings.granularity": "--granularity",
     "FitSettings.neuron_fill": "--neuron-fill",
     "FitSettings.neuron_importance": "--neuron-importance",
+    "FitSettings.neuron_rounds": "--neuron-rounds",
     "ProfileSettings.data": "--data",
     "ProfileSettings.text_column": "--text-column",
     "ProfileSettings.class_column": "--class-column",

@@ -91,7 +91,7 @@ class FitSettings:
     granularity: str = "ffn"  # "ffn": whole FFN calls (skip_layers); "neurons": intermediate neurons per layer
     neuron_fill: str | None = None  # neurons: "none" or "mean" (the dropped neurons' mean output as a bias); None: mean
     neuron_importance: str | None = None  # neurons: energy, fluctuation or wanda; None: the default (neurons.py)
-    neuron_rounds: int = 4  # neurons: exchange rounds of the width search (each measures every layer once or twice)
+    neuron_rounds: int = 2  # neurons: exchange rounds of the width search (each measures every layer once or twice)
 
     @property
     def budget_fit(self) -> bool:
@@ -144,7 +144,8 @@ class FitSettings:
                            'FitSettings.neuron_fill); whole-FFN skips with FitSettings.compensation are not among its '
                            'moves yet: leave FitSettings.compensation="none"')
         else:
-            for name, value in (("neuron_fill", self.neuron_fill), ("neuron_importance", self.neuron_importance)):
+            for name, value in (("neuron_fill", self.neuron_fill), ("neuron_importance", self.neuron_importance),
+                                ("neuron_rounds", None if self.neuron_rounds == 2 else self.neuron_rounds)):
                 if value is not None:
                     out.append(f'FitSettings.{name} applies to FitSettings.granularity="neurons" only')
         if self.refine and self.mode == "adaptive" and (self.per_class or self.classes):

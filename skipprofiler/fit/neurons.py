@@ -13,8 +13,8 @@ positions, the widths chosen by measured KL on calibration windows.
   only, as plan.model's rule says), the same count as the runtime's `stats()["ffn_flops_saved_share"]`.
 * Widths, by measured KL (a `SetEvaluator` whose "sets" are (layer, width) pairs, applied through the runtime, teacher
   forced, decode positions only, prefix reuse from the current plan): start from one uniform width at the target,
-  then rounds of exchange -- measure narrowing every layer by one step (1/16 of its neurons) and widening the layers
-  that measured dearest to narrow, trade the cheapest narrowings against the most valuable widenings (equal FLOPs),
+  then rounds (`FitSettings.neuron_rounds`) of exchange -- measure narrowing every layer by one step (1/16 of its
+  neurons) and widening the 4 layers that measured dearest to narrow, trade the cheapest narrowings against the most valuable widenings (equal FLOPs),
   keep the trade when the measured KL falls, halve the step when no trade helps. A budget fit finds the widest
   saving of the uniform width within the budget, exchanges, then grows by the cheapest measured narrowings while the
   budget holds. The chosen plan is measured once more on more windows (`fit.neurons.confirm`).
@@ -39,7 +39,7 @@ log = logging.getLogger("skipprofiler")
 
 STEPS = 16  # a move narrows or widens a layer by 1/STEPS of its neurons
 MIN_STEP_DIVISOR = 64  # the step halves down to 1/64 of the neurons
-ROUNDS = 4  # exchange rounds (each: one measurement per layer + the widenings + the trades)
+
 # Choosing windows: 4 documents per class, 32-token dense prompt + 128 decode positions; the confirming measurement
 # 8 documents per class, 64-token prompt + 192 decode positions.
 CHOOSE_PROMPT_LEN, CHOOSE_WINDOW, CHOOSE_DOCS_PER_CLASS = 32, 160, 4
@@ -186,9 +186,27 @@ class NeuronEvaluator(SetEvaluator):
     """SetEvaluator over width assignments: a key is ((layer, width), ...) for the narrowed layers."""
 
     build: Callable[[Slots], Any] | None = None
+    max_anchors: int = 2  # plans whose layer inputs are kept besides the dense model's (the current one, a trial)
 
     def _plan(self, key: Slots):
         return self.build(key)
+
+    def set_anchor(self, slots: Slots) -> None:
+        """Measure `slots` keeping its per-layer stream (unless kept already), beside the most recent other anchor:
+        a trial plan is measured as an anchor, and the current plan stays one if the trial is refused."""
+        key = canonical(slots)
+        if not self.reuse_prefix or key in self._anchors:
+            if key not in self.cache:
+                self(key)
+            return
+        others = [a for a in self._anchors if a]
+        for old in others[:max(0, len(others) - (self.max_anchors - 1))]:
+            del self._anchors[old]
+        kl = self._measure(key, record=True)
+        if key not in self.cache:
+            self.cache[key] = kl
+            log.info("set %d (anchor): KL %.4f ppl %+.1f%% (%.0f s)", len(self.cache), kl,
+                     100 * (self.ppl_ratio[key] - 1.0), time.perf_counter() - self._started)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -204,6 +222,11 @@ class Search:
 
     def kl(self, widths: dict[int, int]) -> float:
         return self.evaluate(self.plans.key(widths))
+
+    def anchor(self, widths: dict[int, int]) -> float:
+        """Measure a plan the search may move from (its layer inputs kept for the next measurements)."""
+        self.evaluate.set_anchor(self.plans.key(widths))
+        return self.kl(widths)
 
     def ppl(self, widths: dict[int, int]) -> float:
         key = self.plans.key(widths)
@@ -270,7 +293,7 @@ class Search:
             for a, b in pairs:
                 cand[a] -= step
                 cand[b] += step
-            if self.kl(cand) < base_kl and (self.budget is None or self.within(cand)):
+            if self.anchor(cand) < base_kl and (self.budget is None or self.within(cand)):
                 return cand
             pairs = pairs[:len(pairs) // 2]
         return None
@@ -283,7 +306,7 @@ class Search:
             cand = dict(widths)
             for l in order[:m]:
                 cand = self.narrowed(cand, l, step) or cand
-            if cand != widths and self.within(cand):
+            if cand != widths and self.anchor(cand) >= 0 and self.within(cand):
                 widths, order = cand, order[m:]
                 self.note(f"grow {m}", widths)
             else:
@@ -371,12 +394,13 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
     step = max(1, size // STEPS)
     min_step = max(1, size // MIN_STEP_DIVISOR)
     rounds = settings.neuron_rounds
-    widen_count = max(4, arch.num_layers // 4)
+    widen_count = min(4, arch.num_layers)
     narrow: dict[int, float] = {}
 
     if budget is None:
         target = settings.target
         widths = uniform_widths(plans, target)
+        search.anchor(widths)
         search.note("uniform", widths)
         uniform = search.path[-1]
     else:
@@ -437,14 +461,10 @@ def _uniform_within(search: Search, plans: WidthPlans, step: int):
     size = next(iter(plans.layers.values())).size
     lo, hi = 0, STEPS - 1  # steps dropped: lo within (0 = dense), hi the most tried
     best = {l: size for l in plans.layers}
-    top = {l: size - hi * step for l in plans.layers}
-    if search.within(top):
-        search.note("uniform", top)
-        return top, search.path[-1]
     while hi - lo > 1:
         mid = (lo + hi) // 2
         widths = {l: size - mid * step for l in plans.layers}
-        if search.within(widths):
+        if search.anchor(widths) >= 0 and search.within(widths):
             lo, best = mid, widths
         else:
             hi = mid

@@ -163,6 +163,11 @@ def test_baselines_of_a_neuron_plan_save_its_ffn_flops(setup):
     # fraction, realized to one of the 32 decode positions)
     assert contiguous["ffn_flops_saved_share"] == pytest.approx(first["ffn_flops_saved_share"], abs=1 / (32 * L))
     assert "neurons" not in contiguous and contiguous["narrowed_share"] == 0.0
+    # ReplaceMe-style: as many whole blocks as save the neuron plan's decode FLOPs (same accounting), to one block
+    replaceme = next(r for r in rows if r["family"] == "ReplaceMe-style linear blocks")
+    flops, context = FlopModel.of(model), _config().flop_context
+    block_share = flops.block(context) / flops.per_token(L, context)
+    assert abs(replaceme["decode_flops_saved_share"] - first["decode_flops_saved_share"]) <= block_share
 
 
 def test_bench_ideal_of_a_neuron_plan_is_the_hand_count(setup):
@@ -177,6 +182,7 @@ def test_bench_ideal_of_a_neuron_plan_is_the_hand_count(setup):
     saved = positions * L * narrowed_flops_saved("mean")
     assert narrowed.dense_flops - narrowed.plan_flops == pytest.approx(saved, rel=1e-9)
     rows = bench.rows()
+    assert rows[1]["ffn_flops_saved_share"] == pytest.approx(narrowed_flops_saved("mean") / token_flops(model)["ffn"])
     assert rows[1]["ideal_speedup"] == pytest.approx(dense.dense_flops / (dense.dense_flops - saved), rel=1e-9)
     assert rows[1]["narrowed_ratio"] == 1.0 and rows[1]["saved_ratio"] == 0.0
     assert rows[1]["measured_over_ideal"] == pytest.approx(rows[1]["speedup"] / rows[1]["ideal_speedup"])
@@ -207,3 +213,12 @@ def test_cli_evaluates_a_saved_neuron_plan_file(saved_plan, tmp_path):
                                                          rel=1e-5)
     assert row["neurons"]["widths"] == [[l, KEEP] for l in range(L)]
     assert row["decode_flops_saved_share"] > 0 and row["ideal_speedup"] > 1
+
+
+def test_eval_speed_run_of_a_neuron_plan_counts_its_narrowed_rows(setup):
+    model, tok, data = setup
+    row = run_eval(model, tok, [("neurons", neuron_plan("mean"))], data,
+                   _config(speed=True, speed_repeats=5, speed_new_tokens=4))["plans"][0]
+    assert row["speed_run_ffn_flops_saved_share"] == pytest.approx(row["ffn_flops_saved_share"], rel=1e-5)
+    assert row["speed_run_saved_ratio"] == 0.0 and row["speed_run_ideal_speedup"] > 1
+    assert row["speed_over_ideal"] == pytest.approx(row["speedup"] / row["speed_run_ideal_speedup"], rel=1e-4)

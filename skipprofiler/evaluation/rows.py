@@ -247,6 +247,7 @@ def _speed(model, data: EvalData, plan, config: EvalConfig, route: str | None) -
             "speedup": rounded(plan_arm["speedup"]), "speedup_min": rounded(plan_arm["speedup_min"]),
             "speedup_max": rounded(plan_arm["speedup_max"]),
             "speed_run_saved_ratio": rounded(plan_arm["saved_ratio"]),
+            "speed_run_ffn_flops_saved_share": rounded(plan_arm["ffn_flops_saved_share"]),
             "speed_run_ideal_speedup": rounded(plan_arm["ideal_speedup"]),
             "speed_over_ideal": rounded(plan_arm["measured_over_ideal"]),
             "speed_repeats": config.speed_repeats, "speed_new_tokens": config.speed_new_tokens}

@@ -82,6 +82,7 @@ OPTION_OF_SETTING: dict[str, str] = {
     "ProfileSettings.reservoir_size": "--reservoir",
     "ProfileSettings.doc_reservoir_size": "--doc-samples",
     "ProfileSettings.seed": "--seed",
+    "ProfileSettings.neurons": "--neurons",
     "EvalConfig.data": "--data",
     "EvalConfig.text_column": "--text-column",
     "EvalConfig.class_column": "--class-column",

@@ -191,10 +191,19 @@ class NeuronEvaluator(SetEvaluator):
     def _plan(self, key: Slots):
         return self.build(key)
 
+    def __call__(self, slots: Slots) -> float:
+        key = canonical(slots)
+        if not key:  # the dense model
+            self.ppl_ratio[key] = 1.0
+            return 0.0
+        return super().__call__(key)
+
     def set_anchor(self, slots: Slots) -> None:
         """Measure `slots` keeping its per-layer stream (unless kept already), beside the most recent other anchor:
         a trial plan is measured as an anchor, and the current plan stays one if the trial is refused."""
         key = canonical(slots)
+        if not key:
+            return
         if not self.reuse_prefix or key in self._anchors:
             if key not in self.cache:
                 self(key)
@@ -405,16 +414,16 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
         uniform = search.path[-1]
     else:
         widths, uniform = _uniform_within(search, plans, step)
-    for r in range(rounds):
+    for r in range(max(rounds, 1 if budget is not None else 0)):
         narrow, widen = search.marginals(widths, step, widen_count)
-        better = search.exchange(widths, step, narrow, widen)
+        better = search.exchange(widths, step, narrow, widen) if r < rounds else None
         if better is not None:
             widths = better
             search.note(f"exchange {r + 1} (step {step})", widths)
-        elif step // 2 >= min_step:
-            step //= 2
         if budget is not None:
             widths = search.grow(widths, step, narrow)
+        if better is None and step // 2 >= min_step:
+            step //= 2
     if budget is None:
         widths = land_on(plans, widths, target, narrow)
         search.note("landed", widths)
@@ -439,8 +448,10 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
         "uniform_start": uniform,
         "confirm": {"kl": rounded(confirm_kl), "ppl_increase": rounded(confirm.ppl_ratio[key] - 1.0),
                     "windows": sum(int(r.batch.input_ids.shape[0]) for r in confirm_refs),
-                    "positions": sum(int(r.mask.sum()) for r in confirm_refs)},
-        "data": {"spec": settings.data or "bundled calibration split", "windows": sum(int(r.batch.input_ids.shape[0]) for r in refs),
+                    "positions": sum(int(r.mask.sum()) for r in confirm_refs),
+                    "prompt_len": int(confirm_refs[0].batch.prompt_len), "window": CONFIRM_WINDOW},
+        "data": {"spec": settings.data or "bundled calibration split", "prompt_len": int(refs[0].batch.prompt_len),
+                 "window": CHOOSE_WINDOW, "windows": sum(int(r.batch.input_ids.shape[0]) for r in refs),
                  "tokens": sum(int(r.mask.sum()) for r in refs)},
         "measurements": ev.evaluations + 1,  # the choosing windows' sets + the confirming one
         "layer_forwards": ev.layers_run,
@@ -456,22 +467,23 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
     return plan
 
 
-def _uniform_within(search: Search, plans: WidthPlans, step: int):
-    """The narrowest uniform width (in steps) within the budget, by bisection on the number of steps dropped."""
+def _uniform_within(search: Search, plans: WidthPlans, step: int, top: float = 0.5, tries: int = 5):
+    """The widest saving of one uniform width within the budget, by bisection on the FFN FLOPs share in [0, top]
+    (`tries` measurements); the dense model (every layer whole) when even the first tries break it -- the growth by
+    measured moves starts from there."""
     size = next(iter(plans.layers.values())).size
-    lo, hi = 0, STEPS - 1  # steps dropped: lo within (0 = dense), hi the most tried
+    lo, hi = 0.0, top
     best = {l: size for l in plans.layers}
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        widths = {l: size - mid * step for l in plans.layers}
+    for _ in range(tries):
+        mid = (lo + hi) / 2
+        widths = uniform_widths(plans, mid)
         if search.anchor(widths) >= 0 and search.within(widths):
             lo, best = mid, widths
         else:
             hi = mid
-    if lo == 0:
-        widths = {l: size - step for l in plans.layers}
-        raise NeuronFitError(f"no uniform narrowing fits the budget {search.budget.describe()}: dropping 1/{STEPS} of "
-                             f"every FFN's neurons measures KL {search.kl(widths):.4f}, perplexity "
-                             f"{search.ppl(widths) - 1:+.1%}")
+    if lo == 0.0:
+        search.path.append({"step": "uniform", "ffn_flops_saved": 0.0, "kl": 0.0, "ppl_increase": 0.0,
+                            "note": f"no uniform width measured within the budget (tried down to {hi:.3f})"})
+        return best, search.path[-1]
     search.note("uniform", best)
     return best, search.path[-1]

@@ -100,6 +100,14 @@ def test_a_budget_fit_holds_its_budget_on_the_calibration_windows(heavy):
     assert tight.fit["expected_ffn_flops_saved"] <= loose.fit["expected_ffn_flops_saved"]
 
 
+def test_a_budget_nothing_fits_is_a_clear_error(heavy):
+    model, profile = heavy
+    from skipprofiler.fit.neurons import NeuronFitError
+
+    with pytest.raises(NeuronFitError, match="no narrowing fits the budget"):
+        _fit(model, profile, target=None, max_kl=1e-9, budget=Budget(max_kl=1e-9), neuron_rounds=0)
+
+
 def test_the_criteria_rank_differently_and_wanda_reads_the_input_weights(heavy):
     model, profile = heavy
     scores = {c: neuron_importance(profile, model, c)[1] for c in ("energy", "fluctuation", "wanda")}

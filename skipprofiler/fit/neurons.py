@@ -428,6 +428,11 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
         widths = land_on(plans, widths, target, narrow)
         search.note("landed", widths)
     key = plans.key(widths)
+    if not key:
+        cheapest = min(narrow, key=narrow.get) if narrow else None
+        raise NeuronFitError(f"no narrowing fits the budget {budget.describe()}" + (
+            f": the cheapest move measured, 1/{STEPS} of layer {cheapest}'s neurons, costs KL "
+            f"{search.kl(search.narrowed(widths, cheapest, max(1, size // STEPS))):.4f}" if cheapest is not None else ""))
     chosen = plans.plan(key)
     confirm_refs = confirm_references if confirm_references is not None else calibration_references(
         model, tokenizer, settings.data, prompt_len=CONFIRM_PROMPT_LEN, window=CONFIRM_WINDOW,

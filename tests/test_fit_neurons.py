@@ -70,14 +70,17 @@ def test_a_target_fit_lands_on_its_ffn_flops_share_with_widths_chosen_per_layer(
     assert full[2] == max(full.values())  # the heavy layer keeps the most
     assert plan.fit["kl"] <= plan.fit["uniform_start"]["kl"] + 1e-9
     assert plan.fit["measurements"] > 2 and plan.fit["widths_path"][0]["step"] == "uniform"
+    stats = plan.fit["neuron_statistics"]  # auto: both regimes measured at the uniform start, the lower KL kept
+    assert stats["regime"] == min(("decode", "prompt"), key=lambda r: stats["probe"][r])
+    regime = stats["regime"]
     for l, k in widths.items():  # kept indices ascending, the top k by the criterion; bias W_down[:, drop] E[a_drop]
         kept = plan.neurons.kept(l)
         assert np.all(np.diff(kept) > 0)
-        score = neuron_importance(profile, model, "energy")[l]
+        score = neuron_importance(profile, model, "energy", regime)[l]
         assert set(kept) == set(np.argsort(-score, kind="stable")[:k])
         drop = np.setdiff1d(np.arange(size), kept)
         wd = down_weight(model.model.layers[l].mlp.down_proj).detach().double().numpy()
-        want = wd[:, drop] @ profile.neuron_mean("decode", l)[drop]
+        want = wd[:, drop] @ profile.neuron_mean(regime, l)[drop]
         np.testing.assert_allclose(plan.neurons.bias(l), want, rtol=1e-4, atol=1e-6)
     # the runtime saves what the fit counted
     refs = _references(model)
@@ -91,7 +94,10 @@ def test_a_target_fit_lands_on_its_ffn_flops_share_with_widths_chosen_per_layer(
 
 def test_a_budget_fit_holds_its_budget_on_the_calibration_windows(heavy):
     model, profile = heavy
-    loose = _fit(model, profile, target=None, max_kl=0.05, budget=Budget(max_kl=0.05), neuron_rounds=1)
+    loose = _fit(model, profile, target=None, max_kl=0.05, budget=Budget(max_kl=0.05), neuron_rounds=1,
+                 neuron_statistics="decode")
+    assert loose.fit["neuron_statistics"] == {"regime": "decode", "tokens": profile.neuron_tokens("decode", 0),
+                                              "chosen_by": "decode"}
     assert loose.fit["kl"] <= 0.05
     assert all(step["kl"] <= 0.05 for step in loose.fit["widths_path"])
     assert loose.fit["expected_ffn_flops_saved"] > 0
@@ -121,9 +127,11 @@ def test_the_criteria_rank_differently_and_wanda_reads_the_input_weights(heavy):
 
 def test_bad_neuron_settings_are_all_reported_at_once(tmp_path, capsys):
     problems = FitSettings(target=0.2, granularity="neurons", mode="adaptive", neuron_fill="zero",
-                           neuron_importance="magic", per_class=True, compensation="linear").problems()
+                           neuron_importance="magic", per_class=True, compensation="linear",
+                           neuron_statistics="both").problems()
     text = "\n".join(problems)
-    for part in ("neuron_fill must be one of none, mean", "neuron_importance must be one of", "mode=\"adaptive\"",
+    for part in ("neuron_fill must be one of none, mean", "neuron_importance must be one of",
+                 "neuron_statistics must be one of auto, decode, prompt", "mode=\"adaptive\"",
                  "per_class", "compensation"):
         assert part in text, part
     assert FitSettings(target=0.2, neuron_fill="mean").problems() == [

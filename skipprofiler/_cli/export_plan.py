@@ -159,6 +159,11 @@ def export_plan(
         help="With --granularity neurons: how an FFN's neurons are ranked, energy (E[a^2] times the down column's "
              "squared norm; the default), fluctuation (Var[a] times it, as FLAP) or wanda (input weights |W| times "
              "the input's RMS, gate and up).")] = None,
+    neuron_statistics: Annotated[Optional[str], typer.Option(
+        metavar="REGIME", show_default=False,
+        help="With --granularity neurons: whose profile statistics rank the neurons and give the mean bias, decode "
+             "(the generated tokens), prompt (the teacher-forced corpus tokens) or auto (each measured at one uniform "
+             "width on the calibration windows, the lower KL kept; the default).")] = None,
     neuron_rounds: Annotated[int, typer.Option(
         metavar="N", min=0,
         help="With --granularity neurons: exchange rounds of the width search (each measures narrowing every layer "
@@ -178,7 +183,7 @@ def export_plan(
                            per_class=per_class, classes=classes, max_ppl_increase=max_ppl_increase, max_kl=max_kl,
                            refine=refine, data=data, text_column=text_column, class_column=class_column,
                            granularity=granularity, neuron_fill=neuron_fill, neuron_importance=neuron_importance,
-                           neuron_rounds=neuron_rounds)
+                           neuron_statistics=neuron_statistics, neuron_rounds=neuron_rounds)
     problems = settings.problems()
     if compensation == "linear" and str(out) == "-":
         problems.append("--compensation linear writes its maps to a .safetensors file beside the plan: give "

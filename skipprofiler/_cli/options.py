@@ -71,6 +71,7 @@ OPTION_OF_SETTING: dict[str, str] = {
     "FitSettings.neuron_fill": "--neuron-fill",
     "FitSettings.neuron_importance": "--neuron-importance",
     "FitSettings.neuron_rounds": "--neuron-rounds",
+    "FitSettings.neuron_statistics": "--neuron-statistics",
     "ProfileSettings.data": "--data",
     "ProfileSettings.text_column": "--text-column",
     "ProfileSettings.class_column": "--class-column",

@@ -51,6 +51,7 @@ GRANULARITIES = ("ffn", "neurons")  # FitSettings.granularity: whole FFN calls, 
 NEURON_IMPORTANCES = ("energy", "fluctuation", "wanda")  # how a neuron plan ranks an FFN's neurons (fit/neurons.py)
 DEFAULT_NEURON_IMPORTANCE = "energy"
 DEFAULT_NEURON_FILL = "mean"
+NEURON_STATISTICS = ("auto", "decode", "prompt")  # which profile regime's neuron statistics a neuron plan uses
 
 
 class FitError(ValueError):
@@ -91,6 +92,8 @@ class FitSettings:
     granularity: str = "ffn"  # "ffn": whole FFN calls (skip_layers); "neurons": intermediate neurons per layer
     neuron_fill: str | None = None  # neurons: "none" or "mean" (the dropped neurons' mean output as a bias); None: mean
     neuron_importance: str | None = None  # neurons: energy, fluctuation or wanda; None: the default (neurons.py)
+    neuron_statistics: str | None = None  # neurons: the profile regime ranking neurons and giving the bias: decode,
+    #   prompt, or auto (each measured at one uniform width, the lower KL kept); None: auto
     neuron_rounds: int = 2  # neurons: exchange rounds of the width search (each measures every layer once or twice)
 
     @property
@@ -145,6 +148,7 @@ class FitSettings:
                            'moves yet: leave FitSettings.compensation="none"')
         else:
             for name, value in (("neuron_fill", self.neuron_fill), ("neuron_importance", self.neuron_importance),
+                                ("neuron_statistics", self.neuron_statistics),
                                 ("neuron_rounds", None if self.neuron_rounds == 2 else self.neuron_rounds)):
                 if value is not None:
                     out.append(f'FitSettings.{name} applies to FitSettings.granularity="neurons" only')
@@ -183,7 +187,8 @@ class FitSettings:
 
         for field_name, value, allowed in (("granularity", self.granularity, GRANULARITIES),
                                            ("neuron_fill", self.neuron_fill, NEURON_FILLS),
-                                           ("neuron_importance", self.neuron_importance, NEURON_IMPORTANCES)):
+                                           ("neuron_importance", self.neuron_importance, NEURON_IMPORTANCES),
+                                           ("neuron_statistics", self.neuron_statistics, NEURON_STATISTICS)):
             if value is not None and value not in allowed:
                 out.append(f"FitSettings.{field_name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.neuron_rounds < 0:
@@ -211,6 +216,7 @@ class FitSettings:
         if out.granularity == "neurons":
             out.neuron_fill = out.neuron_fill or DEFAULT_NEURON_FILL
             out.neuron_importance = out.neuron_importance or DEFAULT_NEURON_IMPORTANCE
+            out.neuron_statistics = out.neuron_statistics or "auto"
         return out
 
 

@@ -382,22 +382,18 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
     if not getattr(profile, "has_neurons", False):
         raise NeuronFitError("the profile has no per-neuron FFN statistics: record it again with `skipprof profile` "
                              "(it records them for dense FFNs) to fit FitSettings.granularity=\"neurons\"")
-    regime = fitting_regime(profile)
     arch = resolve(model)
     fill = settings.neuron_fill
     criterion = settings.neuron_importance
-    layers = layer_neurons(profile, model, criterion, fill, regime)
-    if any(n.size != profile.num_neurons for n in layers.values()):
-        raise NeuronFitError(f"the profile's neuron statistics have {profile.num_neurons} neurons per FFN but the "
-                             f"model's FFNs have {next(iter(layers.values())).size}")
     template = SkipPlan(mode="static", apply_to=settings.apply_to, warmup_tokens=settings.warmup_tokens,
                         dense_every=settings.dense_every, compensation="none")
     eligible = eligible_share(settings.warmup_tokens, settings.dense_every, settings.horizon)
-    plans = WidthPlans(template, layers, fill, token_flops(model)["ffn"], eligible)
     refs = references if references is not None else calibration_references(
         model, tokenizer, settings.data, prompt_len=CHOOSE_PROMPT_LEN, window=CHOOSE_WINDOW,
         docs_per_class=CHOOSE_DOCS_PER_CLASS, text_column=settings.text_column, class_column=settings.class_column)
-    ev = NeuronEvaluator(model, refs, template, build=plans.plan)
+    regime, plans, ev, statistics = _statistics(profile, model, settings, refs, template, eligible,
+                                                 settings.target if budget is None else AUTO_PROBE_SHARE)
+    layers = plans.layers
     search = Search(ev, plans, budget)
     size = next(iter(layers.values())).size
     step = max(1, size // STEPS)
@@ -446,6 +442,7 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
         "neuron_importance": criterion,
         "neuron_fill": fill,
         "regime": regime,
+        "neuron_statistics": statistics,
         "target_ffn_flops_saved": settings.target,
         "expected_ffn_flops_saved": rounded(saved),
         "kl": rounded(ev(key)),
@@ -470,6 +467,49 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
         record["budget"] = budget.describe()
     plan = replace(chosen, expected_skip_ratio=0.0, fit=record)
     return plan
+
+
+AUTO_PROBE_SHARE = 0.10  # budget fits: the FFN FLOPs share the statistics regimes are compared at
+
+
+def _statistics(profile, model, settings, refs, template, eligible, share):
+    """(regime, WidthPlans, evaluator, record): the profile's neuron statistics of one regime -- `neuron_statistics`,
+    or with "auto" each regime that has tokens measured at one uniform width at `share` on the choosing windows, the
+    lower KL kept (decode statistics are the regime the plan acts on; prompt statistics are often many more tokens)."""
+    from ..arch.flops import token_flops
+
+    ffn = token_flops(model)["ffn"]
+    wanted = settings.neuron_statistics
+    regimes = [r for r in ("decode", "prompt") if profile.neuron_tokens(r, 0) > 0]
+    if wanted != "auto":
+        if wanted not in regimes:
+            raise NeuronFitError(f"the profile has no {wanted} neuron statistics")
+        regimes = [wanted]
+    if not regimes:
+        raise NeuronFitError("the profile's neuron statistics count no tokens")
+    found, dense = [], None
+    for regime in regimes:
+        layers = layer_neurons(profile, model, settings.neuron_importance, settings.neuron_fill, regime)
+        if any(n.size != profile.num_neurons for n in layers.values()):
+            raise NeuronFitError(f"the profile's neuron statistics have {profile.num_neurons} neurons per FFN but the "
+                                 f"model's FFNs have {next(iter(layers.values())).size}")
+        plans = WidthPlans(template, layers, settings.neuron_fill, ffn, eligible)
+        ev = NeuronEvaluator(model, refs, template, build=plans.plan)
+        if dense is not None:  # the dense model's layer inputs are the same for every regime
+            ev._anchors[()] = dense
+        kl = None
+        if len(regimes) > 1:
+            key = plans.key(uniform_widths(plans, share))
+            ev.set_anchor(key)
+            kl = ev(key)
+            dense = ev._anchors.get(())
+        found.append((regime, plans, ev, kl))
+    regime, plans, ev, _ = min(found, key=lambda f: f[3] if f[3] is not None else 0.0)
+    record = {"regime": regime, "tokens": int(profile.neuron_tokens(regime, 0)), "chosen_by": wanted}
+    if len(found) > 1:
+        record["probe"] = {"ffn_flops_saved": rounded(share), **{r: rounded(kl) for r, _, _, kl in found}}
+        ev.layers_run += sum(e.layers_run for r, _, e, _ in found if e is not ev)
+    return regime, plans, ev, record
 
 
 def _uniform_within(search: Search, plans: WidthPlans, step: int, top: float = 0.5, tries: int = 5):

@@ -410,9 +410,9 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
         uniform = search.path[-1]
     else:
         widths, uniform = _uniform_within(search, plans, step)
-    for r in range(max(rounds, 1 if budget is not None else 0)):
+    for r in range(rounds):
         narrow, widen = search.marginals(widths, step, widen_count)
-        better = search.exchange(widths, step, narrow, widen) if r < rounds else None
+        better = search.exchange(widths, step, narrow, widen)
         if better is not None:
             widths = better
             search.note(f"exchange {r + 1} (step {step})", widths)

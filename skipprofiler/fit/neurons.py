@@ -8,6 +8,9 @@ positions, the widths chosen by measured KL on calibration windows.
   neuron's input weights -- its down-column form ||W_down[:, j]|| * sqrt(E[a_j^2]) ranks exactly as ``energy``).
   A layer keeps its top k (stored ascending); with fill ``mean`` the dropped neurons' mean output
   W_down[:, dropped] @ E[a_dropped] is added as a bias.
+* Statistics (`FitSettings.neuron_statistics`): the profile's decode or prompt regime; ``auto`` measures a uniform
+  width with each on the choosing windows and keeps the lower KL (on SmolLM2 with 1.6 k decode and 12 k prompt tokens
+  profiled, prompt statistics measured KL 0.373 against decode's 0.480 at 22 %).
 * FLOPs: a narrowed layer saves (I - k) neurons' multiply-adds (every input projection's row and the down
   projection's column) less the bias's H adds; the share is of the decode positions' FFN FLOPs (eligible positions
   only, as plan.model's rule says), the same count as the runtime's `stats()["ffn_flops_saved_share"]`.

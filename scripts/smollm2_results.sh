@@ -6,7 +6,7 @@
 #   scripts/smollm2_results.sh                 # everything, in order (about 2 hours on 2 CPU cores)
 #   scripts/smollm2_results.sh fit-static      # one stage; stages: profile fit-static fit-linear fit-other eval-10
 #                                              # eval-25 eval-more eval-perclass router eval-linear-10 eval-linear-25
-#                                              # eval-linear-more
+#                                              # eval-linear-more profile-neurons fit-neurons eval-neurons
 #
 # Stages: (profile) the bundled calibration split, 40 k prompt tokens + 32 generated per document; (fit-static) static
 # plans chosen by measured KL (--refine) at 10 / 25 / 35 %, and with mean-output compensation at 10 / 25 %;
@@ -32,7 +32,8 @@ mkdir -p "$WORK" "$OUT" plans
 GGUF=$(python -c "from skipprofiler.arch.models import smollm2_gguf; print(smollm2_gguf())")
 STAGES=("$@")
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-linear fit-other eval-10 eval-25 eval-more eval-perclass
-                                     eval-linear-10 eval-linear-25 eval-linear-more)
+                                     eval-linear-10 eval-linear-25 eval-linear-more profile-neurons fit-neurons
+                                     eval-neurons)
 
 timed() {  # timed LOG COMMAND...: run, log stdout+stderr and the wall time
   local log="$WORK/$1"; shift
@@ -64,6 +65,26 @@ for stage in "${STAGES[@]}"; do
       # per-class maps on the global 25 % set (class layer sets overfit), routed by the profile's router
       timed fit-linear-perclass-25.log skipprof export-plan "$PROF" -r 0.25 --refine --compensation linear \
         --per-class --model "$GGUF" --gen-len "$GEN_LEN" --out "$WORK/linear-perclass-25.yaml" ;;
+    profile-neurons)  # a smaller profile (12 k prompt tokens) whose neuron statistics the neuron plans were fitted on
+      timed profile-neurons.log skipprof profile --model "$GGUF" --new-tokens 32 --max-tokens 12000 \
+        --out "$WORK/smollm2-neurons.prof" ;;
+    fit-neurons)  # FFN neurons kept per layer (energy ranking, mean bias); uniform widths (--neuron-rounds 0), and
+                  # one row with widths chosen by a round of measured exchanges on decode statistics
+      for R in 10 22; do
+        timed "fit-neurons-$R.log" skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons -r "0.$R" \
+          --neuron-statistics prompt --neuron-rounds 0 --model "$GGUF" --gen-len "$GEN_LEN" \
+          --out "plans/smollm2-neurons-$R.yaml"
+      done
+      timed fit-neurons-22-decodestats.log skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons \
+        -r 0.22 --neuron-statistics decode --neuron-rounds 1 --model "$GGUF" --gen-len "$GEN_LEN" \
+        --out plans/smollm2-neurons-22-decodestats.yaml
+      timed fit-budget-neurons-10.log skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons \
+        --max-ppl-increase 0.10 --neuron-statistics prompt --neuron-rounds 0 --model "$GGUF" --gen-len "$GEN_LEN" \
+        --out plans/smollm2-budget-neurons-ppl10.yaml ;;
+    eval-neurons)
+      timed eval-neurons.log skipprof eval --model "$GGUF" plans/smollm2-neurons-22.yaml plans/smollm2-neurons-10.yaml \
+        plans/smollm2-budget-neurons-ppl10.yaml plans/smollm2-neurons-22-decodestats.yaml --gen-len "$GEN_LEN" \
+        --docs-per-class "$DOCS" --qa --no-speed --out "$OUT/smollm2-eval-neurons.json" ;;
     eval-linear-10)  # none / mean / linear at 10 %, budgets; baselines at the linear plan's ratio and FLOPs
       timed eval-linear-10.log skipprof eval --model "$GGUF" plans/smollm2-linear-10.yaml plans/smollm2-static-10.yaml \
         plans/smollm2-static-mean-10.yaml plans/smollm2-budget-linear-ppl10.yaml plans/smollm2-budget-ppl10.yaml \

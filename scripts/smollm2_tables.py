@@ -21,7 +21,11 @@ from skipprofiler.plan import load_plan  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- smollm2:begin -->", "<!-- smollm2:end -->"
-RUNS = (("linear-10", "Linear substitutes at 10 %: none / mean output / linear, quality budgets, and the baselines at "
+RUNS = (("neurons", "Neuron plans (each FFN keeps its most important neurons by output energy at decode positions, "
+                    "the dropped neurons' mean output as a bias): one uniform width at 10 % and 22 % of FFN FLOPs and "
+                    "within a +10 % perplexity budget, ranked by the profile's prompt statistics; and a 22 % plan whose "
+                    "widths one round of measured exchanges chose, ranked by decode statistics"),
+        ("linear-10", "Linear substitutes at 10 %: none / mean output / linear, quality budgets, and the baselines at "
                       "the linear plan's ratio (ReplaceMe-style at its decode FLOPs)"),
         ("linear-25", "Linear substitutes at 25 %: none / mean output / linear (full and rank 128), and the baselines at "
                       "the linear plan's ratio (ReplaceMe-style at its decode FLOPs)"),
@@ -55,6 +59,12 @@ def decode_saved(row: dict) -> float | None:
 
 
 SERIES = (  # (label, how a row is recognised, style) for the quality-vs-FLOPs figure
+    ("FFN neurons dropped (uniform width, mean bias)", lambda r: r["name"].startswith("smollm2-neurons-")
+     and "decodestats" not in r["name"], dict(color="tab:green", marker="o", linewidth=2.6)),
+    ("neurons, widths from one measured round", lambda r: r["name"].startswith("smollm2-neurons-")
+     and "decodestats" in r["name"], dict(color="tab:green", marker="X", markersize=9, linestyle="none")),
+    ("neurons, quality budget +10 %", lambda r: r["name"].startswith("smollm2-budget-neurons"),
+     dict(color="tab:green", marker="*", markersize=12, linestyle="none")),
     ("FFN skipped outright (refined static)", lambda r: r["name"].startswith("smollm2-static-")
      and "mean" not in r["name"], dict(color="tab:blue", marker="o")),
     ("mean output in its place", lambda r: r["name"].startswith("smollm2-static-mean-"),
@@ -82,7 +92,7 @@ def figure(path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = []
-    for run in ("linear-10", "linear-25", "linear-more"):
+    for run in ("neurons", "linear-10", "linear-25", "linear-more"):
         file = ROOT / "docs" / "results" / f"smollm2-eval-{run}.json"
         if file.exists():  # the extra run's rows at 25 % only where the 25 % run does not have them
             seen = {r["name"] for r in rows} if run == "linear-more" else set()

@@ -645,3 +645,20 @@ class AdaptiveZeroedReference:
         self.capture.remove()
         for h in self.hooks:
             h.remove()
+
+
+def static_cache_decode(model, forward, ids, steps: int, max_cache_len: int = 16):
+    """Greedy decoding through `forward` (the model, or a compiled model) on a StaticCache: (tokens [B, steps],
+    logits [steps, B, V] of each step after the prompt)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    tokens, logits = [], []
+    with torch.no_grad():
+        out = forward(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
+        for _ in range(steps):
+            tokens.append(out.logits[:, -1:].argmax(-1))
+            out = forward(input_ids=tokens[-1], **cache_kwargs(model, cache), use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.cat(tokens, 1), torch.stack(logits)
+

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import generate, static
+from helpers import generate, static, static_cache_decode
 from tiny_models import tiny_model
 from transformers import DynamicCache
 
@@ -210,7 +210,6 @@ def test_compiled_forward_with_inductor_has_no_graph_breaks_and_matches_eager(mo
     """StaticCache and ``torch.compile(model.__call__, fullgraph=True)`` (hooks included, as generate compiles):
     fullgraph raises on any graph break, so the static and device-state adaptive paths must trace whole."""
     from torch._dynamo.utils import counters
-    from transformers import StaticCache
 
     model = tiny_model("llama", num_layers=3).to(device)
     ids = torch.randint(2, 90, (1, 5), device=device)
@@ -218,15 +217,7 @@ def test_compiled_forward_with_inductor_has_no_graph_breaks_and_matches_eager(mo
             else SkipPlan(mode="adaptive", tau=[-1.0] * 3, cold_start=1, cold_end=0, max_skip=1, dense_every=3))
 
     def decode(forward):
-        cache = StaticCache(config=model.config, max_cache_len=16)
-        tokens, logits = [], []
-        with torch.no_grad():
-            out = forward(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
-            for _ in range(5):
-                tokens.append(out.logits[:, -1:].argmax(-1))
-                out = forward(input_ids=tokens[-1], **cache_kwargs(model, cache), use_cache=True)
-                logits.append(out.logits[:, -1])
-        return torch.cat(tokens, 1), torch.stack(logits)
+        return static_cache_decode(model, forward, ids, steps=5)
 
     with apply_plan(model, plan, host_state=False) as handle:
         eager_tokens, eager_logits = decode(model)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import generate, left_padded, untouched
+from helpers import generate, left_padded, static_cache_decode, untouched
 from tiny_models import tiny_model
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 
 from skipprofiler.arch.compat import cache_in, cache_kwargs
 from skipprofiler.arch.registry import OUTPUT_PROJECTIONS, resolve
@@ -233,15 +233,7 @@ def test_a_narrowed_static_decode_step_is_one_graph_under_fullgraph_compile():
     plan = neuron_plan(model, 0.5, layers=[0, 1], skip_layers={2: 1.0}, warmup_tokens=1)
 
     def decode(forward):
-        cache = StaticCache(config=model.config, max_cache_len=16)
-        tokens, logits = [], []
-        with torch.no_grad():
-            out = forward(input_ids=ids, **cache_kwargs(model, cache), use_cache=True)
-            for _ in range(5):
-                tokens.append(out.logits[:, -1:].argmax(-1))
-                out = forward(input_ids=tokens[-1], **cache_kwargs(model, cache), use_cache=True)
-                logits.append(out.logits[:, -1])
-        return torch.cat(tokens, 1), torch.stack(logits)
+        return static_cache_decode(model, forward, ids, steps=5)
 
     with apply_plan(model, plan) as handle:
         eager_tokens, eager_logits = decode(model)

@@ -152,8 +152,8 @@ def export_plan(
              "the model).")] = "ffn",
     neuron_fill: Annotated[Optional[str], typer.Option(
         metavar="FILL", show_default=False,
-        help="With --granularity neurons: what replaces the dropped neurons' output, mean (their mean output on the "
-             "profile's decode tokens, added as a bias; the default) or none.")] = None,
+        help="With --granularity neurons: what replaces the dropped neurons' output, mean (their mean output from the "
+             "profile's statistics, --neuron-statistics, added as a bias; the default) or none.")] = None,
     neuron_importance: Annotated[Optional[str], typer.Option(
         metavar="KIND", show_default=False,
         help="With --granularity neurons: how an FFN's neurons are ranked, energy (E[a^2] times the down column's "

@@ -11,6 +11,9 @@ included), with the skipped FFN rows counted by the plugin over the very run: id
 (dense FLOPs - skipped rows x FFN FLOPs + linear substitute FLOPs). docs/benchmarks.md has the numbers.
 
     python benchmarks/vllm_decode.py --plan plans/smollm2-static-25.yaml --json runs/bench/vllm-decode.json
+
+The same command runs on a GPU host (the CUDA build of vLLM): --dtype defaults to bfloat16 there (float32 on CPU),
+and each engine takes an equal share of --gpu-memory-utilization, since the arms' engines share the GPU.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def child(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=args.model, dtype="float32", max_model_len=1024)  # the dense graph is in vLLM's compile cache
+    memory = {} if args.gpu_share is None else {"gpu_memory_utilization": args.gpu_share}
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, **memory)
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     vocab = llm.get_tokenizer().vocab_size
     print("READY", flush=True)
@@ -60,7 +64,9 @@ def child(args: argparse.Namespace) -> None:
 def start(args: argparse.Namespace, arm: str) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--child", arm, "--model", args.model, "--plan", args.plan,
            "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
-           "--concurrency", *map(str, args.concurrency)]
+           "--concurrency", *map(str, args.concurrency), "--dtype", args.dtype]
+    if args.gpu_share is not None:
+        cmd += ["--gpu-share", str(args.gpu_share)]
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
@@ -100,14 +106,23 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--json", default=None)
     p.add_argument("--routed", action="store_true", help="add the control arm: every FFN through the op, none skipped")
+    p.add_argument("--dtype", default=None, help="the engines' dtype (default: bfloat16 on a CUDA host, else float32)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="GPU memory the engines take together, split evenly between them (CUDA hosts)")
     p.add_argument("--child", choices=["dense", "plan", "routed"], help=argparse.SUPPRESS)
+    p.add_argument("--gpu-share", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    cuda = _cuda()
+    if args.dtype is None:
+        args.dtype = "bfloat16" if cuda else "float32"
     if args.model is None:
         args.model = str(smollm2_folder(ROOT / "runs" / "vllm" / "smollm2"))
     if args.child:
         child(args)
         return
     names = ["dense", "plan"] + (["routed"] if args.routed else [])
+    if cuda:
+        args.gpu_share = round(args.gpu_memory_utilization / len(names), 3)
     arms = {name: start(args, name) for name in names}
     t0 = time.time()
     for proc in arms.values():
@@ -154,7 +169,22 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"plan": args.plan, "new_tokens": args.new_tokens,
-                                               "prompt_tokens": args.prompt_tokens, "rows": rows}, indent=2) + "\n")
+                                               "prompt_tokens": args.prompt_tokens, "dtype": args.dtype,
+                                               "device": _device_name(), "rows": rows}, indent=2) + "\n")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _device_name() -> str:
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
 
 
 def routed_plan(plan_path: str) -> str:

@@ -26,7 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipprofiler.arch.models import ModelSourceError, load_model, model_source, smollm2_gguf
+from skipprofiler.arch.models import (
+    ModelSourceError,
+    load_model,
+    model_source,
+    smollm2_gguf,
+)
 from skipprofiler.plan import load_plan, save_plan
 from skipprofiler.plan.model import NeuronSubsets, PlanFile, SkipPlan
 
@@ -121,11 +126,13 @@ def _reference(model, plan: SkipPlan, x, d: list[int], fills: dict[int, torch.Te
     return torch.cat(rows)
 
 
+@pytest.mark.parametrize("host", [False, True], ids=["device", "host"])
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
 @pytest.mark.parametrize("compensation", ["none", "mean_output"])
-def test_served_plan_skips_decode_rows_only(gather, compensation):
+def test_served_plan_skips_decode_rows_only(gather, compensation, host):
     """A mixed batch: request 0 prefills a chunk (positions 3..6 of a 10-token prompt), request 1 decodes (its
-    prompt had 5 tokens, position 9: d = 4), request 2 decodes its first generated token (d = 0)."""
+    prompt had 5 tokens, position 9: d = 4), request 2 decodes its first generated token (d = 0). `host`: the
+    runner's host counts decided the forward first (ServedPlan.schedule): every group is mixed, masks as without."""
     from skipprofiler.integrations import vllm as vllm_plugin
 
     torch.manual_seed(0)
@@ -140,10 +147,15 @@ def test_served_plan_skips_decode_rows_only(gather, compensation):
         want = _reference(model, plan, x, [-7, -6, -5, -4, 4, 0], means if compensation != "none" else None)
         served = vllm_plugin.ServedPlan(runner, plan)
         served.gather = gather
+        if host:
+            served.schedule(np.array([-7, -6, -5, -4, 4, 0]))
         got = model(positions=positions, inputs_embeds=x)
     torch.testing.assert_close(got, want)
     stats = served.stats()
-    assert (stats["prompt_tokens"], stats["decode_tokens"], stats["mixed_forwards"]) == (4, 2, 1)
+    # layer 2's half pattern skips neither d = 4 nor d = 0: decided on the host, it runs on every row
+    assert stats["decided"] == {"full": int(host), "skip": 0, "narrow": 0, "mixed": 2 - int(host)}
+    assert stats["ffn_calls"] == {1: 1, 2: 1}
+    assert (stats["forwards"], stats["prompt_tokens"], stats["decode_tokens"], stats["mixed_forwards"]) == (1, 4, 2, 1)
     assert stats["skipped_ffn_rows"] == len(plan.static_layers_at(4)) + len(plan.static_layers_at(0))
 
 
@@ -210,9 +222,10 @@ def test_neuron_masks_follow_the_plan_rule(plan_kw):
     assert vllm_plugin.neuron_masks(SkipPlan(mode="static", skip_layers={1: 1.0}), d) == {}
 
 
+@pytest.mark.parametrize("host", [False, True], ids=["device", "host"])
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
 @pytest.mark.parametrize("fill, bias", [("none", False), ("mean", True)])
-def test_served_neuron_plan_narrows_decode_rows_only(gather, fill, bias):
+def test_served_neuron_plan_narrows_decode_rows_only(gather, fill, bias, host):
     """A mixed batch (a prompt chunk, decode tokens at d = 4, 0, 1) on a gated stand-in: prompt rows run every neuron,
     decode rows the kept ones on views of the permuted weights (+ the mean bias), a layer skipped whole at d skips;
     the weights are permuted in place, not copied, and the dense function is unchanged."""
@@ -248,6 +261,8 @@ def test_served_neuron_plan_narrows_decode_rows_only(gather, fill, bias):
         want = torch.cat(want)
         served = vllm_plugin.ServedPlan(runner, plan)
         served.gather = gather
+        if host:
+            served.schedule(np.array(d))
         got = model(positions=positions, inputs_embeds=x)
         assert {n: p.data_ptr() for n, p in model.named_parameters()} == storage  # permuted in place
         kept = plan.neurons.kept(0)
@@ -263,6 +278,99 @@ def test_served_neuron_plan_narrows_decode_rows_only(gather, fill, bias):
     assert stats["widths"] == {0: 7, 1: 3, 3: 10} and stats["planned_layers"] == [0, 1, 2, 3]
     assert stats["narrowed_ffn_rows"] == sum(len(plan.narrowed_layers_at(di)) for di in d if di >= 0)
     assert stats["skipped_ffn_rows"] == sum(len(plan.static_layers_at(di)) for di in d if di >= 0)
+
+
+def _count_ffn_calls(model) -> list[int]:
+    """Per layer, how often its FFN module's first projection ran (a forward hook: independent of the plugin)."""
+    calls = [0] * len(model.model.layers)
+    for l, layer in enumerate(model.model.layers):
+        first = layer.mlp.gate_up_proj if hasattr(layer.mlp, "gate_up_proj") else layer.mlp.up
+        first.register_forward_hook(lambda *_, l=l: calls.__setitem__(l, calls[l] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("path", ["gather", "select"])
+@pytest.mark.parametrize("compensation", ["none", "mean_output"])
+def test_host_decision_skips_whole_layers_without_reading_them(path, compensation, monkeypatch):
+    """Forwards the runner's host counts decide (ServedPlan.schedule) on the stand-in, the op's branch chosen as a
+    worker chooses it (SKIPPROF_VLLM_PATH; "select" is the accelerator's branch, on CPU tensors): a forward of decode
+    rows that all skip a layer never calls that layer's FFN (zeros or the mean output for every row); a forward whose
+    rows all run a layer calls it once on every row; the outputs are the per-row rule's in every case."""
+    from skipprofiler.integrations import vllm as vllm_plugin
+
+    monkeypatch.setenv(vllm_plugin.PATH_ENV, path)
+    torch.manual_seed(3)
+    model = _Model().eval()
+    means = {l: torch.randn(8) for l in range(4)}
+    plan = SkipPlan(mode="static", skip_layers={1: 1.0, 2: 0.5}, warmup_tokens=2, compensation=compensation,
+                    ffn_mean={l: means[l].tolist() for l in (1, 2)} if compensation == "mean_output" else None)
+    reference = _Model().eval()
+    reference.load_state_dict(model.state_dict())
+    calls = _count_ffn_calls(model)
+    served = vllm_plugin.ServedPlan(_runner(model, [4, 6, 5], [0, 1, 2]), plan)
+    assert served.gather == (path == "gather") and not served.host_decisions  # a stand-in runner: no hook
+    # (decode indices per request, layers whose FFN must not run, layers that run on every row)
+    cases = [([5, 3, 7], {1, 2}, {0, 3}),  # all past warm-up, d odd: layer 2's half-pattern skips every row too
+             ([4, 6, 2], {1}, {0, 2, 3}),  # d even: layer 2 runs on every row
+             ([0, 1, 1], set(), {0, 1, 2, 3}),  # warm-up: nothing skips
+             ([-3, -2, -1], set(), {0, 1, 2, 3})]  # prompt rows only
+    for d, skipped, run in cases:
+        x = torch.randn(3, 8)
+        with torch.no_grad():
+            want = _reference(reference, plan, x, d, means if compensation != "none" else None)
+            before = list(calls)
+            served.schedule(np.array(d))
+            got = model(positions=torch.tensor(d) + torch.tensor([4, 6, 5]), inputs_embeds=x)
+        torch.testing.assert_close(got, want)
+        ran = {l for l in range(4) if calls[l] > before[l]}
+        assert ran == run and not ran & skipped, (d, ran)
+        assert all(calls[l] - before[l] == 1 for l in ran)  # one call on all rows: nothing gathered or selected
+        assert served.rows == {}  # no per-row masks were computed on the device
+    stats = served.stats()
+    assert stats["decided"] == {"skip": 3, "full": 5, "narrow": 0, "mixed": 0}
+    assert stats["ffn_calls"] == {1: 2, 2: 3}
+    assert stats["skipped_ffn_rows"] == sum(len(plan.static_layers_at(di)) for d, _, _ in cases for di in d if di >= 0)
+    assert (stats["forwards"], stats["prompt_tokens"], stats["decode_tokens"], stats["mixed_forwards"]) == (4, 3, 9, 0)
+
+
+@pytest.mark.parametrize("path", ["gather", "select"])
+def test_host_decision_narrows_every_row(path, monkeypatch):
+    """A neuron plan: a forward whose rows are all eligible runs only the narrowed FFN, on every row, once."""
+    from skipprofiler.integrations import vllm as vllm_plugin
+
+    monkeypatch.setenv(vllm_plugin.PATH_ENV, path)
+    torch.manual_seed(4)
+    model = _Model(gated=True).eval()
+    reference = _Model(gated=True).eval()
+    reference.load_state_dict(model.state_dict())
+    plan = _neuron_plan({0: 7, 3: 5}, "mean", warmup_tokens=1, skip_layers={2: 1.0})
+    calls = _count_ffn_calls(model)
+    served = vllm_plugin.ServedPlan(_runner(model, [4, 6], [0, 1]), plan)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        want = x
+        for l, layer in enumerate(reference.model.layers):
+            if l == 2:
+                out = torch.zeros_like(want)
+            elif l in (0, 3):
+                out = _narrowed_ffn(layer.mlp, plan.neurons.kept(l), torch.from_numpy(plan.neurons.bias(l)), want)
+            else:
+                out = layer.mlp(want)
+            want = want + out
+        served.schedule(np.array([3, 5]))
+        got = model(positions=torch.tensor([7, 11]), inputs_embeds=x)
+    torch.testing.assert_close(got, want)
+    assert calls == [1, 1, 0, 1]  # 0 and 3 narrowed (one call on both rows), 1 not planned, 2 skipped
+    assert served.stats()["decided"] == {"skip": 1, "narrow": 2, "full": 0, "mixed": 0}
+
+
+def test_path_variable_is_checked_in_one_line(monkeypatch):
+    from skipprofiler.integrations import vllm as vllm_plugin
+    from skipprofiler.plan.model import PlanError
+
+    monkeypatch.setenv(vllm_plugin.PATH_ENV, "fast")
+    with pytest.raises(PlanError, match=r"^SKIPPROF_VLLM_PATH=fast: expected 'gather' or 'select'$"):
+        vllm_plugin.ServedPlan(_runner(_Model(), [4], [0]), SkipPlan(mode="static", skip_layers={1: 1.0}))
 
 
 def test_neuron_plan_refusals_in_one_line():

@@ -24,10 +24,18 @@ What it does, in every vLLM process the plugin is loaded in, and only while ``SK
   ``gate_up_proj``, columns of ``down_proj``: the dense function is unchanged, nothing is copied), and a narrowed
   row runs the module's own forward with its projections computing on views of the first k neurons (plus the mean
   bias of ``fill: mean``): the transformers runtime's reparametrisation (skipprofiler.runtime.neurons).
-* the op computes the FFN on the rows that need it: on CPU it gathers them (host memory: nothing to synchronise) --
-  full rows, narrowed rows, skipped rows; on an accelerator it runs the FFN on every row (and the narrowed FFN on
-  every row) and selects with the masks (fixed shapes: no sync, CUDA-graph safe, and no saving yet -- see
-  docs/deploy-vllm.md).
+* once per step, from the counts the model runner holds on the host (per request its computed tokens and prompt
+  length, per token its request and place in the step: what vLLM computes positions from), the plugin decides per
+  group of planned layers whether every row of the coming forward skips (or is narrowed, or runs the whole FFN): then
+  the op computes that for all rows and nothing else -- a layer every row skips reads none of its FFN weights
+  (zeros, or the substitute: mean output, linear map). Only a forward whose rows differ (prompt tokens beside decode
+  tokens, a fraction's pattern that differs between requests, warm-up) needs per-row masks: on CPU the op gathers the
+  rows (host memory: nothing to synchronise) -- full rows, narrowed rows, skipped rows; on an accelerator it runs the
+  FFN on every row (and the narrowed FFN on every row) and selects with the masks (fixed shapes, no sync).
+* CUDA graphs: a host decision must not be baked into a captured graph that is replayed in another state. The op is
+  added to vLLM's splitting ops and full graphs are turned off (cudagraph_mode PIECEWISE), so the op runs eagerly
+  between the captured pieces at every step; a forward under capture never uses a host decision (it takes the mask
+  branch, right in every state). docs/deploy-vllm.md has the reasoning and what is untested without a GPU.
 """
 
 from __future__ import annotations
@@ -49,6 +57,13 @@ ENV = "SKIPPROF_PLAN"
 SERVED = ("static plans (compensation none, mean_output or linear; apply_to decode or all; neuron subsets) without "
           "prompt classes; adaptive, per-class and norm_ratio plans run in transformers (skipprofiler.apply_plan)")
 FFN_MODULE = "mlp"  # the decoder-layer module whose forward the plugin routes through its op
+OP = "skipprof::ffn"
+# "select": the accelerator's branch (run every row every way, select with masks) on CPU tensors too -- how tests run
+# the accelerator's code on CPU; "gather": CPU's. Unset: gather on CPU, select elsewhere. Read when a worker loads.
+PATH_ENV = "SKIPPROF_VLLM_PATH"
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+# what a group of planned layers computes in one forward, decided on the host (MIXED: per-row masks)
+FULL, SKIP, NARROW, MIXED = "full", "skip", "narrow", "mixed"
 
 
 def register() -> None:
@@ -190,10 +205,14 @@ def _patch_front_end() -> None:
             plan_file = load_served_plan(path)
         except PlanError as e:
             _stop(str(e))
+        runner = v1_runner_problem()
+        if runner:
+            _stop(problem_line(path, [runner]))
         config = original(self, *args, **kwargs)
         problem = problem_line(path, plan_problems(plan_file, config.model_config.hf_config))
         if problem:
             _stop(problem)
+        eager_op_in_graphs(config.compilation_config)
         # vLLM keys its compiled-graph cache on the config: without the plan in it, a dense graph cached earlier
         # would be loaded and the plan silently not run (or a planned graph reused without the plugin).
         if not isinstance(config.additional_config, dict):
@@ -204,6 +223,39 @@ def _patch_front_end() -> None:
 
     create_engine_config._skipprof = True
     EngineArgs.create_engine_config = create_engine_config
+
+
+def v1_runner_problem() -> str | None:
+    """The plugin reads the V1 model runner's host buffers (vLLM 0.32 picks its V2 runner on GPUs with Triton): it
+    asks for V1 (``VLLM_USE_V2_MODEL_RUNNER=0``, inherited by the engine's processes) unless told otherwise, and
+    refuses to start if V2 was asked for."""
+    value = os.environ.get(V2_RUNNER_ENV)
+    if value is None:
+        os.environ[V2_RUNNER_ENV] = "0"
+        return None
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return (f"{V2_RUNNER_ENV}={value}: the plugin serves plans with vLLM's V1 model runner only (unset it, or "
+                "set it to 0)")
+    return None
+
+
+def eager_op_in_graphs(compilation_config: Any) -> None:
+    """Keep the op out of every captured CUDA graph, so that its per-forward host decision is taken at every step:
+    with vLLM's compilation the op becomes a splitting op (it runs eagerly between piecewise graphs) and full graphs
+    (FULL, FULL_DECODE_ONLY, FULL_AND_PIECEWISE) become PIECEWISE. No graphs (CPU, enforce_eager): nothing to do.
+    Graphs without vLLM's compilation (full graphs over an eager model) are left as they are: their capture records
+    the op's mask branch, right in every state and saving nothing (ServedPlan.prepare never decides under capture)."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    cc = compilation_config
+    if cc.cudagraph_mode == CUDAGraphMode.NONE or cc.mode != CompilationMode.VLLM_COMPILE:
+        return
+    if cc.splitting_ops is None:
+        cc.splitting_ops = []
+    if OP not in cc.splitting_ops:
+        cc.splitting_ops.append(OP)
+    if cc.cudagraph_mode.has_full_cudagraphs():
+        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
 # ---- the workers: patch the loaded model ---------------------------------------------------------------------------
@@ -284,7 +336,7 @@ def _patch_weight_packing() -> None:
 _ACTIVE: ServedPlan | None = None  # the worker process's plan (one model per worker)
 
 
-@torch.library.custom_op("skipprof::ffn", mutates_args=())
+@torch.library.custom_op(OP, mutates_args=())
 def _ffn_op(x: torch.Tensor, layer: int) -> torch.Tensor:
     return _ACTIVE.ffn(layer, x)
 
@@ -324,7 +376,7 @@ class ServedPlan:
             raise PlanError(problem_line(path, problems))
         self.runner, self.plan = runner, plan
         self.device = next(model.parameters()).device
-        self.gather = self.device.type == "cpu"  # host memory: row counts are known without a sync
+        self.gather = gathers(self.device)
         self.ffns: dict[int, Any] = {}
         self.fills: dict[int, Any] = {}
         self.narrowings: dict[int, Narrowed] = narrowings
@@ -336,20 +388,31 @@ class ServedPlan:
                                      else LinearFill(plan.linear, layer))
         for narrowing in narrowings.values():
             narrowing.install()
+        self.calls: dict[int, int] = {}  # per planned layer: calls of its FFN module (full or narrowed rows)
         for layer in sorted(set(plan.skip_layers) | set(narrowings)):
             mlp = sites[layer].ffn
-            self.ffns[layer] = mlp.forward
+            self.ffns[layer] = self._counted(layer, mlp.forward)
+            self.calls[layer] = 0
             mlp.forward = _planned(layer)
         # a layer's rows follow from its whole-skip fraction (None: never skipped whole) and whether it narrows:
         # layers sharing both share their rows, computed once per forward
         self.fraction = {layer: float(f) for layer, f in plan.skip_layers.items()}
         self.group = {layer: (self.fraction.get(layer), layer in narrowings) for layer in self.ffns}
+        self.layers_in: dict[tuple, int] = {}
+        for key in self.group.values():
+            self.layers_in[key] = self.layers_in.get(key, 0) + 1
         self.rows: dict[tuple, tuple] = {}
+        self.states: dict[tuple, str] = {}  # this forward's host decision per group (absent: MIXED)
+        self._host: tuple[int, dict[tuple, str]] | None = None  # the next forward's, from the runner's host counts
         self._prompt_lens = None if self.gather else torch.zeros_like(
             runner.input_batch.num_prompt_tokens_cpu_tensor, device=self.device)
         self.counts = torch.zeros(4, dtype=torch.int64, device=self.device)  # forwards, prompt, decode, mixed
         self.skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # FFN rows skipped
         self.narrowed = torch.zeros((), dtype=torch.int64, device=self.device)  # FFN rows run on the kept neurons
+        # the same counts for host-decided forwards (Python ints: no device work), and per state the planned-layer
+        # calls the host decided: "skip" calls read no FFN weight
+        self.host_counts = [0, 0, 0, 0, 0, 0]  # forwards, prompt, decode, mixed, skipped rows, narrowed rows
+        self.decided = {FULL: 0, SKIP: 0, NARROW: 0, MIXED: 0}
         original_forward = model.forward
 
         def forward(*args, **kwargs):
@@ -358,7 +421,15 @@ class ServedPlan:
             return original_forward(*args, **kwargs)
 
         model.forward = forward
+        self.host_decisions = _hook_runner(runner, self)
         _ACTIVE = self
+
+    def _counted(self, layer: int, forward: Any):
+        def call(x):
+            self.calls[layer] += 1
+            return forward(x)
+
+        return call
 
     def decode_index(self, positions: torch.Tensor) -> torch.Tensor:
         """plan.py's d per token of this forward: positions after the prompt (apply_to all: every position)."""
@@ -370,16 +441,50 @@ class ServedPlan:
             prompt_lens = self._prompt_lens.copy_(prompt_lens, non_blocking=True)
         return positions - prompt_lens[self.runner.req_indices.gpu[:n]]
 
+    def schedule(self, d: Any) -> None:
+        """Before a forward, on the host: `d` is the decode index of each of its `len(d)` scheduled tokens (numpy, from
+        the runner's host counts; padding rows after them are not its tokens). Decides per group of layers whether every
+        row runs the whole FFN, skips it or runs it narrowed (else per-row masks), and counts as `prepare` does."""
+        import numpy as np
+
+        d = np.asarray(d, dtype=np.int64)
+        n = int(d.shape[0])
+        skips = fraction_masks(self.plan, d)
+        narrows = neuron_masks(self.plan, d, skips)
+        states, skipped, narrowed = {}, 0, 0
+        for key, n_layers in self.layers_in.items():
+            f, narrowing = key
+            skip = skips[f] if f is not None else None
+            narrow = narrows[f] if narrowing else None
+            n_skip = 0 if skip is None else int(skip.sum())
+            n_narrow = 0 if narrow is None else int(narrow.sum())
+            states[key] = (SKIP if n_skip == n else NARROW if n_narrow == n else FULL if n_skip + n_narrow == 0
+                           else MIXED)
+            skipped += n_skip * n_layers
+            narrowed += n_narrow * n_layers
+        prompt = int((d < 0).sum())
+        for i, v in enumerate((1, prompt, n - prompt, int(0 < prompt < n), skipped, narrowed)):
+            self.host_counts[i] += v
+        self._host = (n, states)
+
     def prepare(self, positions: torch.Tensor) -> None:
-        """Once per forward: per group of layers its skip and narrow masks (and, gathering, their rows)."""
+        """Once per forward: the host decision `schedule` took for it (none for a forward the runner did not prepare,
+        e.g. vLLM's warm-up and capture runs, or one under CUDA-graph capture: all groups MIXED), and per MIXED group
+        its skip and narrow masks (and, gathering, their rows) on the device."""
+        host, self._host = self._host, None
+        if host is not None and (host[0] > positions.shape[0] or _capturing(positions)):
+            host = None
         self.rows = {}
+        self.states = {} if host is None else host[1]
+        for key in self.layers_in:
+            self.decided[self.states.get(key, MIXED)] += self.layers_in[key]
+        mixed = [key for key in self.layers_in if self.states.get(key, MIXED) == MIXED]
+        if not mixed:
+            return
         d = self.decode_index(positions)
         skips = fraction_masks(self.plan, d)
         narrows = neuron_masks(self.plan, d, skips)
-        layers_in: dict[tuple, int] = {}
-        for key in self.group.values():
-            layers_in[key] = layers_in.get(key, 0) + 1
-        for key, n_layers in layers_in.items():
+        for key in mixed:
             f, narrowed = key
             skip = skips[f] if f is not None else None
             narrow = narrows[f] if narrowed else None
@@ -391,17 +496,27 @@ class ServedPlan:
                                   None if narrow is None else narrow.nonzero().flatten())
             else:
                 self.rows[key] = (skip, narrow, None, None, None)
-            if skip is not None:
-                self.skipped += skip.sum() * n_layers
-            if narrow is not None:
-                self.narrowed += narrow.sum() * n_layers
-        prompt = d < 0
-        self.counts += torch.stack([torch.ones_like(self.skipped), prompt.sum(), (~prompt).sum(),
-                                    (prompt.any() & (~prompt).any()).long()])
+            if host is None:  # a host-decided forward was counted by `schedule`
+                if skip is not None:
+                    self.skipped += skip.sum() * self.layers_in[key]
+                if narrow is not None:
+                    self.narrowed += narrow.sum() * self.layers_in[key]
+        if host is None:
+            prompt = d < 0
+            self.counts += torch.stack([torch.ones_like(self.skipped), prompt.sum(), (~prompt).sum(),
+                                        (prompt.any() & (~prompt).any()).long()])
 
     def ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        skip, narrow, full_rows, skip_rows, narrow_rows = self.rows[self.group[layer]]
+        key = self.group[layer]
+        state = self.states.get(key, MIXED)
         original, fill, narrowing = self.ffns[layer], self.fills.get(layer), self.narrowings.get(layer)
+        if state == SKIP:  # every row skips: no FFN weight is read
+            return torch.zeros_like(x) if fill is None else fill(x, x.shape[-1]).to(x.dtype)
+        if state == NARROW:
+            return narrowing.run(original, x)
+        if state == FULL:
+            return original(x)
+        skip, narrow, full_rows, skip_rows, narrow_rows = self.rows[key]
         if not self.gather:  # fixed shapes: every row computed every way, then selected
             out = original(x)
             if narrow is not None:
@@ -425,12 +540,62 @@ class ServedPlan:
             out.index_copy_(0, skip_rows, fill(rows, x.shape[-1]).to(x.dtype))
         return out
 
-    def stats(self) -> dict[str, int]:
-        forwards, prompt, decode, mixed = self.counts.tolist()
+    def stats(self) -> dict[str, Any]:
+        """Counts since start-up. `decided`: planned-layer calls per host decision ("skip": every row skipped, no FFN
+        weight read; "mixed": per-row masks, also every call of a forward the host did not decide). `ffn_calls`: per
+        planned layer, calls of its FFN module (either counts only calls the op made, not replays of a captured
+        graph)."""
+        forwards, prompt, decode, mixed = (a + b for a, b in zip(self.counts.tolist(), self.host_counts))
         return {"forwards": forwards, "prompt_tokens": prompt, "decode_tokens": decode, "mixed_forwards": mixed,
-                "skipped_ffn_rows": int(self.skipped), "narrowed_ffn_rows": int(self.narrowed),
+                "skipped_ffn_rows": int(self.skipped) + self.host_counts[4],
+                "narrowed_ffn_rows": int(self.narrowed) + self.host_counts[5],
                 "planned_layers": sorted(self.ffns),
-                "widths": {layer: n.k for layer, n in sorted(self.narrowings.items())}}
+                "widths": {layer: n.k for layer, n in sorted(self.narrowings.items())},
+                "path": "gather" if self.gather else "select", "host_decisions": self.host_decisions,
+                "decided": dict(self.decided), "ffn_calls": dict(sorted(self.calls.items()))}
+
+
+def gathers(device: torch.device) -> bool:
+    """Whether the op gathers rows (CPU: row counts are host memory) or selects with masks (accelerators, or any
+    device with SKIPPROF_VLLM_PATH=select); one line if the variable has another value."""
+    forced = os.environ.get(PATH_ENV)
+    if forced in (None, ""):
+        return device.type == "cpu"
+    if forced not in ("gather", "select"):
+        raise PlanError(f"{PATH_ENV}={forced}: expected 'gather' or 'select'")
+    if forced == "gather" and device.type != "cpu":
+        raise PlanError(f"{PATH_ENV}=gather: gathering needs row counts in host memory; the model is on {device}")
+    return forced == "gather"
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _hook_runner(runner: Any, served: ServedPlan) -> bool:
+    """After the V1 runner prepares a step's inputs on the host, hand `served.schedule` the decode index of every
+    scheduled token: num_computed_tokens + place in the step (vLLM's own positions) - prompt length, per the token's
+    request. False (every forward per-row masks) for a runner without those buffers, or with speculative decoding,
+    whose host counts are optimistic (drafts not yet verified)."""
+    needed = ("_prepare_inputs", "req_indices", "query_pos", "input_batch")
+    if not all(hasattr(runner, name) for name in needed) or getattr(runner, "speculative_config", None) is not None:
+        return False
+    batch = runner.input_batch
+    if not (hasattr(batch, "num_computed_tokens_cpu") and hasattr(batch, "num_prompt_tokens")):
+        return False
+    original = runner._prepare_inputs
+    all_positions = served.plan.apply_to == ALL_POSITIONS
+
+    def prepare_inputs(scheduler_output, *args, **kwargs):
+        out = original(scheduler_output, *args, **kwargs)
+        n = scheduler_output.total_num_scheduled_tokens
+        req = runner.req_indices.np[:n]
+        d = batch.num_computed_tokens_cpu[req] + runner.query_pos.np[:n]
+        served.schedule(d if all_positions else d - batch.num_prompt_tokens[req])
+        return out
+
+    runner._prepare_inputs = prepare_inputs
+    return True
 
 
 class Narrowed:
@@ -593,6 +758,8 @@ def neuron_masks(plan: SkipPlan, d: torch.Tensor,
 
 def _planned(layer: int):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.skipprof.ffn(x, layer)
+        if torch.compiler.is_compiling():  # traced (vLLM's torch.compile): the opaque op, run at every forward
+            return torch.ops.skipprof.ffn(x, layer)
+        return _ACTIVE.ffn(layer, x)  # eager (enforce_eager): the op's body without the op
 
     return forward

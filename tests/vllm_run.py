@@ -3,7 +3,8 @@ state: one engine per process). Usage: python tests/vllm_run.py JOB.json -> prin
 
 JOB: {"model": folder, "plan": path or null, "llm": {LLM kwargs}, "runs": [[[token ids], ...], ...], "max_tokens": n}
 Each run is one ``generate`` call over its prompts (greedy, ignore_eos); per run the token ids generated per prompt
-and, with a plan, the plugin's counters before and after (``collective_rpc("skipprof_stats")``).
+and, with a plan, the plugin's counters before and after (``collective_rpc("skipprof_stats")``: the first worker's;
+``after_ranks``: every worker's).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ def main(job: dict) -> dict:
     for prompts in job["runs"]:
         before = llm.collective_rpc("skipprof_stats")[0] if job.get("plan") else None
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        after = llm.collective_rpc("skipprof_stats")[0] if job.get("plan") else None
-        runs.append({"tokens": [list(o.outputs[0].token_ids) for o in outputs], "before": before, "after": after})
+        ranks = llm.collective_rpc("skipprof_stats") if job.get("plan") else [None]
+        runs.append({"tokens": [list(o.outputs[0].token_ids) for o in outputs], "before": before, "after": ranks[0],
+                     "after_ranks": ranks})
     return {"runs": runs}
 
 

@@ -13,7 +13,7 @@ from tiny_models import tiny_model
 from skipprofiler.arch.capture import down_weight
 from skipprofiler.evaluation.fidelity import dense_references, make_batches
 from skipprofiler.fit.from_profile import FitSettings
-from skipprofiler.fit.neurons import fit_neuron_plan, neuron_importance
+from skipprofiler.fit.neurons import NeuronMoments, fit_neuron_plan, neuron_importance, solve_neuron_map
 from skipprofiler.fit.refine import Budget
 from skipprofiler.profile import ProfileSettings, profile_model
 from skipprofiler.profile.corpus import Batch
@@ -50,7 +50,8 @@ def _fit(model, profile, **kw):
     settings = FitSettings(granularity="neurons", **kw).resolve()
     refs = _references(model)
     return fit_neuron_plan(model, None, profile, settings, budget=budget, references=refs,
-                           confirm_references=_references(model, seed=8))
+                           confirm_references=_references(model, seed=8),
+                           map_batches=[r.batch for r in _references(model, docs=16, seed=9)])
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,60 @@ def test_a_budget_nothing_fits_is_a_clear_error(heavy):
         _fit(model, profile, target=None, max_kl=1e-9, budget=Budget(max_kl=1e-9), neuron_rounds=0)
 
 
+def test_a_neuron_map_predicts_the_dropped_output_from_the_kept_activations():
+    rng = np.random.default_rng(0)
+    n, kept_count, hidden = 4000, 6, 5
+    a_kept = rng.normal(size=(n, kept_count)) * rng.uniform(0.5, 2.0, kept_count)
+    mix = rng.normal(size=(4, 2)) @ rng.normal(size=(2, kept_count))  # the dropped neurons: rank 2 in the kept ones
+    a = np.concatenate([a_kept, a_kept @ mix.T + rng.normal(size=4)], axis=1)  # [n, 10]: neurons 6..9 dropped
+    a[:, 6:] += 0.01 * rng.normal(size=(n, 4))
+    down = rng.normal(size=(hidden, 10))
+    mean = a.mean(0)
+    moments = NeuronMoments(mean, np.cov(a.T, bias=True), n)
+    kept = np.arange(kept_count)
+    target = a[:, 6:] @ down[:, 6:].T  # [n, hidden]: what the dropped neurons add
+    error = {}
+    for rank in (1, 2, 6):
+        bias, m_in, m_out = solve_neuron_map(moments, down, kept, rank)
+        assert m_in.shape == (min(rank, hidden), kept_count) and m_out.shape == (hidden, min(rank, hidden))
+        assert bias.dtype == m_in.dtype == m_out.dtype == np.float32
+        error[rank] = np.mean((a_kept @ m_in.T @ m_out.T + bias - target) ** 2)
+    mean_only = np.mean((down[:, 6:] @ mean[6:] - target) ** 2)
+    assert error[2] < 1e-3 * mean_only  # the rank of the dependence: predicted up to the noise and the ridge
+    assert error[6] <= error[2] * 1.01 and error[1] < mean_only
+
+
+def test_a_map_fill_fit_lands_on_its_share_net_of_the_maps_and_the_runtime_agrees(heavy, tmp_path):
+    from skipprofiler.arch.registry import model_fingerprint
+    from skipprofiler.plan import load_plan, save_plan
+    from skipprofiler.plan.model import PlanFile
+
+    model, profile = heavy
+    plan = _fit(model, profile, target=0.3, neuron_rounds=1, neuron_fill="map", rank=3, neuron_statistics="decode")
+    assert plan.neurons.fill == "map" and plan.neurons.rank == 3
+    assert plan.fit["expected_ffn_flops_saved"] == pytest.approx(0.3, abs=0.01)
+    assert plan.fit["neuron_map"]["rank"] == 3 and plan.fit["neuron_map"]["positions"] > 0
+    mean_plan = _fit(model, profile, target=0.3, neuron_rounds=0, neuron_fill="mean", neuron_statistics="decode")
+    hidden = model.config.hidden_size
+    for l, k in plan.neurons.widths.items():
+        m_in, m_out = plan.neurons.neuron_map(l)
+        assert m_in.shape == (3, k) and m_out.shape == (hidden, 3)
+    # the maps cost FLOPs: the same net share drops more neurons than the mean bias does
+    assert sum(plan.neurons.widths.values()) < sum(mean_plan.neurons.widths.values())
+    path = tmp_path / "p.yaml"
+    save_plan(PlanFile(model={"name": "tiny", "fingerprint": model_fingerprint(model)}, global_plan=plan), path)
+    loaded = load_plan(path).global_plan
+    assert loaded.neurons.rank == 3 and all(np.array_equal(loaded.neurons.neuron_map(l)[1], plan.neurons.neuron_map(l)[1])
+                                            for l in plan.neurons.widths)
+    refs = _references(model)
+    with apply_plan(model, loaded) as handle, torch.inference_mode():
+        for ref in refs:
+            with handle.decode_from(ref.batch.prompt_len):
+                model(input_ids=ref.batch.input_ids, attention_mask=ref.batch.attention_mask, use_cache=False)
+        assert handle.stats()["ffn_flops_saved_share"] == pytest.approx(plan.fit["expected_ffn_flops_saved"],
+                                                                        abs=1e-3)
+
+
 def test_the_criteria_rank_differently_and_wanda_reads_the_input_weights(heavy):
     model, profile = heavy
     scores = {c: neuron_importance(profile, model, c)[1] for c in ("energy", "fluctuation", "wanda")}
@@ -130,7 +185,7 @@ def test_bad_neuron_settings_are_all_reported_at_once(tmp_path, capsys):
                            neuron_importance="magic", per_class=True, compensation="linear",
                            neuron_statistics="both").problems()
     text = "\n".join(problems)
-    for part in ("neuron_fill must be one of none, mean", "neuron_importance must be one of",
+    for part in ("neuron_fill must be one of none, mean, map", "neuron_importance must be one of",
                  "neuron_statistics must be one of auto, decode, prompt", "mode=\"adaptive\"",
                  "per_class", "compensation"):
         assert part in text, part
@@ -144,7 +199,7 @@ def test_bad_neuron_settings_are_all_reported_at_once(tmp_path, capsys):
                         "--mode", "adaptive", "--neuron-fill", "zero", "--neuron-importance", "magic", "--out", "-"],
                        capsys)
     assert code == 2
-    for part in ("--neuron-fill must be one of none, mean, got 'zero'", "--neuron-importance must be one of",
+    for part in ("--neuron-fill must be one of none, mean, map, got 'zero'", "--neuron-importance must be one of",
                  "--granularity neurons fits static plans, not --mode adaptive", "beside the plan"):
         assert part in err, (part, err)
     assert "Traceback" not in err

@@ -297,7 +297,7 @@ def test_the_schema_names_the_keys_and_choices_validation_uses():
     assert set(defs["plan"]["properties"]) == set(planio.PLAN_KEYS)
     assert set(defs["plan"]["properties"]["linear"]["properties"]) == set(planio.LINEAR_KEYS)
     assert set(defs["plan"]["properties"]["neurons"]["properties"]) == set(planio.NEURON_KEYS)
-    assert set(defs["plan"]["properties"]["neurons"]["required"]) == set(planio.NEURON_KEYS) - {"intermediate_size"}
+    assert set(defs["plan"]["properties"]["neurons"]["required"]) == set(planio.NEURON_KEYS) - {"intermediate_size", "rank"}
     assert defs["plan"]["properties"]["neurons"]["properties"]["fill"]["enum"] == list(NEURON_FILLS)
     assert defs["plan"]["properties"]["mode"]["enum"] == list(MODES)
     assert defs["plan"]["properties"]["batch_decision"]["enum"] == list(BATCH_DECISIONS)

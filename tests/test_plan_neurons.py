@@ -25,14 +25,17 @@ SCHEMA = json.loads(schema_path().read_text())
 SKIPPROF = Path(sys.executable).parent / "skipprof"
 
 
-def subsets(widths: dict[int, int], fill: str = "mean", seed: int = 0) -> NeuronSubsets:
+def subsets(widths: dict[int, int], fill: str = "mean", seed: int = 0, rank: int = 2) -> NeuronSubsets:
     rng = np.random.default_rng(seed)
     tensors = {}
     for layer, width in widths.items():
         tensors[f"{layer}.kept"] = np.sort(rng.choice(I, width, replace=False)).astype(np.int64)
-        if fill == "mean":
+        if fill in ("mean", "map"):
             tensors[f"{layer}.bias"] = rng.standard_normal(H).astype(np.float32)
-    return NeuronSubsets(fill, tensors, intermediate_size=I)
+        if fill == "map":
+            tensors[f"{layer}.map_in"] = rng.standard_normal((rank, width)).astype(np.float32)
+            tensors[f"{layer}.map_out"] = rng.standard_normal((H, rank)).astype(np.float32)
+    return NeuronSubsets(fill, tensors, intermediate_size=I, rank=rank if fill == "map" else None)
 
 
 def maps(layers) -> LinearMaps:
@@ -117,8 +120,8 @@ def test_every_problem_of_a_neurons_block_is_reported_at_once():
                       "b": {"mode": "static", "neurons": {"fill": "none", "widths": []}}}
     problems = validate_plan_dict(raw)
     expected = [
-        "global.neurons.extra: unknown key (allowed here: fill, intermediate_size, file, sha256, widths)",
-        "global.neurons.fill: must be one of none, mean, got string 'median'",
+        "global.neurons.extra: unknown key (allowed here: fill, rank, intermediate_size, file, sha256, widths)",
+        "global.neurons.fill: must be one of none, mean, map, got string 'median'",
         "global.neurons.file: must be a .safetensors file name relative to the plan file, got '../p.bin'",
         "global.neurons.sha256: must be 64 lowercase hex digits, got string 'abc'",
         "global.neurons.widths.0: must be in [1, 15], got 0",
@@ -163,10 +166,45 @@ def test_tensor_problems_are_all_reported_on_load(saved):
         "global.neurons: layer 2 kept is int32, expected int64",
         "global.neurons: layer 3 kept holds 3 indices but widths records 5",
         "global.neurons: layer 3 kept has indices 0..99 (the FFN's neurons are 0..15)",
-        "global.neurons: layer 3 has no 'bias' tensor (fill mean adds the dropped neurons' mean output)",
+        "global.neurons: layer 3 has no 'bias' tensor (fill mean stores kept, bias)",
         "class.code.neurons: the file holds subsets for layers [0] that widths does not list",
-        "class.code.neurons: layer 4 has a bias but fill is none (a bias is stored only with fill: mean)",
+        "class.code.neurons: layer 4 has a 'bias' tensor but fill is none (it stores kept)",
     ]
+
+
+def test_a_map_fill_round_trips_and_its_problems_are_all_reported(tmp_path):
+    from safetensors.numpy import load_file, save
+
+    plan = PlanFile(model={"name": "tiny", "fingerprint": {"model_type": "llama", "num_layers": L, "hidden_size": H}},
+                    global_plan=SkipPlan("static", neurons=subsets({0: 12, 2: 9}, fill="map", rank=3)))
+    path = save_plan(plan, tmp_path / "map.yaml")
+    assert yaml.safe_load(path.read_text())["global"]["neurons"]["rank"] == 3
+    loaded = load_plan(path).global_plan.neurons
+    assert loaded.fill == "map" and loaded.rank == 3
+    for layer in (0, 2):
+        for got, want in zip(loaded.neuron_map(layer), plan.global_plan.neurons.neuron_map(layer)):
+            assert np.array_equal(got, want)
+    assert neuron_problems(load_plan(path).global_plan, I, H, label="global") == []
+    tensors = load_file(weights_file_for(path))
+    tensors["global.neurons.0.map_in"] = np.zeros((3, 11), np.float32)  # not the kept width
+    tensors["global.neurons.2.map_out"] = np.zeros((H, 3), np.float64)  # not float32
+    del tensors["global.neurons.2.map_in"]
+    data = save(tensors)
+    weights_file_for(path).write_bytes(data)
+    old_sha = yaml.safe_load(path.read_text())["global"]["neurons"]["sha256"]
+    path.write_text(path.read_text().replace(old_sha, hashlib.sha256(data).hexdigest()))
+    with pytest.raises(PlanError) as info:
+        load_plan(path)
+    assert info.value.problems == [
+        "global.neurons: layer 0 map_in has shape (3, 11), expected (3, 12)",
+        "global.neurons: layer 2 has no 'map_in' tensor (fill map stores kept, bias, map_in, map_out)",
+        "global.neurons: layer 2 map_out is float64, expected float32",
+    ]
+    no_rank = _raw(fill="map")
+    mean_rank = _raw(rank=4)
+    assert validate_plan_dict(no_rank) == ["global.neurons.rank: is required with fill map (the rank of its maps)"]
+    assert validate_plan_dict(mean_rank) == ["global.neurons.rank: applies to fill map only (fill is mean)"]
+    assert validate_plan_dict(_raw(fill="map", rank=0)) == ["global.neurons.rank: must be in [1, inf], got 0"]
 
 
 def test_an_altered_or_missing_sidecar_is_refused(saved):

@@ -31,22 +31,28 @@ def width_of(site) -> int:
     return int(down.in_features if hasattr(down, "in_features") else down.weight.shape[0])
 
 
-def neuron_plan(model, share=0.7, fill="mean", layers=None, seed=0, **kw) -> SkipPlan:
-    """Keep a random `share` of every (or each listed) layer's neurons; a random mean bias with fill mean."""
+def neuron_plan(model, share=0.7, fill="mean", layers=None, seed=0, rank=3, **kw) -> SkipPlan:
+    """Keep a random `share` of every (or each listed) layer's neurons; a random mean bias with fill mean, and a
+    random rank-`rank` map besides with fill map."""
     arch, rng = resolve(model), np.random.default_rng(seed)
     hidden = model.config.hidden_size
     tensors = {}
     for layer in range(arch.num_layers) if layers is None else layers:
         size = width_of(arch.sites[layer])
         tensors[f"{layer}.kept"] = np.sort(rng.choice(size, int(round(share * size)), replace=False)).astype(np.int64)
-        if fill == "mean":
+        if fill in ("mean", "map"):
             tensors[f"{layer}.bias"] = (rng.normal(size=hidden) * 0.05).astype(np.float32)
-    return SkipPlan(mode="static", neurons=NeuronSubsets(fill, tensors), **kw)
+        if fill == "map":
+            k = len(tensors[f"{layer}.kept"])
+            tensors[f"{layer}.map_in"] = (rng.normal(size=(rank, k)) / np.sqrt(k)).astype(np.float32)
+            tensors[f"{layer}.map_out"] = (rng.normal(size=(hidden, rank)) * 0.3).astype(np.float32)
+    return SkipPlan(mode="static", neurons=NeuronSubsets(fill, tensors, rank=rank if fill == "map" else None), **kw)
 
 
 class NeuronReference:
     """The rule with hooks: at decode positions (absolute position >= prompt_len, decode index d) layer l's dropped
-    neurons are zeroed on its down projection's input and the bias is added to its output."""
+    neurons are zeroed on its down projection's input and the bias (and with fill map the map of the kept neurons'
+    activations) is added to its output."""
 
     def __init__(self, model, plan: SkipPlan, prompt_len):
         self.plan, self.prompt_len = plan, prompt_len  # int, or per row
@@ -59,8 +65,10 @@ class NeuronReference:
             keep[torch.from_numpy(plan.neurons.kept(layer))] = 1.0
             bias = plan.neurons.bias(layer)
             bias = torch.from_numpy(bias) if bias is not None else None
+            maps = plan.neurons.neuron_map(layer)
+            kept = torch.from_numpy(plan.neurons.kept(layer))
             self.hooks.append(down.register_forward_pre_hook(self.zero(layer, keep)))
-            self.hooks.append(down.register_forward_hook(self.add(layer, bias)))
+            self.hooks.append(down.register_forward_hook(self.add(layer, bias, maps, kept)))
 
     def before(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -79,12 +87,16 @@ class NeuronReference:
             return (a * torch.where(mask, keep.to(a.dtype), torch.ones_like(keep, dtype=a.dtype)),)
         return hook
 
-    def add(self, layer, bias):
+    def add(self, layer, bias, maps, kept):
         def hook(module, args, out):
             if bias is None:
                 return out
             mask = self.masks[layer].reshape(*out.shape[:-1], 1)
-            return out + torch.where(mask, bias.to(out.dtype), torch.zeros_like(bias, dtype=out.dtype))
+            extra = bias.to(out.dtype)
+            if maps is not None:  # the map reads the kept neurons' activations (args[0]: the dropped ones zeroed)
+                m_in, m_out = (torch.from_numpy(m).to(out.dtype) for m in maps)
+                extra = extra + args[0].reshape(*out.shape[:-1], -1)[..., kept] @ m_in.T @ m_out.T
+            return out + torch.where(mask, extra, torch.zeros_like(extra))
         return hook
 
     def remove(self):
@@ -129,6 +141,21 @@ def test_teacher_forced_matches_the_zeroing_reference_and_remove_restores_bit_fo
     torch.testing.assert_close(prompt_only, dense, rtol=0, atol=1e-5)
     torch.testing.assert_close(forced, expected, rtol=0, atol=1e-5)
     assert list(model.state_dict()) == keys and untouched(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "bloom", "opt"])
+def test_a_map_fill_adds_the_map_of_the_kept_activations_at_decode_positions(family):
+    model = tiny_model(family, num_layers=3)
+    before = params(model)
+    ids = torch.randint(2, 90, (2, 12), generator=torch.Generator().manual_seed(1))
+    plan = neuron_plan(model, 0.6, fill="map", rank=4)
+    mean_only = neuron_plan(model, 0.6, fill="mean")  # same kept neurons and bias (same seed), no map
+    expected = reference_forward(model, plan, ids, [4, 7])
+    assert not torch.allclose(expected, reference_forward(model, mean_only, ids, [4, 7]), atol=1e-4)
+    with apply_plan(model, plan) as handle, torch.no_grad(), handle.decode_from([4, 7]):
+        forced = model(input_ids=ids).logits
+    torch.testing.assert_close(forced, expected, rtol=0, atol=1e-5)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
@@ -264,6 +291,21 @@ def test_stats_report_the_ffn_flops_saved_net_of_substitutes():
     per_position = 3 * ((size - k) * 6 * hidden - hidden) + ffn  # three narrowed layers, one skipped whole
     assert stats["decode_positions"] == 4 and stats["narrowed_rows"] == 12 and stats["rows_not_computed"] == 4
     assert stats["ffn_flops_saved_share"] == pytest.approx(per_position / (4 * ffn))
+
+
+def test_stats_count_a_map_fill_as_spent_flops():
+    model = tiny_model("llama", num_layers=2)
+    hidden, size = model.config.hidden_size, model.config.intermediate_size
+    plan = neuron_plan(model, 0.75, fill="map", rank=2)
+    ids = torch.randint(2, 90, (1, 5))
+    with apply_plan(model, plan) as handle:
+        generate(model, ids, 5)
+        stats = handle.stats()
+    k = int(round(0.75 * size))
+    ffn = 3 * 2 * hidden * size
+    per_row = (size - k) * 6 * hidden - hidden - 2 * 2 * (k + hidden)  # dropped neurons less bias adds and the map
+    assert stats["narrowed_rows"] == 8
+    assert stats["ffn_flops_saved_share"] == pytest.approx(per_row / ffn)
 
 
 def test_model_memory_is_unchanged_when_applied():

@@ -81,7 +81,8 @@ def neuron_lines(plan_file) -> list[str]:
         size, widths = subsets.intermediate_size, subsets.widths
         per_layer = ", ".join(f"{l}: {w}" + (f" ({w / size:.0%})" if size else "") for l, w in widths.items())
         line = (f"{name.replace('class.', 'class ')}: neuron subsets in {subsets.file} (sha256 "
-                f"{str(subsets.sha256)[:12]}...), fill {subsets.fill}; neurons kept per layer at eligible decode "
+                f"{str(subsets.sha256)[:12]}...), fill {subsets.fill}"
+                f"{f' (rank-{subsets.rank} maps)' if subsets.rank else ''}; neurons kept per layer at eligible decode "
                 f"positions{f' (of {size})' if size else ''}: {per_layer}")
         if size and num_layers:
             dropped = sum(size - w for w in widths.values()) / (num_layers * size)

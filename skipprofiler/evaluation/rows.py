@@ -192,7 +192,8 @@ def plan_neurons(model, plan: SkipPlan) -> dict[str, Any]:
     size = plan.neurons.intermediate_size
     if size is None:
         size = getattr(model.config, "intermediate_size", None) or getattr(model.config, "ffn_dim", None)
-    return {"fill": plan.neurons.fill, "intermediate_size": size,
+    return {"fill": plan.neurons.fill, **({"rank": plan.neurons.rank} if plan.neurons.rank else {}),
+            "intermediate_size": size,
             "widths": [[layer, int(k)] for layer, k in sorted(plan.neurons.widths.items())]}
 
 

@@ -68,7 +68,7 @@ class FitSettings:
     warmup_tokens: int | None = None
     dense_every: int | None = None
     compensation: str = "none"
-    rank: int | None = None  # compensation linear: rank of the maps (None: full d x d)
+    rank: int | None = None  # compensation linear: rank of the maps (None: full d x d); neuron_fill map: of its maps (None: 32)
     error_aware: bool = False  # compensation linear: refit the chosen maps in layer order, keep if KL drops
     max_skip: int | None = None  # adaptive run length k; None: search 1..L-2
     tau_mode: str = "global"  # adaptive: "global" (one tau) or "per-layer" (each layer's quantile at one level q)
@@ -90,7 +90,8 @@ class FitSettings:
     class_column: str | None = None
     # neuron plans (fit/neurons.py): part of every FFN at decode positions, widths chosen by measured KL
     granularity: str = "ffn"  # "ffn": whole FFN calls (skip_layers); "neurons": intermediate neurons per layer
-    neuron_fill: str | None = None  # neurons: "none" or "mean" (the dropped neurons' mean output as a bias); None: mean
+    neuron_fill: str | None = None  # neurons: "none", "mean" (the dropped neurons' mean output as a bias) or "map" (a
+    #   rank-`rank` map from the kept neurons' activations onto the dropped ones' output, plus the bias); None: mean
     neuron_importance: str | None = None  # neurons: energy, fluctuation or wanda; None: the default (neurons.py)
     neuron_statistics: str | None = None  # neurons: the profile regime ranking neurons and giving the bias: decode,
     #   prompt, or auto (each measured at one uniform width, the lower KL kept); None: auto
@@ -132,8 +133,10 @@ class FitSettings:
                        "the layers with them in place: it needs FitSettings.refine (or a quality budget)")
         if self.compensation == "linear" and self.mode != "static":
             out.append('FitSettings.compensation="linear" fits static plans, not FitSettings.mode="adaptive"')
-        if self.rank is not None and self.compensation != "linear":
-            out.append('FitSettings.rank applies to FitSettings.compensation="linear" only')
+        if self.rank is not None and self.compensation != "linear" and not (
+                self.granularity == "neurons" and self.neuron_fill == "map"):
+            out.append('FitSettings.rank applies to FitSettings.compensation="linear" and to '
+                       'FitSettings.neuron_fill="map" only')
         if self.error_aware and (self.compensation != "linear" or not self.refine):
             out.append('FitSettings.error_aware applies to FitSettings.compensation="linear" with FitSettings.refine')
         if self.granularity == "neurons":

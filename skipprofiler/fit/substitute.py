@@ -112,14 +112,20 @@ class LayerStatistics:
         """Add the masked positions of x, y [B, S, d]: attention sinks (a `stream` norm above `sink_factor` x its
         row's median over the mask) are left out and counted; rows flagged in `heldout_rows` [B] go to `heldout`."""
         mask = mask.to(x.device)
-        norms = stream.float().norm(dim=-1)
-        median = norms.masked_fill(~mask, float("nan")).nanmedian(dim=1, keepdim=True).values
-        sink = mask & (norms > sink_factor * median)
-        keep = mask & ~sink
+        keep = without_sinks(mask, stream, sink_factor)
+        sink = mask & ~keep
         held = heldout_rows.to(keep.device)[:, None] & keep
         self.sinks += int(sink.sum())
         self.fit.add(x[keep & ~held], y[keep & ~held])
         self.heldout.add(x[held], y[held])
+
+
+def without_sinks(mask: torch.Tensor, stream: torch.Tensor, sink_factor: float = SINK_NORM_FACTOR) -> torch.Tensor:
+    """`mask` [B, S] less its attention sinks: positions whose residual-stream norm (`stream` [B, S, d]) is above
+    `sink_factor` x the median of their row's masked positions."""
+    norms = stream.float().norm(dim=-1)
+    median = norms.masked_fill(~mask, float("nan")).nanmedian(dim=1, keepdim=True).values
+    return mask & ~(norms > sink_factor * median)
 
 
 @dataclass

@@ -62,7 +62,7 @@ def _skip_plan_from_dict(p: dict, defaults: dict, layers: int) -> SkipPlan:
     if "neurons" in p:  # likewise: the widths the file records now, the index arrays (checked against them) on load
         n = p["neurons"]
         plan.neurons = NeuronSubsets(fill=n["fill"], tensors={}, file=n["file"], sha256=n["sha256"],
-                                     intermediate_size=n.get("intermediate_size"),
+                                     intermediate_size=n.get("intermediate_size"), rank=n.get("rank"),
                                      recorded_widths={int(l): int(w) for l, w in n["widths"].items()})
     if "expected_skip_ratio" in p:
         plan.expected_skip_ratio = float(p["expected_skip_ratio"])
@@ -126,6 +126,8 @@ def _skip_plan_to_dict(plan: SkipPlan, defaults: dict) -> dict:
         neurons: dict[str, Any] = {"fill": subsets.fill}
         if subsets.intermediate_size is not None:
             neurons["intermediate_size"] = int(subsets.intermediate_size)
+        if subsets.rank is not None:
+            neurons["rank"] = int(subsets.rank)
         neurons["file"], neurons["sha256"] = subsets.file, subsets.sha256
         neurons["widths"] = {int(l): int(w) for l, w in sorted(subsets.widths.items())}
         out["neurons"] = neurons

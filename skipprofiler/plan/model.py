@@ -42,7 +42,8 @@ MODES = ("static", "adaptive")
 BATCH_DECISIONS = ("per_sequence", "shared")  # adaptive: rows of a batch decide alone, or fire together
 APPLY_TO = ("decode", "all")
 COMPENSATIONS = ("none", "norm_ratio", "mean_output", "linear")
-NEURON_FILLS = ("none", "mean")  # what replaces the output of an FFN's dropped neurons
+NEURON_FILLS = ("none", "mean", "map")  # what replaces the output of an FFN's dropped neurons
+NEURON_TENSOR_PARTS = {"none": ("kept",), "mean": ("kept", "bias"), "map": ("kept", "bias", "map_in", "map_out")}
 ROUTER_POOLINGS = ("mean", "mean_after_first")  # how the router pools a prompt's hidden states (Router.pooling)
 STATIC, ADAPTIVE = MODES
 PER_SEQUENCE, SHARED = BATCH_DECISIONS
@@ -113,8 +114,11 @@ class LinearMaps:
 class NeuronSubsets:
     """The FFN neurons a static plan keeps at decode positions, per layer. `tensors` (numpy, keys
     ``"<layer>.kept"``: int64 [k] indices of the kept intermediate neurons, ascending; with ``fill == "mean"`` also
-    ``"<layer>.bias"``: float32 [hidden], the dropped neurons' mean output) are stored in `file` (relative to the plan
-    file), whose sha256 the plan records. Layers without an entry run every neuron.
+    ``"<layer>.bias"``: float32 [hidden], the dropped neurons' mean output; with ``fill == "map"`` the bias and a
+    rank-r map from the kept neurons' activations a_K onto the dropped neurons' output,
+    ``bias + map_out @ (map_in @ a_K)``: ``"<layer>.map_in"`` float32 [r, k], ``"<layer>.map_out"`` float32
+    [hidden, r]) are stored in `file` (relative to the plan file), whose sha256 the plan records. Layers without an
+    entry run every neuron.
 
     `intermediate_size` is the FFN width the subsets were chosen for (the plan file records it; the runtime checks it
     against the model). `recorded_widths` are the widths the plan file states (read before the tensors are: the file's
@@ -126,6 +130,7 @@ class NeuronSubsets:
     sha256: str | None = None
     intermediate_size: int | None = None
     recorded_widths: dict[int, int] | None = None
+    rank: int | None = None  # fill map: the maps' rank r
 
     @property
     def layers(self) -> list[int]:
@@ -136,6 +141,12 @@ class NeuronSubsets:
 
     def bias(self, layer: int) -> Any | None:
         return self.tensors.get(f"{layer}.bias")
+
+    def neuron_map(self, layer: int) -> tuple[Any, Any] | None:
+        """(map_in [r, k], map_out [hidden, r]) of fill map; None without one."""
+        if f"{layer}.map_in" not in self.tensors:
+            return None
+        return self.tensors[f"{layer}.map_in"], self.tensors[f"{layer}.map_out"]
 
     @property
     def widths(self) -> dict[int, int]:

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .model import (APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, LINEAR, MODES, NEURON_FILLS, PLAN_VERSION,
-                    ROUTER_POOLINGS, STATIC)
+from .model import (APPLY_TO, BATCH_DECISIONS, COMPENSATIONS, DEFAULT_KEYS, LINEAR, MODES, NEURON_FILLS,
+                    NEURON_TENSOR_PARTS, PLAN_VERSION, ROUTER_POOLINGS, STATIC)
 
 BUILTIN_DEFAULTS: dict[str, Any] = {"apply_to": "decode", "warmup_tokens": 0, "dense_every": 0, "compensation": "none"}
 TOP_KEYS = ("version", "model", "provenance", "defaults", "global", "classes", "router")
@@ -24,7 +24,7 @@ ADAPTIVE_OPTIONAL_KEYS = ("batch_decision",)
 PLAN_KEYS = (("mode",) + DEFAULT_KEYS + STATIC_KEYS + ADAPTIVE_KEYS + ADAPTIVE_OPTIONAL_KEYS
              + ("norm_gain", "ffn_mean", "linear", "neurons", "expected_skip_ratio", "fit"))
 LINEAR_KEYS = ("file", "sha256", "rank")
-NEURON_KEYS = ("fill", "intermediate_size", "file", "sha256", "widths")  # canonical order (widths, the long one, last)
+NEURON_KEYS = ("fill", "rank", "intermediate_size", "file", "sha256", "widths")  # canonical order (widths, the long one, last)
 ROUTER_KEYS = ("layer", "metric", "pooling", "heldout_accuracy", "classes", "centroids")
 ROUTER_METRICS = ("cosine",)
 
@@ -333,6 +333,12 @@ def _check_neurons(check: _Checker, path: str, neurons: Any, layers: int | None,
         return
     if "fill" in neurons:
         check.choice(f"{path}.fill", neurons["fill"], NEURON_FILLS)
+    if neurons.get("fill") == "map" and "rank" not in neurons:
+        check.add(f"{path}.rank", "is required with fill map (the rank of its maps)")
+    elif "rank" in neurons and neurons.get("fill") != "map":
+        check.add(f"{path}.rank", f"applies to fill map only (fill is {neurons.get('fill')})")
+    elif "rank" in neurons:
+        check.integer(f"{path}.rank", neurons["rank"], lo=1)
     size = neurons.get("intermediate_size")
     if size is not None and not check.integer(f"{path}.intermediate_size", size, lo=2):
         size = None
@@ -498,18 +504,20 @@ def linear_map_problems(path: str, tensors: dict[str, Any], rank: int | None, hi
 
 
 def neuron_subset_problems(path: str, tensors: dict[str, Any], fill: str, widths: dict[int, int],
-                           intermediate_size: int | None, hidden: int | None) -> list[str]:
-    """Every problem of one plan's neuron subsets ({"<layer>.kept": int64 [k], "<layer>.bias": float32 [hidden]})
-    against the widths the plan records, its fill and the FFN / model widths where known: kept indices int64, 1-D,
-    strictly ascending (so unique), in [0, intermediate_size), as many as the recorded width; a float32 bias of the
-    model's width, finite, present exactly when fill is mean; no layer the widths do not list."""
+                           intermediate_size: int | None, hidden: int | None, rank: int | None = None) -> list[str]:
+    """Every problem of one plan's neuron subsets ({"<layer>.kept": int64 [k], "<layer>.bias": float32 [hidden],
+    "<layer>.map_in": float32 [r, k], "<layer>.map_out": float32 [hidden, r]}) against the widths the plan records,
+    its fill (the parts NEURON_TENSOR_PARTS names, no others) and rank and the FFN / model widths where known: kept
+    indices int64, 1-D, strictly ascending (so unique), in [0, intermediate_size), as many as the recorded width;
+    float32 bias and maps of those shapes, finite; no layer the widths do not list."""
     problems = []
+    parts = NEURON_TENSOR_PARTS.get(fill, ("kept",))
+    every_part = {p for ps in NEURON_TENSOR_PARTS.values() for p in ps}
     layer_of = {k: k.split(".", 1) for k in tensors}
-    odd = sorted(k for k, parts in layer_of.items()
-                 if len(parts) != 2 or not parts[0].isdigit() or parts[1] not in ("kept", "bias"))
+    odd = sorted(k for k, kp in layer_of.items() if len(kp) != 2 or not kp[0].isdigit() or kp[1] not in every_part)
     if odd:
-        problems.append(f"{path}: unexpected tensors {odd} (expected <layer>.kept and, with fill mean, <layer>.bias)")
-    have = sorted({int(parts[0]) for k, parts in layer_of.items() if k not in odd})
+        problems.append(f"{path}: unexpected tensors {odd} (expected <layer>.{{{', '.join(sorted(every_part))}}})")
+    have = sorted({int(kp[0]) for k, kp in layer_of.items() if k not in odd})
     missing = [l for l in sorted(widths) if f"{l}.kept" not in tensors]
     if missing:
         problems.append(f"{path}: no kept indices for layers {missing} (widths lists them)")
@@ -520,15 +528,18 @@ def neuron_subset_problems(path: str, tensors: dict[str, Any], fill: str, widths
         kept = tensors.get(f"{layer}.kept")
         if kept is not None:
             problems += _kept_problems(f"{path}: layer {layer} kept", kept, widths[layer], intermediate_size)
-        bias = tensors.get(f"{layer}.bias")
-        if fill == "mean" and bias is None:
-            problems.append(f"{path}: layer {layer} has no 'bias' tensor (fill mean adds the dropped neurons' mean "
-                            "output)")
-        elif fill != "mean" and bias is not None:
-            problems.append(f"{path}: layer {layer} has a bias but fill is {fill} (a bias is stored only with fill: "
-                            "mean)")
-        elif bias is not None:
-            problems += _bias_problems(f"{path}: layer {layer} bias", bias, hidden)
+        for part in sorted(every_part - {"kept"}):
+            t = tensors.get(f"{layer}.{part}")
+            if part in parts and t is None:
+                problems.append(f"{path}: layer {layer} has no {part!r} tensor (fill {fill} stores "
+                                f"{', '.join(parts)})")
+            elif part not in parts and t is not None:
+                problems.append(f"{path}: layer {layer} has a {part!r} tensor but fill is {fill} (it stores "
+                                f"{', '.join(parts)})")
+            elif t is not None:
+                k = widths[layer] if _is_int(widths[layer]) else None
+                want = {"bias": (hidden,), "map_in": (rank, k), "map_out": (hidden, rank)}[part]
+                problems += _float_problems(f"{path}: layer {layer} {part}", t, want)
     return problems
 
 
@@ -558,14 +569,16 @@ def _kept_problems(path: str, kept: Any, width: Any, intermediate_size: int | No
     return problems
 
 
-def _bias_problems(path: str, bias: Any, hidden: int | None) -> list[str]:
+def _float_problems(path: str, t: Any, want: tuple[int | None, ...]) -> list[str]:
+    """A float32 tensor of shape `want` (None: a dimension not checked), finite."""
     problems = []
-    if _dtype(bias) != "float32":
-        problems.append(f"{path} is {_dtype(bias)}, expected float32")
-    want = (hidden,) if hidden is not None else None
-    if (want is not None and tuple(bias.shape) != want) or len(bias.shape) != 1:
-        problems.append(f"{path} has shape {tuple(bias.shape)}, expected {want or '(hidden_size,)'}")
-    elif _dtype(bias).startswith("float") and not bool((abs(bias) < float("inf")).all()):
+    if _dtype(t) != "float32":
+        problems.append(f"{path} is {_dtype(t)}, expected float32")
+    shape = tuple(t.shape)
+    if len(shape) != len(want) or any(w is not None and s != w for s, w in zip(shape, want)):
+        expected = "(" + ", ".join("?" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"
+        problems.append(f"{path} has shape {shape}, expected {expected}")
+    elif _dtype(t).startswith("float") and not bool((abs(t) < float("inf")).all()):
         problems.append(f"{path} holds NaN or infinite values")
     return problems
 
@@ -588,4 +601,4 @@ def neuron_problems(plan: Any, intermediate_size: int | None, hidden: int | None
                         "(this plan is for another model)")
     widths = subsets.recorded_widths if subsets.recorded_widths is not None else subsets.widths
     size = intermediate_size if intermediate_size is not None else recorded
-    return problems + neuron_subset_problems(path, subsets.tensors, subsets.fill, widths, size, hidden)
+    return problems + neuron_subset_problems(path, subsets.tensors, subsets.fill, widths, size, hidden, subsets.rank)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 from ..atomic import write_bytes_atomic
-from .model import LinearMaps, NeuronSubsets, PlanError, PlanFile
+from .model import LinearMaps, PlanError, PlanFile
 from .validate import linear_map_problems, neuron_subset_problems
 
 WEIGHTS_FORMAT = "skipprof-linear-maps"  # files holding linear maps only (as written before neuron subsets existed)
@@ -63,9 +64,9 @@ def load_plan_tensors(plan: PlanFile, base_dir: Path) -> None:
         else:
             own = _own(tensors, f"{name}.{_NEURON_KEY}")
             widths = entry.recorded_widths if entry.recorded_widths is not None else {}
-            problems += neuron_subset_problems(where, own, entry.fill, widths, entry.intermediate_size, hidden)
-            p.neurons = NeuronSubsets(entry.fill, own, entry.file, entry.sha256, entry.intermediate_size,
-                                      entry.recorded_widths)
+            problems += neuron_subset_problems(where, own, entry.fill, widths, entry.intermediate_size, hidden,
+                                               entry.rank)
+            p.neurons = replace(entry, tensors=own)
     if problems:
         raise PlanError(problems)
 
@@ -121,5 +122,4 @@ def write_plan_tensors(plan: PlanFile, path: str | Path) -> None:
         if p.linear is not None:
             p.linear = LinearMaps(p.linear.rank, p.linear.tensors, target.name, digest)
         if p.neurons is not None:
-            n = p.neurons
-            p.neurons = NeuronSubsets(n.fill, n.tensors, target.name, digest, n.intermediate_size, n.recorded_widths)
+            p.neurons = replace(p.neurons, file=target.name, sha256=digest)

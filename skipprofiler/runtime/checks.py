@@ -97,7 +97,8 @@ def describe_layer(layer: int, plans: dict[str | None, SkipPlan], num_layers: in
         where = "on decode" if plan.apply_to != ALL_POSITIONS else "on all positions"
         subsets = plan.neurons
         if plan.mode == STATIC and subsets is not None and layer in subsets.layers:
-            fill = ", mean bias for the rest" if subsets.fill == "mean" else ""
+            fill = {"mean": ", mean bias for the rest",
+                    "map": f", rank-{subsets.rank} map and mean bias for the rest"}.get(subsets.fill, "")
             of = f" of {neurons}" if neurons else ""
             parts.append(f"keeps {subsets.widths[layer]}{of} neurons {where}{fill}"
                          + ("" if name is None else f" [{name}]"))

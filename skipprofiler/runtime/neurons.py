@@ -8,7 +8,8 @@ applies the inverse permutation, bit for bit. No weight is copied (a one-matrix 
 
 A narrowed call runs the FFN module's own forward -- its activation, gating, biases, Bloom's residual add -- with its
 projections patched to compute on weight views of the first k neurons while `Narrowing.width` is set:
-``F.linear(x, W[:k], b[:k])`` in, ``F.linear(a, W[:, :k], b) + bias`` out (``bias``: the plan's mean fill).
+``F.linear(x, W[:k], b[:k])`` in, ``F.linear(a, W[:, :k], b) + bias`` out (``bias``: the plan's mean fill), plus
+``map_out @ (map_in @ a)`` with fill map (a rank-r map from the kept activations onto the dropped neurons' output).
 
 Mixed forwards (teacher forcing with decode_from, prompts beside decode rows, rows at different decode indices) split
 the positions: the narrowed rows run the module at width k, the full rows at full width, each part gathered and
@@ -138,7 +139,8 @@ class Parts:
 class Narrowing:
     """One FFN's kept neurons: the permutation that moves them first, the narrowed projections, the mean bias."""
 
-    def __init__(self, site: FFNSite, kept: np.ndarray, bias: np.ndarray | None):
+    def __init__(self, site: FFNSite, kept: np.ndarray, bias: np.ndarray | None,
+                 neuron_map: tuple[np.ndarray, np.ndarray] | None = None):
         self.site, self.layer = site, site.index
         self.ins, self.down, self.size = projections(site)
         self.k = int(len(kept))
@@ -147,17 +149,24 @@ class Narrowing:
         self._kept = kept
         self._bias_array = None if bias is None else np.asarray(bias, dtype=np.float32)
         self._bias: torch.Tensor | None = None
+        self._map_arrays = None if neuron_map is None else tuple(np.asarray(m, dtype=np.float32) for m in neuron_map)
+        self._map: tuple[torch.Tensor, torch.Tensor] | None = None
         module, kind = self.down
         self.hidden = int(module.weight.shape[0] if kind == LINEAR else module.weight.shape[1])
         # multiply-add FLOPs of one neuron for one row: each input projection's row and the down projection's column
         per_neuron = sum(2 * (m.weight.shape[1] if k != CONV1D else m.weight.shape[0]) * (2 if k == FUSED else 1)
                          for m, k in self.ins) + 2 * self.hidden
-        self.saved_per_row = float((self.size - self.k) * per_neuron - (self.hidden if bias is not None else 0))
+        rank = 0 if neuron_map is None else int(self._map_arrays[0].shape[0])
+        self.saved_per_row = float((self.size - self.k) * per_neuron - (self.hidden if bias is not None else 0)
+                                   - 2 * rank * (self.k + self.hidden))
 
-    def same_as(self, kept: np.ndarray, bias: np.ndarray | None) -> bool:
-        same_bias = (bias is None) == (self._bias_array is None) and (
-            bias is None or np.array_equal(np.asarray(bias, dtype=np.float32), self._bias_array))
-        return np.array_equal(np.asarray(kept, dtype=np.int64), self._kept) and same_bias
+    def same_as(self, kept: np.ndarray, bias: np.ndarray | None, neuron_map=None) -> bool:
+        def same(a, b) -> bool:
+            return (a is None) == (b is None) and (a is None or np.array_equal(np.asarray(a, dtype=np.float32), b))
+
+        maps = (neuron_map is None) == (self._map_arrays is None) and (
+            neuron_map is None or all(same(a, b) for a, b in zip(neuron_map, self._map_arrays)))
+        return np.array_equal(np.asarray(kept, dtype=np.int64), self._kept) and same(bias, self._bias_array) and maps
 
     # ---- the reparametrisation -------------------------------------------------------------------------------------
 
@@ -221,6 +230,10 @@ class Narrowing:
         bias = self._bias
         if bias is None or bias.device != out.device or bias.dtype != out.dtype:
             bias = self._bias = torch.from_numpy(self._bias_array).to(device=out.device, dtype=out.dtype)
+            if self._map_arrays is not None:
+                self._map = tuple(torch.from_numpy(m).to(device=out.device, dtype=out.dtype) for m in self._map_arrays)
+        if self._map is not None:
+            return out + F.linear(F.linear(a, self._map[0]), self._map[1], bias)
         return out + bias
 
     # ---- what a narrowed FFN call computes -------------------------------------------------------------------------
@@ -293,11 +306,11 @@ def install(arch: ResolvedArch, plans: list[SkipPlan], patcher: Patcher) -> dict
     for plan in plans:  # every check before the first permutation
         subsets = plan.neurons
         for layer in subsets.layers:
-            kept, bias = subsets.kept(layer), subsets.bias(layer) if subsets.fill == "mean" else None
+            kept, bias, neuron_map = subsets.kept(layer), subsets.bias(layer), subsets.neuron_map(layer)
             existing = narrowings.get(layer)
             if existing is None:
-                narrowings[layer] = Narrowing(arch.sites[layer], kept, bias)
-            elif not existing.same_as(kept, bias):
+                narrowings[layer] = Narrowing(arch.sites[layer], kept, bias, neuron_map)
+            elif not existing.same_as(kept, bias, neuron_map):
                 raise PlanError(f"the selected plans keep different neurons in layer {layer}; apply one class plan "
                                 "(prompt_class=...) at a time")
     for narrowing in narrowings.values():

@@ -120,6 +120,7 @@ def test_family_served_tokens_equal_transformers(model_type, tmp_path):
     assert got["tokens"] == want
     counts = got["after"]
     assert counts["planned_layers"] == sorted(STATIC)
+    assert counts["host_decisions"] and counts["skipped_whole"]["1"] > 0  # steady decode: layer 1 not called
 
 
 @vllm_test
@@ -206,9 +207,11 @@ def test_accelerator_branch_on_cpu_serves_apply_plan_tokens(tmp_path):
         for layer in ("1", "2"):
             assert calls[layer] + whole[layer] == forwards, (layer, calls, whole, forwards)
         assert whole["0"] == whole["3"] == 0 and calls["0"] >= forwards
+    # (layer 2 is skipped whole only where every request is on the same half of its pattern: requests prefilled in
+    # different forwards never are, so no bound for it)
     steady = NEW_TOKENS - 1 - WARMUP - 2  # decode forwards past warm-up for every request, allowing 2 steps of lag
     whole, decided = delta(uniform, "skipped_whole"), delta(uniform, "decided")
-    assert whole["1"] >= steady and whole["2"] >= steady // 2 - 1 and decided["narrow"] >= 2 * steady
+    assert whole["1"] >= steady and decided["narrow"] >= 2 * steady
     assert delta(uniform, "skipped_ffn_rows") == len(PROMPTS) * sum(
         len([l for l in SELECT_SKIPS if d >= WARMUP and (SELECT_SKIPS[l] == 1.0 or (d + 1) // 2 > d // 2)])
         for d in range(NEW_TOKENS - 1))

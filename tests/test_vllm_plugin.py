@@ -373,6 +373,85 @@ def test_path_variable_is_checked_in_one_line(monkeypatch):
         vllm_plugin.ServedPlan(_runner(_Model(), [4], [0]), SkipPlan(mode="static", skip_layers={1: 1.0}))
 
 
+class _HostRunner:
+    """The V1 runner's host side as the plugin reads it: `_prepare_inputs` fills the per-token request index and place
+    in the step (`req_indices.np`, `query_pos.np`); the input batch holds per request computed tokens and prompt length."""
+
+    def __init__(self, model, prompt_lens: list[int], computed: list[int]):
+        self.model, self.speculative_config = model, None
+        self.input_batch = self.batch(prompt_lens, computed)
+        self.req_indices = SimpleNamespace(np=np.zeros(16, np.int64), gpu=torch.zeros(16, dtype=torch.int64))
+        self.query_pos = SimpleNamespace(np=np.zeros(16, np.int64))
+
+    @staticmethod
+    def batch(prompt_lens: list[int], computed: list[int]):
+        return SimpleNamespace(num_prompt_tokens=np.array(prompt_lens), num_computed_tokens_cpu=np.array(computed),
+                               num_prompt_tokens_cpu_tensor=torch.tensor(prompt_lens, dtype=torch.int32))
+
+    def get_model(self):
+        return self.model
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled):
+        req = np.repeat(np.arange(len(num_scheduled)), num_scheduled)
+        self.req_indices.np[:len(req)] = req
+        self.req_indices.gpu[:len(req)] = torch.from_numpy(req)
+        self.query_pos.np[:len(req)] = np.concatenate([np.arange(k) for k in num_scheduled])
+        return "inputs"
+
+    def step(self, num_scheduled: list[int]) -> torch.Tensor:
+        """Prepare a step as vLLM does; the positions of its tokens."""
+        assert self._prepare_inputs(SimpleNamespace(total_num_scheduled_tokens=sum(num_scheduled)),
+                                    num_scheduled) == "inputs"
+        req = self.req_indices.np[:sum(num_scheduled)]
+        return torch.from_numpy(self.input_batch.num_computed_tokens_cpu[req] + self.query_pos.np[:len(req)])
+
+
+def test_runner_hook_decides_from_the_current_input_batch():
+    """The hook on the runner's `_prepare_inputs` takes each step's decode indices from the host arrays -- of the input
+    batch the runner holds at that step (vLLM replaces it when KV-cache groups need other block sizes, e.g. Gemma2's
+    sliding window): two requests at their first generated token skip layer 1 whole (its FFN not called); after the
+    batch is replaced, a prompt chunk beside a decode token is mixed (per-row masks, prompt rows dense)."""
+    from skipprofiler.integrations import vllm as vllm_plugin
+
+    torch.manual_seed(5)
+    model = _Model().eval()
+    reference = _Model().eval()
+    reference.load_state_dict(model.state_dict())
+    plan = SkipPlan(mode="static", skip_layers={1: 1.0}, warmup_tokens=0)
+    runner = _HostRunner(model, [4, 6], [4, 6])
+    calls = _count_ffn_calls(model)
+    served = vllm_plugin.ServedPlan(runner, plan)
+    assert served.host_decisions
+    for num_scheduled, batch, d in (([1, 1], None, [0, 0]),
+                                    ([2, 1], _HostRunner.batch([4, 6], [2, 6]), [-2, -1, 0])):
+        if batch is not None:
+            runner.input_batch = batch
+        positions = runner.step(num_scheduled)
+        x = torch.randn(len(d), 8)
+        before = calls[1]
+        with torch.no_grad():
+            got = model(positions=positions, inputs_embeds=x)
+            want = _reference(reference, plan, x, d)
+        torch.testing.assert_close(got, want)
+        assert calls[1] - before == (0 if min(d) >= 0 else 1)
+    stats = served.stats()
+    assert stats["decided"] == {"skip": 1, "mixed": 1, "full": 0, "narrow": 0}
+    assert (stats["prompt_tokens"], stats["decode_tokens"], stats["mixed_forwards"]) == (2, 3, 1)
+
+
+def test_plugin_asks_for_the_v1_model_runner(monkeypatch):
+    """The plugin reads the V1 runner's host buffers: unset, it asks for V1 (inherited by the engine's processes);
+    0 is kept; asking for V2 is one line."""
+    from skipprofiler.integrations import vllm as vllm_plugin
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    assert vllm_plugin.v1_runner_problem() is None and os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert vllm_plugin.v1_runner_problem() is None
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert vllm_plugin.v1_runner_problem() == ("VLLM_USE_V2_MODEL_RUNNER=1: the plugin serves plans with vLLM's V1 "
+                                               "model runner only (unset it, or set it to 0)")
+
+
 def test_neuron_plan_refusals_in_one_line():
     """A subset beyond the FFN's width, and an FFN whose projections the plugin cannot narrow, stop with one line."""
     from skipprofiler.integrations import vllm as vllm_plugin

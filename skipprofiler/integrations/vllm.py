@@ -586,8 +586,7 @@ def _hook_runner(runner: Any, served: ServedPlan) -> bool:
     needed = ("_prepare_inputs", "req_indices", "query_pos", "input_batch")
     if not all(hasattr(runner, name) for name in needed) or getattr(runner, "speculative_config", None) is not None:
         return False
-    batch = runner.input_batch
-    if not (hasattr(batch, "num_computed_tokens_cpu") and hasattr(batch, "num_prompt_tokens")):
+    if not all(hasattr(runner.input_batch, name) for name in ("num_computed_tokens_cpu", "num_prompt_tokens")):
         return False
     original = runner._prepare_inputs
     all_positions = served.plan.apply_to == ALL_POSITIONS
@@ -595,6 +594,7 @@ def _hook_runner(runner: Any, served: ServedPlan) -> bool:
     def prepare_inputs(scheduler_output, *args, **kwargs):
         out = original(scheduler_output, *args, **kwargs)
         n = scheduler_output.total_num_scheduled_tokens
+        batch = runner.input_batch  # read per step: vLLM replaces it when the KV cache groups need other block sizes
         req = runner.req_indices.np[:n]
         d = batch.num_computed_tokens_cpu[req] + runner.query_pos.np[:n]
         served.schedule(d if all_positions else d - batch.num_prompt_tokens[req])

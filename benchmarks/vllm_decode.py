@@ -189,8 +189,8 @@ def _device_name() -> str:
 
 def routed_plan(plan_path: str) -> str:
     """The control plan: every layer planned (so every FFN runs inside the op), a warm-up no request reaches."""
-    from skipprofiler.plan.model import SkipPlan
     from skipprofiler.plan import load_plan, save_plan
+    from skipprofiler.plan.model import SkipPlan
 
     plan_file = load_plan(plan_path)
     layers = plan_file.model["fingerprint"]["num_layers"]

@@ -42,14 +42,15 @@ def child(args: argparse.Namespace) -> None:
     from vllm.inputs import TokensPrompt
 
     memory = {} if args.gpu_share is None else {"gpu_memory_utilization": args.gpu_share}
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=1024, **memory)
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, **memory)
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     vocab = llm.get_tokenizer().vocab_size
     print("READY", flush=True)
     for line in sys.stdin:
         c, seed = map(int, line.split())
         rng = random.Random(seed)
-        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, vocab) for _ in range(args.prompt_tokens)])
+        low = min(100, vocab // 2)  # past the special tokens (a tiny test vocabulary has fewer than 100)
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(low, vocab) for _ in range(args.prompt_tokens)])
                    for _ in range(c)]
         before = llm.collective_rpc("skipprof_stats")[0] if args.child != "dense" else None
         start = time.perf_counter()
@@ -64,7 +65,8 @@ def child(args: argparse.Namespace) -> None:
 def start(args: argparse.Namespace, arm: str) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--child", arm, "--model", args.model, "--plan", args.plan,
            "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
-           "--concurrency", *map(str, args.concurrency), "--dtype", args.dtype]
+           "--concurrency", *map(str, args.concurrency), "--dtype", args.dtype,
+           "--max-model-len", str(args.max_model_len)]
     if args.gpu_share is not None:
         cmd += ["--gpu-share", str(args.gpu_share)]
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -107,6 +109,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--routed", action="store_true", help="add the control arm: every FFN through the op, none skipped")
     p.add_argument("--dtype", default=None, help="the engines' dtype (default: bfloat16 on a CUDA host, else float32)")
+    p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                    help="GPU memory the engines take together, split evenly between them (CUDA hosts)")
     p.add_argument("--child", choices=["dense", "plan", "routed"], help=argparse.SUPPRESS)

@@ -180,13 +180,19 @@ def test_served_plan_warmup_dense_every_and_all_positions():
         model = fresh
 
 
-def _narrowed_ffn(mlp: _GatedMLP, kept: np.ndarray, bias: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
-    """The FFN on its kept neurons only, from the unpermuted weights (plan/model.py's rule, written out)."""
+def _narrowed_ffn(mlp: _GatedMLP, kept: np.ndarray, bias: torch.Tensor | None, h: torch.Tensor,
+                  neuron_map: tuple | None = None) -> torch.Tensor:
+    """The FFN on its kept neurons only, from the unpermuted weights (plan/model.py's rule, written out); with a
+    fill map, + map_out @ (map_in @ a_K)."""
     size, idx = mlp.down_proj.weight.shape[1], torch.from_numpy(kept)
     w, b = mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
     gate = F.linear(h, w[idx], None if b is None else b[idx])
     up = F.linear(h, w[idx + size], None if b is None else b[idx + size])
-    out = F.linear(F.silu(gate) * up, mlp.down_proj.weight[:, idx], mlp.down_proj.bias)
+    a = F.silu(gate) * up
+    out = F.linear(a, mlp.down_proj.weight[:, idx], mlp.down_proj.bias)
+    if neuron_map is not None:
+        map_in, map_out = (torch.from_numpy(m) for m in neuron_map)
+        return out + F.linear(F.linear(a, map_in), map_out, bias)
     return out if bias is None else out + bias
 
 
@@ -195,9 +201,13 @@ def _neuron_plan(layers: dict[int, int], fill: str, seed: int = 0, size: int = 1
     tensors = {}
     for layer, k in layers.items():
         tensors[f"{layer}.kept"] = np.sort(rng.choice(size, k, replace=False)).astype(np.int64)
-        if fill == "mean":
+        if fill in ("mean", "map"):
             tensors[f"{layer}.bias"] = rng.standard_normal(hidden).astype(np.float32)
-    return SkipPlan(mode="static", neurons=NeuronSubsets(fill, tensors, intermediate_size=size), **kw)
+        if fill == "map":  # rank 2
+            tensors[f"{layer}.map_in"] = rng.standard_normal((2, k)).astype(np.float32)
+            tensors[f"{layer}.map_out"] = (0.3 * rng.standard_normal((hidden, 2))).astype(np.float32)
+    rank = 2 if fill == "map" else None
+    return SkipPlan(mode="static", neurons=NeuronSubsets(fill, tensors, intermediate_size=size, rank=rank), **kw)
 
 
 @pytest.mark.parametrize("plan_kw", [
@@ -224,7 +234,7 @@ def test_neuron_masks_follow_the_plan_rule(plan_kw):
 
 @pytest.mark.parametrize("host", [False, True], ids=["device", "host"])
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
-@pytest.mark.parametrize("fill, bias", [("none", False), ("mean", True)])
+@pytest.mark.parametrize("fill, bias", [("none", False), ("mean", True), ("map", True)])
 def test_served_neuron_plan_narrows_decode_rows_only(gather, fill, bias, host):
     """A mixed batch (a prompt chunk, decode tokens at d = 4, 0, 1) on a gated stand-in: prompt rows run every neuron,
     decode rows the kept ones on views of the permuted weights (+ the mean bias), a layer skipped whole at d skips;
@@ -253,7 +263,8 @@ def test_served_neuron_plan_narrows_decode_rows_only(gather, fill, bias, host):
                     out = torch.zeros_like(h)
                 elif l in narrowed:
                     b = plan.neurons.bias(l)
-                    out = _narrowed_ffn(layer.mlp, plan.neurons.kept(l), None if b is None else torch.from_numpy(b), h)
+                    out = _narrowed_ffn(layer.mlp, plan.neurons.kept(l), None if b is None else torch.from_numpy(b), h,
+                                        plan.neurons.neuron_map(l))
                 else:
                     out = layer.mlp(h)
                 h = h + out

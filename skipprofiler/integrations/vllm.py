@@ -23,7 +23,8 @@ What it does, in every vLLM process the plugin is loaded in, and only while ``SK
   loading, each such FFN's neurons are permuted in place so the kept ones come first (rows of both halves of
   ``gate_up_proj``, columns of ``down_proj``: the dense function is unchanged, nothing is copied), and a narrowed
   row runs the module's own forward with its projections computing on views of the first k neurons (plus the mean
-  bias of ``fill: mean``): the transformers runtime's reparametrisation (skipprofiler.runtime.neurons).
+  bias of ``fill: mean``, and with ``fill: map`` the rank-r map of the kept activations): the transformers runtime's
+  reparametrisation (skipprofiler.runtime.neurons).
 * once per step, from the counts the model runner holds on the host (per request its computed tokens and prompt
   length, per token its request and place in the step: what vLLM computes positions from), the plugin decides per
   group of planned layers whether every row of the coming forward skips (or is narrowed, or runs the whole FFN): then
@@ -372,7 +373,8 @@ class ServedPlan:
             for layer in subsets.layers:
                 try:
                     narrowings[layer] = Narrowed(sites[layer].ffn, layer, subsets.kept(layer),
-                                                 subsets.bias(layer) if subsets.fill == "mean" else None)
+                                                 subsets.bias(layer) if subsets.fill != "none" else None,
+                                                 subsets.neuron_map(layer) if subsets.fill == "map" else None)
                 except PlanError as e:
                     problems += e.problems
         if problems:
@@ -610,7 +612,7 @@ class Narrowed:
     down projection), the permutation that moves the kept neurons first, and the narrowed forwards of those
     projections, used while `width` is set (skipprofiler.runtime.neurons does the same in transformers)."""
 
-    def __init__(self, mlp: Any, layer: int, kept: Any, bias: Any | None):
+    def __init__(self, mlp: Any, layer: int, kept: Any, bias: Any | None, neuron_map: Any | None = None):
         import numpy as np
 
         from ..runtime.neurons import FUSED_IN_PROJECTIONS, IN_PROJECTIONS
@@ -647,8 +649,14 @@ class Narrowed:
         self.k = int(self.kept.size)
         if self.k and (self.kept.min() < 0 or self.kept.max() >= self.size):
             raise PlanError(f"neurons: {where} has {self.size} neurons, the plan keeps index {int(self.kept.max())}")
-        self.bias = None if bias is None else torch.as_tensor(np.asarray(bias, dtype=np.float32)).to(
-            device=self.down.weight.device, dtype=self.down.weight.dtype)
+        weight = self.down.weight
+
+        def tensor(array):
+            return torch.as_tensor(np.asarray(array, dtype=np.float32)).to(device=weight.device, dtype=weight.dtype)
+
+        self.bias = None if bias is None else tensor(bias)
+        # fill map: bias + map_out @ (map_in @ a_K), a_K the kept neurons' activations (runtime/neurons.py's order)
+        self.map = None if neuron_map is None else tuple(tensor(m) for m in neuron_map)
 
     @staticmethod
     def _unsupported(module: Any) -> str | None:
@@ -713,7 +721,9 @@ class Narrowed:
             if k is None:
                 return original(a)
             out = F.linear(a[..., :k], module.weight[:, :k], getattr(module, "bias", None))
-            if self.bias is not None:
+            if self.map is not None:
+                out = out + F.linear(F.linear(a[..., :k], self.map[0]), self.map[1], self.bias)
+            elif self.bias is not None:
                 out = out + self.bias
             return (out, None) if getattr(module, "return_bias", False) else out
 

@@ -169,9 +169,9 @@ SELECT_NEURONS = {0: 60, 3: 40}  # kept neurons of 96
 def test_accelerator_branch_on_cpu_serves_apply_plan_tokens(tmp_path):
     """The accelerator's branch (SKIPPROF_VLLM_PATH=select: every row computed every way and selected with masks
     where rows differ) on CPU tensors, under vLLM's torch.compile (the opaque op), tiny Llama, a plan with whole
-    skips (layer 1 always, layer 2 every other token), narrowed layers (0, 3, fill mean) and a warm-up of 2: the
-    six prompts decode in step (uniform forwards, decided on the host), then a longer prompt is prefilled in chunks
-    beside the others' decode tokens (mixed forwards). Tokens == transformers + apply_plan; the FFN of a layer that
+    skips (layer 1 always, layer 2 every other token), narrowed layers (0, 3, fill map: bias + a rank-2 map of the
+    kept activations) and a warm-up of 2: the six prompts decode in step (uniform forwards, decided on the host),
+    then a longer prompt is prefilled in chunks beside the others' decode tokens (mixed forwards). Tokens == transformers + apply_plan; the FFN of a layer that
     every row of a forward skips was not called in that forward."""
     folder = tmp_path / "llama"
     model = tiny_checkpoint("llama", folder)
@@ -180,9 +180,11 @@ def test_accelerator_branch_on_cpu_serves_apply_plan_tokens(tmp_path):
     for layer, k in SELECT_NEURONS.items():
         tensors[f"{layer}.kept"] = np.sort(rng.choice(96, k, replace=False)).astype(np.int64)
         tensors[f"{layer}.bias"] = (0.05 * rng.standard_normal(64)).astype(np.float32)
+        tensors[f"{layer}.map_in"] = (0.1 * rng.standard_normal((2, k))).astype(np.float32)
+        tensors[f"{layer}.map_out"] = (0.1 * rng.standard_normal((64, 2))).astype(np.float32)
     plan = write_plan(model, tmp_path, "select", SkipPlan(
         mode="static", skip_layers=dict(SELECT_SKIPS), warmup_tokens=WARMUP,
-        neurons=NeuronSubsets("mean", tensors, intermediate_size=96)))
+        neurons=NeuronSubsets("map", tensors, intermediate_size=96, rank=2)))
     long_prompt = [int(t) for t in rng.integers(2, 96, 100)]
     uniform, mixed = run_vllm(folder, plan, tmp_path, "select", env={"SKIPPROF_VLLM_PATH": "select"},
                               runs=[PROMPTS, PROMPTS + [long_prompt]],

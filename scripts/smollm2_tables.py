@@ -25,6 +25,11 @@ RUNS = (("neurons", "Neuron plans (each FFN keeps its most important neurons by 
                     "the dropped neurons' mean output as a bias): one uniform width at 10 % and 22 % of FFN FLOPs and "
                     "within a +10 % perplexity budget, ranked by the profile's prompt statistics; and a 22 % plan whose "
                     "widths one round of measured exchanges chose, ranked by decode statistics"),
+        ("neurons-map", "Neuron plans with fill map (the dropped neurons' output predicted by a rank-32 least-squares "
+                        "map of the kept neurons' activations, fitted on teacher-forced calibration decode positions; "
+                        "its FLOPs counted against the saving): one uniform width at 10 % and 22 % of FFN FLOPs net, "
+                        "22 % with widths chosen by two rounds of measured exchanges, and within a +10 % perplexity "
+                        "budget (the same held-out windows and questions as the neuron plans above)"),
         ("linear-10", "Linear substitutes at 10 %: none / mean output / linear, quality budgets, and the baselines at "
                       "the linear plan's ratio (ReplaceMe-style at its decode FLOPs)"),
         ("linear-25", "Linear substitutes at 25 %: none / mean output / linear (full and rank 128), and the baselines at "
@@ -60,10 +65,18 @@ def decode_saved(row: dict) -> float | None:
 
 SERIES = (  # (label, how a row is recognised, style) for the quality-vs-FLOPs figure
     ("FFN neurons dropped (uniform width, mean bias)", lambda r: r["name"].startswith("smollm2-neurons-")
-     and "decodestats" not in r["name"], dict(color="tab:green", marker="o", linewidth=2.6)),
+     and "decodestats" not in r["name"] and "-map-" not in r["name"], dict(color="tab:green", marker="o",
+                                                                           linewidth=2.6)),
+    ("neurons, rank-32 map (uniform width)", lambda r: r["name"].startswith("smollm2-neurons-map-")
+     and not r["name"].endswith("-r2"), dict(color="darkgreen", marker="s", linewidth=2.6)),
+    ("neurons, rank-32 map, widths from two measured rounds", lambda r: r["name"].startswith("smollm2-neurons-map-")
+     and r["name"].endswith("-r2"), dict(color="darkgreen", marker="X", markersize=9, linestyle="none")),
+    ("neurons, rank-32 map, quality budget +10 %", lambda r: r["name"].startswith("smollm2-budget-neurons-map"),
+     dict(color="darkgreen", marker="*", markersize=12, linestyle="none")),
     ("neurons, widths from one measured round", lambda r: r["name"].startswith("smollm2-neurons-")
      and "decodestats" in r["name"], dict(color="tab:green", marker="X", markersize=9, linestyle="none")),
-    ("neurons, quality budget +10 %", lambda r: r["name"].startswith("smollm2-budget-neurons"),
+    ("neurons, quality budget +10 %", lambda r: r["name"].startswith("smollm2-budget-neurons")
+     and "-map-" not in r["name"],
      dict(color="tab:green", marker="*", markersize=12, linestyle="none")),
     ("FFN skipped outright (refined static)", lambda r: r["name"].startswith("smollm2-static-")
      and "mean" not in r["name"], dict(color="tab:blue", marker="o")),
@@ -92,7 +105,7 @@ def figure(path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = []
-    for run in ("neurons", "linear-10", "linear-25", "linear-more"):
+    for run in ("neurons", "neurons-map", "linear-10", "linear-25", "linear-more"):
         file = ROOT / "docs" / "results" / f"smollm2-eval-{run}.json"
         if file.exists():  # the extra run's rows at 25 % only where the 25 % run does not have them
             seen = {r["name"] for r in rows} if run == "linear-more" else set()

@@ -7,6 +7,7 @@
 #   scripts/smollm2_results.sh fit-static      # one stage; stages: profile fit-static fit-linear fit-other eval-10
 #                                              # eval-25 eval-more eval-perclass router eval-linear-10 eval-linear-25
 #                                              # eval-linear-more profile-neurons fit-neurons eval-neurons
+#                                              # fit-neurons-map eval-neurons-map
 #
 # Stages: (profile) the bundled calibration split, 40 k prompt tokens + 32 generated per document; (fit-static) static
 # plans chosen by measured KL (--refine) at 10 / 25 / 35 %, and with mean-output compensation at 10 / 25 %;
@@ -33,7 +34,7 @@ GGUF=$(python -c "from skipprofiler.arch.models import smollm2_gguf; print(smoll
 STAGES=("$@")
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-linear fit-other eval-10 eval-25 eval-more eval-perclass
                                      eval-linear-10 eval-linear-25 eval-linear-more profile-neurons fit-neurons
-                                     eval-neurons)
+                                     eval-neurons fit-neurons-map eval-neurons-map)
 
 timed() {  # timed LOG COMMAND...: run, log stdout+stderr and the wall time
   local log="$WORK/$1"; shift
@@ -81,6 +82,16 @@ for stage in "${STAGES[@]}"; do
       timed fit-budget-neurons-10.log skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons \
         --max-ppl-increase 0.10 --neuron-statistics prompt --neuron-rounds 0 --model "$GGUF" --gen-len "$GEN_LEN" \
         --out plans/smollm2-budget-neurons-ppl10.yaml ;;
+    fit-neurons-map)  # fill map: the dropped neurons' output predicted by a rank-32 map of the kept activations
+      for R in 10 22; do
+        timed "fit-neurons-map-$R.log" skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons \
+          -r "0.$R" --neuron-fill map --rank 32 --neuron-statistics prompt --neuron-rounds 0 --model "$GGUF" \
+          --gen-len "$GEN_LEN" --out "plans/smollm2-neurons-map-$R.yaml"
+      done ;;
+    eval-neurons-map)  # the same held-out windows and questions as eval-neurons
+      timed eval-neurons-map.log skipprof eval --model "$GGUF" plans/smollm2-neurons-map-22.yaml \
+        plans/smollm2-neurons-map-10.yaml --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \
+        --out "$OUT/smollm2-eval-neurons-map.json" ;;
     eval-neurons)
       timed eval-neurons.log skipprof eval --model "$GGUF" plans/smollm2-neurons-22.yaml plans/smollm2-neurons-10.yaml \
         plans/smollm2-budget-neurons-ppl10.yaml plans/smollm2-neurons-22-decodestats.yaml --gen-len "$GEN_LEN" \

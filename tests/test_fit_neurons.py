@@ -169,6 +169,16 @@ def test_a_map_fill_fit_lands_on_its_share_net_of_the_maps_and_the_runtime_agree
                                                                         abs=1e-3)
 
 
+def test_a_map_fill_too_wide_to_hold_its_covariances_is_a_clear_error(heavy, monkeypatch):
+    from skipprofiler.fit import neurons
+    from skipprofiler.fit.neurons import NeuronFitError
+
+    model, profile = heavy
+    monkeypatch.setattr(neurons, "MAX_MOMENT_BYTES", 1024)
+    with pytest.raises(NeuronFitError, match="keeps every FFN's activation covariance .* use fill mean"):
+        _fit(model, profile, target=0.3, neuron_rounds=0, neuron_fill="map", rank=2)
+
+
 def test_the_criteria_rank_differently_and_wanda_reads_the_input_weights(heavy):
     model, profile = heavy
     scores = {c: neuron_importance(profile, model, c)[1] for c in ("energy", "fluctuation", "wanda")}

@@ -8,12 +8,14 @@ positions, the widths chosen by measured KL on calibration windows.
   neuron's input weights -- its down-column form ||W_down[:, j]|| * sqrt(E[a_j^2]) ranks exactly as ``energy``).
   A layer keeps its top k (stored ascending); with fill ``mean`` the dropped neurons' mean output
   W_down[:, dropped] @ E[a_dropped] is added as a bias.
-* Fill ``map`` (`NeuronMaps`): the dropped neurons' output predicted from the kept ones' activations a_K,
+* Fill ``map``: the dropped neurons' output predicted from the kept ones' activations a_K,
   W_down[:, D] (mu_D + B (a_K - mu_K)) with B the ridge regression of a_D on a_K, projected onto its top r directions
   (r = `FitSettings.rank`) under a_K's covariance: ``bias + map_out @ (map_in @ a_K)``, 2 r (k + H) FLOPs a row. The
   moments (mean and covariance of a, teacher forced on calibration windows at decode positions, attention sinks out
   as the linear substitutes leave them out) are measured once; each (layer, width) solves its map from them. On
-  SmolLM2 at 22 % (uniform widths, calibration KL): mean bias 0.334, rank-32 map 0.279, full rank 0.228.
+  SmolLM2, the same kept neurons (22 %): KL 0.334 with the mean bias, 0.279 with rank-32 maps, 0.228 at full rank
+  (which would need a copy of the kept down columns); at equal FFN FLOPs net the rank-32 map measured 0.313 against
+  0.334 at 22 %, but 0.142 against 0.129 at 10 % (its cost outweighs its gain there).
 * Statistics (`FitSettings.neuron_statistics`): the profile's decode or prompt regime; ``auto`` measures a uniform
   width with each on the choosing windows and keeps the lower KL (on SmolLM2 with 1.6 k decode and 12 k prompt tokens
   profiled, prompt statistics measured KL 0.373 against decode's 0.480 at 22 %).
@@ -66,6 +68,7 @@ class NeuronFitError(ValueError):
 NEURON_MAP_DOCS_PER_CLASS = 40  # fill map: calibration documents per class whose decode positions give the moments
 NEURON_MAP_RIDGE = 1e-3  # fill map: ridge, relative to the mean variance of the kept activations
 DEFAULT_NEURON_MAP_RANK = 32
+MAX_MOMENT_BYTES = 16 << 30  # fill map: the covariances held at once (SmolLM2: 0.5 GiB; a 7 B Llama: 29 GiB)
 
 
 @dataclass
@@ -142,6 +145,14 @@ def solve_neuron_map(moments: NeuronMoments, down: np.ndarray, kept: np.ndarray,
     map_in = torch.linalg.solve_triangular(chol.T, vh[:r].T, upper=True).T  # [r, K]: vh_r chol^-1
     bias = wd @ mu[d_idx] - map_out @ (map_in @ mu[k_idx])
     return bias.float().numpy(), map_in.float().contiguous().numpy(), map_out.float().contiguous().numpy()
+
+
+def intermediate_width(model) -> int:
+    """The FFN width I of the model's first FFN (neuron plans need one down projection per FFN)."""
+    from ..arch.capture import down_projection, intermediate_size
+    from ..arch.registry import resolve
+
+    return intermediate_size(down_projection(resolve(model).sites[0])[1])
 
 
 def neuron_moments(model, batches, sink_factor: float | None = None) -> dict[int, NeuronMoments]:
@@ -508,11 +519,18 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
     if fill == "map":
         from .substitute import calibration_batches
 
+        width = intermediate_width(model)
+        need = arch.num_layers * width * width * 8
+        if need > MAX_MOMENT_BYTES:
+            raise NeuronFitError(f"fill map keeps every FFN's activation covariance ({arch.num_layers} x {width}^2 "
+                                 f"float64 = {need / 2**30:.1f} GiB here, above {MAX_MOMENT_BYTES / 2**30:.0f} GiB): "
+                                 "use fill mean for a model this wide")
         begun = time.perf_counter()
-        batches = map_batches if map_batches is not None else calibration_batches(model, tokenizer, settings.data, skip_docs_per_class=CONFIRM_DOCS_PER_CLASS,
-                                      docs_per_class=NEURON_MAP_DOCS_PER_CLASS, prompt_len=CONFIRM_PROMPT_LEN,
-                                      gen_len=CONFIRM_WINDOW - CONFIRM_PROMPT_LEN, text_column=settings.text_column,
-                                      class_column=settings.class_column)
+        batches = map_batches if map_batches is not None else calibration_batches(
+            model, tokenizer, settings.data, skip_docs_per_class=CONFIRM_DOCS_PER_CLASS,
+            docs_per_class=NEURON_MAP_DOCS_PER_CLASS, prompt_len=CONFIRM_PROMPT_LEN,
+            gen_len=CONFIRM_WINDOW - CONFIRM_PROMPT_LEN, text_column=settings.text_column,
+            class_column=settings.class_column)
         moments = neuron_moments(model, batches)
         map_record = {"rank": neuron_map_rank(settings), "positions": next(iter(moments.values())).count,
                       "windows": sum(int(b.input_ids.shape[0]) for b in batches), "ridge": NEURON_MAP_RIDGE,

@@ -497,10 +497,9 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
     of calibration windows; `map_batches` (fill map): token batches whose decode positions give the maps' moments;
     default: the calibration split of `settings.data` read with `tokenizer` (the maps': other documents than the
     measuring windows')."""
-    from ..arch.flops import token_flops
     from ..arch.registry import resolve
     from ..plan.model import SkipPlan
-    from .from_profile import eligible_share, fitting_regime
+    from .from_profile import eligible_share
 
     started = time.perf_counter()
     if not getattr(profile, "has_neurons", False):

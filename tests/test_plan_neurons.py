@@ -57,6 +57,16 @@ def mixed_plan() -> PlanFile:
                     global_plan=glob, classes={"code": code})
 
 
+def rewrite_tensors(plan_path: Path, tensors: dict) -> None:
+    """Replace a saved plan's sidecar by `tensors`, re-pinning its sha256 (so only the arrays' own problems show)."""
+    from safetensors.numpy import save
+
+    data = save(tensors)
+    weights_file_for(plan_path).write_bytes(data)
+    old_sha = yaml.safe_load(plan_path.read_text())["global"]["neurons"]["sha256"]
+    plan_path.write_text(plan_path.read_text().replace(old_sha, hashlib.sha256(data).hexdigest()))
+
+
 @pytest.fixture
 def saved(tmp_path) -> Path:
     return save_plan(mixed_plan(), tmp_path / "mixed.yaml")
@@ -145,7 +155,7 @@ def test_every_problem_of_a_neurons_block_is_reported_at_once():
 
 
 def test_tensor_problems_are_all_reported_on_load(saved):
-    from safetensors.numpy import load_file, save
+    from safetensors.numpy import load_file
 
     path = weights_file_for(saved)
     tensors = load_file(path)
@@ -155,10 +165,7 @@ def test_tensor_problems_are_all_reported_on_load(saved):
     del tensors["global.neurons.3.bias"]  # fill mean without a bias
     tensors["class.code.neurons.4.bias"] = np.zeros(H, np.float32)  # a bias with fill none
     tensors["class.code.neurons.0.kept"] = np.array([1], dtype=np.int64)  # a layer widths does not list
-    data = save(tensors)
-    path.write_bytes(data)
-    old_sha = yaml.safe_load(saved.read_text())["global"]["neurons"]["sha256"]
-    saved.write_text(saved.read_text().replace(old_sha, hashlib.sha256(data).hexdigest()))
+    rewrite_tensors(saved, tensors)
     with pytest.raises(PlanError) as info:
         load_plan(saved)
     assert info.value.problems == [
@@ -173,7 +180,7 @@ def test_tensor_problems_are_all_reported_on_load(saved):
 
 
 def test_a_map_fill_round_trips_and_its_problems_are_all_reported(tmp_path):
-    from safetensors.numpy import load_file, save
+    from safetensors.numpy import load_file
 
     plan = PlanFile(model={"name": "tiny", "fingerprint": {"model_type": "llama", "num_layers": L, "hidden_size": H}},
                     global_plan=SkipPlan("static", neurons=subsets({0: 12, 2: 9}, fill="map", rank=3)))
@@ -189,10 +196,7 @@ def test_a_map_fill_round_trips_and_its_problems_are_all_reported(tmp_path):
     tensors["global.neurons.0.map_in"] = np.zeros((3, 11), np.float32)  # not the kept width
     tensors["global.neurons.2.map_out"] = np.zeros((H, 3), np.float64)  # not float32
     del tensors["global.neurons.2.map_in"]
-    data = save(tensors)
-    weights_file_for(path).write_bytes(data)
-    old_sha = yaml.safe_load(path.read_text())["global"]["neurons"]["sha256"]
-    path.write_text(path.read_text().replace(old_sha, hashlib.sha256(data).hexdigest()))
+    rewrite_tensors(path, tensors)
     with pytest.raises(PlanError) as info:
         load_plan(path)
     assert info.value.problems == [

@@ -70,6 +70,18 @@ def tiny_checkpoint(model_type: str, folder: Path):
     return model
 
 
+def random_map_subsets(widths: dict[int, int], rng, size: int = 96, hidden: int = 64, rank: int = 2) -> dict:
+    """Fill-map neuron tensors for the tiny checkpoint: per layer `widths[layer]` random kept neurons of `size`, a
+    small random bias and a random rank-`rank` map."""
+    tensors = {}
+    for layer, k in widths.items():
+        tensors[f"{layer}.kept"] = np.sort(rng.choice(size, k, replace=False)).astype(np.int64)
+        tensors[f"{layer}.bias"] = (0.05 * rng.standard_normal(hidden)).astype(np.float32)
+        tensors[f"{layer}.map_in"] = (0.1 * rng.standard_normal((rank, k))).astype(np.float32)
+        tensors[f"{layer}.map_out"] = (0.1 * rng.standard_normal((hidden, rank))).astype(np.float32)
+    return tensors
+
+
 def write_plan(model, folder: Path, name: str, plan: SkipPlan) -> Path:
     path = folder / f"{name}.yaml"
     save_plan(PlanFile(model={"name": name, "fingerprint": model_fingerprint(model)}, global_plan=plan), path)
@@ -176,12 +188,7 @@ def test_accelerator_branch_on_cpu_serves_apply_plan_tokens(tmp_path):
     folder = tmp_path / "llama"
     model = tiny_checkpoint("llama", folder)
     rng = np.random.default_rng(0)
-    tensors = {}
-    for layer, k in SELECT_NEURONS.items():
-        tensors[f"{layer}.kept"] = np.sort(rng.choice(96, k, replace=False)).astype(np.int64)
-        tensors[f"{layer}.bias"] = (0.05 * rng.standard_normal(64)).astype(np.float32)
-        tensors[f"{layer}.map_in"] = (0.1 * rng.standard_normal((2, k))).astype(np.float32)
-        tensors[f"{layer}.map_out"] = (0.1 * rng.standard_normal((64, 2))).astype(np.float32)
+    tensors = random_map_subsets(SELECT_NEURONS, rng)
     plan = write_plan(model, tmp_path, "select", SkipPlan(
         mode="static", skip_layers=dict(SELECT_SKIPS), warmup_tokens=WARMUP,
         neurons=NeuronSubsets("map", tensors, intermediate_size=96, rank=2)))

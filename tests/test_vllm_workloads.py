@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 from test_vllm_families import ENGINE as FAMILY_ENGINE
-from test_vllm_families import ENV, RUNNER, tiny_checkpoint, vllm_test, write_plan
+from test_vllm_families import ENV, RUNNER, random_map_subsets, tiny_checkpoint, vllm_test, write_plan
 
 from skipprofiler.plan.model import NeuronSubsets, SkipPlan
 
@@ -100,12 +100,7 @@ def served(tmp_path_factory):
     folder = tmp / "llama"
     model = tiny_checkpoint("llama", folder)
     rng = np.random.default_rng(0)
-    tensors = {}
-    for layer, k in NEURONS.items():
-        tensors[f"{layer}.kept"] = np.sort(rng.choice(96, k, replace=False)).astype(np.int64)
-        tensors[f"{layer}.bias"] = (0.05 * rng.standard_normal(64)).astype(np.float32)
-        tensors[f"{layer}.map_in"] = (0.1 * rng.standard_normal((2, k))).astype(np.float32)
-        tensors[f"{layer}.map_out"] = (0.1 * rng.standard_normal((64, 2))).astype(np.float32)
+    tensors = random_map_subsets(NEURONS, rng)
     plans = {"static": write_plan(model, tmp, "static", SkipPlan(mode="static", skip_layers=dict(SKIPS),
                                                                   warmup_tokens=WARMUP)),
              "neuron": write_plan(model, tmp, "neuron", SkipPlan(

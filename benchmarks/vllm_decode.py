@@ -1,16 +1,19 @@
-"""vLLM decode throughput: dense vs a skip plan (SKIPPROF_PLAN), output tokens/s at 1 and 16 concurrent requests.
+"""vLLM decode throughput: dense vs skip plans (SKIPPROF_PLAN), output tokens/s at several concurrencies.
 
-The engines run side by side in their own processes (dense, the plan, and with --routed a control that sends every
+The engines run side by side in their own processes (dense, one per plan, and with --routed a control that sends every
 FFN through the plugin's op without skipping: a plan over all layers whose warm-up never ends), each idle while
-another is timed; every round times every arm at every concurrency in rotating order, one warm-up round is dropped, and each
-cell reports the median of the rounds. A round at concurrency c submits c fresh random prompts (the same ones to both
-arms) to ``LLM.generate`` (greedy, ignore_eos) and divides the output tokens by the wall time of that call.
+another is timed, started one after another; every round times every arm at every concurrency in rotating order, one
+warm-up round is dropped, and each cell reports the median of the rounds. A round at concurrency c submits c fresh
+random prompts (the same ones to every arm) to ``LLM.generate`` (greedy, ignore_eos) and divides the output tokens by
+the wall time of that call. --starts N repeats the whole run with fresh engines (a figure from one start is not a
+result: the plan engine's speed has varied between starts) and prints the load average before each start.
 
 The FLOP ideal is skipprofiler.evaluation.bench's (attention projections, attention over the cache, FFN, LM head; prefill
-included), with the skipped FFN rows counted by the plugin over the very run: ideal speedup = dense FLOPs /
-(dense FLOPs - skipped rows x FFN FLOPs + linear substitute FLOPs). docs/benchmarks.md has the numbers.
+included), with the FFN rows the plugin skipped and narrowed counted over the very run: ideal speedup = dense FLOPs /
+(dense FLOPs - FFN FLOPs saved net of linear substitutes, mean biases and neuron maps). docs/benchmarks.md has the numbers.
 
-    python benchmarks/vllm_decode.py --plan plans/smollm2-static-25.yaml --json runs/bench/vllm-decode.json
+    python benchmarks/vllm_decode.py --plan plans/smollm2-static-25.yaml plans/smollm2-linear-25.yaml --routed \
+        --concurrency 1 4 16 64 --starts 3 --json runs/bench/vllm-decode.json
 
 The same command runs on a GPU host (the CUDA build of vLLM): --dtype defaults to bfloat16 there (float32 on CPU),
 and each engine takes an equal share of --gpu-memory-utilization, since the arms' engines share the GPU.
@@ -33,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def child(args: argparse.Namespace) -> None:
     """One engine; reads `c seed` lines, answers one JSON line per round."""
     if args.child in ("plan", "routed"):
-        os.environ["SKIPPROF_PLAN"] = args.plan if args.child == "plan" else routed_plan(args.plan)
+        os.environ["SKIPPROF_PLAN"] = args.plan[0] if args.child == "plan" else routed_plan(args.plan[0])
     else:
         os.environ.pop("SKIPPROF_PLAN", None)
     import random
@@ -58,52 +61,140 @@ def child(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         after = llm.collective_rpc("skipprof_stats")[0] if args.child != "dense" else None
         tokens = sum(len(o.outputs[0].token_ids) for o in out)
-        skipped = after["skipped_ffn_rows"] - before["skipped_ffn_rows"] if after else 0
-        print("ROUND " + json.dumps({"seconds": seconds, "tokens": tokens, "skipped_ffn_rows": skipped}), flush=True)
+        counted = {key: after[key] - before[key] for key in ("skipped_ffn_rows", "narrowed_ffn_rows")} if after else {}
+        print("ROUND " + json.dumps({"seconds": seconds, "tokens": tokens, **counted}), flush=True)
 
 
-def start(args: argparse.Namespace, arm: str) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--child", arm, "--model", args.model, "--plan", args.plan,
+def start(args: argparse.Namespace, arm: str, kind: str, plan: str) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--child", kind, "--model", args.model, "--plan", plan,
            "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
-           "--concurrency", *map(str, args.concurrency), "--dtype", args.dtype,
-           "--max-model-len", str(args.max_model_len)]
+           "--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
     if args.gpu_share is not None:
         cmd += ["--gpu-share", str(args.gpu_share)]
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env = dict(os.environ)
+    if args.gpu_share is None:
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+    log = ROOT / "runs" / "bench" / f"vllm-{arm}.stderr"  # the engine's own log, for when it fails to start
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"),
+                            text=True)
+    proc.log = log
+    return proc
 
 
 def read(proc: subprocess.Popen, tag: str) -> str:
     while True:
         line = proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"engine exited (rc {proc.poll()}); run the child alone to see why")
+            raise RuntimeError(f"engine exited (rc {proc.wait()}); its log: {proc.log}")
         if line.startswith(tag):
             return line[len(tag):].strip()
 
 
-def flops(args: argparse.Namespace, batch: int, skipped: int) -> tuple[float, float]:
-    """(dense, plan) FLOPs of one round, from the model's config (a meta-device transformers model)."""
+def flops(args: argparse.Namespace, plan_path: str, batch: int, counted: dict[str, float]) -> tuple[float, float]:
+    """(dense, plan) FLOPs of one round, from the model's config (a meta-device transformers model) and the rows the
+    plugin counted: skipped rows less what linear substitutes computed instead, narrowed rows at their layer's
+    saving (the runtime's own count: the neurons' multiply-adds less the mean bias and the map)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from skipprofiler.arch.flops import FlopModel
+    from skipprofiler.arch.registry import resolve
     from skipprofiler.evaluation.bench import run_flops
     from skipprofiler.plan import load_plan
+    from skipprofiler.runtime.neurons import Narrowing
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.model))
-    plan = load_plan(args.plan).global_plan
-    substitute = 0.0
+    plan = load_plan(plan_path).global_plan
+    f = FlopModel.of(model).flops
+    saved = counted["skipped_ffn_rows"] * f["ffn"]
     if plan.linear is not None:
-        substitute = skipped * plan.linear.flops_per_call(model.config.hidden_size)
-    return run_flops(model, batch, args.prompt_tokens, args.new_tokens, skipped, substitute)
+        saved -= counted["skipped_ffn_rows"] * plan.linear.flops_per_call(model.config.hidden_size)
+    if plan.neurons is not None and counted["narrowed_ffn_rows"]:
+        subsets, sites = plan.neurons, resolve(model).sites
+        per_layer = [Narrowing(sites[l], subsets.kept(l), subsets.bias(l), subsets.neuron_map(l)).saved_per_row
+                     for l in subsets.layers]
+        # the plugin counts (row, layer) pairs, and a decode row is narrowed in every planned layer
+        saved += counted["narrowed_ffn_rows"] / len(per_layer) * sum(per_layer)
+    return run_flops(model, batch, args.prompt_tokens, args.new_tokens, ffn_flops_saved=saved)
+
+
+def one_start(args: argparse.Namespace, arms: dict[str, tuple[str, str]]) -> dict[tuple[str, int], list[dict]]:
+    """Start every arm's engine (one at a time: engines starting together race for the same free port), time the
+    rounds, stop the engines; samples per (arm, concurrency)."""
+    t0 = time.time()
+    procs = {}
+    try:
+        for name, (kind, plan) in arms.items():
+            procs[name] = start(args, name, kind, plan)
+            read(procs[name], "READY")
+        print(f"engines up in {time.time() - t0:.0f} s; load average {_load()}", flush=True)
+        names = list(arms)
+        samples: dict[tuple[str, int], list[dict]] = {}
+        for r in range(args.rounds + 1):  # round 0: warm-up, dropped
+            for c in args.concurrency:
+                shift = (r + c) % len(names)
+                order = names[shift:] + names[:shift]  # rotating order: drift in machine load hits every arm alike
+                for arm in order:
+                    procs[arm].stdin.write(f"{c} {1000 * r + c}\n")
+                    procs[arm].stdin.flush()
+                    result = json.loads(read(procs[arm], "ROUND "))
+                    if r:
+                        samples.setdefault((arm, c), []).append(result)
+                    print(f"round {r} c={c} {arm}: {result['tokens'] / result['seconds']:.1f} tok/s", flush=True)
+    finally:
+        for proc in procs.values():
+            if proc.stdin and not proc.stdin.closed:
+                proc.stdin.close()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return samples
+
+
+def rows_of(args: argparse.Namespace, samples, plan_arms: dict[str, str], routed: bool) -> list[dict]:
+    def tok_s(arm, c):
+        return statistics.median(s["tokens"] / s["seconds"] for s in samples[(arm, c)])
+
+    rows = []
+    for arm, plan_path in plan_arms.items():
+        for c in args.concurrency:
+            dense, plan = tok_s("dense", c), tok_s(arm, c)
+            counted = {key: statistics.median(s[key] for s in samples[(arm, c)])
+                       for key in ("skipped_ffn_rows", "narrowed_ffn_rows")}
+            dense_flops, plan_flops = flops(args, plan_path, c, counted)
+            ideal = dense_flops / plan_flops
+            row = {"plan": plan_path, "concurrency": c, "dense_tok_s": dense, "plan_tok_s": plan,
+                   "speedup": plan / dense, "ideal_speedup": ideal, "measured_over_ideal": plan / dense / ideal,
+                   **counted, "rounds": args.rounds}
+            if routed:
+                control = tok_s("routed", c)
+                row.update(routed_tok_s=control, routed_over_dense=control / dense, plan_over_routed=plan / control,
+                           plan_over_routed_over_ideal=plan / control / ideal)
+            rows.append(row)
+    return rows
+
+
+def print_rows(rows: list[dict], routed: bool) -> None:
+    print(f"{'plan':<28}{'requests':>8}{'dense tok/s':>13}{'plan tok/s':>12}{'speedup':>9}{'ideal':>8}"
+          f"{'meas/ideal':>12}" + (f"{'control/dense':>15}" if routed else ""))
+    for row in rows:
+        print(f"{Path(row['plan']).stem:<28}{row['concurrency']:>8}{row['dense_tok_s']:>13.1f}{row['plan_tok_s']:>12.1f}"
+              f"{row['speedup']:>8.3f}x{row['ideal_speedup']:>7.3f}x{row['measured_over_ideal']:>12.3f}"
+              + (f"{row['routed_over_dense']:>15.3f}" if routed else ""))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint folder (default: SmolLM2 written to runs/vllm/smollm2)")
-    p.add_argument("--plan", default=str(ROOT / "plans" / "smollm2-static-25.yaml"))
+    p.add_argument("--plan", nargs="+", default=[str(ROOT / "plans" / "smollm2-static-25.yaml")],
+                   help="one engine per plan, each timed against the same dense engine")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--starts", type=int, default=1, help="fresh engine starts, each timed and reported on its own")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--json", default=None)
@@ -112,6 +203,9 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                    help="GPU memory the engines take together, split evenly between them (CUDA hosts)")
+    p.add_argument("--kv-cache-gib", type=int, default=2,
+                   help="CPU hosts: each engine's KV cache in GiB (VLLM_CPU_KVCACHE_SPACE; vllm-cpu's default takes a "
+                        "share of the machine's memory per engine, and engines beside each other run out)")
     p.add_argument("--child", choices=["dense", "plan", "routed"], help=argparse.SUPPRESS)
     p.add_argument("--gpu-share", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -123,57 +217,30 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    names = ["dense", "plan"] + (["routed"] if args.routed else [])
+    plan_arms = {f"plan{i}" if len(args.plan) > 1 else "plan": plan for i, plan in enumerate(args.plan)}
+    arms = {"dense": ("dense", args.plan[0]), **{a: ("plan", plan) for a, plan in plan_arms.items()}}
+    if args.routed:
+        arms["routed"] = ("routed", args.plan[0])
     if cuda:
-        args.gpu_share = round(args.gpu_memory_utilization / len(names), 3)
-    arms = {name: start(args, name) for name in names}
-    t0 = time.time()
-    for proc in arms.values():
-        read(proc, "READY")
-    print(f"engines up in {time.time() - t0:.0f} s", flush=True)
-    samples: dict[tuple[str, int], list[dict]] = {}
-    for r in range(args.rounds + 1):  # round 0: warm-up, dropped
-        for c in args.concurrency:
-            shift = (r + c) % len(names)
-            order = names[shift:] + names[:shift]  # rotating order: drift in machine load hits every arm alike
-            for arm in order:
-                arms[arm].stdin.write(f"{c} {1000 * r + c}\n")
-                arms[arm].stdin.flush()
-                result = json.loads(read(arms[arm], "ROUND "))
-                if r:
-                    samples.setdefault((arm, c), []).append(result)
-                print(f"round {r} c={c} {arm}: {result['tokens'] / result['seconds']:.1f} tok/s", flush=True)
-    for proc in arms.values():
-        proc.stdin.close()
-        proc.wait(timeout=120)
-    rows = []
-    for c in args.concurrency:
-        dense = statistics.median(s["tokens"] / s["seconds"] for s in samples[("dense", c)])
-        plan = statistics.median(s["tokens"] / s["seconds"] for s in samples[("plan", c)])
-        skipped = statistics.median(s["skipped_ffn_rows"] for s in samples[("plan", c)])
-        dense_flops, plan_flops = flops(args, c, int(skipped))
-        ideal = dense_flops / plan_flops
-        row = {"concurrency": c, "dense_tok_s": dense, "plan_tok_s": plan, "speedup": plan / dense,
-               "ideal_speedup": ideal, "measured_over_ideal": plan / dense / ideal,
-               "skipped_ffn_rows": skipped, "rounds": args.rounds}
-        if args.routed:
-            routed = statistics.median(s["tokens"] / s["seconds"] for s in samples[("routed", c)])
-            row.update(routed_tok_s=routed, routed_over_dense=routed / dense, plan_over_routed=plan / routed,
-                       plan_over_routed_over_ideal=plan / routed / ideal)
-        rows.append(row)
-    print(f"{'requests':>8}{'dense tok/s':>13}{'plan tok/s':>12}{'speedup':>9}{'ideal':>8}{'meas/ideal':>12}")
-    for row in rows:
-        print(f"{row['concurrency']:>8}{row['dense_tok_s']:>13.1f}{row['plan_tok_s']:>12.1f}{row['speedup']:>8.3f}x"
-              f"{row['ideal_speedup']:>7.3f}x{row['measured_over_ideal']:>12.3f}")
-        if args.routed:
-            print(f"{'':>8} routed (every FFN through the op, none skipped): {row['routed_tok_s']:.1f} tok/s = "
-                  f"{row['routed_over_dense']:.3f}x dense; plan / routed {row['plan_over_routed']:.3f}x = "
-                  f"{row['plan_over_routed_over_ideal']:.3f} of ideal")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"plan": args.plan, "new_tokens": args.new_tokens,
-                                               "prompt_tokens": args.prompt_tokens, "dtype": args.dtype,
-                                               "device": _device_name(), "rows": rows}, indent=2) + "\n")
+        args.gpu_share = round(args.gpu_memory_utilization / len(arms), 3)
+    starts = []
+    for n in range(args.starts):
+        print(f"start {n + 1} of {args.starts}: load average {_load()}", flush=True)
+        rows = rows_of(args, one_start(args, arms), plan_arms, args.routed)
+        print_rows(rows, args.routed)
+        starts.append({"start": n + 1, "load_average_after": _load(), "rows": rows})
+        if args.json:  # an interrupted run keeps the starts it finished
+            from skipprofiler.atomic import write_text_atomic
+
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(args.json, json.dumps({
+                "plans": args.plan, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+                "dtype": args.dtype, "device": _device_name(), "command": " ".join(sys.argv),
+                "starts": starts, "rows": starts[0]["rows"]}, indent=2) + "\n")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _cuda() -> bool:

@@ -166,6 +166,22 @@ def test_a_map_fill_fit_lands_on_its_share_net_of_the_maps_and_the_runtime_agree
     assert _runtime_saving(model, loaded) == pytest.approx(plan.fit["expected_ffn_flops_saved"], abs=1e-3)
 
 
+def test_fill_auto_keeps_the_fill_that_measures_lower_at_the_uniform_start(heavy, monkeypatch):
+    from skipprofiler.fit import neurons
+
+    model, profile = heavy
+    plan = _fit(model, profile, target=0.3, neuron_rounds=0, neuron_fill="auto", rank=3, neuron_statistics="decode")
+    stats = plan.fit["neuron_statistics"]
+    probe = {f: stats["probe"][f"decode, fill {f}"] for f in ("mean", "map")}
+    assert stats["fill"] == plan.neurons.fill == plan.fit["neuron_fill"] == min(probe, key=probe.get)
+    assert ("neuron_map" in plan.fit) == (plan.neurons.fill == "map")
+    assert plan.fit["expected_ffn_flops_saved"] == pytest.approx(0.3, abs=0.01)
+    # a model too wide for the maps' covariances: auto measures the mean only, no error
+    monkeypatch.setattr(neurons, "MAX_MOMENT_BYTES", 1024)
+    narrow = _fit(model, profile, target=0.3, neuron_rounds=0, neuron_fill="auto", neuron_statistics="decode")
+    assert narrow.neurons.fill == "mean" and "neuron_map" not in narrow.fit
+
+
 def test_a_map_fill_too_wide_to_hold_its_covariances_is_a_clear_error(heavy, monkeypatch):
     from skipprofiler.fit import neurons
     from skipprofiler.fit.neurons import NeuronFitError
@@ -187,12 +203,49 @@ def test_the_criteria_rank_differently_and_wanda_reads_the_input_weights(heavy):
     assert np.all(scores["fluctuation"] <= scores["energy"] + 1e-12)
 
 
+def test_whole_ffn_skips_are_moves_where_they_measure_cheaper_than_narrowing(tmp_path):
+    """compensation linear: a layer whose FFN barely writes to the stream is skipped whole (its linear substitute in
+    place) and the others narrow less; the plan file keeps both kinds, and the runtime saves what the fit counted."""
+    from skipprofiler.arch.registry import model_fingerprint
+    from skipprofiler.plan import load_plan, save_plan
+    from skipprofiler.plan.model import PlanFile
+
+    model = _model(heavy=2)
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight.mul_(0.02)
+    profile = _profile(model)
+    narrowing = _fit(model, profile, target=0.3, neuron_rounds=0, neuron_statistics="decode")
+    mixed = _fit(model, profile, target=0.3, neuron_rounds=1, neuron_statistics="decode", compensation="linear")
+    record = mixed.fit["whole_ffn"]
+    assert 3 in record["layers"] and set(record["measured"]) == set(range(5))
+    assert min(record["measured"], key=record["measured"].get) == 3
+    assert mixed.skip_layers == {l: 1.0 for l in record["layers"]} and mixed.compensation == "linear"
+    assert set(mixed.linear.layers) == set(record["layers"]) and 3 not in mixed.neurons.widths
+    assert mixed.fit["expected_ffn_flops_saved"] == pytest.approx(0.3, abs=0.01)
+    assert mixed.fit["kl"] < narrowing.fit["kl"]
+    assert any(step["step"].startswith("whole") for step in mixed.fit["widths_path"])
+    path = tmp_path / "mixed.yaml"
+    save_plan(PlanFile(model={"name": "tiny", "fingerprint": model_fingerprint(model)}, global_plan=mixed), path)
+    loaded = load_plan(path).global_plan
+    assert loaded.skip_layers == mixed.skip_layers and loaded.neurons.widths == mixed.neurons.widths
+    # decoding (teacher forcing would also count the substitute's work on the prompt rows of a mixed forward)
+    prompts = torch.randint(2, 90, (3, 6), generator=torch.Generator().manual_seed(5))
+    with apply_plan(model, loaded) as handle, torch.inference_mode():
+        model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=12, do_sample=False,
+                       pad_token_id=0)
+        assert handle.stats()["ffn_flops_saved_share"] == pytest.approx(mixed.fit["expected_ffn_flops_saved"],
+                                                                        abs=1e-3)
+
+
 def test_bad_neuron_settings_are_all_reported_at_once(tmp_path, capsys):
+    assert FitSettings(target=0.2, granularity="neurons", compensation="linear").problems() == []
+    assert "rank of FitSettings.neuron_fill=\"map\"'s maps" in "\n".join(
+        FitSettings(target=0.2, granularity="neurons", compensation="linear", rank=4).problems())
     problems = FitSettings(target=0.2, granularity="neurons", mode="adaptive", neuron_fill="zero",
-                           neuron_importance="magic", per_class=True, compensation="linear",
+                           neuron_importance="magic", per_class=True, compensation="norm_ratio",
                            neuron_statistics="both").problems()
     text = "\n".join(problems)
-    for part in ("neuron_fill must be one of none, mean, map", "neuron_importance must be one of",
+    for part in ("neuron_fill must be one of none, mean, map, auto", "neuron_importance must be one of",
                  "neuron_statistics must be one of auto, decode, prompt", "mode=\"adaptive\"",
                  "per_class", "compensation"):
         assert part in text, part
@@ -206,7 +259,7 @@ def test_bad_neuron_settings_are_all_reported_at_once(tmp_path, capsys):
                         "--mode", "adaptive", "--neuron-fill", "zero", "--neuron-importance", "magic", "--out", "-"],
                        capsys)
     assert code == 2
-    for part in ("--neuron-fill must be one of none, mean, map, got 'zero'", "--neuron-importance must be one of",
+    for part in ("--neuron-fill must be one of none, mean, map, auto, got 'zero'", "--neuron-importance must be one of",
                  "--granularity neurons fits static plans, not --mode adaptive", "beside the plan"):
         assert part in err, (part, err)
     assert "Traceback" not in err

@@ -104,7 +104,9 @@ def export_plan(
                              "linear (a ridge least-squares linear map of the FFN's input in its place, fitted in "
                              "closed form on calibration decode tokens, layers chosen with the maps in place; "
                              "written to a .safetensors file beside the plan). mean_output and linear are measured, "
-                             "so they need --refine or a quality budget.")] = "none",
+                             "so they need --refine or a quality budget. With --granularity neurons: none "
+                             "(narrowing only) or linear (the width search may also skip a whole FFN, with a full-rank "
+                             "linear map, where that measured cheaper than narrowing).")] = "none",
     rank: Annotated[Optional[int], typer.Option(
         metavar="R", show_default=False,
         help="With --compensation linear: maps of rank R (2·d·R FLOPs per skipped call instead of d²). With "
@@ -156,8 +158,9 @@ def export_plan(
         help="With --granularity neurons: what replaces the dropped neurons' output, mean (their mean output from the "
              "profile's statistics, --neuron-statistics, added as a bias; the default), map (a rank --rank "
              "least-squares map from the kept neurons' activations, fitted on calibration decode positions, plus its "
-             "bias: costs 2·R·(k+d) FLOPs per row, measured to lower KL by a sixth at rank 32 on SmolLM2) or "
-             "none.")] = None,
+             "bias: costs 2·R·(k+d) FLOPs per row, measured to lower KL by a sixth at rank 32 on SmolLM2), auto "
+             "(mean or map, whichever measures the lower KL at the uniform start, each at the same FLOPs saved net "
+             "of its fill: on SmolLM2 the map wins at 22 %, the mean at 10 %) or none.")] = None,
     neuron_importance: Annotated[Optional[str], typer.Option(
         metavar="KIND", show_default=False,
         help="With --granularity neurons: how an FFN's neurons are ranked, energy (E[a^2] times the down column's "

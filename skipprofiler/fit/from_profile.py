@@ -51,6 +51,7 @@ GRANULARITIES = ("ffn", "neurons")  # FitSettings.granularity: whole FFN calls, 
 NEURON_IMPORTANCES = ("energy", "fluctuation", "wanda")  # how a neuron plan ranks an FFN's neurons (fit/neurons.py)
 DEFAULT_NEURON_IMPORTANCE = "energy"
 DEFAULT_NEURON_FILL = "mean"
+AUTO_FILL = "auto"  # FitSettings.neuron_fill: mean or map, whichever measures the lower KL at the uniform start
 NEURON_STATISTICS = ("auto", "decode", "prompt")  # which profile regime's neuron statistics a neuron plan uses
 
 
@@ -90,8 +91,9 @@ class FitSettings:
     class_column: str | None = None
     # neuron plans (fit/neurons.py): part of every FFN at decode positions, widths chosen by measured KL
     granularity: str = "ffn"  # "ffn": whole FFN calls (skip_layers); "neurons": intermediate neurons per layer
-    neuron_fill: str | None = None  # neurons: "none", "mean" (the dropped neurons' mean output as a bias) or "map" (a
-    #   rank-`rank` map from the kept neurons' activations onto the dropped ones' output, plus the bias); None: mean
+    neuron_fill: str | None = None  # neurons: "none", "mean" (the dropped neurons' mean output as a bias), "map" (a
+    #   rank-`rank` map from the kept neurons' activations onto the dropped ones' output, plus the bias) or "auto"
+    #   (mean or map, whichever measures the lower KL at the uniform start); None: mean
     neuron_importance: str | None = None  # neurons: energy, fluctuation or wanda; None: the default (neurons.py)
     neuron_statistics: str | None = None  # neurons: the profile regime ranking neurons and giving the bias: decode,
     #   prompt, or auto (each measured at one uniform width, the lower KL kept); None: auto
@@ -134,7 +136,7 @@ class FitSettings:
         if self.compensation == "linear" and self.mode != "static":
             out.append('FitSettings.compensation="linear" fits static plans, not FitSettings.mode="adaptive"')
         if self.rank is not None and self.compensation != "linear" and not (
-                self.granularity == "neurons" and self.neuron_fill == "map"):
+                self.granularity == "neurons" and self.neuron_fill in ("map", AUTO_FILL)):
             out.append('FitSettings.rank applies to FitSettings.compensation="linear" and to '
                        'FitSettings.neuron_fill="map" only')
         if self.error_aware and (self.compensation != "linear" or not self.refine):
@@ -145,10 +147,13 @@ class FitSettings:
             if self.per_class or self.classes:
                 out.append('FitSettings.granularity="neurons" fits the global plan only, not '
                            "FitSettings.per_class/FitSettings.classes")
-            if self.compensation != "none":
-                out.append('FitSettings.granularity="neurons" narrows every FFN (what replaces the dropped neurons is '
-                           'FitSettings.neuron_fill); whole-FFN skips with FitSettings.compensation are not among its '
-                           'moves yet: leave FitSettings.compensation="none"')
+            if self.rank is not None and self.compensation == "linear" and self.neuron_fill not in ("map", AUTO_FILL):
+                out.append('FitSettings.rank with FitSettings.granularity="neurons" is the rank of FitSettings.'
+                           'neuron_fill="map"\'s maps (the whole-FFN substitutes are full rank)')
+            if self.compensation not in ("none", "linear"):
+                out.append('FitSettings.granularity="neurons": FitSettings.compensation is "none" (narrowing moves only) '
+                           'or "linear" (whole-FFN skips with linear substitutes among the moves), not '
+                           f'"{self.compensation}" (what replaces dropped neurons is FitSettings.neuron_fill)')
         else:
             for name, value in (("neuron_fill", self.neuron_fill), ("neuron_importance", self.neuron_importance),
                                 ("neuron_statistics", self.neuron_statistics),
@@ -186,7 +191,9 @@ class FitSettings:
             out.append(f"FitSettings.gen_len must be >= 1, got {self.gen_len}")
         if self.rank is not None and self.rank < 1:
             out.append(f"FitSettings.rank must be >= 1, got {self.rank}")
-        from ..plan.model import NEURON_FILLS
+        from ..plan.model import NEURON_FILLS as PLAN_FILLS
+
+        NEURON_FILLS = (*PLAN_FILLS, AUTO_FILL)
 
         for field_name, value, allowed in (("granularity", self.granularity, GRANULARITIES),
                                            ("neuron_fill", self.neuron_fill, NEURON_FILLS),

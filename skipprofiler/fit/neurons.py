@@ -42,13 +42,15 @@ from typing import Any, Callable
 import numpy as np
 
 from .._jsonable import rounded
-from .from_profile import DEFAULT_NEURON_FILL, DEFAULT_NEURON_IMPORTANCE, GRANULARITIES, NEURON_IMPORTANCES  # noqa: F401
+from .from_profile import (AUTO_FILL, DEFAULT_NEURON_FILL, DEFAULT_NEURON_IMPORTANCE, GRANULARITIES,  # noqa: F401
+                           NEURON_IMPORTANCES)
 from .measure import SetEvaluator, calibration_references
 from .search import Slots, canonical
 
 log = logging.getLogger("skipprofiler")
 
 STEPS = 16  # a move narrows or widens a layer by 1/STEPS of its neurons
+WHOLE_MAX_SHARE = 0.25  # compensation linear: at most a quarter of the layers skipped whole
 MIN_STEP_DIVISOR = 64  # the step halves down to 1/64 of the neurons
 
 # Choosing windows: 4 documents per class, 32-token dense prompt + 128 decode positions; the confirming measurement
@@ -265,6 +267,15 @@ class WidthPlans:
     fill: str
     ffn_flops: float
     eligible: float  # share of decode positions the rule lets a plan act on
+    whole: dict[int, Any] = field(default_factory=dict)  # layer -> substitute.FittedMap: width 0 skips the FFN whole
+    whole_rank: int | None = None  # the whole-FFN maps' rank (None: full d x d)
+
+    def whole_saving(self) -> float:
+        """FLOPs a decode row saves in a layer skipped whole: the FFN less its linear substitute."""
+        from ..plan.model import LinearMaps
+
+        hidden = next(iter(self.layers.values())).hidden
+        return self.ffn_flops - LinearMaps(self.whole_rank, {}).flops_per_call(hidden)
 
     @property
     def num_layers(self) -> int:
@@ -283,16 +294,21 @@ class WidthPlans:
         total = 0.0
         for l, w in widths.items():
             n = self.layers[l]
-            if w < n.size:
+            if w == 0:
+                total += self.whole_saving()
+            elif w < n.size:
                 total += n.saving(w, self.fill)
         return self.eligible * total / (self.num_layers * self.ffn_flops)
 
     def plan(self, key: Slots):
-        from ..plan.model import NeuronSubsets
+        from ..plan.model import LinearMaps, NeuronSubsets
 
         tensors = {}
         size = rank = None
+        whole = [l for l, w in key if w == 0]
         for l, w in key:
+            if w == 0:
+                continue
             n = self.layers[l]
             size = n.size
             tensors[f"{l}.kept"] = n.kept(int(w))
@@ -302,8 +318,13 @@ class WidthPlans:
             elif self.fill == "mean":
                 tensors[f"{l}.bias"] = n.bias(int(w))
         neurons = NeuronSubsets(self.fill, tensors, intermediate_size=size, rank=rank) if tensors else None
-        return replace(self.template, mode="static", skip_layers={}, tau=None, max_skip=0, neurons=neurons,
-                       fit=dict(self.template.fit))
+        skips = {}
+        if whole:
+            maps = {k: v for l in whole for k, v in self.whole[l].tensors(str(l)).items()}
+            skips = {"skip_layers": {l: 1.0 for l in whole}, "compensation": "linear",
+                     "linear": LinearMaps(self.whole_rank, maps)}
+        return replace(self.template, mode="static", tau=None, max_skip=0, neurons=neurons,
+                       fit=dict(self.template.fit), **{"skip_layers": {}, **skips})
 
 
 @dataclass
@@ -353,6 +374,7 @@ class Search:
     plans: WidthPlans
     budget: Any = None  # refine.Budget for budget fits
     path: list = field(default_factory=list)
+    whole_costs: dict = field(default_factory=dict)  # convert_whole: KL per saved FLOP share of skipping each layer
 
     def kl(self, widths: dict[int, int]) -> float:
         return self.evaluate(self.plans.key(widths))
@@ -382,11 +404,13 @@ class Search:
 
     def narrowed(self, widths, layer, step):
         w = widths[layer] - step
-        return None if w < step_floor(self.plans.layers[layer].size) else {**widths, layer: w}
+        if widths[layer] == 0 or w < step_floor(self.plans.layers[layer].size):
+            return None  # a layer skipped whole stays so (convert_whole decides those)
+        return {**widths, layer: w}
 
     def widened(self, widths, layer, step):
         size = self.plans.layers[layer].size
-        if widths[layer] >= size:
+        if widths[layer] >= size or widths[layer] == 0:
             return None
         return {**widths, layer: min(size, widths[layer] + step)}
 
@@ -453,18 +477,49 @@ def step_floor(size: int) -> int:
     return 1
 
 
-def uniform_widths(plans: WidthPlans, share: float) -> dict[int, int]:
-    """Every layer at the width whose saving is `share` (neuron granularity: some layers one neuron narrower)."""
-    layers = plans.layers
-    first = next(iter(layers.values()))
-    size, count = first.size, plans.num_layers
-    need = share / plans.eligible * count * plans.ffn_flops  # FLOPs to save
+def uniform_widths(plans: WidthPlans, share: float, whole: tuple[int, ...] | list[int] = ()) -> dict[int, int]:
+    """Every layer at the width whose saving is `share` (neuron granularity: some layers one neuron narrower); the
+    layers in `whole` skipped whole (width 0), the others at one width that makes up the rest of the share."""
+    first = next(iter(plans.layers.values()))
+    size = first.size
+    rest = [l for l in sorted(plans.layers) if l not in set(whole)]
+    count = len(rest)
+    need = share / plans.eligible * plans.num_layers * plans.ffn_flops - len(whole) * plans.whole_saving()
+    widths = {l: 0 for l in whole}
+    if need <= 0 or not rest:
+        return {**widths, **{l: size for l in rest}}
     wide = next((k for k in range(size - 1, 0, -1) if count * first.saving(k, plans.fill) >= need), 1)
     # every layer at `wide` saves enough; the last ones back at wide + 1 to come as close to `need` as a neuron allows
     over = count * first.saving(wide, plans.fill) - need
     step = first.saving(wide, plans.fill) - first.saving(min(size, wide + 1), plans.fill)
     back = min(count, int(round(over / step))) if step > 0 else 0
-    return {l: (wide if i < count - back or wide + 1 >= size else wide + 1) for i, l in enumerate(sorted(layers))}
+    return {**widths, **{l: (wide if i < count - back or wide + 1 >= size else wide + 1) for i, l in enumerate(rest)}}
+
+
+def convert_whole(search: Search, plans: WidthPlans, widths: dict[int, int], max_share: float = WHOLE_MAX_SHARE
+                  ) -> dict[int, int]:
+    """Whole-FFN skips as moves: from one uniform width, measure skipping each layer whole (its linear substitute in
+    place) on top of it; then skip the 1, 2, 3, ... layers that measured cheapest per saved FLOP, the other layers at
+    the uniform width that keeps the FFN FLOPs saved, while the measured KL falls (and the budget holds)."""
+    share = plans.saved(widths)
+    base = search.anchor(widths)
+    cost = {}
+    for layer in sorted(plans.whole):
+        if widths[layer] == 0:
+            continue
+        cand = {**widths, layer: 0}
+        cost[layer] = (search.kl(cand) - base) / max(plans.saved(cand) - share, 1e-12)
+    search.whole_costs = {l: rounded(c) for l, c in sorted(cost.items())}
+    order = sorted(cost, key=cost.get)
+    best, best_kl = widths, base
+    for m in range(1, int(max_share * plans.num_layers) + 1):
+        cand = uniform_widths(plans, share, order[:m])
+        kl = search.anchor(cand)
+        if kl >= best_kl or (search.budget is not None and not search.within(cand)):
+            break
+        best, best_kl = cand, kl
+        search.note(f"whole {m}", best)
+    return best
 
 
 def land_on(plans: WidthPlans, widths: dict[int, int], share: float, narrow: dict[int, float] | None) -> dict:
@@ -479,7 +534,7 @@ def land_on(plans: WidthPlans, widths: dict[int, int], share: float, narrow: dic
         count = int(round((share - plans.saved(widths)) / per))
         if count == 0:
             break
-        ranked = sorted(widths, key=lambda l: hint.get(l, 0.0), reverse=count < 0)
+        ranked = sorted((l for l in widths if widths[l] > 0), key=lambda l: hint.get(l, 0.0), reverse=count < 0)
         for l in ranked:
             w = min(max(widths[l] - count, 1), plans.layers[l].size)
             if w != widths[l]:
@@ -506,30 +561,41 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
         raise NeuronFitError("the profile has no per-neuron FFN statistics: record it again with `skipprof profile` "
                              "(it records them for dense FFNs) to fit FitSettings.granularity=\"neurons\"")
     arch = resolve(model)
-    fill = settings.neuron_fill
     criterion = settings.neuron_importance
+    maps_wanted = settings.neuron_fill in ("map", AUTO_FILL)
     template = SkipPlan(mode="static", apply_to=settings.apply_to, warmup_tokens=settings.warmup_tokens,
                         dense_every=settings.dense_every, compensation="none")
     eligible = eligible_share(settings.warmup_tokens, settings.dense_every, settings.horizon)
     refs = references if references is not None else calibration_references(
         model, tokenizer, settings.data, prompt_len=CHOOSE_PROMPT_LEN, window=CHOOSE_WINDOW,
         docs_per_class=CHOOSE_DOCS_PER_CLASS, text_column=settings.text_column, class_column=settings.class_column)
-    moments, map_record = None, None
-    if fill == "map":
+    moments, map_record, whole, whole_record = None, None, {}, None
+    batches = None
+    if maps_wanted or settings.compensation == "linear":
         from .substitute import calibration_batches
 
-        width = intermediate_width(model)
-        need = arch.num_layers * width * width * 8
-        if need > MAX_MOMENT_BYTES:
-            raise NeuronFitError(f"fill map keeps every FFN's activation covariance ({arch.num_layers} x {width}^2 "
-                                 f"float64 = {need / 2**30:.1f} GiB here, above {MAX_MOMENT_BYTES / 2**30:.0f} GiB): "
-                                 "use fill mean for a model this wide")
-        begun = time.perf_counter()
+        # the maps' calibration windows: other documents than the measuring windows'
         batches = map_batches if map_batches is not None else calibration_batches(
             model, tokenizer, settings.data, skip_docs_per_class=CONFIRM_DOCS_PER_CLASS,
             docs_per_class=NEURON_MAP_DOCS_PER_CLASS, prompt_len=CONFIRM_PROMPT_LEN,
             gen_len=CONFIRM_WINDOW - CONFIRM_PROMPT_LEN, text_column=settings.text_column,
             class_column=settings.class_column)
+    if settings.compensation == "linear":  # whole-FFN skips among the moves, each with its linear substitute
+        from .substitute import fit_substitutes
+
+        begun = time.perf_counter()
+        whole = fit_substitutes(model, batches, range(arch.num_layers))
+        first = next(iter(whole.values())).record
+        whole_record = {"rank": None, "tokens": first["tokens"], "heldout_tokens": first["heldout_tokens"],
+                        "seconds": rounded(time.perf_counter() - begun)}
+    width = intermediate_width(model)
+    too_wide = arch.num_layers * width * width * 8 > MAX_MOMENT_BYTES
+    if too_wide and settings.neuron_fill == "map":
+        raise NeuronFitError(f"fill map keeps every FFN's activation covariance ({arch.num_layers} x {width}^2 "
+                             f"float64 = {arch.num_layers * width * width * 8 / 2**30:.1f} GiB here, above "
+                             f"{MAX_MOMENT_BYTES / 2**30:.0f} GiB): use fill mean for a model this wide")
+    if maps_wanted and not too_wide:  # fill auto on a model too wide for the maps: mean only
+        begun = time.perf_counter()
         moments = neuron_moments(model, batches)
         map_record = {"rank": neuron_map_rank(settings), "positions": next(iter(moments.values())).count,
                       "windows": sum(int(b.input_ids.shape[0]) for b in batches), "ridge": NEURON_MAP_RIDGE,
@@ -538,7 +604,11 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
                  map_record["positions"], map_record["seconds"])
     regime, plans, ev, statistics = _statistics(profile, model, settings, refs, template, eligible,
                                                  settings.target if budget is None else AUTO_PROBE_SHARE, moments)
+    fill = plans.fill
+    if fill != "map":
+        map_record = None
     layers = plans.layers
+    plans.whole = whole
     search = Search(ev, plans, budget)
     size = next(iter(layers.values())).size
     step = max(1, size // STEPS)
@@ -555,6 +625,9 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
         uniform = search.path[-1]
     else:
         widths, uniform = _uniform_within(search, plans, step)
+    if whole and plans.key(widths):
+        widths = convert_whole(search, plans, widths)
+        whole_record.update(layers=sorted(l for l, w in widths.items() if w == 0), measured=search.whole_costs)
     for r in range(rounds):
         narrow, widen = search.marginals(widths, step, widen_count)
         better = search.exchange(widths, step, narrow, widen)
@@ -589,6 +662,7 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
         "regime": regime,
         "neuron_statistics": statistics,
         **({"neuron_map": map_record} if map_record else {}),
+        **({"whole_ffn": whole_record} if whole_record else {}),
         "target_ffn_flops_saved": settings.target,
         "expected_ffn_flops_saved": rounded(saved),
         "kl": rounded(ev(key)),
@@ -625,7 +699,9 @@ def neuron_map_rank(settings) -> int:
 def _statistics(profile, model, settings, refs, template, eligible, share, moments=None):
     """(regime, WidthPlans, evaluator, record): the profile's neuron statistics of one regime -- `neuron_statistics`,
     or with "auto" each regime that has tokens measured at one uniform width at `share` on the choosing windows, the
-    lower KL kept (decode statistics are the regime the plan acts on; prompt statistics are often many more tokens)."""
+    lower KL kept (decode statistics are the regime the plan acts on; prompt statistics are often many more tokens).
+    Fill "auto" is chosen the same way, mean against map (each at the width that saves `share` net of its fill), in
+    every regime measured; the maps need `moments` (fill auto without them: mean)."""
     from ..arch.flops import token_flops
 
     ffn = token_flops(model)["ffn"]
@@ -637,29 +713,36 @@ def _statistics(profile, model, settings, refs, template, eligible, share, momen
         regimes = [wanted]
     if not regimes:
         raise NeuronFitError("the profile's neuron statistics count no tokens")
+    fills = [settings.neuron_fill]
+    if settings.neuron_fill == AUTO_FILL:
+        fills = ["mean", "map"] if moments is not None else ["mean"]
     found, dense = [], None
     for regime in regimes:
-        layers = layer_neurons(profile, model, settings.neuron_importance, settings.neuron_fill, regime, moments,
-                               neuron_map_rank(settings))
-        if any(n.size != profile.num_neurons for n in layers.values()):
-            raise NeuronFitError(f"the profile's neuron statistics have {profile.num_neurons} neurons per FFN but the "
-                                 f"model's FFNs have {next(iter(layers.values())).size}")
-        plans = WidthPlans(template, layers, settings.neuron_fill, ffn, eligible)
-        ev = NeuronEvaluator(model, refs, template, build=plans.plan)
-        if dense is not None:  # the dense model's layer inputs are the same for every regime
-            ev._anchors[()] = dense
-        kl = None
-        if len(regimes) > 1:
-            key = plans.key(uniform_widths(plans, share))
-            ev.set_anchor(key)
-            kl = ev(key)
-            dense = ev._anchors.get(())
-        found.append((regime, plans, ev, kl))
-    regime, plans, ev, _ = min(found, key=lambda f: f[3] if f[3] is not None else 0.0)
+        for fill in fills:
+            layers = layer_neurons(profile, model, settings.neuron_importance, fill, regime, moments,
+                                   neuron_map_rank(settings))
+            if any(n.size != profile.num_neurons for n in layers.values()):
+                raise NeuronFitError(f"the profile's neuron statistics have {profile.num_neurons} neurons per FFN but "
+                                     f"the model's FFNs have {next(iter(layers.values())).size}")
+            plans = WidthPlans(template, layers, fill, ffn, eligible)
+            ev = NeuronEvaluator(model, refs, template, build=plans.plan)
+            if dense is not None:  # the dense model's layer inputs are the same for every candidate
+                ev._anchors[()] = dense
+            kl = None
+            if len(regimes) * len(fills) > 1:
+                key = plans.key(uniform_widths(plans, share))
+                ev.set_anchor(key)
+                kl = ev(key)
+                dense = ev._anchors.get(())
+            found.append((regime, fill, plans, ev, kl))
+    regime, fill, plans, ev, _ = min(found, key=lambda f: f[4] if f[4] is not None else 0.0)
     record = {"regime": regime, "tokens": int(profile.neuron_tokens(regime, 0)), "chosen_by": wanted}
+    if settings.neuron_fill == AUTO_FILL:
+        record["fill"] = fill
     if len(found) > 1:
-        record["probe"] = {"ffn_flops_saved": rounded(share), **{r: rounded(kl) for r, _, _, kl in found}}
-        ev.layers_run += sum(e.layers_run for r, _, e, _ in found if e is not ev)
+        name = (lambda r, f: r) if len(fills) == 1 else (lambda r, f: f"{r}, fill {f}")
+        record["probe"] = {"ffn_flops_saved": rounded(share), **{name(r, f): rounded(kl) for r, f, _, _, kl in found}}
+        ev.layers_run += sum(e.layers_run for *_, e, _ in found if e is not ev)
     return regime, plans, ev, record
 
 

@@ -7,7 +7,8 @@
 #   scripts/smollm2_results.sh fit-static      # one stage; stages: profile fit-static fit-linear fit-other eval-10
 #                                              # eval-25 eval-more eval-perclass router eval-linear-10 eval-linear-25
 #                                              # eval-linear-more profile-neurons fit-neurons eval-neurons
-#                                              # fit-neurons-map eval-neurons-map
+#                                              # fit-neurons-map eval-neurons-map fit-neurons-mix
+#                                              # eval-neurons-mix
 #
 # Stages: (profile) the bundled calibration split, 40 k prompt tokens + 32 generated per document; (fit-static) static
 # plans chosen by measured KL (--refine) at 10 / 25 / 35 %, and with mean-output compensation at 10 / 25 %;
@@ -34,7 +35,7 @@ GGUF=$(python -c "from skipprofiler.arch.models import smollm2_gguf; print(smoll
 STAGES=("$@")
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-linear fit-other eval-10 eval-25 eval-more eval-perclass
                                      eval-linear-10 eval-linear-25 eval-linear-more profile-neurons fit-neurons
-                                     eval-neurons fit-neurons-map eval-neurons-map)
+                                     eval-neurons fit-neurons-map eval-neurons-map fit-neurons-mix eval-neurons-mix)
 
 timed() {  # timed LOG COMMAND...: run, log stdout+stderr and the wall time
   local log="$WORK/$1"; shift
@@ -88,6 +89,24 @@ for stage in "${STAGES[@]}"; do
           -r "0.$R" --neuron-fill map --rank 32 --neuron-statistics prompt --neuron-rounds 0 --model "$GGUF" \
           --gen-len "$GEN_LEN" --out "plans/smollm2-neurons-map-$R.yaml"
       done ;;
+    fit-neurons-mix)  # widths chosen by two rounds of measured exchanges (the default), with whole-FFN skips (linear
+                      # substitutes) among the moves (--compensation linear) and without; a +10 % budget with them
+      for R in 22 10; do
+        timed "fit-neurons-mix-$R.log" skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons \
+          -r "0.$R" --compensation linear --neuron-statistics prompt --model "$GGUF" --gen-len "$GEN_LEN" \
+          --out "plans/smollm2-neurons-mix-$R.yaml"
+      done
+      timed fit-neurons-widths-22.log skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons \
+        -r 0.22 --neuron-statistics prompt --model "$GGUF" --gen-len "$GEN_LEN" \
+        --out plans/smollm2-neurons-widths-22.yaml
+      timed fit-budget-neurons-mix-10.log skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons \
+        --max-ppl-increase 0.10 --compensation linear --neuron-statistics prompt --model "$GGUF" \
+        --gen-len "$GEN_LEN" --out plans/smollm2-budget-neurons-mix-ppl10.yaml ;;
+    eval-neurons-mix)  # the same held-out windows and questions as eval-neurons
+      timed eval-neurons-mix.log skipprof eval --model "$GGUF" plans/smollm2-neurons-mix-22.yaml \
+        plans/smollm2-neurons-widths-22.yaml plans/smollm2-neurons-mix-10.yaml \
+        plans/smollm2-budget-neurons-mix-ppl10.yaml --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \
+        --out "$OUT/smollm2-eval-neurons-mix.json" ;;
     eval-neurons-map)  # the same held-out windows and questions as eval-neurons
       timed eval-neurons-map.log skipprof eval --model "$GGUF" plans/smollm2-neurons-map-22.yaml \
         plans/smollm2-neurons-map-10.yaml --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \

@@ -291,6 +291,54 @@ def test_served_neuron_plan_narrows_decode_rows_only(gather, fill, bias, host):
     assert stats["skipped_ffn_rows"] == sum(len(plan.static_layers_at(di)) for di in d if di >= 0)
 
 
+@pytest.mark.parametrize("fill, bias", [("mean", True), ("map", False)])
+def test_packed_cpu_projections_narrow_decode_rows_and_keep_the_memory(fill, bias):
+    """On CPU a narrowed FFN's projections (kept plain by the loading patch: ``cpu_linear`` is F.linear) are packed
+    by vLLM's own GEMM dispatch in two parts, the kept neurons' and the dropped ones': prompt rows run both, decode
+    rows the kept part only, with the same results as views of the permuted weight; the plain weights are released."""
+    pytest.importorskip("vllm")
+    import copy
+
+    from skipprofiler.integrations import vllm as vllm_plugin
+
+    torch.manual_seed(4)
+    model = _Model(gated=True, bias=bias).eval()
+    reference = copy.deepcopy(model)
+    plan = _neuron_plan({0: 7, 2: 10}, fill, skip_layers={1: 1.0}, warmup_tokens=0)
+    for layer in model.model.layers:  # what _patch_weight_packing leaves on a narrowed layer's projections
+        layer.mlp.gate_up_proj.cpu_linear = layer.mlp.down_proj.cpu_linear = F.linear
+    d = [-7, -6, -5, -4, 4, 0, 1]
+    runner = _runner(model, [10, 5, 7], [0, 0, 0, 0, 1, 2, 2])
+    x = torch.randn(7, 8)
+    with torch.no_grad():
+        want = []
+        for i, di in enumerate(d):
+            h = x[i:i + 1]
+            for l, layer in enumerate(reference.model.layers):
+                if di >= 0 and l in plan.static_layers_at(di):
+                    out = torch.zeros_like(h)
+                elif di >= 0 and l in plan.narrowed_layers_at(di):
+                    b = plan.neurons.bias(l)
+                    out = _narrowed_ffn(layer.mlp, plan.neurons.kept(l), None if b is None else torch.from_numpy(b), h,
+                                        plan.neurons.neuron_map(l))
+                else:
+                    out = layer.mlp(h)
+                h = h + out
+            want.append(h)
+        served = vllm_plugin.ServedPlan(runner, plan)
+        for l in (0, 2):
+            mlp = model.model.layers[l].mlp
+            assert mlp.gate_up_proj.weight.numel() == 0 and mlp.down_proj.weight.numel() == 0  # in the packed parts
+        got = model(positions=torch.tensor([3, 4, 5, 6, 9, 7, 8]), inputs_embeds=x)
+        dense = model(positions=torch.arange(7), inputs_embeds=x)
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
+    want_dense = x
+    for layer in reference.model.layers:
+        want_dense = want_dense + layer.mlp(want_dense)
+    torch.testing.assert_close(dense, want_dense, rtol=1e-5, atol=1e-5)
+    assert served.stats()["narrowed_ffn_rows"] == sum(len(plan.narrowed_layers_at(di)) for di in d if di >= 0)
+
+
 def _count_ffn_calls(model) -> list[int]:
     """Per layer, how often its FFN module's first projection ran (a forward hook: independent of the plugin)."""
     calls = [0] * len(model.model.layers)

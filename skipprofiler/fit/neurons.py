@@ -16,9 +16,16 @@ positions, the widths chosen by measured KL on calibration windows.
   SmolLM2, the same kept neurons (22 %): KL 0.334 with the mean bias, 0.279 with rank-32 maps, 0.228 at full rank
   (which would need a copy of the kept down columns); at equal FFN FLOPs net the rank-32 map measured 0.313 against
   0.334 at 22 %, but 0.142 against 0.129 at 10 % (its cost outweighs its gain there).
+* Fill ``auto``: mean and map each measured at the uniform width that saves the target net of its fill, on the
+  choosing windows (beside the regimes, below), the lower KL kept.
 * Statistics (`FitSettings.neuron_statistics`): the profile's decode or prompt regime; ``auto`` measures a uniform
   width with each on the choosing windows and keeps the lower KL (on SmolLM2 with 1.6 k decode and 12 k prompt tokens
   profiled, prompt statistics measured KL 0.373 against decode's 0.480 at 22 %).
+* Whole-FFN skips (`FitSettings.compensation="linear"`): width 0 skips a layer's FFN and runs its full-rank linear
+  substitute (substitute.py, fitted on the maps' calibration windows) -- one plan mixes both kinds. From the uniform
+  start, skipping each layer whole is measured on top of it; then the 1, 2, ... layers cheapest per saved FLOP are
+  skipped, the others re-widened to the same FFN FLOPs net, while the measured KL falls (`convert_whole`). On
+  SmolLM2 at 22 % (confirming windows) three middle layers skipped whole measured 0.317 against the uniform 0.334.
 * FLOPs: a narrowed layer saves (I - k) neurons' multiply-adds (every input projection's row and the down
   projection's column) less the bias's H adds; the share is of the decode positions' FFN FLOPs (eligible positions
   only, as plan.model's rule says), the same count as the runtime's `stats()["ffn_flops_saved_share"]`.

@@ -222,6 +222,7 @@ def test_whole_ffn_skips_are_moves_where_they_measure_cheaper_than_narrowing(tmp
     assert mixed.skip_layers == {l: 1.0 for l in record["layers"]} and mixed.compensation == "linear"
     assert set(mixed.linear.layers) == set(record["layers"]) and 3 not in mixed.neurons.widths
     assert mixed.fit["expected_ffn_flops_saved"] == pytest.approx(0.3, abs=0.01)
+    assert mixed.expected_skip_ratio == pytest.approx(len(record["layers"]) / 5) and narrowing.expected_skip_ratio == 0
     assert mixed.fit["kl"] < narrowing.fit["kl"]
     assert any(step["step"].startswith("whole") for step in mixed.fit["widths_path"])
     path = tmp_path / "mixed.yaml"

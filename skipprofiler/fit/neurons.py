@@ -692,7 +692,8 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
     }
     if budget is not None:
         record["budget"] = budget.describe()
-    plan = replace(chosen, expected_skip_ratio=0.0, fit=record)
+    skipped_whole = sum(1 for w in widths.values() if w == 0)  # FFN calls skipped whole: the layers at width 0
+    plan = replace(chosen, expected_skip_ratio=rounded(eligible * skipped_whole / arch.num_layers), fit=record)
     return plan
 
 

@@ -30,6 +30,11 @@ RUNS = (("neurons", "Neuron plans (each FFN keeps its most important neurons by 
                         "its FLOPs counted against the saving): one uniform width at 10 % and 22 % of FFN FLOPs net, "
                         "22 % with widths chosen by two rounds of measured exchanges, and within a +10 % perplexity "
                         "budget (the same held-out windows and questions as the neuron plans above)"),
+        ("neurons-mix", "Neuron plans with whole-FFN skips among the width search's moves (`--compensation linear`: "
+                        "a layer may be skipped whole with a full-rank linear map where that measured cheaper than "
+                        "narrowing) and widths from two rounds of measured exchanges (the default): fill mean at 22 % "
+                        "and 10 % of FFN FLOPs net, fill map (rank 32) at 22 % (the same held-out windows and "
+                        "questions as the neuron plans above)"),
         ("linear-10", "Linear substitutes at 10 %: none / mean output / linear, quality budgets, and the baselines at "
                       "the linear plan's ratio (ReplaceMe-style at its decode FLOPs)"),
         ("linear-25", "Linear substitutes at 25 %: none / mean output / linear (full and rank 128), and the baselines at "
@@ -64,9 +69,13 @@ def decode_saved(row: dict) -> float | None:
 
 
 SERIES = (  # (label, how a row is recognised, style) for the quality-vs-FLOPs figure
+    ("neurons + whole FFNs (linear), measured widths", lambda r: r["name"].startswith("smollm2-neurons-mix-")
+     and "-mix-map-" not in r["name"], dict(color="black", marker="o", linewidth=2.8)),
+    ("the same with a rank-32 map fill", lambda r: r["name"].startswith("smollm2-neurons-mix-map-"),
+     dict(color="black", marker="s", markersize=9, linestyle="none")),
     ("FFN neurons dropped (uniform width, mean bias)", lambda r: r["name"].startswith("smollm2-neurons-")
-     and "decodestats" not in r["name"] and "-map-" not in r["name"], dict(color="tab:green", marker="o",
-                                                                           linewidth=2.6)),
+     and "decodestats" not in r["name"] and "-map-" not in r["name"] and "-mix-" not in r["name"],
+     dict(color="tab:green", marker="o", linewidth=2.6)),
     ("neurons, rank-32 map (uniform width)", lambda r: r["name"].startswith("smollm2-neurons-map-")
      and not r["name"].endswith("-r2"), dict(color="darkgreen", marker="s", linewidth=2.6)),
     ("neurons, rank-32 map, widths from two measured rounds", lambda r: r["name"].startswith("smollm2-neurons-map-")
@@ -105,7 +114,7 @@ def figure(path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = []
-    for run in ("neurons", "neurons-map", "linear-10", "linear-25", "linear-more"):
+    for run in ("neurons", "neurons-mix", "neurons-map", "linear-10", "linear-25", "linear-more"):
         file = ROOT / "docs" / "results" / f"smollm2-eval-{run}.json"
         if file.exists():  # the extra run's rows at 25 % only where the 25 % run does not have them
             seen = {r["name"] for r in rows} if run == "linear-more" else set()

@@ -32,9 +32,9 @@ RUNS = (("neurons", "Neuron plans (each FFN keeps its most important neurons by 
                         "budget (the same held-out windows and questions as the neuron plans above)"),
         ("neurons-mix", "Neuron plans with whole-FFN skips among the width search's moves (`--compensation linear`: "
                         "a layer may be skipped whole with a full-rank linear map where that measured cheaper than "
-                        "narrowing) and widths from two rounds of measured exchanges (the default): fill mean at 22 % "
-                        "and 10 % of FFN FLOPs net, fill map (rank 32) at 22 % (the same held-out windows and "
-                        "questions as the neuron plans above)"),
+                        "narrowing) and widths from two rounds of measured exchanges (the default), at 22 % of FFN "
+                        "FLOPs net: fill mean, and fill map (rank 32) (the same held-out windows and questions as the "
+                        "neuron plans above)"),
         ("linear-10", "Linear substitutes at 10 %: none / mean output / linear, quality budgets, and the baselines at "
                       "the linear plan's ratio (ReplaceMe-style at its decode FLOPs)"),
         ("linear-25", "Linear substitutes at 25 %: none / mean output / linear (full and rank 128), and the baselines at "

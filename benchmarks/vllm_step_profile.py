@@ -64,7 +64,7 @@ def child(args: argparse.Namespace) -> None:
                                "torch_profiler_with_stack": False, "torch_profiler_use_gzip": True})
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=[100 + (7 * i + 13 * j) % 5000 for j in range(args.prompt_tokens)])
-               for i in range(args.concurrency)]
+               for i in range(args.concurrency[0])]
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
     llm.start_profile()
     start = time.perf_counter()

@@ -196,6 +196,28 @@ def _narrowed_ffn(mlp: _GatedMLP, kept: np.ndarray, bias: torch.Tensor | None, h
     return out if bias is None else out + bias
 
 
+def _planned_rows(reference: "_Model", plan: SkipPlan, d: list[int], x: torch.Tensor) -> torch.Tensor:
+    """Each row of `x` through the residual stack one at a time as the plan's rule says at decode index d (d < 0: a
+    prompt row, every neuron): skipped layers add zeros, narrowed ones `_narrowed_ffn` on the unpermuted weights."""
+    rows = []
+    for i, di in enumerate(d):
+        h = x[i:i + 1]
+        skip = set(plan.static_layers_at(di)) if di >= 0 else set()
+        narrowed = set(plan.narrowed_layers_at(di)) if di >= 0 else set()
+        for l, layer in enumerate(reference.model.layers):
+            if l in skip:
+                out = torch.zeros_like(h)
+            elif l in narrowed:
+                b = plan.neurons.bias(l)
+                out = _narrowed_ffn(layer.mlp, plan.neurons.kept(l), None if b is None else torch.from_numpy(b), h,
+                                    plan.neurons.neuron_map(l))
+            else:
+                out = layer.mlp(h)
+            h = h + out
+        rows.append(h)
+    return torch.cat(rows)
+
+
 def _neuron_plan(layers: dict[int, int], fill: str, seed: int = 0, size: int = 12, hidden: int = 8, **kw) -> SkipPlan:
     rng = np.random.default_rng(seed)
     tensors = {}
@@ -253,23 +275,7 @@ def test_served_neuron_plan_narrows_decode_rows_only(gather, fill, bias, host):
     x = torch.randn(7, 8)
     storage = {n: p.data_ptr() for n, p in model.named_parameters()}
     with torch.no_grad():
-        want = []
-        for i, di in enumerate(d):
-            h = x[i:i + 1]
-            skip = set(plan.static_layers_at(di)) if di >= 0 else set()
-            narrowed = set(plan.narrowed_layers_at(di)) if di >= 0 else set()
-            for l, layer in enumerate(reference.model.layers):
-                if l in skip:
-                    out = torch.zeros_like(h)
-                elif l in narrowed:
-                    b = plan.neurons.bias(l)
-                    out = _narrowed_ffn(layer.mlp, plan.neurons.kept(l), None if b is None else torch.from_numpy(b), h,
-                                        plan.neurons.neuron_map(l))
-                else:
-                    out = layer.mlp(h)
-                h = h + out
-            want.append(h)
-        want = torch.cat(want)
+        want = _planned_rows(reference, plan, d, x)
         served = vllm_plugin.ServedPlan(runner, plan)
         served.gather = gather
         if host:
@@ -311,27 +317,14 @@ def test_packed_cpu_projections_narrow_decode_rows_and_keep_the_memory(fill, bia
     runner = _runner(model, [10, 5, 7], [0, 0, 0, 0, 1, 2, 2])
     x = torch.randn(7, 8)
     with torch.no_grad():
-        want = []
-        for i, di in enumerate(d):
-            h = x[i:i + 1]
-            for l, layer in enumerate(reference.model.layers):
-                if di >= 0 and l in plan.static_layers_at(di):
-                    out = torch.zeros_like(h)
-                elif di >= 0 and l in plan.narrowed_layers_at(di):
-                    b = plan.neurons.bias(l)
-                    out = _narrowed_ffn(layer.mlp, plan.neurons.kept(l), None if b is None else torch.from_numpy(b), h,
-                                        plan.neurons.neuron_map(l))
-                else:
-                    out = layer.mlp(h)
-                h = h + out
-            want.append(h)
+        want = _planned_rows(reference, plan, d, x)
         served = vllm_plugin.ServedPlan(runner, plan)
         for l in (0, 2):
             mlp = model.model.layers[l].mlp
             assert mlp.gate_up_proj.weight.numel() == 0 and mlp.down_proj.weight.numel() == 0  # in the packed parts
         got = model(positions=torch.tensor([3, 4, 5, 6, 9, 7, 8]), inputs_embeds=x)
         dense = model(positions=torch.arange(7), inputs_embeds=x)
-    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     want_dense = x
     for layer in reference.model.layers:
         want_dense = want_dense + layer.mlp(want_dense)

@@ -416,6 +416,75 @@ def test_host_decision_narrows_every_row(path, monkeypatch):
     assert served.stats()["decided"] == {"skip": 1, "narrow": 2, "full": 0, "mixed": 0}
 
 
+def test_compiled_graph_branches_on_the_host_decision(monkeypatch):
+    """Compiled as vLLM compiles on CPU (inductor), the planned layers branch on the host decision inside the graph:
+    one graph for every state, nothing recompiled; a forward whose rows all skip layers 1 and 2 runs none of their
+    matrix products (5 against the dense forward's 8: layer 0 narrowed, 3 products; layer 3 dense, 2), every row of
+    a prompt forward runs every FFN, and a forward the host did not decide (or whose rows differ) goes through the
+    op's per-row gathering -- the per-row rule's outputs in every case."""
+    from torch._dynamo.utils import counters
+
+    from skipprofiler.integrations import vllm as vllm_plugin
+
+    monkeypatch.delenv(vllm_plugin.PATH_ENV, raising=False)
+    monkeypatch.delenv(vllm_plugin.IN_GRAPH_ENV, raising=False)
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    model = _Model(gated=True).eval()
+    reference = _Model(gated=True).eval()
+    reference.load_state_dict(model.state_dict())
+    plan = _neuron_plan({0: 7}, "mean", warmup_tokens=1, skip_layers={1: 1.0, 2: 1.0})
+    kept, bias = plan.neurons.kept(0), torch.from_numpy(plan.neurons.bias(0))
+    model.forward = torch.compile(model.forward, backend="inductor", dynamic=False)  # what vLLM compiles: the body
+    prompt_lens = [4, 6, 5]
+    served = vllm_plugin.ServedPlan(_runner(model, prompt_lens, [0, 1, 2]), plan)
+    assert served.in_graph
+
+    def want(x, d):
+        rows = []
+        for i, di in enumerate(d):
+            h = x[i:i + 1]
+            for l, layer in enumerate(reference.model.layers):
+                if di >= 1 and l in (1, 2):
+                    out = torch.zeros_like(h)
+                elif di >= 1 and l == 0:
+                    out = _narrowed_ffn(layer.mlp, kept, bias, h)
+                else:
+                    out = layer.mlp(h)
+                h = h + out
+            rows.append(h)
+        return torch.cat(rows)
+
+    products = []
+    for d, host in (([3, 5, 7], True), ([-3, -2, -1], True), ([-1, 0, 4], False), ([3, 5, 7], True),
+                    ([-1, 0, 4], True)):
+        x = torch.randn(3, 8)
+        if host:
+            served.schedule(np.array(d))
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            got = model(positions=torch.tensor(d) + torch.tensor(prompt_lens), inputs_embeds=x)
+        torch.testing.assert_close(got, want(x, d))
+        products.append(sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm")))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert products[1] == 8 and products[3] == 5  # (the first forward compiled)
+    stats = served.stats()
+    assert stats["decided"] == {"narrow": 2, "skip": 4, "full": 3, "mixed": 6}
+    assert stats["skipped_whole"] == {0: 0, 1: 2, 2: 2} and stats["mixed_forwards"] == 2
+
+
+def test_in_graph_variable_is_checked_in_one_line(monkeypatch):
+    from skipprofiler.integrations import vllm as vllm_plugin
+    from skipprofiler.plan.model import PlanError
+
+    monkeypatch.setenv(vllm_plugin.IN_GRAPH_ENV, "yes")
+    with pytest.raises(PlanError, match=r"^SKIPPROF_VLLM_IN_GRAPH=yes: expected 0 or 1$"):
+        vllm_plugin.ServedPlan(_runner(_Model(), [4], [0]), SkipPlan(mode="static", skip_layers={1: 1.0}))
+    monkeypatch.setenv(vllm_plugin.IN_GRAPH_ENV, "1")
+    monkeypatch.setenv(vllm_plugin.PATH_ENV, "select")
+    with pytest.raises(PlanError, match=r"^SKIPPROF_VLLM_IN_GRAPH=1: .*SKIPPROF_VLLM_PATH=gather\)$"):
+        vllm_plugin.ServedPlan(_runner(_Model(), [4], [0]), SkipPlan(mode="static", skip_layers={1: 1.0}))
+
+
 def test_path_variable_is_checked_in_one_line(monkeypatch):
     from skipprofiler.integrations import vllm as vllm_plugin
     from skipprofiler.plan.model import PlanError

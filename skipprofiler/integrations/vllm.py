@@ -62,6 +62,7 @@ OP = "skipprof::ffn"
 # "select": the accelerator's branch (run every row every way, select with masks) on CPU tensors too -- how tests run
 # the accelerator's code on CPU; "gather": CPU's. Unset: gather on CPU, select elsewhere. Read when a worker loads.
 PATH_ENV = "SKIPPROF_VLLM_PATH"
+IN_GRAPH_ENV = "SKIPPROF_VLLM_IN_GRAPH"  # "0": no branches in the compiled graph (every planned layer via the op)
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 # what a group of planned layers computes in one forward, decided on the host (MIXED: per-row masks)
 FULL, SKIP, NARROW, MIXED = "full", "skip", "narrow", "mixed"
@@ -351,6 +352,18 @@ def _(x: torch.Tensor, out: torch.Tensor, layer: int) -> None:
     return None
 
 
+@torch.library.custom_op(OP + "_rows", mutates_args=())
+def _ffn_rows_op(x: torch.Tensor, layer: int) -> torch.Tensor:
+    """The planned FFN of `layer` on `x`, rows gathered per the masks: the compiled CPU graph's branch for a forward
+    whose rows differ (no CUDA graph to hand a buffer to, so it returns its result)."""
+    return _ACTIVE.ffn(layer, x)
+
+
+@_ffn_rows_op.register_fake
+def _(x: torch.Tensor, layer: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 class ServedPlan:
     """A static plan installed on a vLLM model: per forward the rows each layer skips or narrows, per planned layer
     the op."""
@@ -398,16 +411,25 @@ class ServedPlan:
         self.whole: dict[int, int] = {}  # per planned layer: forwards every row of which skipped it (no call)
         for layer in sorted(set(plan.skip_layers) | set(narrowings)):
             mlp = sites[layer].ffn
-            self.ffns[layer] = self._counted(layer, mlp.forward)
+            self.ffns[layer] = mlp.forward
             self.calls[layer] = self.whole[layer] = 0
             mlp.forward = _planned(layer)
         # a layer's rows follow from its whole-skip fraction (None: never skipped whole) and whether it narrows:
         # layers sharing both share their rows, computed once per forward
         self.fraction = {layer: float(f) for layer, f in plan.skip_layers.items()}
         self.group = {layer: (self.fraction.get(layer), layer in narrowings) for layer in self.ffns}
-        self.layers_in: dict[tuple, int] = {}
-        for key in self.group.values():
-            self.layers_in[key] = self.layers_in.get(key, 0) + 1
+        self.layers_of: dict[tuple, list[int]] = {}
+        for layer, key in self.group.items():
+            self.layers_of.setdefault(key, []).append(layer)
+        self.layers_in = {key: len(layers) for key, layers in self.layers_of.items()}
+        self.in_graph = in_graph(self.gather)
+        # compiled on CPU: per group, the host decision as flags the traced graph branches on (torch.cond), so that
+        # a forward whose rows all run, skip or narrow a layer stays in the compiled graph; set before each forward
+        self.flags = {key: {state: torch.zeros((), dtype=torch.bool) for state in (FULL, SKIP, NARROW)}
+                      for key in self.layers_in} if self.in_graph else {}
+        hidden = fp["hidden_size"]
+        for fill in self.fills.values():  # converted once here: a traced branch must not fill a cache
+            fill(torch.zeros(1, hidden, device=self.device, dtype=next(model.parameters()).dtype), hidden)
         self.rows: dict[tuple, tuple] = {}
         self.states: dict[tuple, str] = {}  # this forward's host decision per group (absent: MIXED)
         self._host: tuple[int, dict[tuple, str]] | None = None  # the next forward's, from the runner's host counts
@@ -431,12 +453,28 @@ class ServedPlan:
         self.host_decisions = _hook_runner(runner, self)
         _ACTIVE = self
 
-    def _counted(self, layer: int, forward: Any):
-        def call(x):
-            self.calls[layer] += 1
-            return forward(x)
+    def graph_forward(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """What vLLM's compiled graph runs for planned `layer` on CPU: branches on this forward's host decision
+        (`flags`, set by `prepare`): every row full -- the module's own forward, compiled with the rest of the graph
+        as without a plan; every row skipped -- the substitute (no FFN weight read); every row narrowed -- the kept
+        neurons; otherwise (rows differ, or a forward the host did not decide) the op, which gathers rows. One
+        graph for every state: a branch is chosen per forward, nothing recompiles."""
+        key = self.group[layer]
+        flags = self.flags[key]
 
-        return call
+        def mixed(x):
+            return torch.ops.skipprof.ffn_rows(x, layer)
+
+        branch = mixed
+        if key[1]:
+            narrow_mlp = self.narrowings[layer].narrow_mlp
+            branch = (lambda x, other=branch: torch.cond(flags[NARROW], narrow_mlp, other, (x,)))
+        if key[0] is not None:
+            fill = self.fills.get(layer)
+            skip = ((lambda x: torch.zeros_like(x)) if fill is None else
+                    (lambda x: fill(x, x.shape[-1]).to(x.dtype)))
+            branch = (lambda x, other=branch: torch.cond(flags[SKIP], skip, other, (x,)))
+        return torch.cond(flags[FULL], self.ffns[layer], branch, (x,))
 
     def decode_index(self, positions: torch.Tensor) -> torch.Tensor:
         """plan.py's d per token of this forward: positions after the prompt (apply_to all: every position)."""
@@ -483,8 +521,17 @@ class ServedPlan:
             host = None
         self.rows = {}
         self.states = {} if host is None else host[1]
-        for key in self.layers_in:
-            self.decided[self.states.get(key, MIXED)] += self.layers_in[key]
+        for key, layers in self.layers_of.items():
+            state = self.states.get(key, MIXED)
+            self.decided[state] += len(layers)
+            if state != MIXED:  # counted here, as the op or the compiled graph's branch will run it
+                for layer in layers:
+                    if state == SKIP:
+                        self.whole[layer] += 1
+                    else:
+                        self.calls[layer] += 1
+            for flag, value in self.flags.get(key, {}).items():
+                value.fill_(flag == state)
         mixed = [key for key in self.layers_in if self.states.get(key, MIXED) == MIXED]
         if not mixed:
             return
@@ -518,35 +565,40 @@ class ServedPlan:
         state = self.states.get(key, MIXED)
         original, fill, narrowing = self.ffns[layer], self.fills.get(layer), self.narrowings.get(layer)
         if state == SKIP:  # every row skips: no FFN weight is read
-            self.whole[layer] += 1
             return torch.zeros_like(x) if fill is None else fill(x, x.shape[-1]).to(x.dtype)
         if state == NARROW:
-            return narrowing.run(original, x)
+            return narrowing.run(x)
         if state == FULL:
             return original(x)
         skip, narrow, full_rows, skip_rows, narrow_rows = self.rows[key]
         if not self.gather:  # fixed shapes: every row computed every way, then selected
-            out = original(x)
+            out = self._call(layer, original, x)
             if narrow is not None:
-                out = torch.where(narrow[:, None], narrowing.run(original, x), out)
+                out = torch.where(narrow[:, None], self._call(layer, narrowing.run, x), out)
             if skip is not None:
                 filled = torch.zeros_like(x) if fill is None else fill(x, x.shape[-1]).to(x.dtype)
                 out = torch.where(skip[:, None], filled, out)
             return out
         n = x.shape[0]
         if full_rows.numel() == n:
-            return original(x)
+            return self._call(layer, original, x)
         if narrow_rows is not None and narrow_rows.numel() == n:
-            return narrowing.run(original, x)
+            return self._call(layer, narrowing.run, x)
         out = x.new_zeros(x.shape) if fill is None else x.new_empty(x.shape)
         if full_rows.numel():
-            out.index_copy_(0, full_rows, original(x.index_select(0, full_rows)))
+            out.index_copy_(0, full_rows, self._call(layer, original, x.index_select(0, full_rows)))
         if narrow_rows is not None and narrow_rows.numel():
-            out.index_copy_(0, narrow_rows, narrowing.run(original, x.index_select(0, narrow_rows)))
+            out.index_copy_(0, narrow_rows, self._call(layer, narrowing.run, x.index_select(0, narrow_rows)))
         if fill is not None and skip_rows is not None and skip_rows.numel():
             rows = x.index_select(0, skip_rows)
             out.index_copy_(0, skip_rows, fill(rows, x.shape[-1]).to(x.dtype))
         return out
+
+    def _call(self, layer: int, forward: Any, x: torch.Tensor) -> torch.Tensor:
+        """A per-row-masks call of the FFN module (or its narrowed twin), counted (host-decided ones are counted
+        by `prepare`)."""
+        self.calls[layer] += 1
+        return forward(x)
 
     def stats(self) -> dict[str, Any]:
         """Counts since start-up. `decided`: planned-layer calls per host decision ("skip": every row skipped, no FFN
@@ -575,6 +627,22 @@ def gathers(device: torch.device) -> bool:
     if forced == "gather" and device.type != "cpu":
         raise PlanError(f"{PATH_ENV}=gather: gathering needs row counts in host memory; the model is on {device}")
     return forced == "gather"
+
+
+def in_graph(gather: bool) -> bool:
+    """Whether vLLM's compiled graph branches on the host decision (`ServedPlan.graph_forward`): by default where the
+    op gathers rows (CPU), whose branch flags are host memory and which no CUDA graph could bake a branch into;
+    SKIPPROF_VLLM_IN_GRAPH=0 routes every planned layer through the op instead (as the plugin did before). One line
+    if the variable has another value or asks for branches on the accelerators' path."""
+    forced = os.environ.get(IN_GRAPH_ENV)
+    if forced in (None, ""):
+        return gather
+    if forced not in ("0", "1"):
+        raise PlanError(f"{IN_GRAPH_ENV}={forced}: expected 0 or 1")
+    if forced == "1" and not gather:
+        raise PlanError(f"{IN_GRAPH_ENV}=1: branching in the compiled graph needs the decision in host memory and no "
+                        f"CUDA graphs: the CPU's gathering path ({PATH_ENV}=gather)")
+    return forced == "1"
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -610,8 +678,8 @@ def _hook_runner(runner: Any, served: ServedPlan) -> bool:
 class Narrowed:
     """One FFN of vLLM's model that a neuron plan narrows: its projections (vLLM linear layers or ``nn.Linear``s with
     a plain [out, in] weight: the inputs -- ``gate_up_proj``'s two halves, or ``up_proj``/``c_fc``/... -- and one
-    down projection), the permutation that moves the kept neurons first, and the narrowed forwards of those
-    projections, used while `width` is set (skipprofiler.runtime.neurons does the same in transformers)."""
+    down projection), the permutation that moves the kept neurons first, and `narrow_mlp`: the module's twin whose
+    projections compute on the kept neurons (skipprofiler.runtime.neurons does the same in transformers)."""
 
     def __init__(self, mlp: Any, layer: int, kept: Any, bias: Any | None, neuron_map: Any | None = None):
         import numpy as np
@@ -619,7 +687,6 @@ class Narrowed:
         from ..runtime.neurons import FUSED_IN_PROJECTIONS, IN_PROJECTIONS
 
         self.mlp, self.layer = mlp, layer
-        self.width: int | None = None
         ins, downs, other = [], [], []
         for name, module in mlp.named_children():
             if not any(True for _ in module.parameters()):
@@ -683,24 +750,32 @@ class Narrowed:
 
     @torch.no_grad()
     def install(self) -> None:
-        """Permute the neurons in place (kept first; the dense function is unchanged) and patch the projections."""
+        """Permute the neurons in place (kept first; the dense function is unchanged), patch the projections and
+        build `narrow_mlp`, the module's twin whose projections compute on the kept neurons only."""
         order = self.order()
 
         def move(param: torch.Tensor | None, dim: int, idx: torch.Tensor) -> None:
             if param is not None:
                 param.data.copy_(param.data.index_select(dim, idx.to(param.device)))
 
+        narrow = {}
         for module, fused in self.ins:
             idx = torch.cat([order, order + self.size]) if fused else order
             move(module.weight, 0, idx)
             move(getattr(module, "bias", None), 0, idx)
             packed = self._pack(module, fused, out_dim=True)
-            module.forward = (self._packed_in_forward(module, fused, *packed) if packed else
-                              self._in_forward(module, fused, module.forward))
+            if packed:
+                module.forward = self._packed_in_forward(module, fused, *packed, narrow=False)
+            narrow[module] = (self._packed_in_forward(module, fused, *packed, narrow=True) if packed else
+                              self._in_forward(module, fused))
         move(self.down.weight, 1, order)
         packed = self._pack(self.down, False, out_dim=False)
-        self.down.forward = (self._packed_down_forward(self.down, *packed) if packed else
-                             self._down_forward(self.down, self.down.forward))
+        if packed:
+            self.down.forward = self._packed_down_forward(self.down, *packed, narrow=False)
+        narrow[self.down] = (self._packed_down_forward(self.down, *packed, narrow=True) if packed else
+                             self._down_forward(self.down))
+        self.narrow_mlp = _twin(self.mlp, children={name: _twin(child, forward=narrow[child])
+                                                    for name, child in self.mlp.named_children() if child in narrow})
 
     def _pack(self, module: Any, fused: bool, out_dim: bool) -> tuple | None:
         """On CPU (a vLLM linear layer whose weight `_patch_weight_packing` kept plain): the kept and the dropped
@@ -734,12 +809,12 @@ class Narrowed:
         module.weight = torch.nn.Parameter(weight.new_empty(0), requires_grad=False)  # now in the two packed parts
         return tuple(holders)
 
-    def _packed_in_forward(self, module: Any, fused: bool, kept: Any, dropped: Any):
+    def _packed_in_forward(self, module: Any, fused: bool, kept: Any, dropped: Any, narrow: bool):
         k, size = self.k, self.size
 
         def forward(x):
             out = kept.cpu_linear(x, kept.weight, kept.bias)  # fused: [gate_k, up_k], what SiluAndMul splits
-            if self.width is None:  # every neuron, in the model's order (kept first, as permuted)
+            if not narrow:  # every neuron, in the model's order (kept first, as permuted)
                 rest = dropped.cpu_linear(x, dropped.weight, dropped.bias)
                 out = (torch.cat([out[..., :k], rest[..., :size - k], out[..., k:], rest[..., size - k:]], -1)
                        if fused else torch.cat([out, rest], -1))
@@ -747,13 +822,13 @@ class Narrowed:
 
         return forward
 
-    def _packed_down_forward(self, module: Any, kept: Any, dropped: Any):
+    def _packed_down_forward(self, module: Any, kept: Any, dropped: Any, narrow: bool):
         k = self.k
 
         def forward(a):
             a_k = a[..., :k].contiguous()
             out = kept.cpu_linear(a_k, kept.weight, kept.bias)
-            if self.width is None:
+            if not narrow:
                 out = out + dropped.cpu_linear(a[..., k:].contiguous(), dropped.weight, dropped.bias)
             elif self.map is not None:
                 out = out + F.linear(F.linear(a_k, self.map[0]), self.map[1], self.bias)
@@ -763,13 +838,10 @@ class Narrowed:
 
         return forward
 
-    def _in_forward(self, module: Any, fused: bool, original: Any):
-        size = self.size
+    def _in_forward(self, module: Any, fused: bool):
+        k, size = self.k, self.size
 
         def forward(x):
-            k = self.width
-            if k is None:
-                return original(x)
             weight, bias = module.weight, getattr(module, "bias", None)
             if fused:  # the first k of each half, side by side: what the activation (SiluAndMul) splits in two
                 out = torch.cat([F.linear(x, weight[:k], None if bias is None else bias[:k]),
@@ -781,11 +853,10 @@ class Narrowed:
 
         return forward
 
-    def _down_forward(self, module: Any, original: Any):
+    def _down_forward(self, module: Any):
+        k = self.k
+
         def forward(a):
-            k = self.width
-            if k is None:
-                return original(a)
             out = F.linear(a[..., :k], module.weight[:, :k], getattr(module, "bias", None))
             if self.map is not None:
                 out = out + F.linear(F.linear(a[..., :k], self.map[0]), self.map[1], self.bias)
@@ -795,13 +866,26 @@ class Narrowed:
 
         return forward
 
-    def run(self, original: Any, x: torch.Tensor) -> torch.Tensor:
-        """The FFN module's own forward (`original`) on rows `x`, its projections on the first k neurons."""
-        self.width = self.k
-        try:
-            return original(x)
-        finally:
-            self.width = None
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN on rows `x`, its projections on the first k neurons (the module's own forward, on its twin)."""
+        return self.narrow_mlp(x)
+
+
+def _twin(module: Any, forward: Any = None, children: dict[str, Any] | None = None) -> Any:
+    """A shallow copy of `module` that shares its parameters, buffers and hooks (the very same dicts: a hook
+    registered on `module` later fires on the twin too) and computes with `forward` (default: its class's), with
+    `children` in place of its submodules of those names. Not registered anywhere: the model's state dict and
+    parameters are unchanged."""
+    import copy
+
+    twin = copy.copy(module)
+    twin.__dict__.pop("forward", None)
+    if forward is not None:
+        twin.forward = forward
+    if children:
+        twin._modules = dict(module._modules)
+        twin._modules.update(children)
+    return twin
 
 
 def served_sites(model: Any, path: str | None = None) -> list[FFNSite]:
@@ -840,6 +924,8 @@ def neuron_masks(plan: SkipPlan, d: torch.Tensor,
 
 def _planned(layer: int):
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and _ACTIVE.in_graph:  # traced on CPU: branches on the host decision
+            return _ACTIVE.graph_forward(layer, x)
         if torch.compiler.is_compiling():  # traced (vLLM's torch.compile): the opaque op, run at every forward
             out = torch.empty_like(x)
             torch.ops.skipprof.ffn(x, out, layer)

@@ -1,7 +1,8 @@
 """vLLM decode throughput: dense vs skip plans (SKIPPROF_PLAN), output tokens/s at several concurrencies.
 
-The engines run side by side in their own processes (dense, one per plan, and with --routed a control that sends every
-FFN through the plugin's op without skipping: a plan over all layers whose warm-up never ends), each idle while
+The engines run side by side in their own processes (dense, one per plan, and with --routed a control that plans
+every FFN without skipping any: a plan over all layers whose warm-up never ends -- what the plugin costs by itself;
+with --op-control a second one whose every FFN goes through the op, SKIPPROF_VLLM_IN_GRAPH=0), each idle while
 another is timed, started one after another; every round times every arm at every concurrency in rotating order, one
 warm-up round is dropped, and each cell reports the median of the rounds. A round at concurrency c submits c fresh
 random prompts (the same ones to every arm) to ``LLM.generate`` (greedy, ignore_eos) and divides the output tokens by
@@ -22,6 +23,7 @@ and each engine takes an equal share of --gpu-memory-utilization, since the arms
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -62,7 +64,9 @@ def child(args: argparse.Namespace) -> None:
         after = llm.collective_rpc("skipprof_stats")[0] if args.child != "dense" else None
         tokens = sum(len(o.outputs[0].token_ids) for o in out)
         counted = {key: after[key] - before[key] for key in ("skipped_ffn_rows", "narrowed_ffn_rows")} if after else {}
-        print("ROUND " + json.dumps({"seconds": seconds, "tokens": tokens, **counted}), flush=True)
+        # the generated tokens, in prompt order: a control arm (nothing skipped) must give dense's
+        digest = hashlib.sha256(json.dumps([list(o.outputs[0].token_ids) for o in out]).encode()).hexdigest()
+        print("ROUND " + json.dumps({"seconds": seconds, "tokens": tokens, "digest": digest, **counted}), flush=True)
 
 
 def start(args: argparse.Namespace, arm: str, kind: str, plan: str) -> subprocess.Popen:
@@ -72,6 +76,8 @@ def start(args: argparse.Namespace, arm: str, kind: str, plan: str) -> subproces
     if args.gpu_share is not None:
         cmd += ["--gpu-share", str(args.gpu_share)]
     env = dict(os.environ)
+    if arm == "routed-op":  # the control through the op at every call (the plugin's path before in-graph branches)
+        env["SKIPPROF_VLLM_IN_GRAPH"] = "0"
     if args.gpu_share is None:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
     log = ROOT / "runs" / "bench" / f"vllm-{arm}.stderr"  # the engine's own log, for when it fails to start
@@ -173,18 +179,34 @@ def rows_of(args: argparse.Namespace, samples, plan_arms: dict[str, str], routed
             if routed:
                 control = tok_s("routed", c)
                 row.update(routed_tok_s=control, routed_over_dense=control / dense, plan_over_routed=plan / control,
-                           plan_over_routed_over_ideal=plan / control / ideal)
+                           plan_over_routed_over_ideal=plan / control / ideal,
+                           routed_tokens_equal_dense=same_tokens(samples, "routed", c))
+            if ("routed-op", c) in samples:
+                control = tok_s("routed-op", c)
+                row.update(routed_op_tok_s=control, routed_op_over_dense=control / dense,
+                           routed_op_tokens_equal_dense=same_tokens(samples, "routed-op", c))
             rows.append(row)
     return rows
 
 
+def same_tokens(samples, arm: str, c: int) -> bool:
+    """Whether `arm` generated dense's tokens in every round at concurrency `c`."""
+    return all(a["digest"] == b["digest"] for a, b in zip(samples[(arm, c)], samples[("dense", c)]))
+
+
 def print_rows(rows: list[dict], routed: bool) -> None:
+    op = any("routed_op_over_dense" in row for row in rows)
     print(f"{'plan':<28}{'requests':>8}{'dense tok/s':>13}{'plan tok/s':>12}{'speedup':>9}{'ideal':>8}"
-          f"{'meas/ideal':>12}" + (f"{'control/dense':>15}" if routed else ""))
+          f"{'meas/ideal':>12}" + (f"{'control/dense':>15}" if routed else "") + (f"{'op/dense':>10}" if op else ""))
     for row in rows:
         print(f"{Path(row['plan']).stem:<28}{row['concurrency']:>8}{row['dense_tok_s']:>13.1f}{row['plan_tok_s']:>12.1f}"
               f"{row['speedup']:>8.3f}x{row['ideal_speedup']:>7.3f}x{row['measured_over_ideal']:>12.3f}"
-              + (f"{row['routed_over_dense']:>15.3f}" if routed else ""))
+              + (f"{row['routed_over_dense']:>14.3f}" + ("=" if row["routed_tokens_equal_dense"] else "!")
+                 if routed else "")
+              + (f"{row['routed_op_over_dense']:>9.3f}" + ("=" if row["routed_op_tokens_equal_dense"] else "!")
+                 if op else ""))
+    if routed:
+        print("(= the control generated dense's tokens in every round, ! it did not)")
 
 
 def main() -> None:
@@ -198,7 +220,10 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--json", default=None)
-    p.add_argument("--routed", action="store_true", help="add the control arm: every FFN through the op, none skipped")
+    p.add_argument("--routed", action="store_true",
+                   help="add the control arm: every FFN planned, none skipped (on CPU in-graph branches, as served)")
+    p.add_argument("--op-control", action="store_true",
+                   help="with --routed, a second control that sends every FFN through the op (SKIPPROF_VLLM_IN_GRAPH=0)")
     p.add_argument("--dtype", default=None, help="the engines' dtype (default: bfloat16 on a CUDA host, else float32)")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85,
@@ -221,6 +246,8 @@ def main() -> None:
     arms = {"dense": ("dense", args.plan[0]), **{a: ("plan", plan) for a, plan in plan_arms.items()}}
     if args.routed:
         arms["routed"] = ("routed", args.plan[0])
+        if args.op_control:
+            arms["routed-op"] = ("routed", args.plan[0])
     if cuda:
         args.gpu_share = round(args.gpu_memory_utilization / len(arms), 3)
     starts = []

@@ -8,7 +8,7 @@
 #                                              # eval-25 eval-more eval-perclass router eval-linear-10 eval-linear-25
 #                                              # eval-linear-more profile-neurons fit-neurons eval-neurons
 #                                              # fit-neurons-map eval-neurons-map fit-neurons-mix
-#                                              # eval-neurons-mix
+#                                              # eval-neurons-mix fit-neurons-mix-10 eval-neurons-mix-10
 #
 # Stages: (profile) the bundled calibration split, 40 k prompt tokens + 32 generated per document; (fit-static) static
 # plans chosen by measured KL (--refine) at 10 / 25 / 35 %, and with mean-output compensation at 10 / 25 %;
@@ -35,7 +35,8 @@ GGUF=$(python -c "from skipprofiler.arch.models import smollm2_gguf; print(smoll
 STAGES=("$@")
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-linear fit-other eval-10 eval-25 eval-more eval-perclass
                                      eval-linear-10 eval-linear-25 eval-linear-more profile-neurons fit-neurons
-                                     eval-neurons fit-neurons-map eval-neurons-map fit-neurons-mix eval-neurons-mix)
+                                     eval-neurons fit-neurons-map eval-neurons-map fit-neurons-mix eval-neurons-mix
+                                     fit-neurons-mix-10 eval-neurons-mix-10)
 
 timed() {  # timed LOG COMMAND...: run, log stdout+stderr and the wall time
   local log="$WORK/$1"; shift
@@ -98,6 +99,17 @@ for stage in "${STAGES[@]}"; do
       timed fit-neurons-mix-map-22.log skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons \
         -r 0.22 --neuron-fill map --rank 32 --compensation linear --neuron-statistics prompt --model "$GGUF" \
         --gen-len "$GEN_LEN" --out plans/smollm2-neurons-mix-map-22.yaml ;;
+    fit-neurons-mix-10)  # the same search (whole-FFN skips among the moves) at 10 % and for the +10 % budget
+      timed fit-neurons-mix-10.log skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons -r 0.10 \
+        --compensation linear --neuron-statistics prompt --model "$GGUF" --gen-len "$GEN_LEN" \
+        --out plans/smollm2-neurons-mix-10.yaml
+      timed fit-budget-neurons-mix-10.log skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons \
+        --max-ppl-increase 0.10 --compensation linear --neuron-statistics prompt --model "$GGUF" \
+        --gen-len "$GEN_LEN" --out plans/smollm2-budget-neurons-mix-ppl10.yaml ;;
+    eval-neurons-mix-10)  # the same held-out windows and questions as eval-neurons
+      timed eval-neurons-mix-10.log skipprof eval --model "$GGUF" plans/smollm2-neurons-mix-10.yaml \
+        plans/smollm2-budget-neurons-mix-ppl10.yaml --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \
+        --out "$OUT/smollm2-eval-neurons-mix-10.json" ;;
     eval-neurons-mix)  # the same held-out windows and questions as eval-neurons
       timed eval-neurons-mix.log skipprof eval --model "$GGUF" plans/smollm2-neurons-mix-22.yaml \
         plans/smollm2-neurons-mix-map-22.yaml --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \

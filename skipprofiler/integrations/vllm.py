@@ -22,17 +22,22 @@ What it does, in every vLLM process the plugin is loaded in, and only while ``SK
   those projections before vLLM processes the loaded weights, so they run ``F.linear`` on the weight as loaded); after
   loading, each such FFN's neurons are permuted in place so the kept ones come first (rows of both halves of
   ``gate_up_proj``, columns of ``down_proj``: the dense function is unchanged, nothing is copied), and a narrowed
-  row runs the module's own forward with its projections computing on views of the first k neurons (plus the mean
-  bias of ``fill: mean``, and with ``fill: map`` the rank-r map of the kept activations): the transformers runtime's
-  reparametrisation (skipprofiler.runtime.neurons).
+  row runs the module's own forward on a twin of the module whose projections compute on the first k neurons (plus
+  the mean bias of ``fill: mean``, and with ``fill: map`` the rank-r map of the kept activations): the transformers
+  runtime's reparametrisation (skipprofiler.runtime.neurons). On CPU each such projection is then packed by vLLM's
+  own GEMM dispatch in two parts, kept and dropped neurons (`Narrowed._pack`).
 * once per step, from the counts the model runner holds on the host (per request its computed tokens and prompt
   length, per token its request and place in the step: what vLLM computes positions from), the plugin decides per
   group of planned layers whether every row of the coming forward skips (or is narrowed, or runs the whole FFN): then
-  the op computes that for all rows and nothing else -- a layer every row skips reads none of its FFN weights
-  (zeros, or the substitute: mean output, linear map). Only a forward whose rows differ (prompt tokens beside decode
-  tokens, a fraction's pattern that differs between requests, warm-up) needs per-row masks: on CPU the op gathers the
-  rows (host memory: nothing to synchronise) -- full rows, narrowed rows, skipped rows; on an accelerator it runs the
-  FFN on every row (and the narrowed FFN on every row) and selects with the masks (fixed shapes, no sync).
+  only that is computed for all rows -- a layer every row skips reads none of its FFN weights (zeros, or the
+  substitute: mean output, linear map). On CPU the decision stays inside vLLM's compiled graph: each planned layer is
+  traced as a ``torch.cond`` on per-group flags in host memory (set before each forward), whose branches are the
+  module's own forward (compiled with the rest of the graph, as without a plan), the substitute, the kept neurons, and
+  the op ``skipprof::ffn_rows``; one graph for every state (``SKIPPROF_VLLM_IN_GRAPH=0``: the op for every call, as
+  before). Only a forward whose rows differ (prompt tokens beside decode tokens, a fraction's pattern that differs
+  between requests, warm-up) needs per-row masks: on CPU the op gathers the rows (host memory: nothing to
+  synchronise) -- full rows, narrowed rows, skipped rows; on an accelerator it runs the FFN on every row (and the
+  narrowed FFN on every row) and selects with the masks (fixed shapes, no sync).
 * CUDA graphs: a host decision must not be baked into a captured graph that is replayed in another state. The op is
   added to vLLM's splitting ops and full graphs are turned off (cudagraph_mode PIECEWISE), so the op runs eagerly
   between the captured pieces at every step; a forward under capture never uses a host decision (it takes the mask

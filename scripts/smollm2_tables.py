@@ -35,6 +35,9 @@ RUNS = (("neurons", "Neuron plans (each FFN keeps its most important neurons by 
                         "narrowing) and widths from two rounds of measured exchanges (the default), at 22 % of FFN "
                         "FLOPs net: fill mean, and fill map (rank 32) (the same held-out windows and questions as the "
                         "neuron plans above)"),
+        ("neurons-mix-10", "The same search at 10 % of FFN FLOPs net (fill mean; it chose no whole-FFN skip) and "
+                           "within a +10 % perplexity budget (`--max-ppl-increase 0.10 --compensation linear`), the "
+                           "same held-out windows and questions"),
         ("linear-10", "Linear substitutes at 10 %: none / mean output / linear, quality budgets, and the baselines at "
                       "the linear plan's ratio (ReplaceMe-style at its decode FLOPs)"),
         ("linear-25", "Linear substitutes at 25 %: none / mean output / linear (full and rank 128), and the baselines at "
@@ -84,8 +87,11 @@ SERIES = (  # (label, how a row is recognised, style) for the quality-vs-FLOPs f
      dict(color="darkgreen", marker="*", markersize=12, linestyle="none")),
     ("neurons, widths from one measured round", lambda r: r["name"].startswith("smollm2-neurons-")
      and "decodestats" in r["name"], dict(color="tab:green", marker="X", markersize=9, linestyle="none")),
+    ("neurons + whole FFNs, measured widths, quality budget +10 %",
+     lambda r: r["name"].startswith("smollm2-budget-neurons-mix-"),
+     dict(color="black", marker="*", markersize=14, linestyle="none")),
     ("neurons, quality budget +10 %", lambda r: r["name"].startswith("smollm2-budget-neurons")
-     and "-map-" not in r["name"],
+     and "-map-" not in r["name"] and "-mix-" not in r["name"],
      dict(color="tab:green", marker="*", markersize=12, linestyle="none")),
     ("FFN skipped outright (refined static)", lambda r: r["name"].startswith("smollm2-static-")
      and "mean" not in r["name"], dict(color="tab:blue", marker="o")),
@@ -114,7 +120,7 @@ def figure(path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = []
-    for run in ("neurons", "neurons-mix", "neurons-map", "linear-10", "linear-25", "linear-more"):
+    for run in ("neurons", "neurons-mix", "neurons-mix-10", "neurons-map", "linear-10", "linear-25", "linear-more"):
         file = ROOT / "docs" / "results" / f"smollm2-eval-{run}.json"
         if file.exists():  # the extra run's rows at 25 % only where the 25 % run does not have them
             seen = {r["name"] for r in rows} if run == "linear-more" else set()

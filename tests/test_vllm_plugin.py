@@ -429,6 +429,7 @@ def test_compiled_graph_branches_on_the_host_decision(monkeypatch):
     monkeypatch.delenv(vllm_plugin.PATH_ENV, raising=False)
     monkeypatch.delenv(vllm_plugin.IN_GRAPH_ENV, raising=False)
     torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]  # (a global count: other tests in this process compile too)
     torch.manual_seed(4)
     model = _Model(gated=True).eval()
     reference = _Model(gated=True).eval()
@@ -465,7 +466,7 @@ def test_compiled_graph_branches_on_the_host_decision(monkeypatch):
             got = model(positions=torch.tensor(d) + torch.tensor(prompt_lens), inputs_embeds=x)
         torch.testing.assert_close(got, want(x, d))
         products.append(sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm")))
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] - graphs == 1
     assert products[1] == 8 and products[3] == 5  # (the first forward compiled)
     stats = served.stats()
     assert stats["decided"] == {"narrow": 2, "skip": 4, "full": 3, "mixed": 6}
@@ -558,6 +559,21 @@ def test_runner_hook_decides_from_the_current_input_batch():
     stats = served.stats()
     assert stats["decided"] == {"skip": 1, "mixed": 1, "full": 0, "narrow": 0}
     assert (stats["prompt_tokens"], stats["decode_tokens"], stats["mixed_forwards"]) == (2, 3, 1)
+
+
+def test_plugin_turns_off_aot_compile_where_the_graph_branches(monkeypatch):
+    """On CPU the compiled graph reads the plugin's tensors: unset, vLLM's AOT compile cache is turned off (inherited by
+    the engine's processes); 0 is kept; asking for it is one line; accelerators and the op-only path keep it."""
+    from skipprofiler.integrations import vllm as vllm_plugin
+
+    for name in ("VLLM_USE_AOT_COMPILE", vllm_plugin.IN_GRAPH_ENV, vllm_plugin.PATH_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert vllm_plugin.aot_compile_problem(cpu=False) is None and "VLLM_USE_AOT_COMPILE" not in os.environ
+    assert vllm_plugin.aot_compile_problem(cpu=True) is None and os.environ["VLLM_USE_AOT_COMPILE"] == "0"
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    assert vllm_plugin.aot_compile_problem(cpu=True).startswith("VLLM_USE_AOT_COMPILE=1: ")
+    monkeypatch.setenv(vllm_plugin.IN_GRAPH_ENV, "0")
+    assert vllm_plugin.aot_compile_problem(cpu=True) is None
 
 
 def test_plugin_asks_for_the_v1_model_runner(monkeypatch):

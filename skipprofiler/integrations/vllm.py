@@ -69,6 +69,7 @@ OP = "skipprof::ffn"
 PATH_ENV = "SKIPPROF_VLLM_PATH"
 IN_GRAPH_ENV = "SKIPPROF_VLLM_IN_GRAPH"  # "0": no branches in the compiled graph (every planned layer via the op)
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+AOT_ENV = "VLLM_USE_AOT_COMPILE"
 # what a group of planned layers computes in one forward, decided on the host (MIXED: per-row masks)
 FULL, SKIP, NARROW, MIXED = "full", "skip", "narrow", "mixed"
 
@@ -212,7 +213,9 @@ def _patch_front_end() -> None:
             plan_file = load_served_plan(path)
         except PlanError as e:
             _stop(str(e))
-        runner = v1_runner_problem()
+        from vllm.platforms import current_platform
+
+        runner = v1_runner_problem() or aot_compile_problem(current_platform.is_cpu())
         if runner:
             _stop(problem_line(path, [runner]))
         config = original(self, *args, **kwargs)
@@ -243,6 +246,25 @@ def v1_runner_problem() -> str | None:
     if value.strip().lower() in ("1", "true", "yes", "on"):
         return (f"{V2_RUNNER_ENV}={value}: the plugin serves plans with vLLM's V1 model runner only (unset it, or "
                 "set it to 0)")
+    return None
+
+
+def aot_compile_problem(cpu: bool) -> str | None:
+    """Where the compiled graph branches on the host decision (CPU, `in_graph`), the graph reads tensors from the
+    plugin's objects (the branch flags, the packed GEMMs' oneDNN handles). vLLM's AOT compile cache would save them
+    into an artifact that the next start loads, bound to the first process's objects (measured: a later start's
+    worker died at its first step). The plugin turns it off (``VLLM_USE_AOT_COMPILE=0``, inherited by the engine's
+    processes: dynamo traces at every start, inductor's kernel cache still serves) unless told otherwise, and refuses
+    to start if it was asked for."""
+    if not cpu or os.environ.get(IN_GRAPH_ENV) == "0" or os.environ.get(PATH_ENV) == "select":
+        return None
+    value = os.environ.get(AOT_ENV)
+    if value is None:
+        os.environ[AOT_ENV] = "0"
+        return None
+    if value.strip() == "1":
+        return (f"{AOT_ENV}=1: vLLM's AOT compile cache would bind the compiled plan's branches to another process's "
+                f"objects (unset it, set it to 0, or {IN_GRAPH_ENV}=0 to route every planned layer through the op)")
     return None
 
 
@@ -407,9 +429,11 @@ class ServedPlan:
         if plan.compensation != NO_COMPENSATION:
             from ..runtime.compensation import LinearFill, MeanFill
 
+            dtype = next(model.parameters()).dtype
             for layer in plan.skip_layers:
-                self.fills[layer] = (MeanFill(plan.ffn_mean[layer]) if plan.compensation == MEAN_OUTPUT
-                                     else LinearFill(plan.linear, layer))
+                self.fills[layer] = (MeanFill(plan.ffn_mean[layer]) if plan.compensation == MEAN_OUTPUT else
+                                     PackedLinearFill.of(plan.linear, layer, self.device, dtype)
+                                     or LinearFill(plan.linear, layer))
         for narrowing in narrowings.values():
             narrowing.install()
         self.calls: dict[int, int] = {}  # per planned layer: calls of its FFN module (full or narrowed rows)
@@ -608,8 +632,9 @@ class ServedPlan:
     def stats(self) -> dict[str, Any]:
         """Counts since start-up. `decided`: planned-layer calls per host decision ("skip": every row skipped, no FFN
         weight read; "mixed": per-row masks, also every call of a forward the host did not decide). Per planned layer:
-        `ffn_calls`, calls of its FFN module, and `skipped_whole`, calls that skipped every row without one (these
-        three count what the op's body ran, not replays of a captured graph)."""
+        `ffn_calls`, calls of its FFN module (full or narrowed rows), and `skipped_whole`, forwards that skipped every
+        row without one: a host decision is counted once per forward when it is taken (whether the op or the compiled
+        graph's branch then runs it), per-row calls as the op runs them -- not replays of a captured graph."""
         forwards, prompt, decode, mixed = (a + b for a, b in zip(self.counts.tolist(), self.host_counts))
         return {"forwards": forwards, "prompt_tokens": prompt, "decode_tokens": decode, "mixed_forwards": mixed,
                 "skipped_ffn_rows": int(self.skipped) + self.host_counts[4],
@@ -804,13 +829,7 @@ class Narrowed:
         else:  # the down projection: neuron columns; its bias added once, with the kept part
             parts = [weight[:, :k], weight[:, k:]]
             biases = [None if bias is None else bias.data, None]
-        holders = []
-        for part, part_bias in zip(parts, biases):
-            holder = torch.nn.Module()
-            holder.weight = torch.nn.Parameter(part.contiguous(), requires_grad=False)
-            holder.bias = None if part_bias is None else torch.nn.Parameter(part_bias.clone(), requires_grad=False)
-            dispatch_cpu_unquantized_gemm(holder, remove_weight=True)  # converts the bias as its kernel needs
-            holders.append(holder)
+        holders = [cpu_gemm(part, part_bias, dispatch_cpu_unquantized_gemm) for part, part_bias in zip(parts, biases)]
         module.weight = torch.nn.Parameter(weight.new_empty(0), requires_grad=False)  # now in the two packed parts
         return tuple(holders)
 
@@ -874,6 +893,48 @@ class Narrowed:
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The FFN on rows `x`, its projections on the first k neurons (the module's own forward, on its twin)."""
         return self.narrow_mlp(x)
+
+
+def cpu_gemm(weight: torch.Tensor, bias: torch.Tensor | None, dispatch: Any) -> Any:
+    """A module holding `weight` ([out, in]) and `bias` packed by vLLM's CPU GEMM `dispatch` (oneDNN and the like,
+    as vLLM packs its own linear layers): ``h.cpu_linear(x, h.weight, h.bias)`` is ``F.linear(x, weight, bias)``."""
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
+    holder.bias = None if bias is None else torch.nn.Parameter(bias.clone(), requires_grad=False)
+    dispatch(holder, remove_weight=True)  # converts the bias as its kernel needs
+    return holder
+
+
+class PackedLinearFill:
+    """A skipped layer's linear substitute on vLLM's CPU: its matrices packed by vLLM's GEMM dispatch, so the map runs
+    the kernel the model's own projections run (the runtime's LinearFill multiplies plain tensors, which measured
+    slower than the packed GEMMs around it)."""
+
+    def __init__(self, gemms: list[Any]):
+        self.gemms = gemms
+
+    @classmethod
+    def of(cls, maps: Any, layer: int, device: torch.device, dtype: torch.dtype) -> PackedLinearFill | None:
+        """The packed map of `layer`; None where vLLM does not pack (not its CPU platform, or vLLM not installed)."""
+        if device.type != "cpu":
+            return None
+        try:
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+            from vllm.platforms import current_platform
+        except ImportError:
+            return None
+        if not current_platform.is_cpu():
+            return None
+        t = {k: torch.from_numpy(v).to(dtype) for k, v in maps.layer_tensors(layer).items()}
+        if "weight" in t:  # x @ W + b: F.linear's weight is W transposed
+            return cls([cpu_gemm(t["weight"].t(), t["bias"], dispatch_cpu_unquantized_gemm)])
+        return cls([cpu_gemm(t["down"].t(), None, dispatch_cpu_unquantized_gemm),
+                    cpu_gemm(t["up"].t(), t["bias"], dispatch_cpu_unquantized_gemm)])
+
+    def __call__(self, x: torch.Tensor, hidden: int, stream: torch.Tensor | None = None) -> torch.Tensor:
+        for gemm in self.gemms:
+            x = gemm.cpu_linear(x, gemm.weight, gemm.bias)
+        return x
 
 
 def _twin(module: Any, forward: Any = None, children: dict[str, Any] | None = None) -> Any:

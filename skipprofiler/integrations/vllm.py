@@ -215,7 +215,10 @@ def _patch_front_end() -> None:
             _stop(str(e))
         from vllm.platforms import current_platform
 
-        runner = v1_runner_problem() or aot_compile_problem(current_platform.is_cpu())
+        try:
+            runner = v1_runner_problem() or aot_compile_problem(current_platform.is_cpu())
+        except PlanError as e:  # a malformed SKIPPROF_VLLM_* variable: one line before any worker starts
+            _stop(problem_line(path, e.problems))
         if runner:
             _stop(problem_line(path, [runner]))
         config = original(self, *args, **kwargs)
@@ -254,9 +257,9 @@ def aot_compile_problem(cpu: bool) -> str | None:
     plugin's objects (the branch flags, the packed GEMMs' oneDNN handles). vLLM's AOT compile cache would save them
     into an artifact that the next start loads, bound to the first process's objects (measured: a later start's
     worker died at its first step). The plugin turns it off (``VLLM_USE_AOT_COMPILE=0``, inherited by the engine's
-    processes: dynamo traces at every start, inductor's kernel cache still serves) unless told otherwise, and refuses
-    to start if it was asked for."""
-    if not cpu or os.environ.get(IN_GRAPH_ENV) == "0" or os.environ.get(PATH_ENV) == "select":
+    processes: every start traces and compiles) unless told otherwise, and refuses to start if it was asked for. The
+    workers decide the branches with the same functions (`gathers`, `in_graph`)."""
+    if not cpu or not in_graph(gathers(torch.device("cpu"))):
         return None
     value = os.environ.get(AOT_ENV)
     if value is None:
@@ -422,6 +425,7 @@ class ServedPlan:
             raise PlanError(problem_line(path, problems))
         self.runner, self.plan = runner, plan
         self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
         self.gather = gathers(self.device)
         self.ffns: dict[int, Any] = {}
         self.fills: dict[int, Any] = {}
@@ -429,7 +433,6 @@ class ServedPlan:
         if plan.compensation != NO_COMPENSATION:
             from ..runtime.compensation import LinearFill, MeanFill
 
-            dtype = next(model.parameters()).dtype
             for layer in plan.skip_layers:
                 self.fills[layer] = (MeanFill(plan.ffn_mean[layer]) if plan.compensation == MEAN_OUTPUT else
                                      PackedLinearFill.of(plan.linear, layer, self.device, dtype)
@@ -458,7 +461,7 @@ class ServedPlan:
                       for key in self.layers_in} if self.in_graph else {}
         hidden = fp["hidden_size"]
         for fill in self.fills.values():  # converted once here: a traced branch must not fill a cache
-            fill(torch.zeros(1, hidden, device=self.device, dtype=next(model.parameters()).dtype), hidden)
+            fill(torch.zeros(1, hidden, device=self.device, dtype=dtype), hidden)
         self.rows: dict[tuple, tuple] = {}
         self.states: dict[tuple, str] = {}  # this forward's host decision per group (absent: MIXED)
         self._host: tuple[int, dict[tuple, str]] | None = None  # the next forward's, from the runner's host counts

@@ -9,6 +9,7 @@
 #                                              # eval-linear-more profile-neurons fit-neurons eval-neurons
 #                                              # fit-neurons-map eval-neurons-map fit-neurons-mix
 #                                              # eval-neurons-mix fit-neurons-mix-10 eval-neurons-mix-10
+#                                              # fit-neurons-refit eval-neurons-refit
 #
 # Stages: (profile) the bundled calibration split, 40 k prompt tokens + 32 generated per document; (fit-static) static
 # plans chosen by measured KL (--refine) at 10 / 25 / 35 %, and with mean-output compensation at 10 / 25 %;
@@ -36,7 +37,7 @@ STAGES=("$@")
 [[ ${#STAGES[@]} -gt 0 ]] || STAGES=(profile fit-static fit-linear fit-other eval-10 eval-25 eval-more eval-perclass
                                      eval-linear-10 eval-linear-25 eval-linear-more profile-neurons fit-neurons
                                      eval-neurons fit-neurons-map eval-neurons-map fit-neurons-mix eval-neurons-mix
-                                     fit-neurons-mix-10 eval-neurons-mix-10)
+                                     fit-neurons-mix-10 eval-neurons-mix-10 fit-neurons-refit eval-neurons-refit)
 
 timed() {  # timed LOG COMMAND...: run, log stdout+stderr and the wall time
   local log="$WORK/$1"; shift
@@ -106,6 +107,21 @@ for stage in "${STAGES[@]}"; do
       timed fit-budget-neurons-mix-10.log skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons \
         --max-ppl-increase 0.10 --compensation linear --neuron-statistics prompt --model "$GGUF" \
         --gen-len "$GEN_LEN" --out plans/smollm2-budget-neurons-mix-ppl10.yaml ;;
+    fit-neurons-refit)  # the mixed search with fill refit (the kept down columns refitted by least squares) at 22 %,
+                        # 10 % and for the +10 % budget; the three fits run side by side, THREADS each
+      for R in 22 10; do
+        timed "fit-neurons-refit-$R.log" skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons \
+          -r "0.$R" --neuron-fill refit --compensation linear --neuron-statistics prompt --model "$GGUF" \
+          --gen-len "$GEN_LEN" --out "plans/smollm2-neurons-refit-$R.yaml" &
+      done
+      timed fit-budget-neurons-refit-10.log skipprof export-plan "$WORK/smollm2-neurons.prof" --granularity neurons \
+        --max-ppl-increase 0.10 --neuron-fill refit --compensation linear --neuron-statistics prompt --model "$GGUF" \
+        --gen-len "$GEN_LEN" --out plans/smollm2-budget-neurons-refit-ppl10.yaml &
+      wait ;;
+    eval-neurons-refit)  # the same held-out windows and questions as eval-neurons
+      timed eval-neurons-refit.log skipprof eval --model "$GGUF" plans/smollm2-neurons-refit-22.yaml \
+        plans/smollm2-neurons-refit-10.yaml plans/smollm2-budget-neurons-refit-ppl10.yaml --gen-len "$GEN_LEN" \
+        --docs-per-class "$DOCS" --qa --no-speed --out "$OUT/smollm2-eval-neurons-refit.json" ;;
     eval-neurons-mix-10)  # the same held-out windows and questions as eval-neurons
       timed eval-neurons-mix-10.log skipprof eval --model "$GGUF" plans/smollm2-neurons-mix-10.yaml \
         plans/smollm2-budget-neurons-mix-ppl10.yaml --gen-len "$GEN_LEN" --docs-per-class "$DOCS" --qa --no-speed \

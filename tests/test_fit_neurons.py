@@ -13,7 +13,8 @@ from tiny_models import tiny_model
 from skipprofiler.arch.capture import down_weight
 from skipprofiler.evaluation.fidelity import dense_references, make_batches
 from skipprofiler.fit.from_profile import FitSettings
-from skipprofiler.fit.neurons import NeuronMoments, fit_neuron_plan, neuron_importance, solve_neuron_map
+from skipprofiler.fit.neurons import (NeuronMoments, fit_neuron_plan, neuron_importance, solve_neuron_map,
+                                      solve_neuron_refit)
 from skipprofiler.fit.refine import Budget
 from skipprofiler.profile import ProfileSettings, profile_model
 from skipprofiler.profile.corpus import Batch
@@ -141,6 +142,46 @@ def test_a_neuron_map_predicts_the_dropped_output_from_the_kept_activations():
     assert error[6] <= error[2] * 1.01 and error[1] < mean_only
 
 
+def test_a_refit_folds_the_full_rank_map_into_the_kept_down_columns():
+    rng = np.random.default_rng(1)
+    n, hidden = 4000, 5
+    a_kept = rng.normal(size=(n, 6)) * rng.uniform(0.5, 2.0, 6)
+    a = np.concatenate([a_kept, a_kept @ rng.normal(size=(6, 4)) + rng.normal(size=4)], axis=1)
+    down = rng.normal(size=(hidden, 10))
+    moments = NeuronMoments(a.mean(0), np.cov(a.T, bias=True), n)
+    kept = np.arange(6)
+    bias, refit = solve_neuron_refit(moments, down, kept)
+    assert refit.shape == (hidden, 6) and refit.dtype == bias.dtype == np.float32
+    # the whole FFN output from the kept activations alone: exact here up to the ridge (the dropped ones are linear
+    # in them), where the model's own kept columns and the mean bias miss the dropped neurons' variation
+    error = np.mean((a_kept @ refit.T + bias - a @ down.T) ** 2)
+    mean_only = np.mean((a_kept @ down[:, :6].T + down[:, 6:] @ a[:, 6:].mean(0) - a @ down.T) ** 2)
+    assert error < 1e-3 * mean_only
+    m_bias, m_in, m_out = solve_neuron_map(moments, down, kept, 6)  # the same prediction, unfolded
+    np.testing.assert_allclose(a_kept @ (down[:, :6] + m_out @ m_in).T + m_bias, a_kept @ refit.T + bias, atol=1e-4)
+
+
+def test_a_refit_fill_fit_costs_no_flops_beyond_the_bias_and_beats_the_mean(heavy, tmp_path):
+    from skipprofiler.arch.registry import model_fingerprint
+    from skipprofiler.plan import load_plan, save_plan
+    from skipprofiler.plan.model import PlanFile
+
+    model, profile = heavy
+    plan = _fit(model, profile, target=0.3, neuron_rounds=0, neuron_fill="refit", neuron_statistics="decode")
+    mean_plan = _fit(model, profile, target=0.3, neuron_rounds=0, neuron_fill="mean", neuron_statistics="decode")
+    assert plan.neurons.fill == "refit" and plan.neurons.rank is None
+    assert plan.fit["neuron_fill"] == "refit" and "rank" not in plan.fit["neuron_map"]
+    assert plan.neurons.widths == mean_plan.neurons.widths  # the same FLOPs: the same uniform start
+    assert plan.fit["uniform_start"]["kl"] < mean_plan.fit["uniform_start"]["kl"]
+    hidden = model.config.hidden_size
+    assert all(plan.neurons.refit_down(l).shape == (hidden, k) for l, k in plan.neurons.widths.items())
+    path = tmp_path / "p.yaml"
+    save_plan(PlanFile(model={"name": "tiny", "fingerprint": model_fingerprint(model)}, global_plan=plan), path)
+    loaded = load_plan(path).global_plan
+    assert all(np.array_equal(loaded.neurons.refit_down(l), plan.neurons.refit_down(l)) for l in plan.neurons.widths)
+    assert _runtime_saving(model, loaded) == pytest.approx(plan.fit["expected_ffn_flops_saved"], abs=1e-3)
+
+
 def test_a_map_fill_fit_lands_on_its_share_net_of_the_maps_and_the_runtime_agrees(heavy, tmp_path):
     from skipprofiler.arch.registry import model_fingerprint
     from skipprofiler.plan import load_plan, save_plan
@@ -246,7 +287,7 @@ def test_bad_neuron_settings_are_all_reported_at_once(tmp_path, capsys):
                            neuron_importance="magic", per_class=True, compensation="norm_ratio",
                            neuron_statistics="both").problems()
     text = "\n".join(problems)
-    for part in ("neuron_fill must be one of none, mean, map, auto", "neuron_importance must be one of",
+    for part in ("neuron_fill must be one of none, mean, map, refit, auto", "neuron_importance must be one of",
                  "neuron_statistics must be one of auto, decode, prompt", "mode=\"adaptive\"",
                  "per_class", "compensation"):
         assert part in text, part
@@ -260,7 +301,7 @@ def test_bad_neuron_settings_are_all_reported_at_once(tmp_path, capsys):
                         "--mode", "adaptive", "--neuron-fill", "zero", "--neuron-importance", "magic", "--out", "-"],
                        capsys)
     assert code == 2
-    for part in ("--neuron-fill must be one of none, mean, map, auto, got 'zero'", "--neuron-importance must be one of",
+    for part in ("--neuron-fill must be one of none, mean, map, refit, auto, got 'zero'", "--neuron-importance must be one of",
                  "--granularity neurons fits static plans, not --mode adaptive", "beside the plan"):
         assert part in err, (part, err)
     assert "Traceback" not in err

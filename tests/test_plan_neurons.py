@@ -30,8 +30,10 @@ def subsets(widths: dict[int, int], fill: str = "mean", seed: int = 0, rank: int
     tensors = {}
     for layer, width in widths.items():
         tensors[f"{layer}.kept"] = np.sort(rng.choice(I, width, replace=False)).astype(np.int64)
-        if fill in ("mean", "map"):
+        if fill in ("mean", "map", "refit"):
             tensors[f"{layer}.bias"] = rng.standard_normal(H).astype(np.float32)
+        if fill == "refit":
+            tensors[f"{layer}.down"] = rng.standard_normal((H, width)).astype(np.float32)
         if fill == "map":
             tensors[f"{layer}.map_in"] = rng.standard_normal((rank, width)).astype(np.float32)
             tensors[f"{layer}.map_out"] = rng.standard_normal((H, rank)).astype(np.float32)
@@ -131,7 +133,7 @@ def test_every_problem_of_a_neurons_block_is_reported_at_once():
     problems = validate_plan_dict(raw)
     expected = [
         "global.neurons.extra: unknown key (allowed here: fill, rank, intermediate_size, file, sha256, widths)",
-        "global.neurons.fill: must be one of none, mean, map, got string 'median'",
+        "global.neurons.fill: must be one of none, mean, map, refit, got string 'median'",
         "global.neurons.file: must be a .safetensors file name relative to the plan file, got '../p.bin'",
         "global.neurons.sha256: must be 64 lowercase hex digits, got string 'abc'",
         "global.neurons.widths.0: must be in [1, 15], got 0",
@@ -209,6 +211,28 @@ def test_a_map_fill_round_trips_and_its_problems_are_all_reported(tmp_path):
     assert validate_plan_dict(no_rank) == ["global.neurons.rank: is required with fill map (the rank of its maps)"]
     assert validate_plan_dict(mean_rank) == ["global.neurons.rank: applies to fill map only (fill is mean)"]
     assert validate_plan_dict(_raw(fill="map", rank=0)) == ["global.neurons.rank: must be in [1, inf], got 0"]
+
+
+def test_a_refit_fill_round_trips_and_its_problems_are_all_reported(tmp_path):
+    from safetensors.numpy import load_file
+
+    plan = PlanFile(model={"name": "tiny", "fingerprint": {"model_type": "llama", "num_layers": L, "hidden_size": H}},
+                    global_plan=SkipPlan("static", neurons=subsets({0: 12, 2: 9}, fill="refit")))
+    path = save_plan(plan, tmp_path / "refit.yaml")
+    assert "rank" not in yaml.safe_load(path.read_text())["global"]["neurons"]
+    loaded = load_plan(path).global_plan.neurons
+    assert loaded.fill == "refit" and all(
+        np.array_equal(loaded.refit_down(l), plan.global_plan.neurons.refit_down(l)) for l in (0, 2))
+    tensors = load_file(weights_file_for(path))
+    tensors["global.neurons.0.down"] = np.zeros((H, 11), np.float32)  # not the kept width
+    del tensors["global.neurons.2.down"]
+    rewrite_tensors(path, tensors)
+    with pytest.raises(PlanError) as info:
+        load_plan(path)
+    assert info.value.problems == [
+        f"global.neurons: layer 0 down has shape ({H}, 11), expected ({H}, 12)",
+        "global.neurons: layer 2 has no 'down' tensor (fill refit stores kept, bias, down)",
+    ]
 
 
 def test_an_altered_or_missing_sidecar_is_refused(saved):

@@ -2,7 +2,6 @@
 `fraction_pattern`) and every consumer agrees with it bit for bit: the runtime's decode step (generation), its
 position-wise planner (teacher forcing: eval, refine, budgets), the fit's simulation and the vLLM plugin's masks."""
 
-import itertools
 import math
 
 import numpy as np

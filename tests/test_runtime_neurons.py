@@ -11,6 +11,7 @@ from helpers import generate, left_padded, static_cache_decode, untouched
 from tiny_models import tiny_model
 from transformers import DynamicCache
 
+from skipprofiler.arch.capture import down_weight
 from skipprofiler.arch.compat import cache_in, cache_kwargs
 from skipprofiler.arch.registry import OUTPUT_PROJECTIONS, resolve
 from skipprofiler.plan.model import NeuronSubsets, PlanError, SkipPlan
@@ -40,8 +41,11 @@ def neuron_plan(model, share=0.7, fill="mean", layers=None, seed=0, rank=3, **kw
     for layer in range(arch.num_layers) if layers is None else layers:
         size = width_of(arch.sites[layer])
         tensors[f"{layer}.kept"] = np.sort(rng.choice(size, int(round(share * size)), replace=False)).astype(np.int64)
-        if fill in ("mean", "map"):
+        if fill in ("mean", "map", "refit"):
             tensors[f"{layer}.bias"] = (rng.normal(size=hidden) * 0.05).astype(np.float32)
+        if fill == "refit":  # the kept down columns, moved a little
+            kept_down = down_weight(down_of(arch.sites[layer])).detach().numpy()[:, tensors[f"{layer}.kept"]]
+            tensors[f"{layer}.down"] = (kept_down + rng.normal(size=kept_down.shape) * 0.05).astype(np.float32)
         if fill == "map":
             k = len(tensors[f"{layer}.kept"])
             tensors[f"{layer}.map_in"] = (rng.normal(size=(rank, k)) / np.sqrt(k)).astype(np.float32)
@@ -67,6 +71,10 @@ class NeuronReference:
             bias = torch.from_numpy(bias) if bias is not None else None
             maps = plan.neurons.neuron_map(layer)
             kept = torch.from_numpy(plan.neurons.kept(layer))
+            refit = plan.neurons.refit_down(layer)
+            if refit is not None:  # what the refitted columns add over the model's own: a_K @ (refit - W_K)^T
+                maps = (np.eye(len(kept), dtype=np.float32),
+                        refit - down_weight(down).detach().numpy()[:, plan.neurons.kept(layer)])
             self.hooks.append(down.register_forward_pre_hook(self.zero(layer, keep)))
             self.hooks.append(down.register_forward_hook(self.add(layer, bias, maps, kept)))
 
@@ -157,6 +165,29 @@ def test_a_map_fill_adds_the_map_of_the_kept_activations_at_decode_positions(fam
         forced = model(input_ids=ids).logits
     torch.testing.assert_close(forced, expected, rtol=0, atol=1e-5)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "bloom", "opt"])
+def test_a_refit_fill_runs_the_refitted_down_columns_at_decode_positions(family):
+    model = tiny_model(family, num_layers=3)
+    before = params(model)
+    ids = torch.randint(2, 90, (2, 12), generator=torch.Generator().manual_seed(1))
+    plan = neuron_plan(model, 0.6, fill="refit")
+    mean_only = neuron_plan(model, 0.6, fill="mean")  # same kept neurons and bias (same seed), the model's columns
+    expected = reference_forward(model, plan, ids, [4, 7])
+    assert not torch.allclose(expected, reference_forward(model, mean_only, ids, [4, 7]), atol=1e-4)
+    with apply_plan(model, plan) as handle, torch.no_grad():
+        with handle.decode_from([4, 7]):
+            forced = model(input_ids=ids).logits
+        generate(model, ids[:, :5], 4)
+        stats = handle.stats()
+    torch.testing.assert_close(forced, expected, rtol=0, atol=1e-5)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # the refitted columns are held beside the model (stats say how much), the bias too; no FLOPs beyond the bias
+    held = sum(plan.neurons.refit_down(l).size + plan.neurons.bias(l).size for l in plan.neurons.layers)
+    assert stats["plan_bytes"] == held * 4
+    assert stats["model_bytes"] == sum(p.numel() * 4 for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "bloom", "opt"])

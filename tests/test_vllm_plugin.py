@@ -181,15 +181,15 @@ def test_served_plan_warmup_dense_every_and_all_positions():
 
 
 def _narrowed_ffn(mlp: _GatedMLP, kept: np.ndarray, bias: torch.Tensor | None, h: torch.Tensor,
-                  neuron_map: tuple | None = None) -> torch.Tensor:
+                  neuron_map: tuple | None = None, refit: np.ndarray | None = None) -> torch.Tensor:
     """The FFN on its kept neurons only, from the unpermuted weights (plan/model.py's rule, written out); with a
-    fill map, + map_out @ (map_in @ a_K)."""
+    fill map, + map_out @ (map_in @ a_K); with fill refit the plan's down columns in place of the model's."""
     size, idx = mlp.down_proj.weight.shape[1], torch.from_numpy(kept)
     w, b = mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
     gate = F.linear(h, w[idx], None if b is None else b[idx])
     up = F.linear(h, w[idx + size], None if b is None else b[idx + size])
     a = F.silu(gate) * up
-    out = F.linear(a, mlp.down_proj.weight[:, idx], mlp.down_proj.bias)
+    out = F.linear(a, mlp.down_proj.weight[:, idx] if refit is None else torch.from_numpy(refit), mlp.down_proj.bias)
     if neuron_map is not None:
         map_in, map_out = (torch.from_numpy(m) for m in neuron_map)
         return out + F.linear(F.linear(a, map_in), map_out, bias)
@@ -210,7 +210,7 @@ def _planned_rows(reference: "_Model", plan: SkipPlan, d: list[int], x: torch.Te
             elif l in narrowed:
                 b = plan.neurons.bias(l)
                 out = _narrowed_ffn(layer.mlp, plan.neurons.kept(l), None if b is None else torch.from_numpy(b), h,
-                                    plan.neurons.neuron_map(l))
+                                    plan.neurons.neuron_map(l), plan.neurons.refit_down(l))
             else:
                 out = layer.mlp(h)
             h = h + out
@@ -223,8 +223,10 @@ def _neuron_plan(layers: dict[int, int], fill: str, seed: int = 0, size: int = 1
     tensors = {}
     for layer, k in layers.items():
         tensors[f"{layer}.kept"] = np.sort(rng.choice(size, k, replace=False)).astype(np.int64)
-        if fill in ("mean", "map"):
+        if fill in ("mean", "map", "refit"):
             tensors[f"{layer}.bias"] = rng.standard_normal(hidden).astype(np.float32)
+        if fill == "refit":
+            tensors[f"{layer}.down"] = rng.standard_normal((hidden, k)).astype(np.float32)
         if fill == "map":  # rank 2
             tensors[f"{layer}.map_in"] = rng.standard_normal((2, k)).astype(np.float32)
             tensors[f"{layer}.map_out"] = (0.3 * rng.standard_normal((hidden, 2))).astype(np.float32)
@@ -256,7 +258,7 @@ def test_neuron_masks_follow_the_plan_rule(plan_kw):
 
 @pytest.mark.parametrize("host", [False, True], ids=["device", "host"])
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask"])
-@pytest.mark.parametrize("fill, bias", [("none", False), ("mean", True), ("map", True)])
+@pytest.mark.parametrize("fill, bias", [("none", False), ("mean", True), ("map", True), ("refit", True)])
 def test_served_neuron_plan_narrows_decode_rows_only(gather, fill, bias, host):
     """A mixed batch (a prompt chunk, decode tokens at d = 4, 0, 1) on a gated stand-in: prompt rows run every neuron,
     decode rows the kept ones on views of the permuted weights (+ the mean bias), a layer skipped whole at d skips;
@@ -297,7 +299,7 @@ def test_served_neuron_plan_narrows_decode_rows_only(gather, fill, bias, host):
     assert stats["skipped_ffn_rows"] == sum(len(plan.static_layers_at(di)) for di in d if di >= 0)
 
 
-@pytest.mark.parametrize("fill, bias", [("mean", True), ("map", False)])
+@pytest.mark.parametrize("fill, bias", [("mean", True), ("map", False), ("refit", True)])
 def test_packed_cpu_projections_narrow_decode_rows_and_keep_the_memory(fill, bias):
     """On CPU a narrowed FFN's projections (kept plain by the loading patch: ``cpu_linear`` is F.linear) are packed
     by vLLM's own GEMM dispatch in two parts, the kept neurons' and the dropped ones': prompt rows run both, decode

@@ -78,6 +78,8 @@ COLUMNS = (
               "not computing those FFN FLOPs could give at best"),
     ("QA", "short-answer accuracy on the QA set (with --qa)"),
     ("kept", "QA accuracy / dense QA accuracy (with --qa)"),
+    ("memory", "what the applied plan holds beside the model's weights (linear maps, neuron biases and maps, refitted "
+               "down columns), as a share of them"),
 )
 
 
@@ -93,6 +95,7 @@ def print_table(result: dict) -> None:
                         f"{data['prompt_len']}-token prompts, {data['gen_len']} generated positions per document)")
     columns = ["plan", "decided", "saved", "KL", "ppl", "Δppl", "top-1", "greedy", "1st div", "speedup", "ideal"]
     columns += ["QA", "kept"] if dense_qa else []
+    columns += ["memory"]
     for col in columns:
         table.add_column(col, justify="left" if col == "plan" else "right")
     for row in result["plans"]:
@@ -103,7 +106,8 @@ def print_table(result: dict) -> None:
                       fmt(row["ppl"], "{:.2f}"), fmt(row["ppl_increase"], "{:+.1%}"), fmt(row["top1_agreement"]),
                       fmt(row.get("greedy_agreement")), fmt(row.get("first_divergence_mean"), "{:.1f}"),
                       fmt(row.get("speedup"), "{:.2f}×"), fmt(row.get("ideal_speedup"), "{:.2f}×"),
-                      *((fmt(row.get("qa_accuracy")), fmt(row.get("qa_retention"), "{:.1%}")) if dense_qa else ()))
+                      *((fmt(row.get("qa_accuracy")), fmt(row.get("qa_retention"), "{:.1%}")) if dense_qa else ()),
+                      fmt(row.get("plan_memory_share"), "+{:.1%}"))
     console = Console(width=max(160, Console().width))
     console.print(table)
     for name, meaning in COLUMNS:

@@ -82,7 +82,9 @@ def neuron_lines(plan_file) -> list[str]:
         per_layer = ", ".join(f"{l}: {w}" + (f" ({w / size:.0%})" if size else "") for l, w in widths.items())
         line = (f"{name.replace('class.', 'class ')}: neuron subsets in {subsets.file} (sha256 "
                 f"{str(subsets.sha256)[:12]}...), fill {subsets.fill}"
-                f"{f' (rank-{subsets.rank} maps)' if subsets.rank else ''}; neurons kept per layer at eligible decode "
+                f"{f' (rank-{subsets.rank} maps)' if subsets.rank else ''}"
+                f"{' (the kept down columns refitted: a d x k copy per layer in memory)' if subsets.fill == 'refit' else ''}"
+                f"; neurons kept per layer at eligible decode "
                 f"positions{f' (of {size})' if size else ''}: {per_layer}")
         if size and num_layers:
             dropped = sum(size - w for w in widths.values()) / (num_layers * size)

@@ -89,4 +89,4 @@ def named_plans(plans: Sequence[Any]) -> list[tuple[str, Any]]:
     return out
 
 
-__all__ = ["profile_corpus", "fit_plan", "evaluate_plans", "named_plans"]
+__all__ = ["evaluate_plans", "named_plans"]

@@ -106,6 +106,7 @@ def plan_row(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: 
         generated = sum(int((ref.batch.lengths - ref.batch.prompt_len).clamp(min=0).sum()) for ref in data.references)
         num_layers = model_num_layers(model)
         class_skip: dict[str, float] = {}
+        memory = (0, 0)  # (plan_bytes, model_bytes) of the applied plan (SkipHandle.stats)
         routed: dict[str, tuple[int, int]] = {}  # class -> (prompts routed to it, prompts)
         # Measured one class at a time (batches are per class) so each class's realized skip ratio is known: per-class
         # and global plans can only be compared fairly on a class at the skip ratio each realizes there.
@@ -117,6 +118,7 @@ def plan_row(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: 
             except FidelityError as e:
                 raise EvalError(f"{name}: {e}") from None
             sums.merge(part)
+            memory = (stats.get("plan_bytes", 0), stats.get("model_bytes", 0))
             decode_positions += int(stats["decode_positions"])
             skipped += int(stats["decided_skips"])
             not_computed += int(stats["rows_not_computed"])
@@ -160,6 +162,8 @@ def plan_row(model, data: EvalData, plan: PlanFile | SkipPlan, name: str, kind: 
         row["layers"] = plan_layers(active)
         if active.neurons is not None:
             row["neurons"] = plan_neurons(model, active)
+        # what the applied plan holds beside the model's weights (maps, biases, refitted columns), as a share of them
+        row["plan_memory_share"] = rounded(memory[0] / memory[1]) if memory[1] else 0.0
         row["expected_skip_ratio"] = active.expected_skip_ratio
         if active.fit.get("refined_kl") is not None:
             row["calibration_refined_kl"] = active.fit["refined_kl"]

@@ -92,8 +92,9 @@ class FitSettings:
     # neuron plans (fit/neurons.py): part of every FFN at decode positions, widths chosen by measured KL
     granularity: str = "ffn"  # "ffn": whole FFN calls (skip_layers); "neurons": intermediate neurons per layer
     neuron_fill: str | None = None  # neurons: "none", "mean" (the dropped neurons' mean output as a bias), "map" (a
-    #   rank-`rank` map from the kept neurons' activations onto the dropped ones' output, plus the bias) or "auto"
-    #   (mean or map, whichever measures the lower KL at the uniform start); None: mean
+    #   rank-`rank` map from the kept neurons' activations onto the dropped ones' output, plus the bias), "refit"
+    #   (that map at full rank folded into a copy of the kept down columns: no FLOPs, one [hidden, k] matrix per
+    #   layer in memory) or "auto" (mean or map, whichever measures the lower KL at the uniform start); None: mean
     neuron_importance: str | None = None  # neurons: energy, fluctuation or wanda; None: the default (neurons.py)
     neuron_statistics: str | None = None  # neurons: the profile regime ranking neurons and giving the bias: decode,
     #   prompt, or auto (each measured at one uniform width, the lower KL kept); None: auto

@@ -102,6 +102,7 @@ class LayerNeurons:
     moments: NeuronMoments | None = None  # fill map
     down: np.ndarray | None = None  # float64 [H, I] (fill map)
     rank: int = 0  # fill map: the maps' rank
+    refit: bool = False  # fill refit (moments and down set, rank 0)
     _maps: dict = field(default_factory=dict)
 
     @property
@@ -113,7 +114,7 @@ class LayerNeurons:
 
     def bias(self, k: int) -> np.ndarray:
         if self.moments is not None:
-            return self.neuron_map(k)[0]
+            return self.refitted(k)[0] if self.refit else self.neuron_map(k)[0]
         return self.contrib[:, self.order[k:]].sum(axis=1).astype(np.float32)
 
     def saving(self, k: int, fill: str) -> float:
@@ -130,11 +131,17 @@ class LayerNeurons:
             self._maps[k] = solve_neuron_map(self.moments, self.down, self.kept(k), self.rank)
         return self._maps[k]
 
+    def refitted(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bias [H], down columns [H, k]) float32 of fill refit at width k (module docstring)."""
+        if k not in self._maps:
+            self._maps[k] = solve_neuron_refit(self.moments, self.down, self.kept(k))
+        return self._maps[k]
 
-def solve_neuron_map(moments: NeuronMoments, down: np.ndarray, kept: np.ndarray, rank: int
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The rank-`rank` least-squares map from the kept activations a_K onto the dropped neurons' output
-    W_down[:, D] a_D, and its bias (module docstring). float64 solves, float32 results."""
+
+def _regression(moments: NeuronMoments, down: np.ndarray, kept: np.ndarray):
+    """The least-squares prediction of the dropped neurons' output W_down[:, D] a_D from the kept activations a_K:
+    (W_D B [H, K] with B = C_DK (C_KK + ridge)^-1, the Cholesky factor of C_KK + ridge, W_D mu_D [H], mu_K [K]),
+    float64 torch tensors."""
     import torch
 
     dropped = np.setdiff1d(np.arange(len(moments.mean)), kept)
@@ -146,15 +153,33 @@ def solve_neuron_map(moments: NeuronMoments, down: np.ndarray, kept: np.ndarray,
     ridge = NEURON_MAP_RIDGE * float(ckk.diagonal().mean()) + 1e-12
     chol = torch.linalg.cholesky(ckk + ridge * torch.eye(len(kept), dtype=cov.dtype))
     wd = torch.from_numpy(down)[:, d_idx]  # [H, D]
-    # W_D B with B = C_DK (C_KK + ridge)^-1, times chol: the map's error weighting is a_K's covariance
     beta = torch.cholesky_solve(ckd, chol)  # [K, D] = (C_KK + ridge)^-1 C_KD
-    full = wd @ beta.T  # [H, K]
+    return wd @ beta.T, chol, wd @ mu[d_idx], mu[k_idx]
+
+
+def solve_neuron_map(moments: NeuronMoments, down: np.ndarray, kept: np.ndarray, rank: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rank-`rank` least-squares map from the kept activations a_K onto the dropped neurons' output
+    W_down[:, D] a_D, and its bias (module docstring). float64 solves, float32 results."""
+    import torch
+
+    full, chol, dropped_mean_out, mu_k = _regression(moments, down, kept)
+    # times chol: the map's error weighting is a_K's covariance
     u, sv, vh = torch.linalg.svd(full @ chol, full_matrices=False)
     r = min(rank, int(sv.shape[0]))
     map_out = u[:, :r] * sv[:r]  # [H, r]
     map_in = torch.linalg.solve_triangular(chol.T, vh[:r].T, upper=True).T  # [r, K]: vh_r chol^-1
-    bias = wd @ mu[d_idx] - map_out @ (map_in @ mu[k_idx])
+    bias = dropped_mean_out - map_out @ (map_in @ mu_k)
     return bias.float().numpy(), map_in.float().contiguous().numpy(), map_out.float().contiguous().numpy()
+
+
+def solve_neuron_refit(moments: NeuronMoments, down: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bias [H], down columns [H, K]) of fill refit: the full-rank prediction folded into the kept neurons' down
+    columns, W_down[:, K] + W_D B, so it costs no FLOPs (module docstring). float64 solves, float32 results."""
+    full, _, dropped_mean_out, mu_k = _regression(moments, down, kept)
+    refit = down[:, kept] + full.numpy()
+    bias = dropped_mean_out - full @ mu_k
+    return bias.float().numpy(), np.ascontiguousarray(refit, dtype=np.float32)
 
 
 def intermediate_width(model) -> int:
@@ -254,9 +279,9 @@ def layer_neurons(profile, model, criterion: str, fill: str, regime: str = "deco
             size = wd.shape[1]
             order = np.argsort(-scores[site.index], kind="stable").astype(np.int64)
             contrib = wd * profile.neuron_mean(regime, site.index)[None, :] if fill == "mean" else None
-            if fill == "map":
+            if fill in ("map", "refit"):
                 out[site.index] = LayerNeurons(order, None, ffn / size, int(wd.shape[0]), moments[site.index], wd,
-                                               rank)
+                                               rank if fill == "map" else 0, refit=fill == "refit")
             else:
                 out[site.index] = LayerNeurons(order, contrib, ffn / size, int(wd.shape[0]))
     return out
@@ -323,6 +348,8 @@ class WidthPlans:
             if self.fill == "map":
                 rank = n.rank
                 tensors[f"{l}.bias"], tensors[f"{l}.map_in"], tensors[f"{l}.map_out"] = n.neuron_map(int(w))
+            elif self.fill == "refit":
+                tensors[f"{l}.bias"], tensors[f"{l}.down"] = n.refitted(int(w))
             elif self.fill == "mean":
                 tensors[f"{l}.bias"] = n.bias(int(w))
         neurons = NeuronSubsets(self.fill, tensors, intermediate_size=size, rank=rank) if tensors else None
@@ -570,7 +597,7 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
                              "(it records them for dense FFNs) to fit FitSettings.granularity=\"neurons\"")
     arch = resolve(model)
     criterion = settings.neuron_importance
-    maps_wanted = settings.neuron_fill in ("map", AUTO_FILL)
+    maps_wanted = settings.neuron_fill in ("map", "refit", AUTO_FILL)
     template = SkipPlan(mode="static", apply_to=settings.apply_to, warmup_tokens=settings.warmup_tokens,
                         dense_every=settings.dense_every, compensation="none")
     eligible = eligible_share(settings.warmup_tokens, settings.dense_every, settings.horizon)
@@ -598,8 +625,8 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
                         "seconds": rounded(time.perf_counter() - begun)}
     width = intermediate_width(model)
     too_wide = arch.num_layers * width * width * 8 > MAX_MOMENT_BYTES
-    if too_wide and settings.neuron_fill == "map":
-        raise NeuronFitError(f"fill map keeps every FFN's activation covariance ({arch.num_layers} x {width}^2 "
+    if too_wide and settings.neuron_fill in ("map", "refit"):
+        raise NeuronFitError(f"fill {settings.neuron_fill} keeps every FFN's activation covariance ({arch.num_layers} x {width}^2 "
                              f"float64 = {arch.num_layers * width * width * 8 / 2**30:.1f} GiB here, above "
                              f"{MAX_MOMENT_BYTES / 2**30:.0f} GiB): use fill mean for a model this wide")
     if maps_wanted and not too_wide:  # fill auto on a model too wide for the maps: mean only
@@ -613,8 +640,10 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
     regime, plans, ev, statistics = _statistics(profile, model, settings, refs, template, eligible,
                                                  settings.target if budget is None else AUTO_PROBE_SHARE, moments)
     fill = plans.fill
-    if fill != "map":
+    if fill not in ("map", "refit"):
         map_record = None
+    elif fill == "refit":
+        map_record = {k: v for k, v in map_record.items() if k != "rank"}
     layers = plans.layers
     plans.whole = whole
     search = Search(ev, plans, budget)

@@ -418,7 +418,8 @@ class ServedPlan:
                 try:
                     narrowings[layer] = Narrowed(sites[layer].ffn, layer, subsets.kept(layer),
                                                  subsets.bias(layer) if subsets.fill != "none" else None,
-                                                 subsets.neuron_map(layer) if subsets.fill == "map" else None)
+                                                 subsets.neuron_map(layer) if subsets.fill == "map" else None,
+                                                 subsets.refit_down(layer))
                 except PlanError as e:
                     problems += e.problems
         if problems:
@@ -714,7 +715,8 @@ class Narrowed:
     down projection), the permutation that moves the kept neurons first, and `narrow_mlp`: the module's twin whose
     projections compute on the kept neurons (skipprofiler.runtime.neurons does the same in transformers)."""
 
-    def __init__(self, mlp: Any, layer: int, kept: Any, bias: Any | None, neuron_map: Any | None = None):
+    def __init__(self, mlp: Any, layer: int, kept: Any, bias: Any | None, neuron_map: Any | None = None,
+                 refit_down: Any | None = None):
         import numpy as np
 
         from ..runtime.neurons import FUSED_IN_PROJECTIONS, IN_PROJECTIONS
@@ -758,6 +760,8 @@ class Narrowed:
         self.bias = None if bias is None else tensor(bias)
         # fill map: bias + map_out @ (map_in @ a_K), a_K the kept neurons' activations (runtime/neurons.py's order)
         self.map = None if neuron_map is None else tuple(tensor(m) for m in neuron_map)
+        # fill refit: the kept neurons' refitted down columns [hidden, k], run at narrowed rows in place of the model's
+        self.refit = None if refit_down is None else tensor(refit_down)
 
     @staticmethod
     def _unsupported(module: Any) -> str | None:
@@ -805,6 +809,13 @@ class Narrowed:
         packed = self._pack(self.down, False, out_dim=False)
         if packed:
             self.down.forward = self._packed_down_forward(self.down, *packed, narrow=False)
+            if self.refit is not None:  # the narrowed rows' down projection: the refitted columns, packed the same way
+                from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+                bias = getattr(self.down, "bias", None)
+                packed = (cpu_gemm(self.refit, None if bias is None else bias.data, dispatch_cpu_unquantized_gemm),
+                          packed[1])
+                self.refit = None  # now packed
         narrow[self.down] = (self._packed_down_forward(self.down, *packed, narrow=True) if packed else
                              self._down_forward(self.down))
         self.narrow_mlp = _twin(self.mlp, children={name: _twin(child, forward=narrow[child])
@@ -884,7 +895,8 @@ class Narrowed:
         k = self.k
 
         def forward(a):
-            out = F.linear(a[..., :k], module.weight[:, :k], getattr(module, "bias", None))
+            weight = module.weight[:, :k] if self.refit is None else self.refit
+            out = F.linear(a[..., :k], weight, getattr(module, "bias", None))
             if self.map is not None:
                 out = out + F.linear(F.linear(a[..., :k], self.map[0]), self.map[1], self.bias)
             elif self.bias is not None:

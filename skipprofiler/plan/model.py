@@ -27,7 +27,9 @@ Semantics shared by the runtime, the fitter's simulation and eval (they must agr
 * neurons (static plans; ``neurons``: fill, widths, file, sha256): at an eligible decode position, layer l's FFN
   computes only its ``kept[l]`` intermediate neurons (rows of the gate/up or fc1 projection, columns of the down
   projection); the others are not computed. With ``fill: mean`` the dropped neurons' mean output over calibration
-  decode positions, ``bias[l] = W_down[:, dropped] E[a_dropped]``, is added instead. A layer that ``skip_layers`` skips
+  decode positions, ``bias[l] = W_down[:, dropped] E[a_dropped]``, is added instead; with ``fill: refit`` the kept
+  neurons' down columns are replaced by ``down[l]``, refitted so that they also carry the dropped neurons' output as
+  predicted from the kept activations (no FLOPs beyond the bias; one [hidden, k] matrix per layer in memory). A layer that ``skip_layers`` skips
   at that position is skipped whole (width 0). Prompt positions (``apply_to: decode``) and ineligible positions run
   every neuron. The index arrays and biases live in the plan's safetensors file, like linear maps.
 """
@@ -42,8 +44,9 @@ MODES = ("static", "adaptive")
 BATCH_DECISIONS = ("per_sequence", "shared")  # adaptive: rows of a batch decide alone, or fire together
 APPLY_TO = ("decode", "all")
 COMPENSATIONS = ("none", "norm_ratio", "mean_output", "linear")
-NEURON_FILLS = ("none", "mean", "map")  # what replaces the output of an FFN's dropped neurons
-NEURON_TENSOR_PARTS = {"none": ("kept",), "mean": ("kept", "bias"), "map": ("kept", "bias", "map_in", "map_out")}
+NEURON_FILLS = ("none", "mean", "map", "refit")  # what replaces the output of an FFN's dropped neurons
+NEURON_TENSOR_PARTS = {"none": ("kept",), "mean": ("kept", "bias"), "map": ("kept", "bias", "map_in", "map_out"),
+                       "refit": ("kept", "bias", "down")}
 ROUTER_POOLINGS = ("mean", "mean_after_first")  # how the router pools a prompt's hidden states (Router.pooling)
 STATIC, ADAPTIVE = MODES
 PER_SEQUENCE, SHARED = BATCH_DECISIONS
@@ -117,7 +120,9 @@ class NeuronSubsets:
     ``"<layer>.bias"``: float32 [hidden], the dropped neurons' mean output; with ``fill == "map"`` the bias and a
     rank-r map from the kept neurons' activations a_K onto the dropped neurons' output,
     ``bias + map_out @ (map_in @ a_K)``: ``"<layer>.map_in"`` float32 [r, k], ``"<layer>.map_out"`` float32
-    [hidden, r]) are stored in `file` (relative to the plan file), whose sha256 the plan records. Layers without an
+    [hidden, r]; with ``fill == "refit"`` the bias and ``"<layer>.down"`` float32 [hidden, k], the kept neurons' down
+    columns refitted by least squares to carry the dropped ones' output too, used in place of W_down[:, kept]) are
+    stored in `file` (relative to the plan file), whose sha256 the plan records. Layers without an
     entry run every neuron.
 
     `intermediate_size` is the FFN width the subsets were chosen for (the plan file records it; the runtime checks it
@@ -147,6 +152,10 @@ class NeuronSubsets:
         if f"{layer}.map_in" not in self.tensors:
             return None
         return self.tensors[f"{layer}.map_in"], self.tensors[f"{layer}.map_out"]
+
+    def refit_down(self, layer: int) -> Any | None:
+        """The refitted down columns [hidden, k] of fill refit; None without them."""
+        return self.tensors.get(f"{layer}.down")
 
     @property
     def widths(self) -> dict[int, int]:

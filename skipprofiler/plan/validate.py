@@ -506,7 +506,8 @@ def linear_map_problems(path: str, tensors: dict[str, Any], rank: int | None, hi
 def neuron_subset_problems(path: str, tensors: dict[str, Any], fill: str, widths: dict[int, int],
                            intermediate_size: int | None, hidden: int | None, rank: int | None = None) -> list[str]:
     """Every problem of one plan's neuron subsets ({"<layer>.kept": int64 [k], "<layer>.bias": float32 [hidden],
-    "<layer>.map_in": float32 [r, k], "<layer>.map_out": float32 [hidden, r]}) against the widths the plan records,
+    "<layer>.map_in": float32 [r, k], "<layer>.map_out": float32 [hidden, r], "<layer>.down": float32 [hidden, k]})
+    against the widths the plan records,
     its fill (the parts NEURON_TENSOR_PARTS names, no others) and rank and the FFN / model widths where known: kept
     indices int64, 1-D, strictly ascending (so unique), in [0, intermediate_size), as many as the recorded width;
     float32 bias and maps of those shapes, finite; no layer the widths do not list."""
@@ -538,7 +539,7 @@ def neuron_subset_problems(path: str, tensors: dict[str, Any], fill: str, widths
                                 f"{', '.join(parts)})")
             elif t is not None:
                 k = widths[layer] if _is_int(widths[layer]) else None
-                want = {"bias": (hidden,), "map_in": (rank, k), "map_out": (hidden, rank)}[part]
+                want = {"bias": (hidden,), "map_in": (rank, k), "map_out": (hidden, rank), "down": (hidden, k)}[part]
                 problems += _float_problems(f"{path}: layer {layer} {part}", t, want)
     return problems
 

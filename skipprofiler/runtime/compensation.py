@@ -63,6 +63,7 @@ class LinearFill:
         self._arrays = maps.layer_tensors(layer)
         self._converted: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
         self.flops_per_row = maps.flops_per_call(int(self._arrays["bias"].shape[0]))
+        self.extra_elements = int(sum(v.size for v in self._arrays.values()))  # numbers held beside the model
 
     def __call__(self, x: torch.Tensor, hidden: int, stream: torch.Tensor | None = None) -> torch.Tensor:
         key = (str(x.device), x.dtype)

@@ -100,7 +100,9 @@ class SkipHandle:
         that cost (every position of a skipped call, padding included: the work done); ``narrowed_rows``: FFN rows
         that ran only their kept neurons (neuron plans); ``ffn_flops_saved_share``: the share of the decode positions'
         FFN FLOPs not computed, net of substitutes: whole-FFN skips count the FFN, narrowed rows (I - k) of I neurons'
-        matmul FLOPs; linear maps' FLOPs and the mean bias's adds are subtracted."""
+        matmul FLOPs; linear maps' FLOPs and the mean bias's adds are subtracted. ``plan_bytes``: memory the applied
+        plans hold beside the model's weights (linear maps, neuron biases and maps, fill refit's down columns; at the
+        model's dtype), ``model_bytes``: the model's parameters and buffers."""
         t = self._totals  # device counts are read here, once
         positions, decided, saved = int(t.positions), int(t.decided), int(t.not_computed)
         calls = positions * self.arch.num_layers
@@ -113,7 +115,16 @@ class SkipHandle:
                 "decided_skips": decided, "decided_skip_ratio": decided / calls if calls else 0.0,
                 "rows_not_computed": saved, "not_computed_ratio": saved / calls if calls else 0.0,
                 "substitute_rows": int(t.substitute_rows), "substitute_flops": substitutes,
-                "narrowed_rows": int(t.narrowed), "ffn_flops_saved_share": share}
+                "narrowed_rows": int(t.narrowed), "ffn_flops_saved_share": share,
+                "plan_bytes": self._plan_bytes(), "model_bytes": self._model_bytes()}
+
+    def _plan_bytes(self) -> int:
+        held = {id(h): h for rule in self._rules.values() for h in (*rule.fills.values(), *rule.neurons.values())}
+        size = next(self.model.parameters()).element_size()
+        return int(sum(getattr(h, "extra_elements", 0) for h in held.values()) * size)
+
+    def _model_bytes(self) -> int:
+        return int(sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())))
 
     def _ffn_flops(self) -> float:
         """FLOPs of one FFN call for one position (arch.flops, imported when a plan saved something)."""

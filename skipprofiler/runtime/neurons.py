@@ -9,7 +9,9 @@ applies the inverse permutation, bit for bit. No weight is copied (a one-matrix 
 A narrowed call runs the FFN module's own forward -- its activation, gating, biases, Bloom's residual add -- with its
 projections patched to compute on weight views of the first k neurons while `Narrowing.width` is set:
 ``F.linear(x, W[:k], b[:k])`` in, ``F.linear(a, W[:, :k], b) + bias`` out (``bias``: the plan's mean fill), plus
-``map_out @ (map_in @ a)`` with fill map (a rank-r map from the kept activations onto the dropped neurons' output).
+``map_out @ (map_in @ a)`` with fill map (a rank-r map from the kept activations onto the dropped neurons' output);
+with fill refit the down projection runs on the plan's refitted kept columns ``F.linear(a, down, b) + bias`` (a copy:
+the model's own columns still serve the full rows).
 
 Mixed forwards (teacher forcing with decode_from, prompts beside decode rows, rows at different decode indices) split
 the positions: the narrowed rows run the module at width k, the full rows at full width, each part gathered and
@@ -120,6 +122,10 @@ def neuron_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> list[str]
         if bias is not None and hidden and np.asarray(bias).shape != (hidden,):
             problems.append(f"{label}: neurons: layer {layer}'s bias has shape {tuple(np.asarray(bias).shape)}, "
                             f"not ({hidden},)")
+        down = subsets.refit_down(layer)
+        if down is not None and hidden and np.asarray(down).shape != (hidden, kept.size):
+            problems.append(f"{label}: neurons: layer {layer}'s refitted down columns have shape "
+                            f"{tuple(np.asarray(down).shape)}, not ({hidden}, {kept.size})")
     for why, layers in refused.items():
         problems.append(f"{label}: neurons: {arch.model_type} cannot run part of an FFN (layers "
                         f"{', '.join(map(str, layers))}: {why}); neuron plans need one dense FFN with a single down "
@@ -140,7 +146,7 @@ class Narrowing:
     """One FFN's kept neurons: the permutation that moves them first, the narrowed projections, the mean bias."""
 
     def __init__(self, site: FFNSite, kept: np.ndarray, bias: np.ndarray | None,
-                 neuron_map: tuple[np.ndarray, np.ndarray] | None = None):
+                 neuron_map: tuple[np.ndarray, np.ndarray] | None = None, refit_down: np.ndarray | None = None):
         self.site, self.layer = site, site.index
         self.ins, self.down, self.size = projections(site)
         self.k = int(len(kept))
@@ -151,6 +157,9 @@ class Narrowing:
         self._bias: torch.Tensor | None = None
         self._map_arrays = None if neuron_map is None else tuple(np.asarray(m, dtype=np.float32) for m in neuron_map)
         self._map: tuple[torch.Tensor, torch.Tensor] | None = None
+        # fill refit: the kept neurons' down columns [hidden, k] used at narrowed rows in place of W_down[:, :k]
+        self._refit_array = None if refit_down is None else np.asarray(refit_down, dtype=np.float32)
+        self._refit: torch.Tensor | None = None
         module, kind = self.down
         self.hidden = int(module.weight.shape[0] if kind == LINEAR else module.weight.shape[1])
         # multiply-add FLOPs of one neuron for one row: each input projection's row and the down projection's column
@@ -160,13 +169,21 @@ class Narrowing:
         self.saved_per_row = float((self.size - self.k) * per_neuron - (self.hidden if bias is not None else 0)
                                    - 2 * rank * (self.k + self.hidden))
 
-    def same_as(self, kept: np.ndarray, bias: np.ndarray | None, neuron_map=None) -> bool:
+    def same_as(self, kept: np.ndarray, bias: np.ndarray | None, neuron_map=None, refit_down=None) -> bool:
         def same(a, b) -> bool:
             return (a is None) == (b is None) and (a is None or np.array_equal(np.asarray(a, dtype=np.float32), b))
 
         maps = (neuron_map is None) == (self._map_arrays is None) and (
             neuron_map is None or all(same(a, b) for a, b in zip(neuron_map, self._map_arrays)))
-        return np.array_equal(np.asarray(kept, dtype=np.int64), self._kept) and same(bias, self._bias_array) and maps
+        return (np.array_equal(np.asarray(kept, dtype=np.int64), self._kept) and same(bias, self._bias_array) and maps
+                and same(refit_down, self._refit_array))
+
+    @property
+    def extra_elements(self) -> int:
+        """Numbers this FFN's plan holds beyond the model's weights: the bias, fill map's maps, fill refit's down
+        columns (the permutation itself copies nothing)."""
+        return int(sum(a.size for a in (self._refit_array, self._bias_array, *(self._map_arrays or ()))
+                       if a is not None))
 
     # ---- the reparametrisation -------------------------------------------------------------------------------------
 
@@ -221,7 +238,12 @@ class Narrowing:
         module, kind = self.down
         k = self.k
         a = a[..., :k]
-        if kind == CONV1D:
+        if self._refit_array is not None:
+            refit = self._refit
+            if refit is None or refit.device != a.device or refit.dtype != a.dtype:
+                refit = self._refit = torch.from_numpy(self._refit_array).to(device=a.device, dtype=a.dtype)
+            out = F.linear(a, refit, module.bias)  # [hidden, k]: Conv1D's bias is [hidden] too
+        elif kind == CONV1D:
             out = torch.addmm(module.bias, a.reshape(-1, k), module.weight[:k]).view(*a.shape[:-1], self.hidden)
         else:
             out = F.linear(a, module.weight[:, :k], module.bias)
@@ -306,11 +328,11 @@ def install(arch: ResolvedArch, plans: list[SkipPlan], patcher: Patcher) -> dict
     for plan in plans:  # every check before the first permutation
         subsets = plan.neurons
         for layer in subsets.layers:
-            kept, bias, neuron_map = subsets.kept(layer), subsets.bias(layer), subsets.neuron_map(layer)
+            parts = (subsets.kept(layer), subsets.bias(layer), subsets.neuron_map(layer), subsets.refit_down(layer))
             existing = narrowings.get(layer)
             if existing is None:
-                narrowings[layer] = Narrowing(arch.sites[layer], kept, bias, neuron_map)
-            elif not existing.same_as(kept, bias, neuron_map):
+                narrowings[layer] = Narrowing(arch.sites[layer], *parts)
+            elif not existing.same_as(*parts):
                 raise PlanError(f"the selected plans keep different neurons in layer {layer}; apply one class plan "
                                 "(prompt_class=...) at a time")
     for narrowing in narrowings.values():

@@ -38,6 +38,11 @@ RUNS = (("neurons", "Neuron plans (each FFN keeps its most important neurons by 
         ("neurons-mix-10", "The same search at 10 % of FFN FLOPs net (fill mean; it chose no whole-FFN skip) and "
                            "within a +10 % perplexity budget (`--max-ppl-increase 0.10 --compensation linear`), the "
                            "same held-out windows and questions"),
+        ("neurons-refit", "Neuron plans with fill refit (the kept neurons' down columns refitted by least squares so "
+                          "they also carry the dropped neurons' output as predicted from the kept activations: no "
+                          "FLOPs beyond the bias, a hidden x k copy per narrowed layer held beside the model), the "
+                          "same search with whole-FFN skips among the moves, at 22 % and 10 % of FFN FLOPs net and "
+                          "within a +10 % perplexity budget (the same held-out windows and questions)"),
         ("linear-10", "Linear substitutes at 10 %: none / mean output / linear, quality budgets, and the baselines at "
                       "the linear plan's ratio (ReplaceMe-style at its decode FLOPs)"),
         ("linear-25", "Linear substitutes at 25 %: none / mean output / linear (full and rank 128), and the baselines at "
@@ -72,12 +77,17 @@ def decode_saved(row: dict) -> float | None:
 
 
 SERIES = (  # (label, how a row is recognised, style) for the quality-vs-FLOPs figure
+    ("neurons, refitted down columns, measured widths (+ a d x k copy per layer)",
+     lambda r: r["name"].startswith("smollm2-neurons-refit-"), dict(color="tab:pink", marker="o", linewidth=2.8)),
+    ("the same, quality budget +10 %", lambda r: r["name"].startswith("smollm2-budget-neurons-refit-"),
+     dict(color="tab:pink", marker="*", markersize=14, linestyle="none")),
     ("neurons + whole FFNs (linear), measured widths", lambda r: r["name"].startswith("smollm2-neurons-mix-")
      and "-mix-map-" not in r["name"], dict(color="black", marker="o", linewidth=2.8)),
     ("the same with a rank-32 map fill", lambda r: r["name"].startswith("smollm2-neurons-mix-map-"),
      dict(color="black", marker="s", markersize=9, linestyle="none")),
     ("FFN neurons dropped (uniform width, mean bias)", lambda r: r["name"].startswith("smollm2-neurons-")
-     and "decodestats" not in r["name"] and "-map-" not in r["name"] and "-mix-" not in r["name"],
+     and "decodestats" not in r["name"] and "-map-" not in r["name"] and "-mix-" not in r["name"]
+     and "-refit-" not in r["name"],
      dict(color="tab:green", marker="o", linewidth=2.6)),
     ("neurons, rank-32 map (uniform width)", lambda r: r["name"].startswith("smollm2-neurons-map-")
      and not r["name"].endswith("-r2"), dict(color="darkgreen", marker="s", linewidth=2.6)),
@@ -91,7 +101,7 @@ SERIES = (  # (label, how a row is recognised, style) for the quality-vs-FLOPs f
      lambda r: r["name"].startswith("smollm2-budget-neurons-mix-"),
      dict(color="black", marker="*", markersize=14, linestyle="none")),
     ("neurons, quality budget +10 %", lambda r: r["name"].startswith("smollm2-budget-neurons")
-     and "-map-" not in r["name"] and "-mix-" not in r["name"],
+     and "-map-" not in r["name"] and "-mix-" not in r["name"] and "-refit-" not in r["name"],
      dict(color="tab:green", marker="*", markersize=12, linestyle="none")),
     ("FFN skipped outright (refined static)", lambda r: r["name"].startswith("smollm2-static-")
      and "mean" not in r["name"], dict(color="tab:blue", marker="o")),
@@ -120,7 +130,8 @@ def figure(path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = []
-    for run in ("neurons", "neurons-mix", "neurons-mix-10", "neurons-map", "linear-10", "linear-25", "linear-more"):
+    for run in ("neurons", "neurons-mix", "neurons-mix-10", "neurons-refit", "neurons-map", "linear-10", "linear-25",
+                "linear-more"):
         file = ROOT / "docs" / "results" / f"smollm2-eval-{run}.json"
         if file.exists():  # the extra run's rows at 25 % only where the 25 % run does not have them
             seen = {r["name"] for r in rows} if run == "linear-more" else set()
@@ -159,6 +170,10 @@ def table(result: dict) -> list[str]:
              "| row | realized skip | FFN FLOPs saved | decode FLOPs saved | KL(dense‖plan) | ppl (Δ) | top-1 "
              "| greedy agr. | QA acc. | QA retention | kept of dense-correct |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    memory = any("plan_memory_share" in row for row in result["plans"])  # results written since eval reports it
+    if memory:
+        lines[-2] += " plan memory (share of the model's weights) |"
+        lines[-1] += "---:|"
     for row in result["plans"]:
         name = row["name"] + (" ⚠" if row.get("warnings") else "")
         lines.append(
@@ -166,7 +181,8 @@ def table(result: dict) -> list[str]:
             f"| {fmt(decode_saved(row))} | {fmt(row['kl_mean'], '{:.4f}')} "
             f"| {row['ppl']:.2f} ({row['ppl_increase']:+.1%}) | {fmt(row['top1_agreement'])} "
             f"| {fmt(row.get('greedy_agreement'))} | {fmt(qa_figure(row, 'qa_accuracy'))} "
-            f"| {fmt(qa_figure(row, 'qa_retention'), '{:.1%}')} | {fmt(qa_figure(row, 'qa_retention_on_dense_correct'), '{:.1%}')} |")
+            f"| {fmt(qa_figure(row, 'qa_retention'), '{:.1%}')} | {fmt(qa_figure(row, 'qa_retention_on_dense_correct'), '{:.1%}')} |"
+            + (f" {fmt(row.get('plan_memory_share'), '+{:.1%}')} |" if memory else ""))
     warned = [(row["name"], w) for row in result["plans"] for w in row.get("warnings") or []]
     if warned:
         lines += [""] + [f"⚠ {name}: {warning}" for name, warning in warned]

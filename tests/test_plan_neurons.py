@@ -33,7 +33,7 @@ def subsets(widths: dict[int, int], fill: str = "mean", seed: int = 0, rank: int
         if fill in ("mean", "map", "refit"):
             tensors[f"{layer}.bias"] = rng.standard_normal(H).astype(np.float32)
         if fill == "refit":
-            tensors[f"{layer}.down"] = rng.standard_normal((H, width)).astype(np.float32)
+            tensors[f"{layer}.regression"] = rng.standard_normal((I - width, width)).astype(np.float16)
         if fill == "map":
             tensors[f"{layer}.map_in"] = rng.standard_normal((rank, width)).astype(np.float32)
             tensors[f"{layer}.map_out"] = rng.standard_normal((H, rank)).astype(np.float32)
@@ -222,16 +222,17 @@ def test_a_refit_fill_round_trips_and_its_problems_are_all_reported(tmp_path):
     assert "rank" not in yaml.safe_load(path.read_text())["global"]["neurons"]
     loaded = load_plan(path).global_plan.neurons
     assert loaded.fill == "refit" and all(
-        np.array_equal(loaded.refit_down(l), plan.global_plan.neurons.refit_down(l)) for l in (0, 2))
+        np.array_equal(loaded.regression(l), plan.global_plan.neurons.regression(l)) for l in (0, 2))
+    assert loaded.regression(0).dtype == np.float16
     tensors = load_file(weights_file_for(path))
-    tensors["global.neurons.0.down"] = np.zeros((H, 11), np.float32)  # not the kept width
-    del tensors["global.neurons.2.down"]
+    tensors["global.neurons.0.regression"] = np.zeros((I - 11, 11), np.float16)  # not the kept width
+    del tensors["global.neurons.2.regression"]
     rewrite_tensors(path, tensors)
     with pytest.raises(PlanError) as info:
         load_plan(path)
     assert info.value.problems == [
-        f"global.neurons: layer 0 down has shape ({H}, 11), expected ({H}, 12)",
-        "global.neurons: layer 2 has no 'down' tensor (fill refit stores kept, bias, down)",
+        f"global.neurons: layer 0 regression has shape ({I - 11}, 11), expected ({I - 12}, 12)",
+        "global.neurons: layer 2 has no 'regression' tensor (fill refit stores kept, bias, regression)",
     ]
 
 

@@ -43,9 +43,9 @@ def neuron_plan(model, share=0.7, fill="mean", layers=None, seed=0, rank=3, **kw
         tensors[f"{layer}.kept"] = np.sort(rng.choice(size, int(round(share * size)), replace=False)).astype(np.int64)
         if fill in ("mean", "map", "refit"):
             tensors[f"{layer}.bias"] = (rng.normal(size=hidden) * 0.05).astype(np.float32)
-        if fill == "refit":  # the kept down columns, moved a little
-            kept_down = down_weight(down_of(arch.sites[layer])).detach().numpy()[:, tensors[f"{layer}.kept"]]
-            tensors[f"{layer}.down"] = (kept_down + rng.normal(size=kept_down.shape) * 0.05).astype(np.float32)
+        if fill == "refit":  # the dropped neurons regressed on the kept ones, half precision as the fit stores it
+            k = len(tensors[f"{layer}.kept"])
+            tensors[f"{layer}.regression"] = (rng.normal(size=(size - k, k)) * 0.1).astype(np.float16)
         if fill == "map":
             k = len(tensors[f"{layer}.kept"])
             tensors[f"{layer}.map_in"] = (rng.normal(size=(rank, k)) / np.sqrt(k)).astype(np.float32)
@@ -71,10 +71,10 @@ class NeuronReference:
             bias = torch.from_numpy(bias) if bias is not None else None
             maps = plan.neurons.neuron_map(layer)
             kept = torch.from_numpy(plan.neurons.kept(layer))
-            refit = plan.neurons.refit_down(layer)
-            if refit is not None:  # what the refitted columns add over the model's own: a_K @ (refit - W_K)^T
-                maps = (np.eye(len(kept), dtype=np.float32),
-                        refit - down_weight(down).detach().numpy()[:, plan.neurons.kept(layer)])
+            regression = plan.neurons.regression(layer)
+            if regression is not None:  # what the refit adds over the model's own columns: W_D (B a_K)
+                dropped = np.setdiff1d(np.arange(len(keep)), plan.neurons.kept(layer))
+                maps = (regression.astype(np.float32), down_weight(down).detach().numpy()[:, dropped])
             self.hooks.append(down.register_forward_pre_hook(self.zero(layer, keep)))
             self.hooks.append(down.register_forward_hook(self.add(layer, bias, maps, kept)))
 
@@ -168,7 +168,7 @@ def test_a_map_fill_adds_the_map_of_the_kept_activations_at_decode_positions(fam
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "bloom", "opt"])
-def test_a_refit_fill_runs_the_refitted_down_columns_at_decode_positions(family):
+def test_a_refit_fill_folds_its_regression_into_the_kept_down_columns_at_decode_positions(family):
     model = tiny_model(family, num_layers=3)
     before = params(model)
     ids = torch.randint(2, 90, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -183,8 +183,9 @@ def test_a_refit_fill_runs_the_refitted_down_columns_at_decode_positions(family)
         stats = handle.stats()
     torch.testing.assert_close(forced, expected, rtol=0, atol=1e-5)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    # the refitted columns are held beside the model (stats say how much), the bias too; no FLOPs beyond the bias
-    held = sum(plan.neurons.refit_down(l).size + plan.neurons.bias(l).size for l in plan.neurons.layers)
+    # the folded columns (hidden x k) are held beside the model (stats say how much), the bias too
+    hidden = model.config.hidden_size if family != "gpt2" else model.config.n_embd
+    held = sum(hidden * len(plan.neurons.kept(l)) + plan.neurons.bias(l).size for l in plan.neurons.layers)
     assert stats["plan_bytes"] == held * 4
     assert stats["model_bytes"] == sum(p.numel() * 4 for p in model.parameters()) + sum(
         b.numel() * b.element_size() for b in model.buffers())

@@ -181,15 +181,18 @@ def test_served_plan_warmup_dense_every_and_all_positions():
 
 
 def _narrowed_ffn(mlp: _GatedMLP, kept: np.ndarray, bias: torch.Tensor | None, h: torch.Tensor,
-                  neuron_map: tuple | None = None, refit: np.ndarray | None = None) -> torch.Tensor:
+                  neuron_map: tuple | None = None, regression: np.ndarray | None = None) -> torch.Tensor:
     """The FFN on its kept neurons only, from the unpermuted weights (plan/model.py's rule, written out); with a
-    fill map, + map_out @ (map_in @ a_K); with fill refit the plan's down columns in place of the model's."""
+    fill map, + map_out @ (map_in @ a_K); with fill refit + W_down[:, dropped] @ (regression @ a_K)."""
     size, idx = mlp.down_proj.weight.shape[1], torch.from_numpy(kept)
     w, b = mlp.gate_up_proj.weight, mlp.gate_up_proj.bias
     gate = F.linear(h, w[idx], None if b is None else b[idx])
     up = F.linear(h, w[idx + size], None if b is None else b[idx + size])
     a = F.silu(gate) * up
-    out = F.linear(a, mlp.down_proj.weight[:, idx] if refit is None else torch.from_numpy(refit), mlp.down_proj.bias)
+    out = F.linear(a, mlp.down_proj.weight[:, idx], mlp.down_proj.bias)
+    if regression is not None:
+        dropped = torch.from_numpy(np.setdiff1d(np.arange(size), kept))
+        out = out + F.linear(F.linear(a, torch.from_numpy(regression).float()), mlp.down_proj.weight[:, dropped])
     if neuron_map is not None:
         map_in, map_out = (torch.from_numpy(m) for m in neuron_map)
         return out + F.linear(F.linear(a, map_in), map_out, bias)
@@ -210,7 +213,7 @@ def _planned_rows(reference: "_Model", plan: SkipPlan, d: list[int], x: torch.Te
             elif l in narrowed:
                 b = plan.neurons.bias(l)
                 out = _narrowed_ffn(layer.mlp, plan.neurons.kept(l), None if b is None else torch.from_numpy(b), h,
-                                    plan.neurons.neuron_map(l), plan.neurons.refit_down(l))
+                                    plan.neurons.neuron_map(l), plan.neurons.regression(l))
             else:
                 out = layer.mlp(h)
             h = h + out
@@ -226,7 +229,7 @@ def _neuron_plan(layers: dict[int, int], fill: str, seed: int = 0, size: int = 1
         if fill in ("mean", "map", "refit"):
             tensors[f"{layer}.bias"] = rng.standard_normal(hidden).astype(np.float32)
         if fill == "refit":
-            tensors[f"{layer}.down"] = rng.standard_normal((hidden, k)).astype(np.float32)
+            tensors[f"{layer}.regression"] = (0.3 * rng.standard_normal((size - k, k))).astype(np.float16)
         if fill == "map":  # rank 2
             tensors[f"{layer}.map_in"] = rng.standard_normal((2, k)).astype(np.float32)
             tensors[f"{layer}.map_out"] = (0.3 * rng.standard_normal((hidden, 2))).astype(np.float32)

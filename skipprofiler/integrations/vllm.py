@@ -419,7 +419,7 @@ class ServedPlan:
                     narrowings[layer] = Narrowed(sites[layer].ffn, layer, subsets.kept(layer),
                                                  subsets.bias(layer) if subsets.fill != "none" else None,
                                                  subsets.neuron_map(layer) if subsets.fill == "map" else None,
-                                                 subsets.refit_down(layer))
+                                                 subsets.regression(layer))
                 except PlanError as e:
                     problems += e.problems
         if problems:
@@ -716,7 +716,7 @@ class Narrowed:
     projections compute on the kept neurons (skipprofiler.runtime.neurons does the same in transformers)."""
 
     def __init__(self, mlp: Any, layer: int, kept: Any, bias: Any | None, neuron_map: Any | None = None,
-                 refit_down: Any | None = None):
+                 regression: Any | None = None):
         import numpy as np
 
         from ..runtime.neurons import FUSED_IN_PROJECTIONS, IN_PROJECTIONS
@@ -760,8 +760,10 @@ class Narrowed:
         self.bias = None if bias is None else tensor(bias)
         # fill map: bias + map_out @ (map_in @ a_K), a_K the kept neurons' activations (runtime/neurons.py's order)
         self.map = None if neuron_map is None else tuple(tensor(m) for m in neuron_map)
-        # fill refit: the kept neurons' refitted down columns [hidden, k], run at narrowed rows in place of the model's
-        self.refit = None if refit_down is None else tensor(refit_down)
+        # fill refit: the dropped neurons' activations regressed on the kept ones [I - k, k], folded into the kept
+        # down columns at install (`refit`, [hidden, k]), run at narrowed rows in place of the model's own
+        self.regression = None if regression is None else np.asarray(regression)
+        self.refit: torch.Tensor | None = None
 
     @staticmethod
     def _unsupported(module: Any) -> str | None:
@@ -806,6 +808,11 @@ class Narrowed:
             narrow[module] = (self._packed_in_forward(module, fused, *packed, narrow=True) if packed else
                               self._in_forward(module, fused))
         move(self.down.weight, 1, order)
+        if self.regression is not None:  # W[:, :k] + W[:, k:] @ regression (runtime/neurons.py's fold)
+            w = self.down.weight.data
+            wide = torch.promote_types(w.dtype, torch.float32)
+            b = torch.from_numpy(self.regression).to(device=w.device, dtype=wide)
+            self.refit = torch.addmm(w[:, :self.k].to(wide), w[:, self.k:].to(wide), b).to(w.dtype).contiguous()
         packed = self._pack(self.down, False, out_dim=False)
         if packed:
             self.down.forward = self._packed_down_forward(self.down, *packed, narrow=False)

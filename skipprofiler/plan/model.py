@@ -27,9 +27,11 @@ Semantics shared by the runtime, the fitter's simulation and eval (they must agr
 * neurons (static plans; ``neurons``: fill, widths, file, sha256): at an eligible decode position, layer l's FFN
   computes only its ``kept[l]`` intermediate neurons (rows of the gate/up or fc1 projection, columns of the down
   projection); the others are not computed. With ``fill: mean`` the dropped neurons' mean output over calibration
-  decode positions, ``bias[l] = W_down[:, dropped] E[a_dropped]``, is added instead; with ``fill: refit`` the kept
-  neurons' down columns are replaced by ``down[l]``, refitted so that they also carry the dropped neurons' output as
-  predicted from the kept activations (no FLOPs beyond the bias; one [hidden, k] matrix per layer in memory). A layer that ``skip_layers`` skips
+  decode positions, ``bias[l] = W_down[:, dropped] E[a_dropped]``, is added instead; with ``fill: refit`` the
+  plan stores ``regression[l]``, the least-squares prediction of the dropped neurons' activations from the kept ones
+  (a_dropped ~ regression @ a_kept + const), and the runtime folds it into the kept down columns once,
+  ``W_down[:, kept] + W_down[:, dropped] @ regression[l]`` (no FLOPs beyond the bias; one [hidden, k] matrix per
+  layer in memory beside the model's own columns, which still serve full rows). A layer that ``skip_layers`` skips
   at that position is skipped whole (width 0). Prompt positions (``apply_to: decode``) and ineligible positions run
   every neuron. The index arrays and biases live in the plan's safetensors file, like linear maps.
 """
@@ -46,7 +48,7 @@ APPLY_TO = ("decode", "all")
 COMPENSATIONS = ("none", "norm_ratio", "mean_output", "linear")
 NEURON_FILLS = ("none", "mean", "map", "refit")  # what replaces the output of an FFN's dropped neurons
 NEURON_TENSOR_PARTS = {"none": ("kept",), "mean": ("kept", "bias"), "map": ("kept", "bias", "map_in", "map_out"),
-                       "refit": ("kept", "bias", "down")}
+                       "refit": ("kept", "bias", "regression")}
 ROUTER_POOLINGS = ("mean", "mean_after_first")  # how the router pools a prompt's hidden states (Router.pooling)
 STATIC, ADAPTIVE = MODES
 PER_SEQUENCE, SHARED = BATCH_DECISIONS
@@ -120,10 +122,10 @@ class NeuronSubsets:
     ``"<layer>.bias"``: float32 [hidden], the dropped neurons' mean output; with ``fill == "map"`` the bias and a
     rank-r map from the kept neurons' activations a_K onto the dropped neurons' output,
     ``bias + map_out @ (map_in @ a_K)``: ``"<layer>.map_in"`` float32 [r, k], ``"<layer>.map_out"`` float32
-    [hidden, r]; with ``fill == "refit"`` the bias and ``"<layer>.down"`` float32 [hidden, k], the kept neurons' down
-    columns refitted by least squares to carry the dropped ones' output too, used in place of W_down[:, kept]) are
-    stored in `file` (relative to the plan file), whose sha256 the plan records. Layers without an
-    entry run every neuron.
+    [hidden, r]; with ``fill == "refit"`` the bias and ``"<layer>.regression"`` float16 or float32 [I - k, k]: the
+    dropped neurons' activations (rows, ascending neuron index) predicted from the kept ones' (columns), which the
+    runtime folds into the kept down columns as W_down[:, kept] + W_down[:, dropped] @ it) are stored in `file`
+    (relative to the plan file), whose sha256 the plan records. Layers without an entry run every neuron.
 
     `intermediate_size` is the FFN width the subsets were chosen for (the plan file records it; the runtime checks it
     against the model). `recorded_widths` are the widths the plan file states (read before the tensors are: the file's
@@ -153,9 +155,9 @@ class NeuronSubsets:
             return None
         return self.tensors[f"{layer}.map_in"], self.tensors[f"{layer}.map_out"]
 
-    def refit_down(self, layer: int) -> Any | None:
-        """The refitted down columns [hidden, k] of fill refit; None without them."""
-        return self.tensors.get(f"{layer}.down")
+    def regression(self, layer: int) -> Any | None:
+        """Fill refit's regression [I - k, k] of the dropped neurons' activations on the kept ones; None without."""
+        return self.tensors.get(f"{layer}.regression")
 
     @property
     def widths(self) -> dict[int, int]:

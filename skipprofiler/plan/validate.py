@@ -506,7 +506,7 @@ def linear_map_problems(path: str, tensors: dict[str, Any], rank: int | None, hi
 def neuron_subset_problems(path: str, tensors: dict[str, Any], fill: str, widths: dict[int, int],
                            intermediate_size: int | None, hidden: int | None, rank: int | None = None) -> list[str]:
     """Every problem of one plan's neuron subsets ({"<layer>.kept": int64 [k], "<layer>.bias": float32 [hidden],
-    "<layer>.map_in": float32 [r, k], "<layer>.map_out": float32 [hidden, r], "<layer>.down": float32 [hidden, k]})
+    "<layer>.map_in": float32 [r, k], "<layer>.map_out": float32 [hidden, r], "<layer>.regression": float16/32 [I - k, k]})
     against the widths the plan records,
     its fill (the parts NEURON_TENSOR_PARTS names, no others) and rank and the FFN / model widths where known: kept
     indices int64, 1-D, strictly ascending (so unique), in [0, intermediate_size), as many as the recorded width;
@@ -539,7 +539,12 @@ def neuron_subset_problems(path: str, tensors: dict[str, Any], fill: str, widths
                                 f"{', '.join(parts)})")
             elif t is not None:
                 k = widths[layer] if _is_int(widths[layer]) else None
-                want = {"bias": (hidden,), "map_in": (rank, k), "map_out": (hidden, rank), "down": (hidden, k)}[part]
+                if part == "regression":  # [I - k, k]; float16 halves the sidecar (it is I - k times k per layer)
+                    rows = None if intermediate_size is None or k is None else intermediate_size - k
+                    problems += _float_problems(f"{path}: layer {layer} {part}", t, (rows, k),
+                                                dtypes=("float16", "float32"))
+                    continue
+                want = {"bias": (hidden,), "map_in": (rank, k), "map_out": (hidden, rank)}[part]
                 problems += _float_problems(f"{path}: layer {layer} {part}", t, want)
     return problems
 
@@ -570,11 +575,12 @@ def _kept_problems(path: str, kept: Any, width: Any, intermediate_size: int | No
     return problems
 
 
-def _float_problems(path: str, t: Any, want: tuple[int | None, ...]) -> list[str]:
-    """A float32 tensor of shape `want` (None: a dimension not checked), finite."""
+def _float_problems(path: str, t: Any, want: tuple[int | None, ...], dtypes: tuple[str, ...] = ("float32",)
+                    ) -> list[str]:
+    """A float tensor (one of `dtypes`) of shape `want` (None: a dimension not checked), finite."""
     problems = []
-    if _dtype(t) != "float32":
-        problems.append(f"{path} is {_dtype(t)}, expected float32")
+    if _dtype(t) not in dtypes:
+        problems.append(f"{path} is {_dtype(t)}, expected {' or '.join(dtypes)}")
     shape = tuple(t.shape)
     if len(shape) != len(want) or any(w is not None and s != w for s, w in zip(shape, want)):
         expected = "(" + ", ".join("?" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "") + ")"

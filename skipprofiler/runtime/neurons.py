@@ -10,8 +10,9 @@ A narrowed call runs the FFN module's own forward -- its activation, gating, bia
 projections patched to compute on weight views of the first k neurons while `Narrowing.width` is set:
 ``F.linear(x, W[:k], b[:k])`` in, ``F.linear(a, W[:, :k], b) + bias`` out (``bias``: the plan's mean fill), plus
 ``map_out @ (map_in @ a)`` with fill map (a rank-r map from the kept activations onto the dropped neurons' output);
-with fill refit the down projection runs on the plan's refitted kept columns ``F.linear(a, down, b) + bias`` (a copy:
-the model's own columns still serve the full rows).
+with fill refit the down projection runs on the kept columns refitted with the plan's regression,
+``F.linear(a, W[:, :k] + W[:, k:] @ regression, b) + bias`` (folded once: a copy, the model's own columns still serve
+the full rows).
 
 Mixed forwards (teacher forcing with decode_from, prompts beside decode rows, rows at different decode indices) split
 the positions: the narrowed rows run the module at width k, the full rows at full width, each part gathered and
@@ -122,10 +123,10 @@ def neuron_problems(plan: SkipPlan, label: str, arch: ResolvedArch) -> list[str]
         if bias is not None and hidden and np.asarray(bias).shape != (hidden,):
             problems.append(f"{label}: neurons: layer {layer}'s bias has shape {tuple(np.asarray(bias).shape)}, "
                             f"not ({hidden},)")
-        down = subsets.refit_down(layer)
-        if down is not None and hidden and np.asarray(down).shape != (hidden, kept.size):
-            problems.append(f"{label}: neurons: layer {layer}'s refitted down columns have shape "
-                            f"{tuple(np.asarray(down).shape)}, not ({hidden}, {kept.size})")
+        regression = subsets.regression(layer)
+        if regression is not None and np.asarray(regression).shape != (size - kept.size, kept.size):
+            problems.append(f"{label}: neurons: layer {layer}'s regression has shape "
+                            f"{tuple(np.asarray(regression).shape)}, not ({size - kept.size}, {kept.size})")
     for why, layers in refused.items():
         problems.append(f"{label}: neurons: {arch.model_type} cannot run part of an FFN (layers "
                         f"{', '.join(map(str, layers))}: {why}); neuron plans need one dense FFN with a single down "
@@ -146,7 +147,7 @@ class Narrowing:
     """One FFN's kept neurons: the permutation that moves them first, the narrowed projections, the mean bias."""
 
     def __init__(self, site: FFNSite, kept: np.ndarray, bias: np.ndarray | None,
-                 neuron_map: tuple[np.ndarray, np.ndarray] | None = None, refit_down: np.ndarray | None = None):
+                 neuron_map: tuple[np.ndarray, np.ndarray] | None = None, regression: np.ndarray | None = None):
         self.site, self.layer = site, site.index
         self.ins, self.down, self.size = projections(site)
         self.k = int(len(kept))
@@ -157,8 +158,9 @@ class Narrowing:
         self._bias: torch.Tensor | None = None
         self._map_arrays = None if neuron_map is None else tuple(np.asarray(m, dtype=np.float32) for m in neuron_map)
         self._map: tuple[torch.Tensor, torch.Tensor] | None = None
-        # fill refit: the kept neurons' down columns [hidden, k] used at narrowed rows in place of W_down[:, :k]
-        self._refit_array = None if refit_down is None else np.asarray(refit_down, dtype=np.float32)
+        # fill refit: the dropped neurons' activations regressed on the kept ones [I - k, k]; folded into the kept
+        # down columns at the first narrowed call (`_refitted`), the model's own columns untouched
+        self._regression = None if regression is None else np.asarray(regression)
         self._refit: torch.Tensor | None = None
         module, kind = self.down
         self.hidden = int(module.weight.shape[0] if kind == LINEAR else module.weight.shape[1])
@@ -169,21 +171,21 @@ class Narrowing:
         self.saved_per_row = float((self.size - self.k) * per_neuron - (self.hidden if bias is not None else 0)
                                    - 2 * rank * (self.k + self.hidden))
 
-    def same_as(self, kept: np.ndarray, bias: np.ndarray | None, neuron_map=None, refit_down=None) -> bool:
+    def same_as(self, kept: np.ndarray, bias: np.ndarray | None, neuron_map=None, regression=None) -> bool:
         def same(a, b) -> bool:
             return (a is None) == (b is None) and (a is None or np.array_equal(np.asarray(a, dtype=np.float32), b))
 
         maps = (neuron_map is None) == (self._map_arrays is None) and (
             neuron_map is None or all(same(a, b) for a, b in zip(neuron_map, self._map_arrays)))
         return (np.array_equal(np.asarray(kept, dtype=np.int64), self._kept) and same(bias, self._bias_array) and maps
-                and same(refit_down, self._refit_array))
+                and same(regression, self._regression))
 
     @property
     def extra_elements(self) -> int:
-        """Numbers this FFN's plan holds beyond the model's weights: the bias, fill map's maps, fill refit's down
-        columns (the permutation itself copies nothing)."""
-        return int(sum(a.size for a in (self._refit_array, self._bias_array, *(self._map_arrays or ()))
-                       if a is not None))
+        """Numbers this FFN's plan holds beside the model's weights at run time: the bias, fill map's maps, fill
+        refit's folded down columns (hidden x k; the permutation itself copies nothing)."""
+        refit = self.hidden * self.k if self._regression is not None else 0
+        return refit + int(sum(a.size for a in (self._bias_array, *(self._map_arrays or ())) if a is not None))
 
     # ---- the reparametrisation -------------------------------------------------------------------------------------
 
@@ -238,11 +240,8 @@ class Narrowing:
         module, kind = self.down
         k = self.k
         a = a[..., :k]
-        if self._refit_array is not None:
-            refit = self._refit
-            if refit is None or refit.device != a.device or refit.dtype != a.dtype:
-                refit = self._refit = torch.from_numpy(self._refit_array).to(device=a.device, dtype=a.dtype)
-            out = F.linear(a, refit, module.bias)  # [hidden, k]: Conv1D's bias is [hidden] too
+        if self._regression is not None:
+            out = F.linear(a, self._refitted(a), module.bias)  # [hidden, k]: Conv1D's bias is [hidden] too
         elif kind == CONV1D:
             out = torch.addmm(module.bias, a.reshape(-1, k), module.weight[:k]).view(*a.shape[:-1], self.hidden)
         else:
@@ -257,6 +256,21 @@ class Narrowing:
         if self._map is not None:
             return out + F.linear(F.linear(a, self._map[0]), self._map[1], bias)
         return out + bias
+
+    def _refitted(self, a: torch.Tensor) -> torch.Tensor:
+        """Fill refit's down columns [hidden, k] on a's device and dtype: W[:, :k] + W[:, k:] @ regression, W the
+        permuted down weight as [hidden, I] (the dropped neurons follow the kept ones in ascending order, as the
+        regression's rows), computed once in float32 or wider."""
+        refit = self._refit
+        if refit is None or refit.device != a.device or refit.dtype != a.dtype:
+            module, kind = self.down
+            with torch.no_grad():
+                w = module.weight.detach().t() if kind == CONV1D else module.weight.detach()
+                wide = torch.promote_types(w.dtype, torch.float32)
+                b = torch.from_numpy(self._regression).to(device=w.device, dtype=wide)
+                refit = torch.addmm(w[:, :self.k].to(wide), w[:, self.k:].to(wide), b)
+            refit = self._refit = refit.to(device=a.device, dtype=a.dtype).contiguous()
+        return refit
 
     # ---- what a narrowed FFN call computes -------------------------------------------------------------------------
 
@@ -328,7 +342,7 @@ def install(arch: ResolvedArch, plans: list[SkipPlan], patcher: Patcher) -> dict
     for plan in plans:  # every check before the first permutation
         subsets = plan.neurons
         for layer in subsets.layers:
-            parts = (subsets.kept(layer), subsets.bias(layer), subsets.neuron_map(layer), subsets.refit_down(layer))
+            parts = (subsets.kept(layer), subsets.bias(layer), subsets.neuron_map(layer), subsets.regression(layer))
             existing = narrowings.get(layer)
             if existing is None:
                 narrowings[layer] = Narrowing(arch.sites[layer], *parts)

@@ -138,7 +138,7 @@ def figure(path: Path) -> None:
             rows += [r for r in json.loads(file.read_text())["plans"] if r["name"] not in seen]
     if not rows:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 6.0))
     panels = (("kl_mean", "KL(dense ‖ plan), nats", False), ("ppl_increase", "perplexity increase", True),
               ("qa_retention", "QA retention (plan ÷ dense accuracy)", True))
     for ax, (key, label, percent) in zip(axes, panels):
@@ -153,9 +153,10 @@ def figure(path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[1].set_yscale("log")
-    axes[2].legend(fontsize=8, loc="lower left")
+    handles, labels = axes[2].get_legend_handles_labels()  # below the panels: inside, it hid the QA points
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle("SmolLM2-135M-Instruct, held-out split (64-token prompts, 256 generated positions), bundled QA set")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

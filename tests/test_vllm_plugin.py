@@ -37,6 +37,7 @@ from skipprofiler.plan.model import NeuronSubsets, PlanFile, SkipPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = ROOT / "plans" / "smollm2-static-25.yaml"
+REFIT_PLAN = ROOT / "plans" / "smollm2-neurons-refit-22.yaml"  # fitted: fill refit, widths 1102..1389
 RUNNER = Path(__file__).resolve().parent / "vllm_run.py"
 NEW_TOKENS = 24
 TEXTS = ["The capital of France is", "Once upon a time, there was a little", "def fibonacci(n):\n    ",
@@ -815,7 +816,7 @@ def results(folder, prompts, long_prompt, neuron_plan, tmp_path_factory) -> dict
     runs = [prompts, [long_prompt] + prompts, [long_prompt]]
     timings, out = {}, {}
     for name, plan, engine_runs in (("vanilla", None, runs), ("empty", empty, runs), ("plan", PLAN, runs),
-                                    ("neurons", neuron_plan, runs[:2])):
+                                    ("neurons", neuron_plan, runs[:2]), ("refit", REFIT_PLAN, runs[:1])):
         start = time.time()
         out[name] = run_vllm(folder, plan, engine_runs, tmp, name)
         timings[name] = round(time.time() - start, 1)
@@ -881,6 +882,27 @@ def test_neuron_plan_matches_transformers_apply_plan(results, hf, prompts, long_
     assert counts["narrowed_ffn_rows"] == requests * sum(len(plan.narrowed_layers_at(d)) for d in fed_back)
     assert counts["skipped_ffn_rows"] == requests * sum(len(plan.static_layers_at(d)) for d in fed_back)
     assert mixed["after"]["widths"] == {str(l): w for l, w in plan.neurons.widths.items()}
+
+
+@vllm_test
+def test_shipped_refit_plan_matches_transformers_apply_plan(results, hf, prompts, capsys):
+    """The shipped fill-refit plan (kept down columns refitted by the plan's regression, folded at start-up and
+    packed by vLLM's GEMM dispatch on CPU) served by vLLM: per prompt the tokens of apply_plan in transformers."""
+    model, _ = hf
+    plan = load_plan(REFIT_PLAN).global_plan
+    (run,) = results["refit"]
+    rows, divergences = [], []
+    for i, (ids, got) in enumerate(zip(prompts, run["tokens"])):
+        p = first_divergence(got, hf_generate(model, ids, REFIT_PLAN))
+        divergences.append(p)
+        rows.append(f"prompt {i} ({len(ids)} tokens): refit plan first divergence {p}")
+    with capsys.disabled():
+        print("\n" + "\n".join(rows))
+    assert run["tokens"] != results["vanilla"][0]["tokens"]  # the plan changed something
+    assert divergences == [None] * len(divergences), rows
+    fed_back = range(NEW_TOKENS - 1)
+    narrowed = run["after"]["narrowed_ffn_rows"] - run["before"]["narrowed_ffn_rows"]
+    assert narrowed == len(prompts) * sum(len(plan.narrowed_layers_at(d)) for d in fed_back)
 
 
 def expected_skips(plan, new_tokens: int) -> int:

@@ -59,7 +59,9 @@ def test_static_hand_loop_matches_zeroed_reference_with_warmup_dense_every_and_f
     expected = sum(len(plan.static_layers_at(d)) for d in range(12))
     assert stats == {"decode_positions": 10, "num_layers": 6, "decided_skips": expected, "decided_skip_ratio": expected / 60,
                      "rows_not_computed": expected, "not_computed_ratio": expected / 60, "substitute_rows": 0,
-                     "substitute_flops": 0.0, "narrowed_rows": 0, "ffn_flops_saved_share": expected / 60}
+                     "substitute_flops": 0.0, "narrowed_rows": 0, "ffn_flops_saved_share": expected / 60,
+                     "plan_bytes": 0, "model_bytes": sum(t.numel() * t.element_size()
+                                                         for t in (*model.parameters(), *model.buffers()))}
     assert expected > 0
 
 
@@ -147,7 +149,9 @@ def test_hand_loop_with_the_deprecated_cache_name_is_detected():
             out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
     assert handle.stats() == {"decode_positions": 3, "num_layers": 4, "decided_skips": 6, "decided_skip_ratio": 0.5,
                               "rows_not_computed": 6, "not_computed_ratio": 0.5, "substitute_rows": 0,
-                              "substitute_flops": 0.0, "narrowed_rows": 0, "ffn_flops_saved_share": 0.5}
+                              "substitute_flops": 0.0, "narrowed_rows": 0, "ffn_flops_saved_share": 0.5,
+                              "plan_bytes": 0, "model_bytes": sum(t.numel() * t.element_size()
+                                                                  for t in (*model.parameters(), *model.buffers()))}
 
 def test_skipped_ffns_are_not_executed():
     """Count the rows each FFN's output projection processes: a skipped FFN must not run at all on decode."""

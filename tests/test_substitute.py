@@ -108,9 +108,11 @@ def test_collected_statistics_cover_decode_positions_only_and_fit_a_useful_map()
     maps = fit_substitutes(model, batches, [1, 2])
     linear = static([1, 2], compensation="linear",
                     linear=LinearMaps(None, {k: v for l, m in maps.items() for k, v in m.tensors(str(l)).items()}))
-    sums_linear, _ = measure_plan(model, _refs(model, batches), linear)
+    sums_linear, stats = measure_plan(model, _refs(model, batches), linear)
     sums_zero, _ = measure_plan(model, _refs(model, batches), static([1, 2]))
     assert sums_linear.total_kl_mean() < sums_zero.total_kl_mean()
+    d = model.config.hidden_size
+    assert stats["plan_bytes"] == 2 * (d * d + d) * 4  # two full-rank maps and their biases, float32, held beside
 
 
 def _refs(model, batches):

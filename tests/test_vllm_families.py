@@ -135,6 +135,39 @@ def test_family_served_tokens_equal_transformers(model_type, tmp_path):
     assert counts["host_decisions"] and counts["skipped_whole"]["1"] > 0  # steady decode: layer 1 not called
 
 
+COMPILED_FAMILIES = ["qwen3", "gemma2"]  # beside Llama (SmolLM2's tests): q/k norms; pre- and post-FFN norms, softcaps
+
+
+@vllm_test
+@pytest.mark.parametrize("model_type", COMPILED_FAMILIES)
+def test_family_served_compiled_with_the_decision_in_the_graph(model_type, tmp_path):
+    """The CPU default: vLLM's torch.compile (inductor) with each planned layer traced as torch.cond on the plugin's
+    host flags (skip / narrow / run whole, the op for mixed forwards). A plan with whole skips, a half layer and two
+    narrowed layers (fill mean), warm-up 2; the six prompts in step, then a long prompt prefilled in chunks beside
+    their decode tokens: tokens == transformers + apply_plan in both runs."""
+    folder = tmp_path / model_type
+    model = tiny_checkpoint(model_type, folder)
+    rng = np.random.default_rng(1)
+    tensors = {}
+    for layer, k in SELECT_NEURONS.items():
+        tensors[f"{layer}.kept"] = np.sort(rng.choice(96, k, replace=False)).astype(np.int64)
+        tensors[f"{layer}.bias"] = (0.05 * rng.standard_normal(64)).astype(np.float32)
+    plan = write_plan(model, tmp_path, f"{model_type}-compiled", SkipPlan(
+        mode="static", skip_layers=dict(SELECT_SKIPS), warmup_tokens=WARMUP,
+        neurons=NeuronSubsets("mean", tensors, intermediate_size=96)))
+    long_prompt = [int(t) for t in rng.integers(2, 96, 100)]
+    uniform, mixed = run_vllm(folder, plan, tmp_path, f"{model_type}-compiled", runs=[PROMPTS, PROMPTS + [long_prompt]],
+                              engine={"enforce_eager": False, "max_num_batched_tokens": 64})
+    want = hf_tokens(model, plan)
+    assert want != hf_tokens(model, None), "the plan changes nothing on this model: the test could not fail"
+    assert uniform["tokens"] == want
+    assert mixed["tokens"][:len(PROMPTS)] == want
+    assert mixed["tokens"][-1] == hf_tokens(model, plan, [long_prompt])[0]
+    assert uniform["after"]["path"] == "gather" and uniform["after"]["host_decisions"]
+    skipped = uniform["after"]["skipped_whole"]["1"] - uniform["before"]["skipped_whole"]["1"]
+    assert skipped >= NEW_TOKENS - 1 - WARMUP - 2  # steady decode forwards skipped layer 1 for every row
+
+
 @vllm_test
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="tensor parallel 2 on CPU binds one core per worker: needs 2")
 def test_tensor_parallel_2_serves_apply_plan_tokens(tmp_path):

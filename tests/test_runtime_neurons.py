@@ -284,12 +284,14 @@ def test_a_narrowed_decode_step_adds_no_host_sync_or_copy():
     assert "mm" in ops or "addmm" in ops or "linear" in ops  # the narrowed projections, on views
 
 
-def test_a_narrowed_static_decode_step_is_one_graph_under_fullgraph_compile():
+@pytest.mark.parametrize("fill", ["mean", "refit"])
+def test_a_narrowed_static_decode_step_is_one_graph_under_fullgraph_compile(fill):
+    """(fill refit: its columns are folded at apply_plan, so no graph computes the fold)"""
     from torch._dynamo.utils import counters
 
     model = tiny_model("llama", num_layers=3)
     ids = torch.randint(2, 90, (1, 5))
-    plan = neuron_plan(model, 0.5, layers=[0, 1], skip_layers={2: 1.0}, warmup_tokens=1)
+    plan = neuron_plan(model, 0.5, fill=fill, layers=[0, 1], skip_layers={2: 1.0}, warmup_tokens=1)
 
     def decode(forward):
         return static_cache_decode(model, forward, ids, steps=5)

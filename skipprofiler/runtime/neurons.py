@@ -159,7 +159,7 @@ class Narrowing:
         self._map_arrays = None if neuron_map is None else tuple(np.asarray(m, dtype=np.float32) for m in neuron_map)
         self._map: tuple[torch.Tensor, torch.Tensor] | None = None
         # fill refit: the dropped neurons' activations regressed on the kept ones [I - k, k]; folded into the kept
-        # down columns at the first narrowed call (`_refitted`), the model's own columns untouched
+        # down columns at install (`_fold`), the model's own columns untouched
         self._regression = None if regression is None else np.asarray(regression)
         self._refit: torch.Tensor | None = None
         module, kind = self.down
@@ -213,6 +213,8 @@ class Narrowing:
         self._reorder(order)
         inverse = torch.argsort(order)
         patcher.on_undo(lambda: self._reorder(inverse))
+        if self._regression is not None:  # fold now, not in a decode step (a compiled graph would trace the fold)
+            self._refit = self._fold()
         if self.site.ffn is not None:  # OPT's fc1/fc2 are wrapped by families.patch_fc_pair, which calls us
             for module, kind in self.ins:
                 patcher.set_attr(module, "forward", self._in_forward(module, kind, module.forward))
@@ -257,19 +259,22 @@ class Narrowing:
             return out + F.linear(F.linear(a, self._map[0]), self._map[1], bias)
         return out + bias
 
+    @torch.no_grad()
+    def _fold(self) -> torch.Tensor:
+        """Fill refit's down columns [hidden, k]: W[:, :k] + W[:, k:] @ regression, W the permuted down weight as
+        [hidden, I] (the dropped neurons follow the kept ones in ascending order, as the regression's rows), computed
+        in float32 or wider, returned in the weight's dtype on its device."""
+        module, kind = self.down
+        w = module.weight.detach().t() if kind == CONV1D else module.weight.detach()
+        wide = torch.promote_types(w.dtype, torch.float32)
+        b = torch.from_numpy(self._regression).to(device=w.device, dtype=wide)
+        return torch.addmm(w[:, :self.k].to(wide), w[:, self.k:].to(wide), b).to(w.dtype).contiguous()
+
     def _refitted(self, a: torch.Tensor) -> torch.Tensor:
-        """Fill refit's down columns [hidden, k] on a's device and dtype: W[:, :k] + W[:, k:] @ regression, W the
-        permuted down weight as [hidden, I] (the dropped neurons follow the kept ones in ascending order, as the
-        regression's rows), computed once in float32 or wider."""
+        """The folded columns on a's device and dtype (folded at install; again only if the model moved since)."""
         refit = self._refit
-        if refit is None or refit.device != a.device or refit.dtype != a.dtype:
-            module, kind = self.down
-            with torch.no_grad():
-                w = module.weight.detach().t() if kind == CONV1D else module.weight.detach()
-                wide = torch.promote_types(w.dtype, torch.float32)
-                b = torch.from_numpy(self._regression).to(device=w.device, dtype=wide)
-                refit = torch.addmm(w[:, :self.k].to(wide), w[:, self.k:].to(wide), b)
-            refit = self._refit = refit.to(device=a.device, dtype=a.dtype).contiguous()
+        if refit.device != a.device or refit.dtype != a.dtype:
+            refit = self._refit = self._fold().to(device=a.device, dtype=a.dtype)
         return refit
 
     # ---- what a narrowed FFN call computes -------------------------------------------------------------------------

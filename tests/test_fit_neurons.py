@@ -158,6 +158,10 @@ def test_a_refit_folds_the_full_rank_map_into_the_kept_down_columns():
     error = np.mean((a_kept @ refit.T + bias - a @ down.T) ** 2)
     mean_only = np.mean((a_kept @ down[:, :6].T + down[:, 6:] @ a[:, 6:].mean(0) - a @ down.T) ** 2)
     assert error < 1e-3 * mean_only
+    scaled = NeuronMoments(moments.mean * np.r_[np.ones(6), 1e6 * np.ones(4)], moments.cov.copy(), n)
+    scaled.cov[6:, :] *= 1e6
+    scaled.cov[:, 6:] *= 1e6  # the dropped neurons a million times larger: B beyond float16's range
+    assert solve_neuron_refit(scaled, down, kept)[1].dtype == np.float32
     m_bias, m_in, m_out = solve_neuron_map(moments, down, kept, 6)  # the same prediction, unfolded
     np.testing.assert_allclose(a_kept @ (down[:, :6] + m_out @ m_in).T + m_bias, a_kept @ refit.T + bias, atol=0.02)
 

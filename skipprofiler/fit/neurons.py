@@ -181,12 +181,15 @@ def solve_neuron_map(moments: NeuronMoments, down: np.ndarray, kept: np.ndarray,
 
 def solve_neuron_refit(moments: NeuronMoments, down: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(bias [H] float32, regression [D, K] float16) of fill refit: the dropped activations regressed on the kept
-    ones, a_D ~ mu_D + B (a_K - mu_K), stored in half precision (the sidecar holds D x K numbers per layer) and the
+    ones, a_D ~ mu_D + B (a_K - mu_K), stored in half precision (the sidecar holds D x K numbers per layer; float32
+    where a coefficient overflows it) and the
     bias computed from the rounded B, so W_down[:, K] + W_down[:, D] B (what the runtime folds) and the bias agree."""
     import torch
 
     b, _, mu_d, mu_k, d_idx = _regression(moments, kept)
     stored = b.to(torch.float16)
+    if not bool(torch.isfinite(stored).all()):  # a coefficient beyond half precision's range: keep float32
+        stored = b.float()
     wd = torch.from_numpy(down)[:, d_idx]  # [H, D]
     bias = wd @ (mu_d - stored.double() @ mu_k)
     return bias.float().numpy(), stored.contiguous().numpy()

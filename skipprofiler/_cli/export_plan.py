@@ -158,9 +158,9 @@ def export_plan(
         help="With --granularity neurons: what replaces the dropped neurons' output, mean (their mean output from the "
              "profile's statistics, --neuron-statistics, added as a bias; the default), map (a rank --rank "
              "least-squares map from the kept neurons' activations, fitted on calibration decode positions, plus its "
-             "bias: costs 2·R·(k+d) FLOPs per row, measured to lower KL by a sixth at rank 32 on SmolLM2), refit (that map at "
-             "full rank folded into a copy of the kept neurons' down columns: no extra FLOPs, but the plan holds a "
-             "d x k matrix per layer, +15 % of SmolLM2's weights at 22 %), auto "
+             "bias: costs 2·R·(k+d) FLOPs per row, measured to lower KL by a sixth at rank 32 on SmolLM2), refit "
+             "(that map at full rank folded into a copy of the kept neurons' down columns: no extra FLOPs, but the "
+             "plan holds a d x k matrix per layer, +15 % of SmolLM2's weights at 22 %), auto "
              "(mean or map, whichever measures the lower KL at the uniform start, each at the same FLOPs saved net "
              "of its fill: on SmolLM2 the map wins at 22 %, the mean at 10 %) or none.")] = None,
     neuron_importance: Annotated[Optional[str], typer.Option(

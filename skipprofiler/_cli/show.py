@@ -69,6 +69,9 @@ def describe_neurons(plan) -> str:
     return text
 
 
+REFIT_NOTE = " (the kept down columns refitted: a d x k copy per layer in memory)"
+
+
 def neuron_lines(plan_file) -> list[str]:
     """Per plan with neuron subsets: the file, the fill, per layer the kept width and its share of the FFN's neurons
     (an FFN's FLOPs scale with it), and the share of all FFN neurons not computed at an eligible decode position."""
@@ -83,7 +86,7 @@ def neuron_lines(plan_file) -> list[str]:
         line = (f"{name.replace('class.', 'class ')}: neuron subsets in {subsets.file} (sha256 "
                 f"{str(subsets.sha256)[:12]}...), fill {subsets.fill}"
                 f"{f' (rank-{subsets.rank} maps)' if subsets.rank else ''}"
-                f"{' (the kept down columns refitted: a d x k copy per layer in memory)' if subsets.fill == 'refit' else ''}"
+                f"{REFIT_NOTE if subsets.fill == 'refit' else ''}"
                 f"; neurons kept per layer at eligible decode "
                 f"positions{f' (of {size})' if size else ''}: {per_layer}")
         if size and num_layers:

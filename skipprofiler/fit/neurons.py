@@ -641,7 +641,8 @@ def fit_neuron_plan(model, tokenizer, profile, settings, *, budget=None, referen
     width = intermediate_width(model)
     too_wide = arch.num_layers * width * width * 8 > MAX_MOMENT_BYTES
     if too_wide and settings.neuron_fill in ("map", "refit"):
-        raise NeuronFitError(f"fill {settings.neuron_fill} keeps every FFN's activation covariance ({arch.num_layers} x {width}^2 "
+        raise NeuronFitError(f"fill {settings.neuron_fill} keeps every FFN's activation covariance "
+                             f"({arch.num_layers} x {width}^2 "
                              f"float64 = {arch.num_layers * width * width * 8 / 2**30:.1f} GiB here, above "
                              f"{MAX_MOMENT_BYTES / 2**30:.0f} GiB): use fill mean for a model this wide")
     if maps_wanted and not too_wide:  # fill auto on a model too wide for the maps: mean only

@@ -791,6 +791,8 @@ class Narrowed:
     def install(self) -> None:
         """Permute the neurons in place (kept first; the dense function is unchanged), patch the projections and
         build `narrow_mlp`, the module's twin whose projections compute on the kept neurons only."""
+        from ..runtime.neurons import fold_regression
+
         order = self.order()
 
         def move(param: torch.Tensor | None, dim: int, idx: torch.Tensor) -> None:
@@ -808,11 +810,8 @@ class Narrowed:
             narrow[module] = (self._packed_in_forward(module, fused, *packed, narrow=True) if packed else
                               self._in_forward(module, fused))
         move(self.down.weight, 1, order)
-        if self.regression is not None:  # W[:, :k] + W[:, k:] @ regression (runtime/neurons.py's fold)
-            w = self.down.weight.data
-            wide = torch.promote_types(w.dtype, torch.float32)
-            b = torch.from_numpy(self.regression).to(device=w.device, dtype=wide)
-            self.refit = torch.addmm(w[:, :self.k].to(wide), w[:, self.k:].to(wide), b).to(w.dtype).contiguous()
+        if self.regression is not None:
+            self.refit = fold_regression(self.down.weight.data, self.k, self.regression)
         packed = self._pack(self.down, False, out_dim=False)
         if packed:
             self.down.forward = self._packed_down_forward(self.down, *packed, narrow=False)

@@ -506,11 +506,11 @@ def linear_map_problems(path: str, tensors: dict[str, Any], rank: int | None, hi
 def neuron_subset_problems(path: str, tensors: dict[str, Any], fill: str, widths: dict[int, int],
                            intermediate_size: int | None, hidden: int | None, rank: int | None = None) -> list[str]:
     """Every problem of one plan's neuron subsets ({"<layer>.kept": int64 [k], "<layer>.bias": float32 [hidden],
-    "<layer>.map_in": float32 [r, k], "<layer>.map_out": float32 [hidden, r], "<layer>.regression": float16/32 [I - k, k]})
-    against the widths the plan records,
-    its fill (the parts NEURON_TENSOR_PARTS names, no others) and rank and the FFN / model widths where known: kept
-    indices int64, 1-D, strictly ascending (so unique), in [0, intermediate_size), as many as the recorded width;
-    float32 bias and maps of those shapes, finite; no layer the widths do not list."""
+    "<layer>.map_in": float32 [r, k], "<layer>.map_out": float32 [hidden, r], "<layer>.regression": float16 or
+    float32 [I - k, k]}) against the widths the plan records, its fill (the parts NEURON_TENSOR_PARTS names, no
+    others) and rank and the FFN / model widths where known: kept indices int64, 1-D, strictly ascending (so unique),
+    in [0, intermediate_size), as many as the recorded width; float32 bias and maps (the regression float16 or
+    float32) of those shapes, finite; no layer the widths do not list."""
     problems = []
     parts = NEURON_TENSOR_PARTS.get(fill, ("kept",))
     every_part = {p for ps in NEURON_TENSOR_PARTS.values() for p in ps}
@@ -539,13 +539,11 @@ def neuron_subset_problems(path: str, tensors: dict[str, Any], fill: str, widths
                                 f"{', '.join(parts)})")
             elif t is not None:
                 k = widths[layer] if _is_int(widths[layer]) else None
-                if part == "regression":  # [I - k, k]; float16 halves the sidecar (it is I - k times k per layer)
-                    rows = None if intermediate_size is None or k is None else intermediate_size - k
-                    problems += _float_problems(f"{path}: layer {layer} {part}", t, (rows, k),
-                                                dtypes=("float16", "float32"))
-                    continue
-                want = {"bias": (hidden,), "map_in": (rank, k), "map_out": (hidden, rank)}[part]
-                problems += _float_problems(f"{path}: layer {layer} {part}", t, want)
+                rows = None if intermediate_size is None or k is None else intermediate_size - k
+                want = {"bias": (hidden,), "map_in": (rank, k), "map_out": (hidden, rank), "regression": (rows, k)}
+                # the regression may be float16: it is (I - k) x k numbers per layer, half the sidecar
+                dtypes = ("float16", "float32") if part == "regression" else ("float32",)
+                problems += _float_problems(f"{path}: layer {layer} {part}", t, want[part], dtypes)
     return problems
 
 

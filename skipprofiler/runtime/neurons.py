@@ -259,16 +259,10 @@ class Narrowing:
             return out + F.linear(F.linear(a, self._map[0]), self._map[1], bias)
         return out + bias
 
-    @torch.no_grad()
     def _fold(self) -> torch.Tensor:
-        """Fill refit's down columns [hidden, k]: W[:, :k] + W[:, k:] @ regression, W the permuted down weight as
-        [hidden, I] (the dropped neurons follow the kept ones in ascending order, as the regression's rows), computed
-        in float32 or wider, returned in the weight's dtype on its device."""
         module, kind = self.down
-        w = module.weight.detach().t() if kind == CONV1D else module.weight.detach()
-        wide = torch.promote_types(w.dtype, torch.float32)
-        b = torch.from_numpy(self._regression).to(device=w.device, dtype=wide)
-        return torch.addmm(w[:, :self.k].to(wide), w[:, self.k:].to(wide), b).to(w.dtype).contiguous()
+        return fold_regression(module.weight.detach().t() if kind == CONV1D else module.weight.detach(), self.k,
+                               self._regression)
 
     def _refitted(self, a: torch.Tensor) -> torch.Tensor:
         """The folded columns on a's device and dtype (folded at install; again only if the model moved since)."""
@@ -327,6 +321,16 @@ class Narrowing:
         if parts.full is not None:
             out = out.index_copy(0, parts.full, original(a.index_select(0, parts.full)).to(out.dtype))
         return out.index_copy(0, parts.narrow, self.narrow_down(a.index_select(0, parts.narrow)).to(out.dtype))
+
+
+@torch.no_grad()
+def fold_regression(weight: torch.Tensor, k: int, regression: np.ndarray) -> torch.Tensor:
+    """Fill refit's down columns [hidden, k]: W[:, :k] + W[:, k:] @ regression, `weight` the permuted down weight as
+    [hidden, I] (the dropped neurons follow the kept ones in ascending order, as the regression's rows), computed in
+    float32 or wider, returned contiguous in the weight's dtype on its device (the runtime and the vLLM plugin)."""
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    b = torch.from_numpy(np.asarray(regression)).to(device=weight.device, dtype=wide)
+    return torch.addmm(weight[:, :k].to(wide), weight[:, k:].to(wide), b).to(weight.dtype).contiguous()
 
 
 def narrow_in(module: nn.Module, kind: str, x: torch.Tensor, k: int, size: int) -> torch.Tensor:
